@@ -1,0 +1,111 @@
+//! Endpoint choice within a region: power of two choices over a load score (SPEC step 5).
+
+/// What the balancer knows of one endpoint at the moment of a pick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EndpointLoad {
+    /// May take traffic (healthy, not ejected, not shed, not already tried).
+    pub eligible: bool,
+    /// Peak-EWMA time to first byte, in seconds.
+    pub latency: f64,
+    pub in_flight: u32,
+    /// Configured weight times the slow-start ramp, > 0.
+    pub weight: f64,
+    /// Waiting requests reported by the model server (0 when unknown).
+    pub queue_depth: f64,
+    /// KV-cache utilisation in 0..=1 (0 when unknown).
+    pub kv_cache: f64,
+}
+
+/// Latency assumed for an endpoint that has not answered yet, so new endpoints are tried
+/// but not flooded.
+pub const DEFAULT_LATENCY: f64 = 0.05;
+
+impl EndpointLoad {
+    /// Lower is better: expected wait, scaled by queue and cache pressure, per unit of weight.
+    ///
+    /// `latency × (in_flight + 1)` is linkerd's peak-EWMA cost; each request queued at the
+    /// model server counts like one more in flight, and a KV cache past 90 % doubles the cost
+    /// as it fills, since the server then starts preempting.
+    pub fn score(&self) -> f64 {
+        let latency = if self.latency > 0.0 { self.latency } else { DEFAULT_LATENCY };
+        let pressure = 1.0 + ((self.kv_cache - 0.9).max(0.0) * 10.0);
+        latency * (self.in_flight as f64 + 1.0 + self.queue_depth) * pressure / self.weight.max(1e-3)
+    }
+}
+
+/// Picks among eligible endpoints: two distinct random draws, the lower score wins.
+/// `draw(n)` returns a uniform index below `n`; injected so tests are deterministic.
+pub fn pick(endpoints: &[EndpointLoad], mut draw: impl FnMut(usize) -> usize) -> Option<usize> {
+    let eligible = endpoints.iter().filter(|e| e.eligible).count();
+    let nth = |n: usize| endpoints.iter().enumerate().filter(|(_, e)| e.eligible).nth(n).map(|(i, _)| i);
+    match eligible {
+        0 => None,
+        1 => nth(0),
+        n => {
+            let a = draw(n);
+            let mut b = draw(n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (nth(a)?, nth(b)?);
+            if endpoints[b].score() < endpoints[a].score() { Some(b) } else { Some(a) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(latency: f64, in_flight: u32) -> EndpointLoad {
+        EndpointLoad {
+            eligible: true,
+            latency,
+            in_flight,
+            weight: 1.0,
+            queue_depth: 0.0,
+            kv_cache: 0.0,
+        }
+    }
+
+    #[test]
+    fn pick_table() {
+        let ineligible = EndpointLoad { eligible: false, ..ep(0.001, 0) };
+        let cases: [(&str, Vec<EndpointLoad>, Option<usize>); 6] = [
+            ("none", vec![], None),
+            ("all ineligible", vec![ineligible, ineligible], None),
+            ("single eligible", vec![ineligible, ep(1.0, 10)], Some(1)),
+            ("faster wins", vec![ep(0.2, 0), ep(0.1, 0)], Some(1)),
+            ("fewer in flight wins", vec![ep(0.1, 5), ep(0.1, 1)], Some(1)),
+            ("ineligible skipped", vec![ep(0.5, 0), ineligible, ep(0.1, 0)], Some(2)),
+        ];
+        for (name, endpoints, want) in cases {
+            // Draw 0 then 0: the two distinct picks are the first two eligible.
+            assert_eq!(pick(&endpoints, |_| 0), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn queue_kv_and_weight_shape_the_score() {
+        let base = ep(0.1, 0);
+        let queued = EndpointLoad { queue_depth: 8.0, ..base };
+        let full = EndpointLoad { kv_cache: 0.99, ..base };
+        let heavy = EndpointLoad { weight: 3.0, ..base };
+        assert!(queued.score() > base.score() * 5.0);
+        assert!(full.score() > base.score() * 1.5);
+        assert!(heavy.score() < base.score());
+        let unknown = EndpointLoad { latency: 0.0, ..base };
+        assert!(unknown.score() > 0.0);
+    }
+
+    #[test]
+    fn random_draws_spread_over_equal_endpoints() {
+        let endpoints = vec![ep(0.1, 0); 4];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut counts = [0; 4];
+        for _ in 0..4000 {
+            counts[pick(&endpoints, |n| rng.usize(..n)).unwrap()] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Who the client is: the TCP peer, or the right-most untrusted `X-Forwarded-For` hop
+//! when the peer is a trusted proxy (SPEC step 1).
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::HeaderMap;
+use http::header::{GetAll, HeaderValue};
+use ipnet::IpNet;
+
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = ip.to_canonical();
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// The client address for a request that arrived from `peer`.
+///
+/// From an untrusted peer the header is ignored entirely. From a trusted peer the chain is
+/// walked right to left, skipping trusted hops; the first untrusted hop is the client. If
+/// every hop is trusted, the left-most is. An unparseable hop ends the walk at the last
+/// good one: whatever is left of it was written by someone we cannot vouch for.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    walk(peer, headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")), trusted)
+}
+
+fn walk(peer: IpAddr, values: GetAll<'_, HeaderValue>, trusted: &[IpNet]) -> IpAddr {
+    let mut last = peer;
+    for value in values.iter().rev() {
+        let Ok(text) = value.to_str() else { return last };
+        for hop in text.rsplit(',') {
+            let hop = hop.trim();
+            if hop.is_empty() {
+                continue;
+            }
+            let Some(ip) = parse_hop(hop) else { return last };
+            if !is_trusted(ip, trusted) {
+                return ip;
+            }
+            last = ip;
+        }
+    }
+    last
+}
+
+/// An address as proxies write it: `1.2.3.4`, `2001:db8::1`, `[2001:db8::1]`, with or
+/// without a port.
+pub fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sa) = hop.parse::<SocketAddr>() {
+        return Some(sa.ip().to_canonical());
+    }
+    hop.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn client_ip_table() {
+        let trusted = nets(&["127.0.0.1/32", "10.0.0.0/8", "::1/128"]);
+        let cases: [(&str, &[&str], &str); 14] = [
+            // Untrusted peer: header ignored.
+            ("127.0.0.2", &["81.2.69.142"], "127.0.0.2"),
+            ("203.0.113.7", &["81.2.69.142"], "203.0.113.7"),
+            // Trusted peer without a header: the peer.
+            ("127.0.0.1", &[], "127.0.0.1"),
+            ("127.0.0.1", &["81.2.69.142"], "81.2.69.142"),
+            // Right-most untrusted wins; spoofed left entries lose.
+            ("127.0.0.1", &["1.1.1.1, 81.2.69.142"], "81.2.69.142"),
+            ("127.0.0.1", &["1.1.1.1, 81.2.69.142, 10.0.0.5"], "81.2.69.142"),
+            // Several header lines are one list, in order.
+            ("127.0.0.1", &["1.1.1.1", "81.2.69.142, 10.1.1.1"], "81.2.69.142"),
+            // All trusted: the left-most.
+            ("127.0.0.1", &["10.0.0.9, 10.0.0.5"], "10.0.0.9"),
+            // Ports and brackets as some proxies write them.
+            ("127.0.0.1", &["81.2.69.142:5555"], "81.2.69.142"),
+            ("127.0.0.1", &["[2001:4860::1]:443"], "2001:4860::1"),
+            ("::1", &["2a00:1450::1"], "2a00:1450::1"),
+            // Garbage stops the walk at the last good hop.
+            ("127.0.0.1", &["81.2.69.142, not-an-ip"], "127.0.0.1"),
+            ("127.0.0.1", &["not-an-ip, 10.0.0.3"], "10.0.0.3"),
+            // IPv4-mapped peers are judged as IPv4.
+            ("::ffff:127.0.0.1", &["81.2.69.142"], "81.2.69.142"),
+        ];
+        for (peer, xff, want) in cases {
+            let mut headers = HeaderMap::new();
+            for v in xff {
+                headers.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+            }
+            let got = client_ip(peer.parse().unwrap(), &headers, &trusted);
+            assert_eq!(got, want.parse::<IpAddr>().unwrap(), "peer {peer} xff {xff:?}");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Configuration: the TOML file (`file`), human units (`units`) and the validated, typed
+//! form the rest of Meridian reads (`validate`).
+
+pub mod file;
+pub mod units;
+mod validate;
+
+pub use file::{LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
+pub use validate::*;

@@ -1,0 +1,832 @@
+//! From the file mirror to a typed [`Config`]; every problem is reported with its key path
+//! and line, all at once rather than one per run.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Method, Uri};
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::file::{self, EndpointFile, FileConfig, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
+use crate::geo::{Country, GeoPoint};
+
+/// The validated configuration. Indexes (`usize`) point into `regions` / `zones`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub geoip: GeoipConfig,
+    pub health: HealthConfig,
+    pub outlier: OutlierConfig,
+    pub retry: RetryConfig,
+    pub log: LogConfig,
+    pub regions: Vec<RegionConfig>,
+    pub zones: Vec<ZoneConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub fallback: Option<FallbackConfig>,
+    pub spillover: Option<SpilloverConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    pub proxy_protocol: bool,
+    pub request_timeout: Duration,
+    pub stall_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_request_body: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+    pub shutdown_timeout: Duration,
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub sni: Vec<SniCertificate>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SniCertificate {
+    pub names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// The bearer token read from `token_env` at load; `None` disables mutating calls.
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GeoipConfig {
+    pub database: Option<PathBuf>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub default_region: usize,
+    pub unknown: UnknownPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+    pub slow_start: Duration,
+    pub jitter: f64,
+    pub degraded_below: f64,
+    pub panic_mode: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutlierConfig {
+    pub consecutive_errors: u32,
+    pub ttfb_threshold: Duration,
+    pub ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_retry_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub budget_ratio: f64,
+    pub budget_min_per_second: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    pub name: String,
+    pub location: GeoPoint,
+    pub countries: Vec<Country>,
+    pub endpoints: Vec<EndpointConfig>,
+    pub priority: u32,
+    pub failover: bool,
+    pub load: LoadConfig,
+    pub affinity_header: Option<HeaderName>,
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// The URL as configured, normalised (`http://10.0.0.1:8000`); identifies the endpoint
+    /// across reloads.
+    pub url: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix to put in front of the request path (empty for none).
+    pub base_path: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadConfig {
+    pub source: LoadSource,
+    pub path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ZoneConfig {
+    pub name: String,
+    pub countries: Vec<Country>,
+    pub regions: Vec<usize>,
+    pub failover: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub path_prefix: String,
+    pub regions: Vec<usize>,
+    pub residency_exempt: bool,
+    pub methods: Option<Vec<Method>>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FallbackConfig {
+    pub endpoint: EndpointConfig,
+    /// Injected headers; values are marked sensitive and never logged.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub zone: Option<usize>,
+    pub ca_file: Option<PathBuf>,
+    pub path_rewrite: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpilloverConfig {
+    pub queue_depth: Option<f64>,
+    pub kv_cache: Option<f64>,
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Key path, e.g. `region[2].countries[0]`; empty when the file itself is unreadable.
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self
+            .file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<config>".into());
+        writeln!(f, "invalid config {file}: {} problem(s)", self.problems.len())?;
+        for p in &self.problems {
+            write!(f, "  {file}")?;
+            if let Some(line) = p.line {
+                write!(f, ":{line}")?;
+            }
+            if p.key.is_empty() {
+                writeln!(f, ": {}", p.message)?;
+            } else {
+                writeln!(f, ": {}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            problems: vec![Problem {
+                key: String::new(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let mut config = Config::parse(&text, Some(path))?;
+        config.source = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `path` is used for messages and relative paths.
+    pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let base = path.and_then(Path::parent).unwrap_or(Path::new(""));
+        let fail = |problems| ConfigError {
+            file: path.map(Path::to_owned),
+            problems,
+        };
+        let raw: FileConfig = toml::from_str(text).map_err(|e| {
+            fail(vec![Problem {
+                key: String::new(),
+                line: e.span().map(|s| line_of(text, &s)),
+                message: e.message().trim().to_string(),
+            }])
+        })?;
+        let mut v = Validator {
+            text,
+            base,
+            problems: Vec::new(),
+        };
+        let config = v.config(raw);
+        match config {
+            Some(c) if v.problems.is_empty() => Ok(c),
+            _ => Err(fail(v.problems)),
+        }
+    }
+
+    pub fn region_index(&self, name: &str) -> Option<usize> {
+        self.regions.iter().position(|r| r.name == name)
+    }
+}
+
+fn line_of(text: &str, span: &Range<usize>) -> usize {
+    text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: impl Into<String>, span: Option<Range<usize>>, message: impl Into<String>) {
+        let line = span.map(|s| line_of(self.text, &s));
+        self.problems.push(Problem {
+            key: key.into(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn path(&self, p: PathBuf) -> PathBuf {
+        if p.is_relative() { self.base.join(p) } else { p }
+    }
+
+    fn addr(&mut self, key: &str, value: Option<Spanned<String>>, default: &str) -> SocketAddr {
+        let fallback: SocketAddr = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let Some(value) = value else { return fallback };
+        match value.get_ref().parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(key, Some(value.span()), format!("{:?} is not an address like \"0.0.0.0:8080\"", value.get_ref()));
+                fallback
+            }
+        }
+    }
+
+    fn country(&mut self, key: String, code: &Spanned<String>) -> Option<Country> {
+        let c = Country::known(code.get_ref());
+        if c.is_none() {
+            self.problem(key, Some(code.span()), format!("{:?} is not an ISO 3166-1 alpha-2 country code", code.get_ref()));
+        }
+        c
+    }
+
+    fn positive(&mut self, key: &str, d: Duration) -> Duration {
+        if d.is_zero() {
+            self.problem(key, None, "must be greater than zero");
+        }
+        d
+    }
+
+    fn config(&mut self, raw: FileConfig) -> Option<Config> {
+        let server = self.server(raw.server);
+        let admin = self.admin(raw.admin);
+        let regions = self.regions(raw.regions);
+        let names: HashMap<String, usize> = regions.iter().enumerate().map(|(i, r)| (r.name.clone(), i)).collect();
+        let geoip = self.geoip(raw.geoip, &names);
+        let health = self.health(raw.health);
+        let outlier = self.outlier(raw.outlier);
+        let retry = self.retry(raw.retry);
+        let zones = self.zones(raw.residency, &names);
+        let routes = self.routes(raw.routes, &names);
+        let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
+        let spillover = raw.spillover.map(|s| self.spillover(s));
+        let log = LogConfig {
+            format: raw.log.format.unwrap_or_default(),
+            access_log: raw.log.access_log.unwrap_or(true),
+        };
+        if regions.is_empty() {
+            self.problem("region", None, "at least one [[region]] is required");
+        }
+        Some(Config {
+            source: None,
+            server,
+            admin,
+            geoip: geoip?,
+            health,
+            outlier,
+            retry,
+            log,
+            regions,
+            zones,
+            routes,
+            fallback,
+            spillover,
+        })
+    }
+
+    fn server(&mut self, s: file::ServerFile) -> ServerConfig {
+        let listen = self.addr("server.listen", s.listen, "0.0.0.0:8080");
+        let tls = match (s.tls_listen, s.tls_cert, s.tls_key) {
+            (None, None, None) if s.certificates.is_empty() => None,
+            (Some(l), Some(cert), Some(key)) => {
+                let listen = self.addr("server.tls_listen", Some(l), "0.0.0.0:8443");
+                let sni = s
+                    .certificates
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if c.names.is_empty() {
+                            self.problem(format!("server.certificate[{i}].names"), None, "must name at least one host");
+                        }
+                        SniCertificate {
+                            names: c.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                            cert: self.path(c.cert),
+                            key: self.path(c.key),
+                        }
+                    })
+                    .collect();
+                Some(TlsConfig {
+                    listen,
+                    cert: self.path(cert),
+                    key: self.path(key),
+                    sni,
+                })
+            }
+            _ => {
+                self.problem("server.tls_listen", None, "tls_listen, tls_cert and tls_key go together");
+                None
+            }
+        };
+        let max_header_bytes = s.max_header_bytes.map_or(64 << 10, |b| b.0) as usize;
+        if max_header_bytes < 8192 {
+            self.problem("server.max_header_bytes", None, "must be at least 8KiB");
+        }
+        let max_connections = s.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            self.problem("server.max_connections", None, "must be greater than zero");
+        }
+        ServerConfig {
+            listen,
+            tls,
+            proxy_protocol: s.proxy_protocol.unwrap_or(false),
+            request_timeout: self.positive("server.request_timeout", s.request_timeout.map_or(Duration::from_secs(60), |d| d.0)),
+            stall_timeout: self.positive("server.stall_timeout", s.stall_timeout.map_or(Duration::from_secs(30), |d| d.0)),
+            connect_timeout: self.positive("server.connect_timeout", s.connect_timeout.map_or(Duration::from_secs(2), |d| d.0)),
+            max_request_body: s.max_request_body.map_or(10 << 20, |b| b.0),
+            max_header_bytes,
+            max_headers: s.max_headers.unwrap_or(100),
+            max_uri_bytes: s.max_uri_bytes.map_or(8 << 10, |b| b.0) as usize,
+            header_read_timeout: self.positive("server.header_read_timeout", s.header_read_timeout.map_or(Duration::from_secs(10), |d| d.0)),
+            idle_timeout: self.positive("server.idle_timeout", s.idle_timeout.map_or(Duration::from_secs(60), |d| d.0)),
+            max_connections,
+            http2_max_concurrent_streams: s.http2_max_concurrent_streams.unwrap_or(256),
+            shutdown_timeout: s.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            worker_threads: s.worker_threads,
+        }
+    }
+
+    fn admin(&mut self, a: file::AdminFile) -> AdminConfig {
+        let listen = self.addr("admin.listen", a.listen, "127.0.0.1:9901");
+        let token = a.token_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|t| !t.is_empty());
+        AdminConfig {
+            listen,
+            token,
+            token_env: a.token_env,
+        }
+    }
+
+    fn geoip(&mut self, g: file::GeoipFile, names: &HashMap<String, usize>) -> Option<GeoipConfig> {
+        let trusted_raw = g.trusted_proxies.unwrap_or_else(|| vec![Spanned::new(0..0, "127.0.0.1/32".into()), Spanned::new(0..0, "::1/128".into())]);
+        let mut trusted_proxies = Vec::new();
+        for (i, t) in trusted_raw.iter().enumerate() {
+            let text = t.get_ref().trim();
+            match text.parse::<IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from)) {
+                Ok(net) => trusted_proxies.push(net.trunc()),
+                Err(_) => self.problem(format!("geoip.trusted_proxies[{i}]"), Some(t.span()), format!("{text:?} is not an IP address or CIDR")),
+            }
+        }
+        let default_region = match &g.default_region {
+            Some(name) => match names.get(name.get_ref()) {
+                Some(&i) => Some(i),
+                None => {
+                    self.problem("geoip.default_region", Some(name.span()), format!("names unknown region {:?}", name.get_ref()));
+                    None
+                }
+            },
+            // Without an explicit default the first region serves unlocated clients.
+            None => (!names.is_empty()).then_some(0),
+        };
+        Some(GeoipConfig {
+            database: g.database.map(|p| self.path(p)),
+            trusted_proxies,
+            default_region: default_region?,
+            unknown: g.unknown.unwrap_or_default(),
+        })
+    }
+
+    fn health(&mut self, h: file::HealthFile) -> HealthConfig {
+        let interval = self.positive("health.interval", h.interval.map_or(Duration::from_secs(2), |d| d.0));
+        let timeout = self.positive("health.timeout", h.timeout.map_or(Duration::from_secs(1), |d| d.0));
+        let path = h.path.unwrap_or_else(|| "/health".into());
+        if !path.starts_with('/') {
+            self.problem("health.path", None, "must start with '/'");
+        }
+        let jitter = h.jitter.unwrap_or(0.1);
+        if !(0.0..=0.5).contains(&jitter) {
+            self.problem("health.jitter", None, "must be between 0 and 0.5");
+        }
+        let degraded_below = h.degraded_below.unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&degraded_below) {
+            self.problem("health.degraded_below", None, "must be between 0 and 1");
+        }
+        let unhealthy_after = h.unhealthy_after.unwrap_or(3);
+        let healthy_after = h.healthy_after.unwrap_or(2);
+        if unhealthy_after == 0 {
+            self.problem("health.unhealthy_after", None, "must be at least 1");
+        }
+        if healthy_after == 0 {
+            self.problem("health.healthy_after", None, "must be at least 1");
+        }
+        HealthConfig {
+            path,
+            interval,
+            timeout,
+            unhealthy_after,
+            healthy_after,
+            slow_start: h.slow_start.map_or(Duration::from_secs(10), |d| d.0),
+            jitter,
+            degraded_below,
+            panic_mode: h.panic_mode.unwrap_or(false),
+        }
+    }
+
+    fn outlier(&mut self, o: file::OutlierFile) -> OutlierConfig {
+        let ejection_time = self.positive("outlier.ejection_time", o.ejection_time.map_or(Duration::from_secs(30), |d| d.0));
+        let max_ejection_time = o.max_ejection_time.map_or(ejection_time.max(Duration::from_secs(300)), |d| d.0);
+        if max_ejection_time < ejection_time {
+            self.problem("outlier.max_ejection_time", None, "must not be shorter than ejection_time");
+        }
+        OutlierConfig {
+            consecutive_errors: o.consecutive_errors.unwrap_or(5).max(1),
+            ttfb_threshold: self.positive("outlier.ttfb_threshold", o.ttfb_threshold.map_or(Duration::from_secs(2), |d| d.0)),
+            ejection_time,
+            max_ejection_time,
+            max_retry_after: o.max_retry_after.map_or(Duration::from_secs(60), |d| d.0),
+        }
+    }
+
+    fn retry(&mut self, r: file::RetryFile) -> RetryConfig {
+        let max_attempts = r.max_attempts.unwrap_or(3);
+        if max_attempts == 0 {
+            self.problem("retry.max_attempts", None, "must be at least 1");
+        }
+        let budget_ratio = r.budget_ratio.unwrap_or(0.2);
+        if !(0.0..=1.0).contains(&budget_ratio) {
+            self.problem("retry.budget_ratio", None, "must be between 0 and 1");
+        }
+        RetryConfig {
+            max_attempts: max_attempts.max(1),
+            budget_ratio,
+            budget_min_per_second: r.budget_min_per_second.unwrap_or(10),
+        }
+    }
+
+    fn endpoint(&mut self, key: &str, span: Option<Range<usize>>, text: &str, weight: Option<u32>) -> Option<EndpointConfig> {
+        let uri: Uri = match text.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.problem(key, span.clone(), format!("{text:?} is not a URL: {e}"));
+                return None;
+            }
+        };
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            _ => {
+                self.problem(key, span.clone(), format!("{text:?} must start with http:// or https://"));
+                return None;
+            }
+        };
+        let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()).cloned() else {
+            self.problem(key, span.clone(), format!("{text:?} has no host"));
+            return None;
+        };
+        if uri.query().is_some() {
+            self.problem(key, span.clone(), format!("{text:?} must not have a query"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        let weight = weight.unwrap_or(1);
+        if weight == 0 {
+            self.problem(key, span.clone(), "weight must be at least 1");
+        }
+        Some(EndpointConfig {
+            url: format!("{scheme}://{authority}{base_path}"),
+            scheme,
+            authority,
+            base_path,
+            weight,
+        })
+    }
+
+    fn regions(&mut self, raw: Vec<file::RegionFile>) -> Vec<RegionConfig> {
+        let mut seen = HashMap::new();
+        let mut home: HashMap<Country, String> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let key = format!("region[{i}]");
+            let name = r.name.get_ref().trim().to_string();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+                self.problem(format!("{key}.name"), Some(r.name.span()), format!("{name:?} must be non-empty letters, digits, '-', '_' or '.'"));
+            }
+            if name == "fallback" {
+                self.problem(format!("{key}.name"), Some(r.name.span()), "\"fallback\" is reserved for the [fallback] endpoint");
+            }
+            if let Some(first) = seen.insert(name.clone(), i) {
+                self.problem(format!("{key}.name"), Some(r.name.span()), format!("duplicate region name {name:?} (also region[{first}])"));
+            }
+            let location = match r.location.get_ref().as_slice() {
+                [lat, lon] if (-90.0..=90.0).contains(lat) && (-180.0..=180.0).contains(lon) => GeoPoint { lat: *lat, lon: *lon },
+                [lat, lon] => {
+                    self.problem(format!("{key}.location"), Some(r.location.span()), format!("[{lat}, {lon}] is out of range: latitude -90..90, longitude -180..180"));
+                    GeoPoint { lat: 0.0, lon: 0.0 }
+                }
+                _ => {
+                    self.problem(format!("{key}.location"), Some(r.location.span()), "must be [latitude, longitude]");
+                    GeoPoint { lat: 0.0, lon: 0.0 }
+                }
+            };
+            let mut countries = Vec::new();
+            for (j, c) in r.countries.iter().enumerate() {
+                let ckey = format!("{key}.countries[{j}]");
+                if let Some(country) = self.country(ckey.clone(), c) {
+                    if let Some(other) = home.insert(country, name.clone()) {
+                        if other != name {
+                            self.problem(ckey, Some(c.span()), format!("{country} is already the home of region {other:?}; a country has one home region"));
+                        }
+                    }
+                    countries.push(country);
+                }
+            }
+            let ep_span = r.endpoints.span();
+            let endpoints_raw = r.endpoints.into_inner();
+            if endpoints_raw.is_empty() {
+                self.problem(format!("{key}.endpoints"), Some(ep_span), "must list at least one endpoint");
+            }
+            let mut endpoints: Vec<EndpointConfig> = Vec::new();
+            for (j, e) in endpoints_raw.iter().enumerate() {
+                let ekey = format!("{key}.endpoints[{j}]");
+                let (url, weight) = match e.get_ref() {
+                    EndpointFile::Url(u) => (u.as_str(), None),
+                    EndpointFile::Detailed(d) => (d.url.as_str(), d.weight),
+                };
+                if let Some(ep) = self.endpoint(&ekey, Some(e.span()), url, weight) {
+                    if endpoints.iter().any(|x| x.url == ep.url) {
+                        self.problem(ekey, Some(e.span()), format!("duplicate endpoint {:?}", ep.url));
+                    } else {
+                        endpoints.push(ep);
+                    }
+                }
+            }
+            let load = match r.load {
+                Some(l) => {
+                    let path = l.path.unwrap_or_else(|| "/metrics".into());
+                    if !path.starts_with('/') {
+                        self.problem(format!("{key}.load.path"), None, "must start with '/'");
+                    }
+                    LoadConfig { source: l.source, path }
+                }
+                None => LoadConfig {
+                    source: LoadSource::None,
+                    path: "/metrics".into(),
+                },
+            };
+            let affinity_header = r.affinity.and_then(|a| match HeaderName::from_bytes(a.header.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    self.problem(format!("{key}.affinity.header"), None, format!("{:?} is not a header name", a.header));
+                    None
+                }
+            });
+            out.push(RegionConfig {
+                name,
+                location,
+                countries,
+                endpoints,
+                priority: r.priority,
+                failover: r.failover.unwrap_or(true),
+                load,
+                affinity_header,
+                protocol: r.protocol.unwrap_or_default(),
+            });
+        }
+        out
+    }
+
+    fn region_refs(&mut self, key: &str, refs: &[Spanned<String>], names: &HashMap<String, usize>) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (j, r) in refs.iter().enumerate() {
+            match names.get(r.get_ref()) {
+                Some(&i) if out.contains(&i) => self.problem(format!("{key}[{j}]"), Some(r.span()), format!("region {:?} listed twice", r.get_ref())),
+                Some(&i) => out.push(i),
+                None => self.problem(format!("{key}[{j}]"), Some(r.span()), format!("names unknown region {:?}", r.get_ref())),
+            }
+        }
+        out
+    }
+
+    fn zones(&mut self, raw: Vec<file::ResidencyFile>, names: &HashMap<String, usize>) -> Vec<ZoneConfig> {
+        let mut zone_of: HashMap<Country, String> = HashMap::new();
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, z) in raw.into_iter().enumerate() {
+            let key = format!("residency[{i}]");
+            let name = z.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                self.problem(format!("{key}.name"), Some(z.name.span()), "must not be empty");
+            }
+            if !seen.insert(name.clone()) {
+                self.problem(format!("{key}.name"), Some(z.name.span()), format!("duplicate residency zone {name:?}"));
+            }
+            let mut countries = Vec::new();
+            for (j, c) in z.countries.iter().enumerate() {
+                let ckey = format!("{key}.countries[{j}]");
+                if let Some(country) = self.country(ckey.clone(), c) {
+                    if let Some(other) = zone_of.insert(country, name.clone()) {
+                        if other != name {
+                            self.problem(ckey, Some(c.span()), format!("{country} is already bound to residency zone {other:?}"));
+                        }
+                    }
+                    countries.push(country);
+                }
+            }
+            if z.countries.is_empty() {
+                self.problem(format!("{key}.countries"), Some(z.name.span()), "must list at least one country");
+            }
+            let regions = self.region_refs(&format!("{key}.regions"), &z.regions, names);
+            if z.regions.is_empty() {
+                self.problem(format!("{key}.regions"), Some(z.name.span()), "must list at least one region");
+            }
+            out.push(ZoneConfig {
+                name,
+                countries,
+                regions,
+                failover: z.failover.unwrap_or(true),
+            });
+        }
+        out
+    }
+
+    fn routes(&mut self, raw: Vec<file::RouteFile>, names: &HashMap<String, usize>) -> Vec<RouteConfig> {
+        let mut out = Vec::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let key = format!("route[{i}]");
+            let prefix = r.path_prefix.get_ref().trim_end_matches('/').to_string();
+            if !r.path_prefix.get_ref().starts_with('/') {
+                self.problem(format!("{key}.path_prefix"), Some(r.path_prefix.span()), "must start with '/'");
+            }
+            if r.path_prefix.get_ref().contains(['?', '#']) {
+                self.problem(format!("{key}.path_prefix"), Some(r.path_prefix.span()), "matches the path only: no query or fragment");
+            }
+            let regions = self.region_refs(&format!("{key}.regions"), &r.regions, names);
+            if r.regions.is_empty() {
+                self.problem(format!("{key}.regions"), Some(r.path_prefix.span()), "must list at least one region");
+            }
+            let methods = r.methods.map(|ms| {
+                ms.iter()
+                    .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            self.problem(format!("{key}.methods"), None, format!("{m:?} is not an HTTP method"));
+                            None
+                        }
+                    })
+                    .collect()
+            });
+            let mut headers = Vec::new();
+            for (name, value) in r.headers.unwrap_or_default() {
+                match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+                    (Ok(n), Ok(v)) => headers.push((n, v)),
+                    _ => self.problem(format!("{key}.headers.{name}"), None, "is not a valid header name and value"),
+                }
+            }
+            out.push(RouteConfig {
+                path_prefix: prefix,
+                regions,
+                residency_exempt: r.residency_exempt,
+                methods,
+                headers,
+            });
+        }
+        out
+    }
+
+    fn fallback(&mut self, f: file::FallbackFile, zones: &[ZoneConfig]) -> Option<FallbackConfig> {
+        let endpoint = self.endpoint("fallback.endpoint", Some(f.endpoint.span()), f.endpoint.get_ref(), None);
+        let mut headers = Vec::new();
+        for (name, value) in &f.headers {
+            let key = format!("fallback.headers.{name}");
+            let Ok(hname) = HeaderName::from_bytes(name.as_bytes()) else {
+                self.problem(key, Some(value.span()), format!("{name:?} is not a header name"));
+                continue;
+            };
+            let text = match value.get_ref().strip_prefix("env:") {
+                Some(var) => match std::env::var(var) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        // Name the variable, never a value.
+                        self.problem(key, Some(value.span()), format!("environment variable {var} is not set"));
+                        continue;
+                    }
+                },
+                None => value.get_ref().clone(),
+            };
+            match HeaderValue::from_str(&text) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    headers.push((hname, v));
+                }
+                Err(_) => self.problem(key, Some(value.span()), "value is not a valid header value"),
+            }
+        }
+        let zone = match &f.zone {
+            Some(z) => match zones.iter().position(|x| &x.name == z.get_ref()) {
+                Some(i) => Some(i),
+                None => {
+                    self.problem("fallback.zone", Some(z.span()), format!("names unknown residency zone {:?}", z.get_ref()));
+                    None
+                }
+            },
+            None => None,
+        };
+        let path_rewrite = f
+            .path_rewrite
+            .into_iter()
+            .filter(|(from, to)| {
+                let ok = from.starts_with('/') && to.starts_with('/');
+                if !ok {
+                    self.problem(format!("fallback.path_rewrite.{from}"), None, "both prefixes must start with '/'");
+                }
+                ok
+            })
+            .collect();
+        Some(FallbackConfig {
+            endpoint: endpoint?,
+            headers,
+            zone,
+            ca_file: f.ca_file.map(|p| self.path(p)),
+            path_rewrite,
+        })
+    }
+
+    fn spillover(&mut self, s: file::SpilloverFile) -> SpilloverConfig {
+        if let Some(k) = s.kv_cache {
+            if !(0.0..=1.0).contains(&k) {
+                self.problem("spillover.kv_cache", None, "must be a fraction between 0 and 1");
+            }
+        }
+        if let Some(q) = s.queue_depth {
+            if q < 0.0 {
+                self.problem("spillover.queue_depth", None, "must not be negative");
+            }
+        }
+        SpilloverConfig {
+            queue_depth: s.queue_depth,
+            kv_cache: s.kv_cache,
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `meridian demo`: six fake inference regions on loopback, the proxy in front, and the
+//! curl commands to try.
+
+pub mod upstream;
+
+use std::net::SocketAddr;
+
+use crate::config::Config;
+use upstream::FakeUpstream;
+
+/// The demo's regions: name, location, home countries.
+pub const REGIONS: [(&str, [f64; 2], &[&str]); 6] = [
+    ("us-east", [39.04, -77.49], &["US", "CA"]),
+    ("us-west", [45.60, -121.18], &["MX"]),
+    ("eu-west", [53.35, -6.26], &["IE", "FR", "NL", "BE"]),
+    ("eu-central", [50.11, 8.68], &["DE", "AT", "CH", "PL"]),
+    ("uk-south", [51.51, -0.13], &["GB"]),
+    ("ap-southeast", [1.35, 103.82], &["SG", "AU", "NZ", "JP"]),
+];
+
+/// The demo's admin token, printed with the drill commands.
+pub const TOKEN: &str = "demo-token";
+
+/// The config text for the demo, with each region pointing at its fake endpoint.
+pub fn config_text(listen: SocketAddr, admin: SocketAddr, endpoints: &[String]) -> String {
+    let mut s = format!(
+        r#"[server]
+listen = "{listen}"
+request_timeout = "30s"
+stall_timeout = "10s"
+
+[admin]
+listen = "{admin}"
+
+[geoip]
+trusted_proxies = ["127.0.0.1/32", "::1/128"]
+default_region = "us-east"
+
+[health]
+interval = "1s"
+timeout = "500ms"
+unhealthy_after = 2
+healthy_after = 2
+slow_start = "3s"
+"#
+    );
+    for ((name, loc, countries), endpoint) in REGIONS.iter().zip(endpoints) {
+        let countries: Vec<String> = countries.iter().map(|c| format!("{c:?}")).collect();
+        s.push_str(&format!(
+            "\n[[region]]\nname = \"{name}\"\nlocation = [{}, {}]\ncountries = [{}]\nendpoints = [\"{endpoint}\"]\n",
+            loc[0],
+            loc[1],
+            countries.join(", ")
+        ));
+    }
+    s.push_str("\n[[residency]]\nname = \"uk\"\ncountries = [\"GB\"]\nregions = [\"uk-south\"]\n");
+    s
+}
+
+/// Runs the tour until Ctrl-C.
+pub async fn run(listen: SocketAddr, admin: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    let mut upstreams = Vec::new();
+    for (name, _, _) in REGIONS {
+        upstreams.push(FakeUpstream::start(name).await?);
+    }
+    let endpoints: Vec<String> = upstreams.iter().map(FakeUpstream::url).collect();
+    let text = config_text(listen, admin, &endpoints);
+    let mut config = Config::parse(&text, None)?;
+    config.admin.token = Some(TOKEN.to_string());
+    let running = crate::app::start(config).await?;
+    let p = running.listen;
+    let a = running.admin;
+    println!(
+        r#"
+Meridian demo: six fake inference regions on loopback, the proxy on http://{p}, admin on http://{a}
+{regions}
+Try these (X-Forwarded-For is believed because curl connects from 127.0.0.1, a trusted proxy):
+
+  # GB client -> uk-south (residency zone "uk"), streamed token by token
+  curl -N -H 'X-Forwarded-For: 81.2.69.142' http://{p}/v1/chat/completions \
+       -H 'content-type: application/json' -d '{{"model":"demo","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}'
+
+  # US client -> us-east
+  curl -si -H 'X-Forwarded-For: 8.8.8.8' http://{p}/v1/chat/completions -d '{{"model":"demo"}}'
+
+  # IE client -> eu-west
+  curl -si -H 'X-Forwarded-For: 87.44.0.1' http://{p}/v1/chat/completions -d '{{"model":"demo"}}'
+
+  # AU client -> ap-southeast
+  curl -si -H 'X-Forwarded-For: 1.1.1.1' http://{p}/v1/chat/completions -d '{{"model":"demo"}}'
+
+  # Why? Explain the routing decision for an address
+  cargo run --release -- route -c <config> 81.2.69.142    (or: curl -s http://{a}/status)
+
+Failover drill:
+
+  # drain eu-west: IE clients move to the next-nearest region (uk-south), GB clients stay home
+  curl -s -X POST -H 'Authorization: Bearer {token}' http://{a}/regions/eu-west/drain
+  curl -si -H 'X-Forwarded-For: 87.44.0.1' http://{p}/v1/chat/completions -d '{{}}' | grep x-meridian-region
+
+  # drain uk-south: GB clients get 503 residency_unavailable, never served abroad
+  curl -s -X POST -H 'Authorization: Bearer {token}' http://{a}/regions/uk-south/drain
+  curl -s -H 'X-Forwarded-For: 81.2.69.142' http://{p}/v1/chat/completions -d '{{}}'
+
+  # put them back
+  curl -s -X POST -H 'Authorization: Bearer {token}' http://{a}/regions/eu-west/undrain
+  curl -s -X POST -H 'Authorization: Bearer {token}' http://{a}/regions/uk-south/undrain
+
+  # metrics
+  curl -s http://{a}/metrics | grep meridian_requests_total
+
+Press Ctrl-C to stop.
+"#,
+        regions = REGIONS
+            .iter()
+            .zip(&endpoints)
+            .map(|((n, _, c), e)| format!("  {n:<13} {e:<24} home of {}", c.join(", ")))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        token = TOKEN,
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    running.shutdown().await;
+    Ok(())
+}

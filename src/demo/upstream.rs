@@ -1,0 +1,359 @@
+//! A fake inference endpoint on loopback: OpenAI-style chat completions (JSON or SSE),
+//! `/health`, and behaviours a test can switch at runtime (slow, erroring, stalling,
+//! resetting, dead). Used by `meridian demo` and by the integration tests.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+
+/// How the endpoint answers requests other than its health probe.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Behavior {
+    /// 200 with a JSON completion, or an SSE stream when the body asks for `"stream": true`.
+    Ok,
+    /// Wait before the response head.
+    SlowFirstByte(Duration),
+    /// Answer with this status and a small JSON body.
+    Status(u16),
+    /// Answer 429 with `Retry-After: secs`.
+    RetryAfter(u64),
+    /// SSE: `events` events `gap` apart, first one at once.
+    Stream { events: usize, gap: Duration },
+    /// SSE: one event, then wait for [`FakeUpstream::release`] before the rest.
+    Gated { events: usize },
+    /// SSE: one event, then silence forever.
+    Stall,
+    /// Accept and read the request, then close the connection without answering.
+    Reset,
+    /// Accept, then never answer.
+    Hang,
+    /// Write bytes that are not HTTP.
+    Garbage,
+}
+
+/// A request as the endpoint saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+struct State {
+    name: String,
+    behavior: Mutex<Behavior>,
+    healthy: AtomicBool,
+    requests: AtomicU64,
+    probes: AtomicU64,
+    connections: AtomicU64,
+    seen: Mutex<Vec<Seen>>,
+    gate: Notify,
+    /// Extra response headers (e.g. ORCA load reports).
+    extra_headers: Mutex<HeaderMap>,
+    /// Body of `GET /metrics`, for load-signal scrapes.
+    metrics: Mutex<String>,
+}
+
+/// A running fake endpoint. Dropping it stops it.
+pub struct FakeUpstream {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+}
+
+type FakeBody = BoxBody<Bytes, Infallible>;
+
+impl FakeUpstream {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start(name: &str) -> std::io::Result<FakeUpstream> {
+        FakeUpstream::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> std::io::Result<FakeUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            name: name.to_string(),
+            behavior: Mutex::new(Behavior::Ok),
+            healthy: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            seen: Mutex::new(Vec::new()),
+            gate: Notify::new(),
+            extra_headers: Mutex::new(HeaderMap::new()),
+            metrics: Mutex::new(String::new()),
+        });
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, state.clone(), stopped));
+        Ok(FakeUpstream { addr, state, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_behavior(&self, b: Behavior) {
+        *lock(&self.state.behavior) = b;
+    }
+
+    /// Whether `/health` answers 200 (true) or 503.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::Release);
+    }
+
+    /// Lets a [`Behavior::Gated`] stream continue.
+    pub fn release(&self) {
+        self.state.gate.notify_waiters();
+        self.state.gate.notify_one();
+    }
+
+    pub fn set_header(&self, name: &'static str, value: &str) {
+        if let Ok(v) = header::HeaderValue::from_str(value) {
+            lock(&self.state.extra_headers).insert(name, v);
+        }
+    }
+
+    pub fn set_metrics(&self, text: &str) {
+        *lock(&self.state.metrics) = text.to_string();
+    }
+
+    /// Requests served, not counting health probes or metrics scrapes.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Acquire)
+    }
+
+    pub fn probes(&self) -> u64 {
+        self.state.probes.load(Ordering::Acquire)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::Acquire)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.state.seen).clone()
+    }
+
+    /// Stops listening and closes every open connection, as a crashed server would.
+    pub fn kill(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Starts again on the same address after [`kill`](Self::kill).
+    pub async fn revive(&mut self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.addr).await?;
+        let (stop, stopped) = watch::channel(false);
+        self.stop = stop;
+        tokio::spawn(accept_loop(listener, self.state.clone(), stopped));
+        Ok(())
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watch::Receiver<bool>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                state.connections.fetch_add(1, Ordering::AcqRel);
+                let state = state.clone();
+                conns.spawn(async move {
+                    let behavior = lock(&state.behavior).clone();
+                    if behavior == Behavior::Garbage {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut stream = stream;
+                        let mut buf = [0u8; 1024];
+                        let _ = stream.read(&mut buf).await;
+                        let _ = stream.write_all(b"\x00\x01garbage, not HTTP at all\r\n\r\n").await;
+                        return;
+                    }
+                    let service = service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            _ = stopped.changed() => break,
+        }
+    }
+    conns.abort_all();
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<FakeBody> {
+    let mut resp = Response::new(http_body_util::Full::new(body.into()).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}
+
+fn sse_event(name: &str, index: usize, token: &str) -> Bytes {
+    let chunk = serde_json::json!({
+        "id": format!("chatcmpl-{name}"),
+        "object": "chat.completion.chunk",
+        "region": name,
+        "index": index,
+        "choices": [{"index": 0, "delta": {"content": token}}],
+    });
+    Bytes::from(format!("data: {chunk}\n\n"))
+}
+
+const TOKENS: [&str; 8] = ["Hello", " from", " region", " ", "", ".", " Streaming", " works."];
+
+fn token(name: &str, i: usize) -> String {
+    match TOKENS.get(i) {
+        Some(&"") => name.to_string(),
+        Some(t) => (*t).to_string(),
+        None => format!(" token{i}"),
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<FakeBody>, Box<dyn std::error::Error + Send + Sync>> {
+    let path = req.uri().path().to_string();
+    if path == "/health" {
+        state.probes.fetch_add(1, Ordering::AcqRel);
+        return Ok(if state.healthy.load(Ordering::Acquire) {
+            full(StatusCode::OK, "application/json", r#"{"status":"ok"}"#)
+        } else {
+            full(StatusCode::SERVICE_UNAVAILABLE, "application/json", r#"{"status":"down"}"#)
+        });
+    }
+    if path == "/metrics" {
+        let text = lock(&state.metrics).clone();
+        return Ok(full(StatusCode::OK, "text/plain; version=0.0.4", text));
+    }
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    state.requests.fetch_add(1, Ordering::AcqRel);
+    lock(&state.seen).push(Seen {
+        method: parts.method.clone(),
+        path: parts.uri.path_and_query().map_or(path.clone(), |p| p.to_string()),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let wants_stream = {
+        let text = String::from_utf8_lossy(&body);
+        text.contains("\"stream\":true") || text.contains("\"stream\": true") || parts.headers.get(header::ACCEPT).is_some_and(|a| a == "text/event-stream")
+    };
+    let behavior = lock(&state.behavior).clone();
+    let name = state.name.clone();
+    let mut resp = match behavior {
+        Behavior::Ok if wants_stream => stream(state.clone(), TOKENS.len(), Duration::from_millis(40), false, false),
+        Behavior::Ok => completion(&name, &body),
+        Behavior::SlowFirstByte(d) => {
+            tokio::time::sleep(d).await;
+            if wants_stream { stream(state.clone(), 3, Duration::from_millis(10), false, false) } else { completion(&name, &body) }
+        }
+        Behavior::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            full(status, "application/json", format!(r#"{{"error":"fake {code}","region":"{name}"}}"#))
+        }
+        Behavior::RetryAfter(secs) => {
+            let mut r = full(StatusCode::TOO_MANY_REQUESTS, "application/json", r#"{"error":"overloaded"}"#);
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            r
+        }
+        Behavior::Stream { events, gap } => stream(state.clone(), events, gap, false, false),
+        Behavior::Gated { events } => stream(state.clone(), events, Duration::ZERO, true, false),
+        Behavior::Stall => stream(state.clone(), 2, Duration::ZERO, false, true),
+        // A service error makes hyper close the connection without a response.
+        Behavior::Reset => return Err("reset by fake upstream".into()),
+        Behavior::Hang => {
+            std::future::pending::<()>().await;
+            completion(&name, &body)
+        }
+        Behavior::Garbage => completion(&name, &body),
+    };
+    for (k, v) in lock(&state.extra_headers).iter() {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    resp.headers_mut().insert("x-upstream-region", header::HeaderValue::from_str(&name).unwrap_or(header::HeaderValue::from_static("?")));
+    Ok(resp)
+}
+
+fn completion(name: &str, body: &Bytes) -> Response<FakeBody> {
+    let reply = serde_json::json!({
+        "id": format!("chatcmpl-{name}"),
+        "object": "chat.completion",
+        "region": name,
+        "request_bytes": body.len(),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {name}.")}}],
+    });
+    full(StatusCode::OK, "application/json", reply.to_string())
+}
+
+fn stream(state: Arc<State>, events: usize, gap: Duration, gated: bool, stall: bool) -> Response<FakeBody> {
+    let name = state.name.clone();
+    let body = StreamBody::new(futures_stream(move |tx| async move {
+        for i in 0..events {
+            if i > 0 {
+                if gated && i == 1 {
+                    state.gate.notified().await;
+                } else if stall {
+                    std::future::pending::<()>().await;
+                } else if !gap.is_zero() {
+                    tokio::time::sleep(gap).await;
+                }
+            }
+            if tx.send(Frame::data(sse_event(&name, i, &token(&name, i)))).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    }));
+    let mut resp = Response::new(BodyExt::boxed(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// A body stream fed by a task through a channel.
+fn futures_stream<F, Fut>(produce: F) -> ChannelStream
+where
+    F: FnOnce(mpsc::Sender<Frame<Bytes>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(produce(tx));
+    ChannelStream { rx }
+}
+
+pub struct ChannelStream {
+    rx: mpsc::Receiver<Frame<Bytes>>,
+}
+
+impl futures_core::Stream for ChannelStream {
+    type Item = Result<Frame<Bytes>, Infallible>;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}

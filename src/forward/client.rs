@@ -1,0 +1,190 @@
+//! Pooled connections to endpoints (HTTP/1.1, HTTP/2, TLS) and one attempt's outcome.
+
+use std::error::Error as _;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::body::RequestBody;
+use crate::config::UpstreamProtocol;
+
+type Pool = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// Why an attempt got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Nothing was sent: the connection was refused, unreachable, or timed out.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The connection broke before a response head arrived.
+    #[error("connection closed before a response: {0}")]
+    Reset(String),
+    /// No response head within `request_timeout`.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The client's own body failed (too large, or the client went away).
+    #[error("request body: {0}")]
+    Body(String),
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// SPEC step 7: refused, reset and connect timeouts may be retried for any method.
+    pub fn retryable(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_) | UpstreamError::Reset(_))
+    }
+
+    fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
+        let detail = error_chain(&e);
+        if e.is_connect() {
+            return UpstreamError::Connect(detail);
+        }
+        let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(h) = s.downcast_ref::<hyper::Error>() {
+                if h.is_body_write_aborted() || h.is_user() {
+                    // The body's own error: see whether it is ours.
+                    if let Some(b) = h.source().and_then(|s| s.downcast_ref::<super::body::BodyError>()) {
+                        return UpstreamError::Body(b.to_string());
+                    }
+                }
+                if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                    return UpstreamError::Reset(detail);
+                }
+                if h.is_parse() {
+                    return UpstreamError::Protocol(detail);
+                }
+            }
+            if let Some(b) = s.downcast_ref::<super::body::BodyError>() {
+                return UpstreamError::Body(b.to_string());
+            }
+            if let Some(io) = s.downcast_ref::<io::Error>() {
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted | io::ErrorKind::UnexpectedEof
+                ) {
+                    return UpstreamError::Reset(detail);
+                }
+            }
+            source = s.source();
+        }
+        UpstreamError::Protocol(detail)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    #[error("cannot read CA file {path}: {source}")]
+    CaFile { path: String, source: rustls_pki_types::pem::Error },
+    #[error("TLS client setup: {0}")]
+    Tls(rustls::Error),
+    #[error("CA file {path} holds no usable certificate")]
+    NoCertificate { path: String },
+}
+
+/// Connection pools to endpoints, one per protocol. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstreams {
+    http1: Pool,
+    http2: Pool,
+}
+
+/// Pool knobs shared by every upstream client.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Upstreams {
+    pub fn new(settings: &PoolSettings, ca_file: Option<&Path>) -> Result<Upstreams, ClientSetupError> {
+        let tls = tls_config(ca_file)?;
+        Ok(Upstreams {
+            http1: pool(settings, tls.clone(), false),
+            http2: pool(settings, tls, true),
+        })
+    }
+
+    /// Sends one attempt and waits for the response head up to `timeout`.
+    pub async fn send(&self, req: Request<RequestBody>, protocol: UpstreamProtocol, timeout: Duration) -> Result<Response<Incoming>, UpstreamError> {
+        let pool = match protocol {
+            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::Http2 => &self.http2,
+        };
+        match tokio::time::timeout(timeout, pool.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(UpstreamError::classify(e)),
+            Err(_) => Err(UpstreamError::Timeout(timeout)),
+        }
+    }
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ClientSetupError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let shown = path.display().to_string();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|source| ClientSetupError::CaFile { path: shown.clone(), source })?
+            .filter_map(Result::ok)
+            .collect();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(ClientSetupError::NoCertificate { path: shown });
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(ClientSetupError::Tls)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = Vec::new();
+    Ok(Arc::new(config))
+}
+
+fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, http2: bool) -> Pool {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = if http2 { vec![b"h2".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(settings.idle_timeout)
+        .pool_max_idle_per_host(1024)
+        .http2_only(http2);
+    builder.build(connector)
+}

@@ -1,0 +1,235 @@
+//! Header rewriting both ways: hop-by-hop removal, `X-Forwarded-*`, request id and the
+//! `x-meridian-*` headers (SPEC "Headers").
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_MERIDIAN_COUNTRY: HeaderName = HeaderName::from_static("x-meridian-country");
+pub static X_MERIDIAN_REGION: HeaderName = HeaderName::from_static("x-meridian-region");
+pub static X_MERIDIAN_ATTEMPTS: HeaderName = HeaderName::from_static("x-meridian-attempts");
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
+/// non-standard ones proxies still meet).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers and any header the `Connection` header names. `Upgrade` is
+/// removed too unless the caller is bridging an upgrade (then it must travel).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers listed in Connection are hop-by-hop for this message only.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    // gRPC needs `te: trailers` end to end; any other TE value is hop-by-hop.
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Removes every `x-meridian-*` header a client sent, so none can be spoofed to an endpoint.
+pub fn remove_meridian_headers(headers: &mut HeaderMap) {
+    let spoofed = headers.keys().any(|k| k.as_str().starts_with("x-meridian-"));
+    if spoofed {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("x-meridian-")).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
+/// What the request rewrite needs to know about the connection and the decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    pub peer: IpAddr,
+    pub peer_trusted: bool,
+    /// "http" or "https": how the client reached Meridian.
+    pub proto: &'static str,
+    pub country: &'a str,
+}
+
+/// Rewrites a request's headers for an endpoint; returns the request id in force.
+pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bool) -> HeaderValue {
+    remove_hop_by_hop(headers, upgrade);
+    remove_meridian_headers(headers);
+
+    let peer = ip_value(fwd.peer);
+    if fwd.peer_trusted && headers.contains_key(&X_FORWARDED_FOR) {
+        // One comma-joined line: the chain as received with the peer appended.
+        let mut chain = Vec::with_capacity(64);
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            if !chain.is_empty() {
+                chain.extend_from_slice(b", ");
+            }
+            chain.extend_from_slice(v.as_bytes());
+        }
+        chain.extend_from_slice(b", ");
+        chain.extend_from_slice(peer.as_bytes());
+        let value = HeaderValue::from_bytes(&chain).unwrap_or(peer);
+        headers.insert(&X_FORWARDED_FOR, value);
+    } else {
+        headers.insert(&X_FORWARDED_FOR, peer);
+    }
+
+    if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    }
+
+    let request_id = match headers.get(&X_REQUEST_ID) {
+        Some(id) if !id.is_empty() && id.len() <= 200 => id.clone(),
+        _ => {
+            let id = new_request_id();
+            headers.insert(&X_REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let country = HeaderValue::from_str(fwd.country).unwrap_or(HeaderValue::from_static("XX"));
+    headers.insert(&X_MERIDIAN_COUNTRY, country);
+    request_id
+}
+
+/// Rewrites a response's headers for the client.
+pub fn response_headers(headers: &mut HeaderMap, region: &HeaderValue, attempts: u32, upgrade: bool) {
+    remove_hop_by_hop(headers, upgrade);
+    headers.insert(&X_MERIDIAN_REGION, region.clone());
+    if attempts > 1 {
+        headers.insert(&X_MERIDIAN_ATTEMPTS, HeaderValue::from(attempts));
+    }
+}
+
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 48];
+    let n = {
+        use std::io::Write;
+        let mut w = &mut buf[..];
+        let _ = write!(w, "{ip}");
+        48 - w.len()
+    };
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// 128 random bits as 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic abc"),
+            ("content-type", "application/json"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
+
+        let mut h = headers(&[("te", "trailers"), ("connection", "upgrade"), ("upgrade", "websocket")]);
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers_by_trust() {
+        type Case<'a> = (bool, &'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: [Case<'_>; 4] = [
+            (true, &[("x-forwarded-for", "81.2.69.142"), ("x-forwarded-proto", "https")], "81.2.69.142, 127.0.0.1", "https"),
+            (true, &[], "127.0.0.1", "http"),
+            (false, &[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-proto", "https")], "127.0.0.1", "http"),
+            (true, &[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "8.8.8.8")], "1.1.1.1, 8.8.8.8, 127.0.0.1", "http"),
+        ];
+        for (trusted, input, xff, proto) in cases {
+            let mut h = headers(input);
+            h.insert("x-meridian-region", HeaderValue::from_static("spoofed"));
+            h.insert("x-meridian-anything", HeaderValue::from_static("spoofed"));
+            let fwd = Forwarding {
+                peer: "127.0.0.1".parse().unwrap(),
+                peer_trusted: trusted,
+                proto: "http",
+                country: "GB",
+            };
+            let id = request_headers(&mut h, &fwd, false);
+            assert_eq!(h.get("x-forwarded-for").unwrap(), xff, "{input:?}");
+            assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+            assert_eq!(h.get("x-forwarded-proto").unwrap(), proto, "{input:?}");
+            assert_eq!(h.get("x-meridian-country").unwrap(), "GB");
+            assert!(h.get("x-meridian-region").is_none());
+            assert!(h.get("x-meridian-anything").is_none());
+            assert_eq!(id.len(), 32);
+            assert_eq!(h.get("x-request-id").unwrap(), &id);
+        }
+        let mut h = headers(&[("x-request-id", "abc-123")]);
+        let fwd = Forwarding {
+            peer: "::1".parse().unwrap(),
+            peer_trusted: false,
+            proto: "https",
+            country: "XX",
+        };
+        assert_eq!(request_headers(&mut h, &fwd, false), "abc-123");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "::1");
+    }
+
+    #[test]
+    fn request_ids_are_unique_hex() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,33 @@
+//! Meridian: a geo-routing edge proxy for AI inference served from several regions.
+//!
+//! A request flows through the modules in this order:
+//!
+//! 1. [`listen`] accepts the connection (limits, idle timeout, HTTP/1.1 + h2c);
+//! 2. [`proxy`] handles the request, one phase per step:
+//!    [`client_ip`] (trusted `X-Forwarded-For`) → [`geo`] (country, coordinates) →
+//!    [`route`] (residency, route rules, candidate order, selection) →
+//!    [`balance`] (endpoint pick) → [`forward`] (rewrite, send, stream back) →
+//!    [`health`] (observe the outcome) and [`observe`] (metrics, access log);
+//! 3. [`error`] turns anything Meridian answers itself into a status and a JSON body.
+//!
+//! [`config`] validates the TOML region map; [`runtime`] compiles it into the snapshot
+//! requests read; [`app`] wires it all; [`admin`] serves status, metrics and drills;
+//! [`explain`] powers `meridian check` and `meridian route`; [`demo`] is the zero-setup tour.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod client_ip;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod explain;
+pub mod forward;
+pub mod geo;
+pub mod health;
+pub mod listen;
+pub mod observe;
+pub mod proxy;
+pub mod retry;
+pub mod route;
+pub mod runtime;

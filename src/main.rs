@@ -1,0 +1,168 @@
+//! The `meridian` command line: run, check, route, demo.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use meridian::config::{Config, LogFormat};
+use meridian::geo::GeoDb;
+use meridian::route::RouteTable;
+
+#[derive(Parser)]
+#[command(name = "meridian", version, about = "Geo-routing edge proxy for AI inference served from several regions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the config file.
+    Run {
+        #[arg(short, long, default_value = "config/meridian.toml")]
+        config: PathBuf,
+    },
+    /// Validate the config and print the region table.
+    Check {
+        #[arg(short, long, default_value = "config/meridian.toml")]
+        config: PathBuf,
+    },
+    /// Explain the routing decision for each IP.
+    Route {
+        #[arg(short, long, default_value = "config/meridian.toml")]
+        config: PathBuf,
+        /// Print a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Request path, for `[[route]]` rules.
+        #[arg(long, default_value = "/v1/chat/completions")]
+        path: String,
+        #[arg(required = true)]
+        ips: Vec<String>,
+    },
+    /// Start fake regions on loopback with the proxy in front, and print commands to try.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Route { config, json, path, ips } => route(&config, json, &path, &ips),
+        Command::Run { config } => {
+            let loaded = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(loaded.log.format);
+            serve(loaded.server.worker_threads, async move { meridian::app::run(&config).await.map_err(|e| e.to_string()) })
+        }
+        Command::Demo { listen, admin } => {
+            init_logging(LogFormat::Text);
+            serve(None, async move { meridian::demo::run(listen, admin).await.map_err(|e| e.to_string()) })
+        }
+    }
+}
+
+fn serve(workers: Option<usize>, fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = workers {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meridian: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meridian: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
+    let config = Config::load(path).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::FAILURE
+    })?;
+    let geo = GeoDb::load(config.geoip.database.as_deref()).map_err(|e| {
+        eprintln!("invalid config {}: geoip.database: {e}", path.display());
+        ExitCode::FAILURE
+    })?;
+    Ok((config, geo))
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let (config, geo) = match load(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let table = RouteTable::new(std::sync::Arc::new(config));
+    println!("{}: ok (GeoIP: {})", path.display(), geo.description());
+    print!("{}", meridian::explain::render_table(&table));
+    ExitCode::SUCCESS
+}
+
+fn route(path: &std::path::Path, json: bool, request_path: &str, ips: &[String]) -> ExitCode {
+    let (config, geo) = match load(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let table = RouteTable::new(std::sync::Arc::new(config));
+    let mut out = Vec::new();
+    for ip in ips {
+        match ip.parse::<IpAddr>() {
+            Ok(addr) => out.push(meridian::explain::explain_ip(&table, &geo, addr, request_path)),
+            Err(_) => {
+                eprintln!("meridian route: {ip:?} is not an IP address");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if json {
+        match serde_json::to_string_pretty(&out) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("meridian route: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        for e in &out {
+            print!("{}", meridian::explain::render_route(e));
+        }
+    }
+    ExitCode::SUCCESS
+}

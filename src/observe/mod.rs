@@ -1,0 +1,4 @@
+//! What Meridian tells operators: Prometheus metrics and the access log.
+
+pub mod access_log;
+pub mod metrics;

@@ -1,0 +1,436 @@
+//! The per-request routing decision (SPEC "Routing decision", steps 2–6), pure over the
+//! compiled table and a view of region state.
+
+use std::borrow::Cow;
+
+use http::{HeaderMap, Method};
+
+use super::table::{Candidate, RegionId, RouteTable, ZoneId, order_candidates};
+use crate::config::UnknownPolicy;
+use crate::geo::{Country, GeoPoint, Located};
+
+/// The parts of a request that route rules match on.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Which regions may serve this request, in order, and under which rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutePlan<'t> {
+    pub country: Option<Country>,
+    pub origin: GeoPoint,
+    pub zone: Option<ZoneId>,
+    pub home: Option<RegionId>,
+    pub sharded: bool,
+    pub fallback: bool,
+    /// Index of the `[[route]]` rule that matched, if any.
+    pub rule: Option<usize>,
+    pub candidates: Cow<'t, [Candidate]>,
+}
+
+/// The request is refused before any region is considered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `geoip.unknown = "refuse"` and the client could not be located.
+    LocationRefused,
+    /// A route rule lists no region of the client's residency zone.
+    ResidencyForbidden { zone: ZoneId, rule: usize },
+}
+
+/// How a region looks to the selection right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionState {
+    Available,
+    /// Every endpoint is past a spillover threshold.
+    Saturated,
+    /// No healthy endpoint; panic mode may still use it.
+    Unhealthy,
+    /// Drained, or every endpoint already tried for this request: never used.
+    Unavailable,
+}
+
+/// Where the next attempt goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Region(RegionId),
+    Fallback,
+    Refuse(NoRegion),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRegion {
+    /// A residency-bound client whose zone cannot serve it.
+    ResidencyUnavailable { zone: ZoneId },
+    NoRegionAvailable,
+}
+
+/// Steps 2–4 and route rules: the ordered candidates for a located client.
+pub fn plan<'t>(table: &'t RouteTable, located: Located, req: &RequestFacts<'_>) -> Result<RoutePlan<'t>, Refusal> {
+    let config = &table.config;
+    let known = match located {
+        Located::Country { country, point } => table.country_plan(country).map(|p| (p, point)),
+        Located::Private | Located::Unknown => None,
+    };
+    let mut plan = match known {
+        Some((base, None)) => RoutePlan::borrowed(base),
+        // A database with coordinates: order by the client's own position.
+        Some((base, Some(point))) => RoutePlan::owned(order_candidates(config, base.country, point)),
+        None if config.geoip.unknown == UnknownPolicy::Refuse => return Err(Refusal::LocationRefused),
+        None => RoutePlan::borrowed(table.unlocated_plan()),
+    };
+    if let Some(rule) = matching_rule(table, req) {
+        let candidates = table.rule_candidates(rule, plan.zone);
+        if let (Some(zone), true) = (plan.zone, candidates.is_empty()) {
+            return Err(Refusal::ResidencyForbidden { zone, rule });
+        }
+        plan.rule = Some(rule);
+        plan.fallback = false;
+        plan.sharded = false;
+        plan.candidates = Cow::Borrowed(candidates);
+    }
+    Ok(plan)
+}
+
+impl<'t> RoutePlan<'t> {
+    fn borrowed(p: &'t super::table::CountryPlan) -> RoutePlan<'t> {
+        RoutePlan {
+            country: p.country,
+            origin: p.origin,
+            zone: p.zone,
+            home: p.home,
+            sharded: p.sharded,
+            fallback: p.fallback,
+            rule: None,
+            candidates: Cow::Borrowed(&p.candidates),
+        }
+    }
+
+    fn owned(p: super::table::CountryPlan) -> RoutePlan<'t> {
+        RoutePlan {
+            country: p.country,
+            origin: p.origin,
+            zone: p.zone,
+            home: p.home,
+            sharded: p.sharded,
+            fallback: p.fallback,
+            rule: None,
+            candidates: Cow::Owned(p.candidates),
+        }
+    }
+}
+
+fn matching_rule(table: &RouteTable, req: &RequestFacts<'_>) -> Option<usize> {
+    table.config.routes.iter().position(|rule| {
+        path_matches(&rule.path_prefix, req.path)
+            && rule.methods.as_ref().is_none_or(|ms| ms.contains(req.method))
+            && rule.headers.iter().all(|(name, value)| req.headers.get(name) == Some(value))
+    })
+}
+
+/// Whole-segment prefix match: `/v1/a` matches `/v1/a` and `/v1/a/b`, not `/v1/ab`.
+/// The prefix is stored without a trailing slash (`/` is stored as "").
+pub fn path_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Step 5–6: the first candidate that can serve, else the fallback, else a refusal.
+/// Saturated regions come after the fallback but before a refusal; panic mode, when on,
+/// uses unhealthy candidates (never drained ones) as a last resort, inside the plan only.
+pub fn select(plan: &RoutePlan<'_>, state: impl Fn(RegionId) -> RegionState, fallback_usable: bool, panic_mode: bool) -> Decision {
+    let first = |wanted: RegionState| plan.candidates.iter().find(|c| state(c.region) == wanted).map(|c| c.region);
+    if let Some(r) = first(RegionState::Available) {
+        return Decision::Region(r);
+    }
+    if plan.fallback && fallback_usable {
+        return Decision::Fallback;
+    }
+    if let Some(r) = first(RegionState::Saturated) {
+        return Decision::Region(r);
+    }
+    if panic_mode {
+        if let Some(r) = first(RegionState::Unhealthy) {
+            return Decision::Region(r);
+        }
+    }
+    Decision::Refuse(match plan.zone {
+        Some(zone) if plan.rule.is_none() => NoRegion::ResidencyUnavailable { zone },
+        _ => NoRegion::NoRegionAvailable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::sync::Arc;
+
+    const TABLE: &str = r#"
+        [geoip]
+        default_region = "us-east"
+        [[region]]
+        name = "us-east"
+        location = [39.04, -77.49]
+        countries = ["US", "CA"]
+        endpoints = ["http://127.0.0.1:1"]
+        [[region]]
+        name = "us-west"
+        location = [45.6, -121.2]
+        endpoints = ["http://127.0.0.1:2"]
+        [[region]]
+        name = "eu-west"
+        location = [53.35, -6.26]
+        countries = ["IE", "FR"]
+        endpoints = ["http://127.0.0.1:3"]
+        [[region]]
+        name = "eu-central"
+        location = [50.11, 8.68]
+        countries = ["DE"]
+        endpoints = ["http://127.0.0.1:4"]
+        [[region]]
+        name = "uk-south"
+        location = [51.51, -0.13]
+        countries = ["GB"]
+        endpoints = ["http://127.0.0.1:5"]
+        [[region]]
+        name = "ap-southeast"
+        location = [1.35, 103.82]
+        countries = ["SG", "AU"]
+        endpoints = ["http://127.0.0.1:6"]
+        [[residency]]
+        name = "uk"
+        countries = ["GB"]
+        regions = ["uk-south"]
+        [[residency]]
+        name = "eu"
+        countries = ["DE", "FR"]
+        regions = ["eu-central", "eu-west"]
+    "#;
+
+    fn table(extra: &str) -> RouteTable {
+        let config = Config::parse(&format!("{TABLE}\n{extra}"), None).unwrap_or_else(|e| panic!("{e}"));
+        RouteTable::new(Arc::new(config))
+    }
+
+    fn names(t: &RouteTable, p: &RoutePlan<'_>) -> Vec<String> {
+        p.candidates.iter().map(|c| t.region_name(c.region).to_string()).collect()
+    }
+
+    fn country(code: &str) -> Located {
+        Located::Country {
+            country: Country::parse(code).unwrap(),
+            point: None,
+        }
+    }
+
+    fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> RequestFacts<'a> {
+        RequestFacts {
+            method: &Method::GET,
+            path,
+            headers,
+        }
+    }
+
+    #[test]
+    fn candidate_order_home_then_distance_within_zone() {
+        let t = table("");
+        let h = HeaderMap::new();
+        let cases: [(&str, &[&str]); 7] = [
+            ("US", &["us-east", "us-west", "eu-west", "uk-south", "eu-central", "ap-southeast"]),
+            ("GB", &["uk-south"]),
+            ("DE", &["eu-central", "eu-west"]),
+            ("FR", &["eu-west", "eu-central"]),
+            ("IE", &["eu-west", "uk-south", "eu-central", "us-east", "us-west", "ap-southeast"]),
+            ("AU", &["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"]),
+            // No home region: pure distance.
+            ("JP", &["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"]),
+        ];
+        for (code, want) in cases {
+            let p = plan(&t, country(code), &facts("/v1/chat", &h)).unwrap();
+            assert_eq!(names(&t, &p), want, "{code}");
+            assert!(matches!(p.candidates, Cow::Borrowed(_)), "precomputed for {code}");
+        }
+    }
+
+    #[test]
+    fn unlocated_clients_use_default_region_or_are_refused() {
+        let h = HeaderMap::new();
+        let t = table("");
+        for located in [Located::Private, Located::Unknown] {
+            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            assert_eq!(names(&t, &p)[..2], ["us-east", "us-west"]);
+            assert_eq!(p.zone, None);
+        }
+        let refusing = Config::parse(&TABLE.replace("default_region = \"us-east\"", "default_region = \"us-east\"\nunknown = \"refuse\""), None).unwrap();
+        let t = RouteTable::new(Arc::new(refusing));
+        assert_eq!(plan(&t, Located::Private, &facts("/", &h)), Err(Refusal::LocationRefused));
+        assert!(plan(&t, country("US"), &facts("/", &h)).is_ok());
+    }
+
+    #[test]
+    fn coordinates_from_the_database_reorder_by_client_position() {
+        let t = table("");
+        let h = HeaderMap::new();
+        // A US client on the west coast: home first, then us-west, then Dublin (7,300 km)
+        // before Singapore (13,000 km).
+        let seattle = Located::Country {
+            country: Country::parse("US").unwrap(),
+            point: Some(GeoPoint { lat: 47.6, lon: -122.3 }),
+        };
+        let p = plan(&t, seattle, &facts("/", &h)).unwrap();
+        assert_eq!(names(&t, &p)[..3], ["us-east", "us-west", "eu-west"]);
+    }
+
+    #[test]
+    fn selection_skips_unavailable_and_never_leaves_the_zone() {
+        let t = table("[fallback]\nendpoint = \"http://127.0.0.1:9\"");
+        let h = HeaderMap::new();
+        let region = |n: &str| t.config.region_index(n).unwrap();
+        let down = |list: &'static [&'static str]| {
+            let ids: Vec<RegionId> = list.iter().map(|n| region(n)).collect();
+            move |r: RegionId| if ids.contains(&r) { RegionState::Unavailable } else { RegionState::Available }
+        };
+        let uk = t.config.zones.iter().position(|z| z.name == "uk").unwrap();
+        let cases: [(&str, &'static [&'static str], Decision); 6] = [
+            ("US", &[], Decision::Region(region("us-east"))),
+            ("US", &["us-east"], Decision::Region(region("us-west"))),
+            ("GB", &[], Decision::Region(region("uk-south"))),
+            ("GB", &["uk-south"], Decision::Refuse(NoRegion::ResidencyUnavailable { zone: uk })),
+            ("DE", &["eu-central"], Decision::Region(region("eu-west"))),
+            ("US", &["us-east", "us-west", "uk-south", "eu-west", "eu-central", "ap-southeast"], Decision::Fallback),
+        ];
+        for (code, regions_down, want) in cases {
+            let p = plan(&t, country(code), &facts("/", &h)).unwrap();
+            assert_eq!(select(&p, down(regions_down), true, false), want, "{code} with {regions_down:?} down");
+        }
+        let p = plan(&t, country("US"), &facts("/", &h)).unwrap();
+        assert_eq!(select(&p, |_| RegionState::Unavailable, false, false), Decision::Refuse(NoRegion::NoRegionAvailable));
+    }
+
+    #[test]
+    fn saturated_and_panic_are_last_resorts() {
+        let t = table("");
+        let h = HeaderMap::new();
+        let p = plan(&t, country("GB"), &facts("/", &h)).unwrap();
+        let uk = t.config.region_index("uk-south").unwrap();
+        assert_eq!(select(&p, |_| RegionState::Saturated, false, false), Decision::Region(uk));
+        assert!(matches!(select(&p, |_| RegionState::Unhealthy, false, false), Decision::Refuse(_)));
+        assert_eq!(select(&p, |_| RegionState::Unhealthy, false, true), Decision::Region(uk));
+        assert!(matches!(select(&p, |_| RegionState::Unavailable, false, true), Decision::Refuse(_)));
+    }
+
+    #[test]
+    fn sharding_keeps_clients_home() {
+        let t = table("").config.as_ref().clone();
+        let mut c = t;
+        let eu = c.zones.iter().position(|z| z.name == "eu").unwrap();
+        c.zones[eu].failover = false;
+        let us = c.region_index("us-east").unwrap();
+        c.regions[us].failover = false;
+        let t = RouteTable::new(Arc::new(c));
+        let h = HeaderMap::new();
+        let cases: [(&str, &[&str], bool); 4] = [
+            ("DE", &["eu-central"], true),
+            ("FR", &["eu-west"], true),
+            ("US", &["us-east"], true),
+            ("IE", &["eu-west", "uk-south", "eu-central", "us-east", "us-west", "ap-southeast"], false),
+        ];
+        for (code, want, sharded) in cases {
+            let p = plan(&t, country(code), &facts("/", &h)).unwrap();
+            assert_eq!(names(&t, &p), want, "{code}");
+            assert_eq!(p.sharded, sharded, "{code}");
+        }
+    }
+
+    #[test]
+    fn standbys_come_after_every_primary() {
+        let t = table("").config.as_ref().clone();
+        let mut c = t;
+        let uk = c.region_index("uk-south").unwrap();
+        let use_ = c.region_index("us-east").unwrap();
+        c.regions[uk].priority = 1;
+        c.regions[use_].priority = 1;
+        let t = RouteTable::new(Arc::new(c));
+        let h = HeaderMap::new();
+        let p = plan(&t, country("IE"), &facts("/", &h)).unwrap();
+        assert_eq!(names(&t, &p), ["eu-west", "eu-central", "us-west", "ap-southeast", "uk-south", "us-east"]);
+        let p = plan(&t, country("US"), &facts("/", &h)).unwrap();
+        assert_eq!(names(&t, &p)[..1], ["us-west"]);
+        assert_eq!(names(&t, &p)[4..], ["us-east", "uk-south"]);
+    }
+
+    #[test]
+    fn route_rules_match_whole_segments_and_respect_residency() {
+        let t = table(
+            r#"
+            [[route]]
+            path_prefix = "/v1/fine_tuning"
+            regions = ["us-east"]
+            [[route]]
+            path_prefix = "/v1/models"
+            regions = ["us-east", "eu-west"]
+            [[route]]
+            path_prefix = "/v1/files"
+            regions = ["us-east"]
+            residency_exempt = true
+            "#,
+        );
+        let h = HeaderMap::new();
+        let eu = t.config.zones.iter().position(|z| z.name == "eu").unwrap();
+        let uk = t.config.zones.iter().position(|z| z.name == "uk").unwrap();
+        type Want = Result<&'static [&'static str], Refusal>;
+        let cases: [(&str, &str, Want); 9] = [
+            ("AU", "/v1/fine_tuning", Ok(&["us-east"])),
+            ("AU", "/v1/fine_tuning/jobs", Ok(&["us-east"])),
+            ("AU", "/v1/fine_tuning_x", Ok(&["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"])),
+            ("AU", "/v1/fine_tuningjobs", Ok(&["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"])),
+            ("DE", "/v1/fine_tuning", Err(Refusal::ResidencyForbidden { zone: eu, rule: 0 })),
+            ("DE", "/v1/models", Ok(&["eu-west"])),
+            ("GB", "/v1/models", Err(Refusal::ResidencyForbidden { zone: uk, rule: 1 })),
+            ("GB", "/v1/files/abc", Ok(&["us-east"])),
+            ("US", "/v1/models/x", Ok(&["us-east", "eu-west"])),
+        ];
+        for (code, path, want) in cases {
+            let got = plan(&t, country(code), &facts(path, &h));
+            match (got, want) {
+                (Ok(p), Ok(w)) => assert_eq!(names(&t, &p), w, "{code} {path}"),
+                (Err(e), Err(w)) => assert_eq!(e, w, "{code} {path}"),
+                (got, want) => panic!("{code} {path}: got {got:?}, want {want:?}"),
+            }
+        }
+        // A rule's regions, then 503: no fallback for a rule.
+        let p = plan(&t, country("AU"), &facts("/v1/fine_tuning", &h)).unwrap();
+        assert_eq!(select(&p, |_| RegionState::Unavailable, true, false), Decision::Refuse(NoRegion::NoRegionAvailable));
+    }
+
+    #[test]
+    fn fallback_eligibility_follows_zones() {
+        let t = table("[fallback]\nendpoint = \"https://127.0.0.1:9\"\nzone = \"eu\"");
+        let h = HeaderMap::new();
+        let cases = [("US", true), ("DE", true), ("GB", false), ("JP", true)];
+        for (code, fallback) in cases {
+            let p = plan(&t, country(code), &facts("/", &h)).unwrap();
+            assert_eq!(p.fallback, fallback, "{code}");
+        }
+    }
+
+    #[test]
+    fn whole_segment_prefixes() {
+        let cases = [
+            ("/v1/a", "/v1/a", true),
+            ("/v1/a", "/v1/a/", true),
+            ("/v1/a", "/v1/a/b", true),
+            ("/v1/a", "/v1/ab", false),
+            ("/v1/a", "/v1", false),
+            ("", "/anything", true),
+        ];
+        for (prefix, path, want) in cases {
+            assert_eq!(path_matches(prefix, path), want, "{prefix} vs {path}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The routing decision: which regions may serve a client, in which order.
+//!
+//! `table` compiles the config into per-country candidate orders once per config load;
+//! `decide` is the pure per-request decision over that table and a view of region state.
+
+mod decide;
+mod table;
+
+pub use decide::{Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, plan, select};
+pub use table::{Candidate, CountryPlan, RegionId, RouteTable, ZoneId, order_candidates};

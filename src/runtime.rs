@@ -1,0 +1,218 @@
+//! The live state a request reads: one immutable snapshot per config (swapped atomically on
+//! reload) over health objects that outlive reloads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+
+use crate::config::{Config, EndpointConfig, FallbackConfig, UpstreamProtocol};
+use crate::forward::client::{ClientSetupError, PoolSettings, Upstreams};
+use crate::geo::{GeoDb, GeoError};
+use crate::health::state::Policy;
+use crate::health::{EndpointHealth, RegionHealth};
+use crate::observe::metrics::{Metrics, RegionMetrics};
+use crate::route::{RegionState, RouteTable};
+
+/// One config's worth of compiled state.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub table: RouteTable,
+    pub geo: Arc<GeoDb>,
+    pub regions: Vec<RegionRuntime>,
+    pub policy: Policy,
+    pub upstreams: Upstreams,
+    pub fallback: Option<FallbackRuntime>,
+}
+
+pub struct RegionRuntime {
+    pub name: String,
+    /// `x-meridian-region` value, built once.
+    pub header: HeaderValue,
+    pub protocol: UpstreamProtocol,
+    pub health: Arc<RegionHealth>,
+    pub endpoints: Vec<EndpointRuntime>,
+    pub metrics: RegionMetrics,
+}
+
+pub struct EndpointRuntime {
+    pub config: EndpointConfig,
+    pub health: Arc<EndpointHealth>,
+}
+
+pub struct FallbackRuntime {
+    pub config: FallbackConfig,
+    pub upstreams: Upstreams,
+    pub header: HeaderValue,
+    pub metrics: RegionMetrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Geo(#[from] GeoError),
+    #[error("fallback: {0}")]
+    Client(#[from] ClientSetupError),
+}
+
+/// State shared by every connection, task and admin call for the life of the process.
+pub struct Shared {
+    runtime: ArcSwap<Runtime>,
+    pub metrics: Metrics,
+    registry: Registry,
+    /// Set once the first probe round is done.
+    pub ready: AtomicBool,
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Arc<Shared>, RuntimeError> {
+        let metrics = Metrics::new();
+        let registry = Registry::default();
+        let runtime = build(&metrics, &registry, config, None)?;
+        let shared = Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            registry,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        };
+        shared.publish_availability();
+        Ok(Arc::new(shared))
+    }
+
+    /// The snapshot in force; in-flight requests keep the one they loaded.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Builds a runtime for `config`, reusing health of endpoints and regions that stay.
+    pub fn build(&self, config: Config, previous: Option<&Runtime>) -> Result<Runtime, RuntimeError> {
+        build(&self.metrics, &self.registry, config, previous)
+    }
+    /// Puts a new runtime in force.
+    pub fn install(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+        self.publish_availability();
+    }
+
+    /// Region health by name, for admin.
+    pub fn region_health(&self, name: &str) -> Option<Arc<RegionHealth>> {
+        self.registry.regions.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// Refreshes the region and endpoint gauges from the health objects.
+    pub fn publish_availability(&self) {
+        let rt = self.runtime();
+        for (i, r) in rt.regions.iter().enumerate() {
+            let available = rt.region_state(i, |_| false) == RegionState::Available;
+            self.metrics.region_available.with_label_values(&[&r.name]).set(available as i64);
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+}
+
+impl Runtime {
+    /// How region `r` looks to selection; `tried(endpoint)` marks endpoints this request has
+    /// already used.
+    pub fn region_state(&self, r: usize, tried: impl Fn(usize) -> bool) -> RegionState {
+        let Some(region) = self.regions.get(r) else {
+            return RegionState::Unavailable;
+        };
+        if region.health.is_drained() {
+            return RegionState::Unavailable;
+        }
+        let mut untried = false;
+        for (i, e) in region.endpoints.iter().enumerate() {
+            if tried(i) {
+                continue;
+            }
+            if e.health.is_available() {
+                return RegionState::Available;
+            }
+            untried = true;
+        }
+        if untried { RegionState::Unhealthy } else { RegionState::Unavailable }
+    }
+}
+
+/// Health objects by identity, so they survive reloads.
+#[derive(Default)]
+struct Registry {
+    endpoints: Mutex<HashMap<(String, String), Arc<EndpointHealth>>>,
+    regions: Mutex<HashMap<String, Arc<RegionHealth>>>,
+}
+
+fn build(metrics: &Metrics, registry: &Registry, config: Config, previous: Option<&Runtime>) -> Result<Runtime, RuntimeError> {
+    let geo = match previous {
+            Some(p) if p.config.geoip.database == config.geoip.database => p.geo.clone(),
+            _ => Arc::new(GeoDb::load(config.geoip.database.as_deref())?),
+        };
+        let mut endpoints_registry = registry.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut region_registry = registry.regions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = HashMap::new();
+        let mut regions = Vec::with_capacity(config.regions.len());
+        for r in &config.regions {
+            let health = region_registry.entry(r.name.clone()).or_default().clone();
+            let endpoints = r
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let key = (r.name.clone(), e.url.clone());
+                    let health = endpoints_registry.entry(key.clone()).or_insert_with(|| Arc::new(EndpointHealth::new(&r.name, &e.url))).clone();
+                    kept.insert(key, health.clone());
+                    EndpointRuntime {
+                        config: e.clone(),
+                        health,
+                    }
+                })
+                .collect();
+            regions.push(RegionRuntime {
+                name: r.name.clone(),
+                header: HeaderValue::from_str(&r.name).unwrap_or(HeaderValue::from_static("unknown")),
+                protocol: r.protocol,
+                health,
+                endpoints,
+                metrics: RegionMetrics::new(metrics, &r.name),
+            });
+        }
+        // Endpoints that left the config are forgotten, so a later re-add starts fresh.
+        *endpoints_registry = kept;
+        region_registry.retain(|name, _| config.regions.iter().any(|r| &r.name == name));
+        drop(endpoints_registry);
+        drop(region_registry);
+        let settings = PoolSettings {
+            connect_timeout: config.server.connect_timeout,
+            idle_timeout: config.server.idle_timeout,
+        };
+        let upstreams = match previous {
+            Some(p) if p.config.server.connect_timeout == config.server.connect_timeout && p.config.server.idle_timeout == config.server.idle_timeout => {
+                p.upstreams.clone()
+            }
+            _ => Upstreams::new(&settings, None)?,
+        };
+        let fallback = match &config.fallback {
+            Some(f) => Some(FallbackRuntime {
+                upstreams: Upstreams::new(&settings, f.ca_file.as_deref())?,
+                config: f.clone(),
+                header: HeaderValue::from_static("fallback"),
+                metrics: RegionMetrics::new(metrics, "fallback"),
+            }),
+            None => None,
+        };
+        let config = Arc::new(config);
+        Ok(Runtime {
+            table: RouteTable::new(config.clone()),
+            policy: crate::health::policy(&config),
+            config,
+            geo,
+            regions,
+            upstreams,
+            fallback,
+        })
+}
