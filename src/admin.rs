@@ -49,7 +49,11 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["metrics"]) => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render()),
+        (&Method::GET, ["metrics"]) => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.render(),
+        ),
         (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, ["readyz"]) => {
             if shared.is_ready() {
@@ -61,11 +65,15 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
         (&Method::GET, ["status"]) => json_response(StatusCode::OK, &status(shared)),
         (&Method::POST, ["regions", name, action @ ("drain" | "undrain")]) => {
             if let Err(resp) = authorize(shared, &req) {
-                return resp;
+                return *resp;
             }
             let rt = shared.runtime();
             let Some(index) = rt.config.region_index(name) else {
-                return error(StatusCode::NOT_FOUND, "unknown_region", &format!("no region named {name:?}"));
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "unknown_region",
+                    &format!("no region named {name:?}"),
+                );
             };
             let drain = *action == "drain";
             let region = &rt.regions[index];
@@ -75,18 +83,24 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
             shared.publish_availability();
             json_response(StatusCode::OK, &region_status(&rt, index))
         }
-        (_, ["metrics" | "healthz" | "readyz" | "status"]) | (_, ["regions", _, "drain" | "undrain"]) => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed")
-        }
+        (_, ["metrics" | "healthz" | "readyz" | "status"]) | (_, ["regions", _, "drain" | "undrain"]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        ),
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
 }
 
 /// 403 when no token is configured (mutations are off), 401 without the right bearer token.
-fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), AdminResponse> {
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Box<AdminResponse>> {
     let rt = shared.runtime();
     let Some(token) = rt.config.admin.token.as_deref() else {
-        return Err(error(StatusCode::FORBIDDEN, "forbidden", "mutating admin calls are disabled: no admin token is configured"));
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "mutating admin calls are disabled: no admin token is configured",
+        )));
     };
     let presented = req
         .headers()
@@ -98,9 +112,14 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), AdminRespon
     if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) && !presented.is_empty() {
         Ok(())
     } else {
-        let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required");
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        Err(resp)
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        Err(Box::new(resp))
     }
 }
 
@@ -176,7 +195,8 @@ fn status(shared: &Shared) -> serde_json::Value {
 fn text(status: StatusCode, content_type: &'static str, body: String) -> AdminResponse {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     resp
 }
 

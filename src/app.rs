@@ -49,7 +49,9 @@ impl Running {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
 }
 
 /// Starts Meridian with a validated config: binds, spawns, returns once serving.
@@ -66,9 +68,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let running_admin = admin.local_addr().unwrap_or(admin_addr);
     let (tx, rx) = watch::channel(false);
     let proxy = Proxy::new(shared.clone());
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())));
-    tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone(), rx.clone())));
+    let tasks = vec![
+        tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())),
+        tokio::spawn(crate::admin::serve(admin, shared.clone(), rx.clone())),
+    ];
     shared.ready.store(true, Ordering::Release);
     tracing::info!(listen = %running_listen, admin = %running_admin, "meridian serving");
     Ok(Running {
@@ -111,5 +114,7 @@ async fn wait_for_signal() {
 }
 
 pub fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -27,7 +27,11 @@ impl EndpointLoad {
     /// model server counts like one more in flight, and a KV cache past 90 % doubles the cost
     /// as it fills, since the server then starts preempting.
     pub fn score(&self) -> f64 {
-        let latency = if self.latency > 0.0 { self.latency } else { DEFAULT_LATENCY };
+        let latency = if self.latency > 0.0 {
+            self.latency
+        } else {
+            DEFAULT_LATENCY
+        };
         let pressure = 1.0 + ((self.kv_cache - 0.9).max(0.0) * 10.0);
         latency * (self.in_flight as f64 + 1.0 + self.queue_depth) * pressure / self.weight.max(1e-3)
     }
@@ -37,7 +41,14 @@ impl EndpointLoad {
 /// `draw(n)` returns a uniform index below `n`; injected so tests are deterministic.
 pub fn pick(endpoints: &[EndpointLoad], mut draw: impl FnMut(usize) -> usize) -> Option<usize> {
     let eligible = endpoints.iter().filter(|e| e.eligible).count();
-    let nth = |n: usize| endpoints.iter().enumerate().filter(|(_, e)| e.eligible).nth(n).map(|(i, _)| i);
+    let nth = |n: usize| {
+        endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.eligible)
+            .nth(n)
+            .map(|(i, _)| i)
+    };
     match eligible {
         0 => None,
         1 => nth(0),
@@ -48,7 +59,11 @@ pub fn pick(endpoints: &[EndpointLoad], mut draw: impl FnMut(usize) -> usize) ->
                 b += 1;
             }
             let (a, b) = (nth(a)?, nth(b)?);
-            if endpoints[b].score() < endpoints[a].score() { Some(b) } else { Some(a) }
+            if endpoints[b].score() < endpoints[a].score() {
+                Some(b)
+            } else {
+                Some(a)
+            }
         }
     }
 }
@@ -70,7 +85,10 @@ mod tests {
 
     #[test]
     fn pick_table() {
-        let ineligible = EndpointLoad { eligible: false, ..ep(0.001, 0) };
+        let ineligible = EndpointLoad {
+            eligible: false,
+            ..ep(0.001, 0)
+        };
         let cases: [(&str, Vec<EndpointLoad>, Option<usize>); 6] = [
             ("none", vec![], None),
             ("all ineligible", vec![ineligible, ineligible], None),
@@ -88,7 +106,10 @@ mod tests {
     #[test]
     fn queue_kv_and_weight_shape_the_score() {
         let base = ep(0.1, 0);
-        let queued = EndpointLoad { queue_depth: 8.0, ..base };
+        let queued = EndpointLoad {
+            queue_depth: 8.0,
+            ..base
+        };
         let full = EndpointLoad { kv_cache: 0.99, ..base };
         let heavy = EndpointLoad { weight: 3.0, ..base };
         assert!(queued.score() > base.score() * 5.0);

@@ -23,7 +23,11 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    walk(peer, headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")), trusted)
+    walk(
+        peer,
+        headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")),
+        trusted,
+    )
 }
 
 fn walk(peer: IpAddr, values: GetAll<'_, HeaderValue>, trusted: &[IpNet]) -> IpAddr {

@@ -40,7 +40,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::LocationRefused | ProxyError::ResidencyForbidden { .. } => StatusCode::FORBIDDEN,
-            ProxyError::ResidencyUnavailable { .. } | ProxyError::NoRegionAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ResidencyUnavailable { .. } | ProxyError::NoRegionAvailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -91,7 +93,8 @@ impl ProxyError {
     pub fn response<B: From<Bytes>>(&self) -> Response<B> {
         let mut resp = Response::new(B::from(self.body()));
         *resp.status_mut() = self.status();
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp
     }
 }
@@ -104,18 +107,53 @@ mod tests {
     fn every_error_maps_to_status_code_and_json() {
         let cases = [
             (ProxyError::LocationRefused, 403, "location_refused", None, None),
-            (ProxyError::ResidencyForbidden { zone: "uk".into() }, 403, "residency_forbidden", Some("uk"), None),
-            (ProxyError::ResidencyUnavailable { zone: "uk".into() }, 503, "residency_unavailable", Some("uk"), None),
-            (ProxyError::NoRegionAvailable { region: None }, 503, "no_region_available", None, None),
             (
-                ProxyError::UpstreamUnreachable { region: "eu-west".into(), detail: "refused".into() },
+                ProxyError::ResidencyForbidden { zone: "uk".into() },
+                403,
+                "residency_forbidden",
+                Some("uk"),
+                None,
+            ),
+            (
+                ProxyError::ResidencyUnavailable { zone: "uk".into() },
+                503,
+                "residency_unavailable",
+                Some("uk"),
+                None,
+            ),
+            (
+                ProxyError::NoRegionAvailable { region: None },
+                503,
+                "no_region_available",
+                None,
+                None,
+            ),
+            (
+                ProxyError::UpstreamUnreachable {
+                    region: "eu-west".into(),
+                    detail: "refused".into(),
+                },
                 502,
                 "upstream_unreachable",
                 None,
                 Some("eu-west"),
             ),
-            (ProxyError::UpstreamTimeout { region: "us-east".into() }, 504, "upstream_timeout", None, Some("us-east")),
-            (ProxyError::BodyTooLarge { limit: 10 }, 413, "body_too_large", None, None),
+            (
+                ProxyError::UpstreamTimeout {
+                    region: "us-east".into(),
+                },
+                504,
+                "upstream_timeout",
+                None,
+                Some("us-east"),
+            ),
+            (
+                ProxyError::BodyTooLarge { limit: 10 },
+                413,
+                "body_too_large",
+                None,
+                None,
+            ),
             (ProxyError::BadRequest("x"), 400, "bad_request", None, None),
         ];
         for (err, status, code, zone, region) in cases {

@@ -38,7 +38,10 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
     let config = &table.config;
     let located = geo.locate(ip);
     let (country, location_source) = match located {
-        Located::Country { country, point: Some(_) } => (Some(country), "database"),
+        Located::Country {
+            country,
+            point: Some(_),
+        } => (Some(country), "database"),
         Located::Country { country, point: None } if country.info().is_some() => (Some(country), "country_table"),
         _ => (located.country(), "default_region"),
     };
@@ -62,7 +65,8 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
     let plan = match route::plan(table, located, &facts) {
         Ok(p) => p,
         Err(Refusal::LocationRefused) => {
-            out.refusal = Some("403 location_refused: the address cannot be located and geoip.unknown = \"refuse\"".into());
+            out.refusal =
+                Some("403 location_refused: the address cannot be located and geoip.unknown = \"refuse\"".into());
             return out;
         }
         Err(Refusal::ResidencyForbidden { zone, rule }) => {
@@ -88,7 +92,10 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
         })
         .collect();
     if let Some(rule) = plan.rule {
-        out.pattern.push(format!("route[{rule}] path_prefix {} (hub-and-spoke)", config.routes[rule].path_prefix));
+        out.pattern.push(format!(
+            "route[{rule}] path_prefix {} (hub-and-spoke)",
+            config.routes[rule].path_prefix
+        ));
     }
     if plan.sharded {
         out.pattern.push("sharded: failover = false, home region only".into());
@@ -114,7 +121,13 @@ pub fn render_route(e: &RouteExplanation) -> String {
     let _ = writeln!(s, "  country:    {}", e.country.as_deref().unwrap_or("unknown"));
     match e.location {
         Some(p) => {
-            let _ = writeln!(s, "  location:   {:.2}, {:.2} ({})", p.lat, p.lon, e.location_source.replace('_', " "));
+            let _ = writeln!(
+                s,
+                "  location:   {:.2}, {:.2} ({})",
+                p.lat,
+                p.lon,
+                e.location_source.replace('_', " ")
+            );
         }
         None => {
             let _ = writeln!(s, "  location:   none");
@@ -134,7 +147,11 @@ pub fn render_route(e: &RouteExplanation) -> String {
             if c.priority > 0 {
                 notes.push(format!("standby, priority {}", c.priority));
             }
-            let notes = if notes.is_empty() { String::new() } else { format!("  ({})", notes.join(", ")) };
+            let notes = if notes.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", notes.join(", "))
+            };
             let _ = writeln!(s, "    {}. {:<16} {:>8.0} km{}", i + 1, c.region, c.distance_km, notes);
         }
     }
@@ -158,10 +175,26 @@ pub fn render_table(table: &RouteTable) -> String {
         if !r.failover {
             flags.push("failover = false".into());
         }
-        let flags = if flags.is_empty() { String::new() } else { format!(" [{}]", flags.join(", ")) };
-        let _ = writeln!(s, "  {} at {:.2}, {:.2}{}", r.name, r.location.lat, r.location.lon, flags);
+        let flags = if flags.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", flags.join(", "))
+        };
+        let _ = writeln!(
+            s,
+            "  {} at {:.2}, {:.2}{}",
+            r.name, r.location.lat, r.location.lon, flags
+        );
         let countries: Vec<String> = r.countries.iter().map(|c| c.to_string()).collect();
-        let _ = writeln!(s, "    home countries: {}", if countries.is_empty() { "-".into() } else { countries.join(", ") });
+        let _ = writeln!(
+            s,
+            "    home countries: {}",
+            if countries.is_empty() {
+                "-".into()
+            } else {
+                countries.join(", ")
+            }
+        );
         for e in &r.endpoints {
             let _ = writeln!(s, "    endpoint {} (weight {})", e.url, e.weight);
         }
@@ -185,28 +218,56 @@ pub fn render_table(table: &RouteTable) -> String {
         let _ = writeln!(s, "route rules:");
         for (i, r) in config.routes.iter().enumerate() {
             let regions: Vec<&str> = r.regions.iter().map(|&x| table.region_name(x)).collect();
-            let prefix = if r.path_prefix.is_empty() { "/" } else { r.path_prefix.as_str() };
-            let _ = writeln!(s, "  route[{i}] {} -> {}{}", prefix, regions.join(", "), if r.residency_exempt { " (residency exempt)" } else { "" });
+            let prefix = if r.path_prefix.is_empty() {
+                "/"
+            } else {
+                r.path_prefix.as_str()
+            };
+            let _ = writeln!(
+                s,
+                "  route[{i}] {} -> {}{}",
+                prefix,
+                regions.join(", "),
+                if r.residency_exempt { " (residency exempt)" } else { "" }
+            );
         }
     }
     if let Some(f) = &config.fallback {
-        let zone = f.zone.map(|z| format!(", also serves zone {}", table.zone_name(z))).unwrap_or_default();
+        let zone = f
+            .zone
+            .map(|z| format!(", also serves zone {}", table.zone_name(z)))
+            .unwrap_or_default();
         let names: Vec<&str> = f.headers.iter().map(|(n, _)| n.as_str()).collect();
-        let _ = writeln!(s, "fallback: {} (injects {}){}", f.endpoint.url, if names.is_empty() { "nothing".into() } else { names.join(", ") }, zone);
+        let _ = writeln!(
+            s,
+            "fallback: {} (injects {}){}",
+            f.endpoint.url,
+            if names.is_empty() {
+                "nothing".into()
+            } else {
+                names.join(", ")
+            },
+            zone
+        );
     }
     let _ = writeln!(s, "failover order (home clients of each region, then by zone):");
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in &config.regions {
         for c in &r.countries {
             if let Some(plan) = table.country_plan(*c) {
-                groups.entry(order_text(table, &plan.candidates, plan.fallback)).or_default().push(c.to_string());
+                groups
+                    .entry(order_text(table, &plan.candidates, plan.fallback))
+                    .or_default()
+                    .push(c.to_string());
             }
         }
     }
     for z in &config.zones {
         for c in &z.countries {
             if let Some(plan) = table.country_plan(*c) {
-                let entry = groups.entry(order_text(table, &plan.candidates, plan.fallback)).or_default();
+                let entry = groups
+                    .entry(order_text(table, &plan.candidates, plan.fallback))
+                    .or_default();
                 if !entry.contains(&c.to_string()) {
                     entry.push(c.to_string());
                 }
@@ -217,7 +278,12 @@ pub fn render_table(table: &RouteTable) -> String {
         let _ = writeln!(s, "  {:<12} {}", countries.join(","), order);
     }
     let unlocated = table.unlocated_plan();
-    let _ = writeln!(s, "  {:<12} {}", "unlocated", order_text(table, &unlocated.candidates, unlocated.fallback));
+    let _ = writeln!(
+        s,
+        "  {:<12} {}",
+        "unlocated",
+        order_text(table, &unlocated.candidates, unlocated.fallback)
+    );
     s
 }
 

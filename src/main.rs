@@ -11,7 +11,11 @@ use meridian::geo::GeoDb;
 use meridian::route::RouteTable;
 
 #[derive(Parser)]
-#[command(name = "meridian", version, about = "Geo-routing edge proxy for AI inference served from several regions")]
+#[command(
+    name = "meridian",
+    version,
+    about = "Geo-routing edge proxy for AI inference served from several regions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,7 +59,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Route { config, json, path, ips } => route(&config, json, &path, &ips),
+        Command::Route {
+            config,
+            json,
+            path,
+            ips,
+        } => route(&config, json, &path, &ips),
         Command::Run { config } => {
             let loaded = match Config::load(&config) {
                 Ok(c) => c,
@@ -65,11 +74,15 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(loaded.log.format);
-            serve(loaded.server.worker_threads, async move { meridian::app::run(&config).await.map_err(|e| e.to_string()) })
+            serve(loaded.server.worker_threads, async move {
+                meridian::app::run(&config).await.map_err(|e| e.to_string())
+            })
         }
         Command::Demo { listen, admin } => {
             init_logging(LogFormat::Text);
-            serve(None, async move { meridian::demo::run(listen, admin).await.map_err(|e| e.to_string()) })
+            serve(None, async move {
+                meridian::demo::run(listen, admin).await.map_err(|e| e.to_string())
+            })
         }
     }
 }
@@ -98,13 +111,16 @@ fn serve(workers: Option<usize>, fut: impl std::future::Future<Output = Result<(
 
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {

@@ -102,7 +102,11 @@ impl Proxy {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
                     Refusal::ResidencyForbidden { zone, .. } => {
                         let zone = rt.table.zone_name(zone).to_string();
-                        self.shared.metrics.residency_rejections.with_label_values(&[&zone]).inc();
+                        self.shared
+                            .metrics
+                            .residency_rejections
+                            .with_label_values(&[&zone])
+                            .inc();
                         ProxyError::ResidencyForbidden { zone }
                     }
                 };
@@ -121,18 +125,32 @@ impl Proxy {
         };
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/2 carries the host in :authority; HTTP/1.1 endpoints need a Host header.
-            if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            if let Some(host) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
                 parts.headers.insert(header::HOST, host);
             }
         }
         record.request_id = rewrite::request_headers(&mut parts.headers, &fwd, false);
-        let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         let overflow = Arc::new(AtomicBool::new(false));
         let limit = config.server.max_request_body;
         let body = match body::prepare(incoming, declared, limit, overflow.clone()).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => return Ok(self.refuse(ProxyError::BodyTooLarge { limit }, record, started)),
-            Err(_) => return Ok(self.refuse(ProxyError::BadRequest("the request body could not be read"), record, started)),
+            Err(_) => {
+                return Ok(self.refuse(
+                    ProxyError::BadRequest("the request body could not be read"),
+                    record,
+                    started,
+                ));
+            }
         };
         record.bytes_in = body.len_hint();
         self.budget.record_request();
@@ -171,24 +189,34 @@ impl Proxy {
                     None => break,
                 },
                 Decision::Fallback => Target::Fallback,
+                // SPEC step 6: once no candidate is left (none was available, or every one
+                // failed), the answer is 503, whatever the last attempt's error was.
                 Decision::Refuse(no) => {
-                    if last_error.is_none() {
-                        last_error = Some(match no {
-                            NoRegion::ResidencyUnavailable { zone } => {
-                                let zone = rt.table.zone_name(zone).to_string();
-                                self.shared.metrics.residency_rejections.with_label_values(&[&zone]).inc();
-                                ProxyError::ResidencyUnavailable { zone }
-                            }
-                            NoRegion::NoRegionAvailable => ProxyError::NoRegionAvailable {
-                                region: first_choice.map(|r| rt.regions[r].name.clone()),
-                            },
-                        });
-                    }
+                    last_error = Some(match no {
+                        NoRegion::ResidencyUnavailable { zone } => {
+                            let zone = rt.table.zone_name(zone).to_string();
+                            self.shared
+                                .metrics
+                                .residency_rejections
+                                .with_label_values(&[&zone])
+                                .inc();
+                            ProxyError::ResidencyUnavailable { zone }
+                        }
+                        NoRegion::NoRegionAvailable => ProxyError::NoRegionAvailable {
+                            region: record
+                                .region
+                                .clone()
+                                .or_else(|| first_choice.map(|r| rt.regions[r].name.clone())),
+                        },
+                    });
                     break;
                 }
             };
             if !tried.is_empty() {
-                if !self.budget.try_retry(config.retry.budget_ratio, config.retry.budget_min_per_second) {
+                if !self
+                    .budget
+                    .try_retry(config.retry.budget_ratio, config.retry.budget_min_per_second)
+                {
                     break;
                 }
                 self.shared.metrics.retries.inc();
@@ -207,7 +235,10 @@ impl Proxy {
             let outcome = self.forward(rt, target, &parts, attempt_body).await;
             let (region_name, health) = self.target_names(rt, target);
             record.region = Some(region_name.clone());
-            record.endpoint = health.as_ref().map(|h| h.url.clone()).or_else(|| rt.fallback.as_ref().map(|f| f.config.endpoint.url.clone()));
+            record.endpoint = health
+                .as_ref()
+                .map(|h| h.url.clone())
+                .or_else(|| rt.fallback.as_ref().map(|f| f.config.endpoint.url.clone()));
             record.attempts = tried.len() as u32;
             match outcome {
                 Ok((resp, ttfb, inflight)) => {
@@ -301,24 +332,53 @@ impl Proxy {
 
     /// Sends one attempt; returns the response head, its time to first byte and the
     /// in-flight guard that lives as long as the response body.
-    async fn forward(&self, rt: &Runtime, target: Target, parts: &http::request::Parts, body: RequestBody) -> Result<(Response<Incoming>, Duration, Option<InFlight>), UpstreamError> {
+    async fn forward(
+        &self,
+        rt: &Runtime,
+        target: Target,
+        parts: &http::request::Parts,
+        body: RequestBody,
+    ) -> Result<(Response<Incoming>, Duration, Option<InFlight>), UpstreamError> {
         let config = &rt.config;
         let (scheme, authority, base, protocol, inflight, upstreams) = match target {
             Target::Endpoint { region, endpoint } => {
                 let r = &rt.regions[region];
                 let e = &r.endpoints[endpoint];
-                (&e.config.scheme, &e.config.authority, e.config.base_path.as_str(), r.protocol, Some(e.health.start()), &rt.upstreams)
+                (
+                    &e.config.scheme,
+                    &e.config.authority,
+                    e.config.base_path.as_str(),
+                    r.protocol,
+                    Some(e.health.start()),
+                    &rt.upstreams,
+                )
             }
             Target::Fallback => {
-                let f = rt.fallback.as_ref().ok_or_else(|| UpstreamError::Connect("no fallback".into()))?;
-                (&f.config.endpoint.scheme, &f.config.endpoint.authority, f.config.endpoint.base_path.as_str(), crate::config::UpstreamProtocol::Http1, None, &f.upstreams)
+                let f = rt
+                    .fallback
+                    .as_ref()
+                    .ok_or_else(|| UpstreamError::Connect("no fallback".into()))?;
+                (
+                    &f.config.endpoint.scheme,
+                    &f.config.endpoint.authority,
+                    f.config.endpoint.base_path.as_str(),
+                    crate::config::UpstreamProtocol::Http1,
+                    None,
+                    &f.upstreams,
+                )
             }
         };
         let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let path_and_query = match target {
             Target::Fallback => rewrite_fallback_path(rt, base, path),
-            Target::Endpoint { .. } if base.is_empty() => parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
-            Target::Endpoint { .. } => PathAndQuery::try_from(format!("{base}{path}")).map_err(|e| UpstreamError::Protocol(e.to_string()))?,
+            Target::Endpoint { .. } if base.is_empty() => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            Target::Endpoint { .. } => {
+                PathAndQuery::try_from(format!("{base}{path}")).map_err(|e| UpstreamError::Protocol(e.to_string()))?
+            }
         };
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(scheme.clone());
@@ -345,7 +405,11 @@ impl Proxy {
         let sent = Instant::now();
         let resp = upstreams.send(req, protocol, config.server.request_timeout).await;
         if let Target::Fallback = target {
-            let result = if resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500) { "ok" } else { "error" };
+            let result = if resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500) {
+                "ok"
+            } else {
+                "error"
+            };
             self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
         }
         let resp = resp?;
@@ -355,7 +419,11 @@ impl Proxy {
     fn observe(&self, rt: &Runtime, health: &EndpointHealth, event: Event) {
         if let Some(t) = health.observe(event, &rt.policy) {
             tracing::warn!(region = %health.region, endpoint = %health.url, from = ?t.from, to = ?t.to, reason = ?t.reason, "endpoint state changed");
-            self.shared.metrics.ejections.with_label_values(&[&health.region, &format!("{:?}", t.reason)]).inc();
+            self.shared
+                .metrics
+                .ejections
+                .with_label_values(&[&health.region, &format!("{:?}", t.reason)])
+                .inc();
             self.shared.publish_availability();
         }
     }
@@ -371,7 +439,17 @@ impl Proxy {
         self.observe(rt, health, Event::Response { status, ttfb });
     }
 
-    fn relay(&self, rt: &Arc<Runtime>, target: Target, resp: Response<Incoming>, mut record: AccessRecord, started: Instant, inflight: Option<InFlight>, health: Option<Arc<EndpointHealth>>) -> Response<ResponseBody> {
+    #[allow(clippy::too_many_arguments)]
+    fn relay(
+        &self,
+        rt: &Arc<Runtime>,
+        target: Target,
+        resp: Response<Incoming>,
+        mut record: AccessRecord,
+        started: Instant,
+        inflight: Option<InFlight>,
+        health: Option<Arc<EndpointHealth>>,
+    ) -> Response<ResponseBody> {
         let (region_header, metrics) = match target {
             Target::Endpoint { region, .. } => (&rt.regions[region].header, rt.regions[region].metrics.clone()),
             Target::Fallback => match rt.fallback.as_ref() {
@@ -415,8 +493,16 @@ impl Proxy {
         record.status = err.status().as_u16();
         record.error = Some(err.code());
         let region = record.region.as_deref().unwrap_or("none");
-        self.shared.metrics.requests.with_label_values(&[region, status_class(err.status())]).inc();
-        self.shared.metrics.request_duration.with_label_values(&[region]).observe(started.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .requests
+            .with_label_values(&[region, status_class(err.status())])
+            .inc();
+        self.shared
+            .metrics
+            .request_duration
+            .with_label_values(&[region])
+            .observe(started.elapsed().as_secs_f64());
         if self.shared.runtime().config.log.access_log {
             record.emit(started.elapsed(), 0, "local");
         }
@@ -469,7 +555,13 @@ impl Completion for Done {
     }
 }
 
-fn failover_reason(plan: &RoutePlan<'_>, first: Option<usize>, first_state: Option<RegionState>, target: Target, attempts: usize) -> Option<&'static str> {
+fn failover_reason(
+    plan: &RoutePlan<'_>,
+    first: Option<usize>,
+    first_state: Option<RegionState>,
+    target: Target,
+    attempts: usize,
+) -> Option<&'static str> {
     let served = match target {
         Target::Endpoint { region, .. } => Some(region),
         Target::Fallback => None,
@@ -507,7 +599,10 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 fn status_class(s: StatusCode) -> &'static str {

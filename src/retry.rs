@@ -35,9 +35,15 @@ impl RetryBudget {
     fn roll(&self, now: Instant) {
         let w = now.duration_since(self.epoch).as_secs() / WINDOW_SECS;
         let current = self.window.load(Ordering::Relaxed);
-        if w != current && self.window.compare_exchange(current, w, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if w != current
+            && self
+                .window
+                .compare_exchange(current, w, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
             let last = self.requests.swap(0, Ordering::AcqRel);
-            self.previous_requests.store(if w == current + 1 { last } else { 0 }, Ordering::Relaxed);
+            self.previous_requests
+                .store(if w == current + 1 { last } else { 0 }, Ordering::Relaxed);
             self.retries.store(0, Ordering::Relaxed);
         }
     }
@@ -50,7 +56,10 @@ impl RetryBudget {
     /// Takes one retry from the budget if there is one left.
     pub fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
         self.roll(Instant::now());
-        let base = self.requests.load(Ordering::Relaxed).max(self.previous_requests.load(Ordering::Relaxed));
+        let base = self
+            .requests
+            .load(Ordering::Relaxed)
+            .max(self.previous_requests.load(Ordering::Relaxed));
         let allowed = (base as f64 * ratio) as u64 + u64::from(min_per_second) * WINDOW_SECS;
         self.retries.fetch_add(1, Ordering::AcqRel) < allowed
     }

@@ -100,7 +100,12 @@ impl Shared {
 
     /// Region health by name, for admin.
     pub fn region_health(&self, name: &str) -> Option<Arc<RegionHealth>> {
-        self.registry.regions.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.registry
+            .regions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Refreshes the region and endpoint gauges from the health objects.
@@ -108,7 +113,10 @@ impl Shared {
         let rt = self.runtime();
         for (i, r) in rt.regions.iter().enumerate() {
             let available = rt.region_state(i, |_| false) == RegionState::Available;
-            self.metrics.region_available.with_label_values(&[&r.name]).set(available as i64);
+            self.metrics
+                .region_available
+                .with_label_values(&[&r.name])
+                .set(available as i64);
         }
     }
 
@@ -137,7 +145,11 @@ impl Runtime {
             }
             untried = true;
         }
-        if untried { RegionState::Unhealthy } else { RegionState::Unavailable }
+        if untried {
+            RegionState::Unhealthy
+        } else {
+            RegionState::Unavailable
+        }
     }
 }
 
@@ -148,71 +160,82 @@ struct Registry {
     regions: Mutex<HashMap<String, Arc<RegionHealth>>>,
 }
 
-fn build(metrics: &Metrics, registry: &Registry, config: Config, previous: Option<&Runtime>) -> Result<Runtime, RuntimeError> {
+fn build(
+    metrics: &Metrics,
+    registry: &Registry,
+    config: Config,
+    previous: Option<&Runtime>,
+) -> Result<Runtime, RuntimeError> {
     let geo = match previous {
-            Some(p) if p.config.geoip.database == config.geoip.database => p.geo.clone(),
-            _ => Arc::new(GeoDb::load(config.geoip.database.as_deref())?),
-        };
-        let mut endpoints_registry = registry.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        let mut region_registry = registry.regions.lock().unwrap_or_else(|p| p.into_inner());
-        let mut kept = HashMap::new();
-        let mut regions = Vec::with_capacity(config.regions.len());
-        for r in &config.regions {
-            let health = region_registry.entry(r.name.clone()).or_default().clone();
-            let endpoints = r
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let key = (r.name.clone(), e.url.clone());
-                    let health = endpoints_registry.entry(key.clone()).or_insert_with(|| Arc::new(EndpointHealth::new(&r.name, &e.url))).clone();
-                    kept.insert(key, health.clone());
-                    EndpointRuntime {
-                        config: e.clone(),
-                        health,
-                    }
-                })
-                .collect();
-            regions.push(RegionRuntime {
-                name: r.name.clone(),
-                header: HeaderValue::from_str(&r.name).unwrap_or(HeaderValue::from_static("unknown")),
-                protocol: r.protocol,
-                health,
-                endpoints,
-                metrics: RegionMetrics::new(metrics, &r.name),
-            });
+        Some(p) if p.config.geoip.database == config.geoip.database => p.geo.clone(),
+        _ => Arc::new(GeoDb::load(config.geoip.database.as_deref())?),
+    };
+    let mut endpoints_registry = registry.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+    let mut region_registry = registry.regions.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kept = HashMap::new();
+    let mut regions = Vec::with_capacity(config.regions.len());
+    for r in &config.regions {
+        let health = region_registry.entry(r.name.clone()).or_default().clone();
+        let endpoints = r
+            .endpoints
+            .iter()
+            .map(|e| {
+                let key = (r.name.clone(), e.url.clone());
+                let health = endpoints_registry
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(EndpointHealth::new(&r.name, &e.url)))
+                    .clone();
+                kept.insert(key, health.clone());
+                EndpointRuntime {
+                    config: e.clone(),
+                    health,
+                }
+            })
+            .collect();
+        regions.push(RegionRuntime {
+            name: r.name.clone(),
+            header: HeaderValue::from_str(&r.name).unwrap_or(HeaderValue::from_static("unknown")),
+            protocol: r.protocol,
+            health,
+            endpoints,
+            metrics: RegionMetrics::new(metrics, &r.name),
+        });
+    }
+    // Endpoints that left the config are forgotten, so a later re-add starts fresh.
+    *endpoints_registry = kept;
+    region_registry.retain(|name, _| config.regions.iter().any(|r| &r.name == name));
+    drop(endpoints_registry);
+    drop(region_registry);
+    let settings = PoolSettings {
+        connect_timeout: config.server.connect_timeout,
+        idle_timeout: config.server.idle_timeout,
+    };
+    let upstreams = match previous {
+        Some(p)
+            if p.config.server.connect_timeout == config.server.connect_timeout
+                && p.config.server.idle_timeout == config.server.idle_timeout =>
+        {
+            p.upstreams.clone()
         }
-        // Endpoints that left the config are forgotten, so a later re-add starts fresh.
-        *endpoints_registry = kept;
-        region_registry.retain(|name, _| config.regions.iter().any(|r| &r.name == name));
-        drop(endpoints_registry);
-        drop(region_registry);
-        let settings = PoolSettings {
-            connect_timeout: config.server.connect_timeout,
-            idle_timeout: config.server.idle_timeout,
-        };
-        let upstreams = match previous {
-            Some(p) if p.config.server.connect_timeout == config.server.connect_timeout && p.config.server.idle_timeout == config.server.idle_timeout => {
-                p.upstreams.clone()
-            }
-            _ => Upstreams::new(&settings, None)?,
-        };
-        let fallback = match &config.fallback {
-            Some(f) => Some(FallbackRuntime {
-                upstreams: Upstreams::new(&settings, f.ca_file.as_deref())?,
-                config: f.clone(),
-                header: HeaderValue::from_static("fallback"),
-                metrics: RegionMetrics::new(metrics, "fallback"),
-            }),
-            None => None,
-        };
-        let config = Arc::new(config);
-        Ok(Runtime {
-            table: RouteTable::new(config.clone()),
-            policy: crate::health::policy(&config),
-            config,
-            geo,
-            regions,
-            upstreams,
-            fallback,
-        })
+        _ => Upstreams::new(&settings, None)?,
+    };
+    let fallback = match &config.fallback {
+        Some(f) => Some(FallbackRuntime {
+            upstreams: Upstreams::new(&settings, f.ca_file.as_deref())?,
+            config: f.clone(),
+            header: HeaderValue::from_static("fallback"),
+            metrics: RegionMetrics::new(metrics, "fallback"),
+        }),
+        None => None,
+    };
+    let config = Arc::new(config);
+    Ok(Runtime {
+        table: RouteTable::new(config.clone()),
+        policy: crate::health::policy(&config),
+        config,
+        geo,
+        regions,
+        upstreams,
+        fallback,
+    })
 }

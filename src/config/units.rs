@@ -79,7 +79,12 @@ mod tests {
         }
         assert!("2 parsecs".parse::<Duration>().is_err());
         assert!("".parse::<Duration>().is_err());
-        let sizes = [("10MiB", 10 << 20), ("64KiB", 64 << 10), ("1024", 1024), ("1 KiB", 1024)];
+        let sizes = [
+            ("10MiB", 10 << 20),
+            ("64KiB", 64 << 10),
+            ("1024", 1024),
+            ("1 KiB", 1024),
+        ];
         for (text, n) in sizes {
             let s: Size = text.parse().unwrap();
             assert_eq!(s.0, n, "{text}");

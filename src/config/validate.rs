@@ -302,7 +302,11 @@ impl Validator<'_> {
         match value.get_ref().parse() {
             Ok(a) => a,
             Err(_) => {
-                self.problem(key, Some(value.span()), format!("{:?} is not an address like \"0.0.0.0:8080\"", value.get_ref()));
+                self.problem(
+                    key,
+                    Some(value.span()),
+                    format!("{:?} is not an address like \"0.0.0.0:8080\"", value.get_ref()),
+                );
                 fallback
             }
         }
@@ -311,7 +315,11 @@ impl Validator<'_> {
     fn country(&mut self, key: String, code: &Spanned<String>) -> Option<Country> {
         let c = Country::known(code.get_ref());
         if c.is_none() {
-            self.problem(key, Some(code.span()), format!("{:?} is not an ISO 3166-1 alpha-2 country code", code.get_ref()));
+            self.problem(
+                key,
+                Some(code.span()),
+                format!("{:?} is not an ISO 3166-1 alpha-2 country code", code.get_ref()),
+            );
         }
         c
     }
@@ -372,7 +380,11 @@ impl Validator<'_> {
                     .enumerate()
                     .map(|(i, c)| {
                         if c.names.is_empty() {
-                            self.problem(format!("server.certificate[{i}].names"), None, "must name at least one host");
+                            self.problem(
+                                format!("server.certificate[{i}].names"),
+                                None,
+                                "must name at least one host",
+                            );
                         }
                         SniCertificate {
                             names: c.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
@@ -389,7 +401,11 @@ impl Validator<'_> {
                 })
             }
             _ => {
-                self.problem("server.tls_listen", None, "tls_listen, tls_cert and tls_key go together");
+                self.problem(
+                    "server.tls_listen",
+                    None,
+                    "tls_listen, tls_cert and tls_key go together",
+                );
                 None
             }
         };
@@ -405,15 +421,30 @@ impl Validator<'_> {
             listen,
             tls,
             proxy_protocol: s.proxy_protocol.unwrap_or(false),
-            request_timeout: self.positive("server.request_timeout", s.request_timeout.map_or(Duration::from_secs(60), |d| d.0)),
-            stall_timeout: self.positive("server.stall_timeout", s.stall_timeout.map_or(Duration::from_secs(30), |d| d.0)),
-            connect_timeout: self.positive("server.connect_timeout", s.connect_timeout.map_or(Duration::from_secs(2), |d| d.0)),
+            request_timeout: self.positive(
+                "server.request_timeout",
+                s.request_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            ),
+            stall_timeout: self.positive(
+                "server.stall_timeout",
+                s.stall_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            ),
+            connect_timeout: self.positive(
+                "server.connect_timeout",
+                s.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+            ),
             max_request_body: s.max_request_body.map_or(10 << 20, |b| b.0),
             max_header_bytes,
             max_headers: s.max_headers.unwrap_or(100),
             max_uri_bytes: s.max_uri_bytes.map_or(8 << 10, |b| b.0) as usize,
-            header_read_timeout: self.positive("server.header_read_timeout", s.header_read_timeout.map_or(Duration::from_secs(10), |d| d.0)),
-            idle_timeout: self.positive("server.idle_timeout", s.idle_timeout.map_or(Duration::from_secs(60), |d| d.0)),
+            header_read_timeout: self.positive(
+                "server.header_read_timeout",
+                s.header_read_timeout.map_or(Duration::from_secs(10), |d| d.0),
+            ),
+            idle_timeout: self.positive(
+                "server.idle_timeout",
+                s.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            ),
             max_connections,
             http2_max_concurrent_streams: s.http2_max_concurrent_streams.unwrap_or(256),
             shutdown_timeout: s.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
@@ -423,7 +454,11 @@ impl Validator<'_> {
 
     fn admin(&mut self, a: file::AdminFile) -> AdminConfig {
         let listen = self.addr("admin.listen", a.listen, "127.0.0.1:9901");
-        let token = a.token_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|t| !t.is_empty());
+        let token = a
+            .token_env
+            .as_ref()
+            .and_then(|var| std::env::var(var).ok())
+            .filter(|t| !t.is_empty());
         AdminConfig {
             listen,
             token,
@@ -432,20 +467,36 @@ impl Validator<'_> {
     }
 
     fn geoip(&mut self, g: file::GeoipFile, names: &HashMap<String, usize>) -> Option<GeoipConfig> {
-        let trusted_raw = g.trusted_proxies.unwrap_or_else(|| vec![Spanned::new(0..0, "127.0.0.1/32".into()), Spanned::new(0..0, "::1/128".into())]);
+        let trusted_raw = g.trusted_proxies.unwrap_or_else(|| {
+            vec![
+                Spanned::new(0..0, "127.0.0.1/32".into()),
+                Spanned::new(0..0, "::1/128".into()),
+            ]
+        });
         let mut trusted_proxies = Vec::new();
         for (i, t) in trusted_raw.iter().enumerate() {
             let text = t.get_ref().trim();
-            match text.parse::<IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from)) {
+            match text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+            {
                 Ok(net) => trusted_proxies.push(net.trunc()),
-                Err(_) => self.problem(format!("geoip.trusted_proxies[{i}]"), Some(t.span()), format!("{text:?} is not an IP address or CIDR")),
+                Err(_) => self.problem(
+                    format!("geoip.trusted_proxies[{i}]"),
+                    Some(t.span()),
+                    format!("{text:?} is not an IP address or CIDR"),
+                ),
             }
         }
         let default_region = match &g.default_region {
             Some(name) => match names.get(name.get_ref()) {
                 Some(&i) => Some(i),
                 None => {
-                    self.problem("geoip.default_region", Some(name.span()), format!("names unknown region {:?}", name.get_ref()));
+                    self.problem(
+                        "geoip.default_region",
+                        Some(name.span()),
+                        format!("names unknown region {:?}", name.get_ref()),
+                    );
                     None
                 }
             },
@@ -497,14 +548,26 @@ impl Validator<'_> {
     }
 
     fn outlier(&mut self, o: file::OutlierFile) -> OutlierConfig {
-        let ejection_time = self.positive("outlier.ejection_time", o.ejection_time.map_or(Duration::from_secs(30), |d| d.0));
-        let max_ejection_time = o.max_ejection_time.map_or(ejection_time.max(Duration::from_secs(300)), |d| d.0);
+        let ejection_time = self.positive(
+            "outlier.ejection_time",
+            o.ejection_time.map_or(Duration::from_secs(30), |d| d.0),
+        );
+        let max_ejection_time = o
+            .max_ejection_time
+            .map_or(ejection_time.max(Duration::from_secs(300)), |d| d.0);
         if max_ejection_time < ejection_time {
-            self.problem("outlier.max_ejection_time", None, "must not be shorter than ejection_time");
+            self.problem(
+                "outlier.max_ejection_time",
+                None,
+                "must not be shorter than ejection_time",
+            );
         }
         OutlierConfig {
             consecutive_errors: o.consecutive_errors.unwrap_or(5).max(1),
-            ttfb_threshold: self.positive("outlier.ttfb_threshold", o.ttfb_threshold.map_or(Duration::from_secs(2), |d| d.0)),
+            ttfb_threshold: self.positive(
+                "outlier.ttfb_threshold",
+                o.ttfb_threshold.map_or(Duration::from_secs(2), |d| d.0),
+            ),
             ejection_time,
             max_ejection_time,
             max_retry_after: o.max_retry_after.map_or(Duration::from_secs(60), |d| d.0),
@@ -527,7 +590,13 @@ impl Validator<'_> {
         }
     }
 
-    fn endpoint(&mut self, key: &str, span: Option<Range<usize>>, text: &str, weight: Option<u32>) -> Option<EndpointConfig> {
+    fn endpoint(
+        &mut self,
+        key: &str,
+        span: Option<Range<usize>>,
+        text: &str,
+        weight: Option<u32>,
+    ) -> Option<EndpointConfig> {
         let uri: Uri = match text.parse() {
             Ok(u) => u,
             Err(e) => {
@@ -538,7 +607,11 @@ impl Validator<'_> {
         let scheme = match uri.scheme() {
             Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
             _ => {
-                self.problem(key, span.clone(), format!("{text:?} must start with http:// or https://"));
+                self.problem(
+                    key,
+                    span.clone(),
+                    format!("{text:?} must start with http:// or https://"),
+                );
                 return None;
             }
         };
@@ -570,23 +643,49 @@ impl Validator<'_> {
         for (i, r) in raw.into_iter().enumerate() {
             let key = format!("region[{i}]");
             let name = r.name.get_ref().trim().to_string();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-                self.problem(format!("{key}.name"), Some(r.name.span()), format!("{name:?} must be non-empty letters, digits, '-', '_' or '.'"));
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                self.problem(
+                    format!("{key}.name"),
+                    Some(r.name.span()),
+                    format!("{name:?} must be non-empty letters, digits, '-', '_' or '.'"),
+                );
             }
             if name == "fallback" {
-                self.problem(format!("{key}.name"), Some(r.name.span()), "\"fallback\" is reserved for the [fallback] endpoint");
+                self.problem(
+                    format!("{key}.name"),
+                    Some(r.name.span()),
+                    "\"fallback\" is reserved for the [fallback] endpoint",
+                );
             }
             if let Some(first) = seen.insert(name.clone(), i) {
-                self.problem(format!("{key}.name"), Some(r.name.span()), format!("duplicate region name {name:?} (also region[{first}])"));
+                self.problem(
+                    format!("{key}.name"),
+                    Some(r.name.span()),
+                    format!("duplicate region name {name:?} (also region[{first}])"),
+                );
             }
             let location = match r.location.get_ref().as_slice() {
-                [lat, lon] if (-90.0..=90.0).contains(lat) && (-180.0..=180.0).contains(lon) => GeoPoint { lat: *lat, lon: *lon },
+                [lat, lon] if (-90.0..=90.0).contains(lat) && (-180.0..=180.0).contains(lon) => {
+                    GeoPoint { lat: *lat, lon: *lon }
+                }
                 [lat, lon] => {
-                    self.problem(format!("{key}.location"), Some(r.location.span()), format!("[{lat}, {lon}] is out of range: latitude -90..90, longitude -180..180"));
+                    self.problem(
+                        format!("{key}.location"),
+                        Some(r.location.span()),
+                        format!("[{lat}, {lon}] is out of range: latitude -90..90, longitude -180..180"),
+                    );
                     GeoPoint { lat: 0.0, lon: 0.0 }
                 }
                 _ => {
-                    self.problem(format!("{key}.location"), Some(r.location.span()), "must be [latitude, longitude]");
+                    self.problem(
+                        format!("{key}.location"),
+                        Some(r.location.span()),
+                        "must be [latitude, longitude]",
+                    );
                     GeoPoint { lat: 0.0, lon: 0.0 }
                 }
             };
@@ -596,7 +695,13 @@ impl Validator<'_> {
                 if let Some(country) = self.country(ckey.clone(), c) {
                     if let Some(other) = home.insert(country, name.clone()) {
                         if other != name {
-                            self.problem(ckey, Some(c.span()), format!("{country} is already the home of region {other:?}; a country has one home region"));
+                            self.problem(
+                                ckey,
+                                Some(c.span()),
+                                format!(
+                                    "{country} is already the home of region {other:?}; a country has one home region"
+                                ),
+                            );
                         }
                     }
                     countries.push(country);
@@ -605,7 +710,11 @@ impl Validator<'_> {
             let ep_span = r.endpoints.span();
             let endpoints_raw = r.endpoints.into_inner();
             if endpoints_raw.is_empty() {
-                self.problem(format!("{key}.endpoints"), Some(ep_span), "must list at least one endpoint");
+                self.problem(
+                    format!("{key}.endpoints"),
+                    Some(ep_span),
+                    "must list at least one endpoint",
+                );
             }
             let mut endpoints: Vec<EndpointConfig> = Vec::new();
             for (j, e) in endpoints_raw.iter().enumerate() {
@@ -635,13 +744,19 @@ impl Validator<'_> {
                     path: "/metrics".into(),
                 },
             };
-            let affinity_header = r.affinity.and_then(|a| match HeaderName::from_bytes(a.header.as_bytes()) {
-                Ok(h) => Some(h),
-                Err(_) => {
-                    self.problem(format!("{key}.affinity.header"), None, format!("{:?} is not a header name", a.header));
-                    None
-                }
-            });
+            let affinity_header = r
+                .affinity
+                .and_then(|a| match HeaderName::from_bytes(a.header.as_bytes()) {
+                    Ok(h) => Some(h),
+                    Err(_) => {
+                        self.problem(
+                            format!("{key}.affinity.header"),
+                            None,
+                            format!("{:?} is not a header name", a.header),
+                        );
+                        None
+                    }
+                });
             out.push(RegionConfig {
                 name,
                 location,
@@ -661,9 +776,17 @@ impl Validator<'_> {
         let mut out = Vec::new();
         for (j, r) in refs.iter().enumerate() {
             match names.get(r.get_ref()) {
-                Some(&i) if out.contains(&i) => self.problem(format!("{key}[{j}]"), Some(r.span()), format!("region {:?} listed twice", r.get_ref())),
+                Some(&i) if out.contains(&i) => self.problem(
+                    format!("{key}[{j}]"),
+                    Some(r.span()),
+                    format!("region {:?} listed twice", r.get_ref()),
+                ),
                 Some(&i) => out.push(i),
-                None => self.problem(format!("{key}[{j}]"), Some(r.span()), format!("names unknown region {:?}", r.get_ref())),
+                None => self.problem(
+                    format!("{key}[{j}]"),
+                    Some(r.span()),
+                    format!("names unknown region {:?}", r.get_ref()),
+                ),
             }
         }
         out
@@ -680,7 +803,11 @@ impl Validator<'_> {
                 self.problem(format!("{key}.name"), Some(z.name.span()), "must not be empty");
             }
             if !seen.insert(name.clone()) {
-                self.problem(format!("{key}.name"), Some(z.name.span()), format!("duplicate residency zone {name:?}"));
+                self.problem(
+                    format!("{key}.name"),
+                    Some(z.name.span()),
+                    format!("duplicate residency zone {name:?}"),
+                );
             }
             let mut countries = Vec::new();
             for (j, c) in z.countries.iter().enumerate() {
@@ -688,18 +815,30 @@ impl Validator<'_> {
                 if let Some(country) = self.country(ckey.clone(), c) {
                     if let Some(other) = zone_of.insert(country, name.clone()) {
                         if other != name {
-                            self.problem(ckey, Some(c.span()), format!("{country} is already bound to residency zone {other:?}"));
+                            self.problem(
+                                ckey,
+                                Some(c.span()),
+                                format!("{country} is already bound to residency zone {other:?}"),
+                            );
                         }
                     }
                     countries.push(country);
                 }
             }
             if z.countries.is_empty() {
-                self.problem(format!("{key}.countries"), Some(z.name.span()), "must list at least one country");
+                self.problem(
+                    format!("{key}.countries"),
+                    Some(z.name.span()),
+                    "must list at least one country",
+                );
             }
             let regions = self.region_refs(&format!("{key}.regions"), &z.regions, names);
             if z.regions.is_empty() {
-                self.problem(format!("{key}.regions"), Some(z.name.span()), "must list at least one region");
+                self.problem(
+                    format!("{key}.regions"),
+                    Some(z.name.span()),
+                    "must list at least one region",
+                );
             }
             out.push(ZoneConfig {
                 name,
@@ -717,14 +856,26 @@ impl Validator<'_> {
             let key = format!("route[{i}]");
             let prefix = r.path_prefix.get_ref().trim_end_matches('/').to_string();
             if !r.path_prefix.get_ref().starts_with('/') {
-                self.problem(format!("{key}.path_prefix"), Some(r.path_prefix.span()), "must start with '/'");
+                self.problem(
+                    format!("{key}.path_prefix"),
+                    Some(r.path_prefix.span()),
+                    "must start with '/'",
+                );
             }
             if r.path_prefix.get_ref().contains(['?', '#']) {
-                self.problem(format!("{key}.path_prefix"), Some(r.path_prefix.span()), "matches the path only: no query or fragment");
+                self.problem(
+                    format!("{key}.path_prefix"),
+                    Some(r.path_prefix.span()),
+                    "matches the path only: no query or fragment",
+                );
             }
             let regions = self.region_refs(&format!("{key}.regions"), &r.regions, names);
             if r.regions.is_empty() {
-                self.problem(format!("{key}.regions"), Some(r.path_prefix.span()), "must list at least one region");
+                self.problem(
+                    format!("{key}.regions"),
+                    Some(r.path_prefix.span()),
+                    "must list at least one region",
+                );
             }
             let methods = r.methods.map(|ms| {
                 ms.iter()
@@ -741,7 +892,11 @@ impl Validator<'_> {
             for (name, value) in r.headers.unwrap_or_default() {
                 match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
                     (Ok(n), Ok(v)) => headers.push((n, v)),
-                    _ => self.problem(format!("{key}.headers.{name}"), None, "is not a valid header name and value"),
+                    _ => self.problem(
+                        format!("{key}.headers.{name}"),
+                        None,
+                        "is not a valid header name and value",
+                    ),
                 }
             }
             out.push(RouteConfig {
@@ -769,7 +924,11 @@ impl Validator<'_> {
                     Ok(v) => v,
                     Err(_) => {
                         // Name the variable, never a value.
-                        self.problem(key, Some(value.span()), format!("environment variable {var} is not set"));
+                        self.problem(
+                            key,
+                            Some(value.span()),
+                            format!("environment variable {var} is not set"),
+                        );
                         continue;
                     }
                 },
@@ -787,7 +946,11 @@ impl Validator<'_> {
             Some(z) => match zones.iter().position(|x| &x.name == z.get_ref()) {
                 Some(i) => Some(i),
                 None => {
-                    self.problem("fallback.zone", Some(z.span()), format!("names unknown residency zone {:?}", z.get_ref()));
+                    self.problem(
+                        "fallback.zone",
+                        Some(z.span()),
+                        format!("names unknown residency zone {:?}", z.get_ref()),
+                    );
                     None
                 }
             },
@@ -799,7 +962,11 @@ impl Validator<'_> {
             .filter(|(from, to)| {
                 let ok = from.starts_with('/') && to.starts_with('/');
                 if !ok {
-                    self.problem(format!("fallback.path_rewrite.{from}"), None, "both prefixes must start with '/'");
+                    self.problem(
+                        format!("fallback.path_rewrite.{from}"),
+                        None,
+                        "both prefixes must start with '/'",
+                    );
                 }
                 ok
             })

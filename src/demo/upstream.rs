@@ -212,7 +212,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watc
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<FakeBody> {
     let mut resp = Response::new(http_body_util::Full::new(body.into()).boxed());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     resp
 }
 
@@ -237,14 +238,21 @@ fn token(name: &str, i: usize) -> String {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<FakeBody>, Box<dyn std::error::Error + Send + Sync>> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<FakeBody>, Box<dyn std::error::Error + Send + Sync>> {
     let path = req.uri().path().to_string();
     if path == "/health" {
         state.probes.fetch_add(1, Ordering::AcqRel);
         return Ok(if state.healthy.load(Ordering::Acquire) {
             full(StatusCode::OK, "application/json", r#"{"status":"ok"}"#)
         } else {
-            full(StatusCode::SERVICE_UNAVAILABLE, "application/json", r#"{"status":"down"}"#)
+            full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                r#"{"status":"down"}"#,
+            )
         });
     }
     if path == "/metrics" {
@@ -262,7 +270,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fa
     });
     let wants_stream = {
         let text = String::from_utf8_lossy(&body);
-        text.contains("\"stream\":true") || text.contains("\"stream\": true") || parts.headers.get(header::ACCEPT).is_some_and(|a| a == "text/event-stream")
+        text.contains("\"stream\":true")
+            || text.contains("\"stream\": true")
+            || parts
+                .headers
+                .get(header::ACCEPT)
+                .is_some_and(|a| a == "text/event-stream")
     };
     let behavior = lock(&state.behavior).clone();
     let name = state.name.clone();
@@ -271,15 +284,28 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fa
         Behavior::Ok => completion(&name, &body),
         Behavior::SlowFirstByte(d) => {
             tokio::time::sleep(d).await;
-            if wants_stream { stream(state.clone(), 3, Duration::from_millis(10), false, false) } else { completion(&name, &body) }
+            if wants_stream {
+                stream(state.clone(), 3, Duration::from_millis(10), false, false)
+            } else {
+                completion(&name, &body)
+            }
         }
         Behavior::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            full(status, "application/json", format!(r#"{{"error":"fake {code}","region":"{name}"}}"#))
+            full(
+                status,
+                "application/json",
+                format!(r#"{{"error":"fake {code}","region":"{name}"}}"#),
+            )
         }
         Behavior::RetryAfter(secs) => {
-            let mut r = full(StatusCode::TOO_MANY_REQUESTS, "application/json", r#"{"error":"overloaded"}"#);
-            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            let mut r = full(
+                StatusCode::TOO_MANY_REQUESTS,
+                "application/json",
+                r#"{"error":"overloaded"}"#,
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
             r
         }
         Behavior::Stream { events, gap } => stream(state.clone(), events, gap, false, false),
@@ -296,7 +322,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fa
     for (k, v) in lock(&state.extra_headers).iter() {
         resp.headers_mut().insert(k.clone(), v.clone());
     }
-    resp.headers_mut().insert("x-upstream-region", header::HeaderValue::from_str(&name).unwrap_or(header::HeaderValue::from_static("?")));
+    resp.headers_mut().insert(
+        "x-upstream-region",
+        header::HeaderValue::from_str(&name).unwrap_or(header::HeaderValue::from_static("?")),
+    );
     Ok(resp)
 }
 
@@ -324,15 +353,23 @@ fn stream(state: Arc<State>, events: usize, gap: Duration, gated: bool, stall: b
                     tokio::time::sleep(gap).await;
                 }
             }
-            if tx.send(Frame::data(sse_event(&name, i, &token(&name, i)))).await.is_err() {
+            if tx
+                .send(Frame::data(sse_event(&name, i, &token(&name, i))))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
         let _ = tx.send(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     }));
     let mut resp = Response::new(BodyExt::boxed(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
     resp
 }
 
@@ -353,7 +390,10 @@ pub struct ChannelStream {
 
 impl futures_core::Stream for ChannelStream {
     type Item = Result<Frame<Bytes>, Infallible>;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
         self.rx.poll_recv(cx).map(|f| f.map(Ok))
     }
 }

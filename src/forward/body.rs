@@ -69,7 +69,12 @@ impl RequestBody {
 /// Reads the start of a client body: keeps it whole when it ends within [`REPLAY_LIMIT`],
 /// otherwise returns a streaming body that fails once `limit` bytes are passed. `overflow`
 /// is set when the limit trips mid-stream, so the caller can answer 413.
-pub async fn prepare(mut body: Incoming, declared: Option<u64>, limit: u64, overflow: Arc<AtomicBool>) -> Result<RequestBody, BodyError> {
+pub async fn prepare(
+    mut body: Incoming,
+    declared: Option<u64>,
+    limit: u64,
+    overflow: Arc<AtomicBool>,
+) -> Result<RequestBody, BodyError> {
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge);
     }

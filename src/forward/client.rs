@@ -73,7 +73,10 @@ impl UpstreamError {
             if let Some(io) = s.downcast_ref::<io::Error>() {
                 if matches!(
                     io.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted | io::ErrorKind::UnexpectedEof
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::UnexpectedEof
                 ) {
                     return UpstreamError::Reset(detail);
                 }
@@ -98,7 +101,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientSetupError {
     #[error("cannot read CA file {path}: {source}")]
-    CaFile { path: String, source: rustls_pki_types::pem::Error },
+    CaFile {
+        path: String,
+        source: rustls_pki_types::pem::Error,
+    },
     #[error("TLS client setup: {0}")]
     Tls(rustls::Error),
     #[error("CA file {path} holds no usable certificate")]
@@ -129,7 +135,12 @@ impl Upstreams {
     }
 
     /// Sends one attempt and waits for the response head up to `timeout`.
-    pub async fn send(&self, req: Request<RequestBody>, protocol: UpstreamProtocol, timeout: Duration) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        protocol: UpstreamProtocol,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let pool = match protocol {
             UpstreamProtocol::Http1 => &self.http1,
             UpstreamProtocol::Http2 => &self.http2,
@@ -148,7 +159,10 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Clien
     if let Some(path) = ca_file {
         let shown = path.display().to_string();
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|source| ClientSetupError::CaFile { path: shown.clone(), source })?
+            .map_err(|source| ClientSetupError::CaFile {
+                path: shown.clone(),
+                source,
+            })?
             .filter_map(Result::ok)
             .collect();
         let (added, _) = roots.add_parsable_certificates(certs);
@@ -157,12 +171,11 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Clien
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(ClientSetupError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = Vec::new();
     Ok(Arc::new(config))
 }
 
@@ -172,13 +185,16 @@ fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, http2: bool) ->
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let mut tls = (*tls).clone();
-    tls.alpn_protocols = if http2 { vec![b"h2".to_vec()] } else { vec![b"http/1.1".to_vec()] };
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+    // The builder sets ALPN from the enabled versions: h2 for the HTTP/2 pool, http/1.1
+    // for the other, so a TLS endpoint speaks what the pool expects.
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http();
+    let connector = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

@@ -43,7 +43,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     // gRPC needs `te: trailers` end to end; any other TE value is hop-by-hop.
-    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -61,7 +63,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 pub fn remove_meridian_headers(headers: &mut HeaderMap) {
     let spoofed = headers.keys().any(|k| k.as_str().starts_with("x-meridian-"));
     if spoofed {
-        let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("x-meridian-")).cloned().collect();
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-meridian-"))
+            .cloned()
+            .collect();
         for name in names {
             headers.remove(name);
         }
@@ -157,7 +163,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -189,10 +198,25 @@ mod tests {
     fn forwarded_headers_by_trust() {
         type Case<'a> = (bool, &'a [(&'a str, &'a str)], &'a str, &'a str);
         let cases: [Case<'_>; 4] = [
-            (true, &[("x-forwarded-for", "81.2.69.142"), ("x-forwarded-proto", "https")], "81.2.69.142, 127.0.0.1", "https"),
+            (
+                true,
+                &[("x-forwarded-for", "81.2.69.142"), ("x-forwarded-proto", "https")],
+                "81.2.69.142, 127.0.0.1",
+                "https",
+            ),
             (true, &[], "127.0.0.1", "http"),
-            (false, &[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-proto", "https")], "127.0.0.1", "http"),
-            (true, &[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "8.8.8.8")], "1.1.1.1, 8.8.8.8, 127.0.0.1", "http"),
+            (
+                false,
+                &[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-proto", "https")],
+                "127.0.0.1",
+                "http",
+            ),
+            (
+                true,
+                &[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "8.8.8.8")],
+                "1.1.1.1, 8.8.8.8, 127.0.0.1",
+                "http",
+            ),
         ];
         for (trusted, input, xff, proto) in cases {
             let mut h = headers(input);

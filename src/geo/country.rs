@@ -81,8 +81,7 @@ static COUNTRIES: LazyLock<Vec<Option<CountryInfo>>> = LazyLock::new(|| {
         else {
             continue;
         };
-        let (Some(country), Ok(lat), Ok(lon)) = (Country::parse(code), lat.parse(), lon.parse())
-        else {
+        let (Some(country), Ok(lat), Ok(lon)) = (Country::parse(code), lat.parse(), lon.parse()) else {
             continue;
         };
         table[country.index()] = Some(CountryInfo {
@@ -113,7 +112,11 @@ mod tests {
             ("é", None, false),
         ];
         for (input, parsed, known) in cases {
-            assert_eq!(Country::parse(input).map(|c| c.to_string()).as_deref(), parsed, "{input}");
+            assert_eq!(
+                Country::parse(input).map(|c| c.to_string()).as_deref(),
+                parsed,
+                "{input}"
+            );
             assert_eq!(Country::known(input).is_some(), known, "{input}");
         }
     }

@@ -42,10 +42,7 @@ pub trait Locate: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum GeoError {
     #[error("cannot read GeoIP database {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("GeoIP database {path} is not a valid MaxMind DB file: {source}")]
     Invalid {
         path: PathBuf,
@@ -103,8 +100,8 @@ impl GeoDb {
     pub fn embedded() -> GeoDb {
         // The embedded file is checked by the unit tests below; a broken build artifact
         // is the only way this can fail.
-        let reader = maxminddb::Reader::from_source(DbBytes::Embedded(EMBEDDED_DB))
-            .expect("embedded GeoIP database is valid"); // unwrap-ok: build-time asset
+        let reader =
+            maxminddb::Reader::from_source(DbBytes::Embedded(EMBEDDED_DB)).expect("embedded GeoIP database is valid"); // unwrap-ok: build-time asset
         GeoDb {
             description: describe(&reader, "embedded"),
             reader,
@@ -182,7 +179,9 @@ impl GeoDb {
 fn describe(reader: &maxminddb::Reader<DbBytes>, origin: &str) -> String {
     format!(
         "{} ({}, built {})",
-        reader.metadata().database_type, origin, reader.metadata().build_epoch
+        reader.metadata().database_type,
+        origin,
+        reader.metadata().build_epoch
     )
 }
 
@@ -245,7 +244,11 @@ mod tests {
         ];
         for (ip, country) in cases {
             let located = db.locate(ip.parse().unwrap());
-            assert_eq!(located.country().map(|c| c.to_string()).as_deref(), country, "{ip}: {located:?}");
+            assert_eq!(
+                located.country().map(|c| c.to_string()).as_deref(),
+                country,
+                "{ip}: {located:?}"
+            );
         }
         assert_eq!(db.locate("10.1.2.3".parse().unwrap()), Located::Private);
     }

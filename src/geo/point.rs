@@ -30,8 +30,15 @@ mod tests {
     fn known_distances() {
         let london = GeoPoint { lat: 51.51, lon: -0.13 };
         let dublin = GeoPoint { lat: 53.35, lon: -6.26 };
-        let ashburn = GeoPoint { lat: 39.04, lon: -77.49 };
-        let cases = [(london, dublin, 464.0), (london, ashburn, 5910.0), (dublin, dublin, 0.0)];
+        let ashburn = GeoPoint {
+            lat: 39.04,
+            lon: -77.49,
+        };
+        let cases = [
+            (london, dublin, 464.0),
+            (london, ashburn, 5910.0),
+            (dublin, dublin, 0.0),
+        ];
         for (a, b, km) in cases {
             let d = a.distance_km(&b);
             assert!((d - km).abs() < 15.0, "{a:?}->{b:?}: {d}");

@@ -164,4 +164,3 @@ pub fn policy(config: &crate::config::Config) -> Policy {
         max_retry_after: config.outlier.max_retry_after,
     }
 }
-

@@ -19,12 +19,19 @@ pub struct Policy {
 /// Something that happened to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Event {
-    ProbePassed { latency: Duration },
+    ProbePassed {
+        latency: Duration,
+    },
     ProbeFailed,
     /// A response head arrived from real traffic.
-    Response { status: u16, ttfb: Duration },
+    Response {
+        status: u16,
+        ttfb: Duration,
+    },
     /// The endpoint asked to be left alone (`429`/`503` with `Retry-After`).
-    Shed { retry_after: Duration },
+    Shed {
+        retry_after: Duration,
+    },
     ConnectError,
     Timeout,
     /// A streamed body stopped mid-way (stall or reset).
@@ -153,7 +160,11 @@ impl EndpointState {
             }
             Event::Response { status, ttfb } => {
                 let x = ttfb.as_secs_f64();
-                self.ttfb_ewma = if self.ttfb_ewma == 0.0 { x } else { EWMA_WEIGHT * x + (1.0 - EWMA_WEIGHT) * self.ttfb_ewma };
+                self.ttfb_ewma = if self.ttfb_ewma == 0.0 {
+                    x
+                } else {
+                    EWMA_WEIGHT * x + (1.0 - EWMA_WEIGHT) * self.ttfb_ewma
+                };
                 if status >= 500 {
                     self.error(now, p)
                 } else {

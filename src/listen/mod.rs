@@ -98,7 +98,9 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, limits: Limits, mut shut
                 resp
             }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _permit = permit;
@@ -110,7 +112,10 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, limits: Limits, mut shut
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown timeout: closing connections still open");
     }
 }

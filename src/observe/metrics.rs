@@ -1,11 +1,14 @@
 //! Prometheus metrics: one registry, names prefixed `meridian_`, bounded label sets.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets for inference latencies: 5 ms up to two minutes.
-const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -30,20 +33,26 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
-    registry.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
+    registry
+        .register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
     c
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
-    registry.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
     g
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
     let h = HistogramVec::new(opts, labels).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
-    registry.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
+    registry
+        .register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
     h
 }
 
@@ -52,34 +61,108 @@ impl Metrics {
         let r = Registry::new();
         let build_info = gauge(&r, "meridian_build_info", "Build information; always 1.", &["version"]);
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let open_connections = IntGauge::new("meridian_open_connections", "Client connections currently open.").unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
-        r.register(Box::new(open_connections.clone())).unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
+        let open_connections = IntGauge::new("meridian_open_connections", "Client connections currently open.")
+            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
+        r.register(Box::new(open_connections.clone()))
+            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
         let config_last_reload_success = Gauge::new(
             "meridian_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config load.",
         )
         .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
-        r.register(Box::new(config_last_reload_success.clone())).unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
-        let retries = IntCounter::new("meridian_retries_total", "Attempts made after a first one failed.").unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
+        r.register(Box::new(config_last_reload_success.clone()))
+            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
+        let retries = IntCounter::new("meridian_retries_total", "Attempts made after a first one failed.")
+            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
         r.register(Box::new(retries.clone())).unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
         Metrics {
-            requests: counter(&r, "meridian_requests_total", "Requests answered, by serving region and status class.", &["region", "status_class"]),
-            request_duration: histogram(&r, "meridian_request_duration_seconds", "Time from request to the end of the response body.", &["region"]),
-            upstream_ttfb: histogram(&r, "meridian_upstream_ttfb_seconds", "Time from sending to an endpoint to its response head.", &["region"]),
-            failovers: counter(&r, "meridian_failovers_total", "Requests served by another region than the client's first choice.", &["from_region", "to_region", "reason"]),
-            residency_rejections: counter(&r, "meridian_residency_rejections_total", "Requests refused to keep a residency zone's clients inside it.", &["zone"]),
+            requests: counter(
+                &r,
+                "meridian_requests_total",
+                "Requests answered, by serving region and status class.",
+                &["region", "status_class"],
+            ),
+            request_duration: histogram(
+                &r,
+                "meridian_request_duration_seconds",
+                "Time from request to the end of the response body.",
+                &["region"],
+            ),
+            upstream_ttfb: histogram(
+                &r,
+                "meridian_upstream_ttfb_seconds",
+                "Time from sending to an endpoint to its response head.",
+                &["region"],
+            ),
+            failovers: counter(
+                &r,
+                "meridian_failovers_total",
+                "Requests served by another region than the client's first choice.",
+                &["from_region", "to_region", "reason"],
+            ),
+            residency_rejections: counter(
+                &r,
+                "meridian_residency_rejections_total",
+                "Requests refused to keep a residency zone's clients inside it.",
+                &["zone"],
+            ),
             retries,
-            endpoint_state: gauge(&r, "meridian_endpoint_state", "1 for the state each endpoint is in.", &["region", "endpoint", "state"]),
-            region_available: gauge(&r, "meridian_region_available", "1 when the region has an available endpoint and is not drained.", &["region"]),
-            region_saturated: gauge(&r, "meridian_region_saturated", "1 when every endpoint of the region is past a spillover threshold.", &["region"]),
-            geoip_lookups: counter(&r, "meridian_geoip_lookups_total", "GeoIP lookups by result.", &["result"]),
+            endpoint_state: gauge(
+                &r,
+                "meridian_endpoint_state",
+                "1 for the state each endpoint is in.",
+                &["region", "endpoint", "state"],
+            ),
+            region_available: gauge(
+                &r,
+                "meridian_region_available",
+                "1 when the region has an available endpoint and is not drained.",
+                &["region"],
+            ),
+            region_saturated: gauge(
+                &r,
+                "meridian_region_saturated",
+                "1 when every endpoint of the region is past a spillover threshold.",
+                &["region"],
+            ),
+            geoip_lookups: counter(
+                &r,
+                "meridian_geoip_lookups_total",
+                "GeoIP lookups by result.",
+                &["result"],
+            ),
             open_connections,
-            config_reloads: counter(&r, "meridian_config_reloads_total", "Config loads and reloads by result.", &["result"]),
+            config_reloads: counter(
+                &r,
+                "meridian_config_reloads_total",
+                "Config loads and reloads by result.",
+                &["result"],
+            ),
             config_last_reload_success,
-            ejections: counter(&r, "meridian_endpoint_ejections_total", "Endpoints taken out of rotation, by reason.", &["region", "reason"]),
-            probe_duration: histogram(&r, "meridian_probe_duration_seconds", "Active health probe latency.", &["region"]),
-            spillovers: counter(&r, "meridian_spillovers_total", "Requests sent past a saturated region.", &["from_region", "to_region"]),
-            fallback_requests: counter(&r, "meridian_fallback_requests_total", "Requests sent to the hosted fallback, by result.", &["result"]),
+            ejections: counter(
+                &r,
+                "meridian_endpoint_ejections_total",
+                "Endpoints taken out of rotation, by reason.",
+                &["region", "reason"],
+            ),
+            probe_duration: histogram(
+                &r,
+                "meridian_probe_duration_seconds",
+                "Active health probe latency.",
+                &["region"],
+            ),
+            spillovers: counter(
+                &r,
+                "meridian_spillovers_total",
+                "Requests sent past a saturated region.",
+                &["from_region", "to_region"],
+            ),
+            fallback_requests: counter(
+                &r,
+                "meridian_fallback_requests_total",
+                "Requests sent to the hosted fallback, by result.",
+                &["result"],
+            ),
             registry: r,
         }
     }
@@ -122,4 +205,3 @@ impl RegionMetrics {
         self.requests[i].inc();
     }
 }
-

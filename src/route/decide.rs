@@ -63,7 +63,9 @@ pub enum Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoRegion {
     /// A residency-bound client whose zone cannot serve it.
-    ResidencyUnavailable { zone: ZoneId },
+    ResidencyUnavailable {
+        zone: ZoneId,
+    },
     NoRegionAvailable,
 }
 
@@ -126,7 +128,10 @@ fn matching_rule(table: &RouteTable, req: &RequestFacts<'_>) -> Option<usize> {
     table.config.routes.iter().position(|rule| {
         path_matches(&rule.path_prefix, req.path)
             && rule.methods.as_ref().is_none_or(|ms| ms.contains(req.method))
-            && rule.headers.iter().all(|(name, value)| req.headers.get(name) == Some(value))
+            && rule
+                .headers
+                .iter()
+                .all(|(name, value)| req.headers.get(name) == Some(value))
     })
 }
 
@@ -142,8 +147,18 @@ pub fn path_matches(prefix: &str, path: &str) -> bool {
 /// Step 5–6: the first candidate that can serve, else the fallback, else a refusal.
 /// Saturated regions come after the fallback but before a refusal; panic mode, when on,
 /// uses unhealthy candidates (never drained ones) as a last resort, inside the plan only.
-pub fn select(plan: &RoutePlan<'_>, state: impl Fn(RegionId) -> RegionState, fallback_usable: bool, panic_mode: bool) -> Decision {
-    let first = |wanted: RegionState| plan.candidates.iter().find(|c| state(c.region) == wanted).map(|c| c.region);
+pub fn select(
+    plan: &RoutePlan<'_>,
+    state: impl Fn(RegionId) -> RegionState,
+    fallback_usable: bool,
+    panic_mode: bool,
+) -> Decision {
+    let first = |wanted: RegionState| {
+        plan.candidates
+            .iter()
+            .find(|c| state(c.region) == wanted)
+            .map(|c| c.region)
+    };
     if let Some(r) = first(RegionState::Available) {
         return Decision::Region(r);
     }
@@ -218,7 +233,10 @@ mod tests {
     }
 
     fn names(t: &RouteTable, p: &RoutePlan<'_>) -> Vec<String> {
-        p.candidates.iter().map(|c| t.region_name(c.region).to_string()).collect()
+        p.candidates
+            .iter()
+            .map(|c| t.region_name(c.region).to_string())
+            .collect()
     }
 
     fn country(code: &str) -> Located {
@@ -241,14 +259,54 @@ mod tests {
         let t = table("");
         let h = HeaderMap::new();
         let cases: [(&str, &[&str]); 7] = [
-            ("US", &["us-east", "us-west", "eu-west", "uk-south", "eu-central", "ap-southeast"]),
+            (
+                "US",
+                &[
+                    "us-east",
+                    "us-west",
+                    "eu-west",
+                    "uk-south",
+                    "eu-central",
+                    "ap-southeast",
+                ],
+            ),
             ("GB", &["uk-south"]),
             ("DE", &["eu-central", "eu-west"]),
             ("FR", &["eu-west", "eu-central"]),
-            ("IE", &["eu-west", "uk-south", "eu-central", "us-east", "us-west", "ap-southeast"]),
-            ("AU", &["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"]),
+            (
+                "IE",
+                &[
+                    "eu-west",
+                    "uk-south",
+                    "eu-central",
+                    "us-east",
+                    "us-west",
+                    "ap-southeast",
+                ],
+            ),
+            (
+                "AU",
+                &[
+                    "ap-southeast",
+                    "us-west",
+                    "eu-central",
+                    "uk-south",
+                    "eu-west",
+                    "us-east",
+                ],
+            ),
             // No home region: pure distance.
-            ("JP", &["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"]),
+            (
+                "JP",
+                &[
+                    "ap-southeast",
+                    "us-west",
+                    "eu-central",
+                    "uk-south",
+                    "eu-west",
+                    "us-east",
+                ],
+            ),
         ];
         for (code, want) in cases {
             let p = plan(&t, country(code), &facts("/v1/chat", &h)).unwrap();
@@ -266,9 +324,19 @@ mod tests {
             assert_eq!(names(&t, &p)[..2], ["us-east", "us-west"]);
             assert_eq!(p.zone, None);
         }
-        let refusing = Config::parse(&TABLE.replace("default_region = \"us-east\"", "default_region = \"us-east\"\nunknown = \"refuse\""), None).unwrap();
+        let refusing = Config::parse(
+            &TABLE.replace(
+                "default_region = \"us-east\"",
+                "default_region = \"us-east\"\nunknown = \"refuse\"",
+            ),
+            None,
+        )
+        .unwrap();
         let t = RouteTable::new(Arc::new(refusing));
-        assert_eq!(plan(&t, Located::Private, &facts("/", &h)), Err(Refusal::LocationRefused));
+        assert_eq!(
+            plan(&t, Located::Private, &facts("/", &h)),
+            Err(Refusal::LocationRefused)
+        );
         assert!(plan(&t, country("US"), &facts("/", &h)).is_ok());
     }
 
@@ -293,23 +361,51 @@ mod tests {
         let region = |n: &str| t.config.region_index(n).unwrap();
         let down = |list: &'static [&'static str]| {
             let ids: Vec<RegionId> = list.iter().map(|n| region(n)).collect();
-            move |r: RegionId| if ids.contains(&r) { RegionState::Unavailable } else { RegionState::Available }
+            move |r: RegionId| {
+                if ids.contains(&r) {
+                    RegionState::Unavailable
+                } else {
+                    RegionState::Available
+                }
+            }
         };
         let uk = t.config.zones.iter().position(|z| z.name == "uk").unwrap();
         let cases: [(&str, &'static [&'static str], Decision); 6] = [
             ("US", &[], Decision::Region(region("us-east"))),
             ("US", &["us-east"], Decision::Region(region("us-west"))),
             ("GB", &[], Decision::Region(region("uk-south"))),
-            ("GB", &["uk-south"], Decision::Refuse(NoRegion::ResidencyUnavailable { zone: uk })),
+            (
+                "GB",
+                &["uk-south"],
+                Decision::Refuse(NoRegion::ResidencyUnavailable { zone: uk }),
+            ),
             ("DE", &["eu-central"], Decision::Region(region("eu-west"))),
-            ("US", &["us-east", "us-west", "uk-south", "eu-west", "eu-central", "ap-southeast"], Decision::Fallback),
+            (
+                "US",
+                &[
+                    "us-east",
+                    "us-west",
+                    "uk-south",
+                    "eu-west",
+                    "eu-central",
+                    "ap-southeast",
+                ],
+                Decision::Fallback,
+            ),
         ];
         for (code, regions_down, want) in cases {
             let p = plan(&t, country(code), &facts("/", &h)).unwrap();
-            assert_eq!(select(&p, down(regions_down), true, false), want, "{code} with {regions_down:?} down");
+            assert_eq!(
+                select(&p, down(regions_down), true, false),
+                want,
+                "{code} with {regions_down:?} down"
+            );
         }
         let p = plan(&t, country("US"), &facts("/", &h)).unwrap();
-        assert_eq!(select(&p, |_| RegionState::Unavailable, false, false), Decision::Refuse(NoRegion::NoRegionAvailable));
+        assert_eq!(
+            select(&p, |_| RegionState::Unavailable, false, false),
+            Decision::Refuse(NoRegion::NoRegionAvailable)
+        );
     }
 
     #[test]
@@ -318,10 +414,22 @@ mod tests {
         let h = HeaderMap::new();
         let p = plan(&t, country("GB"), &facts("/", &h)).unwrap();
         let uk = t.config.region_index("uk-south").unwrap();
-        assert_eq!(select(&p, |_| RegionState::Saturated, false, false), Decision::Region(uk));
-        assert!(matches!(select(&p, |_| RegionState::Unhealthy, false, false), Decision::Refuse(_)));
-        assert_eq!(select(&p, |_| RegionState::Unhealthy, false, true), Decision::Region(uk));
-        assert!(matches!(select(&p, |_| RegionState::Unavailable, false, true), Decision::Refuse(_)));
+        assert_eq!(
+            select(&p, |_| RegionState::Saturated, false, false),
+            Decision::Region(uk)
+        );
+        assert!(matches!(
+            select(&p, |_| RegionState::Unhealthy, false, false),
+            Decision::Refuse(_)
+        ));
+        assert_eq!(
+            select(&p, |_| RegionState::Unhealthy, false, true),
+            Decision::Region(uk)
+        );
+        assert!(matches!(
+            select(&p, |_| RegionState::Unavailable, false, true),
+            Decision::Refuse(_)
+        ));
     }
 
     #[test]
@@ -338,7 +446,18 @@ mod tests {
             ("DE", &["eu-central"], true),
             ("FR", &["eu-west"], true),
             ("US", &["us-east"], true),
-            ("IE", &["eu-west", "uk-south", "eu-central", "us-east", "us-west", "ap-southeast"], false),
+            (
+                "IE",
+                &[
+                    "eu-west",
+                    "uk-south",
+                    "eu-central",
+                    "us-east",
+                    "us-west",
+                    "ap-southeast",
+                ],
+                false,
+            ),
         ];
         for (code, want, sharded) in cases {
             let p = plan(&t, country(code), &facts("/", &h)).unwrap();
@@ -358,7 +477,17 @@ mod tests {
         let t = RouteTable::new(Arc::new(c));
         let h = HeaderMap::new();
         let p = plan(&t, country("IE"), &facts("/", &h)).unwrap();
-        assert_eq!(names(&t, &p), ["eu-west", "eu-central", "us-west", "ap-southeast", "uk-south", "us-east"]);
+        assert_eq!(
+            names(&t, &p),
+            [
+                "eu-west",
+                "eu-central",
+                "us-west",
+                "ap-southeast",
+                "uk-south",
+                "us-east"
+            ]
+        );
         let p = plan(&t, country("US"), &facts("/", &h)).unwrap();
         assert_eq!(names(&t, &p)[..1], ["us-west"]);
         assert_eq!(names(&t, &p)[4..], ["us-east", "uk-south"]);
@@ -387,11 +516,41 @@ mod tests {
         let cases: [(&str, &str, Want); 9] = [
             ("AU", "/v1/fine_tuning", Ok(&["us-east"])),
             ("AU", "/v1/fine_tuning/jobs", Ok(&["us-east"])),
-            ("AU", "/v1/fine_tuning_x", Ok(&["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"])),
-            ("AU", "/v1/fine_tuningjobs", Ok(&["ap-southeast", "us-west", "eu-central", "uk-south", "eu-west", "us-east"])),
-            ("DE", "/v1/fine_tuning", Err(Refusal::ResidencyForbidden { zone: eu, rule: 0 })),
+            (
+                "AU",
+                "/v1/fine_tuning_x",
+                Ok(&[
+                    "ap-southeast",
+                    "us-west",
+                    "eu-central",
+                    "uk-south",
+                    "eu-west",
+                    "us-east",
+                ]),
+            ),
+            (
+                "AU",
+                "/v1/fine_tuningjobs",
+                Ok(&[
+                    "ap-southeast",
+                    "us-west",
+                    "eu-central",
+                    "uk-south",
+                    "eu-west",
+                    "us-east",
+                ]),
+            ),
+            (
+                "DE",
+                "/v1/fine_tuning",
+                Err(Refusal::ResidencyForbidden { zone: eu, rule: 0 }),
+            ),
             ("DE", "/v1/models", Ok(&["eu-west"])),
-            ("GB", "/v1/models", Err(Refusal::ResidencyForbidden { zone: uk, rule: 1 })),
+            (
+                "GB",
+                "/v1/models",
+                Err(Refusal::ResidencyForbidden { zone: uk, rule: 1 }),
+            ),
             ("GB", "/v1/files/abc", Ok(&["us-east"])),
             ("US", "/v1/models/x", Ok(&["us-east", "eu-west"])),
         ];
@@ -405,7 +564,10 @@ mod tests {
         }
         // A rule's regions, then 503: no fallback for a rule.
         let p = plan(&t, country("AU"), &facts("/v1/fine_tuning", &h)).unwrap();
-        assert_eq!(select(&p, |_| RegionState::Unavailable, true, false), Decision::Refuse(NoRegion::NoRegionAvailable));
+        assert_eq!(
+            select(&p, |_| RegionState::Unavailable, true, false),
+            Decision::Refuse(NoRegion::NoRegionAvailable)
+        );
     }
 
     #[test]

@@ -105,7 +105,10 @@ impl RouteTable {
     /// Candidates of route rule `rule` for a client in `zone`.
     pub fn rule_candidates(&self, rule: usize, zone: Option<ZoneId>) -> &[Candidate] {
         let slot = zone.map_or(0, |z| z + 1);
-        self.rules.get(rule).and_then(|r| r.get(slot)).map_or(&[], Vec::as_slice)
+        self.rules
+            .get(rule)
+            .and_then(|r| r.get(slot))
+            .map_or(&[], Vec::as_slice)
     }
 
     pub fn region_name(&self, region: RegionId) -> &str {
@@ -124,7 +127,11 @@ pub fn order_candidates(config: &Config, country: Option<Country>, origin: GeoPo
     let zone = country.and_then(|c| config.zones.iter().position(|z| z.countries.contains(&c)));
     let eligible = |r: RegionId| zone.is_none_or(|z| config.zones[z].regions.contains(&r));
     let home = match country {
-        Some(c) => config.regions.iter().position(|r| r.countries.contains(&c)).filter(|&r| eligible(r)),
+        Some(c) => config
+            .regions
+            .iter()
+            .position(|r| r.countries.contains(&c))
+            .filter(|&r| eligible(r)),
         // Unlocated clients are home clients of the default region.
         None => Some(config.geoip.default_region),
     };

@@ -1,6 +1,6 @@
 //! Test support: run the real `meridian` binary with a config, fake endpoints on loopback,
 //! and small HTTP clients (from 127.0.0.1 or another loopback source address).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
@@ -34,7 +34,8 @@ pub struct Meridian {
 /// The `[server]`, `[admin]` and `[log]` lines every test config starts with: ephemeral
 /// loopback ports, JSON logs.
 pub fn base_config() -> String {
-    "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\n\n".to_string()
+    "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\n\n"
+        .to_string()
 }
 
 impl Meridian {
@@ -49,7 +50,12 @@ impl Meridian {
         let config_path = dir.path().join("meridian.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
-        cmd.arg("run").arg("-c").arg(&config_path).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -75,8 +81,14 @@ impl Meridian {
             }
         };
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-        let listen = v["listen"].as_str().and_then(|s| s.parse().ok()).expect("listen address in log");
-        let admin = v["admin"].as_str().and_then(|s| s.parse().ok()).expect("admin address in log");
+        let listen = v["listen"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("listen address in log");
+        let admin = v["admin"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("admin address in log");
         Meridian {
             child,
             listen,
@@ -106,7 +118,11 @@ impl Meridian {
 
     /// Sends a signal (e.g. "HUP", "TERM") to the process.
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
         assert!(status.success());
     }
 
@@ -175,7 +191,9 @@ pub async fn connect_from(source: IpAddr, target: SocketAddr) -> hyper::client::
     socket.bind(SocketAddr::new(source, 0)).expect("bind source");
     let stream = socket.connect(target).await.expect("connect");
     stream.set_nodelay(true).ok();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -189,8 +207,17 @@ pub async fn send_from(source: IpAddr, target: SocketAddr, req: Request<Full<Byt
 }
 
 /// Builds a request; `headers` are (name, value) pairs.
-pub fn request(method: &str, target: SocketAddr, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
-    let mut b = Request::builder().method(method).uri(format!("http://{target}{path}")).header("host", target.to_string());
+pub fn request(
+    method: &str,
+    target: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{target}{path}"))
+        .header("host", target.to_string());
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -198,11 +225,24 @@ pub fn request(method: &str, target: SocketAddr, path: &str, headers: &[(&str, &
 }
 
 /// Sends from 127.0.0.1 and collects the whole body.
-pub async fn call(method: &str, target: SocketAddr, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn call(
+    method: &str,
+    target: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     call_from("127.0.0.1".parse().unwrap(), method, target, path, headers, body).await
 }
 
-pub async fn call_from(source: IpAddr, method: &str, target: SocketAddr, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn call_from(
+    source: IpAddr,
+    method: &str,
+    target: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let resp = send_from(source, target, request(method, target, path, headers, body)).await;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -240,4 +280,6 @@ pub mod ips {
     pub const US: &str = "8.8.8.8";
     pub const AU: &str = "1.1.1.1";
     pub const IE: &str = "87.44.0.1";
+    pub const DE: &str = "5.9.0.1";
+    pub const FR: &str = "62.210.0.1";
 }
