@@ -65,7 +65,10 @@ pub async fn run(listen: SocketAddr, admin: SocketAddr) -> Result<(), Box<dyn st
     }
     let endpoints: Vec<String> = upstreams.iter().map(FakeUpstream::url).collect();
     let text = config_text(listen, admin, &endpoints);
-    let mut config = Config::parse(&text, None)?;
+    // Written out so `meridian route -c` and `meridian check -c` can be tried on it.
+    let config_path = std::env::temp_dir().join(format!("meridian-demo-{}.toml", std::process::id()));
+    std::fs::write(&config_path, &text)?;
+    let mut config = Config::parse(&text, Some(&config_path))?;
     config.admin.token = Some(TOKEN.to_string());
     let running = crate::app::start(config).await?;
     let p = running.listen;
@@ -90,7 +93,8 @@ Try these (X-Forwarded-For is believed because curl connects from 127.0.0.1, a t
   curl -si -H 'X-Forwarded-For: 1.1.1.1' http://{p}/v1/chat/completions -d '{{"model":"demo"}}'
 
   # Why? Explain the routing decision for an address
-  cargo run --release -- route -c <config> 81.2.69.142    (or: curl -s http://{a}/status)
+  cargo run --release -- route -c {cfg} 81.2.69.142 87.44.0.1 1.1.1.1
+  curl -s http://{a}/status
 
 Failover drill:
 
@@ -118,8 +122,10 @@ Press Ctrl-C to stop.
             .collect::<Vec<_>>()
             .join("\n"),
         token = TOKEN,
+        cfg = config_path.display(),
     );
     let _ = tokio::signal::ctrl_c().await;
     running.shutdown().await;
+    let _ = std::fs::remove_file(&config_path);
     Ok(())
 }

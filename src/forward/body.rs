@@ -256,8 +256,13 @@ impl Body for UpstreamBody {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
                 }
-                let deadline = Instant::now() + this.stall_timeout;
-                this.stall.as_mut().reset(deadline);
+                if this.inner.is_end_stream() {
+                    // A sized body may not be polled again once its last byte is out.
+                    this.finish(StreamEnd::Complete);
+                } else {
+                    let deadline = Instant::now() + this.stall_timeout;
+                    this.stall.as_mut().reset(deadline);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => this.fail(StreamEnd::UpstreamError, BodyError::Upstream(e)),
