@@ -24,6 +24,9 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// Answered 414; reported with the `bad_request` code, SPEC's list of codes being closed.
+    #[error("the request target is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
 }
 
 #[derive(Serialize)]
@@ -47,6 +50,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
         }
     }
 
@@ -60,7 +64,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadRequest(_) | ProxyError::UriTooLong { .. } => "bad_request",
         }
     }
 
@@ -155,6 +159,7 @@ mod tests {
                 None,
             ),
             (ProxyError::BadRequest("x"), 400, "bad_request", None, None),
+            (ProxyError::UriTooLong { limit: 8 }, 414, "bad_request", None, None),
         ];
         for (err, status, code, zone, region) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");

@@ -89,6 +89,12 @@ impl Proxy {
             error: None,
         };
 
+        let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if uri_len > config.server.max_uri_bytes {
+            let limit = config.server.max_uri_bytes;
+            return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
+        }
+
         // Route plan: residency, route rules, candidate order.
         let facts = RequestFacts {
             method: req.method(),

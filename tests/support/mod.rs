@@ -224,6 +224,27 @@ pub fn request(
     b.body(Full::new(body.into())).expect("request")
 }
 
+/// Like [`get_as`] but returns `None` when the connection or request fails, for polling.
+pub async fn try_get_as(target: SocketAddr, xff: &str, path: &str) -> Option<Reply> {
+    let socket = TcpSocket::new_v4().ok()?;
+    let stream = socket.connect(target).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender
+        .send_request(request("GET", target, path, &[("x-forwarded-for", xff)], Bytes::new()))
+        .await
+        .ok()?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    Some(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
+}
+
 /// Sends from 127.0.0.1 and collects the whole body.
 pub async fn call(
     method: &str,
