@@ -1,0 +1,221 @@
+//! The command line as users meet it: `check` on good and bad configs, `route` in text and
+//! JSON.
+
+use std::process::Command;
+
+fn meridian(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(args)
+        .output()
+        .expect("run meridian");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD: &str = r#"[geoip]
+default_region = "us-east"
+
+[[region]]
+name = "us-east"
+location = [39.04, -77.49]
+countries = ["US", "CA"]
+endpoints = ["http://127.0.0.1:8001"]
+
+[[region]]
+name = "uk-south"
+location = [51.51, -0.13]
+countries = ["GB"]
+endpoints = ["http://127.0.0.1:8002"]
+
+[[residency]]
+name = "uk"
+countries = ["GB"]
+regions = ["uk-south"]
+"#;
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn check_accepts_the_shipped_example_and_prints_the_table() {
+    let (code, out, err) = meridian(&[
+        "check",
+        "-c",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/meridian.toml"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("us-east") && out.contains("uk-south") && out.contains("eu-west"),
+        "{out}"
+    );
+    assert!(
+        out.contains("residency zones:") && out.contains("uk: GB -> only uk-south"),
+        "{out}"
+    );
+    assert!(out.contains("failover order"), "{out}");
+    assert!(out.contains("GB           uk-south > 503"), "{out}");
+}
+
+#[test]
+fn check_rejects_each_invalid_config_naming_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, String, &str, &str); 10] = [
+        (
+            "duplicate region",
+            GOOD.replace("name = \"uk-south\"", "name = \"us-east\""),
+            "region[1].name",
+            "duplicate region name",
+        ),
+        (
+            "zone names unknown region",
+            GOOD.replace("regions = [\"uk-south\"]", "regions = [\"uk-north\"]"),
+            "residency[0].regions[0]",
+            "unknown region",
+        ),
+        (
+            "default_region unknown",
+            GOOD.replace("default_region = \"us-east\"", "default_region = \"mars\""),
+            "geoip.default_region",
+            "unknown region",
+        ),
+        (
+            "bad country code",
+            GOOD.replace("[\"US\", \"CA\"]", "[\"US\", \"XQ\"]"),
+            "region[0].countries[1]",
+            "ISO 3166-1",
+        ),
+        (
+            "endpoint without scheme",
+            GOOD.replace("\"http://127.0.0.1:8001\"", "\"127.0.0.1:8001\""),
+            "region[0].endpoints[0]",
+            "http:// or https://",
+        ),
+        (
+            "endpoint without host",
+            GOOD.replace("\"http://127.0.0.1:8001\"", "\"http://\""),
+            "region[0].endpoints[0]",
+            "",
+        ),
+        (
+            "latitude out of range",
+            GOOD.replace("[39.04, -77.49]", "[139.04, -77.49]"),
+            "region[0].location",
+            "out of range",
+        ),
+        (
+            "empty endpoints",
+            GOOD.replace("endpoints = [\"http://127.0.0.1:8002\"]", "endpoints = []"),
+            "region[1].endpoints",
+            "at least one endpoint",
+        ),
+        (
+            "country homed twice",
+            GOOD.replace("[\"GB\"]\nendpoints", "[\"GB\", \"US\"]\nendpoints"),
+            "region[1].countries[1]",
+            "already the home",
+        ),
+        (
+            "unknown key",
+            GOOD.replace("[geoip]", "[geoip]\ndefualt = 1"),
+            "",
+            "unknown field",
+        ),
+    ];
+    for (name, text, key, message) in cases {
+        let path = write(&dir, "bad.toml", &text);
+        let (code, _out, err) = meridian(&["check", "-c", &path]);
+        assert_eq!(code, 1, "{name}: should fail\n{err}");
+        assert!(err.contains(&path), "{name}: names the file\n{err}");
+        assert!(err.contains(key), "{name}: names the key {key}\n{err}");
+        assert!(err.contains(message), "{name}: says {message:?}\n{err}");
+        // file:line: key: message
+        assert!(err.contains(&format!("{path}:")), "{name}: has a line number\n{err}");
+    }
+    // Several problems are all reported in one run.
+    let text = GOOD
+        .replace("[\"US\", \"CA\"]", "[\"US\", \"XQ\"]")
+        .replace("default_region = \"us-east\"", "default_region = \"mars\"");
+    let path = write(&dir, "two.toml", &text);
+    let (_, _, err) = meridian(&["check", "-c", &path]);
+    assert!(err.contains("2 problem(s)"), "{err}");
+    let (code, _, err) = meridian(&["check", "-c", "/nonexistent/meridian.toml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn check_rejects_a_corrupt_geoip_database() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "corrupt.mmdb", "definitely not a database");
+    let path = write(
+        &dir,
+        "c.toml",
+        &GOOD.replace("[geoip]", "[geoip]\ndatabase = \"corrupt.mmdb\""),
+    );
+    let (code, _, err) = meridian(&["check", "-c", &path]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("corrupt.mmdb") && err.contains("not a valid MaxMind DB"),
+        "{err}"
+    );
+}
+
+#[test]
+fn route_explains_each_address() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/meridian.toml");
+    let (code, out, err) = meridian(&["route", "-c", example, "81.2.69.142", "8.8.8.8", "1.1.1.1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("81.2.69.142\n  country:    GB"), "{out}");
+    assert!(out.contains("zone:       uk"), "{out}");
+    assert!(out.contains("chosen:     uk-south"), "{out}");
+    assert!(out.contains("chosen:     us-east"), "{out}");
+    assert!(out.contains(" km"), "{out}");
+
+    let (code, out, _) = meridian(&[
+        "route",
+        "-c",
+        example,
+        "--json",
+        "81.2.69.142",
+        "8.8.8.8",
+        "1.1.1.1",
+        "10.0.0.1",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let a = v.as_array().unwrap();
+    assert_eq!(a.len(), 4);
+    assert_eq!(a[0]["ip"], "81.2.69.142");
+    assert_eq!(a[0]["country"], "GB");
+    assert_eq!(a[0]["zone"], "uk");
+    assert_eq!(a[0]["chosen"], "uk-south");
+    assert_eq!(
+        a[0]["candidates"].as_array().unwrap().len(),
+        1,
+        "the uk zone allows one region"
+    );
+    assert_eq!(a[0]["candidates"][0]["home"], true);
+    assert!(a[0]["location"]["lat"].is_number());
+    assert_eq!(a[1]["country"], "US");
+    assert_eq!(a[1]["chosen"], "us-east");
+    // AU: no home region, ordered by distance.
+    let d: Vec<f64> = a[2]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["distance_km"].as_f64().unwrap())
+        .collect();
+    assert!(d.windows(2).all(|w| w[0] <= w[1]), "{d:?}");
+    assert_eq!(a[3]["country"], serde_json::Value::Null);
+    assert_eq!(a[3]["chosen"], "us-east", "private addresses use default_region");
+
+    let (code, _, err) = meridian(&["route", "-c", example, "not-an-ip"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not an IP address"));
+}
