@@ -2,7 +2,9 @@
 //! failover drills (bearer token, compared in constant time).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -16,7 +18,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::health::EndpointSnapshot;
+use crate::health::{DrainInfo, EndpointSnapshot};
 use crate::route::RegionState;
 use crate::runtime::{Runtime, Shared};
 
@@ -26,7 +28,7 @@ type AdminResponse = Response<Full<Bytes>>;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(_) => continue,
@@ -36,7 +38,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
         let shared = shared.clone();
         let service = service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, req)) }
+            async move { Ok::<_, Infallible>(handle(&shared, peer, req)) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         tokio::spawn(async move {
@@ -45,7 +47,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
     }
 }
 
-fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
+fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
@@ -64,9 +66,10 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
         }
         (&Method::GET, ["status"]) => json_response(StatusCode::OK, &status(shared)),
         (&Method::POST, ["regions", name, action @ ("drain" | "undrain")]) => {
-            if let Err(resp) = authorize(shared, &req) {
-                return *resp;
-            }
+            let token_id = match authorize(shared, &req) {
+                Ok(id) => id,
+                Err(resp) => return *resp,
+            };
             let rt = shared.runtime();
             let Some(index) = rt.config.region_index(name) else {
                 return error(
@@ -75,10 +78,26 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
                     &format!("no region named {name:?}"),
                 );
             };
-            let drain = *action == "drain";
+            let query = DrainQuery::parse(req.uri().query());
+            let duration = match query.duration {
+                Ok(d) => d,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e),
+            };
             let region = &rt.regions[index];
-            if region.health.set_drained(drain) {
-                tracing::warn!(region = %name, drained = drain, "region drain changed by admin");
+            let reason = query.reason.as_deref().unwrap_or("");
+            if *action == "drain" {
+                let info = DrainInfo {
+                    by: token_id.clone(),
+                    peer: peer.to_string(),
+                    reason: query.reason.clone(),
+                    since_unix: crate::app::unix_now(),
+                    until_unix: duration.map(|d| crate::app::unix_now() + d.as_secs_f64()),
+                };
+                let changed = region.health.drain(duration, info);
+                tracing::warn!(region = %name, by = %token_id, %peer, reason, expires_in = ?duration, changed, "region drained by admin");
+            } else {
+                let changed = region.health.undrain();
+                tracing::warn!(region = %name, by = %token_id, %peer, reason, changed, "region undrained by admin");
             }
             shared.publish_availability();
             json_response(StatusCode::OK, &region_status(&rt, index))
@@ -93,7 +112,8 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> AdminResponse {
 }
 
 /// 403 when no token is configured (mutations are off), 401 without the right bearer token.
-fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Box<AdminResponse>> {
+/// Returns the token's id for the logs.
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<String, Box<AdminResponse>> {
     let rt = shared.runtime();
     let Some(token) = rt.config.admin.token.as_deref() else {
         return Err(Box::new(error(
@@ -110,7 +130,7 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Box<AdminRe
         .map(str::trim)
         .unwrap_or("");
     if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) && !presented.is_empty() {
-        Ok(())
+        Ok(token_id(token))
     } else {
         let mut resp = error(
             StatusCode::UNAUTHORIZED,
@@ -123,6 +143,69 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), Box<AdminRe
     }
 }
 
+/// A short, non-secret name for a token in logs: the start of its SHA-256, as SSH shows keys.
+pub fn token_id(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hex: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// `?for=10m&reason=drill` on drain and undrain.
+struct DrainQuery {
+    duration: Result<Option<Duration>, String>,
+    reason: Option<String>,
+}
+
+impl DrainQuery {
+    fn parse(query: Option<&str>) -> DrainQuery {
+        let mut q = DrainQuery {
+            duration: Ok(None),
+            reason: None,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value);
+            match key {
+                "for" => {
+                    q.duration = match humantime::parse_duration(&value) {
+                        Ok(d) if !d.is_zero() => Ok(Some(d)),
+                        _ => Err(format!("for={value:?} is not a duration like \"10m\"")),
+                    }
+                }
+                // Bounded: it goes into logs and /status.
+                "reason" => q.reason = Some(value.chars().take(200).collect()),
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+/// Decodes `%XX` and `+` in a query value; invalid escapes are kept as written.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[derive(Serialize)]
 struct RegionStatus {
     name: String,
@@ -133,6 +216,9 @@ struct RegionStatus {
     failover: bool,
     location: crate::geo::GeoPoint,
     endpoints_available: usize,
+    /// Share of its clients the region takes while it ramps back (slow start).
+    slow_start_weight: Option<f64>,
+    drain: Option<DrainInfo>,
     endpoints: Vec<EndpointSnapshot>,
 }
 
@@ -140,7 +226,8 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
     let r = &rt.regions[index];
     let c = &rt.config.regions[index];
     let drained = r.health.is_drained();
-    let endpoints: Vec<EndpointSnapshot> = r.endpoints.iter().map(|e| e.health.snapshot()).collect();
+    let slow_start = rt.config.health.slow_start;
+    let endpoints: Vec<EndpointSnapshot> = r.endpoints.iter().map(|e| e.health.snapshot(slow_start)).collect();
     let endpoints_available = endpoints.iter().filter(|e| e.available).count();
     let available = rt.region_state(index, |_| false) == RegionState::Available;
     let state = if drained {
@@ -161,6 +248,8 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
         failover: c.failover,
         location: c.location,
         endpoints_available,
+        slow_start_weight: Some(r.health.ramp(slow_start)).filter(|w| *w < 1.0),
+        drain: r.health.drain_info(),
         endpoints,
     }
 }

@@ -71,8 +71,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tasks = vec![
         tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())),
         tokio::spawn(crate::admin::serve(admin, shared.clone(), rx.clone())),
+        // Probes, time-based health transitions, and readiness after the first probe round.
+        tokio::spawn(crate::health::probe::run(shared.clone(), rx.clone())),
     ];
-    shared.ready.store(true, Ordering::Release);
     tracing::info!(listen = %running_listen, admin = %running_admin, "meridian serving");
     Ok(Running {
         listen: running_listen,

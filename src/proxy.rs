@@ -181,14 +181,26 @@ impl Proxy {
         let mut last_error: Option<ProxyError> = None;
         let first_choice = plan.candidates.first().map(|c| c.region);
         let first_state = first_choice.map(|r| rt.region_state(r, |_| false));
+        // Slow start: a region that just came back takes only a growing share of its clients;
+        // the others keep going where they went while it was away. Drawn once per request.
+        let ramp_skips = slow_start_skips(rt, plan);
 
         while (tried.len() as u32) < config.retry.max_attempts {
-            let decision = route::select(
-                plan,
-                |r| rt.region_state(r, |e| tried.contains(&Target::Endpoint { region: r, endpoint: e })),
-                rt.fallback.is_some() && !tried.contains(&Target::Fallback),
-                config.health.panic_mode,
-            );
+            let fallback_usable = rt.fallback.is_some() && !tried.contains(&Target::Fallback);
+            let tried_so_far = &tried;
+            let state = |skip: u64| {
+                move |r: usize| match rt.region_state(r, |e| {
+                    tried_so_far.contains(&Target::Endpoint { region: r, endpoint: e })
+                }) {
+                    RegionState::Available if r < 64 && skip & (1 << r) != 0 => RegionState::Unavailable,
+                    s => s,
+                }
+            };
+            let mut decision = route::select(plan, state(ramp_skips), fallback_usable, config.health.panic_mode);
+            if ramp_skips != 0 && !matches!(decision, Decision::Region(_)) {
+                // Nowhere else to go: the ramping region serves after all.
+                decision = route::select(plan, state(0), fallback_usable, config.health.panic_mode);
+            }
             let target = match decision {
                 Decision::Region(region) => match self.pick(rt, region, &tried) {
                     Some(endpoint) => Target::Endpoint { region, endpoint },
@@ -261,7 +273,19 @@ impl Proxy {
                         continue;
                     }
                     record.ttfb = Some(ttfb);
-                    record.failover_reason = failover_reason(plan, first_choice, first_state, target, tried.len());
+                    record.failover_reason = failover_reason(plan, first_choice, first_state, target, tried.len()).map(
+                        |r| match first_choice {
+                            Some(f) if r == "unhealthy" && f < 64 && ramp_skips & (1 << f) != 0 => "slow_start",
+                            _ => r,
+                        },
+                    );
+                    if let (Some(reason), Some(from)) = (record.failover_reason, first_choice) {
+                        self.shared
+                            .metrics
+                            .failovers
+                            .with_label_values(&[&rt.regions[from].name, &region_name, reason])
+                            .inc();
+                    }
                     return Ok(self.relay(rt, target, resp, record, started, inflight, health));
                 }
                 Err(e) => {
@@ -272,7 +296,7 @@ impl Proxy {
                             _ => Some(Event::ConnectError),
                         };
                         if let Some(event) = event {
-                            self.observe(rt, h, event);
+                            self.shared.observe(rt, h, event);
                         }
                     }
                     if overflow.load(std::sync::atomic::Ordering::Acquire) {
@@ -312,7 +336,7 @@ impl Proxy {
         let n = r.endpoints.len().min(loads.len());
         let mut any = false;
         for (i, e) in r.endpoints.iter().take(n).enumerate() {
-            let mut load = e.health.load(e.config.weight);
+            let mut load = e.health.load(e.config.weight, rt.config.health.slow_start);
             load.eligible &= !tried.contains(&Target::Endpoint { region, endpoint: i });
             any |= load.eligible;
             loads[i] = load;
@@ -422,27 +446,15 @@ impl Proxy {
         Ok((resp, sent.elapsed(), inflight))
     }
 
-    fn observe(&self, rt: &Runtime, health: &EndpointHealth, event: Event) {
-        if let Some(t) = health.observe(event, &rt.policy) {
-            tracing::warn!(region = %health.region, endpoint = %health.url, from = ?t.from, to = ?t.to, reason = ?t.reason, "endpoint state changed");
-            self.shared
-                .metrics
-                .ejections
-                .with_label_values(&[&health.region, &format!("{:?}", t.reason)])
-                .inc();
-            self.shared.publish_availability();
-        }
-    }
-
     fn observe_response(&self, rt: &Runtime, health: &EndpointHealth, resp: &Response<Incoming>, ttfb: Duration) {
         let status = resp.status().as_u16();
         if matches!(status, 429 | 503) {
             if let Some(after) = retry_after(resp.headers()) {
-                self.observe(rt, health, Event::Shed { retry_after: after });
+                self.shared.observe(rt, health, Event::Shed { retry_after: after });
                 return;
             }
         }
-        self.observe(rt, health, Event::Response { status, ttfb });
+        self.shared.observe(rt, health, Event::Response { status, ttfb });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -541,12 +553,15 @@ impl Completion for Done {
         let elapsed = self.started.elapsed();
         self.metrics.count(self.record.status);
         self.metrics.duration.observe(elapsed.as_secs_f64());
-        if matches!(end, StreamEnd::Stalled | StreamEnd::UpstreamError) {
-            if let Some(h) = &self.health {
-                if let Some(t) = h.observe(Event::StreamError, &self.runtime.policy) {
-                    tracing::warn!(region = %h.region, endpoint = %h.url, to = ?t.to, reason = ?t.reason, "endpoint state changed");
-                    self.shared.publish_availability();
-                }
+        if let Some(h) = &self.health {
+            // Only a response relayed to its end proves the endpoint; a stall counts against it.
+            let event = match end {
+                StreamEnd::Stalled | StreamEnd::UpstreamError => Some(Event::StreamError),
+                StreamEnd::Complete if self.record.status < 500 => Some(Event::Completed),
+                StreamEnd::Complete | StreamEnd::ClientGone => None,
+            };
+            if let Some(event) = event {
+                self.shared.observe(&self.runtime, h, event);
             }
         }
         if self.runtime.config.log.access_log {
@@ -581,6 +596,19 @@ fn failover_reason(
         (_, Some(RegionState::Unavailable)) => "unavailable",
         _ => "unhealthy",
     })
+}
+
+/// Candidate regions in slow start that this request skips, as a bit set of region indexes.
+fn slow_start_skips(rt: &Runtime, plan: &RoutePlan<'_>) -> u64 {
+    let window = rt.config.health.slow_start;
+    let mut skips = 0u64;
+    for c in plan.candidates.iter().filter(|c| c.region < 64) {
+        let ramp = rt.regions[c.region].health.ramp(window);
+        if ramp < 1.0 && !crate::health::slow_start::admit(ramp, fastrand::f64()) {
+            skips |= 1 << c.region;
+        }
+    }
+    skips
 }
 
 fn rewrite_fallback_path(rt: &Runtime, base: &str, path: &str) -> PathAndQuery {

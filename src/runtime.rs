@@ -65,6 +65,8 @@ pub struct Shared {
     /// Set once the first probe round is done.
     pub ready: AtomicBool,
     pub draining: AtomicBool,
+    /// Bumped by every `install`, so the prober follows endpoint changes.
+    pub generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -78,7 +80,9 @@ impl Shared {
             registry,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            generation: tokio::sync::watch::Sender::new(0),
         };
+        shared.publish_endpoints(&shared.runtime());
         shared.publish_availability();
         Ok(Arc::new(shared))
     }
@@ -95,7 +99,9 @@ impl Shared {
     /// Puts a new runtime in force.
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
+        self.publish_endpoints(&self.runtime());
         self.publish_availability();
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Region health by name, for admin.
@@ -106,18 +112,6 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
-    }
-
-    /// Refreshes the region and endpoint gauges from the health objects.
-    pub fn publish_availability(&self) {
-        let rt = self.runtime();
-        for (i, r) in rt.regions.iter().enumerate() {
-            let available = rt.region_state(i, |_| false) == RegionState::Available;
-            self.metrics
-                .region_available
-                .with_label_values(&[&r.name])
-                .set(available as i64);
-        }
     }
 
     pub fn is_ready(&self) -> bool {

@@ -100,6 +100,8 @@ pub enum UnknownPolicy {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthFile {
+    /// `false` turns active probes off: ejections then end with their hold-down alone.
+    pub enabled: Option<bool>,
     pub path: Option<String>,
     pub interval: Option<Duration>,
     pub timeout: Option<Duration>,
@@ -117,6 +119,7 @@ pub struct HealthFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierFile {
+    /// 0 turns error counting off.
     pub consecutive_errors: Option<u32>,
     pub ttfb_threshold: Option<Duration>,
     pub ejection_time: Option<Duration>,

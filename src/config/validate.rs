@@ -87,6 +87,7 @@ pub struct GeoipConfig {
 
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
+    pub enabled: bool,
     pub path: String,
     pub interval: Duration,
     pub timeout: Duration,
@@ -535,6 +536,7 @@ impl Validator<'_> {
             self.problem("health.healthy_after", None, "must be at least 1");
         }
         HealthConfig {
+            enabled: h.enabled.unwrap_or(true),
             path,
             interval,
             timeout,
@@ -563,7 +565,7 @@ impl Validator<'_> {
             );
         }
         OutlierConfig {
-            consecutive_errors: o.consecutive_errors.unwrap_or(5).max(1),
+            consecutive_errors: o.consecutive_errors.unwrap_or(5),
             ttfb_threshold: self.positive(
                 "outlier.ttfb_threshold",
                 o.ttfb_threshold.map_or(Duration::from_secs(2), |d| d.0),

@@ -1,16 +1,31 @@
-//! Endpoint and region health: the pure state machine (`state`) and the shared, lock-free
-//! runtime view the request path reads.
+//! Endpoint and region health: the pure state machine (`state`), latency and slow-start
+//! maths, the active prober (`probe`), and the shared, lock-free view the request path reads.
 
+pub mod latency;
+pub mod probe;
+pub mod report;
+pub mod slow_start;
 pub mod state;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
 use crate::balance::EndpointLoad;
+use latency::PeakEwma;
 use state::{EndpointState, Event, Policy, Status, Transition};
+
+/// Milliseconds since the first call in this process: lets atomics carry instants.
+pub fn millis(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    t.saturating_duration_since(epoch).as_millis() as u64
+}
+
+/// Marks "no instant" in the atomics below.
+const NEVER: u64 = u64::MAX;
 
 /// Runtime state of one endpoint, shared by requests, probes and admin. Kept across config
 /// reloads for endpoints that stay (same region, same URL).
@@ -19,12 +34,33 @@ pub struct EndpointHealth {
     pub region: String,
     pub url: String,
     in_flight: AtomicU32,
-    /// Published copy of `machine.available()`, so picks read one atomic.
-    available: AtomicBool,
-    /// Published copy of the TTFB EWMA (f64 bits, seconds).
-    ttfb_ewma: AtomicU64,
-    machine: Mutex<EndpointState>,
-    epoch: Instant,
+    /// Published copy of `machine.status.serving()`, so picks read atomics, not the lock.
+    serving: AtomicBool,
+    /// `Retry-After` shedding ends at this `millis()`.
+    shed_until: AtomicU64,
+    /// Probation (slow start) began at this `millis()`, or `NEVER`.
+    ramp_start: AtomicU64,
+    /// Peak-EWMA latency for the balancer (f64 bits, seconds).
+    latency: AtomicU64,
+    /// A probe has completed since start-up.
+    probed: AtomicBool,
+    machine: Mutex<Machine>,
+}
+
+#[derive(Debug)]
+struct Machine {
+    state: EndpointState,
+    latency: PeakEwma,
+    last_transition: SystemTime,
+    last_probe: Option<ProbeResult>,
+}
+
+/// The latest active probe, for `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeResult {
+    pub ok: bool,
+    pub latency_ms: f64,
+    pub detail: Option<String>,
 }
 
 impl EndpointHealth {
@@ -34,31 +70,54 @@ impl EndpointHealth {
             region: region.to_string(),
             url: url.to_string(),
             in_flight: AtomicU32::new(0),
-            available: AtomicBool::new(true),
-            ttfb_ewma: AtomicU64::new(0f64.to_bits()),
-            machine: Mutex::new(EndpointState::new(now)),
-            epoch: now,
+            serving: AtomicBool::new(true),
+            shed_until: AtomicU64::new(0),
+            ramp_start: AtomicU64::new(NEVER),
+            latency: AtomicU64::new(0f64.to_bits()),
+            probed: AtomicBool::new(false),
+            machine: Mutex::new(Machine {
+                state: EndpointState::new(now),
+                latency: PeakEwma::default(),
+                last_transition: SystemTime::now(),
+                last_probe: None,
+            }),
         }
     }
 
+    /// May take new requests now: in rotation and not shedding load.
     pub fn is_available(&self) -> bool {
-        self.available.load(Ordering::Acquire)
+        self.serving.load(Ordering::Acquire) && millis(Instant::now()) >= self.shed_until.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    pub fn ttfb_ewma(&self) -> f64 {
-        f64::from_bits(self.ttfb_ewma.load(Ordering::Relaxed))
+    pub fn latency(&self) -> f64 {
+        f64::from_bits(self.latency.load(Ordering::Relaxed))
     }
 
-    pub fn load(&self, weight: u32) -> EndpointLoad {
+    pub fn has_been_probed(&self) -> bool {
+        self.probed.load(Ordering::Acquire)
+    }
+
+    /// Slow-start factor in `FLOOR..=1`: below 1 while on probation.
+    pub fn ramp(&self, window: Duration) -> f64 {
+        match self.ramp_start.load(Ordering::Relaxed) {
+            NEVER => 1.0,
+            start => slow_start::ramp(
+                Duration::from_millis(millis(Instant::now()).saturating_sub(start)),
+                window,
+            ),
+        }
+    }
+
+    pub fn load(&self, weight: u32, slow_start: Duration) -> EndpointLoad {
         EndpointLoad {
             eligible: self.is_available(),
-            latency: self.ttfb_ewma(),
+            latency: self.latency(),
             in_flight: self.in_flight(),
-            weight: weight as f64,
+            weight: weight as f64 * self.ramp(slow_start),
             queue_depth: 0.0,
             kv_cache: 0.0,
         }
@@ -70,41 +129,103 @@ impl EndpointHealth {
         InFlight(self.clone())
     }
 
-    /// Feeds one event to the state machine and publishes the result.
+    /// Feeds one event to the state machine and publishes the result. Callers should go
+    /// through [`crate::runtime::Shared::observe`], which also logs and counts transitions.
     pub fn observe(&self, event: Event, policy: &Policy) -> Option<Transition> {
-        self.with_machine(|m, now| m.observe(event, now, policy))
+        self.with_machine(|m, now| {
+            match event {
+                Event::ProbePassed { latency } => m.latency.observe(latency, now),
+                Event::Response { ttfb, .. } => m.latency.observe(ttfb, now),
+                _ => {}
+            }
+            m.state.observe(event, now, policy)
+        })
     }
 
-    /// Lets time-based transitions (ejection expiry) happen without an event.
-    pub fn tick(&self) -> Option<Transition> {
-        self.with_machine(|m, now| m.tick(now))
-    }
-
-    fn with_machine(&self, f: impl FnOnce(&mut EndpointState, Instant) -> Option<Transition>) -> Option<Transition> {
-        let now = Instant::now();
-        // A poisoned lock means a panic mid-update; the state is still plain data, keep going.
-        let mut m = self.machine.lock().unwrap_or_else(|p| p.into_inner());
-        let t = f(&mut m, now);
-        self.available.store(m.available(now), Ordering::Release);
-        self.ttfb_ewma.store(m.ttfb_ewma.to_bits(), Ordering::Relaxed);
+    /// Records an active probe's outcome for `/status`, then feeds it to the machine.
+    pub fn probed(&self, result: ProbeResult, policy: &Policy) -> Option<Transition> {
+        let event = if result.ok {
+            Event::ProbePassed {
+                latency: Duration::from_secs_f64(result.latency_ms / 1000.0),
+            }
+        } else {
+            Event::ProbeFailed
+        };
+        let t = self.with_machine(|m, now| {
+            m.last_probe = Some(result);
+            if let Event::ProbePassed { latency } = event {
+                m.latency.observe(latency, now);
+            }
+            m.state.observe(event, now, policy)
+        });
+        self.probed.store(true, Ordering::Release);
         t
     }
 
-    pub fn snapshot(&self) -> EndpointSnapshot {
-        let m = self.machine.lock().unwrap_or_else(|p| p.into_inner());
+    /// Lets time-based transitions (hold-down over, probation done) happen without an event.
+    pub fn tick(&self, policy: &Policy) -> Option<Transition> {
+        self.with_machine(|m, now| m.state.tick(now, policy))
+    }
+
+    pub fn status(&self) -> Status {
+        self.lock().state.status
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
+        // A poisoned lock means a panic mid-update; the state is still plain data, keep going.
+        self.machine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_machine(&self, f: impl FnOnce(&mut Machine, Instant) -> Option<Transition>) -> Option<Transition> {
         let now = Instant::now();
+        let mut m = self.lock();
+        let t = f(&mut m, now);
+        if t.is_some() {
+            m.last_transition = SystemTime::now();
+        }
+        let s = &m.state;
+        self.serving.store(s.status.serving(), Ordering::Release);
+        self.shed_until.store(s.shed_until.map_or(0, millis), Ordering::Relaxed);
+        self.ramp_start
+            .store(s.ramp_start().map_or(NEVER, millis), Ordering::Relaxed);
+        self.latency.store(m.latency.value.to_bits(), Ordering::Relaxed);
+        t
+    }
+
+    pub fn snapshot(&self, slow_start: Duration) -> EndpointSnapshot {
+        let now = Instant::now();
+        let m = self.lock();
+        let s = &m.state;
         EndpointSnapshot {
             url: self.url.clone(),
-            state: m.status,
-            available: m.available(now),
-            reason: m.reason,
-            since_seconds: now.duration_since(m.since).as_secs_f64(),
-            ttfb_ewma_ms: m.ttfb_ewma * 1000.0,
+            state: s.status,
+            available: s.available(now),
+            reason: s.reason.map(state::Reason::as_str),
+            since_seconds: now.saturating_duration_since(s.since).as_secs_f64(),
+            last_transition_unix: m
+                .last_transition
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            ejected_for_seconds: s
+                .ejected_until
+                .filter(|_| s.status == Status::Ejected)
+                .map(|t| t.saturating_duration_since(now).as_secs_f64()),
+            shed_for_seconds: s
+                .shed_until
+                .map(|t| t.saturating_duration_since(now).as_secs_f64())
+                .filter(|d| *d > 0.0),
+            slow_start_weight: s
+                .ramp_start()
+                .map(|t| slow_start::ramp(now.saturating_duration_since(t), slow_start)),
+            ttfb_ewma_ms: s.ttfb_ewma * 1000.0,
+            latency_ewma_ms: m.latency.value * 1000.0,
             in_flight: self.in_flight(),
-            consecutive_errors: m.consecutive_errors,
-            total_errors: m.total_errors,
-            ejections: m.ejections,
-            uptime_seconds: now.duration_since(self.epoch).as_secs_f64(),
+            consecutive_errors: s.consecutive_errors,
+            total_errors: s.total_errors,
+            ejections: s.ejections,
+            probe_failures: s.probe_failures,
+            probe_passes: s.probe_passes,
+            last_probe: m.last_probe.clone(),
         }
     }
 }
@@ -115,14 +236,22 @@ pub struct EndpointSnapshot {
     pub url: String,
     pub state: Status,
     pub available: bool,
-    pub reason: Option<state::Reason>,
+    /// Why it is in its state.
+    pub reason: Option<&'static str>,
     pub since_seconds: f64,
+    pub last_transition_unix: f64,
+    pub ejected_for_seconds: Option<f64>,
+    pub shed_for_seconds: Option<f64>,
+    pub slow_start_weight: Option<f64>,
     pub ttfb_ewma_ms: f64,
+    pub latency_ewma_ms: f64,
     pub in_flight: u32,
     pub consecutive_errors: u32,
     pub total_errors: u64,
     pub ejections: u32,
-    pub uptime_seconds: f64,
+    pub probe_failures: u32,
+    pub probe_passes: u32,
+    pub last_probe: Option<ProbeResult>,
 }
 
 /// Decrements the in-flight count when the request (and its streamed body) is done.
@@ -136,19 +265,102 @@ impl Drop for InFlight {
 }
 
 /// Runtime state of one region, kept across reloads by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RegionHealth {
-    drained: AtomicBool,
+    /// 0: not drained; `NEVER`: drained until undrained; else drained until this `millis()`.
+    drained_until: AtomicU64,
+    drain: Mutex<Option<DrainInfo>>,
+    /// Availability as last published, to notice a recovery.
+    was_available: AtomicBool,
+    /// The region came back at this `millis()` (slow start), or `NEVER`.
+    recovered_at: AtomicU64,
+}
+
+impl Default for RegionHealth {
+    fn default() -> Self {
+        RegionHealth {
+            drained_until: AtomicU64::new(0),
+            drain: Mutex::new(None),
+            // Regions start available: no slow start at start-up.
+            was_available: AtomicBool::new(true),
+            recovered_at: AtomicU64::new(NEVER),
+        }
+    }
+}
+
+/// Who drained a region, why, and until when; for logs and `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainInfo {
+    /// Fingerprint of the admin token used (never the token).
+    pub by: String,
+    pub peer: String,
+    pub reason: Option<String>,
+    pub since_unix: f64,
+    pub until_unix: Option<f64>,
 }
 
 impl RegionHealth {
     pub fn is_drained(&self) -> bool {
-        self.drained.load(Ordering::Acquire)
+        match self.drained_until.load(Ordering::Acquire) {
+            0 => false,
+            NEVER => true,
+            until => millis(Instant::now()) < until,
+        }
     }
 
-    /// Returns whether the flag changed.
-    pub fn set_drained(&self, drained: bool) -> bool {
-        self.drained.swap(drained, Ordering::AcqRel) != drained
+    /// Drains for `duration` (or until undrained). Returns whether it was not drained before.
+    pub fn drain(&self, duration: Option<Duration>, info: DrainInfo) -> bool {
+        let was = self.is_drained();
+        let until = duration.map_or(NEVER, |d| millis(Instant::now() + d).max(1));
+        *self.drain.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+        self.drained_until.store(until, Ordering::Release);
+        !was
+    }
+
+    /// Returns whether it was drained before.
+    pub fn undrain(&self) -> bool {
+        let was = self.is_drained();
+        self.drained_until.store(0, Ordering::Release);
+        *self.drain.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        was
+    }
+
+    pub fn drain_info(&self) -> Option<DrainInfo> {
+        if !self.is_drained() {
+            return None;
+        }
+        self.drain.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Clears a drain whose time is up; returns its info once, so it is logged once.
+    pub fn expire_drain(&self) -> Option<DrainInfo> {
+        let until = self.drained_until.load(Ordering::Acquire);
+        if until == 0 || until == NEVER || millis(Instant::now()) < until {
+            return None;
+        }
+        self.drained_until
+            .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        self.drain.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Notes the region's availability; a return to service starts its slow start.
+    /// Returns true when it just came back.
+    pub fn note_available(&self, available: bool) -> bool {
+        let was = self.was_available.swap(available, Ordering::AcqRel);
+        if available && !was {
+            self.recovered_at.store(millis(Instant::now()), Ordering::Release);
+            return true;
+        }
+        false
+    }
+
+    /// Share of its clients the region takes back: below 1 during slow start.
+    pub fn ramp(&self, window: Duration) -> f64 {
+        match self.recovered_at.load(Ordering::Acquire) {
+            NEVER => 1.0,
+            at => slow_start::ramp(Duration::from_millis(millis(Instant::now()).saturating_sub(at)), window),
+        }
     }
 }
 
@@ -162,5 +374,7 @@ pub fn policy(config: &crate::config::Config) -> Policy {
         ejection_time: config.outlier.ejection_time,
         max_ejection_time: config.outlier.max_ejection_time,
         max_retry_after: config.outlier.max_retry_after,
+        probation: config.health.slow_start,
+        probes: config.health.enabled,
     }
 }

@@ -1,4 +1,13 @@
 //! The per-endpoint health state machine: events and a clock in, transitions out. No I/O.
+//!
+//! ```text
+//!  healthy ──(one failure)──▶ suspect ──(unhealthy_after probes | consecutive_errors | slow TTFB)──▶ ejected
+//!     ▲                          │                                                                   │
+//!     └──────(success)───────────┘            (hold-down over and healthy_after probes passed)       ▼
+//!     └────────────────(probation lasted slow_start without a failure)─────────────────────────── probation
+//! ```
+//! A failure during probation ejects again at once, for twice as long: a flapping endpoint
+//! spends more and more time out instead of pulling traffic back every interval.
 
 use std::time::{Duration, Instant};
 
@@ -9,12 +18,23 @@ use serde::Serialize;
 pub struct Policy {
     pub unhealthy_after: u32,
     pub healthy_after: u32,
+    /// 0 turns error counting off.
     pub consecutive_errors: u32,
     pub ttfb_threshold: Duration,
     pub ejection_time: Duration,
     pub max_ejection_time: Duration,
     pub max_retry_after: Duration,
+    /// How long a returning endpoint stays on probation (the slow-start window).
+    pub probation: Duration,
+    /// Active probes run: leaving an ejection needs `healthy_after` passed probes.
+    pub probes: bool,
 }
+
+/// Responses needed before the TTFB average may eject: one slow answer is not a trend.
+pub const TTFB_MIN_SAMPLES: u32 = 3;
+
+/// Weight of a new sample in the TTFB average.
+const EWMA_WEIGHT: f64 = 0.1;
 
 /// Something that happened to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,6 +48,8 @@ pub enum Event {
         status: u16,
         ttfb: Duration,
     },
+    /// A response below 500 was relayed to its end: the endpoint works.
+    Completed,
     /// The endpoint asked to be left alone (`429`/`503` with `Retry-After`).
     Shed {
         retry_after: Duration,
@@ -38,22 +60,69 @@ pub enum Event {
     StreamError,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Healthy,
+    /// Serving, but something failed recently.
+    Suspect,
+    /// Out of rotation.
     Ejected,
-    Unhealthy,
+    /// Back in rotation on a short leash, its share ramping up.
+    Probation,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [Status::Healthy, Status::Suspect, Status::Ejected, Status::Probation];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Healthy => "healthy",
+            Status::Suspect => "suspect",
+            Status::Ejected => "ejected",
+            Status::Probation => "probation",
+        }
+    }
+
+    /// Takes traffic (unless shed).
+    pub fn serving(self) -> bool {
+        !matches!(self, Status::Ejected)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    /// One probe failed (suspect).
+    ProbeFailed,
+    /// One request failed (suspect).
+    RequestFailed,
     ProbesFailed,
-    ProbesPassed,
     ConsecutiveErrors,
     SlowFirstByte,
+    /// Failures stopped before a threshold (suspect → healthy).
+    Recovered,
+    /// Hold-down over and `healthy_after` probes passed (ejected → probation).
+    ProbesPassed,
+    /// Hold-down over, probes off (ejected → probation).
     EjectionExpired,
+    ProbationPassed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::ProbeFailed => "probe_failed",
+            Reason::RequestFailed => "request_failed",
+            Reason::ProbesFailed => "probes_failed",
+            Reason::ConsecutiveErrors => "consecutive_errors",
+            Reason::SlowFirstByte => "slow_first_byte",
+            Reason::Recovered => "recovered",
+            Reason::ProbesPassed => "probes_passed",
+            Reason::EjectionExpired => "ejection_expired",
+            Reason::ProbationPassed => "probation_passed",
+        }
+    }
 }
 
 /// A change of status, returned once so callers log and count it once.
@@ -68,19 +137,23 @@ pub struct Transition {
 pub struct EndpointState {
     pub status: Status,
     pub reason: Option<Reason>,
+    /// Time of the last transition.
     pub since: Instant,
     pub probe_failures: u32,
     pub probe_passes: u32,
     pub consecutive_errors: u32,
     pub total_errors: u64,
+    /// Ejections over the endpoint's life.
     pub ejections: u32,
+    /// Recent ejections: each one doubles the next hold-down; decays while healthy.
+    pub backoff: u32,
+    calm_since: Instant,
     pub ejected_until: Option<Instant>,
     pub shed_until: Option<Instant>,
-    /// EWMA of time to first byte, seconds.
+    /// EWMA of time to first byte of real traffic, seconds (the outlier signal).
     pub ttfb_ewma: f64,
+    ttfb_samples: u32,
 }
-
-const EWMA_WEIGHT: f64 = 0.3;
 
 impl EndpointState {
     pub fn new(now: Instant) -> EndpointState {
@@ -93,108 +166,420 @@ impl EndpointState {
             consecutive_errors: 0,
             total_errors: 0,
             ejections: 0,
+            backoff: 0,
+            calm_since: now,
             ejected_until: None,
             shed_until: None,
             ttfb_ewma: 0.0,
+            ttfb_samples: 0,
         }
     }
 
     /// May take new requests at `now`.
     pub fn available(&self, now: Instant) -> bool {
-        self.status == Status::Healthy && self.shed_until.is_none_or(|t| now >= t)
+        self.status.serving() && self.shed_until.is_none_or(|t| now >= t)
     }
 
-    fn goto(&mut self, to: Status, reason: Reason, now: Instant) -> Option<Transition> {
-        if self.status == to {
-            return None;
-        }
-        let from = self.status;
-        self.status = to;
-        self.reason = Some(reason);
-        self.since = now;
-        Some(Transition { from, to, reason })
+    /// Start of the probation ramp, while on probation.
+    pub fn ramp_start(&self) -> Option<Instant> {
+        (self.status == Status::Probation).then_some(self.since)
     }
 
-    fn eject(&mut self, reason: Reason, now: Instant, p: &Policy) -> Option<Transition> {
-        let factor = 1u32 << self.ejections.min(16);
-        let time = (p.ejection_time * factor).min(p.max_ejection_time);
-        self.ejections = self.ejections.saturating_add(1);
-        self.ejected_until = Some(now + time);
-        self.consecutive_errors = 0;
-        self.goto(Status::Ejected, reason, now)
-    }
-
-    fn error(&mut self, now: Instant, p: &Policy) -> Option<Transition> {
-        self.consecutive_errors += 1;
-        self.total_errors += 1;
-        if self.status == Status::Healthy && self.consecutive_errors >= p.consecutive_errors {
-            return self.eject(Reason::ConsecutiveErrors, now, p);
-        }
-        None
-    }
-
-    /// Applies one event at `now`.
+    /// Applies one event at `now`; returns the net change of status, if any.
     pub fn observe(&mut self, event: Event, now: Instant, p: &Policy) -> Option<Transition> {
-        let expired = self.tick(now);
-        let t = match event {
-            Event::ProbePassed { latency } => {
+        let before = self.status;
+        // The event first, then the clock: a failing probe at the end of a hold-down keeps
+        // the endpoint out rather than letting it in for an instant.
+        match event {
+            Event::ProbePassed { .. } => {
                 self.probe_failures = 0;
-                self.probe_passes += 1;
-                if self.ttfb_ewma == 0.0 {
-                    self.ttfb_ewma = latency.as_secs_f64();
-                }
-                if self.status == Status::Unhealthy && self.probe_passes >= p.healthy_after {
-                    self.goto(Status::Healthy, Reason::ProbesPassed, now)
-                } else {
-                    None
-                }
+                self.probe_passes = self.probe_passes.saturating_add(1);
             }
             Event::ProbeFailed => {
                 self.probe_passes = 0;
-                self.probe_failures += 1;
-                if self.status != Status::Unhealthy && self.probe_failures >= p.unhealthy_after {
-                    self.goto(Status::Unhealthy, Reason::ProbesFailed, now)
-                } else {
-                    None
-                }
+                self.probe_failures = self.probe_failures.saturating_add(1);
             }
             Event::Response { status, ttfb } => {
                 let x = ttfb.as_secs_f64();
-                self.ttfb_ewma = if self.ttfb_ewma == 0.0 {
+                self.ttfb_ewma = if self.ttfb_samples == 0 {
                     x
                 } else {
                     EWMA_WEIGHT * x + (1.0 - EWMA_WEIGHT) * self.ttfb_ewma
                 };
+                self.ttfb_samples = self.ttfb_samples.saturating_add(1);
                 if status >= 500 {
-                    self.error(now, p)
-                } else {
-                    self.consecutive_errors = 0;
-                    if self.status == Status::Healthy && self.ttfb_ewma > p.ttfb_threshold.as_secs_f64() {
-                        self.eject(Reason::SlowFirstByte, now, p)
-                    } else {
-                        None
-                    }
+                    self.count_error();
                 }
             }
+            Event::Completed => self.consecutive_errors = 0,
             Event::Shed { retry_after } => {
                 self.shed_until = Some(now + retry_after.min(p.max_retry_after));
-                None
             }
-            Event::ConnectError | Event::Timeout | Event::StreamError => self.error(now, p),
-        };
-        t.or(expired)
+            Event::ConnectError | Event::Timeout | Event::StreamError => self.count_error(),
+        }
+        let reason = self.settle(now, p);
+        self.net(before, reason)
     }
 
-    /// Ends an ejection whose time is up.
-    pub fn tick(&mut self, now: Instant) -> Option<Transition> {
-        match self.ejected_until {
-            Some(until) if self.status == Status::Ejected && now >= until => {
-                self.ejected_until = None;
-                // Forget the slow average, or the first response would eject again.
-                self.ttfb_ewma = 0.0;
-                self.goto(Status::Healthy, Reason::EjectionExpired, now)
-            }
+    /// Lets time pass: hold-downs end, probation completes, backoff decays.
+    pub fn tick(&mut self, now: Instant, p: &Policy) -> Option<Transition> {
+        let before = self.status;
+        let reason = self.settle(now, p);
+        self.net(before, reason)
+    }
+
+    fn net(&self, before: Status, reason: Option<Reason>) -> Option<Transition> {
+        match reason {
+            Some(reason) if self.status != before => Some(Transition {
+                from: before,
+                to: self.status,
+                reason,
+            }),
             _ => None,
         }
+    }
+
+    fn count_error(&mut self) {
+        self.consecutive_errors = self.consecutive_errors.saturating_add(1);
+        self.total_errors = self.total_errors.saturating_add(1);
+    }
+
+    fn slow(&self, p: &Policy) -> bool {
+        self.ttfb_samples >= TTFB_MIN_SAMPLES && self.ttfb_ewma > p.ttfb_threshold.as_secs_f64()
+    }
+
+    /// Moves the status as far as the counters and the clock say; returns the last reason.
+    fn settle(&mut self, now: Instant, p: &Policy) -> Option<Reason> {
+        let mut last = None;
+        // At most ejected → probation → healthy in one step (a zero probation).
+        for _ in 0..3 {
+            match self.step(now, p) {
+                Some(r) => last = Some(r),
+                None => break,
+            }
+        }
+        if matches!(self.status, Status::Healthy | Status::Suspect)
+            && self.backoff > 0
+            && now.saturating_duration_since(self.calm_since) >= p.ejection_time
+        {
+            self.backoff -= 1;
+            self.calm_since = now;
+        }
+        last
+    }
+
+    fn step(&mut self, now: Instant, p: &Policy) -> Option<Reason> {
+        let errors_over = |limit: u32| limit > 0 && self.consecutive_errors >= limit;
+        match self.status {
+            Status::Healthy | Status::Suspect => {
+                if self.probe_failures >= p.unhealthy_after {
+                    self.eject(Reason::ProbesFailed, now, p)
+                } else if errors_over(p.consecutive_errors) {
+                    self.eject(Reason::ConsecutiveErrors, now, p)
+                } else if self.slow(p) {
+                    self.eject(Reason::SlowFirstByte, now, p)
+                } else if self.probe_failures > 0 {
+                    self.goto(Status::Suspect, Reason::ProbeFailed, now)
+                } else if self.consecutive_errors > 0 && p.consecutive_errors > 0 {
+                    self.goto(Status::Suspect, Reason::RequestFailed, now)
+                } else {
+                    self.goto(Status::Healthy, Reason::Recovered, now)
+                }
+            }
+            Status::Probation => {
+                // A short leash: one failed probe, or half the error threshold.
+                if self.probe_failures > 0 {
+                    self.eject(Reason::ProbesFailed, now, p)
+                } else if errors_over(p.consecutive_errors.div_ceil(2)) {
+                    self.eject(Reason::ConsecutiveErrors, now, p)
+                } else if self.slow(p) {
+                    self.eject(Reason::SlowFirstByte, now, p)
+                } else if now.saturating_duration_since(self.since) >= p.probation {
+                    self.calm_since = now;
+                    self.goto(Status::Healthy, Reason::ProbationPassed, now)
+                } else {
+                    None
+                }
+            }
+            Status::Ejected => {
+                let held = self.ejected_until.is_none_or(|t| now >= t);
+                if !held {
+                    None
+                } else if !p.probes {
+                    self.return_to_service(Reason::EjectionExpired, now)
+                } else if self.probe_passes >= p.healthy_after {
+                    self.return_to_service(Reason::ProbesPassed, now)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    fn goto(&mut self, to: Status, reason: Reason, now: Instant) -> Option<Reason> {
+        if self.status == to {
+            return None;
+        }
+        self.status = to;
+        self.reason = Some(reason);
+        self.since = now;
+        Some(reason)
+    }
+
+    /// How long an ejection for `reason` lasts at least. The first probe ejection has no
+    /// hold-down (the region returns as soon as probes pass); every repeat doubles it.
+    pub fn hold_down(&self, reason: Reason, p: &Policy) -> Duration {
+        let level = match (reason, self.backoff) {
+            (Reason::ProbesFailed, 0) => return Duration::ZERO,
+            (Reason::ProbesFailed, n) => n - 1,
+            (_, n) => n,
+        };
+        p.ejection_time
+            .checked_mul(1u32 << level.min(20))
+            .unwrap_or(p.max_ejection_time)
+            .min(p.max_ejection_time)
+    }
+
+    fn eject(&mut self, reason: Reason, now: Instant, p: &Policy) -> Option<Reason> {
+        let hold = self.hold_down(reason, p);
+        self.ejected_until = Some(now + hold);
+        self.backoff = self.backoff.saturating_add(1);
+        self.ejections = self.ejections.saturating_add(1);
+        self.consecutive_errors = 0;
+        self.probe_passes = 0;
+        self.probe_failures = 0;
+        self.goto(Status::Ejected, reason, now)
+    }
+
+    fn return_to_service(&mut self, reason: Reason, now: Instant) -> Option<Reason> {
+        self.ejected_until = None;
+        self.consecutive_errors = 0;
+        // Forget the slow average, or the first response would eject again.
+        self.ttfb_ewma = 0.0;
+        self.ttfb_samples = 0;
+        self.goto(Status::Probation, reason, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            unhealthy_after: 3,
+            healthy_after: 2,
+            consecutive_errors: 4,
+            ttfb_threshold: Duration::from_millis(500),
+            ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(60),
+            max_retry_after: Duration::from_secs(30),
+            probation: Duration::from_secs(5),
+            probes: true,
+        }
+    }
+
+    const PASS: Event = Event::ProbePassed {
+        latency: Duration::from_millis(1),
+    };
+    const FAIL: Event = Event::ProbeFailed;
+    const OK: Event = Event::Response {
+        status: 200,
+        ttfb: Duration::from_millis(10),
+    };
+    const E500: Event = Event::Response {
+        status: 500,
+        ttfb: Duration::from_millis(10),
+    };
+    const SLOW: Event = Event::Response {
+        status: 200,
+        ttfb: Duration::from_secs(2),
+    };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Feeds `(offset, event)` pairs and returns the status after each.
+    fn run(p: &Policy, steps: &[(u64, Option<Event>)]) -> Vec<Status> {
+        let t0 = Instant::now();
+        let mut m = EndpointState::new(t0);
+        steps
+            .iter()
+            .map(|&(at, e)| {
+                let now = t0 + ms(at);
+                match e {
+                    Some(e) => m.observe(e, now, p),
+                    None => m.tick(now, p),
+                };
+                m.status
+            })
+            .collect()
+    }
+
+    use Status::{Ejected as X, Healthy as H, Probation as P, Suspect as S};
+
+    #[test]
+    fn transition_table() {
+        let p = policy();
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<(u64, Option<Event>)>, Vec<Status>)> = vec![
+            ("one failed probe is suspicion only",
+                vec![(0, Some(FAIL)), (100, Some(PASS))], vec![S, H]),
+            ("unhealthy_after failed probes eject",
+                vec![(0, Some(FAIL)), (1, Some(FAIL)), (2, Some(FAIL))], vec![S, S, X]),
+            ("a pass in between resets the count (hysteresis)",
+                vec![(0, Some(FAIL)), (1, Some(FAIL)), (2, Some(PASS)), (3, Some(FAIL)), (4, Some(FAIL))],
+                vec![S, S, H, S, S]),
+            ("healthy_after passes bring a probe-ejected endpoint back on probation",
+                vec![(0, Some(FAIL)), (1, Some(FAIL)), (2, Some(FAIL)), (3, Some(PASS)), (4, Some(PASS))],
+                vec![S, S, X, X, P]),
+            ("probation lasts the slow-start window",
+                vec![(0, Some(FAIL)), (1, Some(FAIL)), (2, Some(FAIL)), (3, Some(PASS)), (4, Some(PASS)),
+                     (4_000, None), (5_004, None)],
+                vec![S, S, X, X, P, P, H]),
+            ("consecutive errors eject; a completed response resets them",
+                vec![(0, Some(E500)), (1, Some(Event::ConnectError)), (2, Some(Event::Completed)),
+                     (3, Some(E500)), (4, Some(Event::Timeout)), (5, Some(Event::StreamError)), (6, Some(E500))],
+                vec![S, S, H, S, S, S, X]),
+            ("a 2xx head alone does not clear errors (the stream may still stall)",
+                vec![(0, Some(Event::StreamError)), (1, Some(OK)), (2, Some(Event::StreamError)),
+                     (3, Some(OK)), (4, Some(Event::StreamError)), (5, Some(OK)), (6, Some(Event::StreamError))],
+                vec![S, S, S, S, S, S, X]),
+            ("slow first bytes eject after enough samples",
+                vec![(0, Some(SLOW)), (1, Some(SLOW)), (2, Some(SLOW))], vec![H, H, X]),
+            ("one slow answer among fast ones is not a trend",
+                vec![(0, Some(OK)), (1, Some(OK)), (2, Some(OK)), (3, Some(SLOW))], vec![H, H, H, H]),
+            ("outlier ejection holds for ejection_time even when probes pass",
+                vec![(0, Some(E500)), (1, Some(E500)), (2, Some(E500)), (3, Some(E500)),
+                     (500, Some(PASS)), (1_000, Some(PASS)), (9_999, None), (10_003, None)],
+                vec![S, S, S, X, X, X, X, P]),
+            ("one failure on probation ejects again",
+                vec![(0, Some(FAIL)), (1, Some(FAIL)), (2, Some(FAIL)), (3, Some(PASS)), (4, Some(PASS)),
+                     (100, Some(FAIL))],
+                vec![S, S, X, X, P, X]),
+            ("half the error threshold on probation ejects again",
+                vec![(0, Some(FAIL)), (1, Some(FAIL)), (2, Some(FAIL)), (3, Some(PASS)), (4, Some(PASS)),
+                     (100, Some(E500)), (101, Some(E500))],
+                vec![S, S, X, X, P, P, X]),
+        ];
+        for (name, steps, want) in cases {
+            assert_eq!(run(&p, &steps), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn errors_off_when_threshold_is_zero() {
+        let p = Policy {
+            consecutive_errors: 0,
+            ..policy()
+        };
+        let steps: Vec<_> = (0..10).map(|i| (i, Some(E500))).collect();
+        assert!(run(&p, &steps).iter().all(|s| *s == H));
+    }
+
+    #[test]
+    fn without_probes_an_ejection_ends_with_its_hold_down() {
+        let p = Policy {
+            probes: false,
+            ..policy()
+        };
+        let steps = [
+            (0, Some(E500)),
+            (1, Some(E500)),
+            (2, Some(E500)),
+            (3, Some(E500)),
+            (10_002, None),
+            (10_003, None),
+        ];
+        assert_eq!(run(&p, &steps), vec![S, S, S, X, X, P]);
+    }
+
+    #[test]
+    fn hold_down_doubles_up_to_the_cap_and_decays_while_healthy() {
+        let p = policy();
+        let t0 = Instant::now();
+        let mut m = EndpointState::new(t0);
+        let mut now = t0;
+        let mut holds = Vec::new();
+        for _ in 0..6 {
+            for _ in 0..4 {
+                m.observe(E500, now, &p);
+            }
+            assert_eq!(m.status, X);
+            let until = m.ejected_until.unwrap();
+            holds.push((until - now).as_secs());
+            now = until;
+            m.observe(PASS, now, &p);
+            m.observe(PASS, now, &p);
+            assert_eq!(m.status, P);
+        }
+        assert_eq!(holds, vec![10, 20, 40, 60, 60, 60]);
+        // Survive probation, then stay healthy: each ejection_time of calm forgets one ejection.
+        now += p.probation;
+        m.tick(now, &p);
+        assert_eq!(m.status, H);
+        let level = m.backoff;
+        now += p.ejection_time * 2;
+        m.tick(now, &p);
+        m.tick(now + p.ejection_time, &p);
+        assert_eq!(m.backoff, level - 2);
+    }
+
+    #[test]
+    fn first_probe_ejection_has_no_hold_down_but_repeats_do() {
+        let p = policy();
+        let t0 = Instant::now();
+        let mut m = EndpointState::new(t0);
+        for _ in 0..3 {
+            m.observe(FAIL, t0, &p);
+        }
+        assert_eq!(m.ejected_until, Some(t0));
+        m.observe(PASS, t0, &p);
+        m.observe(PASS, t0, &p);
+        assert_eq!(m.status, P);
+        m.observe(FAIL, t0 + ms(10), &p);
+        assert_eq!(m.ejected_until, Some(t0 + ms(10) + p.ejection_time));
+    }
+
+    #[test]
+    fn flapping_probes_return_less_and_less_often() {
+        // Probes flip every 2 intervals (1 s each): a naive machine would return every 4 s.
+        let p = Policy {
+            unhealthy_after: 2,
+            ejection_time: Duration::from_secs(4),
+            probation: Duration::from_secs(2),
+            ..policy()
+        };
+        let t0 = Instant::now();
+        let mut m = EndpointState::new(t0);
+        let mut returns = 0;
+        for i in 0..120u64 {
+            let event = if (i / 2) % 2 == 0 { FAIL } else { PASS };
+            if let Some(t) = m.observe(event, t0 + Duration::from_secs(i), &p) {
+                returns += usize::from(t.to == P);
+            }
+        }
+        // Naive: 30 returns in 120 s. Backoff: 4 s, 8, 16, 32, 60 → a handful.
+        assert!(returns <= 6, "{returns} returns");
+        assert!(returns >= 2, "{returns} returns");
+    }
+
+    #[test]
+    fn shed_is_capped_and_not_a_failure() {
+        let p = policy();
+        let t0 = Instant::now();
+        let mut m = EndpointState::new(t0);
+        m.observe(
+            Event::Shed {
+                retry_after: Duration::from_secs(3600),
+            },
+            t0,
+            &p,
+        );
+        assert_eq!(m.status, H);
+        assert_eq!(m.consecutive_errors, 0);
+        assert!(!m.available(t0 + Duration::from_secs(29)));
+        assert!(m.available(t0 + Duration::from_secs(30)));
     }
 }

@@ -1,0 +1,181 @@
+//! Active health probes: one task per endpoint sends `GET health.path` every `interval`
+//! (with jitter) and feeds the result to the endpoint's state machine. A supervisor keeps
+//! one task per endpoint across config reloads, ticks time-based transitions, and marks
+//! the process ready once every endpoint has been probed once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::uri::{PathAndQuery, Uri};
+use http::{HeaderValue, Method, Request, Version, header};
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::report::first_round_done;
+use super::{EndpointHealth, ProbeResult};
+use crate::config::UpstreamProtocol;
+use crate::forward::body::RequestBody;
+use crate::runtime::{Runtime, Shared};
+
+/// How often time-based transitions (hold-downs, probation, drain expiry) are checked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs the prober until `shutdown` turns true.
+pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut generation = shared.generation.subscribe();
+    let mut tasks: HashMap<(String, String), JoinHandle<()>> = HashMap::new();
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let rt = shared.runtime();
+        reconcile(&shared, &rt, &mut tasks);
+        if !shared.ready.load(Ordering::Acquire) && (!rt.config.health.enabled || first_round_done(&rt)) {
+            shared.ready.store(true, Ordering::Release);
+            tracing::info!("first probe round done: ready");
+        }
+        tokio::select! {
+            changed = generation.changed() => if changed.is_err() { break },
+            _ = ticker.tick() => shared.tick(&rt),
+            changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
+        }
+    }
+    for task in tasks.values() {
+        task.abort();
+    }
+}
+
+/// One task per endpoint of `rt`: new endpoints get one, removed ones lose theirs, kept
+/// ones keep theirs (they read the current config every round).
+fn reconcile(shared: &Arc<Shared>, rt: &Runtime, tasks: &mut HashMap<(String, String), JoinHandle<()>>) {
+    let mut wanted = HashMap::new();
+    if rt.config.health.enabled {
+        for r in &rt.regions {
+            for e in &r.endpoints {
+                wanted.insert((r.name.clone(), e.config.url.clone()), e.health.clone());
+            }
+        }
+    }
+    tasks.retain(|key, task| {
+        let keep = wanted.contains_key(key) && !task.is_finished();
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    for (key, health) in wanted {
+        if !tasks.contains_key(&key) {
+            let task = tokio::spawn(probe_loop(shared.clone(), health));
+            tasks.insert(key, task);
+        }
+    }
+}
+
+async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
+    loop {
+        let rt = shared.runtime();
+        let Some(result) = probe_once(&rt, &health).await else {
+            // The endpoint left the config; the supervisor aborts us too.
+            return;
+        };
+        if !result.ok {
+            tracing::debug!(region = %health.region, endpoint = %health.url, detail = result.detail.as_deref().unwrap_or(""), "probe failed");
+        }
+        shared.probed(&rt, &health, result);
+        let pause = jittered(rt.config.health.interval, rt.config.health.jitter, fastrand::f64());
+        drop(rt);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// `interval` moved by up to `±jitter` of itself; `draw` is uniform in `0..1`.
+pub fn jittered(interval: Duration, jitter: f64, draw: f64) -> Duration {
+    interval.mul_f64((1.0 + jitter * (2.0 * draw - 1.0)).max(0.0))
+}
+
+/// One probe of `health` as configured in `rt`; `None` when `rt` no longer has it.
+async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeResult> {
+    let (region, endpoint) = rt.regions.iter().find_map(|r| {
+        r.endpoints
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.health, health))
+            .map(|e| (r, e))
+    })?;
+    let hc = &rt.config.health;
+    let fail = |detail: String, started: Instant| ProbeResult {
+        ok: false,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        detail: Some(detail),
+    };
+    let started = Instant::now();
+    let path = format!("{}{}", endpoint.config.base_path, hc.path);
+    let path = match PathAndQuery::try_from(path) {
+        Ok(p) => p,
+        Err(e) => return Some(fail(format!("bad probe path: {e}"), started)),
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(endpoint.config.scheme.clone());
+    parts.authority = Some(endpoint.config.authority.clone());
+    parts.path_and_query = Some(path);
+    let uri = match Uri::from_parts(parts) {
+        Ok(u) => u,
+        Err(e) => return Some(fail(format!("bad probe URI: {e}"), started)),
+    };
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = uri;
+    *req.version_mut() = match region.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    if let Ok(host) = HeaderValue::from_str(endpoint.config.authority.as_str()) {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    req.headers_mut()
+        .insert(header::USER_AGENT, HeaderValue::from_static("meridian-health-probe"));
+    let sent = rt.upstreams.send(req, region.protocol, hc.timeout);
+    let outcome = tokio::time::timeout(hc.timeout, async {
+        let resp = sent.await.map_err(|e| e.to_string())?;
+        let latency = started.elapsed();
+        let status = resp.status();
+        // Read the body so the connection can be reused; its content does not matter.
+        resp.into_body().collect().await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(latency)
+        } else {
+            Err(format!("status {}", status.as_u16()))
+        }
+    })
+    .await;
+    Some(match outcome {
+        Ok(Ok(latency)) => ProbeResult {
+            ok: true,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            detail: None,
+        },
+        Ok(Err(detail)) => fail(detail, started),
+        Err(_) => fail(format!("no answer within {:?}", hc.timeout), started),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_table() {
+        let s = Duration::from_secs;
+        let cases = [
+            (s(2), 0.0, 0.9, s(2)),
+            (s(2), 0.1, 0.5, s(2)),
+            (s(2), 0.1, 0.0, Duration::from_millis(1800)),
+            (s(2), 0.1, 1.0, Duration::from_millis(2200)),
+        ];
+        for (interval, jitter, draw, want) in cases {
+            let got = jittered(interval, jitter, draw);
+            assert!(got.abs_diff(want) < Duration::from_micros(1), "{got:?} != {want:?}");
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Reporting health changes once: a transition is logged, counted and published to the
+//! gauges and the region availability view in one place, whoever caused it.
+
+use super::state::{Event, Status, Transition};
+use super::{EndpointHealth, ProbeResult};
+use crate::route::RegionState;
+use crate::runtime::{Runtime, Shared};
+
+impl Shared {
+    /// Feeds a real-traffic event to an endpoint and reports any transition.
+    pub fn observe(&self, rt: &Runtime, health: &EndpointHealth, event: Event) -> Option<Transition> {
+        let t = health.observe(event, &rt.policy);
+        if let Some(t) = t {
+            self.report(health, t);
+        }
+        t
+    }
+
+    /// Feeds an active probe's result to an endpoint and reports any transition.
+    pub fn probed(&self, rt: &Runtime, health: &EndpointHealth, result: ProbeResult) -> Option<Transition> {
+        self.metrics
+            .probe_duration
+            .with_label_values(&[&health.region])
+            .observe(result.latency_ms / 1000.0);
+        let t = health.probed(result, &rt.policy);
+        if let Some(t) = t {
+            self.report(health, t);
+        }
+        t
+    }
+
+    /// Lets time-based transitions happen on every endpoint; clears expired drains.
+    pub fn tick(&self, rt: &Runtime) {
+        for r in &rt.regions {
+            for e in &r.endpoints {
+                if let Some(t) = e.health.tick(&rt.policy) {
+                    self.report(&e.health, t);
+                }
+            }
+            if let Some(info) = r.health.expire_drain() {
+                tracing::warn!(region = %r.name, by = %info.by, reason = info.reason.as_deref().unwrap_or(""), "region drain expired: back in rotation");
+            }
+        }
+        self.publish_availability();
+    }
+
+    fn report(&self, health: &EndpointHealth, t: Transition) {
+        let (region, endpoint) = (health.region.as_str(), health.url.as_str());
+        let reason = t.reason.as_str();
+        match t.to {
+            Status::Ejected => {
+                tracing::warn!(region, endpoint, from = t.from.as_str(), reason, "endpoint ejected");
+                self.metrics.ejections.with_label_values(&[region, reason]).inc();
+            }
+            Status::Probation => {
+                tracing::info!(region, endpoint, reason, "endpoint back on probation (slow start)")
+            }
+            Status::Healthy | Status::Suspect => {
+                tracing::debug!(
+                    region,
+                    endpoint,
+                    from = t.from.as_str(),
+                    to = t.to.as_str(),
+                    reason,
+                    "endpoint state changed"
+                )
+            }
+        }
+        self.set_endpoint_gauge(health, t.to);
+        if t.from == Status::Ejected || t.to == Status::Ejected {
+            self.publish_availability();
+        }
+    }
+
+    /// One series per state, 1 for the current one.
+    pub fn set_endpoint_gauge(&self, health: &EndpointHealth, status: Status) {
+        for s in Status::ALL {
+            self.metrics
+                .endpoint_state
+                .with_label_values(&[&health.region, &health.url, s.as_str()])
+                .set(i64::from(s == status));
+        }
+    }
+
+    /// Refreshes the region and endpoint gauges from the health objects and notes regions
+    /// that just came back, which starts their slow start.
+    pub fn publish_availability(&self) {
+        let rt = self.runtime();
+        for (i, r) in rt.regions.iter().enumerate() {
+            let available = rt.region_state(i, |_| false) == RegionState::Available;
+            if r.health.note_available(available) && !rt.config.health.slow_start.is_zero() {
+                tracing::info!(region = %r.name, slow_start = ?rt.config.health.slow_start, "region available again: ramping its traffic back");
+            }
+            self.metrics
+                .region_available
+                .with_label_values(&[&r.name])
+                .set(available as i64);
+        }
+    }
+
+    /// Rebuilds the endpoint gauges after a reload, so removed endpoints disappear.
+    pub fn publish_endpoints(&self, rt: &Runtime) {
+        self.metrics.endpoint_state.reset();
+        for r in &rt.regions {
+            for e in &r.endpoints {
+                self.set_endpoint_gauge(&e.health, e.health.status());
+            }
+        }
+    }
+}
+
+/// When the first round of probes is done for every endpoint of `rt`.
+pub fn first_round_done(rt: &Runtime) -> bool {
+    rt.regions
+        .iter()
+        .flat_map(|r| r.endpoints.iter())
+        .all(|e| e.health.has_been_probed())
+}
