@@ -41,6 +41,11 @@ pub enum Behavior {
     Hang,
     /// Write bytes that are not HTTP.
     Garbage,
+    /// Answer 500 to about this percentage of requests, at random; 200 otherwise.
+    FailSome { percent: u8 },
+    /// Down (503 to requests and probes) for `period`, then up for `period`, and so on,
+    /// starting down when the behaviour is set.
+    Flap { period: Duration },
 }
 
 /// A request as the endpoint saw it.
@@ -55,6 +60,8 @@ pub struct Seen {
 struct State {
     name: String,
     behavior: Mutex<Behavior>,
+    /// When the behaviour was set (the phase of [`Behavior::Flap`]).
+    behavior_since: Mutex<std::time::Instant>,
     healthy: AtomicBool,
     requests: AtomicU64,
     probes: AtomicU64,
@@ -88,6 +95,7 @@ impl FakeUpstream {
         let state = Arc::new(State {
             name: name.to_string(),
             behavior: Mutex::new(Behavior::Ok),
+            behavior_since: Mutex::new(std::time::Instant::now()),
             healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             probes: AtomicU64::new(0),
@@ -111,6 +119,7 @@ impl FakeUpstream {
     }
 
     pub fn set_behavior(&self, b: Behavior) {
+        *lock(&self.state.behavior_since) = std::time::Instant::now();
         *lock(&self.state.behavior) = b;
     }
 
@@ -245,7 +254,7 @@ async fn handle(
     let path = req.uri().path().to_string();
     if path == "/health" {
         state.probes.fetch_add(1, Ordering::AcqRel);
-        return Ok(if state.healthy.load(Ordering::Acquire) {
+        return Ok(if state.healthy.load(Ordering::Acquire) && !flapped_down(&state) {
             full(StatusCode::OK, "application/json", r#"{"status":"ok"}"#)
         } else {
             full(
@@ -318,6 +327,17 @@ async fn handle(
             completion(&name, &body)
         }
         Behavior::Garbage => completion(&name, &body),
+        Behavior::FailSome { percent } if fastrand::u8(..100) < percent => full(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "application/json",
+            format!(r#"{{"error":"fake 500","region":"{name}"}}"#),
+        ),
+        Behavior::Flap { .. } if flapped_down(&state) => full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            format!(r#"{{"error":"fake flap","region":"{name}"}}"#),
+        ),
+        Behavior::FailSome { .. } | Behavior::Flap { .. } => completion(&name, &body),
     };
     for (k, v) in lock(&state.extra_headers).iter() {
         resp.headers_mut().insert(k.clone(), v.clone());
@@ -327,6 +347,15 @@ async fn handle(
         header::HeaderValue::from_str(&name).unwrap_or(header::HeaderValue::from_static("?")),
     );
     Ok(resp)
+}
+
+/// In the down half of a [`Behavior::Flap`] cycle.
+fn flapped_down(state: &State) -> bool {
+    let Behavior::Flap { period } = *lock(&state.behavior) else {
+        return false;
+    };
+    let elapsed = lock(&state.behavior_since).elapsed();
+    period.is_zero() || (elapsed.as_nanos() / period.as_nanos()) % 2 == 0
 }
 
 fn completion(name: &str, body: &Bytes) -> Response<FakeBody> {

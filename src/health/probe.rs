@@ -66,10 +66,9 @@ fn reconcile(shared: &Arc<Shared>, rt: &Runtime, tasks: &mut HashMap<(String, St
         keep
     });
     for (key, health) in wanted {
-        if !tasks.contains_key(&key) {
-            let task = tokio::spawn(probe_loop(shared.clone(), health));
-            tasks.insert(key, task);
-        }
+        tasks
+            .entry(key)
+            .or_insert_with(|| tokio::spawn(probe_loop(shared.clone(), health)));
     }
 }
 
