@@ -297,3 +297,37 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> AdminResponse {
 fn error(status: StatusCode, code: &str, message: &str) -> AdminResponse {
     json_response(status, &json!({"error": code, "message": message}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_query_table() {
+        let m = Duration::from_secs(600);
+        let cases: [(Option<&str>, Result<Option<Duration>, ()>, Option<&str>); 6] = [
+            (None, Ok(None), None),
+            (Some("for=10m"), Ok(Some(m)), None),
+            (Some("reason=zone%20drill&for=10m"), Ok(Some(m)), Some("zone drill")),
+            (Some("reason=a+b%2Fc"), Ok(None), Some("a b/c")),
+            (Some("for=soon"), Err(()), None),
+            (Some("for=0s"), Err(()), None),
+        ];
+        for (query, duration, reason) in cases {
+            let q = DrainQuery::parse(query);
+            assert_eq!(q.duration.map_err(|_| ()), duration, "{query:?}");
+            assert_eq!(q.reason.as_deref(), reason, "{query:?}");
+        }
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn token_id_is_short_stable_and_not_the_token() {
+        let id = token_id("s3cret");
+        assert_eq!(id, token_id("s3cret"));
+        assert_ne!(id, token_id("s3cret2"));
+        assert!(id.starts_with("sha256:") && id.len() == 15, "{id}");
+        assert!(!id.contains("s3cret"));
+    }
+}

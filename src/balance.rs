@@ -129,4 +129,34 @@ mod tests {
         }
         assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
     }
+
+    #[test]
+    fn slow_start_weight_table() {
+        // Equal latency; the first endpoint is at the start of its slow-start ramp.
+        let ramping = |in_flight| EndpointLoad {
+            weight: crate::health::slow_start::FLOOR,
+            ..ep(0.05, in_flight)
+        };
+        let cases = [
+            ("a ramping endpoint loses to an idle one", ramping(0), ep(0.05, 0), 1),
+            ("and to a moderately busy one", ramping(0), ep(0.05, 5), 1),
+            ("but not to a swamped one", ramping(0), ep(0.05, 12), 0),
+            ("full weight again: plain peak-EWMA", ep(0.05, 0), ep(0.05, 1), 0),
+        ];
+        for (name, a, b, want) in cases {
+            assert_eq!(pick(&[a, b], |_| 0), Some(want), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_ramping_endpoint_gets_a_small_share() {
+        let mut endpoints = vec![ep(0.05, 0); 4];
+        endpoints[0].weight = 0.25;
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut counts = [0; 4];
+        for _ in 0..4000 {
+            counts[pick(&endpoints, |n| rng.usize(..n)).unwrap()] += 1;
+        }
+        assert!(counts[0] < counts[1] / 2, "{counts:?}");
+    }
 }

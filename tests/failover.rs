@@ -690,3 +690,29 @@ async fn status_reports_state_reason_latency_and_errors() {
     );
     assert!(metrics.contains(&line), "{metrics}");
 }
+
+#[test]
+fn health_and_outlier_keys_are_strict() {
+    use meridian::config::Config;
+    let base = "[[region]]\nname = \"r\"\nlocation = [0.0, 0.0]\nendpoints = [\"http://127.0.0.1:9\"]\n";
+    let ok = Config::parse(
+        &format!("[health]\nenabled = false\npanic_mode = true\n[outlier]\nconsecutive_errors = 0\n{base}"),
+        None,
+    )
+    .unwrap();
+    assert!(!ok.health.enabled && ok.health.panic_mode);
+    assert_eq!(ok.outlier.consecutive_errors, 0);
+    let cases = [
+        ("[health]\nenable = false\n", "enable"),
+        ("[health]\njitter = 0.9\n", "health.jitter"),
+        ("[health]\nhealthy_after = 0\n", "health.healthy_after"),
+        (
+            "[outlier]\nejection_time = \"1m\"\nmax_ejection_time = \"10s\"\n",
+            "outlier.max_ejection_time",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = Config::parse(&format!("{text}{base}"), None).unwrap_err().to_string();
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}

@@ -178,3 +178,63 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::demo::upstream::FakeUpstream;
+
+    fn config(endpoints: &[String]) -> Config {
+        let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+        let text = format!(
+            "[health]\ninterval = \"50ms\"\n[[region]]\nname = \"r\"\nlocation = [0.0, 0.0]\nendpoints = [{}]\n",
+            list.join(", ")
+        );
+        Config::parse(&text, None).unwrap()
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..400 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn probes_follow_reloads_and_health_survives_them() {
+        let a = FakeUpstream::start("a").await.unwrap();
+        let b = FakeUpstream::start("b").await.unwrap();
+        let shared = Shared::new(config(&[a.url()])).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let prober = tokio::spawn(run(shared.clone(), stopped));
+        until("a is probed and the process ready", || {
+            a.probes() >= 1 && shared.ready.load(Ordering::Acquire)
+        })
+        .await;
+        let a_health = shared.runtime().regions[0].endpoints[0].health.clone();
+
+        // Add b: it gets a prober; a keeps its health object (and its task).
+        let rt = shared
+            .build(config(&[a.url(), b.url()]), Some(&shared.runtime()))
+            .unwrap();
+        shared.install(rt);
+        until("b is probed", || b.probes() >= 1).await;
+        assert!(Arc::ptr_eq(&shared.runtime().regions[0].endpoints[0].health, &a_health));
+
+        // Remove a: its probes stop.
+        let rt = shared.build(config(&[b.url()]), Some(&shared.runtime())).unwrap();
+        shared.install(rt);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = a.probes();
+        let b_before = b.probes();
+        until("b keeps being probed", || b.probes() >= b_before + 3).await;
+        assert!(a.probes() <= after + 1, "a is still probed");
+
+        let _ = stop.send(true);
+        prober.await.unwrap();
+    }
+}
