@@ -305,7 +305,8 @@ mod tests {
     #[test]
     fn drain_query_table() {
         let m = Duration::from_secs(600);
-        let cases: [(Option<&str>, Result<Option<Duration>, ()>, Option<&str>); 6] = [
+        type Want = Result<Option<Duration>, ()>;
+        let cases: [(Option<&str>, Want, Option<&str>); 6] = [
             (None, Ok(None), None),
             (Some("for=10m"), Ok(Some(m)), None),
             (Some("reason=zone%20drill&for=10m"), Ok(Some(m)), Some("zone drill")),
