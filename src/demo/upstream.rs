@@ -169,7 +169,19 @@ impl FakeUpstream {
 
     /// Starts again on the same address after [`kill`](Self::kill).
     pub async fn revive(&mut self) -> std::io::Result<()> {
-        let listener = TcpListener::bind(self.addr).await?;
+        // While it was down, an outgoing connection on this host may have been given the
+        // freed port as its ephemeral source port; such connections are short, so retry.
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let (stop, stopped) = watch::channel(false);
         self.stop = stop;
         tokio::spawn(accept_loop(listener, self.state.clone(), stopped));
