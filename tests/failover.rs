@@ -708,13 +708,38 @@ fn health_and_outlier_keys_are_strict() {
         ("[health]\nenable = false\n", "enable"),
         ("[health]\njitter = 0.9\n", "health.jitter"),
         ("[health]\nhealthy_after = 0\n", "health.healthy_after"),
+        ("", "region[0].health.path"),
         (
             "[outlier]\nejection_time = \"1m\"\nmax_ejection_time = \"10s\"\n",
             "outlier.max_ejection_time",
         ),
     ];
+    let bad_region = base.replace("endpoints =", "health = { path = \"ready\" }\nendpoints =");
     for (text, key) in cases {
-        let err = Config::parse(&format!("{text}{base}"), None).unwrap_err().to_string();
+        let region = if text.is_empty() { &bad_region } else { base };
+        let err = Config::parse(&format!("{text}{region}"), None).unwrap_err().to_string();
         assert!(err.contains(key), "{text}: {err}");
     }
+}
+
+#[tokio::test]
+async fn a_region_can_probe_its_own_health_path() {
+    let custom = FakeUpstream::start("us-east").await.unwrap();
+    let plain = FakeUpstream::start("us-west").await.unwrap();
+    // Both fail `/health`; us-east is probed on a path its servers answer instead.
+    custom.set_healthy(false);
+    plain.set_healthy(false);
+    let regions = region("us-east", US_EAST, &["US"], &[custom.url()]).replace(
+        "endpoints =",
+        "health = { path = \"/v1/models\", interval = \"100ms\" }\nendpoints =",
+    ) + &region("us-west", US_WEST, &[], &[plain.url()]);
+    let proxy = Meridian::start(&config("", "", "", &regions));
+    eventually("us-west is ejected by its probes", || async {
+        endpoint(&proxy, &plain.url()).await["state"] == "ejected"
+    })
+    .await;
+    let e = endpoint(&proxy, &custom.url()).await;
+    assert_eq!(e["state"], "healthy", "{e}");
+    assert!(custom.seen().iter().any(|s| s.path == "/v1/models"));
+    assert_eq!(custom.probes(), 0, "/health is not probed in us-east");
 }

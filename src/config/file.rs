@@ -169,6 +169,17 @@ pub struct RegionFile {
     pub affinity: Option<AffinityFile>,
     /// "http1" (default) or "http2" (prior knowledge on cleartext, ALPN on TLS).
     pub protocol: Option<UpstreamProtocol>,
+    /// Probe settings for this region's endpoints, over `[health]`.
+    pub health: Option<RegionHealthFile>,
+}
+
+/// Per-region probe overrides, for fleets whose model servers expose health differently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionHealthFile {
+    pub path: Option<String>,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]

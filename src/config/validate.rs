@@ -132,6 +132,16 @@ pub struct RegionConfig {
     pub load: LoadConfig,
     pub affinity_header: Option<HeaderName>,
     pub protocol: UpstreamProtocol,
+    /// Probe settings over `[health]` for this region's endpoints.
+    pub probe: ProbeOverride,
+}
+
+/// `[[region]] health = { ... }`: what differs from `[health]` for one region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeOverride {
+    pub path: Option<String>,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -759,7 +769,23 @@ impl Validator<'_> {
                         None
                     }
                 });
+            let probe = match r.health {
+                Some(h) => {
+                    if h.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+                        self.problem(format!("{key}.health.path"), None, "must start with '/'");
+                    }
+                    ProbeOverride {
+                        path: h.path,
+                        interval: h
+                            .interval
+                            .map(|d| self.positive(&format!("{key}.health.interval"), d.0)),
+                        timeout: h.timeout.map(|d| self.positive(&format!("{key}.health.timeout"), d.0)),
+                    }
+                }
+                None => ProbeOverride::default(),
+            };
             out.push(RegionConfig {
+                probe,
                 name,
                 location,
                 countries,

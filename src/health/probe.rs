@@ -83,7 +83,14 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
             tracing::debug!(region = %health.region, endpoint = %health.url, detail = result.detail.as_deref().unwrap_or(""), "probe failed");
         }
         shared.probed(&rt, &health, result);
-        let pause = jittered(rt.config.health.interval, rt.config.health.jitter, fastrand::f64());
+        let interval = rt
+            .regions
+            .iter()
+            .zip(&rt.config.regions)
+            .find(|(r, _)| r.endpoints.iter().any(|e| Arc::ptr_eq(&e.health, &health)))
+            .and_then(|(_, c)| c.probe.interval)
+            .unwrap_or(rt.config.health.interval);
+        let pause = jittered(interval, rt.config.health.jitter, fastrand::f64());
         drop(rt);
         tokio::time::sleep(pause).await;
     }
@@ -96,20 +103,21 @@ pub fn jittered(interval: Duration, jitter: f64, draw: f64) -> Duration {
 
 /// One probe of `health` as configured in `rt`; `None` when `rt` no longer has it.
 async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeResult> {
-    let (region, endpoint) = rt.regions.iter().find_map(|r| {
+    let (region, overrides, endpoint) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
         r.endpoints
             .iter()
             .find(|e| Arc::ptr_eq(&e.health, health))
-            .map(|e| (r, e))
+            .map(|e| (r, &c.probe, e))
     })?;
-    let hc = &rt.config.health;
+    let probe_path = overrides.path.as_deref().unwrap_or(&rt.config.health.path);
+    let timeout = overrides.timeout.unwrap_or(rt.config.health.timeout);
     let fail = |detail: String, started: Instant| ProbeResult {
         ok: false,
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         detail: Some(detail),
     };
     let started = Instant::now();
-    let path = format!("{}{}", endpoint.config.base_path, hc.path);
+    let path = format!("{}{}", endpoint.config.base_path, probe_path);
     let path = match PathAndQuery::try_from(path) {
         Ok(p) => p,
         Err(e) => return Some(fail(format!("bad probe path: {e}"), started)),
@@ -134,8 +142,8 @@ async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeR
     }
     req.headers_mut()
         .insert(header::USER_AGENT, HeaderValue::from_static("meridian-health-probe"));
-    let sent = rt.upstreams.send(req, region.protocol, hc.timeout);
-    let outcome = tokio::time::timeout(hc.timeout, async {
+    let sent = rt.upstreams.send(req, region.protocol, timeout);
+    let outcome = tokio::time::timeout(timeout, async {
         let resp = sent.await.map_err(|e| e.to_string())?;
         let latency = started.elapsed();
         let status = resp.status();
@@ -155,7 +163,7 @@ async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeR
             detail: None,
         },
         Ok(Err(detail)) => fail(detail, started),
-        Err(_) => fail(format!("no answer within {:?}", hc.timeout), started),
+        Err(_) => fail(format!("no answer within {timeout:?}"), started),
     })
 }
 
