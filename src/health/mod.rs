@@ -378,3 +378,76 @@ pub fn policy(config: &crate::config::Config) -> Policy {
         probes: config.health.enabled,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> DrainInfo {
+        DrainInfo {
+            by: "sha256:00000000".into(),
+            peer: "127.0.0.1:1".into(),
+            reason: Some("drill".into()),
+            since_unix: 0.0,
+            until_unix: None,
+        }
+    }
+
+    #[test]
+    fn a_drain_with_an_expiry_ends_by_itself_and_is_reported_once() {
+        let r = RegionHealth::default();
+        assert!(r.drain(Some(Duration::from_millis(30)), info()));
+        assert!(r.is_drained());
+        assert_eq!(r.drain_info().and_then(|i| i.reason), Some("drill".into()));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!r.is_drained(), "expired on the hot path without waiting for a tick");
+        assert!(r.expire_drain().is_some());
+        assert!(r.expire_drain().is_none());
+        assert!(r.drain(None, info()));
+        assert!(r.expire_drain().is_none(), "an open-ended drain does not expire");
+        assert!(r.undrain());
+        assert!(!r.undrain());
+    }
+
+    #[test]
+    fn only_a_return_starts_the_region_ramp() {
+        let r = RegionHealth::default();
+        let window = Duration::from_secs(10);
+        assert!(!r.note_available(true), "available from start-up: no ramp");
+        assert_eq!(r.ramp(window), 1.0);
+        assert!(!r.note_available(false));
+        assert!(r.note_available(true));
+        let ramp = r.ramp(window);
+        assert!((slow_start::FLOOR..0.2).contains(&ramp), "{ramp}");
+        assert_eq!(r.ramp(Duration::ZERO), 1.0);
+    }
+
+    #[test]
+    fn shedding_and_ejection_are_read_without_the_lock() {
+        let h = EndpointHealth::new("r", "http://127.0.0.1:1");
+        let p = Policy {
+            unhealthy_after: 1,
+            healthy_after: 1,
+            consecutive_errors: 1,
+            ttfb_threshold: Duration::from_secs(1),
+            ejection_time: Duration::from_secs(60),
+            max_ejection_time: Duration::from_secs(60),
+            max_retry_after: Duration::from_millis(30),
+            probation: Duration::from_secs(10),
+            probes: true,
+        };
+        h.observe(
+            Event::Shed {
+                retry_after: Duration::from_secs(5),
+            },
+            &p,
+        );
+        assert!(!h.is_available());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(h.is_available(), "Retry-After capped by max_retry_after");
+        let t = h.observe(Event::ConnectError, &p).unwrap();
+        assert_eq!((t.to, t.reason), (Status::Ejected, state::Reason::ConsecutiveErrors));
+        assert!(!h.is_available());
+        assert!(!h.load(1, Duration::from_secs(10)).eligible);
+    }
+}
