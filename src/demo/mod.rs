@@ -99,7 +99,8 @@ Try these (X-Forwarded-For is believed because curl connects from 127.0.0.1, a t
 Failover drill:
 
   # drain eu-west: IE clients move to the next-nearest region (uk-south), GB clients stay home
-  curl -s -X POST -H 'Authorization: Bearer {token}' http://{a}/regions/eu-west/drain
+  # (for a timed drill: .../drain?for=2m&reason=drill, and it comes back by itself)
+  curl -s -X POST -H 'Authorization: Bearer {token}' 'http://{a}/regions/eu-west/drain?reason=drill'
   curl -si -H 'X-Forwarded-For: 87.44.0.1' http://{p}/v1/chat/completions -d '{{}}' | grep x-meridian-region
 
   # drain uk-south: GB clients get 503 residency_unavailable, never served abroad
