@@ -14,7 +14,6 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::report::first_round_done;
 use super::{EndpointHealth, ProbeResult};
 use crate::config::UpstreamProtocol;
 use crate::forward::body::RequestBody;
@@ -45,6 +44,14 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     for task in tasks.values() {
         task.abort();
     }
+}
+
+/// When the first round of probes is done for every endpoint of `rt`.
+pub fn first_round_done(rt: &Runtime) -> bool {
+    rt.regions
+        .iter()
+        .flat_map(|r| r.endpoints.iter())
+        .all(|e| e.health.has_been_probed())
 }
 
 /// One task per endpoint of `rt`: new endpoints get one, removed ones lose theirs, kept

@@ -108,11 +108,3 @@ impl Shared {
         }
     }
 }
-
-/// When the first round of probes is done for every endpoint of `rt`.
-pub fn first_round_done(rt: &Runtime) -> bool {
-    rt.regions
-        .iter()
-        .flat_map(|r| r.endpoints.iter())
-        .all(|e| e.health.has_been_probed())
-}
