@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use crate::config::{Config, ConfigError};
 use crate::listen::{self, Limits};
 use crate::proxy::Proxy;
+use crate::reload::{Reloader, Trigger};
 use crate::runtime::{RuntimeError, Shared};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,18 +34,26 @@ pub struct Running {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
+    /// Reloads the config; register a [`crate::reload::ReloadHook`] for state kept outside it.
+    pub reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The admin listener outlives the others so `/readyz` answers 503 while draining.
+    admin_shutdown: watch::Sender<bool>,
+    admin_task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish (up to `shutdown_timeout`), returns.
+    /// Stops accepting, answers `/readyz` with 503, lets in-flight requests (streams
+    /// included) finish up to `server.shutdown_timeout`, then stops the admin listener.
     pub async fn shutdown(self) {
         self.shared.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        let _ = self.admin_shutdown.send(true);
+        let _ = self.admin_task.await;
     }
 }
 
@@ -67,50 +76,111 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let running_listen = listener.local_addr().unwrap_or(listen_addr);
     let running_admin = admin.local_addr().unwrap_or(admin_addr);
     let (tx, rx) = watch::channel(false);
+    let (admin_tx, admin_rx) = watch::channel(false);
     let proxy = Proxy::new(shared.clone());
-    let tasks = vec![
+    let reloader = Reloader::new(shared.clone());
+    let mut tasks = vec![
         tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())),
-        tokio::spawn(crate::admin::serve(admin, shared.clone(), rx.clone())),
         // Probes, time-based health transitions, and readiness after the first probe round.
         tokio::spawn(crate::health::probe::run(shared.clone(), rx.clone())),
     ];
+    if reloader.path().is_some() {
+        tasks.push(tokio::spawn(reloader.clone().watch_files(rx.clone())));
+    }
+    let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_rx));
     tracing::info!(listen = %running_listen, admin = %running_admin, "meridian serving");
     Ok(Running {
         listen: running_listen,
         admin: running_admin,
         shared,
+        reloader,
         shutdown: tx,
         tasks,
+        admin_shutdown: admin_tx,
+        admin_task,
     })
 }
 
-/// `meridian run`: serve until SIGTERM or SIGINT.
+/// `meridian run`: serve until SIGTERM or SIGINT, reloading the config on SIGHUP.
 pub async fn run(path: &Path) -> Result<(), StartError> {
     let config = Config::load(path)?;
     let running = start(config).await?;
-    wait_for_signal().await;
-    tracing::info!("shutting down: draining connections");
-    running.shutdown().await;
+    let mut signals = Signals::new();
+    loop {
+        match signals.next().await {
+            Signal::Reload => {
+                // Errors are logged and counted by the reloader; serving goes on either way.
+                let _ = running.reloader.reload(Trigger::Signal).await;
+            }
+            Signal::Stop => break,
+        }
+    }
+    tracing::info!(
+        timeout = ?running.shared.runtime().config.server.shutdown_timeout,
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    let drain = running.shutdown();
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            _ = &mut drain => break,
+            signal = signals.next() => if signal == Signal::Stop {
+                // An operator insisting: the streams still open are cut.
+                tracing::warn!("second stop signal: exiting without waiting for in-flight requests");
+                break;
+            },
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Reload,
+    Stop,
+}
+
+/// SIGHUP, SIGTERM and SIGINT as a stream of [`Signal`]s.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    streams: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = match (
+                signal(SignalKind::hangup()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(hup), Ok(term), Ok(int)) => Some([hup, term, int]),
+                (hup, term, int) => {
+                    let error = [hup.err(), term.err(), int.err()].into_iter().flatten().next();
+                    tracing::warn!(error = ?error, "cannot install signal handlers; only Ctrl-C stops the process");
+                    None
+                }
+            };
+            Signals { streams }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        if let Some([hup, term, int]) = self.streams.as_mut() {
+            return tokio::select! {
+                _ = hup.recv() => Signal::Reload,
+                _ = term.recv() => Signal::Stop,
+                _ = int.recv() => Signal::Stop,
+            };
+        }
         let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop
     }
 }
 

@@ -11,7 +11,8 @@
 //! 3. [`error`] turns anything Meridian answers itself into a status and a JSON body.
 //!
 //! [`config`] validates the TOML region map; [`runtime`] compiles it into the snapshot
-//! requests read; [`app`] wires it all; [`admin`] serves status, metrics and drills;
+//! requests read; [`reload`] swaps in a new one on SIGHUP or a file change; [`app`] wires
+//! it all; [`admin`] serves status, metrics and drills;
 //! [`explain`] powers `meridian check` and `meridian route`; [`demo`] is the zero-setup tour.
 
 pub mod admin;
@@ -28,6 +29,7 @@ pub mod health;
 pub mod listen;
 pub mod observe;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
 pub mod route;
 pub mod runtime;

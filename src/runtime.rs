@@ -96,10 +96,17 @@ impl Shared {
     pub fn build(&self, config: Config, previous: Option<&Runtime>) -> Result<Runtime, RuntimeError> {
         build(&self.metrics, &self.registry, config, previous)
     }
-    /// Puts a new runtime in force.
+    /// Puts a new runtime in force. Requests already running keep the snapshot they
+    /// loaded; gauges of regions and endpoints that left the config are dropped.
     pub fn install(&self, runtime: Runtime) {
-        self.runtime.store(Arc::new(runtime));
-        self.publish_endpoints(&self.runtime());
+        let previous = self.runtime.swap(Arc::new(runtime));
+        let current = self.runtime();
+        for old in &previous.regions {
+            if !current.regions.iter().any(|r| r.name == old.name) {
+                self.metrics.forget_region(&old.name);
+            }
+        }
+        self.publish_endpoints(&current);
         self.publish_availability();
         self.generation.send_modify(|g| *g += 1);
     }
@@ -164,6 +171,30 @@ fn build(
         Some(p) if p.config.geoip.database == config.geoip.database => p.geo.clone(),
         _ => Arc::new(GeoDb::load(config.geoip.database.as_deref())?),
     };
+    // Everything that can fail comes before the health registry is touched, so a rejected
+    // reload leaves it as it was.
+    let settings = PoolSettings {
+        connect_timeout: config.server.connect_timeout,
+        idle_timeout: config.server.idle_timeout,
+    };
+    let upstreams = match previous {
+        Some(p)
+            if p.config.server.connect_timeout == config.server.connect_timeout
+                && p.config.server.idle_timeout == config.server.idle_timeout =>
+        {
+            p.upstreams.clone()
+        }
+        _ => Upstreams::new(&settings, None)?,
+    };
+    let fallback = match &config.fallback {
+        Some(f) => Some(FallbackRuntime {
+            upstreams: Upstreams::new(&settings, f.ca_file.as_deref())?,
+            config: f.clone(),
+            header: HeaderValue::from_static("fallback"),
+            metrics: RegionMetrics::new(metrics, "fallback"),
+        }),
+        None => None,
+    };
     let mut endpoints_registry = registry.endpoints.lock().unwrap_or_else(|p| p.into_inner());
     let mut region_registry = registry.regions.lock().unwrap_or_else(|p| p.into_inner());
     let mut kept = HashMap::new();
@@ -200,28 +231,6 @@ fn build(
     region_registry.retain(|name, _| config.regions.iter().any(|r| &r.name == name));
     drop(endpoints_registry);
     drop(region_registry);
-    let settings = PoolSettings {
-        connect_timeout: config.server.connect_timeout,
-        idle_timeout: config.server.idle_timeout,
-    };
-    let upstreams = match previous {
-        Some(p)
-            if p.config.server.connect_timeout == config.server.connect_timeout
-                && p.config.server.idle_timeout == config.server.idle_timeout =>
-        {
-            p.upstreams.clone()
-        }
-        _ => Upstreams::new(&settings, None)?,
-    };
-    let fallback = match &config.fallback {
-        Some(f) => Some(FallbackRuntime {
-            upstreams: Upstreams::new(&settings, f.ca_file.as_deref())?,
-            config: f.clone(),
-            header: HeaderValue::from_static("fallback"),
-            metrics: RegionMetrics::new(metrics, "fallback"),
-        }),
-        None => None,
-    };
     let config = Arc::new(config);
     Ok(Runtime {
         table: RouteTable::new(config.clone()),
@@ -233,3 +242,4 @@ fn build(
         fallback,
     })
 }
+

@@ -176,6 +176,15 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Drops the availability series of a region that left the config. Its request counters
+    /// stay: counters must not go backwards within a process.
+    pub fn forget_region(&self, region: &str) {
+        let _ = self.region_available.remove_label_values(&[region]);
+        let _ = self.region_saturated.remove_label_values(&[region]);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()

@@ -1,0 +1,376 @@
+//! Config hot reload: a signal, a file change or a caller asks; the file is validated, a new
+//! runtime is built over the surviving health state and swapped in, or the old one stays.
+//!
+//! Files are watched by polling a content hash once a second rather than with inotify: it
+//! needs no extra dependency, sees atomic rename-over writes (editors, Kubernetes ConfigMap
+//! symlink swaps) that a watch on the old inode misses, ignores `touch`, and costs one read
+//! of a few small files per second. A change is acted on once the content has stayed the
+//! same for [`SETTLE`], so a half-written file is not loaded.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError};
+use crate::runtime::{Runtime, RuntimeError, Shared};
+
+/// How often watched files are checked.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a changed file must stay unchanged before it is loaded.
+pub const SETTLE: Duration = Duration::from_millis(250);
+/// Changes in a row after which a file that never settles is loaded anyway.
+const MAX_SETTLE_ROUNDS: u32 = 8;
+
+/// What asked for a reload; logged and passed to hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `SIGHUP`.
+    Signal,
+    /// The config file or a hook's file changed.
+    FileChange,
+    /// Another part of Meridian called [`Reloader::reload`].
+    Request,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::FileChange => "file_change",
+            Trigger::Request => "request",
+        }
+    }
+}
+
+/// Something reloaded alongside the config but not held in it, e.g. TLS certificates:
+/// their files are watched too, and the hook runs after every reload attempt.
+pub trait ReloadHook: Send + Sync {
+    /// Files whose change should trigger a reload, for the runtime in force.
+    fn watched_files(&self, _runtime: &Runtime) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// Runs after every reload attempt with the runtime now in force: the new one, or the
+    /// old one when the config was rejected (files it names may still have changed).
+    fn reloaded(&self, runtime: &Arc<Runtime>, trigger: Trigger);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload: the config was not loaded from a file")]
+    NoSource,
+    #[error("{}", .0.to_string().trim_end())]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("the reload task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What a successful reload changed that only a restart applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// Reloads the config of one running Meridian; shared by the signal handler, the file
+/// watcher and anyone holding it (see [`ReloadHook`]).
+pub struct Reloader {
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+    /// The config the listeners were started with: what a restart would change is judged
+    /// against it, so the warning repeats until the process is restarted.
+    boot: Arc<Config>,
+    /// One reload at a time: a signal and a file change arriving together must not
+    /// interleave build and install.
+    serial: tokio::sync::Mutex<()>,
+    hooks: Mutex<Vec<Arc<dyn ReloadHook>>>,
+    /// Fingerprints of the watched files as of the last reload.
+    seen: Mutex<Fingerprints>,
+}
+
+type Fingerprints = Vec<(PathBuf, Option<u64>)>;
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>) -> Arc<Reloader> {
+        let runtime = shared.runtime();
+        let path = runtime.config.source.clone();
+        let reloader = Reloader {
+            shared,
+            path,
+            boot: runtime.config.clone(),
+            serial: tokio::sync::Mutex::new(()),
+            hooks: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
+        };
+        *lock(&reloader.seen) = fingerprint_all(reloader.watched(&runtime));
+        Arc::new(reloader)
+    }
+
+    /// The config file reloads read, if the config came from one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Registers a hook; its files are watched from now on.
+    pub fn add_hook(&self, hook: Arc<dyn ReloadHook>) {
+        lock(&self.hooks).push(hook);
+        *lock(&self.seen) = fingerprint_all(self.watched(&self.shared.runtime()));
+    }
+
+    /// Validates the config file, builds a runtime over the surviving health state and puts
+    /// it in force. On any error the runtime in force stays, and the error is logged and
+    /// counted. Hooks run either way.
+    pub async fn reload(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
+        let _serial = self.serial.lock().await;
+        // Taken before anything is read: a write racing this reload is still a change on
+        // the next poll.
+        let before = self.current_fingerprints().await.unwrap_or_default();
+        let result = self.reload_config().await;
+        let metrics = &self.shared.metrics;
+        match &result {
+            Ok(done) => {
+                metrics.config_reloads.with_label_values(&["success"]).inc();
+                metrics.config_last_reload_success.set(crate::app::unix_now());
+                let rt = self.shared.runtime();
+                tracing::info!(
+                    trigger = trigger.as_str(),
+                    config = %self.path.as_deref().unwrap_or(Path::new("-")).display(),
+                    regions = rt.regions.len(),
+                    "config reloaded"
+                );
+                for key in &done.restart_needed {
+                    tracing::warn!(key = *key, "config change needs a restart to take effect; ignored until then");
+                }
+            }
+            Err(e) => {
+                metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(
+                    trigger = trigger.as_str(),
+                    error = %e,
+                    "config reload rejected; the previous config stays in force"
+                );
+            }
+        }
+        let runtime = self.shared.runtime();
+        let hooks: Vec<_> = lock(&self.hooks).clone();
+        for hook in hooks {
+            hook.reloaded(&runtime, trigger);
+        }
+        // The new runtime may name other files (a new certificate path): those are
+        // fingerprinted now, the rest keep their value from before the reload.
+        let after = self.current_fingerprints().await.unwrap_or_default();
+        *lock(&self.seen) = after
+            .into_iter()
+            .map(|(path, now)| match before.iter().find(|(p, _)| *p == path) {
+                Some((_, then)) => (path, *then),
+                None => (path, now),
+            })
+            .collect();
+        result
+    }
+
+    async fn reload_config(&self) -> Result<Reloaded, ReloadError> {
+        let path = self.path.clone().ok_or(ReloadError::NoSource)?;
+        let shared = self.shared.clone();
+        let boot = self.boot.clone();
+        // Reading, validating and (for a new GeoIP file) loading a database is blocking
+        // work: keep it off the request workers.
+        tokio::task::spawn_blocking(move || {
+            let config = Config::load(&path)?;
+            let restart_needed = restart_needed(&boot, &config);
+            let previous = shared.runtime();
+            let runtime = shared.build(config, Some(&previous))?;
+            shared.install(runtime);
+            Ok(Reloaded { restart_needed })
+        })
+        .await?
+    }
+
+    /// Watches the config file and the hooks' files until `shutdown`, reloading on change.
+    pub async fn watch_files(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            let Some(mut current) = self.current_fingerprints().await else {
+                continue;
+            };
+            if current == *lock(&self.seen) {
+                continue;
+            }
+            for _ in 0..MAX_SETTLE_ROUNDS {
+                tokio::time::sleep(SETTLE).await;
+                let Some(again) = self.current_fingerprints().await else {
+                    break;
+                };
+                if again == current {
+                    break;
+                }
+                current = again;
+            }
+            let changed: Vec<String> = changed_files(&lock(&self.seen), &current);
+            tracing::info!(files = ?changed, "watched file changed; reloading");
+            let _ = self.reload(Trigger::FileChange).await;
+        }
+    }
+
+    /// Fingerprints of the files watched for the runtime in force, read off the workers.
+    async fn current_fingerprints(&self) -> Option<Fingerprints> {
+        let files = self.watched(&self.shared.runtime());
+        tokio::task::spawn_blocking(move || fingerprint_all(files)).await.ok()
+    }
+
+    /// The config file first, then every hook's files.
+    fn watched(&self, runtime: &Runtime) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.path.iter().cloned().collect();
+        for hook in lock(&self.hooks).iter() {
+            files.extend(hook.watched_files(runtime));
+        }
+        files
+    }
+}
+
+fn fingerprint_all(files: Vec<PathBuf>) -> Fingerprints {
+    files
+        .into_iter()
+        .map(|p| {
+            let f = fingerprint(&p);
+            (p, f)
+        })
+        .collect()
+}
+
+/// A hash of the file's content; `None` when it cannot be read (missing, mid-swap).
+fn fingerprint(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+fn changed_files(before: &Fingerprints, now: &Fingerprints) -> Vec<String> {
+    now.iter()
+        .filter(|(path, f)| !before.iter().any(|(p, b)| p == path && b == f))
+        .map(|(p, _)| p.display().to_string())
+        .collect()
+}
+
+/// Key paths whose new value only takes effect on restart: bound sockets, per-connection
+/// limits fixed when the listeners started, the thread pool and the log format.
+pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.server, &new.server);
+    let tls_listen = |c: &Config| c.server.tls.as_ref().map(|t| t.listen);
+    [
+        ("server.listen", a.listen != b.listen),
+        ("server.tls_listen", tls_listen(running) != tls_listen(new)),
+        ("admin.listen", running.admin.listen != new.admin.listen),
+        ("server.max_connections", a.max_connections != b.max_connections),
+        ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),
+        ("server.max_headers", a.max_headers != b.max_headers),
+        ("server.header_read_timeout", a.header_read_timeout != b.header_read_timeout),
+        ("server.idle_timeout", a.idle_timeout != b.idle_timeout),
+        (
+            "server.http2_max_concurrent_streams",
+            a.http2_max_concurrent_streams != b.http2_max_concurrent_streams,
+        ),
+        ("server.shutdown_timeout", a.shutdown_timeout != b.shutdown_timeout),
+        ("server.worker_threads", a.worker_threads != b.worker_threads),
+        ("log.format", running.log.format != new.log.format),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded values are plain data: a panic elsewhere leaves them usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[admin]
+listen = "127.0.0.1:9901"
+[[region]]
+name = "us-east"
+location = [39.04, -77.49]
+countries = ["US"]
+endpoints = ["http://127.0.0.1:9"]
+"#;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn restart_needed_names_what_only_a_restart_applies() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("same text", BASE, &[]),
+            (
+                "a country moves",
+                &BASE.replace(r#"["US"]"#, r#"["US", "CA"]"#),
+                &[],
+            ),
+            (
+                "timeouts read per request",
+                &BASE.replace("[server]\n", "[server]\nrequest_timeout = \"5s\"\n"),
+                &[],
+            ),
+            (
+                "listener moves",
+                &BASE.replace("127.0.0.1:8080", "127.0.0.1:8081"),
+                &["server.listen"],
+            ),
+            (
+                "admin moves",
+                &BASE.replace("127.0.0.1:9901", "127.0.0.1:9902"),
+                &["admin.listen"],
+            ),
+            (
+                "limits and log format",
+                &BASE.replace(
+                    "[server]\n",
+                    "[server]\nmax_connections = 5\nshutdown_timeout = \"1s\"\n[log]\nformat = \"json\"\n",
+                ),
+                &["server.max_connections", "server.shutdown_timeout", "log.format"],
+            ),
+        ];
+        let running = parse(BASE);
+        for (what, text, want) in cases {
+            assert_eq!(restart_needed(&running, &parse(text)), *want, "{what}");
+        }
+    }
+
+    #[test]
+    fn changed_files_lists_new_changed_and_vanished_content() {
+        let p = |s: &str| PathBuf::from(s);
+        let before = vec![(p("a"), Some(1)), (p("b"), Some(2)), (p("c"), Some(3))];
+        let now = vec![(p("a"), Some(1)), (p("b"), Some(5)), (p("c"), None), (p("d"), Some(4))];
+        assert_eq!(changed_files(&before, &now), vec!["b", "c", "d"]);
+        assert!(changed_files(&before, &before).is_empty());
+    }
+
+    #[test]
+    fn fingerprint_follows_content_not_touches() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("f");
+        assert_eq!(fingerprint(&path), None);
+        std::fs::write(&path, "one").unwrap_or_else(|e| panic!("{e}"));
+        let one = fingerprint(&path);
+        std::fs::write(&path, "one").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fingerprint(&path), one);
+        std::fs::write(&path, "two").unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(fingerprint(&path), one);
+    }
+}
