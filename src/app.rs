@@ -104,19 +104,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// `meridian run`: serve until SIGTERM or SIGINT, reloading the config on SIGHUP.
 pub async fn run(path: &Path) -> Result<(), StartError> {
     let config = Config::load(path)?;
-    let running = start(config).await?;
+    // Before serving: a SIGHUP sent as soon as the serving line appears must reload, not
+    // kill the process with the default action.
     let mut signals = Signals::new();
-    loop {
-        match signals.next().await {
-            Signal::Reload => {
-                // Errors are logged and counted by the reloader; serving goes on either way.
-                let _ = running.reloader.reload(Trigger::Signal).await;
-            }
-            Signal::Stop => break,
-        }
+    // Fixed at start like the listeners that apply it (a reload does not change it).
+    let shutdown_timeout = config.server.shutdown_timeout;
+    let running = start(config).await?;
+    while signals.next().await == Signal::Reload {
+        // Errors are logged and counted by the reloader; serving goes on either way.
+        let _ = running.reloader.reload(Trigger::Signal).await;
     }
     tracing::info!(
-        timeout = ?running.shared.runtime().config.server.shutdown_timeout,
+        timeout = ?shutdown_timeout,
         "shutting down: no new connections, draining in-flight requests"
     );
     let drain = running.shutdown();

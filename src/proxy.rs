@@ -104,6 +104,10 @@ impl Proxy {
         let plan = match route::plan(&rt.table, located, &facts) {
             Ok(plan) => plan,
             Err(refusal) => {
+                // Refused before the headers are rewritten: still log the client's id.
+                if let Some(id) = req.headers().get(&rewrite::X_REQUEST_ID) {
+                    record.request_id = id.clone();
+                }
                 let err = match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
                     Refusal::ResidencyForbidden { zone, .. } => {
@@ -279,11 +283,12 @@ impl Proxy {
                             _ => r,
                         },
                     );
-                    if let (Some(reason), Some(from)) = (record.failover_reason, first_choice) {
+                    let from = first_choice.and_then(|r| rt.regions.get(r));
+                    if let (Some(reason), Some(from)) = (record.failover_reason, from) {
                         self.shared
                             .metrics
                             .failovers
-                            .with_label_values(&[&rt.regions[from].name, &region_name, reason])
+                            .with_label_values(&[&from.name, &region_name, reason])
                             .inc();
                     }
                     return Ok(self.relay(rt, target, resp, record, started, inflight, health));

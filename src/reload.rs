@@ -130,6 +130,23 @@ impl Reloader {
         // Taken before anything is read: a write racing this reload is still a change on
         // the next poll.
         let before = self.current_fingerprints().await.unwrap_or_default();
+        self.reload_locked(trigger, before).await
+    }
+
+    /// Reloads if a watched file differs from what the last reload saw; `None` when a
+    /// reload from another trigger has already loaded the change.
+    async fn reload_if_changed(&self) -> Option<Result<Reloaded, ReloadError>> {
+        let _serial = self.serial.lock().await;
+        let before = self.current_fingerprints().await?;
+        let changed = changed_files(&lock(&self.seen), &before);
+        if changed.is_empty() {
+            return None;
+        }
+        tracing::info!(files = ?changed, "watched file changed; reloading");
+        Some(self.reload_locked(Trigger::FileChange, before).await)
+    }
+
+    async fn reload_locked(&self, trigger: Trigger, before: Fingerprints) -> Result<Reloaded, ReloadError> {
         let result = self.reload_config().await;
         let metrics = &self.shared.metrics;
         match &result {
@@ -144,7 +161,10 @@ impl Reloader {
                     "config reloaded"
                 );
                 for key in &done.restart_needed {
-                    tracing::warn!(key = *key, "config change needs a restart to take effect; ignored until then");
+                    tracing::warn!(
+                        key = *key,
+                        "config change needs a restart to take effect; ignored until then"
+                    );
                 }
             }
             Err(e) => {
@@ -214,9 +234,7 @@ impl Reloader {
                 }
                 current = again;
             }
-            let changed: Vec<String> = changed_files(&lock(&self.seen), &current);
-            tracing::info!(files = ?changed, "watched file changed; reloading");
-            let _ = self.reload(Trigger::FileChange).await;
+            let _ = self.reload_if_changed().await;
         }
     }
 
@@ -273,7 +291,10 @@ pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
         ("server.max_connections", a.max_connections != b.max_connections),
         ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),
         ("server.max_headers", a.max_headers != b.max_headers),
-        ("server.header_read_timeout", a.header_read_timeout != b.header_read_timeout),
+        (
+            "server.header_read_timeout",
+            a.header_read_timeout != b.header_read_timeout,
+        ),
         ("server.idle_timeout", a.idle_timeout != b.idle_timeout),
         (
             "server.http2_max_concurrent_streams",
@@ -317,11 +338,7 @@ endpoints = ["http://127.0.0.1:9"]
     fn restart_needed_names_what_only_a_restart_applies() {
         let cases: &[(&str, &str, &[&str])] = &[
             ("same text", BASE, &[]),
-            (
-                "a country moves",
-                &BASE.replace(r#"["US"]"#, r#"["US", "CA"]"#),
-                &[],
-            ),
+            ("a country moves", &BASE.replace(r#"["US"]"#, r#"["US", "CA"]"#), &[]),
             (
                 "timeouts read per request",
                 &BASE.replace("[server]\n", "[server]\nrequest_timeout = \"5s\"\n"),
@@ -339,9 +356,12 @@ endpoints = ["http://127.0.0.1:9"]
             ),
             (
                 "limits and log format",
-                &BASE.replace(
-                    "[server]\n",
-                    "[server]\nmax_connections = 5\nshutdown_timeout = \"1s\"\n[log]\nformat = \"json\"\n",
+                &format!(
+                    "{}[log]\nformat = \"json\"\n",
+                    BASE.replace(
+                        "[server]\n",
+                        "[server]\nmax_connections = 5\nshutdown_timeout = \"1s\"\n"
+                    )
                 ),
                 &["server.max_connections", "server.shutdown_timeout", "log.format"],
             ),

@@ -1,0 +1,685 @@
+//! Operating the real binary: Prometheus metrics, the JSON access log, config reload on
+//! SIGHUP and on file change, and graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use support::*;
+
+const TOKEN: &str = "ops-admin-token";
+
+/// us-east (US, CA), eu-west (IE, FR, DE), uk-south (GB, residency zone "uk"), ap-southeast
+/// (SG); `/v1/fine_tuning` only in us-east.
+struct World {
+    us: FakeUpstream,
+    eu: FakeUpstream,
+    uk: FakeUpstream,
+    ap: FakeUpstream,
+}
+
+impl World {
+    async fn start() -> World {
+        World {
+            us: FakeUpstream::start("us-east").await.unwrap(),
+            eu: FakeUpstream::start("eu-west").await.unwrap(),
+            uk: FakeUpstream::start("uk-south").await.unwrap(),
+            ap: FakeUpstream::start("ap-southeast").await.unwrap(),
+        }
+    }
+
+    /// The config text; `de_home` is the region listing DE, `extra` goes after `[server]`'s
+    /// keys and before the regions.
+    fn config(&self, de_home: &str, server: &str, extra: &str) -> String {
+        let mut c = base_config()
+            .replace("[server]\n", &format!("[server]\n{server}"))
+            .replace("[admin]\n", "[admin]\ntoken_env = \"OPS_ADMIN_TOKEN\"\n");
+        c.push_str("[geoip]\ntrusted_proxies = [\"127.0.0.1/32\"]\ndefault_region = \"us-east\"\n\n");
+        c.push_str(extra);
+        let with_de = |mut countries: Vec<&'static str>, name: &str| {
+            if de_home == name {
+                countries.push("DE");
+            }
+            countries
+        };
+        c.push_str(&region(
+            "us-east",
+            [39.04, -77.49],
+            &with_de(vec!["US", "CA"], "us-east"),
+            &[self.us.url()],
+        ));
+        c.push_str(&region(
+            "eu-west",
+            [53.35, -6.26],
+            &with_de(vec!["IE", "FR"], "eu-west"),
+            &[self.eu.url()],
+        ));
+        c.push_str(&region("uk-south", [51.51, -0.13], &["GB"], &[self.uk.url()]));
+        c.push_str(&region("ap-southeast", [1.35, 103.82], &["SG"], &[self.ap.url()]));
+        c.push_str("[[residency]]\nname = \"uk\"\ncountries = [\"GB\"]\nregions = [\"uk-south\"]\n\n");
+        c.push_str("[[route]]\npath_prefix = \"/v1/fine_tuning\"\nregions = [\"us-east\"]\n\n");
+        c
+    }
+
+    fn proxy(&self, config: &str) -> Meridian {
+        Meridian::start_with_env(config, &[("OPS_ADMIN_TOKEN", TOKEN)])
+    }
+}
+
+// ---- metrics helpers ----
+
+async fn scrape(proxy: &Meridian) -> prometheus_parse::Scrape {
+    let r = call("GET", proxy.admin, "/metrics", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    check_exposition(&text);
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+}
+
+/// The value of the sample `name` whose labels include `labels`; 0 when absent (a counter
+/// that has not moved yet is not exposed).
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .sum()
+}
+
+/// Stricter than the parser: every sample line is `name{labels} value`, every family has
+/// HELP and TYPE, every name is `meridian_` prefixed.
+fn check_exposition(text: &str) {
+    let mut typed = HashSet::new();
+    let mut helped = HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let name = parts.next().unwrap();
+            let kind = parts.next().unwrap();
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "unexpected type: {line}"
+            );
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "counter without _total: {name}");
+            }
+            typed.insert(name.to_string());
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(rest.split(' ').next().unwrap().to_string());
+        } else if !line.is_empty() {
+            let (series, v) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+            assert!(
+                v.parse::<f64>().is_ok() || v == "+Inf" || v == "-Inf" || v == "NaN",
+                "bad value: {line}"
+            );
+            let name = series.split('{').next().unwrap();
+            assert!(name.starts_with("meridian_"), "unprefixed: {line}");
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "bad name: {line}"
+            );
+            if let Some(labels) = series.strip_prefix(name) {
+                assert!(
+                    labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                    "bad labels: {line}"
+                );
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                .unwrap_or(name);
+            assert!(typed.contains(family), "sample before its TYPE: {line}");
+            assert!(helped.contains(family), "sample without HELP: {line}");
+        }
+    }
+}
+
+fn metric_families(s: &prometheus_parse::Scrape) -> HashSet<String> {
+    s.docs.keys().cloned().collect()
+}
+
+async fn status(proxy: &Meridian) -> serde_json::Value {
+    call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json()
+}
+
+fn region_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["regions"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["name"] == name))
+        .unwrap_or_else(|| panic!("region {name} in /status: {status}"))
+}
+
+async fn drain(proxy: &Meridian, region: &str) {
+    let auth = format!("Bearer {TOKEN}");
+    let r = call(
+        "POST",
+        proxy.admin,
+        &format!("/regions/{region}/drain"),
+        &[("authorization", &auth)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Starts a streamed completion as a client from `xff` and returns it once its first
+/// event has arrived (the endpoint must be [`Behavior::Gated`]).
+async fn open_stream(proxy: &Meridian, xff: &str) -> (String, hyper::body::Incoming) {
+    let resp = send_from(
+        "127.0.0.1".parse().unwrap(),
+        proxy.listen,
+        request(
+            "POST",
+            proxy.listen,
+            "/v1/chat/completions",
+            &[("content-type", "application/json"), ("x-forwarded-for", xff)],
+            r#"{"stream":true}"#,
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let region = resp.headers()["x-meridian-region"].to_str().unwrap().to_string();
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("first event")
+        .unwrap()
+        .unwrap();
+    assert!(first.into_data().unwrap().starts_with(b"data: "));
+    (region, body)
+}
+
+async fn finish_stream(body: hyper::body::Incoming) -> String {
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("rest of the stream")
+        .expect("the stream ends cleanly")
+        .to_bytes();
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
+fn rewrite_config(proxy: &Meridian, text: &str) {
+    // Written beside and renamed over, as deploy tools do, so no half file is ever seen.
+    let tmp = proxy.config_path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &proxy.config_path).unwrap();
+}
+
+fn json_logs(proxy: &Meridian) -> Vec<serde_json::Value> {
+    proxy
+        .logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+async fn wait_exit(mut proxy: Meridian) -> (Option<i32>, Meridian) {
+    tokio::task::spawn_blocking(move || {
+        let code = proxy.wait_exit(DEADLINE);
+        (code, proxy)
+    })
+    .await
+    .unwrap()
+}
+
+// ---- metrics ----
+
+#[tokio::test]
+async fn metrics_count_each_request_once_with_its_region_and_status_class() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "", ""));
+    w.uk.set_behavior(Behavior::Status(404));
+    for _ in 0..3 {
+        assert_eq!(get_as(proxy.listen, ips::US, "/v1/models").await.status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(get_as(proxy.listen, ips::IE, "/v1/models").await.status, 200);
+    }
+    assert_eq!(get_as(proxy.listen, ips::GB, "/v1/models").await.status, 404);
+    // The rule sends fine-tuning to us-east only: outside the uk zone, so refused.
+    let r = get_as(proxy.listen, ips::GB, "/v1/fine_tuning/jobs").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"], "residency_forbidden");
+
+    let requests = "meridian_requests_total";
+    eventually("every request counted", || async {
+        let s = scrape(&proxy).await;
+        value(&s, requests, &[("region", "us-east"), ("status_class", "2xx")]) == 3.0
+            && value(&s, requests, &[("region", "eu-west"), ("status_class", "2xx")]) == 2.0
+            && value(&s, requests, &[("region", "uk-south"), ("status_class", "4xx")]) == 1.0
+            && value(&s, requests, &[("region", "none"), ("status_class", "4xx")]) == 1.0
+    })
+    .await;
+    let s = scrape(&proxy).await;
+    assert_eq!(value(&s, requests, &[]), 7.0, "nothing else was counted");
+    assert_eq!(value(&s, requests, &[("region", "ap-southeast")]), 0.0);
+    for (region, n) in [("us-east", 3.0), ("eu-west", 2.0), ("uk-south", 1.0)] {
+        let labels = [("region", region)];
+        assert_eq!(
+            value(&s, "meridian_request_duration_seconds_count", &labels),
+            n,
+            "{region}"
+        );
+        assert_eq!(
+            value(&s, "meridian_upstream_ttfb_seconds_count", &labels),
+            n,
+            "{region}"
+        );
+        assert!(
+            value(&s, "meridian_upstream_ttfb_seconds_sum", &labels) > 0.0,
+            "{region}"
+        );
+    }
+    let histogram = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "meridian_upstream_ttfb_seconds" && x.labels.get("region") == Some("us-east"))
+        .expect("ttfb histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &histogram.value else {
+        panic!("not a histogram: {histogram:?}");
+    };
+    assert_eq!(buckets.first().map(|b| b.less_than), Some(0.005));
+    assert!(buckets.iter().any(|b| b.less_than == 120.0));
+    assert_eq!(buckets.last().map(|b| b.count), Some(3.0));
+
+    let rejections = "meridian_residency_rejections_total";
+    assert_eq!(value(&s, rejections, &[("zone", "uk")]), 1.0);
+    assert_eq!(value(&s, "meridian_geoip_lookups_total", &[("result", "hit")]), 7.0);
+    assert_eq!(value(&s, "meridian_geoip_lookups_total", &[]), 7.0);
+    assert_eq!(value(&s, "meridian_failovers_total", &[]), 0.0);
+    assert_eq!(value(&s, "meridian_retries_total", &[]), 0.0);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(value(&s, "meridian_build_info", &[("version", version)]), 1.0);
+    assert_eq!(
+        value(&s, "meridian_config_reloads_total", &[("result", "success")]),
+        1.0
+    );
+    assert!(value(&s, "meridian_config_last_reload_success_timestamp_seconds", &[]) > 1.6e9);
+    assert!(s.samples.iter().any(|x| x.metric == "meridian_open_connections"));
+    for region in ["us-east", "eu-west", "uk-south", "ap-southeast"] {
+        assert_eq!(value(&s, "meridian_region_available", &[("region", region)]), 1.0);
+    }
+    let us = w.us.url();
+    for (state, want) in [("healthy", 1.0), ("unhealthy", 0.0), ("ejected", 0.0), ("drained", 0.0)] {
+        let labels = [("region", "us-east"), ("endpoint", us.as_str()), ("state", state)];
+        assert_eq!(value(&s, "meridian_endpoint_state", &labels), want, "{state}");
+    }
+
+    // Every metric exposed is documented.
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    for family in metric_families(&s) {
+        assert!(
+            docs.contains(&format!("`{family}`")),
+            "{family} is not in docs/metrics.md"
+        );
+    }
+}
+
+#[tokio::test]
+async fn failovers_retries_and_drains_are_counted() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "", ""));
+    w.eu.kill();
+    // Connection refused in eu-west: retried in the next region.
+    let r = get_as(proxy.listen, ips::IE, "/v1/models").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let to = r.region().unwrap().to_string();
+    assert_ne!(to, "eu-west");
+    drain(&proxy, "ap-southeast").await;
+
+    eventually("failover counted", || async {
+        let s = scrape(&proxy).await;
+        value(
+            &s,
+            "meridian_requests_total",
+            &[("region", to.as_str()), ("status_class", "2xx")],
+        ) == 1.0
+    })
+    .await;
+    let s = scrape(&proxy).await;
+    let labels = [
+        ("from_region", "eu-west"),
+        ("to_region", to.as_str()),
+        ("reason", "retry"),
+    ];
+    assert_eq!(value(&s, "meridian_failovers_total", &labels), 1.0);
+    assert_eq!(value(&s, "meridian_failovers_total", &[]), 1.0);
+    assert_eq!(value(&s, "meridian_retries_total", &[]), 1.0);
+    assert_eq!(
+        value(&s, "meridian_region_available", &[("region", "ap-southeast")]),
+        0.0
+    );
+    let ap = w.ap.url();
+    let labels = [
+        ("region", "ap-southeast"),
+        ("endpoint", ap.as_str()),
+        ("state", "drained"),
+    ];
+    assert_eq!(value(&s, "meridian_endpoint_state", &labels), 1.0);
+}
+
+// ---- access log ----
+
+#[tokio::test]
+async fn access_log_has_one_json_line_per_request_and_no_secrets() {
+    const INJECTED: &str = "sk-fallback-secret-4242";
+    const CLIENT: &str = "Bearer client-secret-7777";
+    let w = World::start().await;
+    let fallback = FakeUpstream::start("hosted").await.unwrap();
+    let extra = format!(
+        "[fallback]\nendpoint = \"{}\"\nheaders = {{ authorization = \"env:OPS_FALLBACK_KEY\" }}\n\n",
+        fallback.url()
+    );
+    let config = w.config("eu-west", "", &extra);
+    // Debug level on purpose: a secret must not leak at any level an operator might enable.
+    let proxy = Meridian::start_with_env(
+        &config,
+        &[
+            ("OPS_ADMIN_TOKEN", TOKEN),
+            ("OPS_FALLBACK_KEY", INJECTED),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    let gb_req = [
+        ("x-forwarded-for", ips::GB),
+        ("x-request-id", "req-uk-1"),
+        ("authorization", CLIENT),
+    ];
+    let r = call("POST", proxy.listen, "/v1/chat/completions", &gb_req, "{}").await;
+    assert_eq!(r.status, 200);
+    // With every region drained, a client outside any zone is sent to the fallback.
+    for region in ["us-east", "eu-west", "uk-south", "ap-southeast"] {
+        drain(&proxy, region).await;
+    }
+    let us_req = [
+        ("x-forwarded-for", ips::US),
+        ("x-request-id", "req-fallback-2"),
+        ("authorization", CLIENT),
+    ];
+    let r = call("GET", proxy.listen, "/v1/models", &us_req, Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.region(), Some("fallback"));
+    assert_eq!(
+        fallback.seen()[0].headers["authorization"],
+        INJECTED,
+        "injected, replacing the client's"
+    );
+    let r = call(
+        "GET",
+        proxy.listen,
+        "/v1/fine_tuning/jobs",
+        &[("x-forwarded-for", ips::GB), ("x-request-id", "req-refused-3")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+
+    let access = || {
+        json_logs(&proxy)
+            .into_iter()
+            .filter(|l| l["target"] == "meridian::access")
+            .collect::<Vec<_>>()
+    };
+    eventually("three access lines", || async { access().len() == 3 }).await;
+    let lines = access();
+    let by_id = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id}: {lines:?}"))
+    };
+    let fields = [
+        "request_id",
+        "client_ip",
+        "country",
+        "zone",
+        "region",
+        "endpoint",
+        "attempts",
+        "status",
+        "duration_ms",
+        "bytes_in",
+        "bytes_out",
+        "failover_reason",
+    ];
+    for line in &lines {
+        for f in fields {
+            assert!(!line[f].is_null(), "{f} missing in {line}");
+        }
+    }
+    let gb = by_id("req-uk-1");
+    assert_eq!(gb["client_ip"], ips::GB);
+    assert_eq!(gb["country"], "GB");
+    assert_eq!(gb["zone"], "uk");
+    assert_eq!(gb["region"], "uk-south");
+    assert_eq!(gb["endpoint"], w.uk.url());
+    assert_eq!(gb["attempts"], 1);
+    assert_eq!(gb["status"], 200);
+    assert_eq!(gb["bytes_in"], 2);
+    assert!(gb["bytes_out"].as_u64().unwrap() > 0);
+    assert!(gb["ttfb_ms"].as_f64().is_some());
+    assert_eq!(gb["failover_reason"], "-");
+    let us = by_id("req-fallback-2");
+    assert_eq!(us["client_ip"], ips::US);
+    assert_eq!(us["country"], "US");
+    assert_eq!(us["zone"], "-");
+    assert_eq!(us["region"], "fallback");
+    assert_eq!(us["endpoint"], fallback.url());
+    assert_eq!(us["attempts"], 1);
+    assert_eq!(us["status"], 200);
+    assert_eq!(us["failover_reason"], "unavailable");
+    let refused = by_id("req-refused-3");
+    assert_eq!(refused["status"], 403);
+    assert_eq!(refused["error"], "residency_forbidden");
+
+    let logs = proxy.logs();
+    assert!(logs.len() > 3);
+    for line in &logs {
+        assert!(!line.contains(INJECTED), "injected secret logged: {line}");
+        assert!(!line.contains("client-secret-7777"), "client credential logged: {line}");
+    }
+}
+
+// ---- reload ----
+
+#[tokio::test]
+async fn an_invalid_config_is_rejected_and_the_old_table_stays() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "", ""));
+    std::fs::write(&proxy.config_path, "[server\nlisten = ").unwrap();
+    proxy.signal("HUP");
+    let errors = || async {
+        value(
+            &scrape(&proxy).await,
+            "meridian_config_reloads_total",
+            &[("result", "error")],
+        )
+    };
+    // The file watcher may see the write before the signal arrives: one or two attempts.
+    eventually("reload rejected", || async { errors().await >= 1.0 }).await;
+    let rejected = json_logs(&proxy)
+        .into_iter()
+        .find(|l| l["message"] == "config reload rejected; the previous config stays in force")
+        .expect("rejection logged");
+    assert_eq!(rejected["level"], "ERROR");
+    assert!(
+        rejected["error"].as_str().unwrap().contains("meridian.toml"),
+        "names the file: {rejected}"
+    );
+    for (ip, want) in [(ips::GB, "uk-south"), (ips::US, "us-east"), (ips::DE, "eu-west")] {
+        let r = get_as(proxy.listen, ip, "/v1/models").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.region(), Some(want), "{ip}");
+    }
+    // A signal alone reloads (and fails) again; the file is not retried on every poll.
+    let before = errors().await;
+    proxy.signal("HUP");
+    eventually("second rejection", || async { errors().await == before + 1.0 }).await;
+    let s = scrape(&proxy).await;
+    assert_eq!(
+        value(&s, "meridian_config_reloads_total", &[("result", "success")]),
+        1.0
+    );
+    let r = call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn sighup_moves_a_country_while_streams_and_health_state_survive() {
+    let w = World::start().await;
+    let extra = "[outlier]\nconsecutive_errors = 1\nejection_time = \"10m\"\n\n";
+    let proxy = w.proxy(&w.config("eu-west", "", extra));
+
+    // Health state to keep: uk-south's endpoint ejected by real traffic, ap-southeast drained.
+    w.uk.set_behavior(Behavior::Status(500));
+    let r = call(
+        "POST",
+        proxy.listen,
+        "/v1/chat/completions",
+        &[("x-forwarded-for", ips::GB)],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 500);
+    w.uk.set_behavior(Behavior::Ok);
+    drain(&proxy, "ap-southeast").await;
+    let st = status(&proxy).await;
+    assert_eq!(region_status(&st, "uk-south")["endpoints"][0]["state"], "ejected");
+
+    // A German client's stream is open on eu-west while DE moves to us-east.
+    w.eu.set_behavior(Behavior::Gated { events: 3 });
+    let (region, stream) = open_stream(&proxy, ips::DE).await;
+    assert_eq!(region, "eu-west");
+    assert!(value(&scrape(&proxy).await, "meridian_open_connections", &[]) >= 1.0);
+    rewrite_config(&proxy, &w.config("us-east", "", extra));
+    proxy.signal("HUP");
+    // Wait for the reload before asking: until then DE would reach the gated endpoint.
+    eventually("reload done", || async {
+        let s = scrape(&proxy).await;
+        value(&s, "meridian_config_reloads_total", &[("result", "success")]) >= 2.0
+    })
+    .await;
+    let r = get_as(proxy.listen, ips::DE, "/v1/models").await;
+    assert_eq!(r.region(), Some("us-east"), "DE routed by the new table");
+    w.eu.release();
+    let rest = finish_stream(stream).await;
+    assert!(
+        rest.contains("\"index\":2") && rest.ends_with("data: [DONE]\n\n"),
+        "{rest}"
+    );
+
+    let st = status(&proxy).await;
+    let uk = region_status(&st, "uk-south");
+    assert_eq!(uk["endpoints"][0]["state"], "ejected", "{uk}");
+    assert_eq!(uk["available"], false);
+    assert_eq!(region_status(&st, "ap-southeast")["drained"], true);
+    let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
+    assert_eq!(r.status, 503, "uk-south is still out: {}", r.text());
+    assert_eq!(r.json()["error"], "residency_unavailable");
+    assert_eq!(
+        get_as(proxy.listen, ips::FR, "/v1/models").await.region(),
+        Some("eu-west")
+    );
+
+    let s = scrape(&proxy).await;
+    assert_eq!(value(&s, "meridian_config_reloads_total", &[("result", "error")]), 0.0);
+    let uk_url = w.uk.url();
+    let labels = [
+        ("region", "uk-south"),
+        ("endpoint", uk_url.as_str()),
+        ("state", "ejected"),
+    ];
+    assert_eq!(value(&s, "meridian_endpoint_state", &labels), 1.0);
+    assert!(
+        json_logs(&proxy)
+            .iter()
+            .any(|l| l["message"] == "config reloaded" && l["trigger"] == "sighup"),
+        "reload logged with its trigger"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_file_reloads_without_a_signal_and_listener_moves_wait_for_restart() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "", ""));
+    assert_eq!(
+        get_as(proxy.listen, ips::DE, "/v1/models").await.region(),
+        Some("eu-west")
+    );
+    let moved = w.config("us-east", "", "").replace(
+        "listen = \"127.0.0.1:0\"\n\n[admin]",
+        "listen = \"127.0.0.2:0\"\n\n[admin]",
+    );
+    assert!(moved.contains("127.0.0.2:0"));
+    rewrite_config(&proxy, &moved);
+    eventually("DE routed by the new table", || async {
+        get_as(proxy.listen, ips::DE, "/v1/models").await.region() == Some("us-east")
+    })
+    .await;
+    let logs = json_logs(&proxy);
+    assert!(
+        logs.iter()
+            .any(|l| l["message"] == "config reloaded" && l["trigger"] == "file_change"),
+        "{logs:?}"
+    );
+    let warning = logs
+        .iter()
+        .find(|l| l["key"] == "server.listen")
+        .expect("listener change reported");
+    assert_eq!(warning["level"], "WARN");
+    assert!(warning["message"].as_str().unwrap().contains("restart"));
+    assert!(!logs.iter().any(|l| l["key"] == "admin.listen"));
+    // Still on the old socket, and the file was loaded exactly once.
+    let s = scrape(&proxy).await;
+    assert_eq!(
+        value(&s, "meridian_config_reloads_total", &[("result", "success")]),
+        2.0
+    );
+    assert_eq!(value(&s, "meridian_config_reloads_total", &[("result", "error")]), 0.0);
+}
+
+// ---- shutdown ----
+
+#[tokio::test]
+async fn sigterm_lets_an_inflight_stream_finish_refuses_new_connections_and_exits_zero() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "", ""));
+    w.us.set_behavior(Behavior::Gated { events: 3 });
+    let (_, stream) = open_stream(&proxy, ips::US).await;
+    proxy.signal("TERM");
+    eventually("/readyz says draining", || async {
+        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 503
+    })
+    .await;
+    eventually("new connections refused", || async {
+        tokio::net::TcpStream::connect(proxy.listen).await.is_err()
+    })
+    .await;
+    w.us.release();
+    let rest = finish_stream(stream).await;
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let (code, proxy) = wait_exit(proxy).await;
+    assert_eq!(code, Some(0), "{:?}", proxy.logs());
+    assert!(json_logs(&proxy).iter().any(|l| l["message"] == "stopped"));
+}
+
+#[tokio::test]
+async fn shutdown_timeout_bounds_the_wait_for_a_stream_that_never_ends() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "shutdown_timeout = \"300ms\"\n", ""));
+    w.us.set_behavior(Behavior::Gated { events: 3 });
+    let (_, stream) = open_stream(&proxy, ips::US).await;
+    proxy.signal("TERM");
+    let (code, proxy) = wait_exit(proxy).await;
+    assert_eq!(code, Some(0), "{:?}", proxy.logs());
+    // The cut stream ends, with an error, rather than hanging.
+    let ended = tokio::time::timeout(DEADLINE, stream.collect()).await;
+    assert!(ended.is_ok());
+}
