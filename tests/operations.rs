@@ -683,3 +683,65 @@ async fn shutdown_timeout_bounds_the_wait_for_a_stream_that_never_ends() {
     let ended = tokio::time::timeout(DEADLINE, stream.collect()).await;
     assert!(ended.is_ok());
 }
+
+// ---- deploy files ----
+
+/// Every `meridian_*` name the dashboard and the alert rules query is a documented metric,
+/// so a rename cannot silently blank a panel or an alert.
+#[test]
+fn dashboard_and_alerts_query_documented_metrics() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let read = |p: &str| std::fs::read_to_string(format!("{root}/{p}")).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let docs = read("docs/metrics.md");
+    let dashboard: serde_json::Value = serde_json::from_str(&read("deploy/grafana/meridian.json")).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 10, "dashboard queries: {exprs:?}");
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let mut names = HashSet::new();
+    for text in exprs.iter().map(String::as_str).chain([alerts.as_str()]) {
+        let mut rest = text;
+        while let Some(i) = rest.find("meridian_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    for name in &names {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            docs.contains(&format!("`{family}`")),
+            "{name} is queried but not documented"
+        );
+    }
+    for wanted in [
+        "meridian_requests_total",
+        "meridian_failovers_total",
+        "meridian_endpoint_state",
+        "meridian_upstream_ttfb_seconds",
+        "meridian_residency_rejections_total",
+    ] {
+        assert!(exprs.iter().any(|e| e.contains(wanted)), "the dashboard shows {wanted}");
+    }
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
