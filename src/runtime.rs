@@ -242,4 +242,3 @@ fn build(
         fallback,
     })
 }
-

@@ -214,3 +214,40 @@ impl RegionMetrics {
         self.requests[i].inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(m: &Metrics, name: &str) -> Vec<String> {
+        m.render()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn forgetting_a_region_drops_its_gauges_but_not_its_counters() {
+        let m = Metrics::new();
+        let r = RegionMetrics::new(&m, "eu");
+        r.count(200);
+        r.count(503);
+        r.count(99);
+        m.region_available.with_label_values(&["eu"]).set(1);
+        m.forget_region("eu");
+        assert!(lines(&m, "meridian_region_available{").is_empty());
+        let requests = lines(&m, "meridian_requests_total{");
+        assert!(requests.contains(&r#"meridian_requests_total{region="eu",status_class="2xx"} 1"#.to_string()));
+        assert!(requests.contains(&r#"meridian_requests_total{region="eu",status_class="5xx"} 1"#.to_string()));
+        // Out-of-range statuses land in the nearest class rather than a new label value.
+        assert!(requests.contains(&r#"meridian_requests_total{region="eu",status_class="1xx"} 1"#.to_string()));
+    }
+
+    #[test]
+    fn build_info_is_always_there() {
+        let m = Metrics::new();
+        let want = format!("meridian_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert_eq!(lines(&m, "meridian_build_info{"), vec![want]);
+    }
+}
