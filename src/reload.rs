@@ -372,6 +372,61 @@ endpoints = ["http://127.0.0.1:9"]
         }
     }
 
+    struct Recorder {
+        file: PathBuf,
+        calls: Mutex<Vec<Trigger>>,
+    }
+
+    impl ReloadHook for Recorder {
+        fn watched_files(&self, _runtime: &Runtime) -> Vec<PathBuf> {
+            vec![self.file.clone()]
+        }
+
+        fn reloaded(&self, _runtime: &Arc<Runtime>, trigger: Trigger) {
+            lock(&self.calls).push(trigger);
+        }
+    }
+
+    #[tokio::test]
+    async fn hooks_run_after_reloads_and_their_files_are_watched() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("meridian.toml");
+        let text = BASE
+            .replace("127.0.0.1:8080", "127.0.0.1:0")
+            .replace("127.0.0.1:9901", "127.0.0.1:0");
+        std::fs::write(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, "one").unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let running = crate::app::start(config).await.unwrap_or_else(|e| panic!("{e}"));
+        let hook = Arc::new(Recorder {
+            file: cert.clone(),
+            calls: Mutex::new(Vec::new()),
+        });
+        running.reloader.add_hook(hook.clone());
+
+        let done = running.reloader.reload(Trigger::Request).await;
+        assert_eq!(done.ok(), Some(Reloaded { restart_needed: vec![] }));
+        assert_eq!(*lock(&hook.calls), vec![Trigger::Request]);
+
+        // Only the hook's file changes: a reload runs, so the hook re-reads it.
+        std::fs::write(&cert, "two").unwrap_or_else(|e| panic!("{e}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while lock(&hook.calls).len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "certificate change not seen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*lock(&hook.calls), vec![Trigger::Request, Trigger::FileChange]);
+        let successes = running
+            .shared
+            .metrics
+            .config_reloads
+            .with_label_values(&["success"])
+            .get();
+        assert_eq!(successes, 3, "start-up, the request, the file change");
+        running.shutdown().await;
+    }
+
     #[test]
     fn changed_files_lists_new_changed_and_vanished_content() {
         let p = |s: &str| PathBuf::from(s);
