@@ -104,10 +104,13 @@ impl Proxy {
         let plan = match route::plan(&rt.table, located, &facts) {
             Ok(plan) => plan,
             Err(refusal) => {
-                // Refused before the headers are rewritten: still log the client's id.
-                if let Some(id) = req.headers().get(&rewrite::X_REQUEST_ID) {
-                    record.request_id = id.clone();
-                }
+                // Refused before the headers are rewritten: the client's id, or a new one the
+                // answer carries, so the log line can be found from either side.
+                record.request_id = req
+                    .headers()
+                    .get(&rewrite::X_REQUEST_ID)
+                    .cloned()
+                    .unwrap_or_else(rewrite::new_request_id);
                 let err = match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
                     Refusal::ResidencyForbidden { zone, .. } => {

@@ -225,7 +225,10 @@ impl Reloader {
                 continue;
             }
             for _ in 0..MAX_SETTLE_ROUNDS {
-                tokio::time::sleep(SETTLE).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(SETTLE) => {}
+                    _ = shutdown.changed() => return,
+                }
                 let Some(again) = self.current_fingerprints().await else {
                     break;
                 };

@@ -247,6 +247,10 @@ async fn metrics_count_each_request_once_with_its_region_and_status_class() {
     let r = get_as(proxy.listen, ips::GB, "/v1/fine_tuning/jobs").await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"], "residency_forbidden");
+    assert!(
+        r.header("x-request-id").is_some_and(|id| id.len() > 8),
+        "a generated id"
+    );
 
     let requests = "meridian_requests_total";
     eventually("every request counted", || async {
