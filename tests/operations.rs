@@ -683,6 +683,32 @@ async fn shutdown_timeout_bounds_the_wait_for_a_stream_that_never_ends() {
     assert!(ended.is_ok());
 }
 
+#[tokio::test]
+async fn a_second_sigterm_stops_waiting() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "shutdown_timeout = \"10m\"\n", ""));
+    w.us.set_behavior(Behavior::Gated { events: 3 });
+    let (_, _stream) = open_stream(&proxy, ips::US).await;
+    proxy.signal("TERM");
+    eventually("draining", || async {
+        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 503
+    })
+    .await;
+    proxy.signal("TERM");
+    let (code, proxy) = wait_exit(proxy).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "exits long before the 10 minute timeout: {:?}",
+        proxy.logs()
+    );
+    assert!(
+        json_logs(&proxy)
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["message"].as_str().unwrap().contains("second stop signal"))
+    );
+}
+
 // ---- deploy files ----
 
 /// Every `meridian_*` name the dashboard and the alert rules query is a documented metric,
