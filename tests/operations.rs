@@ -220,6 +220,15 @@ fn json_logs(proxy: &Meridian) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits for `/readyz` to answer 200 (after the first probe round), so a later 503 means
+/// draining.
+async fn wait_ready(proxy: &Meridian) {
+    eventually("ready", || async {
+        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 200
+    })
+    .await;
+}
+
 async fn wait_exit(mut proxy: Meridian) -> (Option<i32>, Meridian) {
     tokio::task::spawn_blocking(move || {
         let code = proxy.wait_exit(DEADLINE);
@@ -652,6 +661,7 @@ async fn sigterm_lets_an_inflight_stream_finish_refuses_new_connections_and_exit
     let proxy = w.proxy(&w.config("eu-west", "", ""));
     w.us.set_behavior(Behavior::Gated { events: 3 });
     let (_, stream) = open_stream(&proxy, ips::US).await;
+    wait_ready(&proxy).await;
     proxy.signal("TERM");
     eventually("/readyz says draining", || async {
         call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 503
@@ -690,8 +700,11 @@ async fn a_second_sigterm_stops_waiting() {
     w.us.set_behavior(Behavior::Gated { events: 3 });
     let (_, _stream) = open_stream(&proxy, ips::US).await;
     proxy.signal("TERM");
+    // Two signals sent at once would be delivered as one: wait for the first to be handled.
     eventually("draining", || async {
-        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 503
+        json_logs(&proxy)
+            .iter()
+            .any(|l| l["message"] == "shutting down: no new connections, draining in-flight requests")
     })
     .await;
     proxy.signal("TERM");
