@@ -174,9 +174,7 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
-}
 
-impl Metrics {
     /// Drops the availability series of a region that left the config. Its request counters
     /// stay: counters must not go backwards within a process.
     pub fn forget_region(&self, region: &str) {
