@@ -242,3 +242,38 @@ fn build(
         fallback,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_ENDPOINTS: &str = r#"
+[[region]]
+name = "us-east"
+location = [39.04, -77.49]
+countries = ["US"]
+endpoints = ["http://127.0.0.1:9", "http://127.0.0.2:9"]
+"#;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn a_failed_build_leaves_the_health_registry_alone() {
+        let shared = Shared::new(parse(TWO_ENDPOINTS)).unwrap_or_else(|e| panic!("{e}"));
+        let kept = shared.runtime().regions[0].endpoints[1].health.clone();
+        // Valid as text, but the fallback's CA file cannot be read: fails while building,
+        // after validation, with the second endpoint gone from the new config.
+        let broken = TWO_ENDPOINTS.replace(", \"http://127.0.0.2:9\"", "")
+            + "[fallback]\nendpoint = \"http://127.0.0.1:9\"\nca_file = \"/nonexistent/ca.pem\"\n";
+        assert!(shared.build(parse(&broken), Some(&shared.runtime())).is_err());
+        let rt = shared
+            .build(parse(TWO_ENDPOINTS), Some(&shared.runtime()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            Arc::ptr_eq(&rt.regions[0].endpoints[1].health, &kept),
+            "health survived"
+        );
+    }
+}
