@@ -146,6 +146,16 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let table = RouteTable::new(std::sync::Arc::new(config));
+    if let Err(crossings) = meridian::route::residency::verify(&table) {
+        eprintln!(
+            "invalid config {}: a residency-bound client could leave its zone",
+            path.display()
+        );
+        for line in crossings.lines() {
+            eprintln!("  {}: {line}", path.display());
+        }
+        return ExitCode::FAILURE;
+    }
     println!("{}: ok (GeoIP: {})", path.display(), geo.description());
     print!("{}", meridian::explain::render_table(&table));
     ExitCode::SUCCESS

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::file::{self, EndpointFile, FileConfig, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
+use crate::forward::breaker::BreakerPolicy;
 use crate::geo::{Country, GeoPoint};
 
 /// The validated configuration. Indexes (`usize`) point into `regions` / `zones`.
@@ -187,6 +188,7 @@ pub struct FallbackConfig {
     pub zone: Option<usize>,
     pub ca_file: Option<PathBuf>,
     pub path_rewrite: Vec<(String, String)>,
+    pub breaker: BreakerPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -353,6 +355,7 @@ impl Validator<'_> {
         let retry = self.retry(raw.retry);
         let zones = self.zones(raw.residency, &names);
         let routes = self.routes(raw.routes, &names);
+        self.homes_inside_zones(&regions, &zones);
         let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
         let spillover = raw.spillover.map(|s| self.spillover(s));
         let log = LogConfig {
@@ -878,6 +881,29 @@ impl Validator<'_> {
         out
     }
 
+    /// A region that calls a zone's country home but is not one of the zone's regions would
+    /// put that country's home outside its zone: the failover order written in the file
+    /// crosses, so it is refused rather than silently skipped.
+    fn homes_inside_zones(&mut self, regions: &[RegionConfig], zones: &[ZoneConfig]) {
+        for (i, r) in regions.iter().enumerate() {
+            for (j, c) in r.countries.iter().enumerate() {
+                for (z, zone) in zones.iter().enumerate() {
+                    if zone.countries.contains(c) && !zone.regions.contains(&i) {
+                        self.problem(
+                            format!("region[{i}].countries[{j}]"),
+                            None,
+                            format!(
+                                "{c} is bound to residency zone {:?} (residency[{z}]), which does not include region {:?}: \
+                                 its clients could never be served at home; add the region to the zone or move {c} to a zone region",
+                                zone.name, r.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     fn routes(&mut self, raw: Vec<file::RouteFile>, names: &HashMap<String, usize>) -> Vec<RouteConfig> {
         let mut out = Vec::new();
         for (i, r) in raw.into_iter().enumerate() {
@@ -984,7 +1010,7 @@ impl Validator<'_> {
             },
             None => None,
         };
-        let path_rewrite = f
+        let mut path_rewrite: Vec<(String, String)> = f
             .path_rewrite
             .into_iter()
             .filter(|(from, to)| {
@@ -998,13 +1024,40 @@ impl Validator<'_> {
                 }
                 ok
             })
+            // Stored without a trailing slash so the match is by whole segments.
+            .map(|(from, to)| {
+                (
+                    from.trim_end_matches('/').to_string(),
+                    to.trim_end_matches('/').to_string(),
+                )
+            })
             .collect();
+        // The longest prefix wins, whatever the order in the file.
+        path_rewrite.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let defaults = BreakerPolicy::default();
+        let breaker = match f.breaker {
+            Some(b) => {
+                let failures = b.failures.unwrap_or(defaults.failures);
+                if failures == 0 {
+                    self.problem("fallback.breaker.failures", None, "must be at least 1");
+                }
+                BreakerPolicy {
+                    failures,
+                    cool_down: self.positive(
+                        "fallback.breaker.cool_down",
+                        b.cool_down.map_or(defaults.cool_down, |d| d.0),
+                    ),
+                }
+            }
+            None => defaults,
+        };
         Some(FallbackConfig {
             endpoint: endpoint?,
             headers,
             zone,
             ca_file: f.ca_file.map(|p| self.path(p)),
             path_rewrite,
+            breaker,
         })
     }
 
