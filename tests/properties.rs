@@ -139,10 +139,19 @@ fn table_strategy() -> impl Strategy<Value = Table> {
 /// two homes or in two zones, a region listed twice).
 fn render(t: &Table) -> String {
     let mut s = String::from("[geoip]\ndefault_region = \"r0\"\n");
+    // The regions each zoned country may use (first zone wins, as below): a region may not
+    // call a country home unless the country's zone includes it.
+    let mut zone_regions: std::collections::HashMap<&str, &Vec<usize>> = std::collections::HashMap::new();
+    for (countries, regions, _) in &t.zones {
+        for c in countries {
+            zone_regions.entry(*c).or_insert(regions);
+        }
+    }
     let mut homes = std::collections::HashSet::new();
     for (i, (lat, lon, countries, priority, failover)) in t.regions.iter().enumerate() {
         let countries: Vec<String> = countries
             .iter()
+            .filter(|c| zone_regions.get(**c).is_none_or(|rs| rs.contains(&i)))
             .filter(|c| homes.insert(**c))
             .map(|c| format!("{c:?}"))
             .collect();
