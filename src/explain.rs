@@ -113,8 +113,8 @@ pub fn explain_request(table: &RouteTable, geo: &GeoDb, ip: IpAddr, facts: &Requ
         Err(Refusal::ResidencyForbidden { zone, rule }) => {
             out.zone = Some(table.zone_name(zone).to_string());
             out.refusal = Some(format!(
-                "403 residency_forbidden: route[{rule}] ({}) lists no region of zone {}",
-                config.routes[rule].path_prefix,
+                "403 residency_forbidden: {} lists no region of zone {} and is not residency_exempt",
+                route::residency::rule_label(config, rule),
                 table.zone_name(zone)
             ));
             return out;
@@ -233,6 +233,23 @@ fn pattern_lines(table: &RouteTable, plan: &RoutePlan<'_>) -> Vec<String> {
     } else if plan.rule.is_none() && !plan.sharded && plan.candidates.len() > 1 {
         out.push("active-active: nearest available region".into());
     }
+    if let (Some(z), false) = (plan.zone, plan.sharded) {
+        let zone = &config.zones[z];
+        let exempt = plan.rule.is_some_and(|i| config.routes[i].residency_exempt);
+        out.push(if exempt {
+            format!("residency: zone {} is exempted by the matching route rule", zone.name)
+        } else {
+            format!(
+                "residency: zone {}: only {}; never another region",
+                zone.name,
+                zone.regions
+                    .iter()
+                    .map(|&r| table.region_name(r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+    }
     if plan.fallback {
         out.push("fallback: last candidate when no region can serve".into());
     }
@@ -295,7 +312,8 @@ pub fn render_route(e: &RouteExplanation) -> String {
     if let Some(r) = &e.refusal {
         let _ = writeln!(s, "  refused:    {r}");
     }
-    let _ = writeln!(s, "  chosen:     {}", e.chosen.as_deref().unwrap_or("none (503)"));
+    let none = if e.refusal.is_some() { "none" } else { "none (503)" };
+    let _ = writeln!(s, "  chosen:     {}", e.chosen.as_deref().unwrap_or(none));
     s
 }
 

@@ -72,6 +72,50 @@ fn every_example_config_passes_check() {
     }
 }
 
+fn route_json(name: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["route", "-c", &example_path(name), "--json"])
+        .args(args)
+        .env("HOSTED_API_KEY", "sk-check-only")
+        .output()
+        .expect("run meridian route");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn route_explains_the_pattern_in_effect() {
+    let ap = route_json("active-passive", &[ips::US]);
+    assert_eq!(ap[0]["chosen"], "eu-west");
+    assert_eq!(ap[0]["priority_level"], 0);
+    assert_eq!(ap[0]["candidates"][1]["priority"], 1, "the standby comes last");
+    assert!(ap[0]["pattern"][0].as_str().unwrap().starts_with("active-passive"));
+
+    let sh = route_json("sharded", &[ips::DE, ips::AU]);
+    assert_eq!(sh[0]["sharded"], true);
+    assert_eq!(sh[0]["candidates"].as_array().unwrap().len(), 1);
+    assert_eq!(sh[1]["sharded"], false);
+
+    let hub = route_json("hub-and-spoke", &["--path", "/v1/fine_tuning/jobs", ips::AU, ips::GB]);
+    assert_eq!(hub[0]["rule"]["path_prefix"], "/v1/fine_tuning");
+    assert_eq!(hub[0]["chosen"], "us-east");
+    assert!(
+        hub[1]["refusal"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("403 residency_forbidden: route[0]")),
+        "{}",
+        hub[1]
+    );
+    let batch = route_json("hub-and-spoke", &["--header", "x-workload: batch", ips::AU]);
+    assert_eq!(batch[0]["rule"]["index"], 2);
+
+    let fb = route_json("fallback", &[ips::US, ips::DE, ips::GB]);
+    assert_eq!(fb[0]["fallback"]["eligible"], true);
+    assert_eq!(fb[1]["fallback"]["eligible"], true, "fallback.zone is eu");
+    assert_eq!(fb[2]["fallback"]["eligible"], false);
+}
+
 #[test]
 fn check_rejects_a_home_region_outside_its_zone() {
     let dir = tempfile::tempdir().unwrap();

@@ -132,8 +132,8 @@ pub fn audit(source: &impl PlanSource) -> Audit {
         for (i, rule) in config.routes.iter().enumerate() {
             if !rule.residency_exempt && !rule.regions.iter().any(|&r| inside(r)) {
                 out.notes.push(format!(
-                    "route[{i}] {}: clients of zone {} get 403 residency_forbidden (it lists no region of the zone)",
-                    shown_prefix(&rule.path_prefix),
+                    "{}: clients of zone {} get 403 residency_forbidden (it lists no region of the zone)",
+                    rule_label(config, i),
                     zone.name
                 ));
             }
@@ -203,6 +203,22 @@ fn shown_prefix(prefix: &str) -> &str {
     if prefix.is_empty() { "/" } else { prefix }
 }
 
+/// `route[2] /v1/chat/completions [GET] [x-workload: batch]`: what the rule matches.
+pub fn rule_label(config: &Config, rule: usize) -> String {
+    let Some(r) = config.routes.get(rule) else {
+        return format!("route[{rule}]");
+    };
+    let mut s = format!("route[{rule}] {}", shown_prefix(&r.path_prefix));
+    if let Some(methods) = &r.methods {
+        let m: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+        s.push_str(&format!(" [{}]", m.join(",")));
+    }
+    for (name, value) in &r.headers {
+        s.push_str(&format!(" [{name}: {}]", value.to_str().unwrap_or("?")));
+    }
+    s
+}
+
 /// Names regions, zones and rules for messages.
 pub struct Named<'a, T> {
     pub config: &'a Config,
@@ -218,10 +234,7 @@ impl fmt::Display for Named<'_, Crossing> {
         let region = |r: RegionId| config.regions.get(r).map_or("?", |r| r.name.as_str());
         let path = match c.path {
             Path::FailoverOrder => "failover order (also walked by retries and panic mode)".to_string(),
-            Path::RouteRule(i) => format!(
-                "route[{i}] {}",
-                config.routes.get(i).map_or("?", |r| shown_prefix(&r.path_prefix))
-            ),
+            Path::RouteRule(i) => rule_label(config, i),
             Path::Fallback => "[fallback]".to_string(),
         };
         match c.to {
@@ -263,9 +276,8 @@ impl fmt::Display for Named<'_, Exemption> {
             .collect();
         write!(
             f,
-            "route[{}] {} is residency_exempt: clients of zone {zone} may reach {} outside the zone",
-            e.rule,
-            config.routes.get(e.rule).map_or("?", |r| shown_prefix(&r.path_prefix)),
+            "{} is residency_exempt: clients of zone {zone} may reach {} outside the zone",
+            rule_label(config, e.rule),
             regions.join(", ")
         )
     }
