@@ -6,7 +6,7 @@
 //! `SharedBreaker` publishes it for the request path, which reads one atomic while closed.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -154,12 +154,16 @@ impl Breaker {
     }
 }
 
-/// The breaker as the request path sees it: `closed` is read lock-free on every request;
-/// the mutex is taken only while the breaker is not closed or an outcome is recorded.
+/// The breaker as the request path sees it: selection reads two atomics on every request
+/// (closed, or else the instant it may admit again); the mutex is taken only to admit a
+/// request to a breaker that is not closed, and to record an outcome of the fallback.
 #[derive(Debug)]
 pub struct SharedBreaker {
     policy: BreakerPolicy,
+    epoch: Instant,
     closed: AtomicBool,
+    /// Published `Breaker::until`, in nanoseconds since `epoch`.
+    until_nanos: AtomicU64,
     machine: Mutex<Breaker>,
 }
 
@@ -176,7 +180,9 @@ impl SharedBreaker {
     pub fn new(policy: BreakerPolicy) -> SharedBreaker {
         SharedBreaker {
             policy,
+            epoch: Instant::now(),
             closed: AtomicBool::new(true),
+            until_nanos: AtomicU64::new(0),
             machine: Mutex::new(Breaker::new()),
         }
     }
@@ -187,7 +193,11 @@ impl SharedBreaker {
 
     /// Whether the fallback may be offered to selection now (does not take the trial slot).
     pub fn would_admit(&self) -> bool {
-        self.closed.load(Ordering::Acquire) || self.with(|m, now| (m.would_admit(now), None))
+        self.closed.load(Ordering::Acquire) || self.nanos(Instant::now()) >= self.until_nanos.load(Ordering::Acquire)
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub fn admit(&self) -> Admission {
@@ -217,6 +227,9 @@ impl SharedBreaker {
         // A poisoned lock means a panic mid-update; the state is plain data, keep going.
         let mut m = self.machine.lock().unwrap_or_else(|p| p.into_inner());
         let (out, transition) = f(&mut m, Instant::now());
+        // `until` before `closed`, so a reader that sees "not closed" sees its deadline.
+        self.until_nanos
+            .store(m.until.map_or(0, |t| self.nanos(t)), Ordering::Release);
         self.closed
             .store(m.status() == BreakerStatus::Closed, Ordering::Release);
         drop(m);
