@@ -53,6 +53,54 @@ fn quoted(u: &FakeUpstream) -> String {
     format!("{:?}", u.url())
 }
 
+/// A fake endpoint that can die and come back on its port. While dead it holds the port
+/// (bound, not listening: connections are refused, as from a crashed server), so a test
+/// running in parallel cannot bind it and answer in its place.
+struct Mortal {
+    up: FakeUpstream,
+    hold: Option<tokio::net::TcpSocket>,
+}
+
+impl std::ops::Deref for Mortal {
+    type Target = FakeUpstream;
+    fn deref(&self) -> &FakeUpstream {
+        &self.up
+    }
+}
+
+impl Mortal {
+    async fn start(name: &str) -> Mortal {
+        Mortal {
+            up: FakeUpstream::start(name).await.expect("fake upstream"),
+            hold: None,
+        }
+    }
+
+    async fn kill(&mut self) {
+        self.up.kill();
+        let start = std::time::Instant::now();
+        // The listener closes asynchronously: take the port the moment it is free.
+        loop {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+            if socket.bind(self.up.addr()).is_ok() {
+                self.hold = Some(socket);
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the killed endpoint never released its port"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn revive(&mut self) {
+        self.hold = None;
+        self.up.revive().await.expect("rebind the revived endpoint");
+    }
+}
+
 #[test]
 fn every_example_config_passes_check() {
     for name in EXAMPLES {
@@ -140,8 +188,8 @@ fn check_rejects_a_home_region_outside_its_zone() {
 
 #[tokio::test]
 async fn active_passive_standby_takes_over_without_failures_and_gives_back() {
-    let mut primary_a = FakeUpstream::start("eu-west").await.unwrap();
-    let mut primary_b = FakeUpstream::start("eu-west").await.unwrap();
+    let mut primary_a = Mortal::start("eu-west").await;
+    let mut primary_b = Mortal::start("eu-west").await;
     let standby = FakeUpstream::start("eu-central").await.unwrap();
     let config = example(
         "active-passive",
@@ -168,8 +216,8 @@ async fn active_passive_standby_takes_over_without_failures_and_gives_back() {
     assert_eq!(standby.requests(), 0, "the standby is idle while the primary is up");
 
     // Primary dies: every GET still succeeds, on the standby.
-    primary_a.kill();
-    primary_b.kill();
+    primary_a.kill().await;
+    primary_b.kill().await;
     for ip in clients.iter().cycle().take(30) {
         let r = get_as(proxy.listen, ip, "/v1/models").await;
         assert_eq!(r.status, 200, "{ip}: a GET failed during failover: {}", r.text());
@@ -178,8 +226,8 @@ async fn active_passive_standby_takes_over_without_failures_and_gives_back() {
     assert!(standby.requests() >= 30);
 
     // Primary recovers: traffic returns to it.
-    primary_a.revive().await.unwrap();
-    primary_b.revive().await.unwrap();
+    primary_a.revive().await;
+    primary_b.revive().await;
     let served_before = primary_a.requests() + primary_b.requests();
     eventually("traffic returns to the primary", || async {
         get_as(proxy.listen, ips::US, "/v1/models").await.region() == Some("eu-west")
@@ -202,8 +250,8 @@ async fn active_passive_standby_takes_over_without_failures_and_gives_back() {
 
 #[tokio::test]
 async fn sharded_home_region_down_means_503_and_nothing_crosses() {
-    let us = FakeUpstream::start("us-east").await.unwrap();
-    let euc = FakeUpstream::start("eu-central").await.unwrap();
+    let mut us = Mortal::start("us-east").await;
+    let mut euc = Mortal::start("eu-central").await;
     let euw = FakeUpstream::start("eu-west").await.unwrap();
     let ap = FakeUpstream::start("ap-southeast").await.unwrap();
     let config = example(
@@ -225,12 +273,14 @@ async fn sharded_home_region_down_means_503_and_nothing_crosses() {
         let r = get_as(proxy.listen, ip, "/v1/chat/completions").await;
         assert_eq!((r.status, r.region()), (200, Some(want)), "{ip}: {}", r.text());
     }
-    let counts = || [us.requests(), euc.requests(), euw.requests(), ap.requests()];
-    assert_eq!(counts(), [1, 1, 1, 1]);
+    assert_eq!(
+        [us.requests(), euc.requests(), euw.requests(), ap.requests()],
+        [1, 1, 1, 1]
+    );
 
     // A sharded region dies: its clients get 503, every other region sees nothing more.
-    us.kill();
-    euc.kill();
+    us.kill().await;
+    euc.kill().await;
     for _ in 0..3 {
         let r = get_as(proxy.listen, ips::US, "/v1/chat/completions").await;
         assert_eq!(r.status, 503, "{}", r.text());
@@ -423,16 +473,14 @@ impl HostedApi {
     }
 }
 
-async fn fallback_world(
-    extra: &[(&str, String)],
-) -> (HostedApi, [FakeUpstream; 3], Meridian, tempfile::TempDir, String) {
+async fn fallback_world(extra: &[(&str, String)]) -> (HostedApi, [Mortal; 3], Meridian, tempfile::TempDir, String) {
     let hosted = HostedApi::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("test-ca.pem");
     std::fs::write(&ca_path, &hosted.ca_pem).unwrap();
-    let us = FakeUpstream::start("us-east").await.unwrap();
-    let eu = FakeUpstream::start("eu-west").await.unwrap();
-    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let us = Mortal::start("us-east").await;
+    let eu = Mortal::start("eu-west").await;
+    let uk = Mortal::start("uk-south").await;
     let mut replace = vec![
         (endpoint(8001), quoted(&us)),
         (endpoint(8002), quoted(&eu)),
@@ -456,13 +504,13 @@ async fn fallback_world(
 
 #[tokio::test]
 async fn fallback_serves_over_tls_when_every_region_is_down_but_never_a_zone_client() {
-    let (hosted, regions, proxy, _dir, secret) = fallback_world(&[]).await;
+    let (hosted, mut regions, proxy, _dir, secret) = fallback_world(&[]).await;
     let r = get_as(proxy.listen, ips::US, "/v1/models").await;
     assert_eq!((r.status, r.region()), (200, Some("us-east")), "regions first");
     assert_eq!(hosted.requests(), 0);
 
-    for r in &regions {
-        r.kill();
+    for r in &mut regions {
+        r.kill().await;
     }
     // Every region down: the hosted API serves, over TLS verified with the test CA.
     let r = call(
@@ -510,25 +558,25 @@ async fn fallback_serves_over_tls_when_every_region_is_down_but_never_a_zone_cli
     );
 
     // The injected value never appears in any log line.
-    let logs = proxy.logs();
-    assert!(
-        logs.iter().any(|l| l.contains("fallback")),
-        "the fallback request is logged"
-    );
-    for line in &logs {
+    // Access log lines are written when a body ends: wait for the fallback's.
+    eventually("the fallback request is logged", || async {
+        proxy.logs().iter().any(|l| l.contains("\"region\":\"fallback\""))
+    })
+    .await;
+    for line in &proxy.logs() {
         assert!(!line.contains(&secret), "secret in log line: {line}");
     }
 }
 
 #[tokio::test]
 async fn a_failing_fallback_opens_its_breaker_and_stops_costing_requests() {
-    let (hosted, regions, proxy, _dir, _secret) = fallback_world(&[(
+    let (hosted, mut regions, proxy, _dir, _secret) = fallback_world(&[(
         "breaker = { failures = 5, cool_down = \"30s\" }",
         "breaker = { failures = 2, cool_down = \"300ms\" }".into(),
     )])
     .await;
-    for r in &regions {
-        r.kill();
+    for r in &mut regions {
+        r.kill().await;
     }
     *hosted.status.lock().unwrap() = 500;
     // Two failures open the breaker; from then on the fallback is not tried.
