@@ -393,6 +393,8 @@ struct HostedApi {
     addr: SocketAddr,
     ca_pem: String,
     seen: Arc<Mutex<Vec<(String, http::HeaderMap)>>>,
+    /// The SNI name of each TLS handshake.
+    sni: Arc<Mutex<Vec<Option<String>>>>,
     status: Arc<Mutex<u16>>,
 }
 
@@ -406,7 +408,7 @@ impl HostedApi {
             .push(rcgen::DnType::CommonName, "Meridian test CA");
         let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .unwrap()
             .signed_by(&key, &ca)
             .unwrap();
@@ -425,15 +427,19 @@ impl HostedApi {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new(200u16));
-        let (seen2, status2) = (seen.clone(), status.clone());
+        let sni = Arc::new(Mutex::new(Vec::new()));
+        let (seen2, status2, sni2) = (seen.clone(), status.clone(), sni.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let (acceptor, seen, status) = (acceptor.clone(), seen2.clone(), status2.clone());
+                let sni_seen = sni2.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let sni = tls.get_ref().1.server_name().map(str::to_string);
+                    sni_seen.lock().unwrap().push(sni);
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (seen, status) = (seen.clone(), status.clone());
                         async move {
@@ -455,6 +461,7 @@ impl HostedApi {
             addr,
             ca_pem: ca.pem(),
             seen,
+            sni,
             status,
         }
     }
@@ -487,7 +494,8 @@ async fn fallback_world(extra: &[(&str, String)]) -> (HostedApi, [Mortal; 3], Me
         (endpoint(8003), quoted(&uk)),
         (
             "endpoint = \"https://127.0.0.1:9443\"",
-            format!("endpoint = \"https://{}\"", hosted.addr),
+            // A name, not an address, so the client sends SNI; it resolves to 127.0.0.1.
+            format!("endpoint = \"https://localhost:{}\"", hosted.addr.port()),
         ),
         (
             "# ca_file = \"tls/private-ca.pem\"",
@@ -536,8 +544,13 @@ async fn fallback_serves_over_tls_when_every_region_is_down_but_never_a_zone_cli
     );
     assert_eq!(
         headers["host"],
-        hosted.addr.to_string().as_str(),
+        format!("localhost:{}", hosted.addr.port()).as_str(),
         "Host is the fallback's"
+    );
+    assert_eq!(
+        hosted.sni.lock().unwrap().last().cloned().flatten().as_deref(),
+        Some("localhost"),
+        "SNI is the fallback's host"
     );
     assert_eq!(headers["x-meridian-country"], "US");
 
