@@ -331,6 +331,8 @@ pub struct PatternSummary {
     /// Residency exemptions granted by `residency_exempt` rules, and notes from the audit.
     pub residency_exemptions: Vec<String>,
     pub residency_notes: Vec<String>,
+    /// What each group of clients gets: candidates in order, then fallback and 503.
+    pub failover_orders: Vec<OrderGroup>,
 }
 
 #[derive(Debug, Serialize)]
@@ -398,6 +400,7 @@ pub fn pattern_summary(table: &RouteTable) -> PatternSummary {
             .map(|e| route::residency::Named { config, item: e }.to_string())
             .collect(),
         residency_notes: audit.notes,
+        failover_orders: failover_orders(table),
     }
 }
 
@@ -525,40 +528,57 @@ pub fn render_table(table: &RouteTable) -> String {
         }
     }
     let _ = writeln!(s, "failover order (home clients of each region, then by zone):");
-    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in &config.regions {
-        for c in &r.countries {
-            if let Some(plan) = table.country_plan(*c) {
-                groups
-                    .entry(order_text(table, &plan.candidates, plan.fallback))
-                    .or_default()
-                    .push(c.to_string());
-            }
-        }
+    for g in &summary.failover_orders {
+        let _ = writeln!(s, "  {:<12} {}", g.countries.join(","), g.order);
     }
-    for z in &config.zones {
-        for c in &z.countries {
-            if let Some(plan) = table.country_plan(*c) {
-                let entry = groups
-                    .entry(order_text(table, &plan.candidates, plan.fallback))
-                    .or_default();
-                if !entry.contains(&c.to_string()) {
-                    entry.push(c.to_string());
-                }
-            }
-        }
-    }
-    for (order, countries) in &groups {
-        let _ = writeln!(s, "  {:<12} {}", countries.join(","), order);
-    }
-    let unlocated = table.unlocated_plan();
-    let _ = writeln!(
-        s,
-        "  {:<12} {}",
-        "unlocated",
-        order_text(table, &unlocated.candidates, unlocated.fallback)
-    );
     s
+}
+
+/// Clients that share a candidate order: the order they get, with the fallback and the 503.
+#[derive(Debug, Serialize)]
+pub struct OrderGroup {
+    /// Country codes, or "unlocated".
+    pub countries: Vec<String>,
+    pub zone: Option<String>,
+    pub sharded: bool,
+    pub order: String,
+}
+
+/// The failover order of every home country and zone country, grouped, then unlocated
+/// clients last.
+pub fn failover_orders(table: &RouteTable) -> Vec<OrderGroup> {
+    let config = &table.config;
+    let mut groups: BTreeMap<(String, Option<usize>, bool), Vec<String>> = BTreeMap::new();
+    let homes = config.regions.iter().flat_map(|r| r.countries.iter());
+    let zoned = config.zones.iter().flat_map(|z| z.countries.iter());
+    for c in homes.chain(zoned) {
+        if let Some(plan) = table.country_plan(*c) {
+            let key = (
+                order_text(table, &plan.candidates, plan.fallback),
+                plan.zone,
+                plan.sharded,
+            );
+            let entry = groups.entry(key).or_default();
+            if !entry.contains(&c.to_string()) {
+                entry.push(c.to_string());
+            }
+        }
+    }
+    let group = |((order, zone, sharded), countries): ((String, Option<usize>, bool), Vec<String>)| OrderGroup {
+        countries,
+        zone: zone.map(|z| table.zone_name(z).to_string()),
+        sharded,
+        order,
+    };
+    let mut out: Vec<OrderGroup> = groups.into_iter().map(group).collect();
+    let unlocated = table.unlocated_plan();
+    out.push(OrderGroup {
+        countries: vec!["unlocated".into()],
+        zone: None,
+        sharded: unlocated.sharded,
+        order: order_text(table, &unlocated.candidates, unlocated.fallback),
+    });
+    out
 }
 
 fn order_text(table: &RouteTable, candidates: &[route::Candidate], fallback: bool) -> String {

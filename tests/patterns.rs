@@ -296,6 +296,20 @@ async fn sharded_home_region_down_means_503_and_nothing_crosses() {
         "no request crossed to another shard"
     );
 
+    // /status shows each client group's order: sharded ones end at their home region.
+    let status = call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json();
+    let orders = status["patterns"]["failover_orders"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let de = orders
+        .iter()
+        .find(|g| g["countries"].as_array().is_some_and(|c| c.iter().any(|x| x == "DE")))
+        .unwrap_or_else(|| panic!("no group for DE: {status}"));
+    assert_eq!(de["order"], "eu-central > 503");
+    assert_eq!(de["sharded"], true);
+    assert_eq!(de["zone"], "eu");
+
     // Other shards and unsharded clients carry on.
     assert_eq!(get_as(proxy.listen, ips::FR, "/").await.region(), Some("eu-west"));
     assert_eq!(get_as(proxy.listen, ips::AU, "/").await.region(), Some("ap-southeast"));
