@@ -172,7 +172,7 @@ fn check_rejects_a_home_region_outside_its_zone() {
         .unwrap()
         .replace("countries = [\"US\", \"CA\"]", "countries = [\"US\", \"CA\", \"GB\"]")
         .replace("countries = [\"GB\"]\nendpoints", "countries = []\nendpoints");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, &text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["check", "-c", &path.display().to_string()])
         .env("HOSTED_API_KEY", "x")
@@ -180,8 +180,13 @@ fn check_rejects_a_home_region_outside_its_zone() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
+    // File, line and key path: the line of `countries` in the first region.
+    let line = 1 + text
+        .lines()
+        .position(|l| l.starts_with("countries = [\"US\", \"CA\", \"GB\"]"))
+        .unwrap();
     assert!(
-        err.contains("region[0].countries[2]") && err.contains("residency zone \"uk\""),
+        err.contains(&format!("crossing.toml:{line}: region[0].countries[2]")) && err.contains("residency zone \"uk\""),
         "{err}"
     );
 }

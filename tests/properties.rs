@@ -222,6 +222,9 @@ proptest! {
         };
         let config = Arc::new(config);
         let rt = RouteTable::new(config.clone());
+        // The load-time audit agrees: no compiled table has a crossing.
+        let audit = route::residency::audit(&rt);
+        prop_assert!(audit.is_clean(), "audit found crossings {:?}\n{}", audit.crossings, text);
         let country = Country::parse(country).unwrap();
         let zone = config.zones.iter().position(|z| z.countries.contains(&country));
         let headers = HeaderMap::new();

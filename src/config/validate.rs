@@ -272,6 +272,7 @@ impl Config {
             text,
             base,
             problems: Vec::new(),
+            homes: Vec::new(),
         };
         let config = v.config(raw);
         match config {
@@ -293,6 +294,9 @@ struct Validator<'a> {
     text: &'a str,
     base: &'a Path,
     problems: Vec<Problem>,
+    /// Every home country as written: (region index, index in `countries`, country, span),
+    /// for checks that need the zones too.
+    homes: Vec<(usize, usize, Country, Range<usize>)>,
 }
 
 impl Validator<'_> {
@@ -719,6 +723,7 @@ impl Validator<'_> {
                             );
                         }
                     }
+                    self.homes.push((i, j, country, c.span()));
                     countries.push(country);
                 }
             }
@@ -885,20 +890,19 @@ impl Validator<'_> {
     /// put that country's home outside its zone: the failover order written in the file
     /// crosses, so it is refused rather than silently skipped.
     fn homes_inside_zones(&mut self, regions: &[RegionConfig], zones: &[ZoneConfig]) {
-        for (i, r) in regions.iter().enumerate() {
-            for (j, c) in r.countries.iter().enumerate() {
-                for (z, zone) in zones.iter().enumerate() {
-                    if zone.countries.contains(c) && !zone.regions.contains(&i) {
-                        self.problem(
-                            format!("region[{i}].countries[{j}]"),
-                            None,
-                            format!(
-                                "{c} is bound to residency zone {:?} (residency[{z}]), which does not include region {:?}: \
-                                 its clients could never be served at home; add the region to the zone or move {c} to a zone region",
-                                zone.name, r.name
-                            ),
-                        );
-                    }
+        for (i, j, c, span) in std::mem::take(&mut self.homes) {
+            let Some(r) = regions.get(i) else { continue };
+            for (z, zone) in zones.iter().enumerate() {
+                if zone.countries.contains(&c) && !zone.regions.contains(&i) {
+                    self.problem(
+                        format!("region[{i}].countries[{j}]"),
+                        Some(span.clone()),
+                        format!(
+                            "{c} is bound to residency zone {:?} (residency[{z}]), which does not include region {:?}: \
+                             its clients could never be served at home; add the region to the zone or move {c} to a zone region",
+                            zone.name, r.name
+                        ),
+                    );
                 }
             }
         }
