@@ -165,7 +165,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             "invalid config {}: a residency-bound client could leave its zone",
             path.display()
         );
-        for line in crossings.lines() {
+        for line in &crossings.0 {
             eprintln!("  {}: {line}", path.display());
         }
         return ExitCode::FAILURE;

@@ -59,8 +59,8 @@ pub enum RuntimeError {
     #[error("fallback: {0}")]
     Client(#[from] ClientSetupError),
     /// The compiled table would take a zone's client outside its zone.
-    #[error("{0}")]
-    Residency(String),
+    #[error(transparent)]
+    Residency(#[from] crate::route::residency::Crossings),
 }
 
 /// State shared by every connection, task and admin call for the life of the process.
@@ -234,7 +234,7 @@ fn build(
     };
     let config = Arc::new(config);
     let table = RouteTable::new(config.clone());
-    crate::route::residency::verify(&table).map_err(RuntimeError::Residency)?;
+    crate::route::residency::verify(&table)?;
     Ok(Runtime {
         table,
         policy: crate::health::policy(&config),

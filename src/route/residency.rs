@@ -159,24 +159,30 @@ pub fn audit(source: &impl PlanSource) -> Audit {
     out
 }
 
-/// The audit as a load-time gate: every crossing, one per line, or `Ok`.
-pub fn verify(table: &RouteTable) -> Result<Audit, String> {
+/// Crossings found at load, each named for the operator (region, zone and rule names need
+/// the config, so they are rendered while it is at hand).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a residency-bound client could leave its zone:\n  {}", .0.join("\n  "))]
+pub struct Crossings(pub Vec<String>);
+
+/// The audit as a load-time gate: the audit when clean, else every crossing.
+pub fn verify(table: &RouteTable) -> Result<Audit, Crossings> {
     let a = audit(table);
     if a.is_clean() {
         return Ok(a);
     }
-    let lines: Vec<String> = a
-        .crossings
-        .iter()
-        .map(|c| {
-            Named {
-                config: &table.config,
-                item: c,
-            }
-            .to_string()
-        })
-        .collect();
-    Err(lines.join("\n"))
+    Err(Crossings(
+        a.crossings
+            .iter()
+            .map(|c| {
+                Named {
+                    config: &table.config,
+                    item: c,
+                }
+                .to_string()
+            })
+            .collect(),
+    ))
 }
 
 impl Audit {
