@@ -426,8 +426,6 @@ mod tests {
     #[test]
     fn broken_plans_are_named() {
         let gb = Country::parse("GB").unwrap();
-        let de = Country::parse("DE").unwrap();
-        let fr = Country::parse("FR").unwrap();
         let t = table(
             "[fallback]\nendpoint = \"https://127.0.0.1:9\"\n[[route]]\npath_prefix = \"/v1/fine_tuning\"\nregions = [\"us-east\"]",
         );
@@ -480,7 +478,6 @@ mod tests {
                 ],
             ),
         ];
-        let _ = (de, fr);
         for (what, plans, rule, want) in cases {
             let b = Broken {
                 table: table(
