@@ -277,7 +277,8 @@ fn status(shared: &Shared) -> serde_json::Value {
         "geoip": rt.geo.description(),
         "regions": regions,
         "zones": zones,
-        "fallback": rt.fallback.as_ref().map(|f| json!({"endpoint": f.config.endpoint.url, "zone": f.config.zone.map(|z| rt.config.zones[z].name.clone())})),
+        "fallback": rt.fallback.as_ref().map(|f| json!({"endpoint": f.config.endpoint.url, "zone": f.config.zone.map(|z| rt.config.zones[z].name.clone()), "breaker": f.breaker.snapshot()})),
+        "patterns": crate::explain::pattern_summary(&rt.table),
     })
 }
 

@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use http::{HeaderMap, Method};
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::geo::{GeoDb, GeoPoint, Locate, Located};
-use crate::route::{self, Decision, Refusal, RegionState, RequestFacts, RouteTable};
+use crate::route::{self, Decision, Refusal, RegionState, RequestFacts, RoutePlan, RouteTable};
 
 #[derive(Debug, Serialize)]
 pub struct CandidateView {
@@ -30,11 +31,45 @@ pub struct RouteExplanation {
     pub zone: Option<String>,
     pub candidates: Vec<CandidateView>,
     pub chosen: Option<String>,
+    /// Priority level of the chosen region: 0 for a primary, more for a standby.
+    pub priority_level: Option<u32>,
+    /// `failover = false` on the client's zone or home region: home region only.
+    pub sharded: bool,
+    /// The `[[route]]` rule that matched the request, if any.
+    pub rule: Option<RuleView>,
+    pub fallback: FallbackView,
     pub pattern: Vec<String>,
     pub refusal: Option<String>,
 }
 
+#[derive(Debug, Serialize)]
+pub struct RuleView {
+    pub index: usize,
+    pub path_prefix: String,
+    pub regions: Vec<String>,
+    pub residency_exempt: bool,
+}
+
+/// Whether the `[fallback]` endpoint may serve this client, and why not.
+#[derive(Debug, Serialize)]
+pub struct FallbackView {
+    pub configured: bool,
+    pub eligible: bool,
+    pub reason: &'static str,
+}
+
 pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> RouteExplanation {
+    let headers = HeaderMap::new();
+    let facts = RequestFacts {
+        method: &Method::POST,
+        path,
+        headers: &headers,
+    };
+    explain_request(table, geo, ip, &facts)
+}
+
+/// The decision for a request from `ip` with this method, path and headers.
+pub fn explain_request(table: &RouteTable, geo: &GeoDb, ip: IpAddr, facts: &RequestFacts<'_>) -> RouteExplanation {
     let config = &table.config;
     let located = geo.locate(ip);
     let (country, location_source) = match located {
@@ -45,12 +80,6 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
         Located::Country { country, point: None } if country.info().is_some() => (Some(country), "country_table"),
         _ => (located.country(), "default_region"),
     };
-    let headers = HeaderMap::new();
-    let facts = RequestFacts {
-        method: &Method::POST,
-        path,
-        headers: &headers,
-    };
     let mut out = RouteExplanation {
         ip: ip.to_string(),
         country: country.map(|c| c.to_string()),
@@ -59,10 +88,22 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
         zone: None,
         candidates: Vec::new(),
         chosen: None,
+        priority_level: None,
+        sharded: false,
+        rule: None,
+        fallback: FallbackView {
+            configured: config.fallback.is_some(),
+            eligible: false,
+            reason: if config.fallback.is_some() {
+                "refused before any region"
+            } else {
+                "no [fallback] configured"
+            },
+        },
         pattern: Vec::new(),
         refusal: None,
     };
-    let plan = match route::plan(table, located, &facts) {
+    let plan = match route::plan(table, located, facts) {
         Ok(p) => p,
         Err(Refusal::LocationRefused) => {
             out.refusal =
@@ -72,8 +113,8 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
         Err(Refusal::ResidencyForbidden { zone, rule }) => {
             out.zone = Some(table.zone_name(zone).to_string());
             out.refusal = Some(format!(
-                "403 residency_forbidden: route[{rule}] ({}) lists no region of zone {}",
-                config.routes[rule].path_prefix,
+                "403 residency_forbidden: {} lists no region of zone {} and is not residency_exempt",
+                route::residency::rule_label(config, rule),
                 table.zone_name(zone)
             ));
             return out;
@@ -91,26 +132,127 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
             priority: config.regions[c.region].priority,
         })
         .collect();
-    if let Some(rule) = plan.rule {
-        out.pattern.push(format!(
-            "route[{rule}] path_prefix {} (hub-and-spoke)",
-            config.routes[rule].path_prefix
-        ));
-    }
-    if plan.sharded {
-        out.pattern.push("sharded: failover = false, home region only".into());
-    }
-    if out.candidates.iter().any(|c| c.priority > 0) {
-        out.pattern.push("active-passive: standbys after every primary".into());
-    }
-    if plan.fallback {
-        out.pattern.push("fallback eligible".into());
-    }
+    out.sharded = plan.sharded;
+    out.rule = plan
+        .rule
+        .and_then(|i| config.routes.get(i).map(|r| (i, r)))
+        .map(|(i, r)| RuleView {
+            index: i,
+            path_prefix: shown_prefix(&r.path_prefix).to_string(),
+            regions: r.regions.iter().map(|&x| table.region_name(x).to_string()).collect(),
+            residency_exempt: r.residency_exempt,
+        });
+    out.fallback.eligible = plan.fallback;
+    out.fallback.reason = fallback_reason(config, &plan);
+    out.pattern = pattern_lines(table, &plan);
     out.chosen = match route::select(&plan, |_| RegionState::Available, plan.fallback, false) {
-        Decision::Region(r) => Some(table.region_name(r).to_string()),
+        Decision::Region(r) => {
+            out.priority_level = Some(config.regions[r].priority);
+            Some(table.region_name(r).to_string())
+        }
         Decision::Fallback => Some("fallback".into()),
         Decision::Refuse(_) => None,
     };
+    out
+}
+
+fn shown_prefix(prefix: &str) -> &str {
+    if prefix.is_empty() { "/" } else { prefix }
+}
+
+/// Why the fallback may or may not serve the client of `plan` (mirrors `order_candidates`).
+fn fallback_reason(config: &Config, plan: &RoutePlan<'_>) -> &'static str {
+    let Some(f) = &config.fallback else {
+        return "no [fallback] configured";
+    };
+    if plan.rule.is_some() {
+        return "not for route rules: their regions, then 503";
+    }
+    if plan.sharded {
+        return "sharded: failover = false, 503 instead";
+    }
+    match plan.zone {
+        None => "last candidate: the client has no residency zone",
+        Some(z) if f.zone == Some(z) => "last candidate: fallback.zone is the client's zone",
+        Some(_) => "residency-bound client: fallback.zone is not its zone",
+    }
+}
+
+/// One line per deployment pattern in effect for the client of `plan`.
+fn pattern_lines(table: &RouteTable, plan: &RoutePlan<'_>) -> Vec<String> {
+    let config = &table.config;
+    let mut out = Vec::new();
+    if let Some(rule) = plan.rule.and_then(|i| config.routes.get(i).map(|r| (i, r))) {
+        let (i, r) = rule;
+        out.push(format!(
+            "hub-and-spoke: route[{i}] {} sends this path to {} in that order{}",
+            shown_prefix(&r.path_prefix),
+            r.regions
+                .iter()
+                .map(|&x| table.region_name(x))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if r.residency_exempt {
+                " (residency exempt)"
+            } else if plan.zone.is_some() {
+                " (only the regions of the client's zone)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if plan.sharded {
+        let by = match plan.zone {
+            Some(z) if !config.zones[z].failover => format!("zone {}", table.zone_name(z)),
+            _ => format!("region {}", plan.home.map_or("?", |h| table.region_name(h))),
+        };
+        out.push(format!(
+            "sharded: failover = false on {by}; served by {} only, else 503",
+            plan.candidates
+                .first()
+                .map_or("no region", |c| table.region_name(c.region))
+        ));
+    }
+    let levels: std::collections::BTreeSet<u32> = plan
+        .candidates
+        .iter()
+        .map(|c| config.regions[c.region].priority)
+        .collect();
+    if levels.len() > 1 || levels.iter().any(|&p| p > 0) {
+        let primaries: Vec<&str> = plan
+            .candidates
+            .iter()
+            .filter(|c| Some(&config.regions[c.region].priority) == levels.iter().next())
+            .map(|c| table.region_name(c.region))
+            .collect();
+        out.push(format!(
+            "active-passive: priority {} ({}) serves; standbys only when none of it is available",
+            levels.iter().next().copied().unwrap_or(0),
+            primaries.join(", ")
+        ));
+    } else if plan.rule.is_none() && !plan.sharded && plan.candidates.len() > 1 {
+        out.push("active-active: nearest available region".into());
+    }
+    if let (Some(z), false) = (plan.zone, plan.sharded) {
+        let zone = &config.zones[z];
+        let exempt = plan.rule.is_some_and(|i| config.routes[i].residency_exempt);
+        out.push(if exempt {
+            format!("residency: zone {} is exempted by the matching route rule", zone.name)
+        } else {
+            format!(
+                "residency: zone {}: only {}; never another region",
+                zone.name,
+                zone.regions
+                    .iter()
+                    .map(|&r| table.region_name(r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+    }
+    if plan.fallback {
+        out.push("fallback: last candidate when no region can serve".into());
+    }
     out
 }
 
@@ -155,17 +297,134 @@ pub fn render_route(e: &RouteExplanation) -> String {
             let _ = writeln!(s, "    {}. {:<16} {:>8.0} km{}", i + 1, c.region, c.distance_km, notes);
         }
     }
+    if e.fallback.configured {
+        let _ = writeln!(
+            s,
+            "  fallback:   {} ({})",
+            if e.fallback.eligible {
+                "eligible"
+            } else {
+                "not eligible"
+            },
+            e.fallback.reason
+        );
+    }
     if let Some(r) = &e.refusal {
         let _ = writeln!(s, "  refused:    {r}");
     }
-    let _ = writeln!(s, "  chosen:     {}", e.chosen.as_deref().unwrap_or("none (503)"));
+    let none = if e.refusal.is_some() { "none" } else { "none (503)" };
+    let _ = writeln!(s, "  chosen:     {}", e.chosen.as_deref().unwrap_or(none));
     s
+}
+
+/// The deployment patterns a config selects, for `meridian check` and `/status`.
+#[derive(Debug, Serialize)]
+pub struct PatternSummary {
+    /// "active-active", "active-passive", "sharded", "hub-and-spoke", "fallback".
+    pub patterns: Vec<&'static str>,
+    /// Regions by priority level, lowest (primary) first.
+    pub priority_levels: Vec<PriorityLevel>,
+    /// Regions and zones with `failover = false`.
+    pub sharded_regions: Vec<String>,
+    pub sharded_zones: Vec<String>,
+    pub routes: Vec<RuleView>,
+    /// Residency exemptions granted by `residency_exempt` rules, and notes from the audit.
+    pub residency_exemptions: Vec<String>,
+    pub residency_notes: Vec<String>,
+    /// What each group of clients gets: candidates in order, then fallback and 503.
+    pub failover_orders: Vec<OrderGroup>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PriorityLevel {
+    pub priority: u32,
+    pub regions: Vec<String>,
+}
+
+pub fn pattern_summary(table: &RouteTable) -> PatternSummary {
+    let config = &table.config;
+    let mut levels: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for r in &config.regions {
+        levels.entry(r.priority).or_default().push(r.name.clone());
+    }
+    let sharded_regions: Vec<String> = config
+        .regions
+        .iter()
+        .filter(|r| !r.failover)
+        .map(|r| r.name.clone())
+        .collect();
+    let sharded_zones: Vec<String> = config
+        .zones
+        .iter()
+        .filter(|z| !z.failover)
+        .map(|z| z.name.clone())
+        .collect();
+    let mut patterns = Vec::new();
+    patterns.push(if levels.len() > 1 {
+        "active-passive"
+    } else {
+        "active-active"
+    });
+    if !sharded_regions.is_empty() || !sharded_zones.is_empty() {
+        patterns.push("sharded");
+    }
+    if !config.routes.is_empty() {
+        patterns.push("hub-and-spoke");
+    }
+    if config.fallback.is_some() {
+        patterns.push("fallback");
+    }
+    let audit = route::residency::audit(table);
+    PatternSummary {
+        patterns,
+        priority_levels: levels
+            .into_iter()
+            .map(|(priority, regions)| PriorityLevel { priority, regions })
+            .collect(),
+        sharded_regions,
+        sharded_zones,
+        routes: config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RuleView {
+                index: i,
+                path_prefix: shown_prefix(&r.path_prefix).to_string(),
+                regions: r.regions.iter().map(|&x| table.region_name(x).to_string()).collect(),
+                residency_exempt: r.residency_exempt,
+            })
+            .collect(),
+        residency_exemptions: audit
+            .exemptions
+            .iter()
+            .map(|e| route::residency::Named { config, item: e }.to_string())
+            .collect(),
+        residency_notes: audit.notes,
+        failover_orders: failover_orders(table),
+    }
 }
 
 /// The region table for `meridian check`.
 pub fn render_table(table: &RouteTable) -> String {
     let config = &table.config;
+    let summary = pattern_summary(table);
     let mut s = String::new();
+    let _ = writeln!(s, "patterns: {}", summary.patterns.join(", "));
+    if summary.priority_levels.len() > 1 {
+        for level in &summary.priority_levels {
+            let _ = writeln!(
+                s,
+                "  priority {}{}: {}",
+                level.priority,
+                if level.priority == 0 {
+                    " (primary)"
+                } else {
+                    " (standby)"
+                },
+                level.regions.join(", ")
+            );
+        }
+    }
     let _ = writeln!(s, "regions:");
     for r in &config.regions {
         let mut flags = Vec::new();
@@ -237,6 +496,7 @@ pub fn render_table(table: &RouteTable) -> String {
             .zone
             .map(|z| format!(", also serves zone {}", table.zone_name(z)))
             .unwrap_or_default();
+        // Header names only: values may be secrets.
         let names: Vec<&str> = f.headers.iter().map(|(n, _)| n.as_str()).collect();
         let _ = writeln!(
             s,
@@ -249,42 +509,76 @@ pub fn render_table(table: &RouteTable) -> String {
             },
             zone
         );
+        for (from, to) in &f.path_rewrite {
+            let _ = writeln!(s, "  path rewrite {} -> {}", shown_prefix(from), shown_prefix(to));
+        }
+        let _ = writeln!(
+            s,
+            "  circuit breaker: opens after {} consecutive failures, one trial after {:?}",
+            f.breaker.failures, f.breaker.cool_down
+        );
+    }
+    if !summary.residency_exemptions.is_empty() || !summary.residency_notes.is_empty() {
+        let _ = writeln!(s, "residency audit (no path leaves a zone):");
+        for e in &summary.residency_exemptions {
+            let _ = writeln!(s, "  exemption: {e}");
+        }
+        for n in &summary.residency_notes {
+            let _ = writeln!(s, "  note: {n}");
+        }
     }
     let _ = writeln!(s, "failover order (home clients of each region, then by zone):");
-    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in &config.regions {
-        for c in &r.countries {
-            if let Some(plan) = table.country_plan(*c) {
-                groups
-                    .entry(order_text(table, &plan.candidates, plan.fallback))
-                    .or_default()
-                    .push(c.to_string());
-            }
-        }
+    for g in &summary.failover_orders {
+        let _ = writeln!(s, "  {:<12} {}", g.countries.join(","), g.order);
     }
-    for z in &config.zones {
-        for c in &z.countries {
-            if let Some(plan) = table.country_plan(*c) {
-                let entry = groups
-                    .entry(order_text(table, &plan.candidates, plan.fallback))
-                    .or_default();
-                if !entry.contains(&c.to_string()) {
-                    entry.push(c.to_string());
-                }
-            }
-        }
-    }
-    for (order, countries) in &groups {
-        let _ = writeln!(s, "  {:<12} {}", countries.join(","), order);
-    }
-    let unlocated = table.unlocated_plan();
-    let _ = writeln!(
-        s,
-        "  {:<12} {}",
-        "unlocated",
-        order_text(table, &unlocated.candidates, unlocated.fallback)
-    );
     s
+}
+
+/// Clients that share a candidate order: the order they get, with the fallback and the 503.
+#[derive(Debug, Serialize)]
+pub struct OrderGroup {
+    /// Country codes, or "unlocated".
+    pub countries: Vec<String>,
+    pub zone: Option<String>,
+    pub sharded: bool,
+    pub order: String,
+}
+
+/// The failover order of every home country and zone country, grouped, then unlocated
+/// clients last.
+pub fn failover_orders(table: &RouteTable) -> Vec<OrderGroup> {
+    let config = &table.config;
+    let mut groups: BTreeMap<(String, Option<usize>, bool), Vec<String>> = BTreeMap::new();
+    let homes = config.regions.iter().flat_map(|r| r.countries.iter());
+    let zoned = config.zones.iter().flat_map(|z| z.countries.iter());
+    for c in homes.chain(zoned) {
+        if let Some(plan) = table.country_plan(*c) {
+            let key = (
+                order_text(table, &plan.candidates, plan.fallback),
+                plan.zone,
+                plan.sharded,
+            );
+            let entry = groups.entry(key).or_default();
+            if !entry.contains(&c.to_string()) {
+                entry.push(c.to_string());
+            }
+        }
+    }
+    let group = |((order, zone, sharded), countries): ((String, Option<usize>, bool), Vec<String>)| OrderGroup {
+        countries,
+        zone: zone.map(|z| table.zone_name(z).to_string()),
+        sharded,
+        order,
+    };
+    let mut out: Vec<OrderGroup> = groups.into_iter().map(group).collect();
+    let unlocated = table.unlocated_plan();
+    out.push(OrderGroup {
+        countries: vec!["unlocated".into()],
+        zone: None,
+        sharded: unlocated.sharded,
+        order: order_text(table, &unlocated.candidates, unlocated.fallback),
+    });
+    out
 }
 
 fn order_text(table: &RouteTable, candidates: &[route::Candidate], fallback: bool) -> String {

@@ -43,6 +43,12 @@ enum Command {
         /// Request path, for `[[route]]` rules.
         #[arg(long, default_value = "/v1/chat/completions")]
         path: String,
+        /// Request method, for `[[route]]` rules with `methods`.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// Request header `NAME: VALUE`, for `[[route]]` rules with `headers` (repeatable).
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
         #[arg(required = true)]
         ips: Vec<String>,
     },
@@ -63,8 +69,16 @@ fn main() -> ExitCode {
             config,
             json,
             path,
+            method,
+            headers,
             ips,
-        } => route(&config, json, &path, &ips),
+        } => match request_facts(&method, &headers) {
+            Ok((method, headers)) => route(&config, json, &path, &method, &headers, &ips),
+            Err(e) => {
+                eprintln!("meridian route: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config } => {
             let loaded = match Config::load(&config) {
                 Ok(c) => c,
@@ -146,12 +160,47 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let table = RouteTable::new(std::sync::Arc::new(config));
+    if let Err(crossings) = meridian::route::residency::verify(&table) {
+        eprintln!(
+            "invalid config {}: a residency-bound client could leave its zone",
+            path.display()
+        );
+        for line in &crossings.0 {
+            eprintln!("  {}: {line}", path.display());
+        }
+        return ExitCode::FAILURE;
+    }
     println!("{}: ok (GeoIP: {})", path.display(), geo.description());
     print!("{}", meridian::explain::render_table(&table));
     ExitCode::SUCCESS
 }
 
-fn route(path: &std::path::Path, json: bool, request_path: &str, ips: &[String]) -> ExitCode {
+/// The method and headers `meridian route` should match `[[route]]` rules against.
+fn request_facts(method: &str, headers: &[String]) -> Result<(http::Method, http::HeaderMap), String> {
+    let method = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| format!("{method:?} is not an HTTP method"))?;
+    let mut map = http::HeaderMap::new();
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("{h:?} is not a header like \"x-workload: batch\""))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        let value =
+            http::HeaderValue::from_str(value.trim()).map_err(|_| format!("{value:?} is not a header value"))?;
+        map.append(name, value);
+    }
+    Ok((method, map))
+}
+
+fn route(
+    path: &std::path::Path,
+    json: bool,
+    request_path: &str,
+    method: &http::Method,
+    headers: &http::HeaderMap,
+    ips: &[String],
+) -> ExitCode {
     let (config, geo) = match load(path) {
         Ok(x) => x,
         Err(code) => return code,
@@ -160,7 +209,14 @@ fn route(path: &std::path::Path, json: bool, request_path: &str, ips: &[String])
     let mut out = Vec::new();
     for ip in ips {
         match ip.parse::<IpAddr>() {
-            Ok(addr) => out.push(meridian::explain::explain_ip(&table, &geo, addr, request_path)),
+            Ok(addr) => {
+                let facts = meridian::route::RequestFacts {
+                    method,
+                    path: request_path,
+                    headers,
+                };
+                out.push(meridian::explain::explain_request(&table, &geo, addr, &facts))
+            }
             Err(_) => {
                 eprintln!("meridian route: {ip:?} is not an IP address");
                 return ExitCode::FAILURE;

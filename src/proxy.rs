@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use crate::client_ip::{client_ip, is_trusted};
 use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
+use crate::forward::breaker::Admission;
 use crate::forward::client::UpstreamError;
 use crate::forward::rewrite::{self, Forwarding};
 use crate::geo::{Locate, Located};
@@ -193,7 +194,8 @@ impl Proxy {
         let ramp_skips = slow_start_skips(rt, plan);
 
         while (tried.len() as u32) < config.retry.max_attempts {
-            let fallback_usable = rt.fallback.is_some() && !tried.contains(&Target::Fallback);
+            let fallback_usable =
+                rt.fallback.as_ref().is_some_and(|f| f.breaker.would_admit()) && !tried.contains(&Target::Fallback);
             let tried_so_far = &tried;
             let state = |skip: u64| {
                 move |r: usize| match rt.region_state(r, |e| {
@@ -396,6 +398,11 @@ impl Proxy {
                     .fallback
                     .as_ref()
                     .ok_or_else(|| UpstreamError::Connect("no fallback".into()))?;
+                // Another request took the half-open trial since selection looked: nothing is
+                // sent, and the next selection no longer offers the fallback.
+                if f.breaker.admit() == Admission::Rejected {
+                    return Err(UpstreamError::Connect("fallback circuit breaker is open".into()));
+                }
                 (
                     &f.config.endpoint.scheme,
                     &f.config.endpoint.authority,
@@ -442,13 +449,14 @@ impl Proxy {
         }
         let sent = Instant::now();
         let resp = upstreams.send(req, protocol, config.server.request_timeout).await;
-        if let Target::Fallback = target {
-            let result = if resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500) {
-                "ok"
-            } else {
-                "error"
-            };
+        if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
+            let ok = resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
+            let result = if ok { "ok" } else { "error" };
             self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
+            // The client's own broken body says nothing about the fallback.
+            if !matches!(resp, Err(UpstreamError::Body(_))) {
+                f.breaker.record(ok);
+            }
         }
         let resp = resp?;
         Ok((resp, sent.elapsed(), inflight))
@@ -625,7 +633,13 @@ fn rewrite_fallback_path(rt: &Runtime, base: &str, path: &str) -> PathAndQuery {
         for (from, to) in &f.config.path_rewrite {
             if let Some(rest) = path.strip_prefix(from.as_str()) {
                 if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
-                    path = format!("{to}{rest}");
+                    // `to` is stored without its trailing slash: "/" maps to "".
+                    let sep = if to.is_empty() && !rest.starts_with('/') {
+                        "/"
+                    } else {
+                        ""
+                    };
+                    path = format!("{to}{sep}{rest}");
                     break;
                 }
             }

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 
 use crate::config::{Config, EndpointConfig, FallbackConfig, UpstreamProtocol};
+use crate::forward::breaker::SharedBreaker;
 use crate::forward::client::{ClientSetupError, PoolSettings, Upstreams};
 use crate::geo::{GeoDb, GeoError};
 use crate::health::state::Policy;
@@ -47,6 +48,8 @@ pub struct FallbackRuntime {
     pub upstreams: Upstreams,
     pub header: HeaderValue,
     pub metrics: RegionMetrics,
+    /// Kept across reloads while the endpoint and the breaker policy stay the same.
+    pub breaker: Arc<SharedBreaker>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,9 @@ pub enum RuntimeError {
     Geo(#[from] GeoError),
     #[error("fallback: {0}")]
     Client(#[from] ClientSetupError),
+    /// The compiled table would take a zone's client outside its zone.
+    #[error(transparent)]
+    Residency(#[from] crate::route::residency::Crossings),
 }
 
 /// State shared by every connection, task and admin call for the life of the process.
@@ -192,9 +198,16 @@ fn build(
             config: f.clone(),
             header: HeaderValue::from_static("fallback"),
             metrics: RegionMetrics::new(metrics, "fallback"),
+            breaker: previous
+                .and_then(|p| p.fallback.as_ref())
+                .filter(|p| p.config.endpoint == f.endpoint && p.breaker.policy() == f.breaker)
+                .map_or_else(|| Arc::new(SharedBreaker::new(f.breaker)), |p| p.breaker.clone()),
         }),
         None => None,
     };
+    let config = Arc::new(config);
+    let table = RouteTable::new(config.clone());
+    crate::route::residency::verify(&table)?;
     let mut endpoints_registry = registry.endpoints.lock().unwrap_or_else(|p| p.into_inner());
     let mut region_registry = registry.regions.lock().unwrap_or_else(|p| p.into_inner());
     let mut kept = HashMap::new();
@@ -231,9 +244,8 @@ fn build(
     region_registry.retain(|name, _| config.regions.iter().any(|r| &r.name == name));
     drop(endpoints_registry);
     drop(region_registry);
-    let config = Arc::new(config);
     Ok(Runtime {
-        table: RouteTable::new(config.clone()),
+        table,
         policy: crate::health::policy(&config),
         config,
         geo,

@@ -260,6 +260,17 @@ pub struct FallbackFile {
     /// Path prefix mapping applied to requests sent to the fallback: `{ "/v1" = "/openai/v1" }`.
     #[serde(default)]
     pub path_rewrite: BTreeMap<String, String>,
+    /// Circuit breaker: `{ failures = 5, cool_down = "30s" }`.
+    pub breaker: Option<BreakerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerFile {
+    /// Consecutive failed attempts that open the breaker.
+    pub failures: Option<u32>,
+    /// How long an open breaker sheds fallback traffic before one trial request.
+    pub cool_down: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::file::{self, EndpointFile, FileConfig, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
+use crate::forward::breaker::BreakerPolicy;
 use crate::geo::{Country, GeoPoint};
 
 /// The validated configuration. Indexes (`usize`) point into `regions` / `zones`.
@@ -187,6 +188,7 @@ pub struct FallbackConfig {
     pub zone: Option<usize>,
     pub ca_file: Option<PathBuf>,
     pub path_rewrite: Vec<(String, String)>,
+    pub breaker: BreakerPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -270,6 +272,7 @@ impl Config {
             text,
             base,
             problems: Vec::new(),
+            homes: Vec::new(),
         };
         let config = v.config(raw);
         match config {
@@ -291,6 +294,9 @@ struct Validator<'a> {
     text: &'a str,
     base: &'a Path,
     problems: Vec<Problem>,
+    /// Every home country as written: (region index, index in `countries`, country, span),
+    /// for checks that need the zones too.
+    homes: Vec<(usize, usize, Country, Range<usize>)>,
 }
 
 impl Validator<'_> {
@@ -353,6 +359,7 @@ impl Validator<'_> {
         let retry = self.retry(raw.retry);
         let zones = self.zones(raw.residency, &names);
         let routes = self.routes(raw.routes, &names);
+        self.homes_inside_zones(&regions, &zones);
         let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
         let spillover = raw.spillover.map(|s| self.spillover(s));
         let log = LogConfig {
@@ -716,6 +723,7 @@ impl Validator<'_> {
                             );
                         }
                     }
+                    self.homes.push((i, j, country, c.span()));
                     countries.push(country);
                 }
             }
@@ -878,6 +886,28 @@ impl Validator<'_> {
         out
     }
 
+    /// A region that calls a zone's country home but is not one of the zone's regions would
+    /// put that country's home outside its zone: the failover order written in the file
+    /// crosses, so it is refused rather than silently skipped.
+    fn homes_inside_zones(&mut self, regions: &[RegionConfig], zones: &[ZoneConfig]) {
+        for (i, j, c, span) in std::mem::take(&mut self.homes) {
+            let Some(r) = regions.get(i) else { continue };
+            for (z, zone) in zones.iter().enumerate() {
+                if zone.countries.contains(&c) && !zone.regions.contains(&i) {
+                    self.problem(
+                        format!("region[{i}].countries[{j}]"),
+                        Some(span.clone()),
+                        format!(
+                            "{c} is bound to residency zone {:?} (residency[{z}]), which does not include region {:?}: \
+                             its clients could never be served at home; add the region to the zone or move {c} to a zone region",
+                            zone.name, r.name
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
     fn routes(&mut self, raw: Vec<file::RouteFile>, names: &HashMap<String, usize>) -> Vec<RouteConfig> {
         let mut out = Vec::new();
         for (i, r) in raw.into_iter().enumerate() {
@@ -984,7 +1014,7 @@ impl Validator<'_> {
             },
             None => None,
         };
-        let path_rewrite = f
+        let mut path_rewrite: Vec<(String, String)> = f
             .path_rewrite
             .into_iter()
             .filter(|(from, to)| {
@@ -998,13 +1028,40 @@ impl Validator<'_> {
                 }
                 ok
             })
+            // Stored without a trailing slash so the match is by whole segments.
+            .map(|(from, to)| {
+                (
+                    from.trim_end_matches('/').to_string(),
+                    to.trim_end_matches('/').to_string(),
+                )
+            })
             .collect();
+        // The longest prefix wins, whatever the order in the file.
+        path_rewrite.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let defaults = BreakerPolicy::default();
+        let breaker = match f.breaker {
+            Some(b) => {
+                let failures = b.failures.unwrap_or(defaults.failures);
+                if failures == 0 {
+                    self.problem("fallback.breaker.failures", None, "must be at least 1");
+                }
+                BreakerPolicy {
+                    failures,
+                    cool_down: self.positive(
+                        "fallback.breaker.cool_down",
+                        b.cool_down.map_or(defaults.cool_down, |d| d.0),
+                    ),
+                }
+            }
+            None => defaults,
+        };
         Some(FallbackConfig {
             endpoint: endpoint?,
             headers,
             zone,
             ca_file: f.ca_file.map(|p| self.path(p)),
             path_rewrite,
+            breaker,
         })
     }
 

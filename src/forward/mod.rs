@@ -1,6 +1,7 @@
 //! Forwarding one attempt to an endpoint: header rewriting (`rewrite`), bodies in flight
-//! (`body`) and pooled connections (`client`).
+//! (`body`), pooled connections (`client`) and the fallback's circuit breaker (`breaker`).
 
 pub mod body;
+pub mod breaker;
 pub mod client;
 pub mod rewrite;

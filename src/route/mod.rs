@@ -1,9 +1,11 @@
 //! The routing decision: which regions may serve a client, in which order.
 //!
 //! `table` compiles the config into per-country candidate orders once per config load;
-//! `decide` is the pure per-request decision over that table and a view of region state.
+//! `decide` is the pure per-request decision over that table and a view of region state;
+//! `residency` audits the compiled table so no path takes a zone's client outside its zone.
 
 mod decide;
+pub mod residency;
 mod table;
 
 pub use decide::{Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, plan, select};
