@@ -59,6 +59,9 @@ pub struct Seen {
 
 struct State {
     name: String,
+    /// While killed: a socket bound to the address but not listening, so connections are
+    /// refused and no other socket on the host can take the port.
+    hold: Mutex<Option<tokio::net::TcpSocket>>,
     behavior: Mutex<Behavior>,
     /// When the behaviour was set (the phase of [`Behavior::Flap`]).
     behavior_since: Mutex<std::time::Instant>,
@@ -94,6 +97,7 @@ impl FakeUpstream {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             name: name.to_string(),
+            hold: Mutex::new(None),
             behavior: Mutex::new(Behavior::Ok),
             behavior_since: Mutex::new(std::time::Instant::now()),
             healthy: AtomicBool::new(true),
@@ -169,6 +173,7 @@ impl FakeUpstream {
 
     /// Starts again on the same address after [`kill`](Self::kill).
     pub async fn revive(&mut self) -> std::io::Result<()> {
+        lock(&self.state.hold).take();
         // While it was down, an outgoing connection on this host may have been given the
         // freed port as its ephemeral source port; such connections are short, so retry.
         let mut tries = 0;
@@ -228,6 +233,20 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watc
         }
     }
     conns.abort_all();
+    let addr = listener.local_addr();
+    drop(listener);
+    if let Ok(addr) = addr {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        if let Ok(socket) = socket {
+            if socket.bind(addr).is_ok() {
+                *lock(&state.hold) = Some(socket);
+            }
+        }
+    }
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<FakeBody> {
