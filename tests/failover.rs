@@ -497,7 +497,7 @@ async fn residency_client_gets_503_inside_its_zone_even_in_panic_mode() {
         + &region("us-east", US_EAST, &["US"], &[us.url()])
         + "[[residency]]\nname = \"uk\"\ncountries = [\"GB\"]\nregions = [\"uk-south\"]\n";
     let proxy = Meridian::start(&config("", "panic_mode = true", "", &regions));
-    uk.kill();
+    uk.kill_and_wait().await;
     eventually("uk-south is ejected", || async {
         let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
         assert_eq!(r.status, 503, "{}", r.text());

@@ -339,7 +339,7 @@ async fn metrics_count_each_request_once_with_its_region_and_status_class() {
 async fn failovers_retries_and_drains_are_counted() {
     let w = World::start().await;
     let proxy = w.proxy(&w.config("eu-west", "", ""));
-    w.eu.kill();
+    w.eu.kill_and_wait().await;
     // Connection refused in eu-west: retried in the next region.
     let r = get_as(proxy.listen, ips::IE, "/v1/models").await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -53,12 +53,10 @@ fn quoted(u: &FakeUpstream) -> String {
     format!("{:?}", u.url())
 }
 
-/// A fake endpoint that can die and come back on its port. While dead it holds the port
-/// (bound, not listening: connections are refused, as from a crashed server), so a test
-/// running in parallel cannot bind it and answer in its place.
+/// A fake endpoint that can die and come back on its port; `kill` returns once the port
+/// refuses connections (the upstream holds it while dead).
 struct Mortal {
     up: FakeUpstream,
-    hold: Option<tokio::net::TcpSocket>,
 }
 
 impl std::ops::Deref for Mortal {
@@ -72,31 +70,14 @@ impl Mortal {
     async fn start(name: &str) -> Mortal {
         Mortal {
             up: FakeUpstream::start(name).await.expect("fake upstream"),
-            hold: None,
         }
     }
 
     async fn kill(&mut self) {
-        self.up.kill();
-        let start = std::time::Instant::now();
-        // The listener closes asynchronously: take the port the moment it is free.
-        loop {
-            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-            if socket.bind(self.up.addr()).is_ok() {
-                self.hold = Some(socket);
-                return;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "the killed endpoint never released its port"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        self.up.kill_and_wait().await;
     }
 
     async fn revive(&mut self) {
-        self.hold = None;
         self.up.revive().await.expect("rebind the revived endpoint");
     }
 }

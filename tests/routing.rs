@@ -64,7 +64,7 @@ async fn clients_without_a_home_go_to_the_nearest_region() {
 #[tokio::test]
 async fn residency_bound_client_gets_503_with_its_zone_and_never_leaves_it() {
     let w = world("").await;
-    w.uk.kill();
+    w.uk.kill_and_wait().await;
     let r = get_as(w.proxy.listen, ips::GB, "/v1/chat/completions").await;
     assert_eq!(r.status, 503, "{}", r.text());
     let body = r.json();

@@ -171,6 +171,18 @@ impl FakeUpstream {
         let _ = self.stop.send(true);
     }
 
+    /// [`kill`](Self::kill), then waits until the listener is closed and the port held, so
+    /// the next connection is refused.
+    pub async fn kill_and_wait(&self) {
+        self.kill();
+        for _ in 0..2000 {
+            if lock(&self.state.hold).is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Starts again on the same address after [`kill`](Self::kill).
     pub async fn revive(&mut self) -> std::io::Result<()> {
         lock(&self.state.hold).take();
