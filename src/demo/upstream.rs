@@ -254,6 +254,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watc
             tokio::net::TcpSocket::new_v6()
         };
         if let Ok(socket) = socket {
+            // Connections accepted on the port may linger (closing, TIME_WAIT).
+            let _ = socket.set_reuseaddr(true);
             if socket.bind(addr).is_ok() {
                 *lock(&state.hold) = Some(socket);
             }
