@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub routes: Vec<RouteFile>,
     pub fallback: Option<FallbackFile>,
     pub spillover: Option<SpilloverFile>,
+    pub upstream_tls: Option<UpstreamTlsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -47,6 +48,8 @@ pub struct ServerFile {
     #[serde(default, rename = "certificate")]
     pub certificates: Vec<CertificateFile>,
     pub proxy_protocol: Option<bool>,
+    /// How often certificate files are checked for changes.
+    pub tls_watch_interval: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub stall_timeout: Option<Duration>,
     pub connect_timeout: Option<Duration>,
@@ -278,4 +281,15 @@ pub struct BreakerFile {
 pub struct SpilloverFile {
     pub queue_depth: Option<f64>,
     pub kv_cache: Option<f64>,
+}
+
+/// TLS towards `https://` region endpoints.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    /// Extra trusted roots (PEM), beside the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) presented to endpoints that ask for one (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }

@@ -33,6 +33,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub fallback: Option<FallbackConfig>,
     pub spillover: Option<SpilloverConfig>,
+    pub upstream_tls: UpstreamTlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +62,16 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub sni: Vec<SniCertificate>,
+    /// How often the certificate files are checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// TLS towards `https://` region endpoints: extra roots and an optional client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    pub ca_file: Option<PathBuf>,
+    /// Certificate chain and key presented to endpoints (mTLS).
+    pub client_auth: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -362,6 +373,7 @@ impl Validator<'_> {
         self.homes_inside_zones(&regions, &zones);
         let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
         let spillover = raw.spillover.map(|s| self.spillover(s));
+        let upstream_tls = raw.upstream_tls.map(|t| self.upstream_tls(t)).unwrap_or_default();
         let log = LogConfig {
             format: raw.log.format.unwrap_or_default(),
             access_log: raw.log.access_log.unwrap_or(true),
@@ -383,7 +395,27 @@ impl Validator<'_> {
             routes,
             fallback,
             spillover,
+            upstream_tls,
         })
+    }
+
+    fn upstream_tls(&mut self, t: file::UpstreamTlsFile) -> UpstreamTlsConfig {
+        let client_auth = match (t.client_cert, t.client_key) {
+            (Some(cert), Some(key)) => Some((self.path(cert), self.path(key))),
+            (None, None) => None,
+            _ => {
+                self.problem(
+                    "upstream_tls.client_cert",
+                    None,
+                    "client_cert and client_key go together",
+                );
+                None
+            }
+        };
+        UpstreamTlsConfig {
+            ca_file: t.ca_file.map(|p| self.path(p)),
+            client_auth,
+        }
     }
 
     fn server(&mut self, s: file::ServerFile) -> ServerConfig {
@@ -416,6 +448,10 @@ impl Validator<'_> {
                     cert: self.path(cert),
                     key: self.path(key),
                     sni,
+                    watch_interval: self.positive(
+                        "server.tls_watch_interval",
+                        s.tls_watch_interval.map_or(Duration::from_secs(5), |d| d.0),
+                    ),
                 })
             }
             _ => {
