@@ -353,6 +353,7 @@ mod tests {
             cert: cert.clone(),
             key: key.clone(),
             sni: Vec::new(),
+            watch_interval: Duration::from_secs(5),
         };
         let reloader = TlsReloader::new(&config).unwrap();
         let before = reloader.current.load_full();
