@@ -223,14 +223,14 @@ async fn ws_upstream(name: &'static str) -> (String, Arc<Mutex<Vec<HeaderMap>>>)
                         )
                         .await;
                         while let Some(Ok(msg)) = ws.next().await {
-                            match msg {
-                                Message::Text(t) => {
-                                    if ws.send(Message::text(format!("{name}: {t}"))).await.is_err() {
-                                        break;
-                                    }
+                            let Message::Text(t) = msg else {
+                                if msg.is_close() {
+                                    break;
                                 }
-                                Message::Close(_) => break,
-                                _ => {}
+                                continue;
+                            };
+                            if ws.send(Message::text(format!("{name}: {t}"))).await.is_err() {
+                                break;
                             }
                         }
                     });
