@@ -22,7 +22,7 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
-    #[error("server.tls_cert: {0}")]
+    #[error("TLS certificates: {0}")]
     Tls(#[from] crate::listen::tls::TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {

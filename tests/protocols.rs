@@ -398,10 +398,14 @@ async fn proxy_protocol_applies_to_the_tls_listener_too() {
 async fn malformed_or_missing_proxy_headers_close_the_connection() {
     let us = FakeUpstream::start("us-east").await.unwrap();
     let uk = FakeUpstream::start("uk-south").await.unwrap();
-    let proxy = Meridian::start(&two_regions("proxy_protocol = true\n", &us.url(), &uk.url(), ""));
+    let server = "proxy_protocol = true\nheader_read_timeout = \"300ms\"\n";
+    let proxy = Meridian::start(&two_regions(server, &us.url(), &uk.url(), ""));
     let target = proxy.listen;
 
-    let bad: [&[u8]; 4] = [
+    let bad: [&[u8]; 6] = [
+        // Silent, and then only part of a header: cut off at header_read_timeout.
+        b"",
+        b"PROXY TCP4 81.2.69.142",
         // No header at all: a plain request.
         b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 81.2.69.142\r\n\r\n",
         b"PROXY TCP9 81.2.69.142 127.0.0.1 1 2\r\nGET / HTTP/1.1\r\n\r\n",
