@@ -9,8 +9,13 @@ use hyper_util::rt::TokioIo;
 
 /// True when the headers ask to switch protocols: an `Upgrade` header and the `upgrade`
 /// token in `Connection`. HTTP/2 forbids both, so this only ever holds for HTTP/1.1.
+/// `Upgrade: h2c` is not bridged: it concerns this hop only (and RFC 9113 retired it), so
+/// it is stripped like any hop-by-hop header and the request served as HTTP/1.1.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("h2c"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -58,7 +63,7 @@ mod tests {
 
     #[test]
     fn upgrade_requests_need_both_headers() {
-        let cases: [(&[(&str, &str)], bool); 6] = [
+        let cases: [(&[(&str, &str)], bool); 7] = [
             (&[("connection", "Upgrade"), ("upgrade", "websocket")], true),
             (&[("connection", "keep-alive, upgrade"), ("upgrade", "websocket")], true),
             (
@@ -72,6 +77,7 @@ mod tests {
             (&[("upgrade", "websocket")], false),
             (&[("connection", "upgrade")], false),
             (&[("connection", "upgrades"), ("upgrade", "websocket")], false),
+            (&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")], false),
         ];
         for (pairs, want) in cases {
             let mut h = HeaderMap::new();
