@@ -201,3 +201,22 @@ async fn a_broken_certificate_on_reload_keeps_the_old_one() {
     let mut sender = Sender::over(stream).await;
     assert_eq!(sender.send(get("/still")).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn tls_12_and_13_are_both_accepted() {
+    let (t, _) = start("", |_, _| String::new()).await;
+    let target = t.proxy.tls_listen.unwrap();
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(t.ca.roots())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let stream = tls_connect(target, "localhost", std::sync::Arc::new(config)).await;
+        assert_eq!(stream.get_ref().1.protocol_version(), Some(version.version));
+        let mut sender = Sender::over(stream).await;
+        assert_eq!(sender.send(get("/v1/models")).await.unwrap().status(), 200);
+    }
+}

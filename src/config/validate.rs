@@ -1118,3 +1118,68 @@ impl Validator<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    const REGION: &str = "[[region]]\nname = \"a\"\nlocation = [1, 1]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+
+    #[test]
+    fn tls_keys_are_judged_together() {
+        let cases: [(&str, Option<&str>); 6] = [
+            (
+                "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+                None,
+            ),
+            (
+                "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\n",
+                Some("server.tls_listen"),
+            ),
+            (
+                "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_watch_interval = \"0s\"\n",
+                Some("server.tls_watch_interval"),
+            ),
+            ("[upstream_tls]\nca_file = \"ca.pem\"\n", None),
+            (
+                "[upstream_tls]\nclient_cert = \"c.pem\"\n",
+                Some("upstream_tls.client_cert"),
+            ),
+            (
+                "[upstream_tls]\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"\n",
+                None,
+            ),
+        ];
+        for (text, problem) in cases {
+            let result = Config::parse(&format!("{text}{REGION}"), Some(Path::new("/etc/meridian/m.toml")));
+            match (result, problem) {
+                (Ok(_), None) => {}
+                (Err(e), Some(key)) => assert!(e.problems.iter().any(|p| p.key == key), "{text}: {e}"),
+                (r, _) => panic!("{text}: unexpected {:?}", r.err()),
+            }
+        }
+    }
+
+    #[test]
+    fn tls_paths_are_relative_to_the_config_file() {
+        let text = format!(
+            "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"tls/c.pem\"\ntls_key = \"/abs/k.pem\"\n\n\
+             [[server.certificate]]\nnames = [\"*.Example.com\"]\ncert = \"w.pem\"\nkey = \"w.key\"\n\n\
+             [upstream_tls]\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n{REGION}"
+        );
+        let c = Config::parse(&text, Some(Path::new("/etc/meridian/m.toml"))).unwrap();
+        let tls = c.server.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/etc/meridian/tls/c.pem"));
+        assert_eq!(tls.key, Path::new("/abs/k.pem"));
+        assert_eq!(tls.sni[0].names, ["*.example.com"]);
+        assert_eq!(tls.sni[0].cert, Path::new("/etc/meridian/w.pem"));
+        assert_eq!(tls.watch_interval, Duration::from_secs(5));
+        assert_eq!(
+            c.upstream_tls.client_auth,
+            Some((
+                PathBuf::from("/etc/meridian/client.pem"),
+                PathBuf::from("/etc/meridian/client.key")
+            ))
+        );
+    }
+}

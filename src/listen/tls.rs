@@ -104,6 +104,9 @@ type Fingerprint = Vec<Option<(SystemTime, u64, u64)>>;
 pub struct TlsReloader {
     current: ArcSwap<CertSet>,
     files: Mutex<TlsConfig>,
+    /// The files as they were when last read (successfully or not), taken before reading,
+    /// so a write that races a load is seen on the next check.
+    attempted: Mutex<Fingerprint>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -117,10 +120,12 @@ impl TlsReloader {
     /// Loads every certificate in `config`; fails if any is unusable.
     pub fn new(config: &TlsConfig) -> Result<Arc<TlsReloader>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let attempted = fingerprint(config);
         let set = load(config, &provider)?;
         Ok(Arc::new(TlsReloader {
             current: ArcSwap::from_pointee(set),
             files: Mutex::new(config.clone()),
+            attempted: Mutex::new(attempted),
             provider,
         }))
     }
@@ -128,6 +133,7 @@ impl TlsReloader {
     /// Re-reads the current files. On error the certificates in force stay.
     pub fn reload(&self) -> Result<(), TlsError> {
         let files = self.files();
+        *lock(&self.attempted) = fingerprint(&files);
         let set = load(&files, &self.provider)?;
         self.current.store(Arc::new(set));
         Ok(())
@@ -137,14 +143,21 @@ impl TlsReloader {
     /// neither the files nor the certificates in force change. The listen address is not
     /// touched: moving it needs a restart.
     pub fn update(&self, config: &TlsConfig) -> Result<(), TlsError> {
+        let attempted = fingerprint(config);
         let set = load(config, &self.provider)?;
-        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = config.clone();
+        *lock(&self.files) = config.clone();
+        *lock(&self.attempted) = attempted;
         self.current.store(Arc::new(set));
         Ok(())
     }
 
     fn files(&self) -> TlsConfig {
-        self.files.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.files).clone()
+    }
+
+    /// True when a file changed since it was last read.
+    fn changed(&self) -> bool {
+        fingerprint(&self.files()) != *lock(&self.attempted)
     }
 
     /// A rustls server config that asks this reloader for a certificate on every handshake:
@@ -163,41 +176,39 @@ impl TlsReloader {
         Ok(TlsAcceptor::from(self.server_config()?))
     }
 
-    fn fingerprint(&self) -> Fingerprint {
-        file_paths(&self.files()).iter().map(|p| stat(p)).collect()
-    }
-
     /// Reloads on SIGHUP and whenever a certificate or key file changes (polled every
-    /// `interval`), until `shutdown`. A failed reload is logged and the old set kept.
-    pub async fn watch(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    /// `interval`), until `shutdown`. A failed reload is logged and the old set kept; it is
+    /// not retried until a file changes again, so a bad file is reported once.
+    ///
+    /// The SIGHUP handler is installed before this returns, not when the future first
+    /// runs: a signal sent as soon as the process says it is serving must not kill it.
+    pub fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let mut hangup = hangup();
-        let mut seen = self.fingerprint();
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let why = tokio::select! {
-                _ = tick.tick() => {
-                    let now = self.fingerprint();
-                    if now == seen {
-                        continue;
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let why = tokio::select! {
+                    _ = tick.tick() => {
+                        if !self.changed() {
+                            continue;
+                        }
+                        "file_changed"
                     }
-                    // Remember even a failing state, so a bad file is reported once, not
-                    // every tick; the next write changes it again.
-                    seen = now;
-                    "file_changed"
-                }
-                Some(()) = recv(&mut hangup) => {
-                    seen = self.fingerprint();
-                    "sighup"
-                }
-                _ = shutdown.changed() => return,
-            };
-            // Certificate files are a few KiB: reading them inline is cheaper than a hop
-            // to the blocking pool.
-            match self.reload() {
-                Ok(()) => tracing::info!(trigger = why, "TLS certificates reloaded"),
-                Err(e) => {
-                    tracing::error!(trigger = why, error = %e, "TLS reload rejected; keeping the certificates in force")
+                    Some(()) = recv(&mut hangup) => "sighup",
+                    _ = shutdown.changed() => return,
+                };
+                // Certificate files are a few KiB: reading them inline is cheaper than a
+                // hop to the blocking pool.
+                match self.reload() {
+                    Ok(()) => tracing::info!(trigger = why, "TLS certificates reloaded"),
+                    Err(e) => {
+                        tracing::error!(trigger = why, error = %e, "TLS reload rejected; keeping the certificates in force")
+                    }
                 }
             }
         }
@@ -239,6 +250,14 @@ async fn recv(hangup: &mut Hangup) -> Option<()> {
     }
     let _ = hangup;
     std::future::pending().await
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fingerprint(config: &TlsConfig) -> Fingerprint {
+    file_paths(config).iter().map(|p| stat(p)).collect()
 }
 
 fn file_paths(config: &TlsConfig) -> Vec<&Path> {
