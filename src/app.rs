@@ -101,7 +101,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             acceptor,
             rx.clone(),
         )));
-        tasks.push(tokio::spawn(certificates.clone().watch(t.watch_interval, rx.clone())));
+        // Certificates reload with the config: on SIGHUP, and when their files change.
+        reloader.add_hook(certificates.clone());
         tls = Some(certificates);
     }
     tasks.push(tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())));

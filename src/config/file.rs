@@ -48,8 +48,6 @@ pub struct ServerFile {
     #[serde(default, rename = "certificate")]
     pub certificates: Vec<CertificateFile>,
     pub proxy_protocol: Option<bool>,
-    /// How often certificate files are checked for changes.
-    pub tls_watch_interval: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub stall_timeout: Option<Duration>,
     pub connect_timeout: Option<Duration>,

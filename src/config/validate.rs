@@ -62,8 +62,6 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub sni: Vec<SniCertificate>,
-    /// How often the certificate files are checked for changes.
-    pub watch_interval: Duration,
 }
 
 /// TLS towards `https://` region endpoints: extra roots and an optional client certificate.
@@ -448,10 +446,6 @@ impl Validator<'_> {
                     cert: self.path(cert),
                     key: self.path(key),
                     sni,
-                    watch_interval: self.positive(
-                        "server.tls_watch_interval",
-                        s.tls_watch_interval.map_or(Duration::from_secs(5), |d| d.0),
-                    ),
                 })
             }
             _ => {
@@ -1127,7 +1121,7 @@ mod tls_tests {
 
     #[test]
     fn tls_keys_are_judged_together() {
-        let cases: [(&str, Option<&str>); 6] = [
+        let cases: [(&str, Option<&str>); 5] = [
             (
                 "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
                 None,
@@ -1135,10 +1129,6 @@ mod tls_tests {
             (
                 "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\n",
                 Some("server.tls_listen"),
-            ),
-            (
-                "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_watch_interval = \"0s\"\n",
-                Some("server.tls_watch_interval"),
             ),
             ("[upstream_tls]\nca_file = \"ca.pem\"\n", None),
             (
@@ -1173,7 +1163,6 @@ mod tls_tests {
         assert_eq!(tls.key, Path::new("/abs/k.pem"));
         assert_eq!(tls.sni[0].names, ["*.example.com"]);
         assert_eq!(tls.sni[0].cert, Path::new("/etc/meridian/w.pem"));
-        assert_eq!(tls.watch_interval, Duration::from_secs(5));
         assert_eq!(
             c.upstream_tls.client_auth,
             Some((

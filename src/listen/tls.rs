@@ -1,6 +1,7 @@
 //! TLS termination: certificates chosen by SNI (exact names, then `*.` wildcards, then the
-//! default), held in an `ArcSwap` so a reload (SIGHUP, file change, config reload) changes
-//! what new handshakes see without touching open connections.
+//! default), held in an `ArcSwap` so a reload changes what new handshakes see without
+//! touching open connections. Reloads come through the config reloader's hook (SIGHUP, a
+//! change of the config or of a certificate file) or a direct [`TlsReloader::reload`].
 //!
 //! The crypto provider is `ring`: it builds with nothing but a Rust toolchain (no C
 //! compiler, cmake or NASM as `aws-lc-rs` needs), keeps the binary and the build smaller,
@@ -10,17 +11,17 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::reload::{ReloadHook, Trigger};
+use crate::runtime::Runtime;
 
 /// ALPN protocols offered to clients, in preference order.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -95,18 +96,11 @@ struct CertSet {
     by_name: Names<Arc<CertifiedKey>>,
 }
 
-/// What the watcher compares to notice a changed file: modification time, length and
-/// inode, so both in-place writes and atomic renames are seen.
-type Fingerprint = Vec<Option<(SystemTime, u64, u64)>>;
-
 /// The certificates in force, their source files, and the resolver rustls asks on every
 /// handshake. Shared by the TLS listener and whoever reloads it.
 pub struct TlsReloader {
     current: ArcSwap<CertSet>,
     files: Mutex<TlsConfig>,
-    /// The files as they were when last read (successfully or not), taken before reading,
-    /// so a write that races a load is seen on the next check.
-    attempted: Mutex<Fingerprint>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -120,12 +114,10 @@ impl TlsReloader {
     /// Loads every certificate in `config`; fails if any is unusable.
     pub fn new(config: &TlsConfig) -> Result<Arc<TlsReloader>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let attempted = fingerprint(config);
         let set = load(config, &provider)?;
         Ok(Arc::new(TlsReloader {
             current: ArcSwap::from_pointee(set),
             files: Mutex::new(config.clone()),
-            attempted: Mutex::new(attempted),
             provider,
         }))
     }
@@ -133,7 +125,6 @@ impl TlsReloader {
     /// Re-reads the current files. On error the certificates in force stay.
     pub fn reload(&self) -> Result<(), TlsError> {
         let files = self.files();
-        *lock(&self.attempted) = fingerprint(&files);
         let set = load(&files, &self.provider)?;
         self.current.store(Arc::new(set));
         Ok(())
@@ -143,21 +134,14 @@ impl TlsReloader {
     /// neither the files nor the certificates in force change. The listen address is not
     /// touched: moving it needs a restart.
     pub fn update(&self, config: &TlsConfig) -> Result<(), TlsError> {
-        let attempted = fingerprint(config);
         let set = load(config, &self.provider)?;
         *lock(&self.files) = config.clone();
-        *lock(&self.attempted) = attempted;
         self.current.store(Arc::new(set));
         Ok(())
     }
 
     fn files(&self) -> TlsConfig {
         lock(&self.files).clone()
-    }
-
-    /// True when a file changed since it was last read.
-    fn changed(&self) -> bool {
-        fingerprint(&self.files()) != *lock(&self.attempted)
     }
 
     /// A rustls server config that asks this reloader for a certificate on every handshake:
@@ -175,44 +159,6 @@ impl TlsReloader {
     pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
         Ok(TlsAcceptor::from(self.server_config()?))
     }
-
-    /// Reloads on SIGHUP and whenever a certificate or key file changes (polled every
-    /// `interval`), until `shutdown`. A failed reload is logged and the old set kept; it is
-    /// not retried until a file changes again, so a bad file is reported once.
-    ///
-    /// The SIGHUP handler is installed before this returns, not when the future first
-    /// runs: a signal sent as soon as the process says it is serving must not kill it.
-    pub fn watch(
-        self: Arc<Self>,
-        interval: Duration,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let mut hangup = hangup();
-        async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let why = tokio::select! {
-                    _ = tick.tick() => {
-                        if !self.changed() {
-                            continue;
-                        }
-                        "file_changed"
-                    }
-                    Some(()) = recv(&mut hangup) => "sighup",
-                    _ = shutdown.changed() => return,
-                };
-                // Certificate files are a few KiB: reading them inline is cheaper than a
-                // hop to the blocking pool.
-                match self.reload() {
-                    Ok(()) => tracing::info!(trigger = why, "TLS certificates reloaded"),
-                    Err(e) => {
-                        tracing::error!(trigger = why, error = %e, "TLS reload rejected; keeping the certificates in force")
-                    }
-                }
-            }
-        }
-    }
 }
 
 impl ResolvesServerCert for TlsReloader {
@@ -226,38 +172,40 @@ impl ResolvesServerCert for TlsReloader {
     }
 }
 
-#[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangup = Option<()>;
+/// Certificates reload with the config: after every reload attempt (a rejected config
+/// included, since its certificate files may still have changed) the files named by the
+/// config in force are read again; the reloader also watches them for changes.
+impl ReloadHook for TlsReloader {
+    fn watched_files(&self, runtime: &Runtime) -> Vec<PathBuf> {
+        runtime
+            .config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| file_paths(t).into_iter().map(Path::to_path_buf).collect())
+            .unwrap_or_default()
+    }
 
-fn hangup() -> Hangup {
-    #[cfg(unix)]
-    {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    fn reloaded(&self, runtime: &Arc<Runtime>, trigger: Trigger) {
+        // Without `tls_listen` now the listener still runs until a restart: keep its set.
+        let Some(config) = runtime.config.server.tls.as_ref() else {
+            return;
+        };
+        // Certificate files are a few KiB: reading them inline is cheaper than a hop to
+        // the blocking pool.
+        match self.update(config) {
+            Ok(()) => tracing::info!(trigger = trigger.as_str(), "TLS certificates reloaded"),
+            Err(e) => tracing::error!(
+                trigger = trigger.as_str(),
+                error = %e,
+                "TLS reload rejected; keeping the certificates in force"
+            ),
+        }
     }
-    #[cfg(not(unix))]
-    {
-        None
-    }
-}
-
-/// The next SIGHUP; never resolves where there is none.
-async fn recv(hangup: &mut Hangup) -> Option<()> {
-    #[cfg(unix)]
-    if let Some(s) = hangup {
-        return s.recv().await;
-    }
-    let _ = hangup;
-    std::future::pending().await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn fingerprint(config: &TlsConfig) -> Fingerprint {
-    file_paths(config).iter().map(|p| stat(p)).collect()
 }
 
 fn file_paths(config: &TlsConfig) -> Vec<&Path> {
@@ -267,15 +215,6 @@ fn file_paths(config: &TlsConfig) -> Vec<&Path> {
         paths.push(&c.key);
     }
     paths
-}
-
-fn stat(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-    #[cfg(not(unix))]
-    let inode = 0;
-    Some((meta.modified().ok()?, meta.len(), inode))
 }
 
 fn load(config: &TlsConfig, provider: &rustls::crypto::CryptoProvider) -> Result<CertSet, TlsError> {
@@ -372,7 +311,6 @@ mod tests {
             cert: cert.clone(),
             key: key.clone(),
             sni: Vec::new(),
-            watch_interval: Duration::from_secs(5),
         };
         let reloader = TlsReloader::new(&config).unwrap();
         let before = reloader.current.load_full();
