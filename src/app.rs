@@ -102,6 +102,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             rx.clone(),
         )));
         // Certificates reload with the config: on SIGHUP, and when their files change.
+        certificates.count_reloads(shared.metrics.tls_reloads.clone());
         reloader.add_hook(certificates.clone());
         tls = Some(certificates);
     }

@@ -178,6 +178,11 @@ async fn a_broken_certificate_on_reload_keeps_the_old_one() {
     })
     .await;
     assert_eq!(cert_for(&t, "localhost").await, Some(old.der.clone()));
+    let metrics = call("GET", t.proxy.admin, "/metrics", &[], Bytes::new()).await.text();
+    assert!(
+        metrics.contains("meridian_tls_reloads_total{result=\"error\"}"),
+        "{metrics}"
+    );
 
     // A key that belongs to another certificate is rejected too.
     let other = t.ca.leaf(&["localhost"]);

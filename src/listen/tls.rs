@@ -10,9 +10,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
+use prometheus::IntCounterVec;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -101,6 +102,8 @@ struct CertSet {
 pub struct TlsReloader {
     current: ArcSwap<CertSet>,
     files: Mutex<TlsConfig>,
+    /// `meridian_tls_reloads_total`, once the process has metrics to count into.
+    reloads: OnceLock<IntCounterVec>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -118,6 +121,7 @@ impl TlsReloader {
         Ok(Arc::new(TlsReloader {
             current: ArcSwap::from_pointee(set),
             files: Mutex::new(config.clone()),
+            reloads: OnceLock::new(),
             provider,
         }))
     }
@@ -138,6 +142,11 @@ impl TlsReloader {
         *lock(&self.files) = config.clone();
         self.current.store(Arc::new(set));
         Ok(())
+    }
+
+    /// Counts hook-driven reloads by result into `counter`.
+    pub fn count_reloads(&self, counter: IntCounterVec) {
+        let _ = self.reloads.set(counter);
     }
 
     fn files(&self) -> TlsConfig {
@@ -193,7 +202,12 @@ impl ReloadHook for TlsReloader {
         };
         // Certificate files are a few KiB: reading them inline is cheaper than a hop to
         // the blocking pool.
-        match self.update(config) {
+        let result = self.update(config);
+        if let Some(counter) = self.reloads.get() {
+            let label = if result.is_ok() { "success" } else { "error" };
+            counter.with_label_values(&[label]).inc();
+        }
+        match result {
             Ok(()) => tracing::info!(trigger = trigger.as_str(), "TLS certificates reloaded"),
             Err(e) => tracing::error!(
                 trigger = trigger.as_str(),
