@@ -225,3 +225,19 @@ async fn tls_12_and_13_are_both_accepted() {
         assert_eq!(sender.send(get("/v1/models")).await.unwrap().status(), 200);
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_is_cut_off() {
+    let (t, _) = start("header_read_timeout = \"300ms\"\n", |_, _| String::new()).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(t.proxy.tls_listen.unwrap())
+        .await
+        .unwrap();
+    // The first bytes of a ClientHello, then silence.
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the listener closes the connection");
+    // And keeps serving.
+    assert!(cert_for(&t, "localhost").await.is_some());
+}
