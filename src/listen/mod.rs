@@ -138,8 +138,15 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _permit = permit;
             gauge.inc();
-            if let Err(e) = conn.run(stream, peer, tls).await {
-                tracing::debug!(%peer, error = %e, "connection refused before HTTP");
+            match conn.run(stream, peer, tls).await {
+                Ok(()) => {}
+                // A bad PROXY header usually means a load balancer without the PROXY
+                // protocol, or a client reaching the listener around it: worth seeing.
+                Err(e @ HandshakeError::ProxyHeader(_)) => {
+                    tracing::warn!(%peer, error = %e, "connection closed: no valid PROXY header")
+                }
+                // Failed TLS handshakes are scanners and broken clients: too common to warn.
+                Err(e) => tracing::debug!(%peer, error = %e, "connection closed before HTTP"),
             }
             gauge.dec();
         });
