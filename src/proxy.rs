@@ -398,7 +398,7 @@ impl Proxy {
                     &e.config.scheme,
                     &e.config.authority,
                     e.config.base_path.as_str(),
-                    r.protocol,
+                    e.config.protocol,
                     Some(e.health.start()),
                     &rt.upstreams,
                 )

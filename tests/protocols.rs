@@ -109,6 +109,22 @@ async fn h2c_and_h2_over_tls_reach_an_http2_endpoint_with_prior_knowledge() {
 }
 
 #[tokio::test]
+async fn one_endpoint_can_speak_http2_in_an_http1_region() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let detailed = format!("endpoints = [{{ url = {:?}, protocol = \"http2\" }}]", uk.url());
+    let config = two_regions("", &us.url(), &uk.url(), "").replace(&format!("endpoints = [{:?}]", uk.url()), &detailed);
+    assert!(config.contains("protocol = \"http2\""));
+    let proxy = Meridian::start(&config);
+    let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
+    assert_eq!(r.region(), Some("uk-south"));
+    let r = get_as(proxy.listen, ips::US, "/v1/models").await;
+    assert_eq!(r.region(), Some("us-east"));
+    assert_eq!(uk.seen()[0].version, http::Version::HTTP_2);
+    assert_eq!(us.seen()[0].version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
 async fn grpc_trailers_pass_through_untouched() {
     let us = FakeUpstream::start("us-east").await.unwrap();
     let uk = FakeUpstream::start("uk-south").await.unwrap();

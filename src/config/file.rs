@@ -195,6 +195,8 @@ pub enum EndpointFile {
 pub struct DetailedEndpoint {
     pub url: String,
     pub weight: Option<u32>,
+    /// Overrides the region's `protocol` for this endpoint.
+    pub protocol: Option<UpstreamProtocol>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -164,6 +164,8 @@ pub struct EndpointConfig {
     /// Path prefix to put in front of the request path (empty for none).
     pub base_path: String,
     pub weight: u32,
+    /// How requests reach it: the endpoint's own `protocol`, else its region's.
+    pub protocol: UpstreamProtocol,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -682,6 +684,7 @@ impl Validator<'_> {
             authority,
             base_path,
             weight,
+            protocol: UpstreamProtocol::Http1,
         })
     }
 
@@ -769,11 +772,12 @@ impl Validator<'_> {
             let mut endpoints: Vec<EndpointConfig> = Vec::new();
             for (j, e) in endpoints_raw.iter().enumerate() {
                 let ekey = format!("{key}.endpoints[{j}]");
-                let (url, weight) = match e.get_ref() {
-                    EndpointFile::Url(u) => (u.as_str(), None),
-                    EndpointFile::Detailed(d) => (d.url.as_str(), d.weight),
+                let (url, weight, protocol) = match e.get_ref() {
+                    EndpointFile::Url(u) => (u.as_str(), None, None),
+                    EndpointFile::Detailed(d) => (d.url.as_str(), d.weight, d.protocol),
                 };
-                if let Some(ep) = self.endpoint(&ekey, Some(e.span()), url, weight) {
+                if let Some(mut ep) = self.endpoint(&ekey, Some(e.span()), url, weight) {
+                    ep.protocol = protocol.or(r.protocol).unwrap_or_default();
                     if endpoints.iter().any(|x| x.url == ep.url) {
                         self.problem(ekey, Some(e.span()), format!("duplicate endpoint {:?}", ep.url));
                     } else {
