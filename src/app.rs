@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
+use crate::listen::tls::TlsReloader;
 use crate::listen::{self, Limits};
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, Trigger};
@@ -21,6 +22,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
+    #[error("TLS certificates: {0}")]
+    Tls(#[from] crate::listen::tls::TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -33,6 +36,10 @@ pub enum StartError {
 pub struct Running {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener's address, when `server.tls_listen` is set.
+    pub tls_listen: Option<SocketAddr>,
+    /// The certificates in force, reloaded as a [`crate::reload::ReloadHook`].
+    pub tls: Option<Arc<TlsReloader>>,
     pub shared: Arc<Shared>,
     /// Reloads the config; register a [`crate::reload::ReloadHook`] for state kept outside it.
     pub reloader: Arc<Reloader>,
@@ -68,6 +75,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let listen_addr = config.server.listen;
     let admin_addr = config.admin.listen;
     let limits = Limits::from_config(&config.server);
+    let tls_config = config.server.tls.clone();
     let shared = Shared::new(config)?;
     shared.metrics.config_reloads.with_label_values(&["success"]).inc();
     shared.metrics.config_last_reload_success.set(unix_now());
@@ -79,19 +87,39 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (admin_tx, admin_rx) = watch::channel(false);
     let proxy = Proxy::new(shared.clone());
     let reloader = Reloader::new(shared.clone());
-    let mut tasks = vec![
-        tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())),
-        // Probes, time-based health transitions, and readiness after the first probe round.
-        tokio::spawn(crate::health::probe::run(shared.clone(), rx.clone())),
-    ];
+    let mut tasks = Vec::with_capacity(4);
+    let (mut tls, mut tls_listen) = (None, None);
+    if let Some(t) = &tls_config {
+        let certificates = TlsReloader::new(t)?;
+        let acceptor = certificates.acceptor()?;
+        let listener = bind("server.tls_listen", t.listen).await?;
+        tls_listen = Some(listener.local_addr().unwrap_or(t.listen));
+        tasks.push(tokio::spawn(listen::serve_tls(
+            listener,
+            proxy.clone(),
+            limits.clone(),
+            acceptor,
+            rx.clone(),
+        )));
+        // Certificates reload with the config: on SIGHUP, and when their files change.
+        certificates.count_reloads(shared.metrics.tls_reloads.clone());
+        reloader.add_hook(certificates.clone());
+        tls = Some(certificates);
+    }
+    tasks.push(tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())));
+    // Probes, time-based health transitions, and readiness after the first probe round.
+    tasks.push(tokio::spawn(crate::health::probe::run(shared.clone(), rx.clone())));
     if reloader.path().is_some() {
         tasks.push(tokio::spawn(reloader.clone().watch_files(rx.clone())));
     }
     let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_rx));
-    tracing::info!(listen = %running_listen, admin = %running_admin, "meridian serving");
+    let tls_shown = tls_listen.map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(listen = %running_listen, admin = %running_admin, tls_listen = %tls_shown, "meridian serving");
     Ok(Running {
         listen: running_listen,
         admin: running_admin,
+        tls_listen,
+        tls,
         shared,
         reloader,
         shutdown: tx,

@@ -2,11 +2,12 @@
 //!
 //! A request flows through the modules in this order:
 //!
-//! 1. [`listen`] accepts the connection (limits, idle timeout, HTTP/1.1 + h2c);
+//! 1. [`listen`] accepts the connection (limits, idle timeout, PROXY protocol, TLS with SNI,
+//!    HTTP/1.1 + HTTP/2 via h2c or ALPN);
 //! 2. [`proxy`] handles the request, one phase per step:
 //!    [`client_ip`] (trusted `X-Forwarded-For`) → [`geo`] (country, coordinates) →
 //!    [`route`] (residency, route rules, candidate order, selection) →
-//!    [`balance`] (endpoint pick) → [`forward`] (rewrite, send, stream back) →
+//!    [`balance`] (endpoint pick) → [`forward`] (rewrite, send, stream back, bridge upgrades) →
 //!    [`health`] (observe the outcome) and [`observe`] (metrics, access log);
 //! 3. [`error`] turns anything Meridian answers itself into a status and a JSON body.
 //!

@@ -159,6 +159,13 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
+    // Certificates are loaded exactly as `run` would, so a bad file fails here first.
+    if let Some(tls) = &config.server.tls {
+        if let Err(e) = meridian::listen::tls::TlsReloader::new(tls) {
+            eprintln!("invalid config {}: TLS certificates: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let table = RouteTable::new(std::sync::Arc::new(config));
     if let Err(crossings) = meridian::route::residency::verify(&table) {
         eprintln!(

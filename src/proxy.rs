@@ -18,6 +18,7 @@ use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBod
 use crate::forward::breaker::Admission;
 use crate::forward::client::UpstreamError;
 use crate::forward::rewrite::{self, Forwarding};
+use crate::forward::upgrade;
 use crate::geo::{Locate, Located};
 use crate::health::state::Event;
 use crate::health::{EndpointHealth, InFlight};
@@ -147,7 +148,15 @@ impl Proxy {
                 parts.headers.insert(header::HOST, host);
             }
         }
-        record.request_id = rewrite::request_headers(&mut parts.headers, &fwd, false);
+        // WebSocket and other upgrades: routed like any request, bridged once the endpoint
+        // answers 101.
+        let upgrade = upgrade::is_upgrade(&parts.headers);
+        let client_upgrade = if upgrade {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        record.request_id = rewrite::request_headers(&mut parts.headers, &fwd, upgrade);
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -169,7 +178,8 @@ impl Proxy {
         record.bytes_in = body.len_hint();
         self.budget.record_request();
 
-        self.attempts(&rt, &plan, parts, body, overflow, record, started).await
+        let resp = self.attempts(&rt, &plan, parts, body, overflow, record, started).await;
+        resp.map(|r| upgrade::bridge(r, client_upgrade))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -388,7 +398,7 @@ impl Proxy {
                     &e.config.scheme,
                     &e.config.authority,
                     e.config.base_path.as_str(),
-                    r.protocol,
+                    e.config.protocol,
                     Some(e.health.start()),
                     &rt.upstreams,
                 )
@@ -434,6 +444,12 @@ impl Proxy {
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
+        // Upgrades exist only in HTTP/1.1, whatever the region speaks otherwise.
+        let protocol = if upgrade::is_upgrade(&parts.headers) {
+            crate::config::UpstreamProtocol::Http1
+        } else {
+            protocol
+        };
         *req.version_mut() = match protocol {
             crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
             crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -496,7 +512,8 @@ impl Proxy {
         if let Some(ttfb) = record.ttfb {
             metrics.ttfb.observe(ttfb.as_secs_f64());
         }
-        rewrite::response_headers(&mut parts.headers, region_header, record.attempts, false);
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        rewrite::response_headers(&mut parts.headers, region_header, record.attempts, switching);
         let sse = body::is_sse(&parts.headers);
         let done = Box::new(Done {
             shared: self.shared.clone(),

@@ -290,6 +290,7 @@ pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     [
         ("server.listen", a.listen != b.listen),
         ("server.tls_listen", tls_listen(running) != tls_listen(new)),
+        ("server.proxy_protocol", a.proxy_protocol != b.proxy_protocol),
         ("admin.listen", running.admin.listen != new.admin.listen),
         ("server.max_connections", a.max_connections != b.max_connections),
         ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 
-use crate::config::{Config, EndpointConfig, FallbackConfig, UpstreamProtocol};
+use crate::config::{Config, EndpointConfig, FallbackConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::forward::breaker::SharedBreaker;
 use crate::forward::client::{ClientSetupError, PoolSettings, Upstreams};
 use crate::geo::{GeoDb, GeoError};
@@ -56,7 +56,7 @@ pub struct FallbackRuntime {
 pub enum RuntimeError {
     #[error(transparent)]
     Geo(#[from] GeoError),
-    #[error("fallback: {0}")]
+    #[error("upstream TLS: {0}")]
     Client(#[from] ClientSetupError),
     /// The compiled table would take a zone's client outside its zone.
     #[error(transparent)]
@@ -186,15 +186,23 @@ fn build(
     let upstreams = match previous {
         Some(p)
             if p.config.server.connect_timeout == config.server.connect_timeout
-                && p.config.server.idle_timeout == config.server.idle_timeout =>
+                && p.config.server.idle_timeout == config.server.idle_timeout
+                && p.config.upstream_tls == config.upstream_tls =>
         {
             p.upstreams.clone()
         }
-        _ => Upstreams::new(&settings, None)?,
+        _ => Upstreams::new(&settings, &config.upstream_tls)?,
     };
     let fallback = match &config.fallback {
         Some(f) => Some(FallbackRuntime {
-            upstreams: Upstreams::new(&settings, f.ca_file.as_deref())?,
+            // The fallback is another party's API: its own CA file, never our client certificate.
+            upstreams: Upstreams::new(
+                &settings,
+                &UpstreamTlsConfig {
+                    ca_file: f.ca_file.clone(),
+                    client_auth: None,
+                },
+            )?,
             config: f.clone(),
             header: HeaderValue::from_static("fallback"),
             metrics: RegionMetrics::new(metrics, "fallback"),

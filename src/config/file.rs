@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub routes: Vec<RouteFile>,
     pub fallback: Option<FallbackFile>,
     pub spillover: Option<SpilloverFile>,
+    pub upstream_tls: Option<UpstreamTlsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +195,8 @@ pub enum EndpointFile {
 pub struct DetailedEndpoint {
     pub url: String,
     pub weight: Option<u32>,
+    /// Overrides the region's `protocol` for this endpoint.
+    pub protocol: Option<UpstreamProtocol>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -278,4 +281,15 @@ pub struct BreakerFile {
 pub struct SpilloverFile {
     pub queue_depth: Option<f64>,
     pub kv_cache: Option<f64>,
+}
+
+/// TLS towards `https://` region endpoints.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    /// Extra trusted roots (PEM), beside the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) presented to endpoints that ask for one (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }

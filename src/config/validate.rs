@@ -33,6 +33,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub fallback: Option<FallbackConfig>,
     pub spillover: Option<SpilloverConfig>,
+    pub upstream_tls: UpstreamTlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +62,14 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub sni: Vec<SniCertificate>,
+}
+
+/// TLS towards `https://` region endpoints: extra roots and an optional client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    pub ca_file: Option<PathBuf>,
+    /// Certificate chain and key presented to endpoints (mTLS).
+    pub client_auth: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +164,8 @@ pub struct EndpointConfig {
     /// Path prefix to put in front of the request path (empty for none).
     pub base_path: String,
     pub weight: u32,
+    /// How requests reach it: the endpoint's own `protocol`, else its region's.
+    pub protocol: UpstreamProtocol,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -362,6 +373,7 @@ impl Validator<'_> {
         self.homes_inside_zones(&regions, &zones);
         let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
         let spillover = raw.spillover.map(|s| self.spillover(s));
+        let upstream_tls = raw.upstream_tls.map(|t| self.upstream_tls(t)).unwrap_or_default();
         let log = LogConfig {
             format: raw.log.format.unwrap_or_default(),
             access_log: raw.log.access_log.unwrap_or(true),
@@ -383,7 +395,27 @@ impl Validator<'_> {
             routes,
             fallback,
             spillover,
+            upstream_tls,
         })
+    }
+
+    fn upstream_tls(&mut self, t: file::UpstreamTlsFile) -> UpstreamTlsConfig {
+        let client_auth = match (t.client_cert, t.client_key) {
+            (Some(cert), Some(key)) => Some((self.path(cert), self.path(key))),
+            (None, None) => None,
+            _ => {
+                self.problem(
+                    "upstream_tls.client_cert",
+                    None,
+                    "client_cert and client_key go together",
+                );
+                None
+            }
+        };
+        UpstreamTlsConfig {
+            ca_file: t.ca_file.map(|p| self.path(p)),
+            client_auth,
+        }
     }
 
     fn server(&mut self, s: file::ServerFile) -> ServerConfig {
@@ -652,6 +684,7 @@ impl Validator<'_> {
             authority,
             base_path,
             weight,
+            protocol: UpstreamProtocol::Http1,
         })
     }
 
@@ -739,11 +772,12 @@ impl Validator<'_> {
             let mut endpoints: Vec<EndpointConfig> = Vec::new();
             for (j, e) in endpoints_raw.iter().enumerate() {
                 let ekey = format!("{key}.endpoints[{j}]");
-                let (url, weight) = match e.get_ref() {
-                    EndpointFile::Url(u) => (u.as_str(), None),
-                    EndpointFile::Detailed(d) => (d.url.as_str(), d.weight),
+                let (url, weight, protocol) = match e.get_ref() {
+                    EndpointFile::Url(u) => (u.as_str(), None, None),
+                    EndpointFile::Detailed(d) => (d.url.as_str(), d.weight, d.protocol),
                 };
-                if let Some(ep) = self.endpoint(&ekey, Some(e.span()), url, weight) {
+                if let Some(mut ep) = self.endpoint(&ekey, Some(e.span()), url, weight) {
+                    ep.protocol = protocol.or(r.protocol).unwrap_or_default();
                     if endpoints.iter().any(|x| x.url == ep.url) {
                         self.problem(ekey, Some(e.span()), format!("duplicate endpoint {:?}", ep.url));
                     } else {
@@ -1080,5 +1114,65 @@ impl Validator<'_> {
             queue_depth: s.queue_depth,
             kv_cache: s.kv_cache,
         }
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    const REGION: &str = "[[region]]\nname = \"a\"\nlocation = [1, 1]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+
+    #[test]
+    fn tls_keys_are_judged_together() {
+        let cases: [(&str, Option<&str>); 5] = [
+            (
+                "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+                None,
+            ),
+            (
+                "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\n",
+                Some("server.tls_listen"),
+            ),
+            ("[upstream_tls]\nca_file = \"ca.pem\"\n", None),
+            (
+                "[upstream_tls]\nclient_cert = \"c.pem\"\n",
+                Some("upstream_tls.client_cert"),
+            ),
+            (
+                "[upstream_tls]\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"\n",
+                None,
+            ),
+        ];
+        for (text, problem) in cases {
+            let result = Config::parse(&format!("{text}{REGION}"), Some(Path::new("/etc/meridian/m.toml")));
+            match (result, problem) {
+                (Ok(_), None) => {}
+                (Err(e), Some(key)) => assert!(e.problems.iter().any(|p| p.key == key), "{text}: {e}"),
+                (r, _) => panic!("{text}: unexpected {:?}", r.err()),
+            }
+        }
+    }
+
+    #[test]
+    fn tls_paths_are_relative_to_the_config_file() {
+        let text = format!(
+            "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"tls/c.pem\"\ntls_key = \"/abs/k.pem\"\n\n\
+             [[server.certificate]]\nnames = [\"*.Example.com\"]\ncert = \"w.pem\"\nkey = \"w.key\"\n\n\
+             [upstream_tls]\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n{REGION}"
+        );
+        let c = Config::parse(&text, Some(Path::new("/etc/meridian/m.toml"))).unwrap();
+        let tls = c.server.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/etc/meridian/tls/c.pem"));
+        assert_eq!(tls.key, Path::new("/abs/k.pem"));
+        assert_eq!(tls.sni[0].names, ["*.example.com"]);
+        assert_eq!(tls.sni[0].cert, Path::new("/etc/meridian/w.pem"));
+        assert_eq!(
+            c.upstream_tls.client_auth,
+            Some((
+                PathBuf::from("/etc/meridian/client.pem"),
+                PathBuf::from("/etc/meridian/client.key")
+            ))
+        );
     }
 }

@@ -46,11 +46,23 @@ pub enum Behavior {
     /// Down (503 to requests and probes) for `period`, then up for `period`, and so on,
     /// starting down when the behaviour is set.
     Flap { period: Duration },
+    /// gRPC-style: a data frame, then trailers `grpc-status: 0` and `grpc-message: ok`
+    /// (announced in `Trailer`, so HTTP/1.1 clients that send `TE: trailers` get them too).
+    Trailers,
+}
+
+/// What a TLS client showed the endpoint in its handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSeen {
+    pub sni: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+    pub client_certificate: bool,
 }
 
 /// A request as the endpoint saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    pub version: http::Version,
     pub method: Method,
     pub path: String,
     pub headers: HeaderMap,
@@ -75,6 +87,9 @@ struct State {
     extra_headers: Mutex<HeaderMap>,
     /// Body of `GET /metrics`, for load-signal scrapes.
     metrics: Mutex<String>,
+    /// Serve HTTPS instead of cleartext.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls_seen: Mutex<Vec<TlsSeen>>,
 }
 
 /// A running fake endpoint. Dropping it stops it.
@@ -93,6 +108,21 @@ impl FakeUpstream {
     }
 
     pub async fn start_on(name: &str, addr: SocketAddr) -> std::io::Result<FakeUpstream> {
+        FakeUpstream::start_with(name, addr, None).await
+    }
+
+    /// Starts an HTTPS endpoint on an ephemeral loopback port with `config` (certificates,
+    /// ALPN, client authentication as the caller wants).
+    pub async fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> std::io::Result<FakeUpstream> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        FakeUpstream::start_with(name, SocketAddr::from(([127, 0, 0, 1], 0)), Some(acceptor)).await
+    }
+
+    async fn start_with(
+        name: &str,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<FakeUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -108,6 +138,8 @@ impl FakeUpstream {
             gate: Notify::new(),
             extra_headers: Mutex::new(HeaderMap::new()),
             metrics: Mutex::new(String::new()),
+            tls,
+            tls_seen: Mutex::new(Vec::new()),
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(accept_loop(listener, state.clone(), stopped));
@@ -119,7 +151,13 @@ impl FakeUpstream {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.state.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// TLS handshakes completed so far.
+    pub fn tls_seen(&self) -> Vec<TlsSeen> {
+        lock(&self.state.tls_seen).clone()
     }
 
     pub fn set_behavior(&self, b: Behavior) {
@@ -235,10 +273,24 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watc
                         let _ = stream.write_all(b"\x00\x01garbage, not HTTP at all\r\n\r\n").await;
                         return;
                     }
-                    let service = service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match state.tls.clone() {
+                        None => {
+                            let service = service_fn(move |req| handle(state.clone(), req));
+                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else { return };
+                            let (_, conn) = stream.get_ref();
+                            lock(&state.tls_seen).push(TlsSeen {
+                                sni: conn.server_name().map(str::to_string),
+                                alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+                                client_certificate: conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+                            });
+                            let service = service_fn(move |req| handle(state.clone(), req));
+                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
             _ = stopped.changed() => break,
@@ -317,6 +369,7 @@ async fn handle(
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     state.requests.fetch_add(1, Ordering::AcqRel);
     lock(&state.seen).push(Seen {
+        version: parts.version,
         method: parts.method.clone(),
         path: parts.uri.path_and_query().map_or(path.clone(), |p| p.to_string()),
         headers: parts.headers.clone(),
@@ -383,6 +436,7 @@ async fn handle(
             format!(r#"{{"error":"fake flap","region":"{name}"}}"#),
         ),
         Behavior::FailSome { .. } | Behavior::Flap { .. } => completion(&name, &body),
+        Behavior::Trailers => grpc_like(),
     };
     for (k, v) in lock(&state.extra_headers).iter() {
         resp.headers_mut().insert(k.clone(), v.clone());
@@ -412,6 +466,34 @@ fn completion(name: &str, body: &Bytes) -> Response<FakeBody> {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {name}.")}}],
     });
     full(StatusCode::OK, "application/json", reply.to_string())
+}
+
+fn grpc_like() -> Response<FakeBody> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", header::HeaderValue::from_static("0"));
+    trailers.insert("grpc-message", header::HeaderValue::from_static("ok"));
+    let frames = [
+        // One length-prefixed gRPC message: uncompressed, 2 bytes.
+        Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi")),
+        Frame::trailers(trailers),
+    ];
+    let body = StreamBody::new(futures_stream(move |tx| async move {
+        for frame in frames {
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let mut resp = Response::new(BodyExt::boxed(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    resp.headers_mut().insert(
+        header::TRAILER,
+        header::HeaderValue::from_static("grpc-status, grpc-message"),
+    );
+    resp
 }
 
 fn stream(state: Arc<State>, events: usize, gap: Duration, gated: bool, stall: bool) -> Response<FakeBody> {

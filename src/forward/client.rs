@@ -2,7 +2,7 @@
 
 use std::error::Error as _;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +13,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::RequestBody;
-use crate::config::UpstreamProtocol;
+use crate::config::{UpstreamProtocol, UpstreamTlsConfig};
 
 type Pool = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
@@ -109,6 +109,13 @@ pub enum ClientSetupError {
     Tls(rustls::Error),
     #[error("CA file {path} holds no usable certificate")]
     NoCertificate { path: String },
+    #[error("cannot read client certificate or key {path}: {source}")]
+    ClientCert {
+        path: String,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("client certificate {path} holds no certificate")]
+    NoClientCertificate { path: String },
 }
 
 /// Connection pools to endpoints, one per protocol. Cheap to clone.
@@ -126,8 +133,8 @@ pub struct PoolSettings {
 }
 
 impl Upstreams {
-    pub fn new(settings: &PoolSettings, ca_file: Option<&Path>) -> Result<Upstreams, ClientSetupError> {
-        let tls = tls_config(ca_file)?;
+    pub fn new(settings: &PoolSettings, tls: &UpstreamTlsConfig) -> Result<Upstreams, ClientSetupError> {
+        let tls = tls_config(tls.ca_file.as_deref(), tls.client_auth.as_ref())?;
         Ok(Upstreams {
             http1: pool(settings, tls.clone(), false),
             http2: pool(settings, tls, true),
@@ -153,7 +160,12 @@ impl Upstreams {
     }
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ClientSetupError> {
+/// Endpoints are verified against the webpki roots plus `ca_file`; SNI is the endpoint's
+/// host (hyper-rustls takes it from the URI; IP hosts get none, as RFC 6066 says).
+fn tls_config(
+    ca_file: Option<&Path>,
+    client_auth: Option<&(PathBuf, PathBuf)>,
+) -> Result<Arc<rustls::ClientConfig>, ClientSetupError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -171,11 +183,32 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Clien
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(ClientSetupError::Tls)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let read_error = |path: &Path| {
+                let path = path.display().to_string();
+                move |source| ClientSetupError::ClientCert { path, source }
+            };
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(read_error(cert))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(read_error(cert))?;
+            if chain.is_empty() {
+                return Err(ClientSetupError::NoClientCertificate {
+                    path: cert.display().to_string(),
+                });
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(read_error(key))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(ClientSetupError::Tls)?
+        }
+    };
     Ok(Arc::new(config))
 }
 

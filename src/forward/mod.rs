@@ -1,7 +1,9 @@
 //! Forwarding one attempt to an endpoint: header rewriting (`rewrite`), bodies in flight
-//! (`body`), pooled connections (`client`) and the fallback's circuit breaker (`breaker`).
+//! (`body`), pooled connections (`client`), upgraded connections (`upgrade`) and the
+//! fallback's circuit breaker (`breaker`).
 
 pub mod body;
 pub mod breaker;
 pub mod client;
 pub mod rewrite;
+pub mod upgrade;

@@ -13,15 +13,15 @@ pub static X_MERIDIAN_REGION: HeaderName = HeaderName::from_static("x-meridian-r
 pub static X_MERIDIAN_ATTEMPTS: HeaderName = HeaderName::from_static("x-meridian-attempts");
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
-/// non-standard ones proxies still meet).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// non-standard ones proxies still meet). `Trailer` is end to end and stays: HTTP/1.1
+/// sends only the trailer fields it announces, so dropping it would drop gRPC trailers.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 

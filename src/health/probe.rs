@@ -110,11 +110,11 @@ pub fn jittered(interval: Duration, jitter: f64, draw: f64) -> Duration {
 
 /// One probe of `health` as configured in `rt`; `None` when `rt` no longer has it.
 async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeResult> {
-    let (region, overrides, endpoint) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
+    let (overrides, endpoint) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
         r.endpoints
             .iter()
             .find(|e| Arc::ptr_eq(&e.health, health))
-            .map(|e| (r, &c.probe, e))
+            .map(|e| (&c.probe, e))
     })?;
     let probe_path = overrides.path.as_deref().unwrap_or(&rt.config.health.path);
     let timeout = overrides.timeout.unwrap_or(rt.config.health.timeout);
@@ -140,7 +140,7 @@ async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeR
     let mut req = Request::new(RequestBody::Empty);
     *req.method_mut() = Method::GET;
     *req.uri_mut() = uri;
-    *req.version_mut() = match region.protocol {
+    *req.version_mut() = match endpoint.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
@@ -149,7 +149,7 @@ async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeR
     }
     req.headers_mut()
         .insert(header::USER_AGENT, HeaderValue::from_static("meridian-health-probe"));
-    let sent = rt.upstreams.send(req, region.protocol, timeout);
+    let sent = rt.upstreams.send(req, endpoint.config.protocol, timeout);
     let outcome = tokio::time::timeout(timeout, async {
         let resp = sent.await.map_err(|e| e.to_string())?;
         let latency = started.elapsed();

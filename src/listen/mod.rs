@@ -1,8 +1,11 @@
 //! Client-facing listeners: accept loop, connection limits, idle and header timeouts,
-//! HTTP/1.1 + h2c on one port, graceful shutdown.
+//! PROXY protocol, TLS, HTTP/1.1 + HTTP/2 (h2c or ALPN) on one port, graceful shutdown.
 
 mod idle;
+pub mod proxy_protocol;
+pub mod tls;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,12 +13,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 pub use idle::IdleIo;
+use proxy_protocol::{Prefixed, ProxyHeaderError};
 
 /// Limits applied to every client connection.
 #[derive(Debug, Clone)]
@@ -27,6 +33,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub http2_max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
+    /// Every connection starts with a PROXY v1/v2 header naming the client.
+    pub proxy_protocol: bool,
 }
 
 impl Limits {
@@ -39,6 +47,7 @@ impl Limits {
             idle_timeout: s.idle_timeout,
             http2_max_concurrent_streams: s.http2_max_concurrent_streams,
             shutdown_timeout: s.shutdown_timeout,
+            proxy_protocol: s.proxy_protocol,
         }
     }
 }
@@ -62,8 +71,41 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// Serves cleartext HTTP/1.1 and h2c on `listener` until `shutdown` turns true, then
 /// stops accepting and waits for open connections up to `shutdown_timeout`.
-pub async fn serve(listener: TcpListener, proxy: Proxy, limits: Limits, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, proxy: Proxy, limits: Limits, shutdown: watch::Receiver<bool>) {
+    accept_loop(listener, proxy, limits, None, shutdown).await
+}
+
+/// Serves HTTPS (ALPN h2 and http/1.1) on `listener`, like [`serve`] otherwise.
+pub async fn serve_tls(
+    listener: TcpListener,
+    proxy: Proxy,
+    limits: Limits,
+    tls: TlsAcceptor,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_loop(listener, proxy, limits, Some(tls), shutdown).await
+}
+
+/// Why a connection was closed before HTTP started.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error(transparent)]
+    ProxyHeader(#[from] ProxyHeaderError),
+    #[error("TLS handshake: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error("TLS handshake not done within {0:?}")]
+    TlsTimeout(Duration),
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Proxy,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let builder = Arc::new(builder(&limits));
+    let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     loop {
@@ -85,28 +127,26 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, limits: Limits, mut shut
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo { peer, tls: false };
         let gauge = proxy.shared.metrics.open_connections.clone();
-        let proxy = proxy.clone();
-        let (io, activity) = IdleIo::new(stream, limits.idle_timeout);
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            let guard = activity.begin();
-            async move {
-                let resp = proxy.handle(info, req).await;
-                drop(guard);
-                resp
-            }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = Connection {
+            proxy: proxy.clone(),
+            limits: limits.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+        };
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             gauge.inc();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match conn.run(stream, peer, tls).await {
+                Ok(()) => {}
+                // A bad PROXY header usually means a load balancer without the PROXY
+                // protocol, or a client reaching the listener around it: worth seeing.
+                Err(e @ HandshakeError::ProxyHeader(_)) => {
+                    tracing::warn!(%peer, error = %e, "connection closed: no valid PROXY header")
+                }
+                // Failed TLS handshakes are scanners and broken clients: too common to warn.
+                Err(e) => tracing::debug!(%peer, error = %e, "connection closed before HTTP"),
             }
             gauge.dec();
         });
@@ -117,5 +157,74 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, limits: Limits, mut shut
         .is_err()
     {
         tracing::warn!("shutdown timeout: closing connections still open");
+    }
+}
+
+/// One accepted connection: PROXY header, TLS handshake, then HTTP.
+struct Connection {
+    proxy: Proxy,
+    limits: Arc<Limits>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Connection {
+    async fn run(
+        self,
+        stream: TcpStream,
+        tcp_peer: SocketAddr,
+        tls: Option<TlsAcceptor>,
+    ) -> Result<(), HandshakeError> {
+        // Both preludes share the header read timeout: a client that dawdles before its
+        // first request is cut off just like one that dawdles inside it.
+        let deadline = self.limits.header_read_timeout;
+        let (peer, stream) = if self.limits.proxy_protocol {
+            let (source, stream) = proxy_protocol::read_header(stream, deadline).await?;
+            (source.unwrap_or(tcp_peer), stream)
+        } else {
+            (tcp_peer, Prefixed::plain(stream))
+        };
+        match tls {
+            None => {
+                self.serve(stream, ConnInfo { peer, tls: false }).await;
+                Ok(())
+            }
+            Some(acceptor) => {
+                let stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return Err(HandshakeError::Tls(e)),
+                    Err(_) => return Err(HandshakeError::TlsTimeout(deadline)),
+                };
+                self.serve(stream, ConnInfo { peer, tls: true }).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Serves HTTP on an established stream; HTTP/1.1 or HTTP/2 is told from the preface,
+    /// which also covers ALPN h2 (the client then opens with the preface).
+    async fn serve<I>(self, io: I, info: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = info.peer;
+        let proxy = self.proxy;
+        let (io, activity) = IdleIo::new(io, self.limits.idle_timeout);
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let guard = activity.begin();
+            async move {
+                let resp = proxy.handle(info, req).await;
+                drop(guard);
+                resp
+            }
+        });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
+    pub tls_reloads: IntCounterVec,
     pub ejections: IntCounterVec,
     pub probe_duration: HistogramVec,
     pub spillovers: IntCounterVec,
@@ -139,6 +140,12 @@ impl Metrics {
                 &["result"],
             ),
             config_last_reload_success,
+            tls_reloads: counter(
+                &r,
+                "meridian_tls_reloads_total",
+                "TLS certificate set reloads by result.",
+                &["result"],
+            ),
             ejections: counter(
                 &r,
                 "meridian_endpoint_ejections_total",

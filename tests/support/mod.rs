@@ -2,6 +2,8 @@
 //! and small HTTP clients (from 127.0.0.1 or another loopback source address).
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -26,6 +28,8 @@ pub struct Meridian {
     child: Child,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the config sets `server.tls_listen`.
+    pub tls_listen: Option<SocketAddr>,
     pub config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
@@ -89,10 +93,12 @@ impl Meridian {
             .as_str()
             .and_then(|s| s.parse().ok())
             .expect("admin address in log");
+        let tls_listen = v["tls_listen"].as_str().and_then(|s| s.parse().ok());
         Meridian {
             child,
             listen,
             admin,
+            tls_listen,
             config_path,
             logs,
             _dir: dir,

@@ -1,0 +1,348 @@
+//! TLS termination: certificates chosen by SNI (exact names, then `*.` wildcards, then the
+//! default), held in an `ArcSwap` so a reload changes what new handshakes see without
+//! touching open connections. Reloads come through the config reloader's hook (SIGHUP, a
+//! change of the config or of a certificate file) or a direct [`TlsReloader::reload`].
+//!
+//! The crypto provider is `ring`: it builds with nothing but a Rust toolchain (no C
+//! compiler, cmake or NASM as `aws-lc-rs` needs), keeps the binary and the build smaller,
+//! and covers what an edge needs (TLS 1.2 and 1.3, ECDSA, Ed25519 and RSA certificates).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
+use prometheus::IntCounterVec;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+use crate::reload::{ReloadHook, Trigger};
+use crate::runtime::Runtime;
+
+/// ALPN protocols offered to clients, in preference order.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Why a certificate set could not be loaded; the set in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("key {key} does not fit certificate {cert}: {source}")]
+    Key {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Setup(#[source] rustls::Error),
+}
+
+/// Values by server name: exact names and one-label wildcards (`*.example.com`).
+#[derive(Debug, Clone)]
+pub struct Names<V> {
+    exact: HashMap<String, V>,
+    /// Keyed by the part after `*.`.
+    wildcard: HashMap<String, V>,
+}
+
+impl<V> Default for Names<V> {
+    fn default() -> Self {
+        Names {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+}
+
+impl<V: Clone> Names<V> {
+    /// Adds `name` unless an earlier entry claimed it (first one listed wins).
+    pub fn insert(&mut self, name: &str, value: V) {
+        let name = normalise(name);
+        match name.strip_prefix("*.") {
+            Some(suffix) => self.wildcard.entry(suffix.to_string()).or_insert(value),
+            None => self.exact.entry(name).or_insert(value),
+        };
+    }
+
+    /// The value for an SNI name: an exact match first, then a wildcard covering exactly
+    /// one more label (as certificates do: `*.example.com` is not `a.b.example.com`).
+    pub fn find(&self, sni: &str) -> Option<&V> {
+        let sni = normalise(sni);
+        if let Some(v) = self.exact.get(&sni) {
+            return Some(v);
+        }
+        let (_, parent) = sni.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+}
+
+fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// One loaded certificate set.
+#[derive(Debug)]
+struct CertSet {
+    default: Arc<CertifiedKey>,
+    by_name: Names<Arc<CertifiedKey>>,
+}
+
+/// The certificates in force, their source files, and the resolver rustls asks on every
+/// handshake. Shared by the TLS listener and whoever reloads it.
+pub struct TlsReloader {
+    current: ArcSwap<CertSet>,
+    files: Mutex<TlsConfig>,
+    /// `meridian_tls_reloads_total`, once the process has metrics to count into.
+    reloads: OnceLock<IntCounterVec>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl fmt::Debug for TlsReloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsReloader").finish_non_exhaustive()
+    }
+}
+
+impl TlsReloader {
+    /// Loads every certificate in `config`; fails if any is unusable.
+    pub fn new(config: &TlsConfig) -> Result<Arc<TlsReloader>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let set = load(config, &provider)?;
+        Ok(Arc::new(TlsReloader {
+            current: ArcSwap::from_pointee(set),
+            files: Mutex::new(config.clone()),
+            reloads: OnceLock::new(),
+            provider,
+        }))
+    }
+
+    /// Re-reads the current files. On error the certificates in force stay.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let files = self.files();
+        let set = load(&files, &self.provider)?;
+        self.current.store(Arc::new(set));
+        Ok(())
+    }
+
+    /// Switches to the files of a new config (config reload) and loads them. On error
+    /// neither the files nor the certificates in force change. The listen address is not
+    /// touched: moving it needs a restart.
+    pub fn update(&self, config: &TlsConfig) -> Result<(), TlsError> {
+        let set = load(config, &self.provider)?;
+        *lock(&self.files) = config.clone();
+        self.current.store(Arc::new(set));
+        Ok(())
+    }
+
+    /// Counts hook-driven reloads by result into `counter`.
+    pub fn count_reloads(&self, counter: IntCounterVec) {
+        let _ = self.reloads.set(counter);
+    }
+
+    fn files(&self) -> TlsConfig {
+        lock(&self.files).clone()
+    }
+
+    /// A rustls server config that asks this reloader for a certificate on every handshake:
+    /// TLS 1.3 and 1.2, ALPN h2 then http/1.1.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(TlsError::Setup)?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
+        Ok(TlsAcceptor::from(self.server_config()?))
+    }
+}
+
+impl ResolvesServerCert for TlsReloader {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let set = self.current.load();
+        let chosen = hello
+            .server_name()
+            .and_then(|name| set.by_name.find(name))
+            .unwrap_or(&set.default);
+        Some(chosen.clone())
+    }
+}
+
+/// Certificates reload with the config: after every reload attempt (a rejected config
+/// included, since its certificate files may still have changed) the files named by the
+/// config in force are read again; the reloader also watches them for changes.
+impl ReloadHook for TlsReloader {
+    fn watched_files(&self, runtime: &Runtime) -> Vec<PathBuf> {
+        runtime
+            .config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| file_paths(t).into_iter().map(Path::to_path_buf).collect())
+            .unwrap_or_default()
+    }
+
+    fn reloaded(&self, runtime: &Arc<Runtime>, trigger: Trigger) {
+        // Without `tls_listen` now the listener still runs until a restart: keep its set.
+        let Some(config) = runtime.config.server.tls.as_ref() else {
+            return;
+        };
+        // Certificate files are a few KiB: reading them inline is cheaper than a hop to
+        // the blocking pool.
+        let result = self.update(config);
+        if let Some(counter) = self.reloads.get() {
+            let label = if result.is_ok() { "success" } else { "error" };
+            counter.with_label_values(&[label]).inc();
+        }
+        match result {
+            Ok(()) => tracing::info!(trigger = trigger.as_str(), "TLS certificates reloaded"),
+            Err(e) => tracing::error!(
+                trigger = trigger.as_str(),
+                error = %e,
+                "TLS reload rejected; keeping the certificates in force"
+            ),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn file_paths(config: &TlsConfig) -> Vec<&Path> {
+    let mut paths = vec![config.cert.as_path(), config.key.as_path()];
+    for c in &config.sni {
+        paths.push(&c.cert);
+        paths.push(&c.key);
+    }
+    paths
+}
+
+fn load(config: &TlsConfig, provider: &rustls::crypto::CryptoProvider) -> Result<CertSet, TlsError> {
+    let default = Arc::new(certified_key(&config.cert, &config.key, provider)?);
+    let mut by_name = Names::default();
+    for c in &config.sni {
+        let key = Arc::new(certified_key(&c.cert, &c.key, provider)?);
+        for name in &c.names {
+            by_name.insert(name, key.clone());
+        }
+    }
+    Ok(CertSet { default, by_name })
+}
+
+/// Reads a PEM chain and its key and checks that they belong together.
+pub fn certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|source| TlsError::Read {
+            path: cert.to_owned(),
+            source,
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Read {
+            path: cert.to_owned(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: cert.to_owned() });
+    }
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Read {
+        path: key.to_owned(),
+        source,
+    })?;
+    CertifiedKey::from_der(chain, der, provider).map_err(|source| TlsError::Key {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_exact_then_one_label_wildcards() {
+        let mut names = Names::default();
+        for (name, v) in [
+            ("api.example.eu", "eu"),
+            ("*.example.com", "wild"),
+            ("exact.example.com", "exact"),
+            ("*.example.com", "second wildcard loses"),
+            ("API.example.eu", "second exact loses"),
+        ] {
+            names.insert(name, v);
+        }
+        let cases = [
+            ("api.example.eu", Some("eu")),
+            ("API.Example.EU.", Some("eu")),
+            ("exact.example.com", Some("exact")),
+            ("a.example.com", Some("wild")),
+            ("example.com", None),
+            ("a.b.example.com", None),
+            ("example.eu", None),
+            ("localhost", None),
+            ("", None),
+        ];
+        for (sni, want) in cases {
+            assert_eq!(names.find(sni).copied(), want, "{sni:?}");
+        }
+    }
+
+    fn write_pair(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn a_bad_reload_keeps_the_set_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_pair(dir.path(), "default", &["localhost"]);
+        let (_, other_key) = write_pair(dir.path(), "other", &["other"]);
+        let config = TlsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert: cert.clone(),
+            key: key.clone(),
+            sni: Vec::new(),
+        };
+        let reloader = TlsReloader::new(&config).unwrap();
+        let before = reloader.current.load_full();
+
+        std::fs::write(&cert, "not a certificate").unwrap();
+        assert!(matches!(reloader.reload(), Err(TlsError::NoCertificate { .. })));
+        assert!(Arc::ptr_eq(&before, &reloader.current.load_full()));
+
+        // A key from another pair is refused too.
+        write_pair(dir.path(), "default", &["localhost"]);
+        let mismatched = TlsConfig {
+            key: other_key,
+            ..config.clone()
+        };
+        assert!(matches!(reloader.update(&mismatched), Err(TlsError::Key { .. })));
+        assert!(Arc::ptr_eq(&before, &reloader.current.load_full()));
+
+        reloader.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &reloader.current.load_full()));
+    }
+}

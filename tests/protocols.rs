@@ -1,0 +1,452 @@
+//! Protocols end to end through the real binary: HTTP/2 both sides (h2c, h2 over TLS, prior
+//! knowledge to endpoints), gRPC-style trailers, TLS and mTLS to endpoints, WebSocket
+//! bridging, and the PROXY protocol.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::certs::{Sender, TestCa, client_config, tls_connect};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// `[server]` lines plus the two regions every test here uses: us-east (home of US, the
+/// default) and uk-south (home of GB, a residency zone).
+fn two_regions(server: &str, us: &str, uk: &str, extra: &str) -> String {
+    let mut config = base_config().replace("[server]\n", &format!("[server]\n{server}"));
+    config.push_str("[geoip]\ndefault_region = \"us-east\"\n\n");
+    config.push_str(&region("us-east", [39.04, -77.49], &["US"], &[us.to_string()]));
+    config.push_str(&region("uk-south", [51.51, -0.13], &["GB"], &[uk.to_string()]));
+    config.push_str("[[residency]]\nname = \"uk\"\ncountries = [\"GB\"]\nregions = [\"uk-south\"]\n\n");
+    config.push_str(extra);
+    config
+}
+
+async fn h2c(target: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(target).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn grpc_call(target: SocketAddr, xff: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method("POST")
+        .uri(format!("http://{target}/inference.Model/Generate"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-forwarded-for", xff)
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn h2c_and_h2_over_tls_reach_an_http2_endpoint_with_prior_knowledge() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let ca = TestCa::new("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "server");
+    let server = format!("tls_listen = \"127.0.0.1:0\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n");
+    let config = two_regions(&server, &us.url(), &uk.url(), "").replace(
+        "countries = [\"GB\"]\nendpoints",
+        "countries = [\"GB\"]\nprotocol = \"http2\"\nendpoints",
+    );
+    let proxy = Meridian::start(&config);
+
+    // h2c prior knowledge from the client, HTTP/2 prior knowledge to the endpoint.
+    let mut sender = h2c(proxy.listen).await;
+    let resp = sender.send_request(grpc_call(proxy.listen, ips::GB)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-meridian-region"], "uk-south");
+
+    // h2 over TLS (ALPN) from the client.
+    let stream = tls_connect(
+        proxy.tls_listen.unwrap(),
+        "localhost",
+        client_config(Some(&ca), &[b"h2"]),
+    )
+    .await;
+    let mut tls = Sender::over(stream).await;
+    let req = Request::builder()
+        .uri("https://localhost/v1/models")
+        .header("x-forwarded-for", ips::GB)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tls.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-meridian-region"], "uk-south");
+
+    let seen = uk.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.version, http::Version::HTTP_2, "endpoint spoken to over HTTP/2");
+    }
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "http");
+    assert_eq!(seen[1].headers["x-forwarded-proto"], "https");
+    // HTTP/1.1 stays the default for regions that do not ask.
+    let r = get_as(proxy.listen, ips::US, "/v1/models").await;
+    assert_eq!(r.region(), Some("us-east"));
+    assert_eq!(us.seen()[0].version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn one_endpoint_can_speak_http2_in_an_http1_region() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let detailed = format!("endpoints = [{{ url = {:?}, protocol = \"http2\" }}]", uk.url());
+    let config = two_regions("", &us.url(), &uk.url(), "").replace(&format!("endpoints = [{:?}]", uk.url()), &detailed);
+    assert!(config.contains("protocol = \"http2\""));
+    let proxy = Meridian::start(&config);
+    let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
+    assert_eq!(r.region(), Some("uk-south"));
+    let r = get_as(proxy.listen, ips::US, "/v1/models").await;
+    assert_eq!(r.region(), Some("us-east"));
+    assert_eq!(uk.seen()[0].version, http::Version::HTTP_2);
+    assert_eq!(us.seen()[0].version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn grpc_trailers_pass_through_untouched() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    us.set_behavior(Behavior::Trailers);
+    uk.set_behavior(Behavior::Trailers);
+    let config = two_regions("", &us.url(), &uk.url(), "").replace(
+        "countries = [\"GB\"]\nendpoints",
+        "countries = [\"GB\"]\nprotocol = \"http2\"\nendpoints",
+    );
+    let proxy = Meridian::start(&config);
+
+    // HTTP/2 end to end (client → uk-south over h2 prior knowledge).
+    let mut sender = h2c(proxy.listen).await;
+    let resp = sender.send_request(grpc_call(proxy.listen, ips::GB)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers over h2");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"\0\0\0\0\x02hi"));
+    assert_eq!(uk.seen()[0].headers["te"], "trailers");
+
+    // HTTP/1.1 both sides (client → us-east), with TE: trailers.
+    let resp = send_from(
+        "127.0.0.1".parse().unwrap(),
+        proxy.listen,
+        request(
+            "POST",
+            proxy.listen,
+            "/inference.Model/Generate",
+            &[("te", "trailers"), ("x-forwarded-for", ips::US)],
+            Bytes::from_static(b"\0\0\0\0\x02hi"),
+        ),
+    )
+    .await;
+    assert_eq!(resp.headers()["x-meridian-region"], "us-east");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers over HTTP/1.1 chunked");
+    assert_eq!(trailers["grpc-status"], "0");
+}
+
+#[tokio::test]
+async fn https_endpoints_are_verified_and_shown_a_client_certificate() {
+    let server_ca = TestCa::new("endpoint CA");
+    let client_ca = TestCa::new("client CA");
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = server_ca.leaf(&["localhost"]);
+    let endpoint_config = leaf.server_config(Some(&client_ca), &[b"h2", b"http/1.1"]);
+    let uk = FakeUpstream::start_tls("uk-south", endpoint_config).await.unwrap();
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let ca_file = dir.path().join("endpoint-ca.pem");
+    std::fs::write(&ca_file, server_ca.pem()).unwrap();
+    let (client_cert, client_key) = client_ca.leaf(&["meridian.internal"]).write(dir.path(), "client");
+    // A host name, so the endpoint is reached with SNI and verified for that name.
+    let uk_url = format!("https://localhost:{}", uk.addr().port());
+    let upstream_tls =
+        format!("[upstream_tls]\nca_file = {ca_file:?}\nclient_cert = {client_cert:?}\nclient_key = {client_key:?}\n");
+    let config = two_regions("", &us.url(), &uk_url, &upstream_tls).replace(
+        "countries = [\"GB\"]\nendpoints",
+        "countries = [\"GB\"]\nprotocol = \"http2\"\nendpoints",
+    );
+    let proxy = Meridian::start(&config);
+
+    let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.region(), Some("uk-south"));
+    let handshakes = uk.tls_seen();
+    assert!(!handshakes.is_empty());
+    assert_eq!(handshakes[0].sni.as_deref(), Some("localhost"));
+    assert_eq!(
+        handshakes[0].alpn.as_deref(),
+        Some(b"h2".as_slice()),
+        "HTTP/2 region asks for h2"
+    );
+    assert!(handshakes[0].client_certificate, "client certificate presented");
+    assert_eq!(uk.seen()[0].version, http::Version::HTTP_2);
+
+    // Without the CA file the endpoint's certificate is not trusted: nothing reaches it.
+    let without_ca = config.replace(&format!("ca_file = {ca_file:?}\n"), "");
+    let untrusting = Meridian::start(&without_ca);
+    let before = uk.requests();
+    let r = get_as(untrusting.listen, ips::GB, "/v1/models").await;
+    assert!(r.status >= 500, "{} {}", r.status, r.text());
+    assert_eq!(uk.requests(), before);
+}
+
+/// A WebSocket echo endpoint that answers `/health`, prefixes echoes with its name and
+/// records the upgrade requests it saw.
+async fn ws_upstream(name: &'static str) -> (String, Arc<Mutex<Vec<HeaderMap>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                let record = record.clone();
+                async move {
+                    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))));
+                    };
+                    record.lock().unwrap().push(req.headers().clone());
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = upgrade.await else { return };
+                        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                            TokioIo::new(upgraded),
+                            Role::Server,
+                            None,
+                        )
+                        .await;
+                        while let Some(Ok(msg)) = ws.next().await {
+                            let Message::Text(t) = msg else {
+                                if msg.is_close() {
+                                    break;
+                                }
+                                continue;
+                            };
+                            if ws.send(Message::text(format!("{name}: {t}"))).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let resp = Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "websocket")
+                        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    Ok(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn websocket_echo_is_routed_by_geo_and_bridged_both_ways() {
+    let (us_url, _) = ws_upstream("us-east").await;
+    let (uk_url, uk_seen) = ws_upstream("uk-south").await;
+    let proxy = Meridian::start(&two_regions("", &us_url, &uk_url, ""));
+
+    for (xff, region) in [(ips::GB, "uk-south"), (ips::US, "us-east")] {
+        let mut req = format!("ws://{}/v1/realtime", proxy.listen)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("x-forwarded-for", xff.parse().unwrap());
+        let stream = TcpStream::connect(proxy.listen).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert_eq!(resp.headers()["x-meridian-region"], region);
+        for text in ["hello", "second message"] {
+            ws.send(Message::text(text)).await.unwrap();
+            let echo = tokio::time::timeout(DEADLINE, ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(echo, Message::text(format!("{region}: {text}")));
+        }
+        ws.close(None).await.unwrap();
+    }
+    let seen = uk_seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["upgrade"], "websocket");
+    assert_eq!(seen[0]["x-meridian-country"], "GB");
+    assert_eq!(seen[0]["x-forwarded-for"], format!("{}, 127.0.0.1", ips::GB));
+}
+
+/// A PROXY v2 header for a TCP/IPv4 client.
+fn proxy_v2(source: &str, destination: SocketAddr) -> Vec<u8> {
+    let source: SocketAddr = source.parse().unwrap();
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (source, destination),
+    )
+    .build()
+    .unwrap()
+}
+
+fn proxy_v2_local() -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Local,
+        ppp::v2::Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+    .unwrap()
+}
+
+/// Writes `prefix` on a new connection, then sends one HTTP/1.1 request over it.
+async fn call_with_prefix(target: SocketAddr, prefix: &[u8], headers: &[(&str, &str)]) -> Reply {
+    let mut stream = TcpStream::connect(target).await.unwrap();
+    stream.write_all(prefix).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(request("GET", target, "/v1/models", headers, Bytes::new()))
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn proxy_protocol_headers_set_the_client_address() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let proxy = Meridian::start(&two_regions("proxy_protocol = true\n", &us.url(), &uk.url(), ""));
+    let target = proxy.listen;
+
+    let v1 = format!("PROXY TCP4 {} 127.0.0.1 5555 {}\r\n", ips::GB, target.port());
+    let r = call_with_prefix(target, v1.as_bytes(), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.region(), Some("uk-south"), "v1 header address located in GB");
+    assert_eq!(uk.seen()[0].headers["x-forwarded-for"], ips::GB);
+
+    // The header's address is the peer and is not a trusted proxy: its X-Forwarded-For is
+    // ignored, exactly as for a direct client.
+    let r = call_with_prefix(
+        target,
+        &proxy_v2(&format!("{}:4000", ips::GB), target),
+        &[("x-forwarded-for", ips::US)],
+    )
+    .await;
+    assert_eq!(r.region(), Some("uk-south"), "v2 header address located in GB");
+    assert_eq!(uk.seen()[1].headers["x-forwarded-for"], ips::GB);
+    assert_eq!(uk.seen()[1].headers["x-meridian-country"], "GB");
+
+    // v2 LOCAL: the TCP peer (trusted 127.0.0.1) stands, so its X-Forwarded-For counts.
+    let r = call_with_prefix(target, &proxy_v2_local(), &[("x-forwarded-for", ips::US)]).await;
+    assert_eq!(r.region(), Some("us-east"));
+    assert_eq!(
+        us.seen()[0].headers["x-forwarded-for"],
+        format!("{}, 127.0.0.1", ips::US)
+    );
+}
+
+#[tokio::test]
+async fn proxy_protocol_applies_to_the_tls_listener_too() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let ca = TestCa::new("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "server");
+    let server =
+        format!("proxy_protocol = true\ntls_listen = \"127.0.0.1:0\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n");
+    let proxy = Meridian::start(&two_regions(&server, &us.url(), &uk.url(), ""));
+    let target = proxy.tls_listen.unwrap();
+
+    let mut tcp = TcpStream::connect(target).await.unwrap();
+    tcp.write_all(&proxy_v2(&format!("{}:4000", ips::GB), target))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(client_config(Some(&ca), &[b"h2"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut sender = Sender::over(stream).await;
+    let req = Request::builder()
+        .uri("https://localhost/v1/models")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send(req).await.unwrap();
+    assert_eq!(resp.headers()["x-meridian-region"], "uk-south");
+    assert_eq!(uk.seen()[0].headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn malformed_or_missing_proxy_headers_close_the_connection() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let server = "proxy_protocol = true\nheader_read_timeout = \"300ms\"\n";
+    let proxy = Meridian::start(&two_regions(server, &us.url(), &uk.url(), ""));
+    let target = proxy.listen;
+
+    let bad: [&[u8]; 6] = [
+        // Silent, and then only part of a header: cut off at header_read_timeout.
+        b"",
+        b"PROXY TCP4 81.2.69.142",
+        // No header at all: a plain request.
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 81.2.69.142\r\n\r\n",
+        b"PROXY TCP9 81.2.69.142 127.0.0.1 1 2\r\nGET / HTTP/1.1\r\n\r\n",
+        b"PROXY TCP4 not-an-address 127.0.0.1 1 2\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x2f\x11\0\x0c",
+    ];
+    for input in bad {
+        let mut stream = TcpStream::connect(target).await.unwrap();
+        stream.write_all(input).await.unwrap();
+        let mut answer = Vec::new();
+        // Closed without an HTTP answer (EOF, or a reset when unread bytes were pending).
+        let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+            .await
+            .expect("connection closed");
+        assert!(
+            read.is_err() || answer.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(us.requests() + uk.requests(), 0);
+
+    // The process is still serving.
+    let v1 = format!("PROXY TCP4 {} 127.0.0.1 5555 {}\r\n", ips::US, target.port());
+    let r = call_with_prefix(target, v1.as_bytes(), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.region(), Some("us-east"));
+}
