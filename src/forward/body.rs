@@ -33,8 +33,15 @@ pub enum BodyError {
 pub enum RequestBody {
     Empty,
     /// Fully read and kept: can be sent again.
-    Kept(Option<Bytes>),
+    Kept(Kept),
     Streaming(StreamingBody),
+}
+
+/// A body read to its end: the bytes and any trailers, replayable.
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 /// A body streamed from the client, with the bytes already read in front.
@@ -52,7 +59,7 @@ impl RequestBody {
     pub fn replay(&self) -> Option<RequestBody> {
         match self {
             RequestBody::Empty => Some(RequestBody::Empty),
-            RequestBody::Kept(b) => Some(RequestBody::Kept(b.clone())),
+            RequestBody::Kept(k) => Some(RequestBody::Kept(k.clone())),
             RequestBody::Streaming(_) => None,
         }
     }
@@ -60,7 +67,7 @@ impl RequestBody {
     pub fn len_hint(&self) -> u64 {
         match self {
             RequestBody::Empty => 0,
-            RequestBody::Kept(b) => b.as_ref().map_or(0, |b| b.len() as u64),
+            RequestBody::Kept(k) => k.data.as_ref().map_or(0, |b| b.len() as u64),
             RequestBody::Streaming(s) => s.seen,
         }
     }
@@ -91,14 +98,19 @@ pub async fn prepare(
         }));
     }
     let mut kept = BytesMut::new();
+    let mut trailers = None;
     loop {
         match body.frame().await {
             None => break,
             Some(Err(e)) => return Err(BodyError::Client(e)),
             Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    // Request trailers are rare; keep the body streamable rather than lose them.
-                    continue;
+                let data = match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        // Trailers end the body; keep them for every attempt.
+                        trailers = frame.into_trailers().ok();
+                        continue;
+                    }
                 };
                 kept.extend_from_slice(&data);
                 if kept.len() as u64 > limit {
@@ -117,7 +129,10 @@ pub async fn prepare(
             }
         }
     }
-    Ok(RequestBody::Kept((!kept.is_empty()).then(|| kept.freeze())))
+    Ok(RequestBody::Kept(Kept {
+        data: (!kept.is_empty()).then(|| kept.freeze()),
+        trailers,
+    }))
 }
 
 impl Body for RequestBody {
@@ -127,7 +142,14 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Kept(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Kept(k) => match (k.data.take(), k.trailers.take()) {
+                (Some(data), trailers) => {
+                    k.trailers = trailers;
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                (None, Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                (None, None) => Poll::Ready(None),
+            },
             RequestBody::Streaming(s) => {
                 if let Some(prefix) = s.prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -153,7 +175,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Kept(b) => b.is_none(),
+            RequestBody::Kept(k) => k.data.is_none() && k.trailers.is_none(),
             RequestBody::Streaming(s) => s.prefix.is_none() && s.inner.is_end_stream(),
         }
     }
@@ -161,7 +183,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Kept(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Kept(k) => SizeHint::with_exact(k.data.as_ref().map_or(0, |b| b.len() as u64)),
             RequestBody::Streaming(s) => {
                 let mut hint = s.inner.size_hint();
                 let prefix = s.prefix.as_ref().map_or(0, |p| p.len() as u64);
@@ -343,4 +365,27 @@ pub fn is_sse(headers: &HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+}
+
+#[cfg(test)]
+mod kept_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn kept_bodies_replay_data_then_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-timeout", http::HeaderValue::from_static("1S"));
+        let body = RequestBody::Kept(Kept {
+            data: Some(Bytes::from_static(b"hello")),
+            trailers: Some(trailers),
+        });
+        for attempt in [body.replay().unwrap(), body.replay().unwrap()] {
+            assert_eq!(attempt.len_hint(), 5);
+            let collected = attempt.collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["grpc-timeout"], "1S");
+            assert_eq!(collected.to_bytes(), "hello");
+        }
+        let empty = RequestBody::Kept(Kept::default());
+        assert!(empty.is_end_stream());
+    }
 }
