@@ -331,7 +331,10 @@ impl Proxy {
                             detail: e.to_string(),
                         },
                     });
-                    if !(e.retryable() && can_retry) {
+                    // Garbage instead of a response head is, for the client, a 502 from that
+                    // endpoint: retried like one (SPEC step 7), so only for idempotent methods.
+                    let retryable = e.retryable() || (idempotent && matches!(e, UpstreamError::Protocol(_)));
+                    if !(retryable && can_retry) {
                         break;
                     }
                 }
