@@ -56,9 +56,13 @@ impl Rig {
         c.push_str(
             "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nunhealthy_after = 2\nhealthy_after = 2\nslow_start = \"0s\"\n\n",
         );
-        c.push_str(&format!(
-            "[outlier]\nconsecutive_errors = 3\nejection_time = \"2s\"\n{outlier}\n\n"
-        ));
+        // `outlier` lines come last and may replace these defaults.
+        let errors = if outlier.contains("consecutive_errors") {
+            ""
+        } else {
+            "consecutive_errors = 3\n"
+        };
+        c.push_str(&format!("[outlier]\n{errors}ejection_time = \"2s\"\n{outlier}\n\n"));
         c.push_str(&region("us-east", US_EAST, &["US"], &[east_a.url(), east_b.url()]));
         c.push_str(&region("us-west", US_WEST, &[], &[west.url()]));
         let proxy = Meridian::start(&c);
@@ -465,7 +469,9 @@ async fn stream_cut_mid_response_ends_cleanly_and_later_requests_go_elsewhere() 
 
 #[tokio::test]
 async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
-    let mut rig = Rig::start("2s", "").await;
+    // A high error threshold: the failing probes eject east-a, so the garbage is met by
+    // real traffic for a while first, and the brief restart below does not eject it.
+    let mut rig = Rig::start("2s", "consecutive_errors = 50").await;
     let load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
     load.more(15).await;
 
@@ -492,7 +498,11 @@ async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
         assert!(o.clean_error(&[502]), "not a clean 502: {o:?}");
         assert!(o.body.contains("upstream_unreachable"), "{o:?}");
     }
-    assert!(failed.len() <= 3 + 3, "{} POSTs failed before ejection", failed.len());
+    assert!(
+        gets.is_empty() && failed.len() < outcomes.len() / 2,
+        "{} POSTs failed before ejection",
+        failed.len()
+    );
     assert!(rig.east_a.connections() > 0);
     assert_settled(&outcomes, settled, &["east-a"]);
     rig.assert_no_panic();
