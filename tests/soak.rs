@@ -23,7 +23,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(800);
 /// connections to four endpoints for a handful of clients, and probe connections.
 const FD_SLACK: usize = 64;
 /// Resident memory growth allowed between warm-up and the end.
-const RSS_SLACK_KB: u64 = 48 * 1024;
+const RSS_SLACK_KB: u64 = 32 * 1024;
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
