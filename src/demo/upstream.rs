@@ -223,11 +223,13 @@ impl FakeUpstream {
 
     /// Starts again on the same address after [`kill`](Self::kill).
     pub async fn revive(&mut self) -> std::io::Result<()> {
-        lock(&self.state.hold).take();
         // While it was down, an outgoing connection on this host may have been given the
         // freed port as its ephemeral source port; such connections are short, so retry.
         let mut tries = 0;
         let listener = loop {
+            // Released on every try: a kill() just before may still be stopping its accept
+            // loop, which takes the hold only once its listener is closed.
+            lock(&self.state.hold).take();
             match TcpListener::bind(self.addr).await {
                 Ok(l) => break l,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
