@@ -41,10 +41,17 @@ struct Rig {
     west: FakeUpstream,
     proxy: Meridian,
     request_timeout: Duration,
+    /// The config the proxy started with.
+    config: String,
 }
 
 impl Rig {
     async fn start(request_timeout: &str, outlier: &str) -> Rig {
+        Rig::start_with(request_timeout, outlier, "").await
+    }
+
+    /// `geoip` lines are added to `[geoip]`.
+    async fn start_with(request_timeout: &str, outlier: &str, geoip: &str) -> Rig {
         let east_a = FakeUpstream::start("east-a").await.unwrap();
         let east_b = FakeUpstream::start("east-b").await.unwrap();
         let west = FakeUpstream::start("west").await.unwrap();
@@ -52,7 +59,7 @@ impl Rig {
             "[server]\n",
             &format!("[server]\nrequest_timeout = \"{request_timeout}\"\nstall_timeout = \"2s\"\n"),
         );
-        c.push_str("[geoip]\ndefault_region = \"us-east\"\n\n");
+        c.push_str(&format!("[geoip]\ndefault_region = \"us-east\"\n{geoip}\n"));
         c.push_str(
             "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nunhealthy_after = 2\nhealthy_after = 2\nslow_start = \"0s\"\n\n",
         );
@@ -73,6 +80,7 @@ impl Rig {
             west,
             proxy,
             request_timeout,
+            config: c,
         };
         eventually("ready after the first probe round", || async {
             try_get(rig.proxy.admin, "/readyz").await == Some(200)
@@ -566,5 +574,69 @@ async fn whole_region_hanging_is_504_then_the_next_region_serves() {
     }
     assert!(failed.len() <= 2 * (3 + 3), "{} timeouts", failed.len());
     assert_settled(&outcomes, settled, &["east-a", "east-b"]);
+    rig.assert_no_panic();
+}
+
+#[tokio::test]
+async fn corrupt_geoip_database_on_reload_keeps_the_old_config_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.mmdb");
+    let bad = dir.path().join("bad.mmdb");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/geo-whois-asn-country.mmdb"),
+        &good,
+    )
+    .unwrap();
+    std::fs::write(&bad, b"\x00\x01 not a MaxMind database, truncated mid-download").unwrap();
+    let rig = Rig::start_with("2s", "", &format!("database = {:?}\n", good.display().to_string())).await;
+    let load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
+    load.more(10).await;
+    let rejected = || {
+        rig.proxy
+            .logs()
+            .iter()
+            .filter(|l| l.contains("config reload rejected"))
+            .count()
+    };
+
+    // A new config naming a corrupt database (and moving US clients west): rejected whole.
+    let west_block = region("us-west", US_WEST, &[], &[rig.west.url()]);
+    let moved_home = rig
+        .config
+        .replace("countries = [\"US\"]", "countries = []")
+        .replace(&west_block, &region("us-west", US_WEST, &["US"], &[rig.west.url()]))
+        .replace(&good.display().to_string(), &bad.display().to_string());
+    assert!(moved_home.contains("bad.mmdb") && moved_home.contains("countries = [\"US\"]"));
+    std::fs::write(&rig.proxy.config_path, &moved_home).unwrap();
+    rig.proxy.signal("HUP");
+    eventually("the reload is rejected", || async { rejected() >= 1 }).await;
+    let line = rig
+        .proxy
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("config reload rejected"));
+    assert!(line.is_some_and(|l| l.contains("bad.mmdb")), "the error names the file");
+    load.more(15).await;
+
+    // The file in force corrupted in place, then a reload: the database already loaded
+    // keeps serving.
+    std::fs::write(&good, b"\xff garbage").unwrap();
+    std::fs::write(&rig.proxy.config_path, &rig.config).unwrap();
+    rig.proxy.signal("HUP");
+    load.more(15).await;
+    let outcomes = load.finish().await;
+
+    let failed = failures(&outcomes);
+    assert!(
+        failed.is_empty(),
+        "client-visible errors across the reloads: {failed:?}"
+    );
+    // The old table stayed: US clients are still served at home, located by the old file.
+    for o in &outcomes {
+        let up = o.upstream.as_deref().unwrap_or("?");
+        assert!(up.starts_with("east-"), "served by {up} after a rejected reload: {o:?}");
+    }
+    let r = get_as(rig.proxy.listen, ips::US, "/v1/models").await;
+    assert_eq!((r.status, r.region()), (200, Some("us-east")));
     rig.assert_no_panic();
 }
