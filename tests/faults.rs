@@ -280,13 +280,20 @@ impl Load {
         self.sent.load(Ordering::Acquire)
     }
 
-    /// Waits until `n` more requests have been answered.
-    async fn more(&self, n: usize) {
+    /// Waits until `n` more requests have been answered. A client task that failed (a hang
+    /// or a dropped request) fails the test here, with its own message.
+    async fn more(&mut self, n: usize) {
         let target = self.sent() + n;
-        eventually(&format!("{n} more requests answered"), || async {
-            self.sent() >= target
-        })
-        .await;
+        let start = Instant::now();
+        while self.sent() < target {
+            if let Some(i) = self.tasks.iter().position(|t| t.is_finished()) {
+                if let Err(e) = self.tasks.remove(i).await {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {n} more answers");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn finish(self) -> Vec<Outcome> {
@@ -333,7 +340,7 @@ fn assert_settled(outcomes: &[Outcome], after: Instant, avoid: &[&str]) {
 #[tokio::test]
 async fn killed_endpoints_cost_no_request() {
     let mut rig = Rig::start("2s", "").await;
-    let load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
+    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
     load.more(20).await;
 
     // One endpoint of the home region dies: its share moves to the other one.
@@ -391,7 +398,7 @@ async fn killed_endpoints_cost_no_request() {
 #[tokio::test]
 async fn endpoint_that_hangs_after_accepting_answers_504_in_time_and_is_ejected() {
     let rig = Rig::start("700ms", "").await;
-    let load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
+    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
     load.more(15).await;
 
     let t = Instant::now();
@@ -428,7 +435,7 @@ async fn stream_cut_mid_response_ends_cleanly_and_later_requests_go_elsewhere() 
         events: 40,
         gap: Duration::from_millis(20),
     });
-    let load = Load::start(&rig, 3, &[Kind::Stream, Kind::Get]);
+    let mut load = Load::start(&rig, 3, &[Kind::Stream, Kind::Get]);
     load.more(10).await;
     let started = rig.east_a.requests();
     eventually("a stream starts on east-a", || async {
@@ -480,7 +487,7 @@ async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
     // A high error threshold: the failing probes eject east-a, so the garbage is met by
     // real traffic for a while first, and the brief restart below does not eject it.
     let mut rig = Rig::start("2s", "consecutive_errors = 50").await;
-    let load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
+    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
     load.more(15).await;
 
     // Garbage is chosen per connection: drop east-a's pooled connections so the next
@@ -519,7 +526,7 @@ async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
 #[tokio::test]
 async fn slow_first_byte_costs_no_request_and_moves_traffic() {
     let rig = Rig::start("2s", "ttfb_threshold = \"200ms\"").await;
-    let load = Load::start(&rig, 3, &[Kind::Get, Kind::Stream, Kind::Post]);
+    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Stream, Kind::Post]);
     load.more(15).await;
 
     // One slow endpoint: the balancer's latency estimate steers around it.
@@ -553,7 +560,7 @@ async fn slow_first_byte_costs_no_request_and_moves_traffic() {
 #[tokio::test]
 async fn whole_region_hanging_is_504_then_the_next_region_serves() {
     let rig = Rig::start("700ms", "").await;
-    let load = Load::start(&rig, 3, &[Kind::Get]);
+    let mut load = Load::start(&rig, 3, &[Kind::Get]);
     load.more(10).await;
 
     let t = Instant::now();
@@ -589,7 +596,7 @@ async fn corrupt_geoip_database_on_reload_keeps_the_old_config_serving() {
     .unwrap();
     std::fs::write(&bad, b"\x00\x01 not a MaxMind database, truncated mid-download").unwrap();
     let rig = Rig::start_with("2s", "", &format!("database = {:?}\n", good.display().to_string())).await;
-    let load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
+    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
     load.more(10).await;
     let rejected = || {
         rig.proxy
