@@ -141,7 +141,8 @@ fn admin_listens_on_loopback_by_default() {
 }
 
 /// Timing cannot be measured reliably on a shared machine, so this pins the code instead:
-/// the token is compared with `subtle`'s constant-time equality, never with `==`.
+/// the token is compared with `subtle`'s constant-time equality on fixed-length digests,
+/// never with `==`.
 #[test]
 fn token_comparison_is_constant_time() {
     let source = include_str!("../src/admin.rs");
@@ -152,6 +153,8 @@ fn token_comparison_is_constant_time() {
         body.contains(".ct_eq("),
         "authorize() must compare with ConstantTimeEq::ct_eq"
     );
+    // On equal-length digests, so a mismatch in length returns no earlier than one in content.
+    assert!(body.contains("SHA256"), "authorize() compares digests of the tokens");
     for shortcut in ["== token", "token ==", "== *token", "eq(token)", "starts_with(token"] {
         assert!(
             !body.contains(shortcut),
