@@ -498,7 +498,7 @@ async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
     // requests meet it.
     let t = Instant::now();
     rig.east_a.set_behavior(Behavior::Garbage);
-    rig.east_a.kill();
+    rig.east_a.kill_and_wait().await;
     rig.east_a.revive().await.unwrap();
     moved("garbling east-a ejected", t, || async {
         rig.endpoint_state(&rig.east_a.url()).await == "ejected"
