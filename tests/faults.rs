@@ -419,6 +419,12 @@ async fn endpoint_that_hangs_after_accepting_answers_504_in_time_and_is_ejected(
     let failed = failures(&outcomes);
     for o in &failed {
         assert!(o.clean_error(&[504]), "not a clean 504: {o:?}");
+        // One request_timeout, not one per attempt: a timed-out request is not retried.
+        let took = o.at - o.sent;
+        assert!(
+            took < rig.request_timeout + Duration::from_secs(1),
+            "504 after {took:?}"
+        );
         assert!(
             o.body.contains("upstream_timeout") && o.body.contains("us-east"),
             "{o:?}"
@@ -582,6 +588,12 @@ async fn whole_region_hanging_is_504_then_the_next_region_serves() {
     let failed = failures(&outcomes);
     for o in &failed {
         assert!(o.clean_error(&[504]), "not a clean 504: {o:?}");
+        // One request_timeout, not one per attempt: a timed-out request is not retried.
+        let took = o.at - o.sent;
+        assert!(
+            took < rig.request_timeout + Duration::from_secs(1),
+            "504 after {took:?}"
+        );
     }
     assert!(failed.len() <= 2 * (3 + 3), "{} timeouts", failed.len());
     assert_settled(&outcomes, settled, &["east-a", "east-b"]);
