@@ -129,10 +129,7 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<String, Box<Adm
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .unwrap_or("");
-    // Digests have one length whatever was presented: `ct_eq` on the raw bytes would return
-    // early on a length mismatch and so reveal the token's length.
-    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    if bool::from(digest(presented).as_ref().ct_eq(digest(token).as_ref())) && !presented.is_empty() {
+    if token_matches(presented, token) {
         Ok(token_id(token))
     } else {
         let mut resp = error(
@@ -144,6 +141,14 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<String, Box<Adm
             .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         Err(Box::new(resp))
     }
+}
+
+/// Compares a presented token with the configured one in constant time. Both are hashed
+/// first: digests have one length whatever was presented, whereas `ct_eq` on the raw bytes
+/// returns early on a length mismatch and so reveals the token's length.
+fn token_matches(presented: &str, token: &str) -> bool {
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    !presented.is_empty() && bool::from(digest(presented).as_ref().ct_eq(digest(token).as_ref()))
 }
 
 /// A short, non-secret name for a token in logs: the start of its SHA-256, as SSH shows keys.
@@ -305,6 +310,21 @@ fn error(status: StatusCode, code: &str, message: &str) -> AdminResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_matches_only_the_exact_token() {
+        let cases = [
+            ("s3cret-token", true),
+            ("", false),
+            ("s3cret", false),
+            ("s3cret-token-", false),
+            ("S3CRET-TOKEN", false),
+            ("s3cret-tokeN", false),
+        ];
+        for (presented, want) in cases {
+            assert_eq!(token_matches(presented, "s3cret-token"), want, "{presented:?}");
+        }
+    }
 
     #[test]
     fn drain_query_table() {
