@@ -86,10 +86,15 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
             // The endpoint left the config; the supervisor aborts us too.
             return;
         };
+        let passed = result.ok;
         if !result.ok {
             tracing::debug!(region = %health.region, endpoint = %health.url, detail = result.detail.as_deref().unwrap_or(""), "probe failed");
         }
         shared.probed(&rt, &health, result);
+        if passed {
+            // Load signals ride on the probe schedule; a down endpoint is not scraped.
+            super::scrape::scrape(&rt, &health).await;
+        }
         let interval = rt
             .regions
             .iter()
