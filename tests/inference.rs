@@ -194,6 +194,8 @@ async fn a_queue_past_the_threshold_spills_to_the_next_region_and_comes_back_wit
     b.set_metrics(&vllm_page(10, 8, 0.5));
     eventually("us-east saturates", || async { saturated(&proxy, "us-east").await }).await;
     assert_eq!(region_status(&proxy, "us-east").await["state"], "saturated");
+    let m = metrics(&proxy).await;
+    assert!(m.contains("meridian_region_saturated{region=\"us-east\"} 1"), "{m}");
     holds(&proxy, ips::US, Duration::from_millis(300), "us-west").await;
 
     // Between 80 % and 100 % of the threshold it stays saturated, round after round.
@@ -470,4 +472,38 @@ async fn a_session_sticks_to_its_endpoint_moves_when_it_is_ejected_and_returns()
         served_session(&proxy, &sessions[0]).await == victim
     })
     .await;
+}
+
+#[test]
+fn spillover_and_load_keys_are_validated_by_key_path() {
+    let region = "[[region]]\nname = \"r\"\nlocation = [0.0, 0.0]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+    let cases: [(&str, &str, Option<&str>); 8] = [
+        ("", "load = { source = \"vllm\" }", None),
+        (
+            "[spillover]\nqueue_depth = 16\nkv_cache = 0.95",
+            "load = { source = \"sglang\", path = \"/m\" }",
+            None,
+        ),
+        ("[spillover]\nqueue_depth = 0", "", Some("spillover.queue_depth")),
+        ("[spillover]\nkv_cache = 1.5", "", Some("spillover.kv_cache")),
+        ("[spillover]\nkv_cache = 0.0", "", Some("spillover.kv_cache")),
+        ("[spillover]\n", "", Some("spillover")),
+        ("", "load = { source = \"triton\" }", Some("unknown variant `triton`")),
+        (
+            "",
+            "load = { source = \"tgi\", path = \"metrics\" }",
+            Some("region[0].load.path"),
+        ),
+    ];
+    for (extra, keys, problem) in cases {
+        let text = format!("{extra}\n{region}{keys}\n");
+        match (meridian::config::Config::parse(&text, None), problem) {
+            (Ok(_), None) => {}
+            (Err(e), Some(key)) => assert!(e.to_string().contains(key), "{text}: {e}"),
+            (got, want) => panic!(
+                "{text}: got {:?}, want a problem at {want:?}",
+                got.err().map(|e| e.to_string())
+            ),
+        }
+    }
 }

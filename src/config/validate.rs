@@ -1100,15 +1100,19 @@ impl Validator<'_> {
     }
 
     fn spillover(&mut self, s: file::SpilloverFile) -> SpilloverConfig {
+        // A threshold of 0 would hold every region saturated from the first reading on.
         if let Some(k) = s.kv_cache {
-            if !(0.0..=1.0).contains(&k) {
-                self.problem("spillover.kv_cache", None, "must be a fraction between 0 and 1");
+            if !(k > 0.0 && k <= 1.0) {
+                self.problem("spillover.kv_cache", None, "must be a fraction above 0, at most 1");
             }
         }
         if let Some(q) = s.queue_depth {
-            if q < 0.0 {
-                self.problem("spillover.queue_depth", None, "must not be negative");
+            if !(q > 0.0 && q.is_finite()) {
+                self.problem("spillover.queue_depth", None, "must be greater than zero");
             }
+        }
+        if s.queue_depth.is_none() && s.kv_cache.is_none() {
+            self.problem("spillover", None, "set queue_depth, kv_cache or both");
         }
         SpilloverConfig {
             queue_depth: s.queue_depth,
