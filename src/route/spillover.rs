@@ -112,6 +112,103 @@ mod tests {
         }
     }
 
+    /// What selection does with saturated regions (SPEC "Spillover"): skipped like
+    /// unavailable ones, never across a zone, and a zone's clients are still served inside
+    /// it when every zone region is saturated.
+    #[test]
+    fn selection_spills_past_saturated_regions_inside_the_plan_only() {
+        use crate::geo::{Country, Located};
+        use crate::route::{Decision, RegionState, RequestFacts, RouteTable, plan, select};
+        let text = r#"
+            [geoip]
+            default_region = "us-east"
+            [[region]]
+            name = "us-east"
+            location = [39.04, -77.49]
+            countries = ["US"]
+            endpoints = ["http://127.0.0.1:1"]
+            [[region]]
+            name = "us-west"
+            location = [45.6, -121.2]
+            endpoints = ["http://127.0.0.1:2"]
+            [[region]]
+            name = "eu-central"
+            location = [50.11, 8.68]
+            countries = ["DE"]
+            endpoints = ["http://127.0.0.1:3"]
+            [[region]]
+            name = "eu-west"
+            location = [53.35, -6.26]
+            countries = ["IE"]
+            endpoints = ["http://127.0.0.1:4"]
+            [[residency]]
+            name = "eu"
+            countries = ["DE"]
+            regions = ["eu-central", "eu-west"]
+            [fallback]
+            endpoint = "http://127.0.0.1:9"
+        "#;
+        let config = crate::config::Config::parse(text, None).unwrap_or_else(|e| panic!("{e}"));
+        let t = RouteTable::new(std::sync::Arc::new(config));
+        let id = |n: &str| t.config.region_index(n).unwrap_or(usize::MAX);
+        let headers = http::HeaderMap::new();
+        let facts = RequestFacts {
+            method: &http::Method::GET,
+            path: "/v1/chat/completions",
+            headers: &headers,
+        };
+        // (client, saturated regions, fallback usable, decision)
+        let cases: [(&str, &[&str], bool, Decision); 7] = [
+            ("US", &["us-east"], false, Decision::Region(id("us-west"))),
+            ("US", &["us-east", "us-west"], false, Decision::Region(id("eu-west"))),
+            (
+                "US",
+                &["us-east", "us-west", "eu-west", "eu-central"],
+                true,
+                Decision::Fallback,
+            ),
+            (
+                "US",
+                &["us-east", "us-west", "eu-west", "eu-central"],
+                false,
+                Decision::Region(id("us-east")),
+            ),
+            ("DE", &["eu-central"], false, Decision::Region(id("eu-west"))),
+            (
+                "DE",
+                &["eu-central", "eu-west"],
+                false,
+                Decision::Region(id("eu-central")),
+            ),
+            (
+                "DE",
+                &["eu-central", "eu-west"],
+                true,
+                Decision::Region(id("eu-central")),
+            ),
+        ];
+        for (code, saturated, fallback, want) in cases {
+            let located = Located::Country {
+                country: Country::parse(code).unwrap_or_else(|| panic!("{code}")),
+                point: None,
+            };
+            let p = plan(&t, located, &facts).unwrap_or_else(|e| panic!("{e:?}"));
+            let ids: Vec<usize> = saturated.iter().map(|n| id(n)).collect();
+            let state = |r: usize| {
+                if ids.contains(&r) {
+                    RegionState::Saturated
+                } else {
+                    RegionState::Available
+                }
+            };
+            assert_eq!(
+                select(&p, state, fallback, false),
+                want,
+                "{code} with {saturated:?} saturated"
+            );
+        }
+    }
+
     #[test]
     fn the_least_pressed_endpoint_decides() {
         assert_eq!(region_pressure([1.2, 0.3, 2.0]), Some(0.3));
