@@ -58,15 +58,28 @@ pub fn pick(session: &[u8], endpoints: &[Candidate<'_>]) -> Option<usize> {
 
 /// The request's endpoint in `region` by affinity: `None` when the region has no affinity
 /// or the request carries no session, else the pick (`Some(None)`: nothing eligible).
-/// `loads` are the balancer's views of the region's endpoints, in order.
+/// `loads` are the balancer's views of the region's endpoints, in order; `body` is the
+/// request body when it was kept for replay (never read from the stream for this).
 pub fn for_request(
     rt: &crate::runtime::Runtime,
     region: usize,
     loads: &[crate::balance::EndpointLoad],
     headers: &http::HeaderMap,
+    body: Option<&[u8]>,
 ) -> Option<Option<usize>> {
-    let header = rt.config.regions.get(region)?.affinity_header.as_ref()?;
-    let session = headers.get(header).map(|v| v.as_bytes()).filter(|s| !s.is_empty())?;
+    let config = rt.config.regions.get(region)?;
+    let from_header = config
+        .affinity_header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+        .map(|v| std::borrow::Cow::Borrowed(v.as_bytes()));
+    let session = match from_header {
+        Some(s) => s,
+        None => std::borrow::Cow::Owned(body_field(body?, config.affinity_body_field.as_deref()?)?),
+    };
+    if session.is_empty() {
+        return None;
+    }
     let r = rt.regions.get(region)?;
     let spill = rt.config.spillover.as_ref();
     let candidates: Vec<Candidate<'_>> = r
@@ -81,7 +94,39 @@ pub fn for_request(
             saturated: crate::route::spillover::endpoint_saturated(e.health.signals.current(), spill),
         })
         .collect();
-    Some(pick(session, &candidates))
+    Some(pick(&session, &candidates))
+}
+
+/// The value of a top-level string or number `field` of a JSON object body, as bytes.
+/// One pass over the body; other values are skipped without being built.
+pub fn body_field(body: &[u8], field: &str) -> Option<Vec<u8>> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Find<'f>(&'f str);
+    impl<'de> Visitor<'de> for Find<'_> {
+        type Value = Option<Vec<u8>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if found.is_none() && key == self.0 {
+                    found = match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(s) => Some(s.into_bytes()),
+                        serde_json::Value::Number(n) => Some(n.to_string().into_bytes()),
+                        _ => None,
+                    };
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    serde_json::Deserializer::from_slice(body)
+        .deserialize_map(Find(field))
+        .ok()
+        .flatten()
 }
 
 /// Weighted rendezvous score: `-weight / ln(u)` with `u` uniform in (0, 1) from the hash.
@@ -203,6 +248,26 @@ mod tests {
         }
         // Expected 3/6 for the heavy one, 1/6 for each other.
         assert!(counts[0] > 2500 && counts[1] < 1300, "{counts:?}");
+    }
+
+    #[test]
+    fn body_field_table() {
+        let cases: [(&str, Option<&str>); 7] = [
+            (
+                r#"{"model":"m","user":"alice","messages":[{"role":"user","content":"hi"}]}"#,
+                Some("alice"),
+            ),
+            (r#"{"messages":[{"user":"not this one"}],"user":42}"#, Some("42")),
+            (r#"{"user":{"id":"nested"}}"#, None),
+            (r#"{"model":"m"}"#, None),
+            (r#"["user","alice"]"#, None),
+            (r#"{"user":"alice""#, None),
+            ("", None),
+        ];
+        for (body, want) in cases {
+            let got = body_field(body.as_bytes(), "user");
+            assert_eq!(got.as_deref(), want.map(str::as_bytes), "{body}");
+        }
     }
 
     #[test]

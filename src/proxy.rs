@@ -221,7 +221,13 @@ impl Proxy {
                 decision = route::select(plan, state(0), fallback_usable, config.health.panic_mode);
             }
             let target = match decision {
-                Decision::Region(region) => match self.pick(rt, region, &tried, &parts.headers) {
+                Decision::Region(region) => match self.pick(
+                    rt,
+                    region,
+                    &tried,
+                    &parts.headers,
+                    body.as_ref().and_then(RequestBody::kept),
+                ) {
                     Some(endpoint) => Target::Endpoint { region, endpoint },
                     None => break,
                 },
@@ -353,7 +359,14 @@ impl Proxy {
 
     /// Power of two choices among the region's untried, available endpoints (any untried
     /// one in panic mode); a session's own endpoint when the region has affinity.
-    fn pick(&self, rt: &Runtime, region: usize, tried: &[Target], headers: &http::HeaderMap) -> Option<usize> {
+    fn pick(
+        &self,
+        rt: &Runtime,
+        region: usize,
+        tried: &[Target],
+        headers: &http::HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Option<usize> {
         let r = rt.regions.get(region)?;
         let mut loads: [crate::balance::EndpointLoad; 16] = [crate::balance::EndpointLoad {
             eligible: false,
@@ -377,7 +390,7 @@ impl Proxy {
                 l.eligible = !tried.contains(&Target::Endpoint { region, endpoint: i });
             }
         }
-        if let Some(choice) = crate::affinity::for_request(rt, region, &loads[..n], headers) {
+        if let Some(choice) = crate::affinity::for_request(rt, region, &loads[..n], headers, body) {
             return choice;
         }
         crate::balance::pick(&loads[..n], |k| fastrand::usize(..k))

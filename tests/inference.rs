@@ -477,7 +477,14 @@ async fn a_session_sticks_to_its_endpoint_moves_when_it_is_ejected_and_returns()
 #[test]
 fn spillover_and_load_keys_are_validated_by_key_path() {
     let region = "[[region]]\nname = \"r\"\nlocation = [0.0, 0.0]\nendpoints = [\"http://127.0.0.1:1\"]\n";
-    let cases: [(&str, &str, Option<&str>); 8] = [
+    let cases: [(&str, &str, Option<&str>); 11] = [
+        ("", "affinity = { body_field = \"user\" }", None),
+        ("", "affinity = {}", Some("region[0].affinity")),
+        (
+            "",
+            "affinity = { header = \"bad header\" }",
+            Some("region[0].affinity.header"),
+        ),
         ("", "load = { source = \"vllm\" }", None),
         (
             "[spillover]\nqueue_depth = 16\nkv_cache = 0.95",
@@ -506,4 +513,47 @@ fn spillover_and_load_keys_are_validated_by_key_path() {
             ),
         }
     }
+}
+
+/// The endpoint that served a chat completion whose body names `user`.
+async fn chat_as(proxy: &Meridian, user: &str) -> String {
+    let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"user":"{user}"}}"#);
+    let r = call(
+        "POST",
+        proxy.listen,
+        "/v1/chat/completions",
+        &[("x-forwarded-for", ips::US), ("content-type", "application/json")],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    r.header("x-upstream-region").unwrap_or("?").to_string()
+}
+
+#[tokio::test]
+async fn a_json_body_field_keeps_a_user_on_one_endpoint() {
+    let e: Vec<FakeUpstream> = vec![
+        FakeUpstream::start("e0").await.unwrap(),
+        FakeUpstream::start("e1").await.unwrap(),
+        FakeUpstream::start("e2").await.unwrap(),
+    ];
+    let urls: Vec<String> = e.iter().map(FakeUpstream::url).collect();
+    let regions = region_with(
+        "us-east",
+        US_EAST,
+        &["US"],
+        &urls,
+        "affinity = { header = \"x-session-id\", body_field = \"user\" }",
+    );
+    let proxy = Meridian::start(&config("", &regions));
+    let mut used = std::collections::HashSet::new();
+    for i in 0..12 {
+        let user = format!("user-{i}");
+        let first = chat_as(&proxy, &user).await;
+        for _ in 0..3 {
+            assert_eq!(chat_as(&proxy, &user).await, first, "{user} stays on its endpoint");
+        }
+        used.insert(first);
+    }
+    assert!(used.len() >= 2, "users spread over endpoints: {used:?}");
 }

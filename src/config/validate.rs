@@ -141,6 +141,8 @@ pub struct RegionConfig {
     pub failover: bool,
     pub load: LoadConfig,
     pub affinity_header: Option<HeaderName>,
+    /// Top-level JSON body field that names the session when the header is absent.
+    pub affinity_body_field: Option<String>,
     pub protocol: UpstreamProtocol,
     /// Probe settings over `[health]` for this region's endpoints.
     pub probe: ProbeOverride,
@@ -798,19 +800,29 @@ impl Validator<'_> {
                     path: "/metrics".into(),
                 },
             };
-            let affinity_header = r
-                .affinity
-                .and_then(|a| match HeaderName::from_bytes(a.header.as_bytes()) {
-                    Ok(h) => Some(h),
-                    Err(_) => {
-                        self.problem(
-                            format!("{key}.affinity.header"),
-                            None,
-                            format!("{:?} is not a header name", a.header),
-                        );
-                        None
+            let (affinity_header, affinity_body_field) = match r.affinity {
+                Some(a) => {
+                    if a.header.is_none() && a.body_field.is_none() {
+                        self.problem(format!("{key}.affinity"), None, "set header, body_field or both");
                     }
-                });
+                    if a.body_field.as_deref().is_some_and(str::is_empty) {
+                        self.problem(format!("{key}.affinity.body_field"), None, "must not be empty");
+                    }
+                    let header = a.header.and_then(|h| match HeaderName::from_bytes(h.as_bytes()) {
+                        Ok(h) => Some(h),
+                        Err(_) => {
+                            self.problem(
+                                format!("{key}.affinity.header"),
+                                None,
+                                format!("{h:?} is not a header name"),
+                            );
+                            None
+                        }
+                    });
+                    (header, a.body_field)
+                }
+                None => (None, None),
+            };
             let probe = match r.health {
                 Some(h) => {
                     if h.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
@@ -836,6 +848,7 @@ impl Validator<'_> {
                 failover: r.failover.unwrap_or(true),
                 load,
                 affinity_header,
+                affinity_body_field,
                 protocol: r.protocol.unwrap_or_default(),
             });
         }
