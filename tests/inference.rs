@@ -293,8 +293,9 @@ async fn shares(proxy: &Meridian, n: usize) -> HashMap<String, usize> {
 async fn the_endpoint_with_the_shorter_vllm_queue_gets_most_of_the_traffic() {
     let short = FakeUpstream::start("short").await.unwrap();
     let long = FakeUpstream::start("long").await.unwrap();
+    // Far apart, so that a latency blip on a busy test machine cannot outweigh the queues.
     short.set_metrics(&vllm_page(1, 4, 0.4));
-    long.set_metrics(&vllm_page(12, 4, 0.4));
+    long.set_metrics(&vllm_page(40, 4, 0.4));
     let regions = region_with(
         "us-east",
         US_EAST,
@@ -304,15 +305,15 @@ async fn the_endpoint_with_the_shorter_vllm_queue_gets_most_of_the_traffic() {
     );
     let proxy = Meridian::start(&config("", &regions));
     wait_queue(&proxy, &short.url(), 1.0).await;
-    wait_queue(&proxy, &long.url(), 12.0).await;
+    wait_queue(&proxy, &long.url(), 40.0).await;
     let counts = shares(&proxy, 300).await;
     let s = counts.get("short").copied().unwrap_or(0);
     assert!(s >= 240, "the short queue should take most of 300: {counts:?}");
 
     // Flip the numbers at runtime: the traffic follows.
-    short.set_metrics(&vllm_page(14, 4, 0.4));
+    short.set_metrics(&vllm_page(40, 4, 0.4));
     long.set_metrics(&vllm_page(0, 4, 0.4));
-    wait_queue(&proxy, &short.url(), 14.0).await;
+    wait_queue(&proxy, &short.url(), 40.0).await;
     wait_queue(&proxy, &long.url(), 0.0).await;
     let counts = shares(&proxy, 300).await;
     assert!(counts.get("long").copied().unwrap_or(0) >= 240, "{counts:?}");
@@ -328,7 +329,7 @@ async fn orca_headers_steer_traffic_and_are_asked_for() {
     );
     long.set_header(
         "endpoint-load-metrics",
-        "TEXT named_metrics.queue_depth=15, kv_cache_utilization=0.97",
+        "TEXT named_metrics.queue_depth=30, kv_cache_utilization=0.97",
     );
     let regions = region_with(
         "us-east",
@@ -341,7 +342,7 @@ async fn orca_headers_steer_traffic_and_are_asked_for() {
     // Both learn their report from the first responses they send.
     eventually("both endpoints have reported", || async {
         let _ = regions_served(&proxy, ips::US, 4).await;
-        queue_seen(&proxy, &short.url()).await == Some(0.0) && queue_seen(&proxy, &long.url()).await == Some(15.0)
+        queue_seen(&proxy, &short.url()).await == Some(0.0) && queue_seen(&proxy, &long.url()).await == Some(30.0)
     })
     .await;
     let counts = shares(&proxy, 300).await;
