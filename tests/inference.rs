@@ -356,8 +356,11 @@ async fn orca_headers_steer_traffic_and_are_asked_for() {
 
     // The numbers change at runtime; the new report arrives with the next response.
     short.set_header("endpoint-load-metrics", "TEXT named_metrics.num_requests_waiting=30");
-    let _ = shares(&proxy, 2).await;
-    wait_queue(&proxy, &short.url(), 30.0).await;
+    eventually("the new report is read", || async {
+        let _ = shares(&proxy, 2).await;
+        queue_seen(&proxy, &short.url()).await == Some(30.0)
+    })
+    .await;
 }
 
 #[tokio::test]
