@@ -20,11 +20,11 @@ const MAX_PAGE: usize = 4 * 1024 * 1024;
 
 /// Scrapes `health`'s metrics page if its region reads one, and records the reading.
 pub async fn scrape(rt: &Runtime, health: &Arc<EndpointHealth>) {
-    let Some((region, config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
+    let Some((config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
         r.endpoints
             .iter()
             .find(|e| Arc::ptr_eq(&e.health, health))
-            .map(|e| (r, c, e))
+            .map(|e| (c, e))
     }) else {
         return;
     };
@@ -43,7 +43,7 @@ pub async fn scrape(rt: &Runtime, health: &Arc<EndpointHealth>) {
         let mut req = Request::new(RequestBody::Empty);
         *req.method_mut() = Method::GET;
         *req.uri_mut() = uri;
-        *req.version_mut() = match region.protocol {
+        *req.version_mut() = match endpoint.config.protocol {
             UpstreamProtocol::Http1 => Version::HTTP_11,
             UpstreamProtocol::Http2 => Version::HTTP_2,
         };
@@ -54,7 +54,7 @@ pub async fn scrape(rt: &Runtime, health: &Arc<EndpointHealth>) {
             .insert(header::USER_AGENT, HeaderValue::from_static("meridian-load-scrape"));
         let resp = rt
             .upstreams
-            .send(req, region.protocol, timeout)
+            .send(req, endpoint.config.protocol, timeout)
             .await
             .map_err(|e| LoadError::Fetch(e.to_string()))?;
         let status = resp.status();
