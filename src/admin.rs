@@ -220,6 +220,9 @@ struct RegionStatus {
     state: &'static str,
     available: bool,
     drained: bool,
+    /// Every endpoint past a spillover threshold: new requests go to the next region.
+    saturated: bool,
+    load_source: crate::config::LoadSource,
     priority: u32,
     failover: bool,
     location: crate::geo::GeoPoint,
@@ -237,11 +240,15 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
     let slow_start = rt.config.health.slow_start;
     let endpoints: Vec<EndpointSnapshot> = r.endpoints.iter().map(|e| e.health.snapshot(slow_start)).collect();
     let endpoints_available = endpoints.iter().filter(|e| e.available).count();
-    let available = rt.region_state(index, |_| false) == RegionState::Available;
+    let region_state = rt.region_state(index, |_| false);
+    let saturated = region_state == RegionState::Saturated;
+    let available = region_state == RegionState::Available || saturated;
     let state = if drained {
         "drained"
     } else if !available {
         "unavailable"
+    } else if saturated {
+        "saturated"
     } else if (endpoints_available as f64) < rt.config.health.degraded_below * endpoints.len() as f64 {
         "degraded"
     } else {
@@ -252,6 +259,8 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
         state,
         available,
         drained,
+        saturated,
+        load_source: c.load.source,
         priority: c.priority,
         failover: c.failover,
         location: c.location,

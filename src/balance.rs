@@ -20,20 +20,31 @@ pub struct EndpointLoad {
 /// but not flooded.
 pub const DEFAULT_LATENCY: f64 = 0.05;
 
+/// Cost of one request waiting at the model server, in in-flight requests: a waiting
+/// request holds up the next one about as long as one of ours being served.
+pub const QUEUE_WEIGHT: f64 = 1.0;
+/// KV-cache utilisation from which the cost rises: below it the cache has room to spare.
+pub const KV_KNEE: f64 = 0.8;
+/// Cost added per unit of KV-cache utilisation past the knee: ×2 when the cache is full,
+/// where vLLM starts preempting running requests and recomputing them.
+pub const KV_SLOPE: f64 = 5.0;
+
 impl EndpointLoad {
     /// Lower is better: expected wait, scaled by queue and cache pressure, per unit of weight.
     ///
-    /// `latency × (in_flight + 1)` is linkerd's peak-EWMA cost; each request queued at the
-    /// model server counts like one more in flight, and a KV cache past 90 % doubles the cost
-    /// as it fills, since the server then starts preempting.
+    /// `latency × (in_flight + 1 + QUEUE_WEIGHT × queue_depth) × kv_factor / weight`, where
+    /// `latency × (in_flight + 1)` is linkerd's peak-EWMA cost and
+    /// `kv_factor = 1 + KV_SLOPE × max(0, kv_cache − KV_KNEE)` (1 up to 80 %, 2 at 100 %).
+    /// Unknown signals are 0, which leaves plain peak-EWMA.
     pub fn score(&self) -> f64 {
         let latency = if self.latency > 0.0 {
             self.latency
         } else {
             DEFAULT_LATENCY
         };
-        let pressure = 1.0 + ((self.kv_cache - 0.9).max(0.0) * 10.0);
-        latency * (self.in_flight as f64 + 1.0 + self.queue_depth) * pressure / self.weight.max(1e-3)
+        let kv_factor = 1.0 + (self.kv_cache - KV_KNEE).max(0.0) * KV_SLOPE;
+        let work = self.in_flight as f64 + 1.0 + QUEUE_WEIGHT * self.queue_depth.max(0.0);
+        latency * work * kv_factor / self.weight.max(1e-3)
     }
 }
 
@@ -100,6 +111,54 @@ mod tests {
         for (name, endpoints, want) in cases {
             // Draw 0 then 0: the two distinct picks are the first two eligible.
             assert_eq!(pick(&endpoints, |_| 0), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn score_weights_table() {
+        let base = ep(0.1, 0);
+        let with = |queue_depth: f64, kv_cache: f64, in_flight: u32| EndpointLoad {
+            queue_depth,
+            kv_cache,
+            in_flight,
+            ..base
+        };
+        // (name, endpoint, expected score)
+        let cases = [
+            ("idle: latency alone", with(0.0, 0.0, 0), 0.1),
+            ("one in flight doubles it", with(0.0, 0.0, 1), 0.2),
+            ("one waiting counts like one in flight", with(1.0, 0.0, 0), 0.2),
+            ("queue and in flight add up", with(3.0, 0.0, 2), 0.6),
+            ("KV below the knee costs nothing", with(0.0, 0.8, 0), 0.1),
+            ("KV at 90 %: ×1.5", with(0.0, 0.9, 0), 0.15),
+            ("KV full: ×2", with(0.0, 1.0, 0), 0.2),
+            ("queue and full KV multiply", with(1.0, 1.0, 0), 0.4),
+        ];
+        for (name, e, want) in cases {
+            assert!((e.score() - want).abs() < 1e-9, "{name}: {} != {want}", e.score());
+        }
+        // Picks: the shorter queue wins over a slightly faster endpoint.
+        let cases = [
+            ("shorter queue wins", with(8.0, 0.0, 0), with(0.0, 0.0, 0), 1),
+            (
+                "faster but queued loses",
+                EndpointLoad {
+                    latency: 0.05,
+                    ..with(4.0, 0.0, 0)
+                },
+                with(0.0, 0.0, 1),
+                1,
+            ),
+            ("fuller cache loses on a tie", with(0.0, 0.99, 0), with(0.0, 0.5, 0), 1),
+            (
+                "a short queue beats a busy one",
+                with(1.0, 0.0, 0),
+                with(0.0, 0.0, 3),
+                0,
+            ),
+        ];
+        for (name, a, b, want) in cases {
+            assert_eq!(pick(&[a, b], |_| 0), Some(want), "{name}");
         }
     }
 

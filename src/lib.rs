@@ -7,7 +7,8 @@
 //! 2. [`proxy`] handles the request, one phase per step:
 //!    [`client_ip`] (trusted `X-Forwarded-For`) → [`geo`] (country, coordinates) →
 //!    [`route`] (residency, route rules, candidate order, selection) →
-//!    [`balance`] (endpoint pick) → [`forward`] (rewrite, send, stream back, bridge upgrades) →
+//!    [`balance`] (endpoint pick; [`affinity`] for sessions) →
+//!    [`forward`] (rewrite, send, stream back, bridge upgrades) →
 //!    [`health`] (observe the outcome) and [`observe`] (metrics, access log);
 //! 3. [`error`] turns anything Meridian answers itself into a status and a JSON body.
 //!
@@ -17,6 +18,7 @@
 //! [`explain`] powers `meridian check` and `meridian route`; [`demo`] is the zero-setup tour.
 
 pub mod admin;
+pub mod affinity;
 pub mod app;
 pub mod balance;
 pub mod client_ip;

@@ -221,7 +221,13 @@ impl Proxy {
                 decision = route::select(plan, state(0), fallback_usable, config.health.panic_mode);
             }
             let target = match decision {
-                Decision::Region(region) => match self.pick(rt, region, &tried) {
+                Decision::Region(region) => match self.pick(
+                    rt,
+                    region,
+                    &tried,
+                    &parts.headers,
+                    body.as_ref().and_then(RequestBody::kept),
+                ) {
                     Some(endpoint) => Target::Endpoint { region, endpoint },
                     None => break,
                 },
@@ -282,6 +288,9 @@ impl Proxy {
                     let status = resp.status().as_u16();
                     if let Some(h) = &health {
                         self.observe_response(rt, h, &resp, ttfb);
+                        if let Target::Endpoint { region, .. } = target {
+                            crate::health::scrape::orca(rt, region, h, resp.headers());
+                        }
                     }
                     let retry_status = matches!(status, 502..=504) && idempotent;
                     if retry_status && can_retry && (tried.len() as u32) < config.retry.max_attempts {
@@ -305,6 +314,13 @@ impl Proxy {
                             .failovers
                             .with_label_values(&[&from.name, &region_name, reason])
                             .inc();
+                        if reason == "saturated" {
+                            self.shared
+                                .metrics
+                                .spillovers
+                                .with_label_values(&[&from.name, &region_name])
+                                .inc();
+                        }
                     }
                     return Ok(self.relay(rt, target, resp, record, started, inflight, health));
                 }
@@ -345,8 +361,15 @@ impl Proxy {
     }
 
     /// Power of two choices among the region's untried, available endpoints (any untried
-    /// one in panic mode).
-    fn pick(&self, rt: &Runtime, region: usize, tried: &[Target]) -> Option<usize> {
+    /// one in panic mode); a session's own endpoint when the region has affinity.
+    fn pick(
+        &self,
+        rt: &Runtime,
+        region: usize,
+        tried: &[Target],
+        headers: &http::HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Option<usize> {
         let r = rt.regions.get(region)?;
         let mut loads: [crate::balance::EndpointLoad; 16] = [crate::balance::EndpointLoad {
             eligible: false,
@@ -369,6 +392,9 @@ impl Proxy {
             for (i, l) in loads.iter_mut().take(n).enumerate() {
                 l.eligible = !tried.contains(&Target::Endpoint { region, endpoint: i });
             }
+        }
+        if let Some(choice) = crate::affinity::for_request(rt, region, &loads[..n], headers, body) {
+            return choice;
         }
         crate::balance::pick(&loads[..n], |k| fastrand::usize(..k))
     }
@@ -458,6 +484,9 @@ impl Proxy {
             crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
         };
         *req.headers_mut() = parts.headers.clone();
+        if let Target::Endpoint { region, .. } = target {
+            crate::health::scrape::ask_for_orca(rt, region, req.headers_mut());
+        }
         if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
             if let Ok(host) = HeaderValue::from_str(f.config.endpoint.authority.as_str()) {
                 req.headers_mut().insert(header::HOST, host);

@@ -148,7 +148,12 @@ impl Runtime {
                 continue;
             }
             if e.health.is_available() {
-                return RegionState::Available;
+                // Spillover: a saturated region is passed over like an unavailable one.
+                return if region.health.is_saturated() {
+                    RegionState::Saturated
+                } else {
+                    RegionState::Available
+                };
             }
             untried = true;
         }

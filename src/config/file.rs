@@ -227,7 +227,9 @@ pub enum LoadSource {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AffinityFile {
-    pub header: String,
+    pub header: Option<String>,
+    /// A top-level JSON body field (e.g. `user`), read only from bodies kept for replay.
+    pub body_field: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

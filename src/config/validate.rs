@@ -141,6 +141,8 @@ pub struct RegionConfig {
     pub failover: bool,
     pub load: LoadConfig,
     pub affinity_header: Option<HeaderName>,
+    /// Top-level JSON body field that names the session when the header is absent.
+    pub affinity_body_field: Option<String>,
     pub protocol: UpstreamProtocol,
     /// Probe settings over `[health]` for this region's endpoints.
     pub probe: ProbeOverride,
@@ -798,19 +800,29 @@ impl Validator<'_> {
                     path: "/metrics".into(),
                 },
             };
-            let affinity_header = r
-                .affinity
-                .and_then(|a| match HeaderName::from_bytes(a.header.as_bytes()) {
-                    Ok(h) => Some(h),
-                    Err(_) => {
-                        self.problem(
-                            format!("{key}.affinity.header"),
-                            None,
-                            format!("{:?} is not a header name", a.header),
-                        );
-                        None
+            let (affinity_header, affinity_body_field) = match r.affinity {
+                Some(a) => {
+                    if a.header.is_none() && a.body_field.is_none() {
+                        self.problem(format!("{key}.affinity"), None, "set header, body_field or both");
                     }
-                });
+                    if a.body_field.as_deref().is_some_and(str::is_empty) {
+                        self.problem(format!("{key}.affinity.body_field"), None, "must not be empty");
+                    }
+                    let header = a.header.and_then(|h| match HeaderName::from_bytes(h.as_bytes()) {
+                        Ok(h) => Some(h),
+                        Err(_) => {
+                            self.problem(
+                                format!("{key}.affinity.header"),
+                                None,
+                                format!("{h:?} is not a header name"),
+                            );
+                            None
+                        }
+                    });
+                    (header, a.body_field)
+                }
+                None => (None, None),
+            };
             let probe = match r.health {
                 Some(h) => {
                     if h.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
@@ -836,6 +848,7 @@ impl Validator<'_> {
                 failover: r.failover.unwrap_or(true),
                 load,
                 affinity_header,
+                affinity_body_field,
                 protocol: r.protocol.unwrap_or_default(),
             });
         }
@@ -1100,15 +1113,19 @@ impl Validator<'_> {
     }
 
     fn spillover(&mut self, s: file::SpilloverFile) -> SpilloverConfig {
+        // A threshold of 0 would hold every region saturated from the first reading on.
         if let Some(k) = s.kv_cache {
-            if !(0.0..=1.0).contains(&k) {
-                self.problem("spillover.kv_cache", None, "must be a fraction between 0 and 1");
+            if !(k > 0.0 && k <= 1.0) {
+                self.problem("spillover.kv_cache", None, "must be a fraction above 0, at most 1");
             }
         }
         if let Some(q) = s.queue_depth {
-            if q < 0.0 {
-                self.problem("spillover.queue_depth", None, "must not be negative");
+            if !(q > 0.0 && q.is_finite()) {
+                self.problem("spillover.queue_depth", None, "must be greater than zero");
             }
+        }
+        if s.queue_depth.is_none() && s.kv_cache.is_none() {
+            self.problem("spillover", None, "set queue_depth, kv_cache or both");
         }
         SpilloverConfig {
             queue_depth: s.queue_depth,

@@ -64,6 +64,14 @@ impl RequestBody {
         }
     }
 
+    /// The bytes of a body kept whole for replay (affinity may read a JSON field from them).
+    pub fn kept(&self) -> Option<&[u8]> {
+        match self {
+            RequestBody::Kept(k) => k.data.as_deref(),
+            RequestBody::Empty | RequestBody::Streaming(_) => None,
+        }
+    }
+
     pub fn len_hint(&self) -> u64 {
         match self {
             RequestBody::Empty => 0,

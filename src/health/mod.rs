@@ -1,9 +1,13 @@
 //! Endpoint and region health: the pure state machine (`state`), latency and slow-start
-//! maths, the active prober (`probe`), and the shared, lock-free view the request path reads.
+//! maths, the active prober (`probe`), load signals from the model servers (`load`,
+//! `scrape`, `saturation`), and the shared, lock-free view the request path reads.
 
 pub mod latency;
+pub mod load;
 pub mod probe;
 pub mod report;
+pub mod saturation;
+pub mod scrape;
 pub mod slow_start;
 pub mod state;
 
@@ -44,6 +48,8 @@ pub struct EndpointHealth {
     latency: AtomicU64,
     /// A probe has completed since start-up.
     probed: AtomicBool,
+    /// Queue depth and KV cache as the model server last reported them.
+    pub signals: load::LoadSignals,
     machine: Mutex<Machine>,
 }
 
@@ -75,6 +81,7 @@ impl EndpointHealth {
             ramp_start: AtomicU64::new(NEVER),
             latency: AtomicU64::new(0f64.to_bits()),
             probed: AtomicBool::new(false),
+            signals: load::LoadSignals::default(),
             machine: Mutex::new(Machine {
                 state: EndpointState::new(now),
                 latency: PeakEwma::default(),
@@ -113,13 +120,14 @@ impl EndpointHealth {
     }
 
     pub fn load(&self, weight: u32, slow_start: Duration) -> EndpointLoad {
+        let signals = self.signals.current().unwrap_or_default();
         EndpointLoad {
             eligible: self.is_available(),
             latency: self.latency(),
             in_flight: self.in_flight(),
             weight: weight as f64 * self.ramp(slow_start),
-            queue_depth: 0.0,
-            kv_cache: 0.0,
+            queue_depth: signals.queue_depth,
+            kv_cache: signals.kv_cache,
         }
     }
 
@@ -226,6 +234,8 @@ impl EndpointHealth {
             probe_failures: s.probe_failures,
             probe_passes: s.probe_passes,
             last_probe: m.last_probe.clone(),
+            load_signals: self.signals.state(),
+            load: self.signals.report(),
         }
     }
 }
@@ -252,6 +262,10 @@ pub struct EndpointSnapshot {
     pub probe_failures: u32,
     pub probe_passes: u32,
     pub last_probe: Option<ProbeResult>,
+    /// Whether the model server's load report is being read.
+    pub load_signals: load::SignalState,
+    /// The latest load report, while fresh.
+    pub load: Option<load::LoadReport>,
 }
 
 /// Decrements the in-flight count when the request (and its streamed body) is done.
@@ -274,6 +288,8 @@ pub struct RegionHealth {
     was_available: AtomicBool,
     /// The region came back at this `millis()` (slow start), or `NEVER`.
     recovered_at: AtomicU64,
+    /// Every endpoint is past a spillover threshold (with hysteresis, see `route::spillover`).
+    saturated: AtomicBool,
 }
 
 impl Default for RegionHealth {
@@ -284,6 +300,7 @@ impl Default for RegionHealth {
             // Regions start available: no slow start at start-up.
             was_available: AtomicBool::new(true),
             recovered_at: AtomicU64::new(NEVER),
+            saturated: AtomicBool::new(false),
         }
     }
 }
@@ -353,6 +370,15 @@ impl RegionHealth {
             return true;
         }
         false
+    }
+
+    pub fn is_saturated(&self) -> bool {
+        self.saturated.load(Ordering::Acquire)
+    }
+
+    /// Returns whether the state changed.
+    pub fn set_saturated(&self, saturated: bool) -> bool {
+        self.saturated.swap(saturated, Ordering::AcqRel) != saturated
     }
 
     /// Share of its clients the region takes back: below 1 during slow start.

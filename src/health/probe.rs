@@ -86,10 +86,18 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
             // The endpoint left the config; the supervisor aborts us too.
             return;
         };
+        let passed = result.ok;
         if !result.ok {
             tracing::debug!(region = %health.region, endpoint = %health.url, detail = result.detail.as_deref().unwrap_or(""), "probe failed");
         }
         shared.probed(&rt, &health, result);
+        let scraped = Instant::now();
+        if passed {
+            // Load signals ride on the probe schedule; a down endpoint is not scraped.
+            super::scrape::scrape(&rt, &health).await;
+        }
+        // A slow metrics page must not stretch the probe interval.
+        let scrape_time = scraped.elapsed();
         let interval = rt
             .regions
             .iter()
@@ -97,7 +105,7 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
             .find(|(r, _)| r.endpoints.iter().any(|e| Arc::ptr_eq(&e.health, &health)))
             .and_then(|(_, c)| c.probe.interval)
             .unwrap_or(rt.config.health.interval);
-        let pause = jittered(interval, rt.config.health.jitter, fastrand::f64());
+        let pause = jittered(interval, rt.config.health.jitter, fastrand::f64()).saturating_sub(scrape_time);
         drop(rt);
         tokio::time::sleep(pause).await;
     }

@@ -41,6 +41,7 @@ impl Shared {
                 tracing::warn!(region = %r.name, by = %info.by, reason = info.reason.as_deref().unwrap_or(""), "region drain expired: back in rotation");
             }
         }
+        self.update_saturation(rt);
         self.publish_availability();
     }
 
@@ -87,7 +88,11 @@ impl Shared {
     pub fn publish_availability(&self) {
         let rt = self.runtime();
         for (i, r) in rt.regions.iter().enumerate() {
-            let available = rt.region_state(i, |_| false) == RegionState::Available;
+            // A saturated region is still up: leaving saturation is no recovery to ramp.
+            let available = matches!(
+                rt.region_state(i, |_| false),
+                RegionState::Available | RegionState::Saturated
+            );
             if r.health.note_available(available) && !rt.config.health.slow_start.is_zero() {
                 tracing::info!(region = %r.name, slow_start = ?rt.config.health.slow_start, "region available again: ramping its traffic back");
             }

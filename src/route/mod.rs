@@ -2,10 +2,12 @@
 //!
 //! `table` compiles the config into per-country candidate orders once per config load;
 //! `decide` is the pure per-request decision over that table and a view of region state;
-//! `residency` audits the compiled table so no path takes a zone's client outside its zone.
+//! `residency` audits the compiled table so no path takes a zone's client outside its zone;
+//! `spillover` says when a region's load makes it count as saturated.
 
 mod decide;
 pub mod residency;
+pub mod spillover;
 mod table;
 
 pub use decide::{Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, plan, select};

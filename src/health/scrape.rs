@@ -1,0 +1,123 @@
+//! Reading load signals: a model server's Prometheus page, scraped right after each passed
+//! health probe with the probe's timeout, and ORCA headers on responses. A missing or broken
+//! page or header degrades the endpoint's signals to `none` with one warning; clients never
+//! see it.
+
+use std::sync::Arc;
+
+use http::uri::{PathAndQuery, Uri};
+use http::{HeaderValue, Method, Request, Version, header};
+use http_body_util::{BodyExt, Limited};
+
+use super::EndpointHealth;
+use super::load::{self, LoadError, LoadReport, SignalChange};
+use crate::config::UpstreamProtocol;
+use crate::forward::body::RequestBody;
+use crate::runtime::Runtime;
+
+/// Metrics pages past this size are not read: vLLM's, histograms included, is far smaller.
+const MAX_PAGE: usize = 4 * 1024 * 1024;
+
+/// Scrapes `health`'s metrics page if its region reads one, and records the reading.
+pub async fn scrape(rt: &Runtime, health: &Arc<EndpointHealth>) {
+    let Some((config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
+        r.endpoints
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.health, health))
+            .map(|e| (c, e))
+    }) else {
+        return;
+    };
+    if !load::scraped(config.load.source) {
+        return;
+    }
+    let timeout = config.probe.timeout.unwrap_or(rt.config.health.timeout);
+    let interval = config.probe.interval.unwrap_or(rt.config.health.interval);
+    let path = format!("{}{}", endpoint.config.base_path, config.load.path);
+    let reading = async {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(endpoint.config.scheme.clone());
+        parts.authority = Some(endpoint.config.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::try_from(path).map_err(|e| LoadError::Fetch(e.to_string()))?);
+        let uri = Uri::from_parts(parts).map_err(|e| LoadError::Fetch(e.to_string()))?;
+        let mut req = Request::new(RequestBody::Empty);
+        *req.method_mut() = Method::GET;
+        *req.uri_mut() = uri;
+        *req.version_mut() = match endpoint.config.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::Http2 => Version::HTTP_2,
+        };
+        if let Ok(host) = HeaderValue::from_str(endpoint.config.authority.as_str()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        req.headers_mut()
+            .insert(header::USER_AGENT, HeaderValue::from_static("meridian-load-scrape"));
+        let resp = rt
+            .upstreams
+            .send(req, endpoint.config.protocol, timeout)
+            .await
+            .map_err(|e| LoadError::Fetch(e.to_string()))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_PAGE)
+            .collect()
+            .await
+            .map_err(|e| LoadError::Fetch(format!("reading the page: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(LoadError::Fetch(format!("status {}", status.as_u16())));
+        }
+        load::parse_prometheus(config.load.source, &String::from_utf8_lossy(&body))
+    };
+    let reading: Result<LoadReport, LoadError> = match tokio::time::timeout(timeout, reading).await {
+        Ok(r) => r,
+        Err(_) => Err(LoadError::Fetch(format!("no answer within {timeout:?}"))),
+    };
+    let change = health.signals.update(reading, load::ttl(interval));
+    report(health, change);
+}
+
+/// Logs a change of an endpoint's signal state, once per change.
+pub fn report(health: &EndpointHealth, change: Option<SignalChange>) {
+    let (region, endpoint) = (health.region.as_str(), health.url.as_str());
+    match change {
+        Some(SignalChange::Degraded(error)) => {
+            tracing::warn!(region, endpoint, %error, "load signals unavailable: balancing without them until they return")
+        }
+        Some(SignalChange::Recovered) => tracing::info!(region, endpoint, "load signals back"),
+        None => {}
+    }
+}
+
+/// Reads an ORCA load report from a response of an endpoint in region `region`, when that
+/// region's source is `orca`. A response without the header leaves the reading as it was
+/// (servers attach it to inference routes only); a header that cannot be read degrades.
+pub fn orca(rt: &Runtime, region: usize, health: &EndpointHealth, headers: &http::HeaderMap) {
+    let Some(config) = rt.config.regions.get(region) else {
+        return;
+    };
+    if config.load.source != crate::config::LoadSource::Orca {
+        return;
+    }
+    let Some(value) = headers.get(load::ORCA_HEADER) else {
+        return;
+    };
+    let reading = value
+        .to_str()
+        .map_err(|_| LoadError::Orca("not visible ASCII".into()))
+        .and_then(load::parse_orca);
+    let interval = config.probe.interval.unwrap_or(rt.config.health.interval);
+    report(health, health.signals.update(reading, load::ttl(interval)));
+}
+
+/// Asks an `orca` region's endpoint to attach its load report (vLLM and Triton do so only
+/// when asked), unless the client already asked for a format.
+pub fn ask_for_orca(rt: &Runtime, region: usize, headers: &mut http::HeaderMap) {
+    let orca = rt
+        .config
+        .regions
+        .get(region)
+        .is_some_and(|c| c.load.source == crate::config::LoadSource::Orca);
+    if orca && !headers.contains_key(load::ORCA_FORMAT_HEADER) {
+        headers.insert(load::ORCA_FORMAT_HEADER, HeaderValue::from_static("TEXT"));
+    }
+}
