@@ -546,6 +546,11 @@ impl Proxy {
         }
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         rewrite::response_headers(&mut parts.headers, region_header, record.attempts, switching);
+        if let Target::Endpoint { region, .. } = target {
+            // Load reports are for Meridian's balancer, not for clients: they would expose
+            // internal queue and cache numbers.
+            crate::health::scrape::strip_orca(rt, region, &mut parts.headers);
+        }
         let sse = body::is_sse(&parts.headers);
         let done = Box::new(Done {
             shared: self.shared.clone(),

@@ -347,6 +347,11 @@ async fn orca_headers_steer_traffic_and_are_asked_for() {
     .await;
     let counts = shares(&proxy, 300).await;
     assert!(counts.get("short").copied().unwrap_or(0) >= 240, "{counts:?}");
+    let reply = get_as(proxy.listen, ips::US, "/v1/models").await;
+    assert!(
+        reply.header("endpoint-load-metrics").is_none(),
+        "load reports stay inside"
+    );
     let asked = short.seen().iter().all(|s| {
         s.headers
             .get("endpoint-load-metrics-format")

@@ -109,6 +109,18 @@ pub fn orca(rt: &Runtime, region: usize, health: &EndpointHealth, headers: &http
     report(health, health.signals.update(reading, load::ttl(interval)));
 }
 
+/// Removes the load report from an `orca` region's response before it reaches the client.
+pub fn strip_orca(rt: &Runtime, region: usize, headers: &mut http::HeaderMap) {
+    let orca = rt
+        .config
+        .regions
+        .get(region)
+        .is_some_and(|c| c.load.source == crate::config::LoadSource::Orca);
+    if orca {
+        headers.remove(load::ORCA_HEADER);
+    }
+}
+
 /// Asks an `orca` region's endpoint to attach its load report (vLLM and Triton do so only
 /// when asked), unless the client already asked for a format.
 pub fn ask_for_orca(rt: &Runtime, region: usize, headers: &mut http::HeaderMap) {
