@@ -122,6 +122,7 @@ pub async fn prepare(
                 };
                 kept.extend_from_slice(&data);
                 if kept.len() as u64 > limit {
+                    linger(&mut body).await;
                     return Err(BodyError::TooLarge);
                 }
                 if kept.len() as u64 > REPLAY_LIMIT {
@@ -141,6 +142,26 @@ pub async fn prepare(
         data: (!kept.is_empty()).then(|| kept.freeze()),
         trailers,
     }))
+}
+
+/// How much of a refused body is read and thrown away, and for how long, before the 413.
+const LINGER_BYTES: u64 = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_millis(250);
+
+/// Reads and discards the rest of a refused body for a short while (NGINX's lingering
+/// close): a client still sending when the connection closes would get a reset and could
+/// lose the 413 that explains why.
+async fn linger(body: &mut Incoming) {
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let mut drained = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            drained += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if drained > LINGER_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 impl Body for RequestBody {
