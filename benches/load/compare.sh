@@ -1,0 +1,390 @@
+#!/usr/bin/env bash
+# Side-by-side load benchmark: Meridian vs NGINX vs HAProxy in front of one fast local upstream.
+#
+# Installs nothing. Needs wrk; uses nginx, haproxy and h2load when they are on PATH.
+#   apt-get install -y wrk nginx haproxy nghttp2-client
+#
+# Usage: benches/load/compare.sh [all|throughput|sse|idle|mem|scale]...
+# Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
+#   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
+#   MEM_SECONDS=60, SSE_PROBES=200, NO_BUILD=1 (reuse target/release), OUT=results dir.
+#
+# All traffic goes to 127.0.0.1. Every run is bounded by DURATION; the whole default
+# `all` takes about ROUNDS x proxies x |CONNS| x (DURATION + WARMUP + 2) s plus the probes.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+LOAD=$ROOT/benches/load
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-"50 256"}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+MEM_SECONDS=${MEM_SECONDS:-60}
+SSE_PROBES=${SSE_PROBES:-200}
+WRK_THREADS=${WRK_THREADS:-1}
+PATH_UNDER_TEST=${PATH_UNDER_TEST:-/v1/models}
+# A GB client behind a trusted hop: Meridian does a real GeoIP lookup and residency routing.
+XFF=${XFF:-81.2.69.142}
+
+UPSTREAM=127.0.0.1:18080
+declare -A PORT=([meridian]=18081 [nginx]=18082 [haproxy]=18083 [direct]=18080)
+
+RUN=$(mktemp -d /tmp/meridian-bench.XXXXXX)
+OUT=${OUT:-$RUN}
+mkdir -p "$OUT"
+RESULTS=$OUT/runs.tsv
+CLK_TCK=$(getconf CLK_TCK)
+STARTED=()
+
+log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+wait_port() {
+    local port=$1 i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "nothing listening on 127.0.0.1:$port after 10 s"
+}
+
+port_free() {
+    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# The process and its children (NGINX workers), so CPU and memory cover the whole proxy.
+pids_of() {
+    local root=$1
+    echo "$root"
+    pgrep -P "$root" 2>/dev/null || true
+}
+
+# utime + stime over the process tree, in clock ticks (fields 14 and 15 after the comm).
+cpu_ticks() {
+    local total=0 pid fields
+    for pid in $(pids_of "$1"); do
+        [ -r "/proc/$pid/stat" ] || continue
+        fields=$(sed 's/^.*) //' "/proc/$pid/stat")
+        total=$((total + $(echo "$fields" | awk '{print $12 + $13}')))
+    done
+    echo "$total"
+}
+
+# A /proc/PID/status field (VmHWM, VmRSS) summed over the process tree, in KiB.
+mem_kib() {
+    local field=$1 total=0 pid v
+    for pid in $(pids_of "$2"); do
+        v=$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+upstream_accepted() {
+    grep -o 'accepted: [0-9]*' "$RUN/upstream.log" 2>/dev/null | tail -1 | awk '{print $2 + 0}'
+}
+
+build() {
+    if [ -n "${NO_BUILD:-}" ]; then
+        return
+    fi
+    log "building release binaries (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --quiet --bin meridian --example fast_upstream --example load_probe)
+}
+
+declare -A PID=()
+
+start_upstream() {
+    port_free 18080 || die "port 18080 is taken"
+    taskset -c "$LOAD_CPU" "$ROOT/target/release/examples/fast_upstream" "$UPSTREAM" 2>"$RUN/upstream.log" &
+    STARTED+=($!)
+    PID[direct]=$!
+    wait_port 18080
+}
+
+# start_proxy NAME [WORKER_THREADS] [CPUS]
+start_proxy() {
+    local name=$1 threads=${2:-1} cpus=${3:-$PROXY_CPU} port=${PORT[$1]}
+    port_free "$port" || die "port $port is taken"
+    case $name in
+    meridian)
+        sed "s/^worker_threads = .*/worker_threads = $threads/" "$LOAD/meridian.toml" >"$RUN/meridian.toml"
+        RUST_LOG=warn taskset -c "$cpus" "$ROOT/target/release/meridian" run -c "$RUN/meridian.toml" \
+            2>"$RUN/meridian.log" &
+        ;;
+    nginx)
+        mkdir -p "$RUN/nginx/tmp"
+        cp "$LOAD/nginx.conf" "$RUN/nginx/nginx.conf"
+        taskset -c "$cpus" nginx -p "$RUN/nginx/" -c nginx.conf -g 'daemon off;' 2>"$RUN/nginx.log" &
+        ;;
+    haproxy)
+        taskset -c "$cpus" haproxy -db -f "$LOAD/haproxy.cfg" 2>"$RUN/haproxy.log" &
+        ;;
+    *) die "unknown proxy $name" ;;
+    esac
+    STARTED+=($!)
+    PID[$name]=$!
+    wait_port "$port"
+}
+
+stop_proxy() {
+    local name=$1
+    kill "${PID[$name]}" 2>/dev/null || true
+    wait "${PID[$name]}" 2>/dev/null || true
+    unset "PID[$name]"
+}
+
+# wrk's latency figures in ms.
+to_ms() {
+    awk '{
+        v = $1; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+        if (u == "us") v /= 1000; else if (u == "s") v *= 1000; else if (u == "m") v *= 60000
+        printf "%.3f", v
+    }'
+}
+
+# run_wrk NAME CONNS TAG: one measured wrk run against NAME, appended to $RESULTS.
+run_wrk() {
+    local name=$1 conns=$2 tag=$3 port=${PORT[$1]} url out t0 t1 c0 c1 rps p50 p99 cpu hwm newconns
+    url="http://127.0.0.1:$port$PATH_UNDER_TEST"
+    taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${WARMUP}s" -H "X-Forwarded-For: $XFF" "$url" >/dev/null
+    c0=$(upstream_accepted)
+    t0=$(cpu_ticks "${PID[$name]}")
+    out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency \
+        -H "X-Forwarded-For: $XFF" "$url")
+    t1=$(cpu_ticks "${PID[$name]}")
+    echo "$out" >"$RUN/wrk-$tag-$name-$conns.txt"
+    sleep 1.2 # the upstream reports its accept count once a second
+    c1=$(upstream_accepted)
+    rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
+    p50=$(echo "$out" | awk '$1 == "50%" {print $2}' | to_ms)
+    p99=$(echo "$out" | awk '$1 == "99%" {print $2}' | to_ms)
+    local errors
+    errors=$(echo "$out" | awk '/Non-2xx|Socket errors/ {printf "%s ", $0}')
+    [ -n "$errors" ] && log "  $name c=$conns: $errors"
+    # CPU-seconds per 10k requests = ticks / CLK_TCK / (rps * DURATION) * 10000.
+    cpu=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$rps" -v d="$DURATION" \
+        'BEGIN { if (r > 0) printf "%.4f", t / hz / (r * d) * 10000; else print "nan" }')
+    hwm=$(mem_kib VmHWM "${PID[$name]}")
+    newconns=$(( ${c1:-0} - ${c0:-0} ))
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$name" "$conns" "$rps" "$p50" "$p99" "$cpu" "$hwm" "$newconns" >>"$RESULTS"
+    log "  $tag $name c=$conns: ${rps} req/s p50 ${p50} ms p99 ${p99} ms, ${cpu} CPU-s/10k, HWM ${hwm} KiB, +${newconns} upstream conns"
+}
+
+# Medians (with min-max) per proxy and connection count, plus ratios to NGINX.
+summarise() {
+    local tag=$1
+    echo
+    echo "== $tag: medians of $ROUNDS runs (min-max); wrk $DURATION s each, XFF $XFF =="
+    awk -F'\t' -v tag="$tag" '
+    function med(key,   n, i, j, t, a) {
+        n = cnt[key]; for (i = 1; i <= n; i++) a[i] = val[key, i]
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        lo[key] = a[1]; hi[key] = a[n]
+        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    function add(key, v) { cnt[key]++; val[key, cnt[key]] = v + 0 }
+    $1 == tag {
+        k = $2 SUBSEP $3; if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
+        add(k SUBSEP "rps", $4); add(k SUBSEP "p50", $5); add(k SUBSEP "p99", $6)
+        add(k SUBSEP "cpu", $7); add(k SUBSEP "hwm", $8); add(k SUBSEP "conn", $9)
+    }
+    END {
+        for (i = 1; i <= nk; i++) {
+            k = order[i]
+            for (m in metric) delete metric[m]
+            split("rps p50 p99 cpu hwm conn", ms, " ")
+            for (j in ms) { key = k SUBSEP ms[j]; M[k, ms[j]] = med(key); L[k, ms[j]] = lo[key]; H[k, ms[j]] = hi[key] }
+        }
+        printf "%-10s %5s %18s %20s %20s %18s %9s %9s %10s %10s %10s\n", "proxy", "conns", "req/s", "p50 ms", "p99 ms", "CPU-s/10k req", "peak MiB", "new conns", "rps/NGINX", "req/CPU-s", "p99/NGINX"
+        for (i = 1; i <= nk; i++) {
+            k = order[i]; split(k, kk, SUBSEP); name = kk[1]; c = kk[2]
+            ng = "nginx" SUBSEP c
+            rr = ((ng, "rps") in M && M[ng, "rps"] > 0) ? sprintf("%.2f", M[k, "rps"] / M[ng, "rps"]) : "-"
+            cr = ((ng, "cpu") in M && M[k, "cpu"] > 0) ? sprintf("%.2f", M[ng, "cpu"] / M[k, "cpu"]) : "-"
+            pr = ((ng, "p99") in M && M[ng, "p99"] > 0) ? sprintf("%.2f", M[k, "p99"] / M[ng, "p99"]) : "-"
+            printf "%-10s %5s %7.0f (%4.0f-%4.0f) %6.3f (%5.3f-%5.3f) %6.3f (%5.3f-%5.3f) %6.4f (%.4f-%.4f) %9.1f %9d %10s %10s %10s\n",
+                name, c,
+                M[k, "rps"], L[k, "rps"] / 1000, H[k, "rps"] / 1000,
+                M[k, "p50"], L[k, "p50"], H[k, "p50"],
+                M[k, "p99"], L[k, "p99"], H[k, "p99"],
+                M[k, "cpu"], L[k, "cpu"], H[k, "cpu"],
+                H[k, "hwm"] / 1024, M[k, "conn"], rr, cr, pr
+        }
+        print "(req/s range in thousands; req/CPU-s is NGINX CPU-s per request over this proxy'"'"'s: above 1 is cheaper than NGINX)"
+    }' "$RESULTS"
+}
+
+available_proxies() {
+    local p list=()
+    for p in ${PROXIES:-meridian nginx haproxy}; do
+        case $p in
+        nginx | haproxy) have "$p" || {
+            log "skipping $p: not installed"
+            continue
+        } ;;
+        esac
+        list+=("$p")
+    done
+    echo "${list[@]}"
+}
+
+throughput() {
+    local proxies round c p
+    read -r -a proxies <<<"$(available_proxies)"
+    log "throughput: ${proxies[*]} pinned to CPU $PROXY_CPU; wrk and upstream on CPU $LOAD_CPU"
+    for p in "${proxies[@]}"; do start_proxy "$p" 1; done
+    for p in "${proxies[@]}"; do log "  $p idle RSS $(mem_kib VmRSS "${PID[$p]}") KiB"; done
+    for round in $(seq 1 "$ROUNDS"); do
+        for c in $CONNS; do
+            # A B C, A B C: drift (thermal, neighbours) spreads over every proxy alike.
+            for p in "${proxies[@]}"; do run_wrk "$p" "$c" throughput; done
+        done
+    done
+    if have h2load; then
+        log "h2load (h2c prior knowledge, Meridian only): 50 clients x 10 streams"
+        h2load -n 200000 -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" "http://127.0.0.1:${PORT[meridian]}$PATH_UNDER_TEST" \
+            2>&1 | grep -E '^(finished in|requests:|status codes:)' | sed 's/^/  h2load: /' >&2 || true
+    fi
+    for p in "${proxies[@]}"; do stop_proxy "$p"; done
+    summarise throughput
+}
+
+sse() {
+    local proxies p round line
+    read -r -a proxies <<<"$(available_proxies)"
+    log "sse: first-event latency, $SSE_PROBES fresh connections per probe"
+    for p in "${proxies[@]}"; do start_proxy "$p" 1; done
+    for round in $(seq 1 "$ROUNDS"); do
+        for p in direct "${proxies[@]}"; do
+            line=$("$ROOT/target/release/examples/load_probe" sse "127.0.0.1:${PORT[$p]}" "$SSE_PROBES")
+            printf 'sse\t%s\t%s\t%s\n' "$round" "$p" "$line" >>"$OUT/sse.tsv"
+            log "  $p: $line"
+        done
+    done
+    for p in "${proxies[@]}"; do stop_proxy "$p"; done
+    echo
+    echo "== sse: first event, median over rounds of each probe's p50 and p99 (µs) =="
+    awk -F'\t' '{
+        split($4, f, " "); for (i in f) { split(f[i], kv, "="); v[$3, kv[1], ++n[$3, kv[1]]] = kv[2] + 0 }
+        if (!($3 in seen)) { seen[$3] = 1; order[++k] = $3 }
+    }
+    function med(p, m,   c, i, j, t, a) {
+        c = n[p, m]; for (i = 1; i <= c; i++) a[i] = v[p, m, i]
+        for (i = 2; i <= c; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        return (c % 2) ? a[(c + 1) / 2] : (a[c / 2] + a[c / 2 + 1]) / 2
+    }
+    END {
+        d50 = med("direct", "p50"); d99 = med("direct", "p99")
+        printf "%-10s %8s %8s %14s\n", "path", "p50 µs", "p99 µs", "p50 - direct"
+        for (i = 1; i <= k; i++) { p = order[i]; printf "%-10s %8.0f %8.0f %14.0f\n", p, med(p, "p50"), med(p, "p99"), med(p, "p50") - d50 }
+    }' "$OUT/sse.tsv"
+}
+
+idle() {
+    local proxies p rss0 rss1 fifo probe ready
+    read -r -a proxies <<<"$(available_proxies)"
+    ulimit -n 65536 2>/dev/null || log "could not raise the open-file limit; the idle probe may stop early"
+    echo
+    echo "== idle: resident memory, idle and with $IDLE_CONNS open idle client connections (MiB) =="
+    printf '%-10s %10s %12s %12s\n' proxy idle "with conns" "KiB/conn"
+    for p in "${proxies[@]}"; do
+        start_proxy "$p" 1
+        sleep 2
+        rss0=$(mem_kib VmRSS "${PID[$p]}")
+        fifo=$RUN/idle-$p.out
+        "$ROOT/target/release/examples/load_probe" idle "127.0.0.1:${PORT[$p]}" "$IDLE_CONNS" 15 >"$fifo" &
+        probe=$!
+        ready=""
+        for _ in $(seq 1 300); do
+            ready=$(grep -o 'ready [0-9]*' "$fifo" 2>/dev/null || true)
+            [ -n "$ready" ] && break
+            sleep 0.1
+        done
+        sleep 1
+        rss1=$(mem_kib VmRSS "${PID[$p]}")
+        wait "$probe" 2>/dev/null || true
+        stop_proxy "$p"
+        awk -v p="$p" -v a="$rss0" -v b="$rss1" -v n="$IDLE_CONNS" -v r="${ready:-probe did not finish}" \
+            'BEGIN { printf "%-10s %10.1f %12.1f %12.2f   (%s)\n", p, a / 1024, b / 1024, (b - a) / n, r }'
+    done
+}
+
+mem() {
+    local secs=$MEM_SECONDS step=5 elapsed=0 first="" rss max=0 samples=()
+    log "mem: Meridian RSS every ${step} s over a ${secs} s wrk run at 256 connections"
+    start_proxy meridian 1
+    taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c256 -d"${secs}s" -H "X-Forwarded-For: $XFF" \
+        "http://127.0.0.1:${PORT[meridian]}$PATH_UNDER_TEST" >"$RUN/wrk-mem.txt" &
+    local wrk=$!
+    while [ "$elapsed" -lt "$secs" ]; do
+        sleep "$step"
+        elapsed=$((elapsed + step))
+        rss=$(mem_kib VmRSS "${PID[meridian]}")
+        samples+=("$rss")
+        [ -z "$first" ] && first=$rss
+        [ "$rss" -gt "$max" ] && max=$rss
+    done
+    wait "$wrk" || true
+    stop_proxy meridian
+    echo
+    echo "== mem: Meridian VmRSS (KiB) every ${step} s under load =="
+    echo "${samples[*]}"
+    echo "first $first KiB, last ${samples[-1]} KiB, max $max KiB, growth after the first sample $((samples[-1] - first)) KiB"
+    awk '/^Requests\/sec:/ {print "throughput during the run: " $2 " req/s"}' "$RUN/wrk-mem.txt"
+}
+
+scale() {
+    local round t
+    log "scale: Meridian with 1 and 2 worker threads; proxy, wrk and upstream all share CPUs 0-1"
+    for round in $(seq 1 "$ROUNDS"); do
+        for t in 1 2; do
+            start_proxy meridian "$t" 0,1
+            PORT[meridian-${t}t]=${PORT[meridian]}
+            PID[meridian-${t}t]=${PID[meridian]}
+            # The load generator gets both cores too and two threads, so it is not the cap.
+            LOAD_CPU=0,1 WRK_THREADS=2 run_wrk "meridian-${t}t" 256 scale
+            stop_proxy meridian
+        done
+    done
+    summarise scale
+}
+
+main() {
+    have wrk || die "wrk is not installed (apt-get install -y wrk)"
+    local phases=("$@")
+    [ ${#phases[@]} -eq 0 ] && phases=(all)
+    [ "${phases[0]}" = all ] && phases=(throughput sse idle mem scale)
+    build
+    : >"$RESULTS"
+    start_upstream
+    log "results in $OUT; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    for phase in "${phases[@]}"; do
+        case $phase in
+        throughput | sse | idle | mem | scale) "$phase" ;;
+        *) die "unknown phase $phase" ;;
+        esac
+    done
+    log "upstream accepted $(upstream_accepted) connections in total"
+}
+
+main "$@"

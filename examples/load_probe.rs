@@ -1,0 +1,124 @@
+//! Probes for the load benchmark that wrk cannot do: SSE first-event latency and many idle
+//! client connections.
+//!
+//! `load_probe sse ADDR COUNT`: COUNT fresh connections, each `GET /sse`; prints the time from
+//! sending the request to reading the first `data:` line (min, median, p90, p99, in µs).
+//!
+//! `load_probe idle ADDR COUNT HOLD_SECS`: opens COUNT keep-alive connections, sends one small
+//! request on each (so the proxy has a served, idle connection, not a half-open one), prints
+//! `ready N`, holds them HOLD_SECS, then closes them all.
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+fn main() -> io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "usage: load_probe sse|idle ADDR COUNT [HOLD_SECS]",
+        )
+    };
+    let mode = args.get(1).ok_or_else(usage)?;
+    let addr: SocketAddr = args.get(2).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
+    let count: usize = args.get(3).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
+    match mode.as_str() {
+        "sse" => sse(addr, count),
+        "idle" => {
+            let hold: u64 = args.get(4).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
+            idle(addr, count, Duration::from_secs(hold))
+        }
+        _ => Err(usage()),
+    }
+}
+
+fn sse(addr: SocketAddr, count: usize) -> io::Result<()> {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = io::BufReader::new(stream.try_clone()?);
+        let start = Instant::now();
+        stream
+            .write_all(b"GET /sse HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n")?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream ended before an event",
+                ));
+            }
+            // Chunked framing puts the size on its own line; the event line starts with `data:`.
+            if line.starts_with("data:") {
+                break;
+            }
+        }
+        samples.push(start.elapsed());
+        drop(reader);
+        drop(stream);
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e6;
+    println!(
+        "sse_first_event_us min={:.0} p50={:.0} p90={:.0} p99={:.0} n={}",
+        at(0.0),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        samples.len()
+    );
+    Ok(())
+}
+
+fn idle(addr: SocketAddr, count: usize, hold: Duration) -> io::Result<()> {
+    let mut open = Vec::with_capacity(count);
+    let mut buf = vec![0u8; 4096];
+    for i in 0..count {
+        let mut stream = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("connection {i}: {e}");
+                break;
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        read_response(&mut stream, &mut buf)?;
+        open.push(stream);
+    }
+    println!("ready {}", open.len());
+    io::stdout().flush()?;
+    std::thread::sleep(hold);
+    Ok(())
+}
+
+/// Reads one response with a `Content-Length` body.
+fn read_response(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut have = 0;
+    loop {
+        let n = stream.read(&mut buf[have..])?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-response"));
+        }
+        have += n;
+        let text = &buf[..have];
+        if let Some(end) = text.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&text[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if have >= end + 4 + len {
+                return Ok(());
+            }
+        }
+        if have == buf.len() {
+            return Err(io::Error::other("response larger than the probe's buffer"));
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The steady-state decision path (client IP → GeoIP → route → balancer pick) must not
+//! allocate: a counting global allocator watches this thread while it decides.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+#[path = "../benches/support/decision_path.rs"]
+mod decision_path;
+
+struct Counting;
+
+thread_local! {
+    // Const-initialised and destructor-free, so reading it inside the allocator cannot recurse.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+#[test]
+fn steady_state_decision_does_not_allocate() {
+    let f = decision_path::Fixture::new();
+    let uk =
+        f.rt.regions
+            .iter()
+            .position(|r| r.name == "uk-south")
+            .unwrap_or_else(|| panic!("uk-south in the bench config"));
+    // Warm-up: thread-locals (RNG), lazily built tables.
+    for _ in 0..100 {
+        assert_eq!(f.decide("/v1/chat/completions").map(|d| d.0), Some(uk));
+    }
+    let before = allocations();
+    let mut picked = [0u32; 8];
+    for _ in 0..10_000 {
+        let (region, endpoint) = f.decide("/v1/chat/completions").unwrap_or_else(|| panic!("a decision"));
+        assert_eq!(region, uk);
+        picked[endpoint] += 1;
+    }
+    let allocated = allocations() - before;
+    assert_eq!(
+        allocated, 0,
+        "the decision path allocated {allocated} times in 10,000 decisions"
+    );
+    // Power of two choices over three idle endpoints spreads the load.
+    assert!(picked[..3].iter().all(|&n| n > 1000), "{picked:?}");
+}
