@@ -80,7 +80,12 @@ impl Proxy {
             country: country_str,
             zone: None,
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
+            // Only the access log reads it: no copy per request when the log is off.
+            path: if config.log.access_log {
+                req.uri().path().to_string()
+            } else {
+                String::new()
+            },
             region: None,
             endpoint: None,
             attempts: 0,
@@ -598,12 +603,12 @@ impl Proxy {
     }
 
     fn count_lookup(&self, located: &Located) {
-        let result = match located {
-            Located::Country { .. } => "hit",
-            Located::Unknown => "miss",
-            Located::Private => "private",
-        };
-        self.shared.metrics.geoip_lookups.with_label_values(&[result]).inc();
+        let results = &self.shared.metrics.geoip_results;
+        match located {
+            Located::Country { .. } => results.hit.inc(),
+            Located::Unknown => results.miss.inc(),
+            Located::Private => results.private.inc(),
+        }
     }
 }
 

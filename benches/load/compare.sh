@@ -303,7 +303,7 @@ sse() {
 idle() {
     local proxies p rss0 rss1 fifo probe ready
     read -r -a proxies <<<"$(available_proxies)"
-    ulimit -n 65536 2>/dev/null || log "could not raise the open-file limit; the idle probe may stop early"
+    [ "$(ulimit -n)" -gt "$((IDLE_CONNS + 100))" ] || log "open-file limit $(ulimit -n): the idle probe may stop early"
     echo
     echo "== idle: resident memory, idle and with $IDLE_CONNS open idle client connections (MiB) =="
     printf '%-10s %10s %12s %12s\n' proxy idle "with conns" "KiB/conn"
@@ -371,6 +371,8 @@ scale() {
 
 main() {
     have wrk || die "wrk is not installed (apt-get install -y wrk)"
+    # Every proxy and probe started below inherits this: 10k idle connections need the room.
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     local phases=("$@")
     [ ${#phases[@]} -eq 0 ] && phases=(all)
     [ "${phases[0]}" = all ] && phases=(throughput sse idle mem scale)

@@ -390,10 +390,12 @@ impl Body for ResponseBody {
 
 /// True for `text/event-stream` responses.
 pub fn is_sse(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        // Compared in place: this runs on every response, so no lowercased copy.
+        const SSE: &[u8] = b"text/event-stream";
+        let v = v.as_bytes().trim_ascii_start();
+        v.len() >= SSE.len() && v[..SSE.len()].eq_ignore_ascii_case(SSE)
+    })
 }
 
 #[cfg(test)]

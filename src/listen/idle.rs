@@ -35,10 +35,14 @@ impl Drop for ActiveRequest {
 }
 
 /// An IO wrapper whose reads fail with `TimedOut` once the connection has been idle too long.
+///
+/// Activity only records the time; the timer is moved when it fires, not on every read and
+/// write, so a busy keep-alive connection costs a clock read per I/O, not a timer-wheel update.
 pub struct IdleIo<T> {
     inner: T,
     timeout: Duration,
     timer: Pin<Box<Sleep>>,
+    last_active: Instant,
     activity: Activity,
 }
 
@@ -49,14 +53,34 @@ impl<T> IdleIo<T> {
             inner,
             timeout,
             timer: Box::pin(tokio::time::sleep(timeout)),
+            last_active: Instant::now(),
             activity: activity.clone(),
         };
         (io, activity)
     }
 
     fn touch(&mut self) {
-        let deadline = Instant::now() + self.timeout;
-        self.timer.as_mut().reset(deadline);
+        self.last_active = Instant::now();
+    }
+
+    /// True once the connection has been idle for `timeout`; otherwise leaves the timer
+    /// armed for the next possible expiry and registered with `cx`.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let deadline = self.last_active + self.timeout;
+            if deadline > now {
+                // There was activity since the timer was set: wait out the rest.
+                self.timer.as_mut().reset(deadline);
+            } else if self.activity.busy() {
+                // A request is being served (e.g. waiting for a first token): not idle.
+                self.last_active = now;
+                self.timer.as_mut().reset(now + self.timeout);
+            } else {
+                return true;
+            }
+        }
+        false
     }
 
     pub fn get_ref(&self) -> &T {
@@ -75,14 +99,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                if self.timer.as_mut().poll(cx).is_ready() {
-                    if self.activity.busy() {
-                        // A request is being served (e.g. waiting for a first token): not idle.
-                        self.touch();
-                        let _ = self.timer.as_mut().poll(cx);
-                    } else {
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
-                    }
+                if self.idle_expired(cx) {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
                 }
                 Poll::Pending
             }

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub region_available: IntGaugeVec,
     pub region_saturated: IntGaugeVec,
     pub geoip_lookups: IntCounterVec,
+    /// `geoip_lookups` resolved per result once, so a request bumps a counter without hashing labels.
+    pub geoip_results: GeoipResults,
     pub open_connections: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
@@ -76,6 +78,17 @@ impl Metrics {
         let retries = IntCounter::new("meridian_retries_total", "Attempts made after a first one failed.")
             .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
         r.register(Box::new(retries.clone())).unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
+        let geoip_lookups = counter(
+            &r,
+            "meridian_geoip_lookups_total",
+            "GeoIP lookups by result.",
+            &["result"],
+        );
+        let geoip_results = GeoipResults {
+            hit: geoip_lookups.with_label_values(&["hit"]),
+            miss: geoip_lookups.with_label_values(&["miss"]),
+            private: geoip_lookups.with_label_values(&["private"]),
+        };
         Metrics {
             requests: counter(
                 &r,
@@ -126,12 +139,8 @@ impl Metrics {
                 "1 when every endpoint of the region is past a spillover threshold.",
                 &["region"],
             ),
-            geoip_lookups: counter(
-                &r,
-                "meridian_geoip_lookups_total",
-                "GeoIP lookups by result.",
-                &["result"],
-            ),
+            geoip_lookups,
+            geoip_results,
             open_connections,
             config_reloads: counter(
                 &r,
@@ -194,6 +203,13 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// The `meridian_geoip_lookups_total` counters, one per result.
+pub struct GeoipResults {
+    pub hit: IntCounter,
+    pub miss: IntCounter,
+    pub private: IntCounter,
 }
 
 /// Per-region metric handles, resolved once per config load so requests skip label hashing.
