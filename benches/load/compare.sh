@@ -7,7 +7,9 @@
 # Usage: benches/load/compare.sh [all|throughput|sse|idle|mem|scale]...
 # Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
 #   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
-#   MEM_SECONDS=60, SSE_PROBES=200, NO_BUILD=1 (reuse target/release), OUT=results dir.
+#   MEM_SECONDS=60, SSE_PROBES=200, NO_BUILD=1 (reuse target/release), OUT=results dir,
+#   MERIDIAN_BIN (default target/release/meridian), MERIDIAN_B=another build to compare
+#   as proxy "meridian-b" (add it to PROXIES), e.g. one built with --no-default-features.
 #
 # All traffic goes to 127.0.0.1. Every run is bounded by DURATION; the whole default
 # `all` takes about ROUNDS x proxies x |CONNS| x (DURATION + WARMUP + 2) s plus the probes.
@@ -30,7 +32,9 @@ PATH_UNDER_TEST=${PATH_UNDER_TEST:-/v1/models}
 XFF=${XFF:-81.2.69.142}
 
 UPSTREAM=127.0.0.1:18080
-declare -A PORT=([meridian]=18081 [nginx]=18082 [haproxy]=18083 [direct]=18080)
+declare -A PORT=([meridian]=18081 [nginx]=18082 [haproxy]=18083 [meridian-b]=18084 [direct]=18080)
+MERIDIAN_BIN=${MERIDIAN_BIN:-$ROOT/target/release/meridian}
+BIN_DIR=${BIN_DIR:-$ROOT/target/release/examples}
 
 RUN=$(mktemp -d /tmp/meridian-bench.XXXXXX)
 OUT=${OUT:-$RUN}
@@ -115,7 +119,7 @@ declare -A PID=()
 
 start_upstream() {
     port_free 18080 || die "port 18080 is taken"
-    taskset -c "$LOAD_CPU" "$ROOT/target/release/examples/fast_upstream" "$UPSTREAM" 2>"$RUN/upstream.log" &
+    taskset -c "$LOAD_CPU" "$BIN_DIR/fast_upstream" "$UPSTREAM" 2>"$RUN/upstream.log" &
     STARTED+=($!)
     PID[direct]=$!
     wait_port 18080
@@ -126,10 +130,13 @@ start_proxy() {
     local name=$1 threads=${2:-1} cpus=${3:-$PROXY_CPU} port=${PORT[$1]}
     port_free "$port" || die "port $port is taken"
     case $name in
-    meridian)
-        sed "s/^worker_threads = .*/worker_threads = $threads/" "$LOAD/meridian.toml" >"$RUN/meridian.toml"
-        RUST_LOG=warn taskset -c "$cpus" "$ROOT/target/release/meridian" run -c "$RUN/meridian.toml" \
-            2>"$RUN/meridian.log" &
+    meridian | meridian-b)
+        local bin=$MERIDIAN_BIN
+        [ "$name" = meridian-b ] && bin=${MERIDIAN_B:?MERIDIAN_B names the second build}
+        sed -e "s/^worker_threads = .*/worker_threads = $threads/" \
+            -e "s/127.0.0.1:18081/127.0.0.1:$port/" -e "s/127.0.0.1:18091/127.0.0.1:$((port + 10))/" \
+            "$LOAD/meridian.toml" >"$RUN/$name.toml"
+        RUST_LOG=warn taskset -c "$cpus" "$bin" run -c "$RUN/$name.toml" 2>"$RUN/$name.log" &
         ;;
     nginx)
         mkdir -p "$RUN/nginx/tmp"
@@ -276,7 +283,7 @@ sse() {
     for p in "${proxies[@]}"; do start_proxy "$p" 1; done
     for round in $(seq 1 "$ROUNDS"); do
         for p in direct "${proxies[@]}"; do
-            line=$("$ROOT/target/release/examples/load_probe" sse "127.0.0.1:${PORT[$p]}" "$SSE_PROBES")
+            line=$("$BIN_DIR/load_probe" sse "127.0.0.1:${PORT[$p]}" "$SSE_PROBES")
             printf 'sse\t%s\t%s\t%s\n' "$round" "$p" "$line" >>"$OUT/sse.tsv"
             log "  $p: $line"
         done
@@ -312,7 +319,7 @@ idle() {
         sleep 2
         rss0=$(mem_kib VmRSS "${PID[$p]}")
         fifo=$RUN/idle-$p.out
-        "$ROOT/target/release/examples/load_probe" idle "127.0.0.1:${PORT[$p]}" "$IDLE_CONNS" 15 >"$fifo" &
+        "$BIN_DIR/load_probe" idle "127.0.0.1:${PORT[$p]}" "$IDLE_CONNS" 15 >"$fifo" &
         probe=$!
         ready=""
         for _ in $(seq 1 300); do
