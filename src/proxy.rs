@@ -183,7 +183,10 @@ impl Proxy {
         record.bytes_in = body.len_hint();
         self.budget.record_request();
 
-        let resp = self.attempts(&rt, &plan, parts, body, overflow, record, started).await;
+        // Boxed: the attempt loop's state is most of this future, and hyper keeps one
+        // request future's worth of memory per connection for the connection's life.
+        // Allocated per request instead, an idle keep-alive connection stays small.
+        let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
         resp.map(|r| upgrade::bridge(r, client_upgrade))
     }
 
