@@ -104,7 +104,7 @@ mem_kib() {
 }
 
 upstream_accepted() {
-    grep -o 'accepted: [0-9]*' "$RUN/upstream.log" 2>/dev/null | tail -1 | awk '{print $2 + 0}'
+    grep -o 'accepted: [0-9]*' "$RUN/upstream.log" 2>/dev/null | tail -1 | awk '{n = $2} END {print n + 0}'
 }
 
 build() {
@@ -222,22 +222,24 @@ summarise() {
             split("rps p50 p99 cpu hwm conn", ms, " ")
             for (j in ms) { key = k SUBSEP ms[j]; M[k, ms[j]] = med(key); L[k, ms[j]] = lo[key]; H[k, ms[j]] = hi[key] }
         }
-        printf "%-10s %5s %18s %20s %20s %18s %9s %9s %10s %10s %10s\n", "proxy", "conns", "req/s", "p50 ms", "p99 ms", "CPU-s/10k req", "peak MiB", "new conns", "rps/NGINX", "req/CPU-s", "p99/NGINX"
+        printf "%-11s %5s %18s %20s %20s %24s %6s %9s %9s %9s %9s %9s\n", "proxy", "conns", "req/s", "p50 ms", "p99 ms", "CPU-s/10k req", "CPU %", "peak MiB", "new conns", "rps/NGINX", "req/CPU-s", "p99/NGINX"
         for (i = 1; i <= nk; i++) {
             k = order[i]; split(k, kk, SUBSEP); name = kk[1]; c = kk[2]
             ng = "nginx" SUBSEP c
             rr = ((ng, "rps") in M && M[ng, "rps"] > 0) ? sprintf("%.2f", M[k, "rps"] / M[ng, "rps"]) : "-"
             cr = ((ng, "cpu") in M && M[k, "cpu"] > 0) ? sprintf("%.2f", M[ng, "cpu"] / M[k, "cpu"]) : "-"
             pr = ((ng, "p99") in M && M[ng, "p99"] > 0) ? sprintf("%.2f", M[k, "p99"] / M[ng, "p99"]) : "-"
-            printf "%-10s %5s %7.0f (%4.0f-%4.0f) %6.3f (%5.3f-%5.3f) %6.3f (%5.3f-%5.3f) %6.4f (%.4f-%.4f) %9.1f %9d %10s %10s %10s\n",
+            printf "%-11s %5s %7.0f (%4.1f-%4.1f) %6.3f (%5.3f-%5.3f) %6.3f (%5.3f-%5.3f) %6.4f (%.4f-%.4f) %6.0f %9.1f %9d %9s %9s %9s\n",
                 name, c,
                 M[k, "rps"], L[k, "rps"] / 1000, H[k, "rps"] / 1000,
                 M[k, "p50"], L[k, "p50"], H[k, "p50"],
                 M[k, "p99"], L[k, "p99"], H[k, "p99"],
                 M[k, "cpu"], L[k, "cpu"], H[k, "cpu"],
+                M[k, "cpu"] * M[k, "rps"] / 100,
                 H[k, "hwm"] / 1024, M[k, "conn"], rr, cr, pr
         }
-        print "(req/s range in thousands; req/CPU-s is NGINX CPU-s per request over this proxy'"'"'s: above 1 is cheaper than NGINX)"
+        print "(req/s range in thousands; CPU % is the proxy'"'"'s share of one core; req/CPU-s is NGINX CPU-s per"
+        print " request over this proxy'"'"'s: above 1 is cheaper than NGINX)"
     }' "$RESULTS"
 }
 
