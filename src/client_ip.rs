@@ -4,8 +4,11 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
-use http::header::{GetAll, HeaderValue};
+use http::header::{GetAll, HeaderName, HeaderValue};
 use ipnet::IpNet;
+
+/// Built at compile time: a `from_static` call per request re-validates the name.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     let ip = ip.to_canonical();
@@ -23,11 +26,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    walk(
-        peer,
-        headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")),
-        trusted,
-    )
+    walk(peer, headers.get_all(&X_FORWARDED_FOR), trusted)
 }
 
 fn walk(peer: IpAddr, values: GetAll<'_, HeaderValue>, trusted: &[IpNet]) -> IpAddr {
