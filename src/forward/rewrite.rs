@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -42,12 +43,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     // Headers listed in Connection are hop-by-hop for this message only.
     if present[CONNECTION_AT] {
+        // `keep-alive` and `close` (nearly every value) name nothing left to remove, so the
+        // usual case collects nothing and allocates nothing.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|name| !name.eq_ignore_ascii_case("close"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
             .filter(|name| !(keep_upgrade && name == header::UPGRADE))
             .collect();
         for name in named {
@@ -114,7 +120,8 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
         }
         chain.extend_from_slice(b", ");
         chain.extend_from_slice(peer.as_bytes());
-        let value = HeaderValue::from_bytes(&chain).unwrap_or(peer);
+        // The buffer becomes the value's storage: validated, not copied again.
+        let value = HeaderValue::from_maybe_shared(Bytes::from(chain)).unwrap_or(peer);
         headers.insert(&X_FORWARDED_FOR, value);
     } else {
         headers.insert(&X_FORWARDED_FOR, peer);
@@ -132,7 +139,12 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
             id
         }
     };
-    let country = HeaderValue::from_str(fwd.country).unwrap_or(HeaderValue::from_static("XX"));
+    // The country table's own spelling is static: the value points at it, nothing is copied.
+    let country = crate::geo::Country::parse(fwd.country)
+        .and_then(|c| c.info())
+        .and_then(|info| HeaderValue::from_maybe_shared(Bytes::from_static(info.code.as_bytes())).ok())
+        .or_else(|| HeaderValue::from_str(fwd.country).ok())
+        .unwrap_or(HeaderValue::from_static("XX"));
     headers.insert(&X_MERIDIAN_COUNTRY, country);
     request_id
 }
