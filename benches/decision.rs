@@ -59,7 +59,9 @@ fn decision(c: &mut Criterion) {
             )
         })
     });
-    g.bench_function("balancer_pick", |b| b.iter(|| decision_path::pick(rt, black_box(home))));
+    g.bench_function("balancer_pick", |b| {
+        b.iter(|| decision_path::pick(rt, black_box(home), &f.headers))
+    });
     g.bench_function("full_decision", |b| b.iter(|| f.decide(black_box(PATH))));
     g.finish();
 }

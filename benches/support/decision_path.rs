@@ -83,12 +83,13 @@ impl Fixture {
         let Decision::Region(region) = decision else {
             return None;
         };
-        Some((region, pick(rt, region)?))
+        Some((region, pick(rt, region, &self.headers)?))
     }
 }
 
-/// The balancer step as the proxy does it: loads from live health, power of two choices.
-pub fn pick(rt: &Runtime, region: usize) -> Option<usize> {
+/// The balancer step as the proxy does it: loads from live health (with the slow-start ramp),
+/// session affinity when configured, else power of two choices.
+pub fn pick(rt: &Runtime, region: usize, headers: &HeaderMap) -> Option<usize> {
     let r = rt.regions.get(region)?;
     let mut loads = [EndpointLoad {
         eligible: false,
@@ -100,7 +101,10 @@ pub fn pick(rt: &Runtime, region: usize) -> Option<usize> {
     }; 16];
     let n = r.endpoints.len().min(loads.len());
     for (slot, e) in loads.iter_mut().zip(&r.endpoints) {
-        *slot = e.health.load(e.config.weight);
+        *slot = e.health.load(e.config.weight, rt.config.health.slow_start);
+    }
+    if let Some(choice) = meridian::affinity::for_request(rt, region, &loads[..n], headers, None) {
+        return choice;
     }
     balance::pick(&loads[..n], |k| fastrand::usize(..k))
 }
