@@ -93,7 +93,13 @@ impl EndpointHealth {
 
     /// May take new requests now: in rotation and not shedding load.
     pub fn is_available(&self) -> bool {
-        self.serving.load(Ordering::Acquire) && millis(Instant::now()) >= self.shed_until.load(Ordering::Relaxed)
+        if !self.serving.load(Ordering::Acquire) {
+            return false;
+        }
+        // 0 means "not shedding", the usual case: no clock read on the request path then
+        // (this runs per endpoint in every pick and region check).
+        let shed_until = self.shed_until.load(Ordering::Relaxed);
+        shed_until == 0 || millis(Instant::now()) >= shed_until
     }
 
     pub fn in_flight(&self) -> u32 {
