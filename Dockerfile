@@ -7,6 +7,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY geoip ./geoip
 COPY benches ./benches
+COPY examples ./examples
 RUN cargo build --release --locked --bin meridian
 
 FROM debian:bookworm-slim
