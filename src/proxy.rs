@@ -120,15 +120,9 @@ impl Proxy {
                     .unwrap_or_else(rewrite::new_request_id);
                 let err = match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
-                    Refusal::ResidencyForbidden { zone, .. } => {
-                        let zone = rt.table.zone_name(zone).to_string();
-                        self.shared
-                            .metrics
-                            .residency_rejections
-                            .with_label_values(&[&zone])
-                            .inc();
-                        ProxyError::ResidencyForbidden { zone }
-                    }
+                    Refusal::ResidencyForbidden { zone, .. } => ProxyError::ResidencyForbidden {
+                        zone: self.residency_rejection(&rt, zone),
+                    },
                 };
                 return Ok(self.refuse(err, record, started));
             }
@@ -244,15 +238,9 @@ impl Proxy {
                 // failed), the answer is 503, whatever the last attempt's error was.
                 Decision::Refuse(no) => {
                     last_error = Some(match no {
-                        NoRegion::ResidencyUnavailable { zone } => {
-                            let zone = rt.table.zone_name(zone).to_string();
-                            self.shared
-                                .metrics
-                                .residency_rejections
-                                .with_label_values(&[&zone])
-                                .inc();
-                            ProxyError::ResidencyUnavailable { zone }
-                        }
+                        NoRegion::ResidencyUnavailable { zone } => ProxyError::ResidencyUnavailable {
+                            zone: self.residency_rejection(rt, zone),
+                        },
                         NoRegion::NoRegionAvailable => ProxyError::NoRegionAvailable {
                             region: record
                                 .region
@@ -603,6 +591,17 @@ impl Proxy {
             record.emit(started.elapsed(), 0, "local");
         }
         resp
+    }
+
+    /// Counts a request refused to keep a zone's client inside it; returns the zone's name.
+    fn residency_rejection(&self, rt: &Runtime, zone: usize) -> String {
+        let name = rt.table.zone_name(zone).to_string();
+        self.shared
+            .metrics
+            .residency_rejections
+            .with_label_values(&[&name])
+            .inc();
+        name
     }
 
     fn count_lookup(&self, located: &Located) {
