@@ -179,7 +179,12 @@ fn build(
     previous: Option<&Runtime>,
 ) -> Result<Runtime, RuntimeError> {
     let geo = match previous {
-        Some(p) if p.config.geoip.database == config.geoip.database => p.geo.clone(),
+        Some(p)
+            if p.config.geoip.database == config.geoip.database
+                && p.geo.is_current(config.geoip.database.as_deref()) =>
+        {
+            p.geo.clone()
+        }
         _ => Arc::new(GeoDb::load(config.geoip.database.as_deref())?),
     };
     // Everything that can fail comes before the health registry is touched, so a rejected

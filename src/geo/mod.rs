@@ -68,6 +68,14 @@ impl AsRef<[u8]> for DbBytes {
 pub struct GeoDb {
     reader: maxminddb::Reader<DbBytes>,
     description: String,
+    /// Size and modification time of the file it was read from (none when embedded).
+    stamp: Option<FileStamp>,
+}
+
+type FileStamp = (u64, Option<std::time::SystemTime>);
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
 }
 
 /// The fields Meridian reads, in both the MaxMind and the ip-location-db layouts.
@@ -105,11 +113,13 @@ impl GeoDb {
         GeoDb {
             description: describe(&reader, "embedded"),
             reader,
+            stamp: None,
         }
     }
 
     /// Opens a database file, checking that it can answer lookups.
     pub fn open(path: &Path) -> Result<GeoDb, GeoError> {
+        let before = stamp(path);
         let bytes = std::fs::read(path).map_err(|source| GeoError::Read {
             path: path.to_owned(),
             source,
@@ -134,7 +144,17 @@ impl GeoDb {
         Ok(GeoDb {
             description: describe(&reader, &path.display().to_string()),
             reader,
+            stamp: before,
         })
+    }
+
+    /// True when `path` still holds what this database was read from, so a reload may keep
+    /// it; a file updated in place (a weekly GeoIP refresh) is read again.
+    pub fn is_current(&self, path: Option<&Path>) -> bool {
+        match path {
+            None => self.stamp.is_none(),
+            Some(p) => self.stamp.is_some() && stamp(p) == self.stamp,
+        }
     }
 
     /// Opens the configured file, or the embedded database when none is configured.
@@ -267,6 +287,22 @@ mod tests {
         assert!(GeoDb::open(&truncated).is_err());
         let err = GeoDb::open(&dir.join("missing.mmdb")).err().unwrap().to_string();
         assert!(err.contains("cannot read"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_database_file_changed_in_place_is_no_longer_current() {
+        let dir = std::env::temp_dir().join(format!("meridian-geo-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("db.mmdb");
+        std::fs::write(&path, EMBEDDED_DB).unwrap();
+        let db = GeoDb::open(&path).unwrap();
+        assert!(db.is_current(Some(&path)));
+        assert!(!db.is_current(None), "a file database is not the embedded one");
+        assert!(GeoDb::embedded().is_current(None));
+        // Same path, new contents (a weekly refresh): must be read again.
+        std::fs::write(&path, &EMBEDDED_DB[..EMBEDDED_DB.len() - 1]).unwrap();
+        assert!(!db.is_current(Some(&path)));
         std::fs::remove_dir_all(&dir).ok();
     }
 
