@@ -120,7 +120,8 @@ impl RouteTable {
     }
 }
 
-/// The ordered candidates for a client of `country` located at `origin` (SPEC steps 3–4):
+/// The ordered candidates for a client of `country` located at `origin` (docs/routing.md,
+/// Residency and Candidate order):
 /// residency filter, then primaries before standbys, home region first, then by
 /// great-circle distance; `failover = false` narrows the list to the home region.
 pub fn order_candidates(config: &Config, country: Option<Country>, origin: GeoPoint) -> CountryPlan {
