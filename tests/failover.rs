@@ -331,7 +331,8 @@ async fn endpoint_failing_half_the_time_is_ejected_after_consecutive_errors() {
     eventually("the flaky endpoint is ejected", || async {
         for _ in 0..5 {
             let r = get_us(&proxy).await;
-            // A 500 is the endpoint's own answer: relayed, not retried (docs/routing.md, Retries).
+            // A 500 is the endpoint's own answer: relayed, not retried (docs/routing.md,
+            // Retries).
             assert!(r.status == 200 || r.status == 500, "{}", r.status);
         }
         endpoint_status(&proxy, &flaky.url()).await["state"] == "ejected"

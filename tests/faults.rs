@@ -22,7 +22,8 @@ const US_WEST: [f64; 2] = [45.6, -121.2];
 /// Slack over `request_timeout` for a client call: connect, a retry, a slow shared machine.
 const MARGIN: Duration = Duration::from_secs(3);
 
-/// docs/health.md: traffic moves away "within seconds"; generous for a shared machine (about 1–3 s here).
+/// Traffic moves away "within seconds" (docs/health.md); generous for a shared machine
+/// (about 1–3 s here).
 const MOVE_BOUND: Duration = Duration::from_secs(8);
 
 /// Error codes Meridian's own JSON answers may carry (docs/routing.md, Errors).
@@ -513,8 +514,8 @@ async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
     let outcomes = load.finish().await;
 
     let failed = failures(&outcomes);
-    // A garbled answer is a 502 from that endpoint: GET is retried elsewhere (docs/routing.md, Retries);
-    // a POST may have been acted on, so it gets a clean 502.
+    // A garbled answer is a 502 from that endpoint: GET is retried elsewhere (docs/routing.md,
+    // Retries); a POST may have been acted on, so it gets a clean 502.
     let gets: Vec<_> = failed.iter().filter(|o| o.kind == Kind::Get).collect();
     assert!(gets.is_empty(), "idempotent requests failed on garbage: {gets:?}");
     for o in &failed {
