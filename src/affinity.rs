@@ -1,4 +1,4 @@
-//! Cache affinity (SPEC "Affinity"): a session goes to the same endpoint of its region, by
+//! Cache affinity (docs/routing.md, Affinity): a session goes to the same endpoint of its region, by
 //! weighted rendezvous hashing, so the model server's prefix cache is reused [pure].
 //!
 //! Rendezvous hashing ranks every endpoint by a hash of (session, endpoint); the session

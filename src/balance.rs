@@ -1,4 +1,5 @@
-//! Endpoint choice within a region: power of two choices over a load score (SPEC step 5).
+//! Endpoint choice within a region: power of two choices over a load score (docs/routing.md,
+//! Selection).
 
 /// What the balancer knows of one endpoint at the moment of a pick.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,5 +1,5 @@
 //! Who the client is: the TCP peer, or the right-most untrusted `X-Forwarded-For` hop
-//! when the peer is a trusted proxy (SPEC step 1).
+//! when the peer is a trusted proxy (docs/routing.md, Client IP).
 
 use std::net::{IpAddr, SocketAddr};
 

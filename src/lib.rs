@@ -36,3 +36,5 @@ pub mod reload;
 pub mod retry;
 pub mod route;
 pub mod runtime;
+#[cfg(test)]
+mod test_fixtures;

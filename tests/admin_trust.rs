@@ -22,7 +22,7 @@ fn config(token_env: &str, regions: &str) -> String {
 }
 
 async fn region_state(proxy: &Meridian, name: &str) -> String {
-    let s = call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json();
+    let s = status(proxy).await;
     s["regions"]
         .as_array()
         .into_iter()
@@ -180,10 +180,8 @@ async fn secrets_never_reach_status_metrics_or_logs() {
     assert_eq!(region_state(&proxy, "us-east").await, "drained");
     // With the region drained, the fallback serves, with the injected header replacing the
     // client's own.
-    let r = call(
-        "POST",
+    let r = chat(
         proxy.listen,
-        "/v1/chat/completions",
         &[("x-forwarded-for", ips::US), ("authorization", "Bearer client-own")],
         "{}",
     )

@@ -47,22 +47,6 @@ fn config(server: &str, health: &str, outlier: &str, regions: &str) -> String {
     c
 }
 
-async fn status(proxy: &Meridian) -> serde_json::Value {
-    call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json()
-}
-
-/// The `/status` entry of the endpoint with `url`.
-async fn endpoint(proxy: &Meridian, url: &str) -> serde_json::Value {
-    let s = status(proxy).await;
-    s["regions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|r| r["endpoints"].as_array().cloned().unwrap_or_default())
-        .find(|e| e["url"] == url)
-        .unwrap_or(serde_json::Value::Null)
-}
-
 async fn region_available(proxy: &Meridian, name: &str) -> bool {
     let s = status(proxy).await;
     s["regions"]
@@ -107,7 +91,7 @@ fn steady_traffic(proxy: &Meridian, workers: usize, stop: Arc<AtomicBool>) -> Ve
                     let r = if method == "GET" {
                         call("GET", target, "/v1/models", &xff, Bytes::new()).await
                     } else {
-                        call("POST", target, "/v1/chat/completions", &xff, post.clone()).await
+                        chat(target, &xff, post.clone()).await
                     };
                     seen.push(Seen {
                         at: Instant::now(),
@@ -229,7 +213,7 @@ async fn recovered_region_gets_traffic_back_after_healthy_after_probes() {
         "{} probes",
         a.probes() - probes_at_revive
     );
-    let e = endpoint(&proxy, &a.url()).await;
+    let e = endpoint_status(&proxy, &a.url()).await;
     assert!(e["ejections"].as_u64().unwrap() >= 1, "{e}");
     let metrics = call("GET", proxy.admin, "/metrics", &[], Bytes::new()).await.text();
     assert!(metrics.contains("meridian_probe_duration_seconds_bucket{region=\"us-east\""));
@@ -312,14 +296,7 @@ async fn slow_first_byte_is_ejected_but_a_gappy_stream_is_not() {
         async move {
             let mut bodies = Vec::new();
             for _ in 0..3 {
-                let r = call(
-                    "POST",
-                    target,
-                    "/v1/chat/completions",
-                    &[("x-forwarded-for", ips::IE)],
-                    r#"{"stream":true}"#,
-                )
-                .await;
+                let r = chat(target, &[("x-forwarded-for", ips::IE)], r#"{"stream":true}"#).await;
                 bodies.push((r.status, r.region().map(str::to_string), r.text()));
             }
             bodies
@@ -327,10 +304,10 @@ async fn slow_first_byte_is_ejected_but_a_gappy_stream_is_not() {
     });
     eventually("the slow endpoint is ejected", || async {
         let _ = tokio::join!(get_us(&proxy), get_us(&proxy), get_us(&proxy));
-        endpoint(&proxy, &slow.url()).await["state"] == "ejected"
+        endpoint_status(&proxy, &slow.url()).await["state"] == "ejected"
     })
     .await;
-    assert_eq!(endpoint(&proxy, &slow.url()).await["reason"], "slow_first_byte");
+    assert_eq!(endpoint_status(&proxy, &slow.url()).await["reason"], "slow_first_byte");
     let r = get_us(&proxy).await;
     assert_eq!((r.status, r.region()), (200, Some("us-west")));
 
@@ -338,7 +315,7 @@ async fn slow_first_byte_is_ejected_but_a_gappy_stream_is_not() {
         assert_eq!((status, region.as_deref()), (200, Some("eu-west")));
         assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     }
-    let e = endpoint(&proxy, &streamer.url()).await;
+    let e = endpoint_status(&proxy, &streamer.url()).await;
     assert_eq!(e["state"], "healthy", "{e}");
     assert_eq!(e["ejections"], 0, "{e}");
     assert!(e["ttfb_ewma_ms"].as_f64().unwrap() < 300.0, "{e}");
@@ -354,13 +331,14 @@ async fn endpoint_failing_half_the_time_is_ejected_after_consecutive_errors() {
     eventually("the flaky endpoint is ejected", || async {
         for _ in 0..5 {
             let r = get_us(&proxy).await;
-            // A 500 is the endpoint's own answer: relayed, not retried (SPEC step 7).
+            // A 500 is the endpoint's own answer: relayed, not retried (docs/routing.md,
+            // Retries).
             assert!(r.status == 200 || r.status == 500, "{}", r.status);
         }
-        endpoint(&proxy, &flaky.url()).await["state"] == "ejected"
+        endpoint_status(&proxy, &flaky.url()).await["state"] == "ejected"
     })
     .await;
-    let e = endpoint(&proxy, &flaky.url()).await;
+    let e = endpoint_status(&proxy, &flaky.url()).await;
     assert_eq!(e["reason"], "consecutive_errors", "{e}");
     assert!(e["total_errors"].as_u64().unwrap() >= 3, "{e}");
     let before = flaky.requests();
@@ -392,7 +370,7 @@ async fn flapping_endpoint_does_not_move_traffic_every_interval() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     stop.store(true, Ordering::Release);
     let seen = collect(traffic).await;
-    let e = endpoint(&proxy, &flapper.url()).await;
+    let e = endpoint_status(&proxy, &flapper.url()).await;
     let ejections = e["ejections"].as_u64().unwrap();
     assert!((1..=4).contains(&ejections), "6 flaps, {ejections} ejections: {e}");
     // Each return to service is logged once; a naive checker would return it every second.
@@ -402,8 +380,8 @@ async fn flapping_endpoint_does_not_move_traffic_every_interval() {
         .filter(|l| l.contains("endpoint back on probation"))
         .count();
     assert!(returns <= 4, "{returns} returns in 6 flaps");
-    // 503s to GETs were retried in us-west; a POST is not retried on a 503 (SPEC step 7),
-    // so the endpoint's own answer reaches the client.
+    // 503s to GETs were retried in us-west; a POST is not retried on a 503 (docs/routing.md,
+    // Retries), so the endpoint's own answer reaches the client.
     let bad = |s: &&Seen| s.status != 200 && (s.method == "GET" || !s.body.contains("fake flap"));
     assert!(seen.iter().filter(bad).count() == 0, "{:?}", seen.iter().find(bad));
 }
@@ -430,7 +408,7 @@ async fn retry_after_sheds_an_endpoint_for_about_that_long() {
     let elapsed = shed_at.elapsed();
     assert!(elapsed >= Duration::from_millis(1500), "back after {elapsed:?}");
     // Shedding is not a failure.
-    let e = endpoint(&proxy, &a.url()).await;
+    let e = endpoint_status(&proxy, &a.url()).await;
     assert_eq!(
         (e["total_errors"].as_u64(), e["ejections"].as_u64()),
         (Some(0), Some(0)),
@@ -453,13 +431,7 @@ async fn stalled_stream_ends_with_an_sse_error_and_counts_against_the_endpoint()
         let resp = send_from(
             "127.0.0.1".parse().unwrap(),
             proxy.listen,
-            request(
-                "POST",
-                proxy.listen,
-                "/v1/chat/completions",
-                &[("x-forwarded-for", ips::US)],
-                r#"{"stream":true}"#,
-            ),
+            chat_request(proxy.listen, &[("x-forwarded-for", ips::US)], r#"{"stream":true}"#),
         )
         .await;
         assert_eq!(resp.status(), 200);
@@ -475,11 +447,11 @@ async fn stalled_stream_ends_with_an_sse_error_and_counts_against_the_endpoint()
             "{body}"
         );
         eventually("the stall is counted", || async {
-            endpoint(&proxy, &a.url()).await["total_errors"].as_u64() == Some(n)
+            endpoint_status(&proxy, &a.url()).await["total_errors"].as_u64() == Some(n)
         })
         .await;
     }
-    let e = endpoint(&proxy, &a.url()).await;
+    let e = endpoint_status(&proxy, &a.url()).await;
     assert_eq!(
         (e["state"].as_str(), e["reason"].as_str()),
         (Some("ejected"), Some("consecutive_errors")),
@@ -668,7 +640,7 @@ async fn status_reports_state_reason_latency_and_errors() {
     let proxy = Meridian::start(&config("", "", "", &regions));
     b.set_healthy(false);
     eventually("b is ejected by probes", || async {
-        endpoint(&proxy, &b.url()).await["state"] == "ejected"
+        endpoint_status(&proxy, &b.url()).await["state"] == "ejected"
     })
     .await;
     get_us(&proxy).await;
@@ -678,11 +650,11 @@ async fn status_reports_state_reason_latency_and_errors() {
         region["state"], "healthy",
         "one of two endpoints left is not yet degraded: {region}"
     );
-    let e = endpoint(&proxy, &b.url()).await;
+    let e = endpoint_status(&proxy, &b.url()).await;
     assert_eq!(e["reason"], "probes_failed");
     assert_eq!(e["last_probe"]["ok"], false);
     assert!(e["last_transition_unix"].as_f64().unwrap() > 1.0e9);
-    let ok = endpoint(&proxy, &a.url()).await;
+    let ok = endpoint_status(&proxy, &a.url()).await;
     assert_eq!(ok["state"], "healthy");
     assert!(ok["latency_ewma_ms"].as_f64().unwrap() > 0.0, "{ok}");
     let metrics = call("GET", proxy.admin, "/metrics", &[], Bytes::new()).await.text();
@@ -735,10 +707,10 @@ async fn a_region_can_probe_its_own_health_path() {
     ) + &region("us-west", US_WEST, &[], &[plain.url()]);
     let proxy = Meridian::start(&config("", "", "", &regions));
     eventually("us-west is ejected by its probes", || async {
-        endpoint(&proxy, &plain.url()).await["state"] == "ejected"
+        endpoint_status(&proxy, &plain.url()).await["state"] == "ejected"
     })
     .await;
-    let e = endpoint(&proxy, &custom.url()).await;
+    let e = endpoint_status(&proxy, &custom.url()).await;
     assert_eq!(e["state"], "healthy", "{e}");
     assert!(custom.seen().iter().any(|s| s.path == "/v1/models"));
     assert_eq!(custom.probes(), 0, "/health is not probed in us-east");

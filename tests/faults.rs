@@ -22,11 +22,12 @@ const US_WEST: [f64; 2] = [45.6, -121.2];
 /// Slack over `request_timeout` for a client call: connect, a retry, a slow shared machine.
 const MARGIN: Duration = Duration::from_secs(3);
 
-/// SPEC: traffic moves "within seconds"; generous for a shared machine (about 1–3 s here).
+/// Traffic moves away "within seconds" (docs/health.md); generous for a shared machine
+/// (about 1–3 s here).
 const MOVE_BOUND: Duration = Duration::from_secs(8);
 
-/// Error codes SPEC allows in Meridian's own JSON answers.
-const SPEC_CODES: [&str; 8] = [
+/// Error codes Meridian's own JSON answers may carry (docs/routing.md, Errors).
+const ERROR_CODES: [&str; 8] = [
     "no_region_available",
     "residency_unavailable",
     "upstream_unreachable",
@@ -165,11 +166,11 @@ impl Outcome {
         self.status == 200 && !self.body_error && !self.body.contains("event: error")
     }
 
-    /// Meridian's own answer: JSON with a SPEC error code and a message.
+    /// Meridian's own answer: JSON with a documented error code and a message.
     fn clean_error(&self, statuses: &[u16]) -> bool {
         let v: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
         statuses.contains(&self.status)
-            && v["error"].as_str().is_some_and(|c| SPEC_CODES.contains(&c))
+            && v["error"].as_str().is_some_and(|c| ERROR_CODES.contains(&c))
             && v["message"].as_str().is_some_and(|m| !m.is_empty())
     }
 }
@@ -188,10 +189,8 @@ async fn one(target: std::net::SocketAddr, kind: Kind, limit: Duration) -> Outco
         let req = match kind {
             Kind::Get => request("GET", target, "/v1/models", &[xff], Bytes::new()),
             Kind::Post => request("POST", target, "/v1/embeddings", &[xff], vec![b'x'; 10 * 1024]),
-            Kind::Stream => request(
-                "POST",
+            Kind::Stream => chat_request(
                 target,
-                "/v1/chat/completions",
                 &[xff, ("content-type", "application/json")],
                 r#"{"model":"m","stream":true}"#,
             ),
@@ -515,8 +514,8 @@ async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
     let outcomes = load.finish().await;
 
     let failed = failures(&outcomes);
-    // A garbled answer is a 502 from that endpoint: GET is retried elsewhere (SPEC step 7);
-    // a POST may have been acted on, so it gets a clean 502.
+    // A garbled answer is a 502 from that endpoint: GET is retried elsewhere (docs/routing.md,
+    // Retries); a POST may have been acted on, so it gets a clean 502.
     let gets: Vec<_> = failed.iter().filter(|o| o.kind == Kind::Get).collect();
     assert!(gets.is_empty(), "idempotent requests failed on garbage: {gets:?}");
     for o in &failed {

@@ -18,14 +18,6 @@ const RST_STREAM: u8 = 0x3;
 const GOAWAY: u8 = 0x7;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
-async fn setup(server_extra: &str) -> (FakeUpstream, Meridian) {
-    let up = FakeUpstream::start("us-east").await.unwrap();
-    let mut config = base_config().replace("[server]\n", &format!("[server]\n{server_extra}"));
-    config.push_str("[geoip]\ndefault_region = \"us-east\"\n\n");
-    config.push_str(&region("us-east", [39.04, -77.49], &["US"], &[up.url()]));
-    (up, Meridian::start(&config))
-}
-
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
@@ -92,7 +84,7 @@ async fn open(addr: SocketAddr) -> TcpStream {
 
 #[tokio::test]
 async fn stream_and_header_list_limits_are_advertised() {
-    let (_up, proxy) = setup("http2_max_concurrent_streams = 7\nmax_header_bytes = \"16KiB\"\n").await;
+    let (_up, proxy) = one_region("http2_max_concurrent_streams = 7\nmax_header_bytes = \"16KiB\"\n").await;
     let mut s = open(proxy.listen).await;
     let mut buf = [0u8; 1024];
     let n = tokio::time::timeout(DEADLINE, s.read(&mut buf)).await.unwrap().unwrap();
@@ -119,7 +111,7 @@ async fn stream_and_header_list_limits_are_advertised() {
 
 #[tokio::test]
 async fn a_flood_of_malformed_streams_ends_the_connection() {
-    let (up, proxy) = setup("").await;
+    let (up, proxy) = one_region("").await;
     let s = open(proxy.listen).await;
     // A connection-specific header makes each request malformed (RFC 9113 §8.2.2): the
     // server resets the stream. The guard allows 100 such resets per connection.
@@ -146,7 +138,7 @@ async fn a_flood_of_malformed_streams_ends_the_connection() {
 
 #[tokio::test]
 async fn rapid_reset_ends_the_connection() {
-    let (_up, proxy) = setup("").await;
+    let (_up, proxy) = one_region("").await;
     let s = open(proxy.listen).await;
     // Open a stream and cancel it at once, many times in one write: the server has not
     // accepted them yet when the resets arrive. The guard allows 50 such streams pending.

@@ -10,14 +10,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn setup(server_extra: &str) -> (FakeUpstream, Meridian) {
-    let up = FakeUpstream::start("us-east").await.unwrap();
-    let mut config = base_config().replace("[server]\n", &format!("[server]\n{server_extra}"));
-    config.push_str("[geoip]\ndefault_region = \"us-east\"\n\n");
-    config.push_str(&region("us-east", [39.04, -77.49], &["US"], &[up.url()]));
-    (up, Meridian::start(&config))
-}
-
 /// Sends raw bytes and reads until the server closes or `DEADLINE` passes.
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -33,7 +25,7 @@ fn status_of(resp: &str) -> u16 {
 
 #[tokio::test]
 async fn smuggling_shapes_are_rejected_before_any_endpoint_sees_them() {
-    let (up, proxy) = setup("").await;
+    let (up, proxy) = one_region("").await;
     // hyper reads a message with both headers as chunked and drops Content-Length
     // (RFC 9112 §6.3); every other shape is refused with 400.
     let cases: [(&str, u16, &[u8]); 5] = [
@@ -71,7 +63,7 @@ async fn smuggling_shapes_are_rejected_before_any_endpoint_sees_them() {
 
 #[tokio::test]
 async fn header_and_uri_limits_answer_431_and_414() {
-    let (up, proxy) = setup("max_header_bytes = \"8KiB\"\nmax_headers = 20\nmax_uri_bytes = \"1KiB\"\n").await;
+    let (up, proxy) = one_region("max_header_bytes = \"8KiB\"\nmax_headers = 20\nmax_uri_bytes = \"1KiB\"\n").await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(16 * 1024)
@@ -95,7 +87,7 @@ async fn header_and_uri_limits_answer_431_and_414() {
 
 #[tokio::test]
 async fn slow_headers_are_cut_off() {
-    let (_up, proxy) = setup("header_read_timeout = \"500ms\"\n").await;
+    let (_up, proxy) = one_region("header_read_timeout = \"500ms\"\n").await;
     let mut s = TcpStream::connect(proxy.listen).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ").await.unwrap();
     // The server must close the connection on its own; without the timeout this read
@@ -108,7 +100,7 @@ async fn slow_headers_are_cut_off() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     // A long header timeout, so only the idle timeout can close the connection.
-    let (_up, proxy) = setup("idle_timeout = \"500ms\"\nheader_read_timeout = \"60s\"\n").await;
+    let (_up, proxy) = one_region("idle_timeout = \"500ms\"\nheader_read_timeout = \"60s\"\n").await;
     let mut s = TcpStream::connect(proxy.listen).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 4096];
@@ -129,7 +121,7 @@ async fn idle_keep_alive_connections_are_closed() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_at_accept() {
-    let (_up, proxy) = setup("max_connections = 2\n").await;
+    let (_up, proxy) = one_region("max_connections = 2\n").await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(proxy.listen).await.unwrap();
@@ -161,7 +153,7 @@ async fn connections_beyond_the_limit_are_closed_at_accept() {
 
 #[tokio::test]
 async fn garbage_instead_of_http_is_refused_without_harm() {
-    let (_up, proxy) = setup("").await;
+    let (_up, proxy) = one_region("").await;
     for junk in [
         &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
         b"NOT HTTP AT ALL\r\n\r\n",

@@ -97,10 +97,6 @@ fn sglang_page(queue: u32, running: u32, token_usage: f64) -> String {
     )
 }
 
-async fn status(proxy: &Meridian) -> serde_json::Value {
-    call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json()
-}
-
 async fn region_status(proxy: &Meridian, name: &str) -> serde_json::Value {
     let s = status(proxy).await;
     s["regions"]
@@ -118,14 +114,7 @@ async fn saturated(proxy: &Meridian, name: &str) -> bool {
 
 /// The queue depth `/status` shows for the endpoint with `url`.
 async fn queue_seen(proxy: &Meridian, url: &str) -> Option<f64> {
-    let s = status(proxy).await;
-    s["regions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|r| r["endpoints"].as_array().cloned().unwrap_or_default())
-        .find(|e| e["url"] == url)
-        .and_then(|e| e["load"]["queue_depth"].as_f64())
+    endpoint_status(proxy, url).await["load"]["queue_depth"].as_f64()
 }
 
 async fn wait_queue(proxy: &Meridian, url: &str, want: f64) {
@@ -527,10 +516,8 @@ fn spillover_and_load_keys_are_validated_by_key_path() {
 /// The endpoint that served a chat completion whose body names `user`.
 async fn chat_as(proxy: &Meridian, user: &str) -> String {
     let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"user":"{user}"}}"#);
-    let r = call(
-        "POST",
+    let r = chat(
         proxy.listen,
-        "/v1/chat/completions",
         &[("x-forwarded-for", ips::US), ("content-type", "application/json")],
         body,
     )

@@ -145,10 +145,6 @@ fn metric_families(s: &prometheus_parse::Scrape) -> HashSet<String> {
     s.docs.keys().cloned().collect()
 }
 
-async fn status(proxy: &Meridian) -> serde_json::Value {
-    call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json()
-}
-
 fn region_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["regions"]
         .as_array()
@@ -175,10 +171,8 @@ async fn open_stream(proxy: &Meridian, xff: &str) -> (String, hyper::body::Incom
     let resp = send_from(
         "127.0.0.1".parse().unwrap(),
         proxy.listen,
-        request(
-            "POST",
+        chat_request(
             proxy.listen,
-            "/v1/chat/completions",
             &[("content-type", "application/json"), ("x-forwarded-for", xff)],
             r#"{"stream":true}"#,
         ),
@@ -398,7 +392,7 @@ async fn access_log_has_one_json_line_per_request_and_no_secrets() {
         ("x-request-id", "req-uk-1"),
         ("authorization", CLIENT),
     ];
-    let r = call("POST", proxy.listen, "/v1/chat/completions", &gb_req, "{}").await;
+    let r = chat(proxy.listen, &gb_req, "{}").await;
     assert_eq!(r.status, 200);
     // With every region drained, a client outside any zone is sent to the fallback.
     for region in ["us-east", "eu-west", "uk-south", "ap-southeast"] {
@@ -547,14 +541,7 @@ async fn sighup_moves_a_country_while_streams_and_health_state_survive() {
 
     // Health state to keep: uk-south's endpoint ejected by real traffic, ap-southeast drained.
     w.uk.set_behavior(Behavior::Status(500));
-    let r = call(
-        "POST",
-        proxy.listen,
-        "/v1/chat/completions",
-        &[("x-forwarded-for", ips::GB)],
-        "{}",
-    )
-    .await;
+    let r = chat(proxy.listen, &[("x-forwarded-for", ips::GB)], "{}").await;
     assert_eq!(r.status, 500);
     w.uk.set_behavior(Behavior::Ok);
     drain(&proxy, "ap-southeast").await;

@@ -283,7 +283,7 @@ async fn sharded_home_region_down_means_503_and_nothing_crosses() {
     );
 
     // /status shows each client group's order: sharded ones end at their home region.
-    let status = call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json();
+    let status = support::status(&proxy).await;
     let orders = status["patterns"]["failover_orders"]
         .as_array()
         .cloned()
@@ -342,10 +342,8 @@ async fn hub_and_spoke_sends_training_to_the_hub_and_inference_to_the_nearest_sp
     assert_eq!(r.region(), Some("ap-southeast"));
 
     // Batch work, by header: the hub.
-    let r = call(
-        "POST",
+    let r = chat(
         proxy.listen,
-        "/v1/chat/completions",
         &[("x-forwarded-for", ips::AU), ("x-workload", "batch")],
         Bytes::from_static(b"{}"),
     )
@@ -376,7 +374,7 @@ async fn hub_and_spoke_sends_training_to_the_hub_and_inference_to_the_nearest_sp
     assert_eq!(r.region(), Some("uk-south"));
 
     // /status shows the patterns in effect.
-    let status = call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json();
+    let status = support::status(&proxy).await;
     let patterns = &status["patterns"];
     assert!(
         patterns["patterns"]
@@ -607,7 +605,7 @@ async fn a_failing_fallback_opens_its_breaker_and_stops_costing_requests() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"], "no_region_available");
     assert_eq!(hosted.requests(), tried, "an open breaker sends nothing");
-    let status = call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json();
+    let status = support::status(&proxy).await;
     assert_eq!(status["fallback"]["breaker"]["state"], "open", "{status}");
 
     // The fallback recovers: after the cool-down one trial closes the breaker again.
@@ -616,6 +614,6 @@ async fn a_failing_fallback_opens_its_breaker_and_stops_costing_requests() {
         get_as(proxy.listen, ips::US, "/v1/models").await.region() == Some("fallback")
     })
     .await;
-    let status = call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json();
+    let status = support::status(&proxy).await;
     assert_eq!(status["fallback"]["breaker"]["state"], "closed", "{status}");
 }

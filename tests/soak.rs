@@ -66,10 +66,8 @@ async fn one(target: std::net::SocketAddr, kind: Kind) -> Result<(u16, String, b
     let req = match kind {
         Kind::Get => request("GET", target, "/v1/models", &[xff], Bytes::new()),
         Kind::Post => request("POST", target, "/v1/embeddings", &[xff], vec![b'y'; 4096]),
-        Kind::Stream => request(
-            "POST",
+        Kind::Stream => chat_request(
             target,
-            "/v1/chat/completions",
             &[xff, ("content-type", "application/json")],
             r#"{"stream":true}"#,
         ),

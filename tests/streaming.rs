@@ -10,15 +10,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
-async fn one_region(extra: &str) -> (FakeUpstream, Meridian) {
-    let up = FakeUpstream::start("us-east").await.unwrap();
-    let mut config = base_config().replace("[server]\n", &format!("[server]\n{extra}"));
-    config.push_str("[geoip]\ndefault_region = \"us-east\"\n\n");
-    config.push_str(&region("us-east", [39.04, -77.49], &["US"], &[up.url()]));
-    let proxy = Meridian::start(&config);
-    (up, proxy)
-}
-
 #[tokio::test]
 async fn sse_events_arrive_one_by_one_without_buffering() {
     let (up, proxy) = one_region("").await;
@@ -26,10 +17,8 @@ async fn sse_events_arrive_one_by_one_without_buffering() {
     let resp = send_from(
         "127.0.0.1".parse().unwrap(),
         proxy.listen,
-        request(
-            "POST",
+        chat_request(
             proxy.listen,
-            "/v1/chat/completions",
             &[("content-type", "application/json")],
             r#"{"stream":true}"#,
         ),
@@ -86,11 +75,11 @@ async fn post_bodies_arrive_intact_small_and_streamed() {
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let (up, proxy) = one_region("max_request_body = \"16KiB\"\n").await;
-    let r = call("POST", proxy.listen, "/v1/chat/completions", &[], vec![b'x'; 17 * 1024]).await;
+    let r = chat(proxy.listen, &[], vec![b'x'; 17 * 1024]).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"], "body_too_large");
     // Exactly at the limit passes.
-    let r = call("POST", proxy.listen, "/v1/chat/completions", &[], vec![b'x'; 16 * 1024]).await;
+    let r = chat(proxy.listen, &[], vec![b'x'; 16 * 1024]).await;
     assert_eq!(r.status, 200);
     assert_eq!(up.requests(), 1);
 }

@@ -5,5 +5,8 @@ pub mod file;
 pub mod units;
 mod validate;
 
+#[cfg(test)]
+mod problem_tests;
+
 pub use file::{LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
 pub use validate::*;

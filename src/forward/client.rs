@@ -41,7 +41,8 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// SPEC step 7: refused, reset and connect timeouts may be retried for any method.
+    /// Refused, reset and connect timeouts may be retried for any method (docs/routing.md,
+    /// Retries).
     pub fn retryable(&self) -> bool {
         matches!(self, UpstreamError::Connect(_) | UpstreamError::Reset(_))
     }

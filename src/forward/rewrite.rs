@@ -1,5 +1,5 @@
 //! Header rewriting both ways: hop-by-hop removal, `X-Forwarded-*`, request id and the
-//! `x-meridian-*` headers (SPEC "Headers").
+//! `x-meridian-*` headers (docs/routing.md, Headers).
 
 use std::net::IpAddr;
 

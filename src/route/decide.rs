@@ -1,5 +1,5 @@
-//! The per-request routing decision (SPEC "Routing decision", steps 2–6), pure over the
-//! compiled table and a view of region state.
+//! The per-request routing decision (docs/routing.md, Location to When nothing is
+//! available), pure over the compiled table and a view of region state.
 
 use std::borrow::Cow;
 
@@ -183,53 +183,11 @@ pub fn select(
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::test_fixtures::{WORLD, world};
     use std::sync::Arc;
 
-    const TABLE: &str = r#"
-        [geoip]
-        default_region = "us-east"
-        [[region]]
-        name = "us-east"
-        location = [39.04, -77.49]
-        countries = ["US", "CA"]
-        endpoints = ["http://127.0.0.1:1"]
-        [[region]]
-        name = "us-west"
-        location = [45.6, -121.2]
-        endpoints = ["http://127.0.0.1:2"]
-        [[region]]
-        name = "eu-west"
-        location = [53.35, -6.26]
-        countries = ["IE", "FR"]
-        endpoints = ["http://127.0.0.1:3"]
-        [[region]]
-        name = "eu-central"
-        location = [50.11, 8.68]
-        countries = ["DE"]
-        endpoints = ["http://127.0.0.1:4"]
-        [[region]]
-        name = "uk-south"
-        location = [51.51, -0.13]
-        countries = ["GB"]
-        endpoints = ["http://127.0.0.1:5"]
-        [[region]]
-        name = "ap-southeast"
-        location = [1.35, 103.82]
-        countries = ["SG", "AU"]
-        endpoints = ["http://127.0.0.1:6"]
-        [[residency]]
-        name = "uk"
-        countries = ["GB"]
-        regions = ["uk-south"]
-        [[residency]]
-        name = "eu"
-        countries = ["DE", "FR"]
-        regions = ["eu-central", "eu-west"]
-    "#;
-
     fn table(extra: &str) -> RouteTable {
-        let config = Config::parse(&format!("{TABLE}\n{extra}"), None).unwrap_or_else(|e| panic!("{e}"));
-        RouteTable::new(Arc::new(config))
+        world(extra)
     }
 
     fn names(t: &RouteTable, p: &RoutePlan<'_>) -> Vec<String> {
@@ -325,7 +283,7 @@ mod tests {
             assert_eq!(p.zone, None);
         }
         let refusing = Config::parse(
-            &TABLE.replace(
+            &WORLD.replace(
                 "default_region = \"us-east\"",
                 "default_region = \"us-east\"\nunknown = \"refuse\"",
             ),

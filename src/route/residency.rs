@@ -295,42 +295,10 @@ mod tests {
     use crate::geo::GeoPoint;
     use std::sync::Arc;
 
-    const BASE: &str = r#"
-        [geoip]
-        default_region = "us-east"
-        unknown = "refuse"
-        [[region]]
-        name = "us-east"
-        location = [39.04, -77.49]
-        countries = ["US"]
-        endpoints = ["http://127.0.0.1:1"]
-        [[region]]
-        name = "eu-west"
-        location = [53.35, -6.26]
-        countries = ["IE", "FR"]
-        endpoints = ["http://127.0.0.1:2"]
-        [[region]]
-        name = "eu-central"
-        location = [50.11, 8.68]
-        countries = ["DE"]
-        endpoints = ["http://127.0.0.1:3"]
-        [[region]]
-        name = "uk-south"
-        location = [51.51, -0.13]
-        countries = ["GB"]
-        endpoints = ["http://127.0.0.1:4"]
-        [[residency]]
-        name = "uk"
-        countries = ["GB"]
-        regions = ["uk-south"]
-        [[residency]]
-        name = "eu"
-        countries = ["DE", "FR"]
-        regions = ["eu-central", "eu-west"]
-    "#;
-
+    /// The shared world, refusing unlocated clients: the note about them is tested apart.
     fn table(extra: &str) -> RouteTable {
-        let config = Config::parse(&format!("{BASE}\n{extra}"), None).unwrap_or_else(|e| panic!("{e}"));
+        let mut config = crate::test_fixtures::world_config(extra);
+        config.geoip.unknown = UnknownPolicy::Refuse;
         RouteTable::new(Arc::new(config))
     }
 
@@ -429,7 +397,8 @@ mod tests {
         let t = table(
             "[fallback]\nendpoint = \"https://127.0.0.1:9\"\n[[route]]\npath_prefix = \"/v1/fine_tuning\"\nregions = [\"us-east\"]",
         );
-        let (us, uk) = (0, 3);
+        let id = |n: &str| t.config.region_index(n).unwrap_or(usize::MAX);
+        let (us, uk) = (id("us-east"), id("uk-south"));
         let plan = |zone: Option<ZoneId>, candidates: Vec<Candidate>, fallback: bool| CountryPlan {
             country: None,
             origin: GeoPoint { lat: 0.0, lon: 0.0 },

@@ -1,4 +1,4 @@
-//! Regional spillover (SPEC "Spillover"): when a region counts as saturated, with
+//! Regional spillover (docs/routing.md, Spillover): when a region counts as saturated, with
 //! hysteresis so it does not flap at the threshold [pure].
 
 use crate::config::SpilloverConfig;
@@ -112,44 +112,14 @@ mod tests {
         }
     }
 
-    /// What selection does with saturated regions (SPEC "Spillover"): skipped like
+    /// What selection does with saturated regions (docs/routing.md, Spillover): skipped like
     /// unavailable ones, never across a zone, and a zone's clients are still served inside
     /// it when every zone region is saturated.
     #[test]
     fn selection_spills_past_saturated_regions_inside_the_plan_only() {
         use crate::geo::{Country, Located};
-        use crate::route::{Decision, RegionState, RequestFacts, RouteTable, plan, select};
-        let text = r#"
-            [geoip]
-            default_region = "us-east"
-            [[region]]
-            name = "us-east"
-            location = [39.04, -77.49]
-            countries = ["US"]
-            endpoints = ["http://127.0.0.1:1"]
-            [[region]]
-            name = "us-west"
-            location = [45.6, -121.2]
-            endpoints = ["http://127.0.0.1:2"]
-            [[region]]
-            name = "eu-central"
-            location = [50.11, 8.68]
-            countries = ["DE"]
-            endpoints = ["http://127.0.0.1:3"]
-            [[region]]
-            name = "eu-west"
-            location = [53.35, -6.26]
-            countries = ["IE"]
-            endpoints = ["http://127.0.0.1:4"]
-            [[residency]]
-            name = "eu"
-            countries = ["DE"]
-            regions = ["eu-central", "eu-west"]
-            [fallback]
-            endpoint = "http://127.0.0.1:9"
-        "#;
-        let config = crate::config::Config::parse(text, None).unwrap_or_else(|e| panic!("{e}"));
-        let t = RouteTable::new(std::sync::Arc::new(config));
+        use crate::route::{Decision, RegionState, RequestFacts, plan, select};
+        let t = crate::test_fixtures::world("[fallback]\nendpoint = \"http://127.0.0.1:9\"");
         let id = |n: &str| t.config.region_index(n).unwrap_or(usize::MAX);
         let headers = http::HeaderMap::new();
         let facts = RequestFacts {
@@ -163,13 +133,27 @@ mod tests {
             ("US", &["us-east", "us-west"], false, Decision::Region(id("eu-west"))),
             (
                 "US",
-                &["us-east", "us-west", "eu-west", "eu-central"],
+                &[
+                    "us-east",
+                    "us-west",
+                    "eu-west",
+                    "uk-south",
+                    "eu-central",
+                    "ap-southeast",
+                ],
                 true,
                 Decision::Fallback,
             ),
             (
                 "US",
-                &["us-east", "us-west", "eu-west", "eu-central"],
+                &[
+                    "us-east",
+                    "us-west",
+                    "eu-west",
+                    "uk-south",
+                    "eu-central",
+                    "ap-southeast",
+                ],
                 false,
                 Decision::Region(id("us-east")),
             ),

@@ -120,9 +120,10 @@ impl RouteTable {
     }
 }
 
-/// The ordered candidates for a client of `country` located at `origin` (SPEC steps 3–4):
-/// residency filter, then primaries before standbys, home region first, then by
-/// great-circle distance; `failover = false` narrows the list to the home region.
+/// The ordered candidates for a client of `country` located at `origin` (docs/routing.md,
+/// Residency and Candidate order): residency filter, then primaries before standbys, home
+/// region first, then by great-circle distance; `failover = false` narrows the list to the
+/// home region.
 pub fn order_candidates(config: &Config, country: Option<Country>, origin: GeoPoint) -> CountryPlan {
     let zone = country.and_then(|c| config.zones.iter().position(|z| z.countries.contains(&c)));
     let eligible = |r: RegionId| zone.is_none_or(|z| config.zones[z].regions.contains(&r));

@@ -285,6 +285,46 @@ pub async fn get_as(target: SocketAddr, xff: &str, path: &str) -> Reply {
     call("GET", target, path, &[("x-forwarded-for", xff)], Bytes::new()).await
 }
 
+/// The path of an OpenAI-style chat completion, the request most tests send.
+pub const CHAT_PATH: &str = "/v1/chat/completions";
+
+/// A chat completion `POST` to `target`; `headers` are (name, value) pairs.
+pub fn chat_request(target: SocketAddr, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    request("POST", target, CHAT_PATH, headers, body)
+}
+
+/// POSTs a chat completion from 127.0.0.1 and collects the whole reply.
+pub async fn chat(target: SocketAddr, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    call("POST", target, CHAT_PATH, headers, body).await
+}
+
+/// The admin `/status` document.
+pub async fn status(proxy: &Meridian) -> serde_json::Value {
+    call("GET", proxy.admin, "/status", &[], Bytes::new()).await.json()
+}
+
+/// The `/status` entry of the endpoint with `url` (`Null` when there is none).
+pub async fn endpoint_status(proxy: &Meridian, url: &str) -> serde_json::Value {
+    let s = status(proxy).await;
+    s["regions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["url"] == url)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// One fake endpoint in region `us-east`, home of US clients and the default region, and the
+/// proxy in front; `server_extra` is added to `[server]`.
+pub async fn one_region(server_extra: &str) -> (FakeUpstream, Meridian) {
+    let up = FakeUpstream::start("us-east").await.unwrap();
+    let mut config = base_config().replace("[server]\n", &format!("[server]\n{server_extra}"));
+    config.push_str("[geoip]\ndefault_region = \"us-east\"\n\n");
+    config.push_str(&region("us-east", [39.04, -77.49], &["US"], &[up.url()]));
+    (up, Meridian::start(&config))
+}
+
 /// Polls `check` every 50 ms until it returns true or the deadline passes.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where

@@ -1,0 +1,61 @@
+//! Fixtures shared by unit tests: one multi-region world to route over.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::route::RouteTable;
+
+/// Six regions on three continents with two residency zones: `uk` (GB, served only by
+/// uk-south) and `eu` (DE and FR, served by eu-central and eu-west). us-east is the home of
+/// US and CA and the default region; us-west is nobody's home.
+pub(crate) const WORLD: &str = r#"
+    [geoip]
+    default_region = "us-east"
+    [[region]]
+    name = "us-east"
+    location = [39.04, -77.49]
+    countries = ["US", "CA"]
+    endpoints = ["http://127.0.0.1:1"]
+    [[region]]
+    name = "us-west"
+    location = [45.6, -121.2]
+    endpoints = ["http://127.0.0.1:2"]
+    [[region]]
+    name = "eu-west"
+    location = [53.35, -6.26]
+    countries = ["IE", "FR"]
+    endpoints = ["http://127.0.0.1:3"]
+    [[region]]
+    name = "eu-central"
+    location = [50.11, 8.68]
+    countries = ["DE"]
+    endpoints = ["http://127.0.0.1:4"]
+    [[region]]
+    name = "uk-south"
+    location = [51.51, -0.13]
+    countries = ["GB"]
+    endpoints = ["http://127.0.0.1:5"]
+    [[region]]
+    name = "ap-southeast"
+    location = [1.35, 103.82]
+    countries = ["SG", "AU"]
+    endpoints = ["http://127.0.0.1:6"]
+    [[residency]]
+    name = "uk"
+    countries = ["GB"]
+    regions = ["uk-south"]
+    [[residency]]
+    name = "eu"
+    countries = ["DE", "FR"]
+    regions = ["eu-central", "eu-west"]
+"#;
+
+/// [`WORLD`] with `extra` TOML appended (tables it does not already have), validated.
+pub(crate) fn world_config(extra: &str) -> Config {
+    Config::parse(&format!("{WORLD}\n{extra}"), None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The route table compiled from [`world_config`].
+pub(crate) fn world(extra: &str) -> RouteTable {
+    RouteTable::new(Arc::new(world_config(extra)))
+}
