@@ -4,13 +4,14 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Bodies up to this size are kept so a failed attempt can be replayed elsewhere.
@@ -26,6 +27,33 @@ pub enum BodyError {
     Upstream(#[source] hyper::Error),
     #[error("upstream stalled for {0:?}")]
     Stalled(Duration),
+    /// The client sent no body bytes for `server.body_timeout`: its fault, not the endpoint's.
+    #[error("client sent no body bytes for {0:?}")]
+    ClientStalled(Duration),
+}
+
+/// Tells the attempt when a streamed request body has been read to its end (or failed), so
+/// `request_timeout` counts the endpoint's time only, never the client's upload.
+#[derive(Debug, Clone, Default)]
+pub struct BodySent(Arc<(AtomicBool, Notify)>);
+
+impl BodySent {
+    fn mark(&self) {
+        self.0.0.store(true, Ordering::Release);
+        self.0.1.notify_waiters();
+    }
+
+    /// Resolves once the body is sent.
+    pub async fn wait(&self) {
+        loop {
+            // Registered before the check: a `mark` in between is not missed.
+            let notified = self.0.1.notified();
+            if self.0.0.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// A request body on its way to an endpoint.
@@ -52,6 +80,37 @@ pub struct StreamingBody {
     seen: u64,
     limit: u64,
     overflow: Arc<AtomicBool>,
+    /// Longest wait for the client's next body bytes.
+    read_timeout: Duration,
+    read_deadline: Pin<Box<Sleep>>,
+    sent: BodySent,
+}
+
+impl StreamingBody {
+    fn new(
+        prefix: Option<Bytes>,
+        inner: Incoming,
+        limit: u64,
+        overflow: Arc<AtomicBool>,
+        read_timeout: Duration,
+    ) -> Self {
+        StreamingBody {
+            seen: prefix.as_ref().map_or(0, |p| p.len() as u64),
+            prefix,
+            inner,
+            limit,
+            overflow,
+            read_timeout,
+            read_deadline: Box::pin(tokio::time::sleep(read_timeout)),
+            sent: BodySent::default(),
+        }
+    }
+}
+
+impl Drop for StreamingBody {
+    fn drop(&mut self) {
+        self.sent.mark();
+    }
 }
 
 impl RequestBody {
@@ -72,6 +131,14 @@ impl RequestBody {
         }
     }
 
+    /// For a streamed body, the signal that it has been sent to its end.
+    pub fn sent_signal(&self) -> Option<BodySent> {
+        match self {
+            RequestBody::Streaming(s) => Some(s.sent.clone()),
+            RequestBody::Empty | RequestBody::Kept(_) => None,
+        }
+    }
+
     pub fn len_hint(&self) -> u64 {
         match self {
             RequestBody::Empty => 0,
@@ -83,12 +150,14 @@ impl RequestBody {
 
 /// Reads the start of a client body: keeps it whole when it ends within [`REPLAY_LIMIT`],
 /// otherwise returns a streaming body that fails once `limit` bytes are passed. `overflow`
-/// is set when the limit trips mid-stream, so the caller can answer 413.
+/// is set when the limit trips mid-stream, so the caller can answer 413. A client that
+/// sends nothing for `read_timeout` between two reads gets [`BodyError::ClientStalled`].
 pub async fn prepare(
     mut body: Incoming,
     declared: Option<u64>,
     limit: u64,
     overflow: Arc<AtomicBool>,
+    read_timeout: Duration,
 ) -> Result<RequestBody, BodyError> {
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge);
@@ -97,18 +166,21 @@ pub async fn prepare(
         return Ok(RequestBody::Empty);
     }
     if declared.is_some_and(|n| n > REPLAY_LIMIT) {
-        return Ok(RequestBody::Streaming(StreamingBody {
-            prefix: None,
-            inner: body,
-            seen: 0,
+        return Ok(RequestBody::Streaming(StreamingBody::new(
+            None,
+            body,
             limit,
             overflow,
-        }));
+            read_timeout,
+        )));
     }
     let mut kept = BytesMut::new();
     let mut trailers = None;
     loop {
-        match body.frame().await {
+        let next = tokio::time::timeout(read_timeout, body.frame())
+            .await
+            .map_err(|_| BodyError::ClientStalled(read_timeout))?;
+        match next {
             None => break,
             Some(Err(e)) => return Err(BodyError::Client(e)),
             Some(Ok(frame)) => {
@@ -126,14 +198,13 @@ pub async fn prepare(
                     return Err(BodyError::TooLarge);
                 }
                 if kept.len() as u64 > REPLAY_LIMIT {
-                    let seen = kept.len() as u64;
-                    return Ok(RequestBody::Streaming(StreamingBody {
-                        prefix: Some(kept.freeze()),
-                        inner: body,
-                        seen,
+                    return Ok(RequestBody::Streaming(StreamingBody::new(
+                        Some(kept.freeze()),
+                        body,
                         limit,
                         overflow,
-                    }));
+                        read_timeout,
+                    )));
                 }
             }
         }
@@ -183,16 +254,39 @@ impl Body for RequestBody {
                 if let Some(prefix) = s.prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
-                match ready!(Pin::new(&mut s.inner).poll_frame(cx)) {
-                    None => Poll::Ready(None),
-                    Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+                let polled = match Pin::new(&mut s.inner).poll_frame(cx) {
+                    Poll::Ready(p) => p,
+                    Poll::Pending => {
+                        if s.read_deadline.as_mut().poll(cx).is_ready() {
+                            s.sent.mark();
+                            return Poll::Ready(Some(Err(BodyError::ClientStalled(s.read_timeout))));
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                match polled {
+                    None => {
+                        s.sent.mark();
+                        Poll::Ready(None)
+                    }
+                    Some(Err(e)) => {
+                        s.sent.mark();
+                        Poll::Ready(Some(Err(BodyError::Client(e))))
+                    }
                     Some(Ok(frame)) => {
                         if let Some(data) = frame.data_ref() {
                             s.seen += data.len() as u64;
                             if s.seen > s.limit {
                                 s.overflow.store(true, Ordering::Release);
+                                s.sent.mark();
                                 return Poll::Ready(Some(Err(BodyError::TooLarge)));
                             }
+                        }
+                        if s.inner.is_end_stream() {
+                            s.sent.mark();
+                        } else {
+                            let next = Instant::now() + s.read_timeout;
+                            s.read_deadline.as_mut().reset(next);
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
@@ -247,6 +341,8 @@ pub struct UpstreamBody {
     stall: Pin<Box<Sleep>>,
     stall_timeout: Duration,
     sse: bool,
+    /// Where the SSE stream stands, so a cut can close the line and event it left open.
+    sse_tail: SseTail,
     bytes: u64,
     finished: bool,
     completion: Option<Box<dyn Completion>>,
@@ -259,6 +355,7 @@ impl UpstreamBody {
             stall: Box::pin(tokio::time::sleep(stall_timeout)),
             stall_timeout,
             sse,
+            sse_tail: SseTail::default(),
             bytes: 0,
             finished: false,
             completion: Some(completion),
@@ -281,7 +378,10 @@ impl UpstreamBody {
                 StreamEnd::Stalled => "upstream_stalled",
                 _ => "upstream_stream_error",
             };
-            let event = format!("event: error\ndata: {{\"error\":\"{reason}\",\"message\":\"{error}\"}}\n\n");
+            let data = serde_json::json!({"error": reason, "message": error.to_string()});
+            // The closer first: the client's parser dispatches whatever the endpoint left
+            // half-sent on its own, instead of merging it into this event.
+            let event = format!("{}event: error\ndata: {data}\n\n", self.sse_tail.closer());
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
         } else {
             Poll::Ready(Some(Err(error)))
@@ -306,6 +406,9 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    if this.sse {
+                        this.sse_tail = this.sse_tail.after(data);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     // A sized body may not be polled again once its last byte is out.
@@ -340,6 +443,53 @@ impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if !self.finished {
             self.finish(StreamEnd::ClientGone);
+        }
+    }
+}
+
+/// The state an SSE stream was left in (WHATWG HTML §9.2.6: lines end in CR, LF or CRLF;
+/// a blank line dispatches the event).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SseTail {
+    /// The last line has no terminator yet.
+    line_open: bool,
+    /// A line was sent since the last blank line: an event waits for dispatch.
+    event_open: bool,
+    /// The last byte was CR: an LF right after it would only complete that terminator.
+    cr: bool,
+}
+
+impl SseTail {
+    pub fn after(mut self, bytes: &[u8]) -> SseTail {
+        for &b in bytes {
+            match b {
+                b'\n' if self.cr => self.cr = false,
+                b'\n' | b'\r' => {
+                    if self.line_open {
+                        self.line_open = false;
+                    } else {
+                        self.event_open = false;
+                    }
+                    self.cr = b == b'\r';
+                }
+                _ => {
+                    self.cr = false;
+                    self.line_open = true;
+                    self.event_open = true;
+                }
+            }
+        }
+        self
+    }
+
+    /// What ends the open line and event, so the next bytes start a fresh event.
+    pub fn closer(self) -> &'static str {
+        match (self.line_open, self.event_open, self.cr) {
+            (true, _, _) => "\n\n",
+            // A lone LF after CR would only finish the CRLF: a CR makes the blank line.
+            (false, true, true) => "\r\n",
+            (false, true, false) => "\n",
+            (false, false, _) => "",
         }
     }
 }
@@ -401,6 +551,28 @@ pub fn is_sse(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod kept_tests {
     use super::*;
+
+    #[test]
+    fn sse_cuts_close_the_open_line_and_event() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], ""),
+            (&["data: {\"tok\": \"hal"], "\n\n"),
+            (&["data: a\n"], "\n"),
+            (&["data: a\n\n"], ""),
+            (&["data: a\r\n\r\n"], ""),
+            (&["data: a\r\n"], "\n"),
+            (&["data: a\r"], "\r\n"),
+            (&["data: a\r\r"], ""),
+            (&["data: a\n\ndata: b"], "\n\n"),
+            (&["data: a\r", "\n"], "\n"),
+            (&["data: a\r", "\n\r\n"], ""),
+            (&[": keep-alive\n\n", "data: x"], "\n\n"),
+        ];
+        for (chunks, want) in cases {
+            let tail = chunks.iter().fold(SseTail::default(), |t, c| t.after(c.as_bytes()));
+            assert_eq!(tail.closer(), *want, "{chunks:?}");
+        }
+    }
 
     #[tokio::test]
     async fn kept_bodies_replay_data_then_trailers() {
