@@ -334,12 +334,13 @@ async fn cut_sse_stream_closes_the_partial_event() {
     let (url, _) = raw_upstream(|mut s, _| async move {
         let _ = s
             .write_all(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n11\r\ndata: {\"tok\": \"hal\r\n",
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n12\r\ndata: {\"tok\": \"hal\r\n",
             )
             .await;
         let _ = s.flush().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        // Reset, not a clean close.
+        // Reset, not a clean close (the drop does not block: nothing is left to send).
+        #[allow(deprecated)]
         let _ = s.set_linger(Some(Duration::ZERO));
     })
     .await;
@@ -363,7 +364,7 @@ async fn eventually_log(proxy: &Meridian, needle: &str) {
 async fn response_framing_is_never_silently_truncated() {
     let (url, _) = raw_upstream(|mut s, head| async move {
         let reply: &[u8] = if head.starts_with("GET /both") {
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\na\r\n0123456789\r\n0\r\n\r\n"
         } else {
             b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234"
         };

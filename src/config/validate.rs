@@ -1239,4 +1239,46 @@ mod tls_tests {
             ))
         );
     }
+
+    #[test]
+    fn timeouts_and_replay_paths() {
+        let c = Config::parse(REGION, None).unwrap();
+        assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.retry.replay_paths,
+            [
+                "/v1/chat/completions",
+                "/v1/completions",
+                "/v1/embeddings",
+                "/v1/responses"
+            ]
+        );
+        let text = format!(
+            "[server]\nbody_timeout = \"5s\"\nsend_timeout = \"2s\"\n[retry]\nreplay_paths = [\"/v1/rerank/\"]\n{REGION}"
+        );
+        let c = Config::parse(&text, None).unwrap();
+        assert_eq!(c.server.body_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(2));
+        assert_eq!(c.retry.replay_paths, ["/v1/rerank"]);
+
+        let cases: [(&str, &str); 7] = [
+            ("[server]\nbody_timeout = \"0s\"\n", "server.body_timeout"),
+            ("[server]\nsend_timeout = \"0s\"\n", "server.send_timeout"),
+            ("[retry]\nreplay_paths = [\"v1/chat\"]\n", "retry.replay_paths[0]"),
+            (
+                "[retry]\nreplay_paths = [\"/ok\", \"/v1/../files\"]\n",
+                "retry.replay_paths[1]",
+            ),
+            ("[retry]\nreplay_paths = [\"/v1//files\"]\n", "retry.replay_paths[0]"),
+            ("[retry]\nreplay_paths = [\"/v1/%2e%2e\"]\n", "retry.replay_paths[0]"),
+            ("[retry]\nreplay_paths = [\"/v1/chat?x=1\"]\n", "retry.replay_paths[0]"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(&format!("{text}{REGION}"), None).unwrap_err();
+            assert!(e.problems.iter().any(|p| p.key == key), "{text}: {e}");
+        }
+        // Strict: a misspelt key is an error.
+        assert!(Config::parse(&format!("[retry]\nreplay_path = []\n{REGION}"), None).is_err());
+    }
 }
