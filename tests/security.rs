@@ -429,20 +429,7 @@ async fn header_and_idle_timeouts_are_not_swapped() {
 /// request cancelled.
 #[tokio::test(flavor = "multi_thread")]
 async fn client_that_does_not_read_is_cut_and_upstream_cancelled() {
-    let (cancelled_tx, mut cancelled_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (url, _) = raw_upstream(move |mut s, _| {
-        let cancelled = cancelled_tx.clone();
-        async move {
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-                .await;
-            let event = format!("{:x}\r\ndata: {}\n\n\r\n", 8 + 1024, "x".repeat(1024));
-            // Writes until Meridian lets go of the request.
-            while s.write_all(event.as_bytes()).await.is_ok() {}
-            let _ = cancelled.send(());
-        }
-    })
-    .await;
+    let (url, mut cancelled_rx) = endless_stream_upstream().await;
     let proxy = Meridian::start(&one_region("send_timeout = \"1s\"\nstall_timeout = \"60s\"\n", &url));
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -457,6 +444,55 @@ async fn client_that_does_not_read_is_cut_and_upstream_cancelled() {
         "the upstream request was held for a client that does not read"
     );
     drop(s);
+}
+
+/// A raw endpoint that streams SSE until Meridian lets go; the receiver hears when it did.
+async fn endless_stream_upstream() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let (cancelled_tx, cancelled_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (url, _) = raw_upstream(move |mut s, _| {
+        let cancelled = cancelled_tx.clone();
+        async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            let event = format!("{:x}\r\ndata: {}\n\n\r\n", 8 + 1024, "x".repeat(1024));
+            while s.write_all(event.as_bytes()).await.is_ok() {}
+            let _ = cancelled.send(());
+        }
+    })
+    .await;
+    (url, cancelled_rx)
+}
+
+/// Item 8, HTTP/2: a stream whose window the client keeps shut (while it pings) is cut at
+/// `send_timeout` and its upstream request cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_stream_with_a_shut_window_is_cut_and_upstream_cancelled() {
+    let (url, mut cancelled) = endless_stream_upstream().await;
+    let proxy = Meridian::start(&one_region("send_timeout = \"1s\"\nstall_timeout = \"60s\"\n", &url));
+    let stream = TcpStream::connect(proxy.listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(200))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(1024)
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{}/v1/stream", proxy.listen))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    // The head is taken; the body never is, so the stream's window stays shut.
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let cut = tokio::time::timeout(DEADLINE, cancelled.recv()).await;
+    assert!(
+        cut.is_ok(),
+        "the upstream request was held for a stream whose window stayed shut"
+    );
+    drop(resp);
 }
 
 /// Item 9: duplicate Host, absolute-form authority, CONNECT.

@@ -30,6 +30,9 @@ pub enum BodyError {
     /// The client sent no body bytes for `server.body_timeout`: its fault, not the endpoint's.
     #[error("client sent no body bytes for {0:?}")]
     ClientStalled(Duration),
+    /// The client took no response bytes for `server.send_timeout`.
+    #[error("client took no response bytes for {0:?}")]
+    SendTimeout(Duration),
 }
 
 /// Tells the attempt when a streamed request body has been read to its end (or failed), so

@@ -3,6 +3,7 @@
 
 mod idle;
 pub mod proxy_protocol;
+mod send;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -219,10 +220,13 @@ impl Connection {
             send: self.limits.send_timeout,
         };
         let (io, activity) = IdleIo::new(io, timeouts);
-        let service = service_fn(move |req| {
+        let send_timeout = timeouts.send;
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
             let activity = activity.clone();
             let guard = activity.begin();
+            // An HTTP/2 stream's window can stay shut while the connection is busy.
+            let per_stream = req.version() == http::Version::HTTP_2;
             async move {
                 let resp = proxy.handle(info, req).await;
                 if resp
@@ -232,7 +236,16 @@ impl Connection {
                     activity.upgraded();
                 }
                 // The request stays in flight until its response body is done.
-                resp.map(|r| r.map(|body| Guarded { body, _guard: guard }))
+                resp.map(|r| {
+                    r.map(|body| Guarded {
+                        body: if per_stream {
+                            send::ClientBody::with_send_timeout(body, send_timeout)
+                        } else {
+                            send::ClientBody::Direct(body)
+                        },
+                        _guard: guard,
+                    })
+                })
             }
         });
         let conn = self
