@@ -5,9 +5,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -57,6 +57,9 @@ struct ActivityState {
     last_end: AtomicU64,
     /// The connection was upgraded (WebSocket): idle means no bytes either way.
     upgraded: AtomicBool,
+    /// The connection task, woken when the last request ends so its idle clock starts:
+    /// hyper may not poll the IO again by itself until bytes arrive.
+    waker: Mutex<Option<Waker>>,
 }
 
 /// Held while a request and its response body are in flight.
@@ -70,6 +73,7 @@ impl Activity {
             begun: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
+            waker: Mutex::new(None),
         }))
     }
 
@@ -102,7 +106,12 @@ impl Drop for ActiveRequest {
         let since = Instant::now().saturating_duration_since(self.0.opened);
         let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
         self.0.last_end.fetch_max(nanos, Ordering::AcqRel);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let waker = self.0.waker.lock().ok().and_then(|mut w| w.take());
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
     }
 }
 
@@ -198,6 +207,12 @@ impl<T> IdleIo<T> {
     /// True once the phase's deadline has passed; otherwise the timer is armed for the
     /// next possible expiry and registered with `cx`.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Ok(mut w) = self.activity.0.waker.lock() {
+            match w.as_ref() {
+                Some(old) if old.will_wake(cx.waker()) => {}
+                _ => *w = Some(cx.waker().clone()),
+            }
+        }
         loop {
             let now = Instant::now();
             let due = deadline(self.phase(), &self.timeouts);
