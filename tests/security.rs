@@ -328,6 +328,48 @@ async fn non_replayable_posts_are_never_sent_twice() {
     }
 }
 
+/// The other side of item 2: an endpoint that stops taking a streamed body is still held
+/// to `request_timeout` (504), though the body was never fully sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoint_not_reading_a_streamed_body_times_out() {
+    let (url, _) = raw_upstream(|s, _| async move {
+        // Holds the connection, reads nothing more, answers nothing.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await;
+    let proxy = Meridian::start(&one_region("request_timeout = \"1s\"\n", &url));
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    let total = 6 << 20;
+    s.write_all(format!("POST /v1/files HTTP/1.1\r\nHost: api\r\nContent-Length: {total}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..total / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let got = tokio::time::timeout(DEADLINE, async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    assert!(got.is_ok(), "no answer: the endpoint held a half-sent body for ever");
+    let head = String::from_utf8_lossy(&buf);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+}
+
 /// Item 5: an SSE stream cut mid-line ends that line and event before `event: error`.
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_sse_stream_closes_the_partial_event() {

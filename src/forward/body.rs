@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,26 +35,93 @@ pub enum BodyError {
     SendTimeout(Duration),
 }
 
-/// Tells the attempt when a streamed request body has been read to its end (or failed), so
-/// `request_timeout` counts the endpoint's time only, never the client's upload.
-#[derive(Debug, Clone, Default)]
-pub struct BodySent(Arc<(AtomicBool, Notify)>);
+/// Tells the attempt how a streamed request body is getting on, so `request_timeout`
+/// counts the endpoint's time only, never the client's upload: it runs once the body has
+/// been sent, and while the endpoint is not taking the bytes the client did send.
+#[derive(Debug, Clone)]
+pub struct BodySent(Arc<SentState>);
+
+#[derive(Debug)]
+struct SentState {
+    done: AtomicBool,
+    notify: Notify,
+    epoch: Instant,
+    /// When the last piece was handed over (nanoseconds after `epoch`).
+    handed: AtomicU64,
+    /// The sender asked for more and the client has not sent it yet.
+    waiting_on_client: AtomicBool,
+}
+
+impl Default for BodySent {
+    fn default() -> Self {
+        BodySent(Arc::new(SentState {
+            done: AtomicBool::new(false),
+            notify: Notify::new(),
+            epoch: Instant::now(),
+            handed: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
+        }))
+    }
+}
 
 impl BodySent {
     fn mark(&self) {
-        self.0.0.store(true, Ordering::Release);
-        self.0.1.notify_waiters();
+        self.0.done.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+
+    fn on_pending(&self) {
+        self.0.waiting_on_client.store(true, Ordering::Release);
+    }
+
+    fn on_handed(&self) {
+        let nanos = u64::try_from(self.0.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.handed.store(nanos, Ordering::Release);
+        self.0.waiting_on_client.store(false, Ordering::Release);
+    }
+
+    fn is_done(&self) -> bool {
+        self.0.done.load(Ordering::Acquire)
+    }
+
+    /// When the endpoint has run out of time to take the last piece handed to it; `None`
+    /// while the client owes the next one.
+    fn endpoint_due(&self, timeout: Duration) -> Option<Instant> {
+        if self.0.waiting_on_client.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.0.epoch + Duration::from_nanos(self.0.handed.load(Ordering::Acquire)) + timeout)
     }
 
     /// Resolves once the body is sent.
     pub async fn wait(&self) {
         loop {
             // Registered before the check: a `mark` in between is not missed.
-            let notified = self.0.1.notified();
-            if self.0.0.load(Ordering::Acquire) {
+            let notified = self.0.notify.notified();
+            if self.is_done() {
                 return;
             }
             notified.await;
+        }
+    }
+
+    /// Resolves when the endpoint has used up `timeout`: after the body was sent, or with
+    /// the body half sent because the endpoint stopped taking it.
+    pub async fn endpoint_deadline(&self, timeout: Duration) {
+        loop {
+            if self.is_done() {
+                tokio::time::sleep(timeout).await;
+                return;
+            }
+            let due = self.endpoint_due(timeout).unwrap_or_else(|| Instant::now() + timeout);
+            tokio::select! {
+                () = self.wait() => {}
+                () = tokio::time::sleep_until(due) => {
+                    if !self.is_done() && self.endpoint_due(timeout).is_some_and(|d| d <= Instant::now()) {
+                        return;
+                    }
+                }
+            }
         }
     }
 }
@@ -255,6 +322,7 @@ impl Body for RequestBody {
             },
             RequestBody::Streaming(s) => {
                 if let Some(prefix) = s.prefix.take() {
+                    s.sent.on_handed();
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
                 let polled = match Pin::new(&mut s.inner).poll_frame(cx) {
@@ -264,6 +332,7 @@ impl Body for RequestBody {
                             s.sent.mark();
                             return Poll::Ready(Some(Err(BodyError::ClientStalled(s.read_timeout))));
                         }
+                        s.sent.on_pending();
                         return Poll::Pending;
                     }
                 };
@@ -285,6 +354,7 @@ impl Body for RequestBody {
                                 return Poll::Ready(Some(Err(BodyError::TooLarge)));
                             }
                         }
+                        s.sent.on_handed();
                         if s.inner.is_end_stream() {
                             s.sent.mark();
                         } else {
@@ -554,6 +624,28 @@ pub fn is_sse(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod kept_tests {
     use super::*;
+
+    #[tokio::test]
+    async fn endpoint_clock_runs_only_on_the_endpoint() {
+        let t = Duration::from_millis(50);
+        // The client owes the next bytes: the endpoint's clock does not run.
+        let waiting = BodySent::default();
+        waiting.on_pending();
+        assert!(tokio::time::timeout(t * 6, waiting.endpoint_deadline(t)).await.is_err());
+        // Bytes handed over and not taken: the endpoint's time runs out.
+        let handed = BodySent::default();
+        handed.on_handed();
+        assert!(tokio::time::timeout(t * 40, handed.endpoint_deadline(t)).await.is_ok());
+        // Sent to its end: request_timeout from then.
+        let sent = BodySent::default();
+        sent.on_pending();
+        let clock = tokio::spawn({
+            let sent = sent.clone();
+            async move { sent.endpoint_deadline(t).await }
+        });
+        sent.mark();
+        assert!(tokio::time::timeout(t * 40, clock).await.is_ok());
+    }
 
     #[test]
     fn sse_cuts_close_the_open_line_and_event() {

@@ -174,10 +174,10 @@ impl Upstreams {
         };
         let body_sent = req.body().sent_signal();
         let deadline = async {
-            if let Some(sent) = body_sent {
-                sent.wait().await;
+            match body_sent {
+                Some(sent) => sent.endpoint_deadline(timeout).await,
+                None => tokio::time::sleep(timeout).await,
             }
-            tokio::time::sleep(timeout).await;
         };
         tokio::select! {
             biased;
