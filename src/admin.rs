@@ -24,9 +24,19 @@ use crate::runtime::{Runtime, Shared};
 
 type AdminResponse = Response<Full<Bytes>>;
 
+/// Open admin connections beyond this are closed at once: scrapers and operators need a
+/// handful, and an unbounded listener is a way to exhaust the process's file descriptors.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Longest drain `?for=` accepted: a year is a config change, not a drill.
+const MAX_DRAIN: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Serves the admin API on `listener` until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // The header and idle clocks are IdleIo's, as on the proxy listener.
+    builder.http1().header_read_timeout(None);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -35,13 +45,27 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
             },
             _ = shutdown.changed() => return,
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = MAX_ADMIN_CONNECTIONS, "admin connection limit reached; closing");
+            continue;
+        };
+        let server = &shared.runtime().config.server;
+        let timeouts = crate::listen::Timeouts {
+            header_read: server.header_read_timeout,
+            idle: server.idle_timeout,
+            send: server.send_timeout,
+        };
+        let (io, activity) = crate::listen::IdleIo::new(stream, timeouts);
         let shared = shared.clone();
         let service = service_fn(move |req| {
             let shared = shared.clone();
+            // Admin answers are whole in memory: the request is done once handled.
+            let _guard = activity.begin();
             async move { Ok::<_, Infallible>(handle(&shared, peer, req)) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
         tokio::spawn(async move {
+            let _permit = permit;
             let _ = conn.await;
         });
     }
@@ -176,8 +200,11 @@ impl DrainQuery {
             match key {
                 "for" => {
                     q.duration = match humantime::parse_duration(&value) {
-                        Ok(d) if !d.is_zero() => Ok(Some(d)),
-                        _ => Err(format!("for={value:?} is not a duration like \"10m\"")),
+                        Ok(d) if !d.is_zero() && d <= MAX_DRAIN => Ok(Some(d)),
+                        _ => Err(format!(
+                            "for={value:?} is not a duration like \"10m\" (at most {})",
+                            humantime::format_duration(MAX_DRAIN)
+                        )),
                     }
                 }
                 // Bounded: it goes into logs and /status.
@@ -339,13 +366,15 @@ mod tests {
     fn drain_query_table() {
         let m = Duration::from_secs(600);
         type Want = Result<Option<Duration>, ()>;
-        let cases: [(Option<&str>, Want, Option<&str>); 6] = [
+        let cases: [(Option<&str>, Want, Option<&str>); 8] = [
             (None, Ok(None), None),
             (Some("for=10m"), Ok(Some(m)), None),
             (Some("reason=zone%20drill&for=10m"), Ok(Some(m)), Some("zone drill")),
             (Some("reason=a+b%2Fc"), Ok(None), Some("a b/c")),
             (Some("for=soon"), Err(()), None),
             (Some("for=0s"), Err(()), None),
+            (Some("for=18000000000000000000s"), Err(()), None),
+            (Some("for=367d"), Err(()), None),
         ];
         for (query, duration, reason) in cases {
             let q = DrainQuery::parse(query);

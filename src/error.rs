@@ -27,6 +27,17 @@ pub enum ProxyError {
     /// Answered 414; reported with the `bad_request` code, SPEC's list of codes being closed.
     #[error("the request target is longer than {limit} bytes")]
     UriTooLong { limit: usize },
+    /// Answered 405 (`CONNECT`: a tunnel would bypass routing); code `bad_request`.
+    #[error("this method is not served")]
+    MethodNotAllowed,
+    /// Answered 408 when the client's body stalls past `server.body_timeout`; the
+    /// connection is closed. Code `bad_request`: the client's fault, never an endpoint's.
+    #[error("the request body did not arrive within the body timeout")]
+    BodyTimeout,
+    /// A request head the HTTP/1.1 parser refused (400, 414, 431, 505 as it chose); code
+    /// `bad_request`.
+    #[error("the request head could not be read (HTTP {status})")]
+    MalformedHead { status: u16 },
 }
 
 #[derive(Serialize)]
@@ -51,6 +62,12 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MalformedHead { status } => StatusCode::from_u16(*status)
+                .ok()
+                .filter(|s| s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
 
@@ -64,7 +81,11 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
-            ProxyError::BadRequest(_) | ProxyError::UriTooLong { .. } => "bad_request",
+            ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::MethodNotAllowed
+            | ProxyError::BodyTimeout
+            | ProxyError::MalformedHead { .. } => "bad_request",
         }
     }
 
@@ -160,6 +181,22 @@ mod tests {
             ),
             (ProxyError::BadRequest("x"), 400, "bad_request", None, None),
             (ProxyError::UriTooLong { limit: 8 }, 414, "bad_request", None, None),
+            (ProxyError::MethodNotAllowed, 405, "bad_request", None, None),
+            (ProxyError::BodyTimeout, 408, "bad_request", None, None),
+            (
+                ProxyError::MalformedHead { status: 431 },
+                431,
+                "bad_request",
+                None,
+                None,
+            ),
+            (
+                ProxyError::MalformedHead { status: 200 },
+                400,
+                "bad_request",
+                None,
+                None,
+            ),
         ];
         for (err, status, code, zone, region) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");

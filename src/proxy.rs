@@ -59,7 +59,11 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every problem becomes a response.
-    pub async fn handle(&self, conn: ConnInfo, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    pub async fn handle(
+        &self,
+        conn: ConnInfo,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
         let rt = self.shared.runtime();
         let config = &rt.config;
@@ -100,6 +104,10 @@ impl Proxy {
         if uri_len > config.server.max_uri_bytes {
             let limit = config.server.max_uri_bytes;
             return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
+        }
+        // Method, Host and the normalised path: what rules, residency and the endpoint see.
+        if let Err(err) = crate::forward::inbound::admit(&mut req) {
+            return Ok(self.refuse(err, record, started));
         }
 
         // Route plan: residency, route rules, candidate order.
@@ -163,9 +171,11 @@ impl Proxy {
             .and_then(|v| v.parse::<u64>().ok());
         let overflow = Arc::new(AtomicBool::new(false));
         let limit = config.server.max_request_body;
-        let body = match body::prepare(incoming, declared, limit, overflow.clone()).await {
+        let body_timeout = config.server.body_timeout;
+        let body = match body::prepare(incoming, declared, limit, overflow.clone(), body_timeout).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => return Ok(self.refuse(ProxyError::BodyTooLarge { limit }, record, started)),
+            Err(BodyError::ClientStalled(_)) => return Ok(self.refuse(ProxyError::BodyTimeout, record, started)),
             Err(_) => {
                 return Ok(self.refuse(
                     ProxyError::BadRequest("the request body could not be read"),
@@ -270,6 +280,12 @@ impl Proxy {
                 },
             };
             let idempotent = is_idempotent(&parts.method);
+            let replayable = crate::retry::may_replay(
+                &parts.method,
+                &parts.headers,
+                parts.uri.path(),
+                &config.retry.replay_paths,
+            );
             let can_retry = body.as_ref().is_some_and(|b| b.replay().is_some());
             let outcome = self.forward(rt, target, &parts, attempt_body).await;
             let (region_name, health) = self.target_names(rt, target);
@@ -324,7 +340,7 @@ impl Proxy {
                     if let Some(h) = &health {
                         let event = match e {
                             UpstreamError::Timeout(_) => Some(Event::Timeout),
-                            UpstreamError::Body(_) => None,
+                            UpstreamError::Body(_) | UpstreamError::ClientStalled(_) => None,
                             _ => Some(Event::ConnectError),
                         };
                         if let Some(event) = event {
@@ -334,6 +350,9 @@ impl Proxy {
                     if overflow.load(std::sync::atomic::Ordering::Acquire) {
                         let limit = config.server.max_request_body;
                         return Ok(self.refuse(ProxyError::BodyTooLarge { limit }, record, started));
+                    }
+                    if let UpstreamError::ClientStalled(_) = e {
+                        return Ok(self.refuse(ProxyError::BodyTimeout, record, started));
                     }
                     tracing::debug!(region = %region_name, error = %e, "attempt failed");
                     last_error = Some(match &e {
@@ -345,7 +364,7 @@ impl Proxy {
                     });
                     // Garbage instead of a response head is, for the client, a 502 from that
                     // endpoint: retried like one (SPEC step 7), so only for idempotent methods.
-                    let retryable = e.retryable() || (idempotent && matches!(e, UpstreamError::Protocol(_)));
+                    let retryable = e.retryable() || (replayable && e.retryable_if_replayable());
                     if !(retryable && can_retry) {
                         break;
                     }
@@ -498,7 +517,7 @@ impl Proxy {
             let result = if ok { "ok" } else { "error" };
             self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
             // The client's own broken body says nothing about the fallback.
-            if !matches!(resp, Err(UpstreamError::Body(_))) {
+            if !matches!(resp, Err(UpstreamError::Body(_) | UpstreamError::ClientStalled(_))) {
                 f.breaker.record(ok);
             }
         }
@@ -573,6 +592,15 @@ impl Proxy {
             if !v.is_empty() && v != "-" {
                 resp.headers_mut().insert(&rewrite::X_REQUEST_ID, v);
             }
+        }
+        if record.attempts > 0 {
+            resp.headers_mut()
+                .insert(&rewrite::X_MERIDIAN_ATTEMPTS, HeaderValue::from(record.attempts));
+        }
+        if err == ProxyError::BodyTimeout {
+            // The rest of the body may never come: the connection cannot be reused.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         record.status = err.status().as_u16();
         record.error = Some(err.code());
@@ -716,10 +744,7 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
+    crate::retry::is_idempotent(m)
 }
 
 fn status_class(s: StatusCode) -> &'static str {

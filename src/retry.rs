@@ -1,8 +1,35 @@
-//! The retry budget: retries may add at most a fraction of the recent request rate (plus a
-//! small floor), so a sick region cannot turn every request into three.
+//! Retry rules: which requests may be sent again (replay rules), and the retry budget:
+//! retries may add at most a fraction of the recent request rate (plus a small floor), so
+//! a sick region cannot turn every request into three.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use http::{HeaderMap, HeaderName, Method};
+
+use crate::route::path_matches;
+
+/// A client's promise that the endpoint deduplicates (the draft IETF header).
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// May a request whose bytes may already have reached an endpoint be sent to another?
+/// Yes for idempotent methods, requests carrying `Idempotency-Key`, and paths declared
+/// safe to replay (`[retry] replay_paths`, matched on whole segments of the normalised
+/// path). A failure before anything was sent (connect) is always retryable: see
+/// `UpstreamError::retryable`.
+pub fn may_replay(method: &Method, headers: &HeaderMap, path: &str, replay_paths: &[String]) -> bool {
+    is_idempotent(method)
+        || headers.get(&IDEMPOTENCY_KEY).is_some_and(|v| !v.is_empty())
+        || replay_paths.iter().any(|p| path_matches(p, path))
+}
+
+/// RFC 9110 §9.2.2.
+pub fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
 
 /// Window over which requests and retries are counted.
 const WINDOW_SECS: u64 = 10;
@@ -68,6 +95,41 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_table() {
+        let paths: Vec<String> = crate::config::DEFAULT_REPLAY_PATHS
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let key = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(&IDEMPOTENCY_KEY, http::HeaderValue::from_static(v));
+            h
+        };
+        let none = HeaderMap::new();
+        let cases: &[(Method, &HeaderMap, &str, bool)] = &[
+            (Method::GET, &none, "/v1/files", true),
+            (Method::PUT, &none, "/v1/files/x", true),
+            (Method::DELETE, &none, "/v1/files/x", true),
+            (Method::POST, &none, "/v1/chat/completions", true),
+            (Method::POST, &none, "/v1/completions", true),
+            (Method::POST, &none, "/v1/embeddings", true),
+            (Method::POST, &none, "/v1/responses", true),
+            (Method::POST, &none, "/v1/responses/resp_1/cancel", true),
+            (Method::POST, &none, "/v1/files", false),
+            (Method::POST, &none, "/v1/batches", false),
+            (Method::POST, &none, "/v1/fine_tuning/jobs", false),
+            (Method::POST, &none, "/v1/chat/completions_x", false),
+            (Method::PATCH, &none, "/v1/files/x", false),
+            (Method::POST, &key("k-1"), "/v1/files", true),
+            (Method::POST, &key(""), "/v1/files", false),
+        ];
+        for (method, headers, path, want) in cases {
+            assert_eq!(may_replay(method, headers, path, &paths), *want, "{method} {path}");
+        }
+        assert!(!may_replay(&Method::POST, &none, "/v1/chat/completions", &[]));
+    }
 
     #[test]
     fn budget_allows_floor_plus_ratio() {

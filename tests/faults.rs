@@ -56,12 +56,17 @@ impl Rig {
 
     /// `geoip` lines are added to `[geoip]`.
     async fn start_with(request_timeout: &str, outlier: &str, geoip: &str) -> Rig {
+        Rig::start_full(request_timeout, outlier, geoip, "").await
+    }
+
+    /// `server` lines are added to `[server]`.
+    async fn start_full(request_timeout: &str, outlier: &str, geoip: &str, server: &str) -> Rig {
         let east_a = FakeUpstream::start("east-a").await.unwrap();
         let east_b = FakeUpstream::start("east-b").await.unwrap();
         let west = FakeUpstream::start("west").await.unwrap();
         let mut c = base_config().replace(
             "[server]\n",
-            &format!("[server]\nrequest_timeout = \"{request_timeout}\"\nstall_timeout = \"2s\"\n"),
+            &format!("[server]\nrequest_timeout = \"{request_timeout}\"\nstall_timeout = \"2s\"\n{server}"),
         );
         c.push_str(&format!("[geoip]\ndefault_region = \"us-east\"\n{geoip}\n"));
         c.push_str(
@@ -660,5 +665,172 @@ async fn corrupt_geoip_database_on_reload_keeps_the_old_config_serving() {
     }
     let r = get_as(rig.proxy.listen, ips::US, "/v1/models").await;
     assert_eq!((r.status, r.region()), (200, Some("us-east")));
+    rig.assert_no_panic();
+}
+
+/// Sends a `POST /v1/files` whose body stalls: declared but never (fully) sent. Returns the
+/// status Meridian answered.
+async fn stalled_upload(target: std::net::SocketAddr, streamed: bool) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (length, sent): (usize, &[u8]) = if streamed { (1_100_000, b"") } else { (100, b"hello") };
+    let mut s = TcpStream::connect(target).await.unwrap();
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: api\r\nX-Forwarded-For: {}\r\nContent-Length: {length}\r\n\r\n",
+        ips::US
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(sent).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// Uploads 1.5 MiB in 64 KiB pieces 100 ms apart: longer than `request_timeout` in all,
+/// never a gap as long as `body_timeout`.
+async fn slow_upload(target: std::net::SocketAddr) -> u16 {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
+    let total = 24 * 64 * 1024;
+    tokio::spawn(async move {
+        for _ in 0..24 {
+            if tx
+                .send(Ok(hyper::body::Frame::data(Bytes::from(vec![b'u'; 64 * 1024]))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let body = http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|f| (f, rx))
+    }));
+    let stream = TcpStream::connect(target).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/files")
+        .header("host", "api")
+        .header("x-forwarded-for", ips::US)
+        .header("content-length", total.to_string())
+        .body(body)
+        .unwrap();
+    match sender.send_request(req).await {
+        Ok(resp) => resp.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test]
+async fn slow_and_stalled_uploads_under_load_never_eject_an_endpoint() {
+    // Three endpoint errors in a row would eject; the client-side clocks are short.
+    let rig = Rig::start_full("1s", "", "", "body_timeout = \"500ms\"\n").await;
+    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
+    load.more(10).await;
+
+    let target = rig.proxy.listen;
+    let mut attackers = Vec::new();
+    for i in 0..6 {
+        attackers.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..4 {
+                statuses.push(stalled_upload(target, i % 2 == 0).await);
+            }
+            statuses
+        }));
+    }
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(slow_upload(target))).collect();
+    let urls = [rig.east_a.url(), rig.east_b.url(), rig.west.url()];
+    let mut watch_until_done = true;
+    while watch_until_done {
+        for url in &urls {
+            let state = rig.endpoint_state(url).await;
+            assert_ne!(
+                state, "ejected",
+                "{url} was ejected by clients' slow or stalled uploads"
+            );
+        }
+        watch_until_done = !(attackers.iter().all(|a| a.is_finished()) && slow.iter().all(|s| s.is_finished()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for a in attackers {
+        for status in a.await.unwrap() {
+            assert_eq!(status, 408, "a stalled upload was not answered 408");
+        }
+    }
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200, "a slow but steady upload failed");
+    }
+    load.more(10).await;
+    let outcomes = load.finish().await;
+    assert!(failures(&outcomes).is_empty(), "{:?}", failures(&outcomes));
+    for url in &urls {
+        assert_ne!(rig.endpoint_state(url).await, "ejected", "{url}");
+    }
+    rig.assert_no_panic();
+}
+
+#[tokio::test]
+async fn endpoint_dropping_after_reading_the_request_never_duplicates_a_non_replayable_one() {
+    let rig = Rig::start("2s", "consecutive_errors = 1000").await;
+    rig.east_a.set_behavior(Behavior::Reset);
+    let target = rig.proxy.listen;
+    let workers: Vec<_> = (0..3)
+        .map(|w| {
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..30 {
+                    let id = format!("upload-{w}-{i}");
+                    let (path, replayable) = if i % 3 == 0 {
+                        ("/v1/chat/completions", true)
+                    } else {
+                        ("/v1/files", false)
+                    };
+                    let reply = call(
+                        "POST",
+                        target,
+                        path,
+                        &[("x-forwarded-for", ips::US), ("x-upload-id", &id)],
+                        "payload",
+                    )
+                    .await;
+                    answers.push((id, replayable, reply.status, reply.text()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for w in workers {
+        answers.extend(w.await.unwrap());
+    }
+    let mut received: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for up in [&rig.east_a, &rig.east_b, &rig.west] {
+        for seen in up.seen() {
+            if let Some(id) = seen.headers.get("x-upload-id").and_then(|v| v.to_str().ok()) {
+                *received.entry(id.to_string()).or_default() += 1;
+            }
+        }
+    }
+    let mut refused = 0;
+    for (id, replayable, status, body) in &answers {
+        let times = received.get(id).copied().unwrap_or(0);
+        if *replayable {
+            assert_eq!(*status, 200, "{id}: an inference request was not replayed: {body}");
+        } else {
+            assert_eq!(times, 1, "{id} reached {times} endpoints");
+            if *status != 200 {
+                assert_eq!(*status, 502, "{id}: {body}");
+                assert!(body.contains("upstream_unreachable"), "{id}: {body}");
+                refused += 1;
+            }
+        }
+    }
+    // east-a met some uploads (it serves about a third of them), so the rule was exercised.
+    assert!(refused > 0, "no upload met the dropping endpoint");
     rig.assert_no_panic();
 }

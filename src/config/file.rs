@@ -57,6 +57,10 @@ pub struct ServerFile {
     pub max_uri_bytes: Option<Size>,
     pub header_read_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    /// Longest wait between two reads of a request body.
+    pub body_timeout: Option<Duration>,
+    /// Longest wait for a client to take response bytes.
+    pub send_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
     pub http2_max_concurrent_streams: Option<u32>,
     pub shutdown_timeout: Option<Duration>,
@@ -136,6 +140,8 @@ pub struct RetryFile {
     pub budget_ratio: Option<f64>,
     /// Retries per second always allowed, whatever the ratio says.
     pub budget_min_per_second: Option<u32>,
+    /// Paths whose requests may be sent again after they may have reached an endpoint.
+    pub replay_paths: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

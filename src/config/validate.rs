@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    pub send_timeout: Duration,
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
@@ -118,11 +120,21 @@ pub struct OutlierConfig {
     pub max_retry_after: Duration,
 }
 
+/// Inference requests: replaying one elsewhere costs compute but creates nothing twice.
+pub const DEFAULT_REPLAY_PATHS: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
+
 #[derive(Debug, Clone)]
 pub struct RetryConfig {
     pub max_attempts: u32,
     pub budget_ratio: f64,
     pub budget_min_per_second: u32,
+    /// Whole-segment path prefixes, stored without a trailing slash.
+    pub replay_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -497,6 +509,14 @@ impl Validator<'_> {
                 "server.idle_timeout",
                 s.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
             ),
+            body_timeout: self.positive(
+                "server.body_timeout",
+                s.body_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            ),
+            send_timeout: self.positive(
+                "server.send_timeout",
+                s.send_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            ),
             max_connections,
             http2_max_concurrent_streams: s.http2_max_concurrent_streams.unwrap_or(256),
             shutdown_timeout: s.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
@@ -627,6 +647,24 @@ impl Validator<'_> {
         }
     }
 
+    /// One `retry.replay_paths` entry: an absolute path already in normal form, so it can
+    /// be compared with the normalised request path.
+    fn replay_path(&mut self, i: usize, p: &str) -> Option<String> {
+        let key = format!("retry.replay_paths[{i}]");
+        let normal = crate::route::path::normalise(p)
+            .ok()
+            .filter(|n| n.as_ref() == p && p.starts_with('/'));
+        if normal.is_none() || p.contains('?') {
+            self.problem(
+                key,
+                None,
+                "must be an absolute path without dot-segments, `//` or a query, like \"/v1/chat/completions\"",
+            );
+            return None;
+        }
+        Some(p.trim_end_matches('/').to_string())
+    }
+
     fn retry(&mut self, r: file::RetryFile) -> RetryConfig {
         let max_attempts = r.max_attempts.unwrap_or(3);
         if max_attempts == 0 {
@@ -636,7 +674,16 @@ impl Validator<'_> {
         if !(0.0..=1.0).contains(&budget_ratio) {
             self.problem("retry.budget_ratio", None, "must be between 0 and 1");
         }
+        let replay_paths = match r.replay_paths {
+            None => DEFAULT_REPLAY_PATHS.iter().map(|p| p.to_string()).collect(),
+            Some(paths) => paths
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| self.replay_path(i, p))
+                .collect(),
+        };
         RetryConfig {
+            replay_paths,
             max_attempts: max_attempts.max(1),
             budget_ratio,
             budget_min_per_second: r.budget_min_per_second.unwrap_or(10),
@@ -1191,5 +1238,47 @@ mod tls_tests {
                 PathBuf::from("/etc/meridian/client.key")
             ))
         );
+    }
+
+    #[test]
+    fn timeouts_and_replay_paths() {
+        let c = Config::parse(REGION, None).unwrap();
+        assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.retry.replay_paths,
+            [
+                "/v1/chat/completions",
+                "/v1/completions",
+                "/v1/embeddings",
+                "/v1/responses"
+            ]
+        );
+        let text = format!(
+            "[server]\nbody_timeout = \"5s\"\nsend_timeout = \"2s\"\n[retry]\nreplay_paths = [\"/v1/rerank/\"]\n{REGION}"
+        );
+        let c = Config::parse(&text, None).unwrap();
+        assert_eq!(c.server.body_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(2));
+        assert_eq!(c.retry.replay_paths, ["/v1/rerank"]);
+
+        let cases: [(&str, &str); 7] = [
+            ("[server]\nbody_timeout = \"0s\"\n", "server.body_timeout"),
+            ("[server]\nsend_timeout = \"0s\"\n", "server.send_timeout"),
+            ("[retry]\nreplay_paths = [\"v1/chat\"]\n", "retry.replay_paths[0]"),
+            (
+                "[retry]\nreplay_paths = [\"/ok\", \"/v1/../files\"]\n",
+                "retry.replay_paths[1]",
+            ),
+            ("[retry]\nreplay_paths = [\"/v1//files\"]\n", "retry.replay_paths[0]"),
+            ("[retry]\nreplay_paths = [\"/v1/%2e%2e\"]\n", "retry.replay_paths[0]"),
+            ("[retry]\nreplay_paths = [\"/v1/chat?x=1\"]\n", "retry.replay_paths[0]"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(&format!("{text}{REGION}"), None).unwrap_err();
+            assert!(e.problems.iter().any(|p| p.key == key), "{text}: {e}");
+        }
+        // Strict: a misspelt key is an error.
+        assert!(Config::parse(&format!("[retry]\nreplay_path = []\n{REGION}"), None).is_err());
     }
 }

@@ -3,14 +3,15 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Bodies up to this size are kept so a failed attempt can be replayed elsewhere.
@@ -26,6 +27,103 @@ pub enum BodyError {
     Upstream(#[source] hyper::Error),
     #[error("upstream stalled for {0:?}")]
     Stalled(Duration),
+    /// The client sent no body bytes for `server.body_timeout`: its fault, not the endpoint's.
+    #[error("client sent no body bytes for {0:?}")]
+    ClientStalled(Duration),
+    /// The client took no response bytes for `server.send_timeout`.
+    #[error("client took no response bytes for {0:?}")]
+    SendTimeout(Duration),
+}
+
+/// Tells the attempt how a streamed request body is getting on, so `request_timeout`
+/// counts the endpoint's time only, never the client's upload: it runs once the body has
+/// been sent, and while the endpoint is not taking the bytes the client did send.
+#[derive(Debug, Clone)]
+pub struct BodySent(Arc<SentState>);
+
+#[derive(Debug)]
+struct SentState {
+    done: AtomicBool,
+    notify: Notify,
+    epoch: Instant,
+    /// When the last piece was handed over (nanoseconds after `epoch`).
+    handed: AtomicU64,
+    /// The sender asked for more and the client has not sent it yet.
+    waiting_on_client: AtomicBool,
+}
+
+impl Default for BodySent {
+    fn default() -> Self {
+        BodySent(Arc::new(SentState {
+            done: AtomicBool::new(false),
+            notify: Notify::new(),
+            epoch: Instant::now(),
+            handed: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
+        }))
+    }
+}
+
+impl BodySent {
+    fn mark(&self) {
+        self.0.done.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+
+    fn on_pending(&self) {
+        self.0.waiting_on_client.store(true, Ordering::Release);
+    }
+
+    fn on_handed(&self) {
+        let nanos = u64::try_from(self.0.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.handed.store(nanos, Ordering::Release);
+        self.0.waiting_on_client.store(false, Ordering::Release);
+    }
+
+    fn is_done(&self) -> bool {
+        self.0.done.load(Ordering::Acquire)
+    }
+
+    /// When the endpoint has run out of time to take the last piece handed to it; `None`
+    /// while the client owes the next one.
+    fn endpoint_due(&self, timeout: Duration) -> Option<Instant> {
+        if self.0.waiting_on_client.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.0.epoch + Duration::from_nanos(self.0.handed.load(Ordering::Acquire)) + timeout)
+    }
+
+    /// Resolves once the body is sent.
+    pub async fn wait(&self) {
+        loop {
+            // Registered before the check: a `mark` in between is not missed.
+            let notified = self.0.notify.notified();
+            if self.is_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when the endpoint has used up `timeout`: after the body was sent, or with
+    /// the body half sent because the endpoint stopped taking it.
+    pub async fn endpoint_deadline(&self, timeout: Duration) {
+        loop {
+            if self.is_done() {
+                tokio::time::sleep(timeout).await;
+                return;
+            }
+            let due = self.endpoint_due(timeout).unwrap_or_else(|| Instant::now() + timeout);
+            tokio::select! {
+                () = self.wait() => {}
+                () = tokio::time::sleep_until(due) => {
+                    if !self.is_done() && self.endpoint_due(timeout).is_some_and(|d| d <= Instant::now()) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A request body on its way to an endpoint.
@@ -52,6 +150,37 @@ pub struct StreamingBody {
     seen: u64,
     limit: u64,
     overflow: Arc<AtomicBool>,
+    /// Longest wait for the client's next body bytes.
+    read_timeout: Duration,
+    read_deadline: Pin<Box<Sleep>>,
+    sent: BodySent,
+}
+
+impl StreamingBody {
+    fn new(
+        prefix: Option<Bytes>,
+        inner: Incoming,
+        limit: u64,
+        overflow: Arc<AtomicBool>,
+        read_timeout: Duration,
+    ) -> Self {
+        StreamingBody {
+            seen: prefix.as_ref().map_or(0, |p| p.len() as u64),
+            prefix,
+            inner,
+            limit,
+            overflow,
+            read_timeout,
+            read_deadline: Box::pin(tokio::time::sleep(read_timeout)),
+            sent: BodySent::default(),
+        }
+    }
+}
+
+impl Drop for StreamingBody {
+    fn drop(&mut self) {
+        self.sent.mark();
+    }
 }
 
 impl RequestBody {
@@ -72,6 +201,14 @@ impl RequestBody {
         }
     }
 
+    /// For a streamed body, the signal that it has been sent to its end.
+    pub fn sent_signal(&self) -> Option<BodySent> {
+        match self {
+            RequestBody::Streaming(s) => Some(s.sent.clone()),
+            RequestBody::Empty | RequestBody::Kept(_) => None,
+        }
+    }
+
     pub fn len_hint(&self) -> u64 {
         match self {
             RequestBody::Empty => 0,
@@ -83,12 +220,14 @@ impl RequestBody {
 
 /// Reads the start of a client body: keeps it whole when it ends within [`REPLAY_LIMIT`],
 /// otherwise returns a streaming body that fails once `limit` bytes are passed. `overflow`
-/// is set when the limit trips mid-stream, so the caller can answer 413.
+/// is set when the limit trips mid-stream, so the caller can answer 413. A client that
+/// sends nothing for `read_timeout` between two reads gets [`BodyError::ClientStalled`].
 pub async fn prepare(
     mut body: Incoming,
     declared: Option<u64>,
     limit: u64,
     overflow: Arc<AtomicBool>,
+    read_timeout: Duration,
 ) -> Result<RequestBody, BodyError> {
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge);
@@ -97,18 +236,21 @@ pub async fn prepare(
         return Ok(RequestBody::Empty);
     }
     if declared.is_some_and(|n| n > REPLAY_LIMIT) {
-        return Ok(RequestBody::Streaming(StreamingBody {
-            prefix: None,
-            inner: body,
-            seen: 0,
+        return Ok(RequestBody::Streaming(StreamingBody::new(
+            None,
+            body,
             limit,
             overflow,
-        }));
+            read_timeout,
+        )));
     }
     let mut kept = BytesMut::new();
     let mut trailers = None;
     loop {
-        match body.frame().await {
+        let next = tokio::time::timeout(read_timeout, body.frame())
+            .await
+            .map_err(|_| BodyError::ClientStalled(read_timeout))?;
+        match next {
             None => break,
             Some(Err(e)) => return Err(BodyError::Client(e)),
             Some(Ok(frame)) => {
@@ -126,14 +268,13 @@ pub async fn prepare(
                     return Err(BodyError::TooLarge);
                 }
                 if kept.len() as u64 > REPLAY_LIMIT {
-                    let seen = kept.len() as u64;
-                    return Ok(RequestBody::Streaming(StreamingBody {
-                        prefix: Some(kept.freeze()),
-                        inner: body,
-                        seen,
+                    return Ok(RequestBody::Streaming(StreamingBody::new(
+                        Some(kept.freeze()),
+                        body,
                         limit,
                         overflow,
-                    }));
+                        read_timeout,
+                    )));
                 }
             }
         }
@@ -181,18 +322,44 @@ impl Body for RequestBody {
             },
             RequestBody::Streaming(s) => {
                 if let Some(prefix) = s.prefix.take() {
+                    s.sent.on_handed();
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
-                match ready!(Pin::new(&mut s.inner).poll_frame(cx)) {
-                    None => Poll::Ready(None),
-                    Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+                let polled = match Pin::new(&mut s.inner).poll_frame(cx) {
+                    Poll::Ready(p) => p,
+                    Poll::Pending => {
+                        if s.read_deadline.as_mut().poll(cx).is_ready() {
+                            s.sent.mark();
+                            return Poll::Ready(Some(Err(BodyError::ClientStalled(s.read_timeout))));
+                        }
+                        s.sent.on_pending();
+                        return Poll::Pending;
+                    }
+                };
+                match polled {
+                    None => {
+                        s.sent.mark();
+                        Poll::Ready(None)
+                    }
+                    Some(Err(e)) => {
+                        s.sent.mark();
+                        Poll::Ready(Some(Err(BodyError::Client(e))))
+                    }
                     Some(Ok(frame)) => {
                         if let Some(data) = frame.data_ref() {
                             s.seen += data.len() as u64;
                             if s.seen > s.limit {
                                 s.overflow.store(true, Ordering::Release);
+                                s.sent.mark();
                                 return Poll::Ready(Some(Err(BodyError::TooLarge)));
                             }
+                        }
+                        s.sent.on_handed();
+                        if s.inner.is_end_stream() {
+                            s.sent.mark();
+                        } else {
+                            let next = Instant::now() + s.read_timeout;
+                            s.read_deadline.as_mut().reset(next);
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
@@ -247,6 +414,8 @@ pub struct UpstreamBody {
     stall: Pin<Box<Sleep>>,
     stall_timeout: Duration,
     sse: bool,
+    /// Where the SSE stream stands, so a cut can close the line and event it left open.
+    sse_tail: SseTail,
     bytes: u64,
     finished: bool,
     completion: Option<Box<dyn Completion>>,
@@ -259,6 +428,7 @@ impl UpstreamBody {
             stall: Box::pin(tokio::time::sleep(stall_timeout)),
             stall_timeout,
             sse,
+            sse_tail: SseTail::default(),
             bytes: 0,
             finished: false,
             completion: Some(completion),
@@ -281,7 +451,10 @@ impl UpstreamBody {
                 StreamEnd::Stalled => "upstream_stalled",
                 _ => "upstream_stream_error",
             };
-            let event = format!("event: error\ndata: {{\"error\":\"{reason}\",\"message\":\"{error}\"}}\n\n");
+            let data = serde_json::json!({"error": reason, "message": error.to_string()});
+            // The closer first: the client's parser dispatches whatever the endpoint left
+            // half-sent on its own, instead of merging it into this event.
+            let event = format!("{}event: error\ndata: {data}\n\n", self.sse_tail.closer());
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
         } else {
             Poll::Ready(Some(Err(error)))
@@ -306,6 +479,9 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    if this.sse {
+                        this.sse_tail = this.sse_tail.after(data);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     // A sized body may not be polled again once its last byte is out.
@@ -340,6 +516,53 @@ impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if !self.finished {
             self.finish(StreamEnd::ClientGone);
+        }
+    }
+}
+
+/// The state an SSE stream was left in (WHATWG HTML §9.2.6: lines end in CR, LF or CRLF;
+/// a blank line dispatches the event).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SseTail {
+    /// The last line has no terminator yet.
+    line_open: bool,
+    /// A line was sent since the last blank line: an event waits for dispatch.
+    event_open: bool,
+    /// The last byte was CR: an LF right after it would only complete that terminator.
+    cr: bool,
+}
+
+impl SseTail {
+    pub fn after(mut self, bytes: &[u8]) -> SseTail {
+        for &b in bytes {
+            match b {
+                b'\n' if self.cr => self.cr = false,
+                b'\n' | b'\r' => {
+                    if self.line_open {
+                        self.line_open = false;
+                    } else {
+                        self.event_open = false;
+                    }
+                    self.cr = b == b'\r';
+                }
+                _ => {
+                    self.cr = false;
+                    self.line_open = true;
+                    self.event_open = true;
+                }
+            }
+        }
+        self
+    }
+
+    /// What ends the open line and event, so the next bytes start a fresh event.
+    pub fn closer(self) -> &'static str {
+        match (self.line_open, self.event_open, self.cr) {
+            (true, _, _) => "\n\n",
+            // A lone LF after CR would only finish the CRLF: a CR makes the blank line.
+            (false, true, true) => "\r\n",
+            (false, true, false) => "\n",
+            (false, false, _) => "",
         }
     }
 }
@@ -401,6 +624,50 @@ pub fn is_sse(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod kept_tests {
     use super::*;
+
+    #[tokio::test]
+    async fn endpoint_clock_runs_only_on_the_endpoint() {
+        let t = Duration::from_millis(50);
+        // The client owes the next bytes: the endpoint's clock does not run.
+        let waiting = BodySent::default();
+        waiting.on_pending();
+        assert!(tokio::time::timeout(t * 6, waiting.endpoint_deadline(t)).await.is_err());
+        // Bytes handed over and not taken: the endpoint's time runs out.
+        let handed = BodySent::default();
+        handed.on_handed();
+        assert!(tokio::time::timeout(t * 40, handed.endpoint_deadline(t)).await.is_ok());
+        // Sent to its end: request_timeout from then.
+        let sent = BodySent::default();
+        sent.on_pending();
+        let clock = tokio::spawn({
+            let sent = sent.clone();
+            async move { sent.endpoint_deadline(t).await }
+        });
+        sent.mark();
+        assert!(tokio::time::timeout(t * 40, clock).await.is_ok());
+    }
+
+    #[test]
+    fn sse_cuts_close_the_open_line_and_event() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], ""),
+            (&["data: {\"tok\": \"hal"], "\n\n"),
+            (&["data: a\n"], "\n"),
+            (&["data: a\n\n"], ""),
+            (&["data: a\r\n\r\n"], ""),
+            (&["data: a\r\n"], "\n"),
+            (&["data: a\r"], "\r\n"),
+            (&["data: a\r\r"], ""),
+            (&["data: a\n\ndata: b"], "\n\n"),
+            (&["data: a\r", "\n"], "\n"),
+            (&["data: a\r", "\n\r\n"], ""),
+            (&[": keep-alive\n\n", "data: x"], "\n\n"),
+        ];
+        for (chunks, want) in cases {
+            let tail = chunks.iter().fold(SseTail::default(), |t, c| t.after(c.as_bytes()));
+            assert_eq!(tail.closer(), *want, "{chunks:?}");
+        }
+    }
 
     #[tokio::test]
     async fn kept_bodies_replay_data_then_trailers() {

@@ -38,13 +38,30 @@ pub enum UpstreamError {
     Body(String),
     #[error("upstream protocol error: {0}")]
     Protocol(String),
+    /// The client stopped sending its body for `server.body_timeout`: answered 408 and
+    /// never counted against the endpoint.
+    #[error("the client's body stalled for {0:?}")]
+    ClientStalled(Duration),
 }
 
 impl UpstreamError {
-    /// Refused, reset and connect timeouts may be retried for any method (docs/routing.md,
-    /// Retries).
+    /// Nothing was sent (refused, unreachable, connect timeout): any request may go
+    /// elsewhere.
     pub fn retryable(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_) | UpstreamError::Reset(_))
+        matches!(self, UpstreamError::Connect(_))
+    }
+
+    /// The request may have reached the endpoint, which gave no answer: another endpoint
+    /// may be tried only for requests that `retry::may_replay` allows.
+    pub fn retryable_if_replayable(&self) -> bool {
+        matches!(self, UpstreamError::Reset(_) | UpstreamError::Protocol(_))
+    }
+
+    fn from_body(b: &super::body::BodyError) -> UpstreamError {
+        match b {
+            super::body::BodyError::ClientStalled(d) => UpstreamError::ClientStalled(*d),
+            b => UpstreamError::Body(b.to_string()),
+        }
     }
 
     fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
@@ -58,7 +75,7 @@ impl UpstreamError {
                 if h.is_body_write_aborted() || h.is_user() {
                     // The body's own error: see whether it is ours.
                     if let Some(b) = h.source().and_then(|s| s.downcast_ref::<super::body::BodyError>()) {
-                        return UpstreamError::Body(b.to_string());
+                        return UpstreamError::from_body(b);
                     }
                 }
                 if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
@@ -69,7 +86,7 @@ impl UpstreamError {
                 }
             }
             if let Some(b) = s.downcast_ref::<super::body::BodyError>() {
-                return UpstreamError::Body(b.to_string());
+                return UpstreamError::from_body(b);
             }
             if let Some(io) = s.downcast_ref::<io::Error>() {
                 if matches!(
@@ -142,7 +159,9 @@ impl Upstreams {
         })
     }
 
-    /// Sends one attempt and waits for the response head up to `timeout`.
+    /// Sends one attempt and waits for the response head up to `timeout`, counted from
+    /// when the request body has been sent: a client's slow upload is not the endpoint's
+    /// time.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
@@ -153,10 +172,17 @@ impl Upstreams {
             UpstreamProtocol::Http1 => &self.http1,
             UpstreamProtocol::Http2 => &self.http2,
         };
-        match tokio::time::timeout(timeout, pool.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(UpstreamError::classify(e)),
-            Err(_) => Err(UpstreamError::Timeout(timeout)),
+        let body_sent = req.body().sent_signal();
+        let deadline = async {
+            match body_sent {
+                Some(sent) => sent.endpoint_deadline(timeout).await,
+                None => tokio::time::sleep(timeout).await,
+            }
+        };
+        tokio::select! {
+            biased;
+            resp = pool.request(req) => resp.map_err(UpstreamError::classify),
+            () = deadline => Err(UpstreamError::Timeout(timeout)),
         }
     }
 }

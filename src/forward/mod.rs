@@ -5,5 +5,6 @@
 pub mod body;
 pub mod breaker;
 pub mod client;
+pub mod inbound;
 pub mod rewrite;
 pub mod upgrade;

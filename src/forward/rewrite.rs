@@ -26,6 +26,20 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 const CONNECTION_AT: usize = 0;
+
+/// Headers a peer's `Connection` header cannot remove: Meridian sets or relies on them,
+/// so naming them there would strip what the endpoint or client must see.
+static PROTECTED: [HeaderName; 6] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-request-id"),
+];
+
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const TE_AT: usize = 5;
 
 /// Removes hop-by-hop headers and any header the `Connection` header names. `Upgrade` is
@@ -54,6 +68,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter(|name| !name.eq_ignore_ascii_case("close"))
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .filter(|name| !HOP_BY_HOP.contains(name))
+            .filter(|name| !PROTECTED.contains(name) && !name.as_str().starts_with("x-meridian-"))
             .filter(|name| !(keep_upgrade && name == header::UPGRADE))
             .collect();
         for name in named {
@@ -107,6 +122,11 @@ pub struct Forwarding<'a> {
 pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bool) -> HeaderValue {
     remove_hop_by_hop(headers, upgrade);
     remove_meridian_headers(headers);
+    if !fwd.peer_trusted {
+        // Like X-Forwarded-For, these name the client only when a trusted proxy says so.
+        headers.remove(&FORWARDED);
+        headers.remove(&X_REAL_IP);
+    }
 
     let peer = ip_value(fwd.peer);
     if fwd.peer_trusted && headers.contains_key(&X_FORWARDED_FOR) {
@@ -151,7 +171,14 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
 
 /// Rewrites a response's headers for the client.
 pub fn response_headers(headers: &mut HeaderMap, region: &HeaderValue, attempts: u32, upgrade: bool) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and the body was read
+        // chunked; relayed with the stale length, a client would keep a prefix of it.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(headers, upgrade);
+    // Only Meridian speaks for Meridian: an endpoint cannot fake a region or attempt count.
+    remove_meridian_headers(headers);
     headers.insert(&X_MERIDIAN_REGION, region.clone());
     if attempts > 1 {
         headers.insert(&X_MERIDIAN_ATTEMPTS, HeaderValue::from(attempts));
@@ -272,6 +299,59 @@ mod tests {
         };
         assert_eq!(request_headers(&mut h, &fwd, false), "abc-123");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "::1");
+    }
+
+    #[test]
+    fn trust_leaks_are_closed() {
+        // A client's Connection header cannot strip what Meridian sets or relies on.
+        let mut h = headers(&[
+            (
+                "connection",
+                "host, content-length, x-forwarded-for, x-request-id, x-meridian-country, x-other",
+            ),
+            ("host", "api.example"),
+            ("content-length", "5"),
+            ("x-forwarded-for", "81.2.69.142"),
+            ("x-request-id", "abc"),
+            ("x-other", "1"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+        ]);
+        let mut fwd = Forwarding {
+            peer: "127.0.0.1".parse().unwrap(),
+            peer_trusted: true,
+            proto: "http",
+            country: "GB",
+        };
+        let mut trusted = h.clone();
+        request_headers(&mut trusted, &fwd, false);
+        assert_eq!(trusted.get("host").unwrap(), "api.example");
+        assert_eq!(trusted.get("content-length").unwrap(), "5");
+        assert_eq!(trusted.get("x-forwarded-for").unwrap(), "81.2.69.142, 127.0.0.1");
+        assert_eq!(trusted.get("x-request-id").unwrap(), "abc");
+        assert_eq!(trusted.get("x-meridian-country").unwrap(), "GB");
+        assert!(trusted.get("x-other").is_none());
+        assert_eq!(trusted.get("forwarded").unwrap(), "for=6.6.6.6");
+        assert_eq!(trusted.get("x-real-ip").unwrap(), "6.6.6.6");
+        fwd.peer_trusted = false;
+        request_headers(&mut h, &fwd, false);
+        assert!(h.get("forwarded").is_none());
+        assert!(h.get("x-real-ip").is_none());
+
+        // Responses: no stale length beside chunked framing, no endpoint-made x-meridian-*.
+        let mut r = headers(&[
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked"),
+            ("x-meridian-attempts", "7"),
+            ("x-meridian-region", "spoofed"),
+            ("x-meridian-anything", "1"),
+        ]);
+        response_headers(&mut r, &HeaderValue::from_static("us-east"), 1, false);
+        assert!(r.get("content-length").is_none());
+        assert!(r.get("transfer-encoding").is_none());
+        assert!(r.get("x-meridian-attempts").is_none());
+        assert!(r.get("x-meridian-anything").is_none());
+        assert_eq!(r.get("x-meridian-region").unwrap(), "us-east");
     }
 
     #[test]

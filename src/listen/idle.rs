@@ -1,91 +1,285 @@
-//! Closes connections that stay idle (no bytes either way, no request in flight) for longer
-//! than `idle_timeout`, without a task or timer per request.
+//! Connection-level timeouts without a task or timer per request: the header read timeout
+//! (a new connection's first request, and from the first byte of each later head), the idle
+//! timeout between requests, and the send timeout for a client that stops reading. Also
+//! gives hyper's own HTTP/1.1 error answers (400, 431, ...) Meridian's JSON body.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Requests in flight on one connection.
-#[derive(Debug, Clone, Default)]
-pub struct Activity(Arc<AtomicU32>);
+use crate::error::ProxyError;
 
-pub struct ActiveRequest(Arc<AtomicU32>);
+/// The timeouts a connection is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub send: Duration,
+}
+
+/// Where a connection stands between its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// A request (or its response body) is in flight: body and send timeouts apply.
+    Busy,
+    /// Reading a request head that began at `since` (for the first request: the connection
+    /// opened then).
+    Head { since: Instant },
+    /// Kept alive with nothing in flight since `since`.
+    Idle { since: Instant },
+}
+
+/// When a connection in `phase` is cut off; `None` while it is busy.
+pub fn deadline(phase: Phase, t: &Timeouts) -> Option<Instant> {
+    match phase {
+        Phase::Busy => None,
+        Phase::Head { since } => Some(since + t.header_read),
+        Phase::Idle { since } => Some(since + t.idle),
+    }
+}
+
+/// Requests in flight on one connection, how many began, and when the last one ended.
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<ActivityState>);
+
+#[derive(Debug)]
+struct ActivityState {
+    opened: Instant,
+    in_flight: AtomicU32,
+    begun: AtomicU64,
+    /// Nanoseconds after `opened`.
+    last_end: AtomicU64,
+    /// The connection was upgraded (WebSocket): idle means no bytes either way.
+    upgraded: AtomicBool,
+    /// The connection task, woken when the last request ends so its idle clock starts:
+    /// hyper may not poll the IO again by itself until bytes arrive.
+    waker: Mutex<Option<Waker>>,
+}
+
+/// Held while a request and its response body are in flight.
+pub struct ActiveRequest(Arc<ActivityState>);
 
 impl Activity {
+    fn new(opened: Instant) -> Activity {
+        Activity(Arc::new(ActivityState {
+            opened,
+            in_flight: AtomicU32::new(0),
+            begun: AtomicU64::new(0),
+            last_end: AtomicU64::new(0),
+            upgraded: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        }))
+    }
+
     pub fn begin(&self) -> ActiveRequest {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.0.begun.fetch_add(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         ActiveRequest(self.0.clone())
     }
 
+    /// After a `101`: HTTP is over, bytes are bridged.
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Release);
+    }
+
     fn busy(&self) -> bool {
-        self.0.load(Ordering::Acquire) > 0
+        self.0.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    fn begun(&self) -> u64 {
+        self.0.begun.load(Ordering::Acquire)
+    }
+
+    fn last_end(&self) -> Instant {
+        self.0.opened + Duration::from_nanos(self.0.last_end.load(Ordering::Acquire))
     }
 }
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let since = Instant::now().saturating_duration_since(self.0.opened);
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        self.0.last_end.fetch_max(nanos, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let waker = self.0.waker.lock().ok().and_then(|mut w| w.take());
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
     }
 }
 
-/// An IO wrapper whose reads fail with `TimedOut` once the connection has been idle too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Unknown,
+    Http1,
+    /// Streams multiplex: the connection is idle only with no stream and no frames.
+    Http2,
+}
+
+/// An IO wrapper whose reads fail with `TimedOut` when the connection outstays its phase's
+/// deadline, and whose writes fail when the client takes no bytes for the send timeout.
 ///
-/// Activity only records the time; the timer is moved when it fires, not on every read and
-/// write, so a busy keep-alive connection costs a clock read per I/O, not a timer-wheel update.
+/// The read timer moves only when it fires or when an earlier deadline appears, so a busy
+/// connection costs a clock read per I/O, not a timer-wheel update.
 pub struct IdleIo<T> {
     inner: T,
-    timeout: Duration,
+    timeouts: Timeouts,
     timer: Pin<Box<Sleep>>,
-    last_active: Instant,
+    armed: Instant,
     activity: Activity,
+    protocol: Protocol,
+    /// The current head's first byte, and how many requests had begun then.
+    head: (Instant, u64),
+    /// Last read or write, for HTTP/2's idleness.
+    last_io: Instant,
+    send_timer: Pin<Box<Sleep>>,
+    write_blocked: bool,
+    /// Meridian's JSON answer replacing one of hyper's empty ones, and how much is written.
+    replacement: Option<(Vec<u8>, usize)>,
 }
 
 impl<T> IdleIo<T> {
-    pub fn new(inner: T, timeout: Duration) -> (IdleIo<T>, Activity) {
-        let activity = Activity::default();
+    pub fn new(inner: T, timeouts: Timeouts) -> (IdleIo<T>, Activity) {
+        let now = Instant::now();
+        let activity = Activity::new(now);
+        let armed = now + timeouts.header_read;
         let io = IdleIo {
             inner,
-            timeout,
-            timer: Box::pin(tokio::time::sleep(timeout)),
-            last_active: Instant::now(),
+            timeouts,
+            timer: Box::pin(tokio::time::sleep_until(armed)),
+            armed,
             activity: activity.clone(),
+            protocol: Protocol::Unknown,
+            head: (now, 0),
+            last_io: now,
+            send_timer: Box::pin(tokio::time::sleep(timeouts.send)),
+            write_blocked: false,
+            replacement: None,
         };
         (io, activity)
     }
 
-    fn touch(&mut self) {
-        self.last_active = Instant::now();
+    fn phase(&self) -> Phase {
+        if self.activity.busy() {
+            return Phase::Busy;
+        }
+        if self.activity.0.upgraded.load(Ordering::Acquire) {
+            return Phase::Idle { since: self.last_io };
+        }
+        let begun = self.activity.begun();
+        match self.protocol {
+            Protocol::Http2 if begun > 0 => Phase::Idle {
+                since: self.activity.last_end().max(self.last_io),
+            },
+            Protocol::Http2 => Phase::Head { since: self.head.0 },
+            Protocol::Unknown | Protocol::Http1 if self.head.1 == begun => Phase::Head { since: self.head.0 },
+            Protocol::Unknown | Protocol::Http1 => Phase::Idle {
+                since: self.activity.last_end(),
+            },
+        }
     }
 
-    /// True once the connection has been idle for `timeout`; otherwise leaves the timer
-    /// armed for the next possible expiry and registered with `cx`.
-    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        while self.timer.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            let deadline = self.last_active + self.timeout;
-            if deadline > now {
-                // There was activity since the timer was set: wait out the rest.
-                self.timer.as_mut().reset(deadline);
-            } else if self.activity.busy() {
-                // A request is being served (e.g. waiting for a first token): not idle.
-                self.last_active = now;
-                self.timer.as_mut().reset(now + self.timeout);
+    fn on_read(&mut self, bytes: &[u8]) {
+        let now = Instant::now();
+        self.last_io = now;
+        if self.protocol == Protocol::Unknown {
+            self.protocol = if bytes.starts_with(b"PRI ") {
+                Protocol::Http2
             } else {
-                return true;
+                Protocol::Http1
+            };
+        }
+        let begun = self.activity.begun();
+        let upgraded = self.activity.0.upgraded.load(Ordering::Acquire);
+        if self.protocol == Protocol::Http1 && !upgraded && !self.activity.busy() && self.head.1 != begun {
+            // The first byte of the next request head.
+            self.head = (now, begun);
+        }
+    }
+
+    /// True once the phase's deadline has passed; otherwise the timer is armed for the
+    /// next possible expiry and registered with `cx`.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Ok(mut w) = self.activity.0.waker.lock() {
+            match w.as_ref() {
+                Some(old) if old.will_wake(cx.waker()) => {}
+                _ => *w = Some(cx.waker().clone()),
             }
         }
-        false
+        loop {
+            let now = Instant::now();
+            let due = deadline(self.phase(), &self.timeouts);
+            match due {
+                Some(d) if d <= now => return true,
+                Some(d) if d < self.armed => {
+                    self.armed = d;
+                    self.timer.as_mut().reset(d);
+                }
+                _ => {}
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            // Fired early (the phase moved on): wait for the current deadline, or look
+            // again later while busy.
+            self.armed = due.unwrap_or(now + self.timeouts.idle.min(self.timeouts.header_read));
+            self.timer.as_mut().reset(self.armed);
+        }
     }
 
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// hyper answers a head it cannot parse itself, with an empty body; Meridian's
+    /// clients get the JSON every other refusal carries. Recognised by hyper's exact
+    /// shape: an HTTP/1.1 4xx/5xx head with `content-length: 0` while no request of this
+    /// connection reached the service.
+    fn replace_hyper_error(&mut self, buf: &[u8]) -> bool {
+        if self.protocol != Protocol::Http1 || self.activity.busy() || self.head.1 != self.activity.begun() {
+            return false;
+        }
+        match hyper_error_status(buf) {
+            Some(status) => {
+                self.replacement = Some((error_response(status), 0));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The status of an HTTP/1.1 error head with an empty body, as hyper writes for parse errors.
+fn hyper_error_status(buf: &[u8]) -> Option<u16> {
+    let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
+    let status: u16 = std::str::from_utf8(rest.get(..3)?).ok()?.parse().ok()?;
+    let head_only = buf.ends_with(b"\r\n\r\n");
+    let empty = buf
+        .windows(b"\r\ncontent-length: 0\r\n".len())
+        .any(|w| w.eq_ignore_ascii_case(b"\r\ncontent-length: 0\r\n"));
+    (status >= 400 && head_only && empty).then_some(status)
+}
+
+/// A complete HTTP/1.1 answer with Meridian's JSON error body; the connection closes.
+fn error_response(status: u16) -> Vec<u8> {
+    let err = ProxyError::MalformedHead { status };
+    let body = err.body();
+    let reason = err.status().canonical_reason().unwrap_or("Bad Request");
+    let mut out = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        err.status().as_u16(),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
@@ -94,12 +288,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    self.touch();
+                    let filled = &buf.filled()[before..];
+                    let first = &filled[..filled.len().min(4)];
+                    let mut head = [0u8; 4];
+                    head[..first.len()].copy_from_slice(first);
+                    self.on_read(&head[..first.len()]);
                 }
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                if self.idle_expired(cx) {
+                if self.expired(cx) {
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
                 }
                 Poll::Pending
@@ -108,13 +306,63 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> IdleIo<T> {
+    /// Tracks a write's progress against the send timeout.
+    fn after_write(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Pending => {
+                if !self.write_blocked {
+                    self.write_blocked = true;
+                    let due = Instant::now() + self.timeouts.send;
+                    self.send_timer.as_mut().reset(due);
+                }
+                if self.send_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "send timeout")));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(r) => {
+                self.write_blocked = false;
+                if matches!(r, Ok(n) if n > 0) {
+                    self.last_io = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+
+    /// Writes the replacement answer; reports hyper's `len` bytes as written once done.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        loop {
+            let Some((out, written)) = self.replacement.as_mut() else {
+                return Poll::Ready(Ok(len));
+            };
+            if *written >= out.len() {
+                self.replacement = None;
+                return Poll::Ready(Ok(len));
+            }
+            let r = Pin::new(&mut self.inner).poll_write(cx, &out[*written..]);
+            match self.after_write(cx, r) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    if let Some((_, written)) = self.replacement.as_mut() {
+                        *written += n;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+        if self.replacement.is_some() || self.replace_hyper_error(buf) {
+            return self.poll_replacement(cx, buf.len());
         }
-        r
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.after_write(cx, r)
     }
 
     fn poll_write_vectored(
@@ -122,11 +370,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        if self.replacement.is_some()
+            || (bufs.iter().filter(|b| !b.is_empty()).count() == 1 && self.replace_hyper_error(first))
+        {
+            let len = bufs.iter().map(|b| b.len()).sum();
+            return self.poll_replacement(cx, len);
         }
-        r
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.after_write(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -139,5 +391,53 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_by_phase() {
+        let t = Timeouts {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            send: Duration::from_secs(60),
+        };
+        let at = Instant::now();
+        assert_eq!(deadline(Phase::Busy, &t), None);
+        assert_eq!(
+            deadline(Phase::Head { since: at }, &t),
+            Some(at + Duration::from_secs(10))
+        );
+        assert_eq!(
+            deadline(Phase::Idle { since: at }, &t),
+            Some(at + Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn hyper_error_heads_recognised() {
+        let cases: &[(&[u8], Option<u16>)] = &[
+            (
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+                Some(400),
+            ),
+            (
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n",
+                Some(431),
+            ),
+            (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 10\r\n\r\n", None),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", None),
+            (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n{}", None),
+            (b"0\r\n\r\n", None),
+        ];
+        for (buf, want) in cases {
+            assert_eq!(hyper_error_status(buf), *want, "{}", String::from_utf8_lossy(buf));
+        }
+        let out = String::from_utf8(error_response(431)).unwrap();
+        assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
+        assert!(out.contains("\"bad_request\""), "{out}");
     }
 }

@@ -3,6 +3,7 @@
 
 mod idle;
 pub mod proxy_protocol;
+mod send;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
-pub use idle::IdleIo;
+pub use idle::{ActiveRequest, Activity, IdleIo, Timeouts};
 use proxy_protocol::{Prefixed, ProxyHeaderError};
 
 /// Limits applied to every client connection.
@@ -31,6 +32,7 @@ pub struct Limits {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub send_timeout: Duration,
     pub http2_max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
     /// Every connection starts with a PROXY v1/v2 header naming the client.
@@ -45,6 +47,7 @@ impl Limits {
             max_headers: s.max_headers,
             header_read_timeout: s.header_read_timeout,
             idle_timeout: s.idle_timeout,
+            send_timeout: s.send_timeout,
             http2_max_concurrent_streams: s.http2_max_concurrent_streams,
             shutdown_timeout: s.shutdown_timeout,
             proxy_protocol: s.proxy_protocol,
@@ -54,9 +57,11 @@ impl Limits {
 
 pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own header timer also runs between keep-alive requests (so idle connections
+    // were cut at header_read_timeout); IdleIo keeps both clocks instead.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
@@ -209,14 +214,38 @@ impl Connection {
     {
         let peer = info.peer;
         let proxy = self.proxy;
-        let (io, activity) = IdleIo::new(io, self.limits.idle_timeout);
-        let service = service_fn(move |req| {
+        let timeouts = Timeouts {
+            header_read: self.limits.header_read_timeout,
+            idle: self.limits.idle_timeout,
+            send: self.limits.send_timeout,
+        };
+        let (io, activity) = IdleIo::new(io, timeouts);
+        let send_timeout = timeouts.send;
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
+            let activity = activity.clone();
             let guard = activity.begin();
+            // An HTTP/2 stream's window can stay shut while the connection is busy.
+            let per_stream = req.version() == http::Version::HTTP_2;
             async move {
                 let resp = proxy.handle(info, req).await;
-                drop(guard);
-                resp
+                if resp
+                    .as_ref()
+                    .is_ok_and(|r| r.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+                {
+                    activity.upgraded();
+                }
+                // The request stays in flight until its response body is done.
+                resp.map(|r| {
+                    r.map(|body| Guarded {
+                        body: if per_stream {
+                            send::ClientBody::with_send_timeout(body, send_timeout)
+                        } else {
+                            send::ClientBody::Direct(body)
+                        },
+                        _guard: guard,
+                    })
+                })
             }
         });
         let conn = self
@@ -226,5 +255,32 @@ impl Connection {
         if let Err(e) = self.watcher.watch(conn).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is finished, so
+/// a long stream is never mistaken for an idle connection.
+pub struct Guarded<B> {
+    body: B,
+    _guard: ActiveRequest,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }

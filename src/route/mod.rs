@@ -6,9 +6,10 @@
 //! `spillover` says when a region's load makes it count as saturated.
 
 mod decide;
+pub mod path;
 pub mod residency;
 pub mod spillover;
 mod table;
 
-pub use decide::{Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, plan, select};
+pub use decide::{Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, path_matches, plan, select};
 pub use table::{Candidate, CountryPlan, RegionId, RouteTable, ZoneId, order_candidates};
