@@ -351,6 +351,48 @@ async fn a_reload_applies_and_lifts_a_config_drain() {
     .await;
 }
 
+/// A ConfigMap volume as the kubelet lays it out: `meridian.toml -> ..data/meridian.toml`,
+/// `..data -> ..<timestamp>`; an update writes a new timestamped directory and swaps the
+/// `..data` symlink by rename. The file watch reads through the links, so it notices.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_configmap_update_by_symlink_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("", ""));
+    let dir = proxy.config_path.parent().unwrap().to_path_buf();
+    let publish = |version: &str, text: &str| {
+        let data = dir.join(version);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("meridian.toml"), text).unwrap();
+        symlink(version, dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    };
+    // The same config, now behind the kubelet's links.
+    publish("..2026_12_01_v1", &w.config("", ""));
+    symlink("..data/meridian.toml", dir.join("meridian.toml.tmp")).unwrap();
+    std::fs::rename(dir.join("meridian.toml.tmp"), &proxy.config_path).unwrap();
+    assert_eq!(
+        get_as(proxy.listen, ips::IE, "/v1/models").await.region(),
+        Some("eu-west")
+    );
+    publish(
+        "..2026_12_01_v2",
+        &w.config("", "drain = { reason = \"maintenance\" }\n\n"),
+    );
+    eventually("the swapped ConfigMap is loaded", || async {
+        get_as(proxy.listen, ips::IE, "/v1/models").await.region() == Some("us-east")
+    })
+    .await;
+    assert!(
+        json_logs(&proxy)
+            .iter()
+            .any(|l| l["message"] == "config reloaded" && l["trigger"] == "file_change"),
+        "{:?}",
+        proxy.logs()
+    );
+}
+
 #[test]
 fn check_shows_a_config_drain() {
     let dir = tempfile::tempdir().unwrap();
