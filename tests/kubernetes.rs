@@ -157,7 +157,10 @@ fn every_overlay_builds_a_deployment_that_fits_its_config() {
         // The token and fallback key come from the Secret the base defines; it holds no
         // values in the repository.
         let secret = find(&objects, "Secret", "meridian-secrets");
-        assert!(secret["data"].is_badvalue() && secret["stringData"].is_badvalue(), "{at}");
+        assert!(
+            secret["data"].is_badvalue() && secret["stringData"].is_badvalue(),
+            "{at}"
+        );
         let refs: Vec<(&str, &str)> = container["env"]
             .as_vec()
             .unwrap()
@@ -169,7 +172,10 @@ fn every_overlay_builds_a_deployment_that_fits_its_config() {
             .collect();
         assert_eq!(
             refs,
-            [("MERIDIAN_ADMIN_TOKEN", "meridian-secrets"), ("HOSTED_API_KEY", "meridian-secrets")],
+            [
+                ("MERIDIAN_ADMIN_TOKEN", "meridian-secrets"),
+                ("HOSTED_API_KEY", "meridian-secrets")
+            ],
             "{at}"
         );
 
