@@ -27,8 +27,9 @@ COPY benches ./benches
 RUN cargo build --release --locked --bin meridian \
     && install -D -m 0755 target/release/meridian /out/meridian
 
-# Runtime: `ldd target/release/meridian` lists only glibc (libc, libm), libgcc_s and the
-# loader; TLS roots are compiled in (webpki-roots) and the GeoIP database is embedded. So
+# Runtime: `ldd target/release/meridian` lists only glibc (libc, libm; symbols up to
+# GLIBC_2.34, bookworm has 2.36), libgcc_s and the loader; TLS roots are compiled in
+# (webpki-roots) and the GeoIP database is embedded. So
 # distroless/cc (glibc + libgcc, no shell, no package manager) is all it needs; the
 # `healthcheck` subcommand stands in for curl.
 FROM gcr.io/distroless/cc-debian12:nonroot
