@@ -124,7 +124,19 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
                 tracing::warn!(region = %name, by = %token_id, %peer, reason, changed, "region undrained by admin");
             }
             shared.publish_availability();
-            json_response(StatusCode::OK, &region_status(&rt, index))
+            let status = region_status(&rt, index);
+            match (*action, &status.config_drain) {
+                // The admin drain is lifted, but the fleet-wide one is not this instance's to lift.
+                ("undrain", Some(d)) => {
+                    let mut body = serde_json::to_value(&status).unwrap_or_default();
+                    let message = still_drained_message(&d.reason, d.until.as_deref());
+                    if let Some(map) = body.as_object_mut() {
+                        map.insert("message".into(), message.into());
+                    }
+                    json_response(StatusCode::OK, &body)
+                }
+                _ => json_response(StatusCode::OK, &status),
+            }
         }
         (_, ["metrics" | "healthz" | "readyz" | "status"]) | (_, ["regions", _, "drain" | "undrain"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -256,14 +268,42 @@ struct RegionStatus {
     endpoints_available: usize,
     /// Share of its clients the region takes while it ramps back (slow start).
     slow_start_weight: Option<f64>,
+    /// Who drains it: "config", "admin", both or neither.
+    drained_by: Vec<&'static str>,
+    /// The admin drain on this instance.
     drain: Option<DrainInfo>,
+    /// The config's fleet-wide drain, while in force.
+    config_drain: Option<ConfigDrainStatus>,
     endpoints: Vec<EndpointSnapshot>,
+}
+
+#[derive(Serialize)]
+struct ConfigDrainStatus {
+    reason: String,
+    /// RFC 3339; absent: until the config changes.
+    until: Option<String>,
+}
+
+fn still_drained_message(reason: &str, until: Option<&str>) -> String {
+    let until = until.map_or_else(|| "until the config changes".to_string(), |u| format!("until {u}"));
+    format!(
+        "the admin drain is lifted, but the config still drains this region ({reason}, {until}): an admin undrain does not lift a config drain; remove drain from its [[region]] and reload"
+    )
 }
 
 fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
     let r = &rt.regions[index];
     let c = &rt.config.regions[index];
-    let drained = r.health.is_drained();
+    let drain_state = rt.drain_state(index);
+    let drained = drain_state.any();
+    let config_drain = c
+        .drain
+        .as_ref()
+        .filter(|_| drain_state.config)
+        .map(|d| ConfigDrainStatus {
+            reason: d.reason.clone(),
+            until: crate::health::drain::format_until(d),
+        });
     let slow_start = rt.config.health.slow_start;
     let endpoints: Vec<EndpointSnapshot> = r.endpoints.iter().map(|e| e.health.snapshot(slow_start)).collect();
     let endpoints_available = endpoints.iter().filter(|e| e.available).count();
@@ -293,7 +333,9 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
         location: c.location,
         endpoints_available,
         slow_start_weight: Some(r.health.ramp(slow_start)).filter(|w| *w < 1.0),
+        drained_by: drain_state.sources(),
         drain: r.health.drain_info(),
+        config_drain,
         endpoints,
     }
 }

@@ -142,6 +142,26 @@ pub async fn run(path: &Path) -> Result<(), StartError> {
         // Errors are logged and counted by the reloader; serving goes on either way.
         let _ = running.reloader.reload(Trigger::Signal).await;
     }
+    // Not ready at once, but still serving: load balancers and kube-proxy take a few
+    // seconds to stop sending, and connections they send meanwhile must not be refused.
+    running.shared.draining.store(true, Ordering::Release);
+    let delay = running.shared.runtime().config.server.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(delay = ?delay, "stop signal: /readyz answers 503, still serving for the shutdown delay");
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                signal = signals.next() => match signal {
+                    Signal::Reload => { let _ = running.reloader.reload(Trigger::Signal).await; }
+                    Signal::Stop => {
+                        tracing::warn!("second stop signal: skipping the rest of the shutdown delay");
+                        break;
+                    }
+                },
+            }
+        }
+    }
     tracing::info!(
         timeout = ?shutdown_timeout,
         "shutting down: no new connections, draining in-flight requests"

@@ -405,6 +405,18 @@ pub fn pattern_summary(table: &RouteTable) -> PatternSummary {
 }
 
 /// The region table for `meridian check`.
+/// A config drain as `check` shows it: in force (and until when) or ignored.
+pub fn drain_line(d: &crate::config::ConfigDrain, now: std::time::SystemTime) -> String {
+    let until = crate::health::drain::format_until(d);
+    match until {
+        Some(u) if crate::health::drain::is_stale(d, now) => {
+            format!("drain ignored: until {u} is in the past (reason {:?})", d.reason)
+        }
+        Some(u) => format!("drained by config until {u} (reason {:?})", d.reason),
+        None => format!("drained by config until removed (reason {:?})", d.reason),
+    }
+}
+
 pub fn render_table(table: &RouteTable) -> String {
     let config = &table.config;
     let summary = pattern_summary(table);
@@ -456,6 +468,9 @@ pub fn render_table(table: &RouteTable) -> String {
         );
         for e in &r.endpoints {
             let _ = writeln!(s, "    endpoint {} (weight {})", e.url, e.weight);
+        }
+        if let Some(d) = &r.drain {
+            let _ = writeln!(s, "    {}", drain_line(d, std::time::SystemTime::now()));
         }
     }
     if !config.zones.is_empty() {

@@ -29,6 +29,7 @@ pub mod explain;
 pub mod forward;
 pub mod geo;
 pub mod health;
+pub mod healthcheck;
 pub mod listen;
 pub mod observe;
 pub mod proxy;

@@ -57,6 +57,14 @@ enum Command {
         #[arg(required = true)]
         ips: Vec<String>,
     },
+    /// Exit 0 when the admin `/readyz` of the instance serving this config answers 200.
+    Healthcheck {
+        #[arg(short, long, default_value = "config/meridian.toml")]
+        config: PathBuf,
+        /// How long to wait for the connection and the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Start fake regions on loopback with the proxy in front, and print commands to try.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -70,6 +78,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Healthcheck { config, timeout } => {
+            match meridian::healthcheck::admin_addr(&config).and_then(|a| meridian::healthcheck::check(a, timeout)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meridian healthcheck: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Route {
             config,
             json,
@@ -186,6 +203,17 @@ fn check(path: &std::path::Path) -> ExitCode {
             eprintln!("  {}: {line}", path.display());
         }
         return ExitCode::FAILURE;
+    }
+    let now = std::time::SystemTime::now();
+    for r in &table.config.regions {
+        if let Some(d) = r.drain.as_ref().filter(|d| meridian::health::drain::is_stale(d, now)) {
+            eprintln!(
+                "warning: {}: region {:?}: {}",
+                path.display(),
+                r.name,
+                meridian::explain::drain_line(d, now)
+            );
+        }
     }
     println!("{}: ok (GeoIP: {})", path.display(), geo.description());
     print!("{}", meridian::explain::render_table(&table));

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -12,6 +13,7 @@ use crate::config::{Config, EndpointConfig, FallbackConfig, UpstreamProtocol, Up
 use crate::forward::breaker::SharedBreaker;
 use crate::forward::client::{ClientSetupError, PoolSettings, Upstreams};
 use crate::geo::{GeoDb, GeoError};
+use crate::health::drain::Drained;
 use crate::health::state::Policy;
 use crate::health::{EndpointHealth, RegionHealth};
 use crate::observe::metrics::{Metrics, RegionMetrics};
@@ -133,13 +135,26 @@ impl Shared {
 }
 
 impl Runtime {
+    /// Which drains hold region `r`: the config's and the admin's.
+    pub fn drain_state(&self, r: usize) -> Drained {
+        let config = self.config.regions.get(r).and_then(|c| c.drain.as_ref());
+        let admin = self.regions.get(r).is_some_and(|region| region.health.is_drained());
+        // The clock is read only for a region the config drains: requests pay nothing otherwise.
+        let now = if config.is_some() {
+            SystemTime::now()
+        } else {
+            SystemTime::UNIX_EPOCH
+        };
+        crate::health::drain::decide(config, admin, now)
+    }
+
     /// How region `r` looks to selection; `tried(endpoint)` marks endpoints this request has
     /// already used.
     pub fn region_state(&self, r: usize, tried: impl Fn(usize) -> bool) -> RegionState {
         let Some(region) = self.regions.get(r) else {
             return RegionState::Unavailable;
         };
-        if region.health.is_drained() {
+        if self.drain_state(r).any() {
             return RegionState::Unavailable;
         }
         let mut untried = false;
@@ -226,6 +241,7 @@ fn build(
     let config = Arc::new(config);
     let table = RouteTable::new(config.clone());
     crate::route::residency::verify(&table)?;
+    warn_stale_drains(&config, SystemTime::now());
     let mut endpoints_registry = registry.endpoints.lock().unwrap_or_else(|p| p.into_inner());
     let mut region_registry = registry.regions.lock().unwrap_or_else(|p| p.into_inner());
     let mut kept = HashMap::new();
@@ -271,6 +287,16 @@ fn build(
         upstreams,
         fallback,
     })
+}
+
+/// A config drain whose `until` is already past is ignored; say so at every load.
+fn warn_stale_drains(config: &Config, now: SystemTime) {
+    for r in &config.regions {
+        if let Some(d) = r.drain.as_ref().filter(|d| crate::health::drain::is_stale(d, now)) {
+            let until = crate::health::drain::format_until(d).unwrap_or_default();
+            tracing::warn!(region = %r.name, reason = %d.reason, %until, "config drain ignored: its until is in the past");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,8 @@ pub struct ServerFile {
     pub http2_max_concurrent_streams: Option<u32>,
     pub shutdown_timeout: Option<Duration>,
     pub worker_threads: Option<usize>,
+    /// After SIGTERM: keep serving this long, `/readyz` 503, so load balancers follow.
+    pub shutdown_delay: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +180,17 @@ pub struct RegionFile {
     pub protocol: Option<UpstreamProtocol>,
     /// Probe settings for this region's endpoints, over `[health]`.
     pub health: Option<RegionHealthFile>,
+    /// A fleet-wide drain: every instance that loads this config drains the region.
+    pub drain: Option<DrainFile>,
+}
+
+/// `drain = { reason = "maintenance", until = "2026-12-01T14:00:00Z" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainFile {
+    pub reason: Spanned<String>,
+    /// RFC 3339, as a string or a TOML date-time; absent: until the line is removed.
+    pub until: Option<Spanned<toml::Value>>,
 }
 
 /// Per-region probe overrides, for fleets whose model servers expose health differently.

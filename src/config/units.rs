@@ -66,9 +66,66 @@ impl fmt::Display for Size {
     }
 }
 
+/// Parses an RFC 3339 time (`2026-12-01T14:00:00Z`, `2026-12-01T15:00:00+01:00`).
+/// humantime reads the UTC form only, so a numeric offset is applied here.
+pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
+    let s = s.trim();
+    let bad = |e: &dyn fmt::Display| format!("invalid time {s:?} ({e}); write it like \"2026-12-01T14:00:00Z\"");
+    let split = s
+        .len()
+        .checked_sub(6)
+        .filter(|&i| s.is_char_boundary(i))
+        .map(|i| s.split_at(i));
+    let (utc, offset) = match split {
+        Some((head, tail))
+            if tail.is_ascii() && matches!(tail.as_bytes()[0], b'+' | b'-') && tail.as_bytes()[3] == b':' =>
+        {
+            let hours: u64 = tail[1..3].parse().map_err(|_| bad(&"bad offset hours"))?;
+            let minutes: u64 = tail[4..6].parse().map_err(|_| bad(&"bad offset minutes"))?;
+            if hours > 23 || minutes > 59 {
+                return Err(bad(&"offset out of range"));
+            }
+            let secs = std::time::Duration::from_secs(hours * 3600 + minutes * 60);
+            (format!("{head}Z"), Some((tail.as_bytes()[0] == b'+', secs)))
+        }
+        _ => (s.replace('z', "Z"), None),
+    };
+    let t = humantime::parse_rfc3339(&utc.replacen(' ', "T", 1)).map_err(|e| bad(&e))?;
+    Ok(match offset {
+        // Local time ahead of UTC: UTC is earlier.
+        Some((true, d)) => t - d,
+        Some((false, d)) => t + d,
+        None => t,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_times_parse_with_offsets() {
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let base = 1_796_133_600; // 2026-12-01T14:00:00Z
+        let cases: [(&str, Option<std::time::SystemTime>); 10] = [
+            ("2026-12-01T14:00:00Zé+0", None),
+            ("2026-12-01T14:00:00Z", Some(at(base))),
+            ("2026-12-01T14:00:00z", Some(at(base))),
+            (
+                "2026-12-01T14:00:00.5Z",
+                Some(at(base) + std::time::Duration::from_millis(500)),
+            ),
+            ("2026-12-01T15:30:00+01:30", Some(at(base))),
+            ("2026-12-01T09:00:00-05:00", Some(at(base))),
+            ("2026-12-01 14:00:00Z", Some(at(base))),
+            ("2026-12-01T14:00:00", None),
+            ("tomorrow", None),
+            ("2026-12-01T14:00:00+25:00", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_rfc3339(text).ok(), want, "{text}");
+        }
+    }
 
     #[test]
     fn durations_and_sizes_parse() {

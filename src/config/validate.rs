@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub http2_max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
     pub worker_threads: Option<usize>,
+    /// After SIGTERM, how long listeners keep serving while `/readyz` answers 503.
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -158,6 +160,16 @@ pub struct RegionConfig {
     pub protocol: UpstreamProtocol,
     /// Probe settings over `[health]` for this region's endpoints.
     pub probe: ProbeOverride,
+    /// `drain = { ... }`: drained by the config, for every instance that loads it.
+    pub drain: Option<ConfigDrain>,
+}
+
+/// A drain written in the config. Kept even when `until` is past: whether it is in force
+/// is decided against the clock ([`crate::health::drain::decide`]), not at parse time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigDrain {
+    pub reason: String,
+    pub until: Option<std::time::SystemTime>,
 }
 
 /// `[[region]] health = { ... }`: what differs from `[health]` for one region.
@@ -521,6 +533,7 @@ impl Validator<'_> {
             http2_max_concurrent_streams: s.http2_max_concurrent_streams.unwrap_or(256),
             shutdown_timeout: s.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
             worker_threads: s.worker_threads,
+            shutdown_delay: s.shutdown_delay.map_or(Duration::ZERO, |d| d.0),
         }
     }
 
@@ -885,8 +898,10 @@ impl Validator<'_> {
                 }
                 None => ProbeOverride::default(),
             };
+            let drain = r.drain.and_then(|d| self.drain(&format!("{key}.drain"), d));
             out.push(RegionConfig {
                 probe,
+                drain,
                 name,
                 location,
                 countries,
@@ -900,6 +915,35 @@ impl Validator<'_> {
             });
         }
         out
+    }
+
+    fn drain(&mut self, key: &str, d: file::DrainFile) -> Option<ConfigDrain> {
+        let reason = d.reason.get_ref().trim().to_string();
+        if reason.is_empty() {
+            self.problem(format!("{key}.reason"), Some(d.reason.span()), "must not be empty");
+        }
+        let until = match d.until {
+            None => None,
+            Some(u) => {
+                let span = u.span();
+                let parsed = match u.into_inner() {
+                    toml::Value::String(s) => super::units::parse_rfc3339(&s),
+                    toml::Value::Datetime(t) => super::units::parse_rfc3339(&t.to_string()),
+                    other => Err(format!(
+                        "expected an RFC 3339 time string, found a {}",
+                        other.type_str()
+                    )),
+                };
+                match parsed {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        self.problem(format!("{key}.until"), Some(span), e);
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(ConfigDrain { reason, until })
     }
 
     fn region_refs(&mut self, key: &str, refs: &[Spanned<String>], names: &HashMap<String, usize>) -> Vec<usize> {
@@ -1280,5 +1324,62 @@ mod tls_tests {
         }
         // Strict: a misspelt key is an error.
         assert!(Config::parse(&format!("[retry]\nreplay_path = []\n{REGION}"), None).is_err());
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    const REGION: &str = "[[region]]\nname = \"a\"\nlocation = [1, 1]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+
+    #[test]
+    fn region_drain_is_read_and_judged() {
+        let at = |secs| Some(std::time::UNIX_EPOCH + Duration::from_secs(secs));
+        type Want = Result<Option<(&'static str, Option<std::time::SystemTime>)>, &'static str>;
+        let cases: [(&str, Want); 7] = [
+            ("", Ok(None)),
+            (
+                "drain = { reason = \"maintenance\" }\n",
+                Ok(Some(("maintenance", None))),
+            ),
+            (
+                "drain = { reason = \"x\", until = \"2026-12-01T14:00:00Z\" }\n",
+                Ok(Some(("x", at(1_796_133_600)))),
+            ),
+            (
+                "drain = { reason = \"x\", until = 2026-12-01T15:00:00+01:00 }\n",
+                Ok(Some(("x", at(1_796_133_600)))),
+            ),
+            (
+                "drain = { reason = \"x\", until = \"at two\" }\n",
+                Err("region[0].drain.until"),
+            ),
+            ("drain = { reason = \" \" }\n", Err("region[0].drain.reason")),
+            ("drain = { reason = \"x\", for = \"1h\" }\n", Err("")),
+        ];
+        for (line, want) in cases {
+            let text = format!("{REGION}{line}");
+            let got = Config::parse(&text, None);
+            match (got, want) {
+                (Ok(c), Ok(want)) => {
+                    let d = c.regions[0].drain.as_ref().map(|d| (d.reason.as_str(), d.until));
+                    assert_eq!(d, want, "{line}");
+                }
+                (Err(e), Err(key)) => {
+                    assert!(e.problems.iter().any(|p| p.key == key), "{line}: {e}");
+                }
+                (got, want) => panic!("{line}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn shutdown_delay_defaults_to_zero() {
+        let c = Config::parse(REGION, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server.shutdown_delay, Duration::ZERO);
+        let c = Config::parse(&format!("[server]\nshutdown_delay = \"5s\"\n{REGION}"), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server.shutdown_delay, Duration::from_secs(5));
     }
 }

@@ -2,6 +2,7 @@
 //! maths, the active prober (`probe`), load signals from the model servers (`load`,
 //! `scrape`, `saturation`), and the shared, lock-free view the request path reads.
 
+pub mod drain;
 pub mod latency;
 pub mod load;
 pub mod probe;
@@ -296,6 +297,8 @@ pub struct RegionHealth {
     recovered_at: AtomicU64,
     /// Every endpoint is past a spillover threshold (with hysteresis, see `route::spillover`).
     saturated: AtomicBool,
+    /// The config's drain as last published, to log its start and end once.
+    config_drained: AtomicBool,
 }
 
 impl Default for RegionHealth {
@@ -307,6 +310,7 @@ impl Default for RegionHealth {
             was_available: AtomicBool::new(true),
             recovered_at: AtomicU64::new(NEVER),
             saturated: AtomicBool::new(false),
+            config_drained: AtomicBool::new(false),
         }
     }
 }
@@ -376,6 +380,11 @@ impl RegionHealth {
             return true;
         }
         false
+    }
+
+    /// Notes whether the config drains the region; returns whether that changed.
+    pub fn note_config_drain(&self, drained: bool) -> bool {
+        self.config_drained.swap(drained, Ordering::AcqRel) != drained
     }
 
     pub fn is_saturated(&self) -> bool {

@@ -100,6 +100,20 @@ impl Shared {
                 .region_available
                 .with_label_values(&[&r.name])
                 .set(available as i64);
+            let drained = rt.drain_state(i);
+            for (source, on) in [("config", drained.config), ("admin", drained.admin)] {
+                self.metrics
+                    .region_drained
+                    .with_label_values(&[&r.name, source])
+                    .set(on as i64);
+            }
+            if r.health.note_config_drain(drained.config) {
+                log_config_drain(
+                    rt.config.regions.get(i).and_then(|c| c.drain.as_ref()),
+                    &r.name,
+                    drained.config,
+                );
+            }
         }
     }
 
@@ -111,5 +125,16 @@ impl Shared {
                 self.set_endpoint_gauge(&e.health, e.health.status());
             }
         }
+    }
+}
+
+/// A config drain starting or ending is logged once, on the change.
+fn log_config_drain(drain: Option<&crate::config::ConfigDrain>, region: &str, on: bool) {
+    let reason = drain.map_or("", |d| d.reason.as_str());
+    let until = drain.and_then(crate::health::drain::format_until).unwrap_or_default();
+    if on {
+        tracing::warn!(region, reason, %until, "region drained by the config");
+    } else {
+        tracing::warn!(region, reason, %until, "config drain over: region back in rotation");
     }
 }

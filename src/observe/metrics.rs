@@ -21,6 +21,7 @@ pub struct Metrics {
     pub endpoint_state: IntGaugeVec,
     pub region_available: IntGaugeVec,
     pub region_saturated: IntGaugeVec,
+    pub region_drained: IntGaugeVec,
     pub geoip_lookups: IntCounterVec,
     /// `geoip_lookups` resolved per result once, so a request bumps a counter without hashing labels.
     pub geoip_results: GeoipResults,
@@ -139,6 +140,12 @@ impl Metrics {
                 "1 when every endpoint of the region is past a spillover threshold.",
                 &["region"],
             ),
+            region_drained: gauge(
+                &r,
+                "meridian_region_drained",
+                "1 while the region is drained, by source: the config (planned, fleet-wide) or this instance's admin API.",
+                &["region", "source"],
+            ),
             geoip_lookups,
             geoip_results,
             open_connections,
@@ -196,6 +203,9 @@ impl Metrics {
     pub fn forget_region(&self, region: &str) {
         let _ = self.region_available.remove_label_values(&[region]);
         let _ = self.region_saturated.remove_label_values(&[region]);
+        for source in ["config", "admin"] {
+            let _ = self.region_drained.remove_label_values(&[region, source]);
+        }
     }
 }
 

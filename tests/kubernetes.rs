@@ -1,0 +1,249 @@
+//! The Kubernetes manifests as `kubectl kustomize` builds them, one overlay per deployment
+//! pattern: the pod runs as a numeric non-root user, probes hit the admin port, the grace
+//! period outlasts the configured shutdown, and the ConfigMap's config is one Meridian
+//! accepts. Skipped, with a message, where kubectl is not installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use meridian::config::file::FileConfig;
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn overlays() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes/overlays"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The built objects, or `None` when kubectl is not there.
+fn kustomize(dir: &Path) -> Option<Vec<Yaml>> {
+    let out = match Command::new("kubectl").arg("kustomize").arg(dir).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("kubectl: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(YamlLoader::load_from_str(&String::from_utf8(out.stdout).unwrap()).unwrap())
+}
+
+fn find<'a>(objects: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    objects
+        .iter()
+        .find(|o| o["kind"].as_str() == Some(kind) && o["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn seconds(d: &Option<meridian::config::units::Duration>) -> f64 {
+    d.map_or(0.0, |d| d.0.as_secs_f64())
+}
+
+fn port_of(listen: &Option<toml::Spanned<String>>) -> i64 {
+    let listen = listen.as_ref().expect("listen set").get_ref();
+    listen.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// The container port a probe names (by name or number).
+fn probe_port(container: &Yaml, probe: &str) -> (String, i64) {
+    let get = &container[probe]["httpGet"];
+    let path = get["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{probe} has an httpGet path"))
+        .to_string();
+    let port = match &get["port"] {
+        Yaml::Integer(n) => *n,
+        Yaml::String(name) => container["ports"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_i64())
+            .unwrap_or_else(|| panic!("{probe}: no container port named {name}")),
+        other => panic!("{probe}: port {other:?}"),
+    };
+    (path, port)
+}
+
+#[test]
+fn every_overlay_builds_a_deployment_that_fits_its_config() {
+    let dirs = overlays();
+    let names: Vec<String> = dirs
+        .iter()
+        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["active-passive", "fallback", "hub-and-spoke", "sharded"]);
+    for dir in &dirs {
+        let Some(objects) = kustomize(dir) else {
+            eprintln!("kubectl not found: deploy/kubernetes not checked (install kubectl to run this test)");
+            return;
+        };
+        let at = dir.display();
+        let deployment = find(&objects, "Deployment", "meridian");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+
+        // Numeric non-root user at both levels, so `runAsNonRoot` can be checked.
+        for (what, sc) in [
+            ("pod", &pod["securityContext"]),
+            ("container", &container["securityContext"]),
+        ] {
+            assert_eq!(sc["runAsUser"].as_i64(), Some(10001), "{at}: {what} runAsUser");
+            assert_eq!(sc["runAsGroup"].as_i64(), Some(10001), "{at}: {what} runAsGroup");
+            assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true), "{at}: {what} runAsNonRoot");
+        }
+        let sc = &container["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{at}");
+        assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false), "{at}");
+        assert_eq!(
+            sc["capabilities"]["drop"]
+                .as_vec()
+                .map(|v| v.iter().filter_map(Yaml::as_str).collect::<Vec<_>>()),
+            Some(vec!["ALL"]),
+            "{at}"
+        );
+        assert!(
+            container["resources"]["requests"]["cpu"].as_str().is_some(),
+            "{at}: HPA needs a CPU request"
+        );
+
+        // The config the pods load, from the ConfigMap.
+        let configmap = find(&objects, "ConfigMap", "meridian-config");
+        let text = configmap["data"]["meridian.toml"]
+            .as_str()
+            .expect("meridian.toml in the ConfigMap");
+        let config: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{at}: {e}"));
+        let admin_port = port_of(&config.admin.listen);
+        assert!(
+            config.admin.listen.as_ref().unwrap().get_ref().starts_with("0.0.0.0:"),
+            "{at}: admin must listen beyond loopback for probes and Prometheus"
+        );
+        assert_eq!(config.admin.token_env.as_deref(), Some("MERIDIAN_ADMIN_TOKEN"), "{at}");
+
+        // Probes on the admin port, the right paths.
+        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+            assert_eq!(
+                probe_port(container, probe),
+                (path.to_string(), admin_port),
+                "{at}: {probe}"
+            );
+        }
+        let http = container["ports"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some("http"))
+            .and_then(|p| p["containerPort"].as_i64());
+        assert_eq!(http, Some(port_of(&config.server.listen)), "{at}: proxy port");
+
+        // The kubelet waits longer than Meridian's own shutdown: delay, then drain.
+        let grace = pod["terminationGracePeriodSeconds"].as_i64().expect("grace period") as f64;
+        let delay = seconds(&config.server.shutdown_delay);
+        let timeout = config.server.shutdown_timeout.map_or(30.0, |d| d.0.as_secs_f64());
+        assert!(delay > 0.0, "{at}: shutdown_delay set");
+        assert!(grace > delay + timeout, "{at}: grace {grace}s <= {delay}s + {timeout}s");
+
+        // The token and fallback key come from the Secret the base defines; it holds no
+        // values in the repository.
+        let secret = find(&objects, "Secret", "meridian-secrets");
+        assert!(
+            secret["data"].is_badvalue() && secret["stringData"].is_badvalue(),
+            "{at}"
+        );
+        let refs: Vec<(&str, &str)> = container["env"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                let r = &e["valueFrom"]["secretKeyRef"];
+                Some((e["name"].as_str()?, r["name"].as_str()?))
+            })
+            .collect();
+        assert_eq!(
+            refs,
+            [
+                ("MERIDIAN_ADMIN_TOKEN", "meridian-secrets"),
+                ("HOSTED_API_KEY", "meridian-secrets")
+            ],
+            "{at}"
+        );
+
+        // Metrics: ServiceMonitor (no schema offline, so checked here) -> admin Service -> pod.
+        let admin_service = find(&objects, "Service", "meridian-admin");
+        let monitor = find(&objects, "ServiceMonitor", "meridian");
+        let selected = &monitor["spec"]["selector"]["matchLabels"];
+        for (k, v) in selected.as_hash().unwrap() {
+            assert_eq!(&admin_service["metadata"]["labels"][k.as_str().unwrap()], v, "{at}");
+        }
+        let endpoint = &monitor["spec"]["endpoints"][0];
+        assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+        assert_eq!(
+            endpoint["port"].as_str(),
+            admin_service["spec"]["ports"][0]["name"].as_str(),
+            "{at}"
+        );
+        assert_eq!(admin_service["spec"]["ports"][0]["targetPort"].as_str(), Some("admin"));
+
+        // Admin is reachable only from the monitoring namespace.
+        let policy = find(&objects, "NetworkPolicy", "meridian");
+        for rule in policy["spec"]["ingress"].as_vec().unwrap() {
+            let ports: Vec<i64> = rule["ports"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .filter_map(|p| p["port"].as_i64())
+                .collect();
+            if ports.contains(&admin_port) {
+                assert_eq!(ports, [admin_port], "{at}: admin shares no rule");
+                let from = rule["from"].as_vec().expect("admin rule has a from");
+                assert_eq!(from.len(), 1, "{at}");
+                assert_eq!(
+                    from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str(),
+                    Some("monitoring"),
+                    "{at}"
+                );
+            } else {
+                assert!(rule["from"].is_badvalue(), "{at}: the proxy port is open to clients");
+            }
+        }
+        let client_service = find(&objects, "Service", "meridian");
+        assert_eq!(client_service["spec"]["externalTrafficPolicy"].as_str(), Some("Local"));
+
+        // And Meridian accepts the config as the pod would load it.
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("meridian.toml");
+        std::fs::write(&path, text).unwrap();
+        let check = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .env("HOSTED_API_KEY", "Bearer test")
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{at}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_base_config_is_the_container_config() {
+    let base = std::fs::read_to_string(root().join("deploy/kubernetes/base/meridian.toml")).unwrap();
+    let container = std::fs::read_to_string(root().join("deploy/container/meridian.toml")).unwrap();
+    assert!(
+        base == container,
+        "deploy/kubernetes/base/meridian.toml drifted from deploy/container/meridian.toml"
+    );
+}
