@@ -30,6 +30,7 @@ pub mod forward;
 pub mod geo;
 pub mod health;
 pub mod listen;
+pub mod live_view;
 pub mod observe;
 pub mod proxy;
 pub mod reload;

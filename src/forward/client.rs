@@ -1,6 +1,7 @@
 //! Pooled connections to endpoints (HTTP/1.1, HTTP/2, TLS) and one attempt's outcome.
 
 use std::error::Error as _;
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,54 +22,143 @@ use crate::config::{UpstreamProtocol, UpstreamTlsConfig};
 
 type Pool = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
+/// The cause kept under an [`UpstreamError`]: the original error object, for the log.
+pub type Source = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why an attempt got no response head.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// Nothing was sent: the connection was refused, unreachable, or timed out.
-    #[error("connect failed: {0}")]
-    Connect(String),
-    /// The connection broke before a response head arrived.
-    #[error("connection closed before a response: {0}")]
-    Reset(String),
+#[error("{kind}")]
+pub struct UpstreamError {
+    kind: UpstreamErrorKind,
+    #[source]
+    source: Option<Source>,
+}
+
+/// What went wrong, by where the attempt stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// The connection was refused or the endpoint unreachable: nothing was sent.
+    ConnectRefused,
+    /// No connection within `connect_timeout`: nothing was sent.
+    ConnectTimeout,
+    /// The TLS handshake failed: nothing was sent.
+    Tls,
+    /// The connection broke after the request went out, before a response head.
+    ResetBeforeHead,
     /// No response head within `request_timeout`.
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
+    HeadTimeout,
+    /// The endpoint answered something that is not HTTP, or the request could not be framed.
+    Protocol,
+    /// The fallback's circuit breaker refused the attempt: nothing was sent.
+    BreakerOpen,
+    /// The plan named the fallback but none is configured: nothing was sent.
+    NoFallback,
     /// The client's own body failed (too large, or the client went away).
-    #[error("request body: {0}")]
-    Body(String),
-    #[error("upstream protocol error: {0}")]
-    Protocol(String),
+    ClientBody,
+}
+
+/// May the attempt be made again elsewhere (Pingora's `fail_to_connect` versus
+/// `error_while_proxy`)? Carried by the error so one place decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Nothing reached the endpoint: always safe to retry.
+    NothingSent,
+    /// The endpoint may have acted on the request: retry only a request that may be replayed.
+    MaybeSent,
+    /// The client's side failed: another endpoint would fail the same way.
+    Never,
+}
+
+impl UpstreamErrorKind {
+    pub fn retry_class(self) -> RetryClass {
+        match self {
+            UpstreamErrorKind::ConnectRefused
+            | UpstreamErrorKind::ConnectTimeout
+            | UpstreamErrorKind::Tls
+            | UpstreamErrorKind::BreakerOpen
+            | UpstreamErrorKind::NoFallback => RetryClass::NothingSent,
+            UpstreamErrorKind::ResetBeforeHead | UpstreamErrorKind::HeadTimeout | UpstreamErrorKind::Protocol => {
+                RetryClass::MaybeSent
+            }
+            UpstreamErrorKind::ClientBody => RetryClass::Never,
+        }
+    }
+
+    /// A stable short description, safe to show to clients (no OS error text).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::ConnectRefused => "connection refused",
+            UpstreamErrorKind::ConnectTimeout => "connect timeout",
+            UpstreamErrorKind::Tls => "TLS handshake failed",
+            UpstreamErrorKind::ResetBeforeHead => "connection closed before a response",
+            UpstreamErrorKind::HeadTimeout => "no response within the request timeout",
+            UpstreamErrorKind::Protocol => "invalid response from the endpoint",
+            UpstreamErrorKind::BreakerOpen => "circuit breaker open",
+            UpstreamErrorKind::NoFallback => "no fallback configured",
+            UpstreamErrorKind::ClientBody => "the request body failed",
+        }
+    }
+}
+
+impl fmt::Display for UpstreamErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl UpstreamError {
-    /// SPEC step 7: refused, reset and connect timeouts may be retried for any method.
-    pub fn retryable(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_) | UpstreamError::Reset(_))
+    pub fn new(kind: UpstreamErrorKind, source: impl Into<Source>) -> UpstreamError {
+        UpstreamError {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    /// An error with no underlying cause (an open breaker, a missing fallback, a timeout).
+    pub fn bare(kind: UpstreamErrorKind) -> UpstreamError {
+        UpstreamError { kind, source: None }
+    }
+
+    pub fn kind(&self) -> UpstreamErrorKind {
+        self.kind
+    }
+
+    pub fn retry_class(&self) -> RetryClass {
+        self.kind.retry_class()
+    }
+
+    /// The whole chain, for the log only: it holds OS error text.
+    pub fn detail(&self) -> String {
+        error_chain(self)
     }
 
     fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-        let detail = error_chain(&e);
+        let kind = Self::kind_of(&e);
+        UpstreamError::new(kind, e)
+    }
+
+    fn kind_of(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
         if e.is_connect() {
-            return UpstreamError::Connect(detail);
+            return connect_kind(e);
         }
         let mut source = e.source();
         while let Some(s) = source {
             if let Some(h) = s.downcast_ref::<hyper::Error>() {
                 if h.is_body_write_aborted() || h.is_user() {
                     // The body's own error: see whether it is ours.
-                    if let Some(b) = h.source().and_then(|s| s.downcast_ref::<super::body::BodyError>()) {
-                        return UpstreamError::Body(b.to_string());
+                    if h.source().is_some_and(|s| s.is::<super::body::BodyError>()) {
+                        return UpstreamErrorKind::ClientBody;
                     }
                 }
                 if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                    return UpstreamError::Reset(detail);
+                    return UpstreamErrorKind::ResetBeforeHead;
                 }
                 if h.is_parse() {
-                    return UpstreamError::Protocol(detail);
+                    return UpstreamErrorKind::Protocol;
                 }
             }
-            if let Some(b) = s.downcast_ref::<super::body::BodyError>() {
-                return UpstreamError::Body(b.to_string());
+            if s.is::<super::body::BodyError>() {
+                return UpstreamErrorKind::ClientBody;
             }
             if let Some(io) = s.downcast_ref::<io::Error>() {
                 if matches!(
@@ -78,13 +168,33 @@ impl UpstreamError {
                         | io::ErrorKind::ConnectionAborted
                         | io::ErrorKind::UnexpectedEof
                 ) {
-                    return UpstreamError::Reset(detail);
+                    return UpstreamErrorKind::ResetBeforeHead;
                 }
             }
             source = s.source();
         }
-        UpstreamError::Protocol(detail)
+        UpstreamErrorKind::Protocol
     }
+}
+
+/// A connect failure by its cause: a timeout, a TLS failure, else refused/unreachable.
+fn connect_kind(e: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<rustls::Error>() {
+            return UpstreamErrorKind::Tls;
+        }
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::TimedOut {
+                return UpstreamErrorKind::ConnectTimeout;
+            }
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return UpstreamErrorKind::Tls;
+            }
+        }
+        source = s.source();
+    }
+    UpstreamErrorKind::ConnectRefused
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -155,7 +265,8 @@ impl Upstreams {
         match tokio::time::timeout(timeout, pool.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(UpstreamError::classify(e)),
-            Err(_) => Err(UpstreamError::Timeout(timeout)),
+            // The bound is in the config; no cause to keep.
+            Err(_) => Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout)),
         }
     }
 }
