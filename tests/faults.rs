@@ -169,8 +169,8 @@ impl Outcome {
     fn clean_error(&self, statuses: &[u16]) -> bool {
         let v: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
         statuses.contains(&self.status)
-            && v["error"].as_str().is_some_and(|c| SPEC_CODES.contains(&c))
-            && v["message"].as_str().is_some_and(|m| !m.is_empty())
+            && v["error"]["code"].as_str().is_some_and(|c| SPEC_CODES.contains(&c))
+            && v["error"]["message"].as_str().is_some_and(|m| !m.is_empty())
     }
 }
 

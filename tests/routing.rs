@@ -68,8 +68,8 @@ async fn residency_bound_client_gets_503_with_its_zone_and_never_leaves_it() {
     let r = get_as(w.proxy.listen, ips::GB, "/v1/chat/completions").await;
     assert_eq!(r.status, 503, "{}", r.text());
     let body = r.json();
-    assert_eq!(body["error"], "residency_unavailable");
-    assert_eq!(body["zone"], "uk");
+    assert_eq!(body["error"]["code"], "residency_unavailable");
+    assert_eq!(body["error"]["zone"], "uk");
     assert_eq!(
         w.us.requests() + w.eu.requests() + w.ap.requests(),
         0,
@@ -171,7 +171,7 @@ async fn unlocated_clients_can_be_refused() {
     let proxy = Meridian::start(&config);
     let r = get_as(proxy.listen, "10.1.2.3", "/").await;
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["error"], "location_refused");
+    assert_eq!(r.json()["error"]["code"], "location_refused");
     let r = get_as(proxy.listen, ips::US, "/").await;
     assert_eq!(r.status, 200);
 }
