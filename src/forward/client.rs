@@ -348,3 +348,97 @@ fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, http2: bool) ->
         .http2_only(http2);
     builder.build(connector)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_retry_class() {
+        use RetryClass::{MaybeSent, Never, NothingSent};
+        use UpstreamErrorKind as K;
+        let cases = [
+            (K::ConnectRefused, NothingSent),
+            (K::ConnectTimeout, NothingSent),
+            (K::Tls, NothingSent),
+            (K::BreakerOpen, NothingSent),
+            (K::NoFallback, NothingSent),
+            (K::ResetBeforeHead, MaybeSent),
+            (K::HeadTimeout, MaybeSent),
+            (K::Protocol, MaybeSent),
+            (K::ClientBody, Never),
+        ];
+        for (kind, class) in cases {
+            assert_eq!(UpstreamError::bare(kind).retry_class(), class, "{kind:?}");
+            assert!(!kind.as_str().is_empty());
+        }
+    }
+
+    /// What a loopback endpoint does with the attempt.
+    enum Endpoint {
+        /// Nothing listens on the port.
+        Closed,
+        /// Reads the request, then closes without answering.
+        CloseAfterRequest,
+        /// Answers with bytes that are not HTTP.
+        Garbage,
+        /// Reads the request and never answers.
+        Silent,
+    }
+
+    async fn attempt(endpoint: Endpoint) -> UpstreamError {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        match endpoint {
+            Endpoint::Closed => drop(listener),
+            other => {
+                tokio::spawn(async move {
+                    let (mut conn, _) = listener.accept().await.unwrap();
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    match other {
+                        Endpoint::Garbage => {
+                            let _ = conn.write_all(b"SSH-2.0-not-http\r\n\r\n").await;
+                        }
+                        Endpoint::Silent => tokio::time::sleep(Duration::from_secs(30)).await,
+                        Endpoint::CloseAfterRequest | Endpoint::Closed => {}
+                    }
+                });
+            }
+        }
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let upstreams = Upstreams::new(&settings, &UpstreamTlsConfig::default()).unwrap();
+        let mut req = Request::new(RequestBody::Empty);
+        *req.uri_mut() = format!("http://{addr}/v1/models").parse().unwrap();
+        let err = upstreams
+            .send(req, UpstreamProtocol::Http1, Duration::from_millis(300))
+            .await
+            .err()
+            .unwrap();
+        err
+    }
+
+    #[tokio::test]
+    async fn failures_over_real_sockets_are_typed() {
+        let cases = [
+            (Endpoint::Closed, UpstreamErrorKind::ConnectRefused),
+            (Endpoint::CloseAfterRequest, UpstreamErrorKind::ResetBeforeHead),
+            (Endpoint::Garbage, UpstreamErrorKind::Protocol),
+            (Endpoint::Silent, UpstreamErrorKind::HeadTimeout),
+        ];
+        for (endpoint, want) in cases {
+            let err = attempt(endpoint).await;
+            assert_eq!(err.kind(), want, "{}", err.detail());
+            // The client-facing text is the kind's, never the OS error.
+            assert_eq!(err.to_string(), want.as_str());
+        }
+    }
+}
