@@ -418,12 +418,11 @@ mod tests {
         let upstreams = Upstreams::new(&settings, &UpstreamTlsConfig::default()).unwrap();
         let mut req = Request::new(RequestBody::Empty);
         *req.uri_mut() = format!("http://{addr}/v1/models").parse().unwrap();
-        let err = upstreams
+        upstreams
             .send(req, UpstreamProtocol::Http1, Duration::from_millis(300))
             .await
             .err()
-            .unwrap();
-        err
+            .unwrap()
     }
 
     #[tokio::test]
