@@ -5,8 +5,6 @@
 pub mod latency;
 pub mod load;
 pub mod probe;
-pub mod report;
-pub mod saturation;
 pub mod scrape;
 pub mod slow_start;
 pub mod state;
