@@ -522,6 +522,16 @@ async fn garbage_instead_of_http_is_retried_for_idempotent_requests_only() {
     for o in &failed {
         assert!(o.clean_error(&[502]), "not a clean 502: {o:?}");
         assert!(o.body.contains("upstream_unreachable"), "{o:?}");
+        // A stable text per failure kind: the parser's or the OS's error text stays in the log.
+        let v: serde_json::Value = serde_json::from_str(&o.body).unwrap_or_default();
+        let stable = [
+            "the endpoint could not be reached: invalid response from the endpoint",
+            "the endpoint could not be reached: connection closed before a response",
+        ];
+        assert!(
+            v["error"]["message"].as_str().is_some_and(|m| stable.contains(&m)),
+            "{o:?}"
+        );
     }
     assert!(
         gets.is_empty() && failed.len() < outcomes.len() / 2,
