@@ -1,5 +1,7 @@
-//! One request, phase by phase: client IP → location → route plan → body → attempts
-//! (region → endpoint → forward → outcome) → response.
+//! One request, phase by phase: client IP → location → route plan → body → attempts →
+//! response. The attempts are a thin I/O loop around the pure planner
+//! (`route::attempt::next_attempt`): it names the region and endpoint, the loop sends,
+//! records the outcome (with the error's retry class) and asks again.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -735,7 +737,9 @@ async fn read_body(
     match body::prepare(incoming, declared, limit, overflow.clone()).await {
         Ok(b) => Ok((b, overflow)),
         Err(BodyError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
-        Err(_) => Err(ProxyError::BadRequest("the request body could not be read")),
+        Err(BodyError::Client(_) | BodyError::Upstream(_) | BodyError::Stalled(_)) => {
+            Err(ProxyError::BadRequest("the request body could not be read"))
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! The attempt planner [pure]: where attempt n of a request goes — a region's endpoint, the
+//! The attempt planner (pure): where attempt n of a request goes — a region's endpoint, the
 //! fallback, Meridian's own refusal, or nowhere — given the route plan, a view of region and
 //! endpoint state, what was tried and how it failed, and the retry policy.
 //!
