@@ -759,10 +759,21 @@ fn attempt_policy<'a>(
     }
 }
 
+/// POST paths whose requests may be replayed: SPEC "Replays" defaults (model servers answer
+/// them without side effects), until `[retry] replay_paths` makes them configurable.
+const REPLAY_PATHS: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
+
 /// May this request be sent again after it may have reached an endpoint? The one place the
-/// replay rules are applied.
+/// replay rules are applied: an idempotent method, an `Idempotency-Key`, or a replay path.
 fn replay_permitted(parts: &http::request::Parts) -> bool {
     is_idempotent(&parts.method)
+        || parts.headers.contains_key("idempotency-key")
+        || REPLAY_PATHS.contains(&parts.uri.path())
 }
 
 /// Slow start: a region that just came back takes only a growing share of its clients; the
@@ -788,5 +799,32 @@ fn upstream_error(region: String, e: &UpstreamError) -> ProxyError {
             region,
             reason: kind.as_str(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_permission_table() {
+        let cases = [
+            ("GET", "/v1/models", None, true),
+            ("PUT", "/v1/x", None, true),
+            ("POST", "/v1/chat/completions", None, true),
+            ("POST", "/v1/embeddings", None, true),
+            ("POST", "/v1/batches", None, false),
+            ("POST", "/v1/chat/completions/x", None, false),
+            ("PATCH", "/v1/batches", None, false),
+            ("POST", "/v1/batches", Some("k-1"), true),
+        ];
+        for (method, path, key, want) in cases {
+            let mut req = Request::builder().method(method).uri(path);
+            if let Some(key) = key {
+                req = req.header("idempotency-key", key);
+            }
+            let (parts, ()) = req.body(()).unwrap().into_parts();
+            assert_eq!(replay_permitted(&parts), want, "{method} {path} {key:?}");
+        }
     }
 }

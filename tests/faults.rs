@@ -187,7 +187,7 @@ async fn one(target: std::net::SocketAddr, kind: Kind, limit: Duration) -> Outco
         let xff = ("x-forwarded-for", ips::US);
         let req = match kind {
             Kind::Get => request("GET", target, "/v1/models", &[xff], Bytes::new()),
-            Kind::Post => request("POST", target, "/v1/embeddings", &[xff], vec![b'x'; 10 * 1024]),
+            Kind::Post => request("POST", target, "/v1/batches", &[xff], vec![b'x'; 10 * 1024]),
             Kind::Stream => request(
                 "POST",
                 target,
