@@ -6,12 +6,13 @@ use std::net::IpAddr;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::HeaderMap;
 use meridian::geo::Locate;
+use meridian::route::attempt::{self, Attempt, Policy};
 use meridian::route::{self, RequestFacts};
 
-#[path = "support/decision_path.rs"]
-mod decision_path;
+#[path = "support/fixture.rs"]
+mod fixture;
 
-use decision_path::Fixture;
+use fixture::Fixture;
 
 const PATH: &str = "/v1/chat/completions";
 
@@ -27,10 +28,6 @@ fn decision(c: &mut Criterion) {
         path: PATH,
         headers: &empty,
     };
-    let home = route::plan(&rt.table, located, &facts)
-        .ok()
-        .and_then(|p| p.candidates.first().map(|c| c.region))
-        .unwrap_or(0);
 
     let mut g = c.benchmark_group("decision");
     g.bench_function("client_ip", |b| {
@@ -59,8 +56,22 @@ fn decision(c: &mut Criterion) {
             )
         })
     });
-    g.bench_function("balancer_pick", |b| {
-        b.iter(|| decision_path::pick(rt, black_box(home), &f.headers))
+    g.bench_function("next_attempt", |b| {
+        let plan = route::plan(&rt.table, located, &facts).unwrap_or_else(|e| panic!("{e:?}"));
+        let policy = Policy {
+            max_attempts: 3,
+            replay: false,
+            body_kept: true,
+            panic_mode: false,
+            slow_start_skips: &[],
+        };
+        let view = f.view();
+        b.iter(
+            || match attempt::next_attempt(&view, black_box(&plan), &[], &policy, |k| fastrand::usize(..k)) {
+                Attempt::Send { target, .. } => Some(target),
+                Attempt::Refuse(_) | Attempt::Stop(_) => None,
+            },
+        )
     });
     g.bench_function("full_decision", |b| b.iter(|| f.decide(black_box(PATH))));
     g.finish();

@@ -114,8 +114,8 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
                     by: token_id.clone(),
                     peer: peer.to_string(),
                     reason: query.reason.clone(),
-                    since_unix: crate::app::unix_now(),
-                    until_unix: duration.map(|d| crate::app::unix_now() + d.as_secs_f64()),
+                    since_unix: crate::observe::unix_now(),
+                    until_unix: duration.map(|d| crate::observe::unix_now() + d.as_secs_f64()),
                 };
                 let changed = region.health.drain(duration, info);
                 tracing::warn!(region = %name, by = %token_id, %peer, reason, expires_in = ?duration, changed, "region drained by admin");

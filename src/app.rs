@@ -78,7 +78,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tls_config = config.server.tls.clone();
     let shared = Shared::new(config)?;
     shared.metrics.config_reloads.with_label_values(&["success"]).inc();
-    shared.metrics.config_last_reload_success.set(unix_now());
+    shared
+        .metrics
+        .config_last_reload_success
+        .set(crate::observe::unix_now());
     let listener = bind("server.listen", listen_addr).await?;
     let admin = bind("admin.listen", admin_addr).await?;
     let running_listen = listener.local_addr().unwrap_or(listen_addr);
@@ -229,10 +232,4 @@ impl Signals {
         let _ = tokio::signal::ctrl_c().await;
         Signal::Stop
     }
-}
-
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -1,5 +1,8 @@
 //! What Meridian itself answers when it cannot forward: one enum, mapped exhaustively to a
-//! status code and the JSON body of SPEC ("error", "message", "zone", "region").
+//! status code and an OpenAI-shaped JSON body (see docs/errors.md):
+//! `{"error": {"message", "type", "code", "param": null, "zone"?, "region"?, "model"?}}`.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -16,8 +19,9 @@ pub enum ProxyError {
     ResidencyUnavailable { zone: String },
     #[error("no region is available for this request")]
     NoRegionAvailable { region: Option<String> },
-    #[error("the endpoint could not be reached: {detail}")]
-    UpstreamUnreachable { region: String, detail: String },
+    /// `reason` is a stable short text: the OS error behind it goes to the log, not to clients.
+    #[error("the endpoint could not be reached: {reason}")]
+    UpstreamUnreachable { region: String, reason: &'static str },
     #[error("the endpoint did not answer within the request timeout")]
     UpstreamTimeout { region: String },
     #[error("the request body is larger than {limit} bytes")]
@@ -38,16 +42,32 @@ pub enum ProxyError {
     /// `bad_request`.
     #[error("the request head could not be read (HTTP {status})")]
     MalformedHead { status: u16 },
+    #[error("no region serves the model {model}")]
+    ModelNotFound { model: String },
+    #[error("no region of residency zone {zone} serves the model {model}")]
+    ModelNotAvailableInZone { zone: String, model: String },
+}
+
+/// The OpenAI error envelope.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
 }
 
 #[derive(Serialize)]
 struct Body<'a> {
-    error: &'static str,
     message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: &'static str,
+    /// Always null: Meridian never blames one request parameter, and the SDKs read the key.
+    param: Option<()>,
     #[serde(skip_serializing_if = "Option::is_none")]
     zone: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
 }
 
 impl ProxyError {
@@ -68,10 +88,11 @@ impl ProxyError {
                 .ok()
                 .filter(|s| s.is_client_error() || s.is_server_error())
                 .unwrap_or(StatusCode::BAD_REQUEST),
+            ProxyError::ModelNotFound { .. } | ProxyError::ModelNotAvailableInZone { .. } => StatusCode::NOT_FOUND,
         }
     }
 
-    /// The machine-readable code of SPEC.
+    /// The machine-readable code of SPEC (`error.code`).
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::LocationRefused => "location_refused",
@@ -86,13 +107,46 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed
             | ProxyError::BodyTimeout
             | ProxyError::MalformedHead { .. } => "bad_request",
+            ProxyError::ModelNotFound { .. } => "model_not_found",
+            ProxyError::ModelNotAvailableInZone { .. } => "model_not_available_in_zone",
+        }
+    }
+
+    /// `error.type`, by who must act: the client (`invalid_request_error`, every 4xx), wait
+    /// and retry (`service_unavailable`, every 503) or the endpoint failed (`server_error`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::LocationRefused
+            | ProxyError::ResidencyForbidden { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::MethodNotAllowed
+            | ProxyError::BodyTimeout
+            | ProxyError::MalformedHead { .. }
+            | ProxyError::ModelNotFound { .. }
+            | ProxyError::ModelNotAvailableInZone { .. } => "invalid_request_error",
+            ProxyError::ResidencyUnavailable { .. } | ProxyError::NoRegionAvailable { .. } => "service_unavailable",
+            ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamTimeout { .. } => "server_error",
         }
     }
 
     pub fn zone(&self) -> Option<&str> {
         match self {
-            ProxyError::ResidencyForbidden { zone } | ProxyError::ResidencyUnavailable { zone } => Some(zone),
-            _ => None,
+            ProxyError::ResidencyForbidden { zone }
+            | ProxyError::ResidencyUnavailable { zone }
+            | ProxyError::ModelNotAvailableInZone { zone, .. } => Some(zone),
+            ProxyError::LocationRefused
+            | ProxyError::NoRegionAvailable { .. }
+            | ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::MethodNotAllowed
+            | ProxyError::BodyTimeout
+            | ProxyError::MalformedHead { .. }
+            | ProxyError::ModelNotFound { .. } => None,
         }
     }
 
@@ -100,28 +154,73 @@ impl ProxyError {
         match self {
             ProxyError::UpstreamUnreachable { region, .. } | ProxyError::UpstreamTimeout { region } => Some(region),
             ProxyError::NoRegionAvailable { region } => region.as_deref(),
-            _ => None,
+            ProxyError::LocationRefused
+            | ProxyError::ResidencyForbidden { .. }
+            | ProxyError::ResidencyUnavailable { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::MethodNotAllowed
+            | ProxyError::BodyTimeout
+            | ProxyError::MalformedHead { .. }
+            | ProxyError::ModelNotFound { .. }
+            | ProxyError::ModelNotAvailableInZone { .. } => None,
+        }
+    }
+
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            ProxyError::ModelNotFound { model } | ProxyError::ModelNotAvailableInZone { model, .. } => Some(model),
+            ProxyError::LocationRefused
+            | ProxyError::ResidencyForbidden { .. }
+            | ProxyError::ResidencyUnavailable { .. }
+            | ProxyError::NoRegionAvailable { .. }
+            | ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::MethodNotAllowed
+            | ProxyError::BodyTimeout
+            | ProxyError::MalformedHead { .. } => None,
         }
     }
 
     /// The JSON body.
     pub fn body(&self) -> Bytes {
-        let body = Body {
-            error: self.code(),
-            message: self.to_string(),
-            zone: self.zone(),
-            region: self.region(),
+        let body = Envelope {
+            error: Body {
+                message: self.to_string(),
+                kind: self.kind(),
+                code: self.code(),
+                param: None,
+                zone: self.zone(),
+                region: self.region(),
+                model: self.model(),
+            },
         };
         serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default()
     }
 
-    pub fn response<B: From<Bytes>>(&self) -> Response<B> {
+    /// The whole answer. A 503 carries `Retry-After: retry_after` in whole seconds (at least 1):
+    /// about when health checks may have found a region again.
+    pub fn response<B: From<Bytes>>(&self, retry_after: Duration) -> Response<B> {
         let mut resp = Response::new(B::from(self.body()));
         *resp.status_mut() = self.status();
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(retry_after)));
+        }
         resp
     }
+}
+
+/// Whole seconds, rounded up, at least 1: `Retry-After: 0` would invite an immediate retry.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
 }
 
 #[cfg(test)]
@@ -129,82 +228,164 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_error_maps_to_status_code_and_json() {
-        let cases = [
-            (ProxyError::LocationRefused, 403, "location_refused", None, None),
+    fn every_error_maps_to_status_type_code_and_json() {
+        type Case = (
+            ProxyError,
+            u16,
+            &'static str,
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let inv = "invalid_request_error";
+        let cases: Vec<Case> = vec![
+            (
+                ProxyError::LocationRefused,
+                403,
+                inv,
+                "location_refused",
+                None,
+                None,
+                None,
+            ),
             (
                 ProxyError::ResidencyForbidden { zone: "uk".into() },
                 403,
+                inv,
                 "residency_forbidden",
                 Some("uk"),
+                None,
                 None,
             ),
             (
                 ProxyError::ResidencyUnavailable { zone: "uk".into() },
                 503,
+                "service_unavailable",
                 "residency_unavailable",
                 Some("uk"),
+                None,
                 None,
             ),
             (
                 ProxyError::NoRegionAvailable { region: None },
                 503,
+                "service_unavailable",
                 "no_region_available",
+                None,
                 None,
                 None,
             ),
             (
                 ProxyError::UpstreamUnreachable {
                     region: "eu-west".into(),
-                    detail: "refused".into(),
+                    reason: "connection refused",
                 },
                 502,
+                "server_error",
                 "upstream_unreachable",
                 None,
                 Some("eu-west"),
+                None,
             ),
             (
                 ProxyError::UpstreamTimeout {
                     region: "us-east".into(),
                 },
                 504,
+                "server_error",
                 "upstream_timeout",
                 None,
                 Some("us-east"),
+                None,
             ),
             (
                 ProxyError::BodyTooLarge { limit: 10 },
                 413,
+                inv,
                 "body_too_large",
                 None,
                 None,
+                None,
             ),
-            (ProxyError::BadRequest("x"), 400, "bad_request", None, None),
-            (ProxyError::UriTooLong { limit: 8 }, 414, "bad_request", None, None),
-            (ProxyError::MethodNotAllowed, 405, "bad_request", None, None),
-            (ProxyError::BodyTimeout, 408, "bad_request", None, None),
+            (ProxyError::BadRequest("x"), 400, inv, "bad_request", None, None, None),
+            (
+                ProxyError::UriTooLong { limit: 8 },
+                414,
+                inv,
+                "bad_request",
+                None,
+                None,
+                None,
+            ),
+            (
+                ProxyError::ModelNotFound { model: "m".into() },
+                404,
+                inv,
+                "model_not_found",
+                None,
+                None,
+                Some("m"),
+            ),
+            (
+                ProxyError::ModelNotAvailableInZone {
+                    zone: "uk".into(),
+                    model: "m".into(),
+                },
+                404,
+                inv,
+                "model_not_available_in_zone",
+                Some("uk"),
+                None,
+                Some("m"),
+            ),
+            (ProxyError::MethodNotAllowed, 405, inv, "bad_request", None, None, None),
+            (ProxyError::BodyTimeout, 408, inv, "bad_request", None, None, None),
             (
                 ProxyError::MalformedHead { status: 431 },
                 431,
+                inv,
                 "bad_request",
+                None,
                 None,
                 None,
             ),
             (
                 ProxyError::MalformedHead { status: 200 },
                 400,
+                inv,
                 "bad_request",
+                None,
                 None,
                 None,
             ),
         ];
-        for (err, status, code, zone, region) in cases {
+        for (err, status, kind, code, zone, region, model) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");
             let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
-            assert_eq!(v["error"], code);
-            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
-            assert_eq!(v.get("zone").and_then(|z| z.as_str()), zone);
-            assert_eq!(v.get("region").and_then(|z| z.as_str()), region);
+            let e = &v["error"];
+            assert_eq!(e["code"], code, "{v}");
+            assert_eq!(e["type"], kind, "{v}");
+            assert!(e["param"].is_null() && e.get("param").is_some(), "{v}");
+            assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+            assert_eq!(e.get("zone").and_then(|z| z.as_str()), zone, "{v}");
+            assert_eq!(e.get("region").and_then(|z| z.as_str()), region, "{v}");
+            assert_eq!(e.get("model").and_then(|z| z.as_str()), model, "{v}");
+            assert_eq!(v.as_object().map(|o| o.len()), Some(1), "only `error` at the top: {v}");
+            let resp: Response<Bytes> = err.response(Duration::from_millis(2500));
+            let retry_after = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(retry_after.is_some(), status == 503, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_at_least_one() {
+        let cases = [(0, 1), (1, 1), (999, 1), (1000, 1), (1001, 2), (2500, 3), (10_000, 10)];
+        for (millis, secs) in cases {
+            assert_eq!(retry_after_secs(Duration::from_millis(millis)), secs, "{millis} ms");
         }
     }
 }

@@ -6,7 +6,8 @@
 //!    HTTP/1.1 + HTTP/2 via h2c or ALPN);
 //! 2. [`proxy`] handles the request, one phase per step:
 //!    [`client_ip`] (trusted `X-Forwarded-For`) → [`geo`] (country, coordinates) →
-//!    [`route`] (residency, route rules, candidate order, selection) →
+//!    [`route`] (residency, route rules, candidate order; `route::attempt` plans each attempt
+//!    over a [`live_view`] of health) →
 //!    [`balance`] (endpoint pick; [`affinity`] for sessions) →
 //!    [`forward`] (rewrite, send, stream back, bridge upgrades) →
 //!    [`health`] (observe the outcome) and [`observe`] (metrics, access log);
@@ -31,6 +32,7 @@ pub mod geo;
 pub mod health;
 pub mod healthcheck;
 pub mod listen;
+pub mod live_view;
 pub mod observe;
 pub mod proxy;
 pub mod reload;

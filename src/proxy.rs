@@ -1,5 +1,7 @@
-//! One request, phase by phase: client IP → location → route plan → body → attempts
-//! (region → endpoint → forward → outcome) → response.
+//! One request, phase by phase: client IP → location → route plan → body → attempts →
+//! response. The attempts are a thin I/O loop around the pure planner
+//! (`route::attempt::next_attempt`): it names the region and endpoint, the loop sends,
+//! records the outcome (with the error's retry class) and asks again.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,23 +11,27 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use smallvec::SmallVec;
 
 use crate::client_ip::{client_ip, is_trusted};
+use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
 use crate::forward::breaker::Admission;
-use crate::forward::client::UpstreamError;
+use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
 use crate::geo::{Locate, Located};
 use crate::health::state::Event;
 use crate::health::{EndpointHealth, InFlight};
+use crate::live_view::LiveView;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::metrics::RegionMetrics;
 use crate::retry::RetryBudget;
-use crate::route::{self, Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan};
+use crate::route::attempt::{self, Attempt, FailoverReason, Failure, Policy, Skips, Target, Tried};
+use crate::route::{self, NoRegion, Refusal, RequestFacts, RoutePlan};
 use crate::runtime::{Runtime, Shared};
 
 /// What the listener knows about the connection a request came on.
@@ -43,12 +49,22 @@ pub struct Proxy {
     pub budget: Arc<RetryBudget>,
 }
 
-/// Where one attempt goes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Endpoint { region: usize, endpoint: usize },
-    Fallback,
+/// The client side of a request, as the first phases found it.
+struct Client {
+    located: Located,
+    fwd: Forwarding<'static>,
 }
+
+/// One attempt as sent: where, why there, and the names the log and metrics use.
+struct Sent {
+    target: Target,
+    reason: Option<FailoverReason>,
+    region: String,
+    health: Option<Arc<EndpointHealth>>,
+}
+
+/// Stable text for a retried 502–504: the status itself is in the access log.
+const GATEWAY_ERROR: &str = "the endpoint answered with a gateway error";
 
 impl Proxy {
     pub fn new(shared: Arc<Shared>) -> Proxy {
@@ -67,21 +83,50 @@ impl Proxy {
         let started = Instant::now();
         let rt = self.shared.runtime();
         let config = &rt.config;
+        let (client, mut record) = self.locate(&rt, conn, &req);
 
-        // Client IP and location.
+        let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if uri_len > config.server.max_uri_bytes {
+            let limit = config.server.max_uri_bytes;
+            return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
+        }
+        // Method, Host and the normalised path: what rules, residency and the endpoint see.
+        if let Err(err) = crate::forward::inbound::admit(&mut req) {
+            return Ok(self.refuse(err, record, started));
+        }
+        let plan = match self.route(&rt, client.located, &req, &mut record) {
+            Ok(plan) => plan,
+            Err(err) => return Ok(self.refuse(err, record, started)),
+        };
+        let (parts, incoming, client_upgrade) = prepare_head(req, &client.fwd, &mut record);
+        let (body, overflow) = match read_body(config, &parts, incoming).await {
+            Ok(read) => read,
+            Err(err) => return Ok(self.refuse(err, record, started)),
+        };
+        record.bytes_in = body.len_hint();
+        self.budget.record_request();
+
+        // Boxed: the attempt loop's state is most of this future, and hyper keeps one
+        // request future's worth of memory per connection for the connection's life.
+        // Allocated per request instead, an idle keep-alive connection stays small.
+        let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
+        resp.map(|r| upgrade::bridge(r, client_upgrade))
+    }
+
+    /// Client IP and location; the access record started with them.
+    fn locate(&self, rt: &Runtime, conn: ConnInfo, req: &Request<Incoming>) -> (Client, AccessRecord) {
+        let config = &rt.config;
         let peer = conn.peer.ip().to_canonical();
         let peer_trusted = is_trusted(peer, &config.geoip.trusted_proxies);
         let client = client_ip(peer, req.headers(), &config.geoip.trusted_proxies);
         let located = rt.geo.locate(client);
         self.count_lookup(&located);
-        let country = located.country();
         // Static spelling from the country table: no allocation per request.
-        let country_str: &'static str = country.and_then(|c| c.info()).map_or("XX", |info| info.code);
-
-        let mut record = AccessRecord {
+        let country: &'static str = located.country().and_then(|c| c.info()).map_or("XX", |info| info.code);
+        let record = AccessRecord {
             request_id: HeaderValue::from_static("-"),
             client_ip: client,
-            country: country_str,
+            country,
             zone: None,
             method: req.method().clone(),
             // Only the access log reads it: no copy per request when the log is off.
@@ -99,25 +144,33 @@ impl Proxy {
             failover_reason: None,
             error: None,
         };
+        let fwd = Forwarding {
+            peer,
+            peer_trusted,
+            proto: if conn.tls { "https" } else { "http" },
+            country,
+        };
+        (Client { located, fwd }, record)
+    }
 
-        let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
-        if uri_len > config.server.max_uri_bytes {
-            let limit = config.server.max_uri_bytes;
-            return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
-        }
-        // Method, Host and the normalised path: what rules, residency and the endpoint see.
-        if let Err(err) = crate::forward::inbound::admit(&mut req) {
-            return Ok(self.refuse(err, record, started));
-        }
-
-        // Route plan: residency, route rules, candidate order.
+    /// Route plan: residency, route rules, candidate order.
+    fn route<'t>(
+        &self,
+        rt: &'t Runtime,
+        located: Located,
+        req: &Request<Incoming>,
+        record: &mut AccessRecord,
+    ) -> Result<RoutePlan<'t>, ProxyError> {
         let facts = RequestFacts {
             method: req.method(),
             path: req.uri().path(),
             headers: req.headers(),
         };
-        let plan = match route::plan(&rt.table, located, &facts) {
-            Ok(plan) => plan,
+        match route::plan(&rt.table, located, &facts) {
+            Ok(plan) => {
+                record.zone = plan.zone.map(|z| rt.table.zone_name(z).to_string());
+                Ok(plan)
+            }
             Err(refusal) => {
                 // Refused before the headers are rewritten: the client's id, or a new one the
                 // answer carries, so the log line can be found from either side.
@@ -126,74 +179,17 @@ impl Proxy {
                     .get(&rewrite::X_REQUEST_ID)
                     .cloned()
                     .unwrap_or_else(rewrite::new_request_id);
-                let err = match refusal {
+                Err(match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
                     Refusal::ResidencyForbidden { zone, .. } => ProxyError::ResidencyForbidden {
-                        zone: self.residency_rejection(&rt, zone),
+                        zone: self.residency_rejection(rt, zone),
                     },
-                };
-                return Ok(self.refuse(err, record, started));
-            }
-        };
-        record.zone = plan.zone.map(|z| rt.table.zone_name(z).to_string());
-
-        // Request head and body.
-        let (mut parts, incoming) = req.into_parts();
-        let fwd = Forwarding {
-            peer,
-            peer_trusted,
-            proto: if conn.tls { "https" } else { "http" },
-            country: country_str,
-        };
-        if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 carries the host in :authority; HTTP/1.1 endpoints need a Host header.
-            if let Some(host) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, host);
+                })
             }
         }
-        // WebSocket and other upgrades: routed like any request, bridged once the endpoint
-        // answers 101.
-        let upgrade = upgrade::is_upgrade(&parts.headers);
-        let client_upgrade = if upgrade {
-            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
-        } else {
-            None
-        };
-        record.request_id = rewrite::request_headers(&mut parts.headers, &fwd, upgrade);
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let overflow = Arc::new(AtomicBool::new(false));
-        let limit = config.server.max_request_body;
-        let body_timeout = config.server.body_timeout;
-        let body = match body::prepare(incoming, declared, limit, overflow.clone(), body_timeout).await {
-            Ok(b) => b,
-            Err(BodyError::TooLarge) => return Ok(self.refuse(ProxyError::BodyTooLarge { limit }, record, started)),
-            Err(BodyError::ClientStalled(_)) => return Ok(self.refuse(ProxyError::BodyTimeout, record, started)),
-            Err(_) => {
-                return Ok(self.refuse(
-                    ProxyError::BadRequest("the request body could not be read"),
-                    record,
-                    started,
-                ));
-            }
-        };
-        record.bytes_in = body.len_hint();
-        self.budget.record_request();
-
-        // Boxed: the attempt loop's state is most of this future, and hyper keeps one
-        // request future's worth of memory per connection for the connection's life.
-        // Allocated per request instead, an idle keep-alive connection stays small.
-        let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
-        resp.map(|r| upgrade::bridge(r, client_upgrade))
     }
 
+    /// The I/O loop around the planner: plan, send, record the outcome, plan again.
     #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
@@ -205,213 +201,174 @@ impl Proxy {
         mut record: AccessRecord,
         started: Instant,
     ) -> Result<Response<ResponseBody>, Infallible> {
-        let config = &rt.config;
-        let mut tried: Vec<Target> = Vec::with_capacity(config.retry.max_attempts as usize);
+        let skips = slow_start_skips(rt, plan);
+        let policy = attempt_policy(rt, &parts, &body, &skips);
+        let mut tried: SmallVec<[Tried; 4]> = SmallVec::new();
         let mut body = Some(body);
         let mut last_error: Option<ProxyError> = None;
-        let first_choice = plan.candidates.first().map(|c| c.region);
-        let first_state = first_choice.map(|r| rt.region_state(r, |_| false));
-        // Slow start: a region that just came back takes only a growing share of its clients;
-        // the others keep going where they went while it was away. Drawn once per request.
-        let ramp_skips = slow_start_skips(rt, plan);
-
-        while (tried.len() as u32) < config.retry.max_attempts {
-            let fallback_usable =
-                rt.fallback.as_ref().is_some_and(|f| f.breaker.would_admit()) && !tried.contains(&Target::Fallback);
-            let tried_so_far = &tried;
-            let state = |skip: u64| {
-                move |r: usize| match rt.region_state(r, |e| {
-                    tried_so_far.contains(&Target::Endpoint { region: r, endpoint: e })
-                }) {
-                    RegionState::Available if r < 64 && skip & (1 << r) != 0 => RegionState::Unavailable,
-                    s => s,
-                }
-            };
-            let mut decision = route::select(plan, state(ramp_skips), fallback_usable, config.health.panic_mode);
-            if ramp_skips != 0 && !matches!(decision, Decision::Region(_)) {
-                // Nowhere else to go: the ramping region serves after all.
-                decision = route::select(plan, state(0), fallback_usable, config.health.panic_mode);
-            }
-            let target = match decision {
-                Decision::Region(region) => match self.pick(
-                    rt,
-                    region,
-                    &tried,
-                    &parts.headers,
-                    body.as_ref().and_then(RequestBody::kept),
-                ) {
-                    Some(endpoint) => Target::Endpoint { region, endpoint },
-                    None => break,
-                },
-                Decision::Fallback => Target::Fallback,
-                // SPEC step 6: once no candidate is left (none was available, or every one
-                // failed), the answer is 503, whatever the last attempt's error was.
-                Decision::Refuse(no) => {
-                    last_error = Some(match no {
-                        NoRegion::ResidencyUnavailable { zone } => ProxyError::ResidencyUnavailable {
-                            zone: self.residency_rejection(rt, zone),
-                        },
-                        NoRegion::NoRegionAvailable => ProxyError::NoRegionAvailable {
-                            region: record
-                                .region
-                                .clone()
-                                .or_else(|| first_choice.map(|r| rt.regions[r].name.clone())),
-                        },
-                    });
+        loop {
+            let kept = body.as_ref().and_then(RequestBody::kept);
+            let (target, reason) = match self.plan_next(rt, plan, &tried, &policy, &parts.headers, kept, &record) {
+                Ok(next) => next,
+                Err(refusal) => {
+                    last_error = refusal.or(last_error);
                     break;
                 }
             };
-            if !tried.is_empty() {
-                if !self
-                    .budget
-                    .try_retry(config.retry.budget_ratio, config.retry.budget_min_per_second)
-                {
-                    break;
-                }
-                self.shared.metrics.retries.inc();
-            }
-            tried.push(target);
-            let attempt_body = match body.as_ref().and_then(RequestBody::replay) {
-                Some(replay) => replay,
-                // Streamed: this is the only attempt it can have.
-                None => match body.take() {
-                    Some(b) => b,
-                    None => break,
-                },
+            // A kept body is sent again; a streamed one has this attempt only.
+            let Some(attempt_body) = body.as_ref().and_then(RequestBody::replay).or_else(|| body.take()) else {
+                break;
             };
-            let idempotent = is_idempotent(&parts.method);
-            let replayable = crate::retry::may_replay(
-                &parts.method,
-                &parts.headers,
-                parts.uri.path(),
-                &config.retry.replay_paths,
-            );
-            let can_retry = body.as_ref().is_some_and(|b| b.replay().is_some());
             let outcome = self.forward(rt, target, &parts, attempt_body).await;
-            let (region_name, health) = self.target_names(rt, target);
-            record.region = Some(region_name.clone());
-            record.endpoint = health
-                .as_ref()
-                .map(|h| h.url.clone())
-                .or_else(|| rt.fallback.as_ref().map(|f| f.config.endpoint.url.clone()));
-            record.attempts = tried.len() as u32;
-            match outcome {
+            let sent = self.sent(rt, target, reason, &mut record, tried.len());
+            let failure = match outcome {
                 Ok((resp, ttfb, inflight)) => {
-                    let status = resp.status().as_u16();
-                    if let Some(h) = &health {
-                        self.observe_response(rt, h, &resp, ttfb);
-                        if let Target::Endpoint { region, .. } = target {
-                            crate::health::scrape::orca(rt, region, h, resp.headers());
-                        }
+                    self.observe_answer(rt, &sent, &resp, ttfb);
+                    let gateway = matches!(resp.status().as_u16(), 502..=504);
+                    if !(gateway && attempt::may_retry(Failure::GatewayStatus, tried.len() + 1, &policy)) {
+                        record.ttfb = Some(ttfb);
+                        record.failover_reason = sent.reason.map(FailoverReason::as_str);
+                        self.count_failover(rt, plan, &sent);
+                        return Ok(self.relay(rt, target, resp, record, started, inflight, sent.health));
                     }
-                    let retry_status = matches!(status, 502..=504) && idempotent;
-                    if retry_status && can_retry && (tried.len() as u32) < config.retry.max_attempts {
-                        last_error = Some(ProxyError::UpstreamUnreachable {
-                            region: region_name,
-                            detail: format!("endpoint answered {status}"),
-                        });
-                        continue;
-                    }
-                    record.ttfb = Some(ttfb);
-                    record.failover_reason = failover_reason(plan, first_choice, first_state, target, tried.len()).map(
-                        |r| match first_choice {
-                            Some(f) if r == "unhealthy" && f < 64 && ramp_skips & (1 << f) != 0 => "slow_start",
-                            _ => r,
-                        },
-                    );
-                    let from = first_choice.and_then(|r| rt.regions.get(r));
-                    if let (Some(reason), Some(from)) = (record.failover_reason, from) {
-                        self.shared
-                            .metrics
-                            .failovers
-                            .with_label_values(&[&from.name, &region_name, reason])
-                            .inc();
-                        if reason == "saturated" {
-                            self.shared
-                                .metrics
-                                .spillovers
-                                .with_label_values(&[&from.name, &region_name])
-                                .inc();
-                        }
-                    }
-                    return Ok(self.relay(rt, target, resp, record, started, inflight, health));
+                    last_error = Some(ProxyError::UpstreamUnreachable {
+                        region: sent.region,
+                        reason: GATEWAY_ERROR,
+                    });
+                    Failure::GatewayStatus
                 }
                 Err(e) => {
-                    if let Some(h) = &health {
-                        let event = match e {
-                            UpstreamError::Timeout(_) => Some(Event::Timeout),
-                            UpstreamError::Body(_) | UpstreamError::ClientStalled(_) => None,
-                            _ => Some(Event::ConnectError),
-                        };
-                        if let Some(event) = event {
-                            self.shared.observe(rt, h, event);
-                        }
-                    }
+                    self.observe_error(rt, sent.health.as_deref(), &e);
                     if overflow.load(std::sync::atomic::Ordering::Acquire) {
-                        let limit = config.server.max_request_body;
+                        let limit = rt.config.server.max_request_body;
                         return Ok(self.refuse(ProxyError::BodyTooLarge { limit }, record, started));
                     }
-                    if let UpstreamError::ClientStalled(_) = e {
+                    if e.kind() == UpstreamErrorKind::ClientStalled {
                         return Ok(self.refuse(ProxyError::BodyTimeout, record, started));
                     }
-                    tracing::debug!(region = %region_name, error = %e, "attempt failed");
-                    last_error = Some(match &e {
-                        UpstreamError::Timeout(_) => ProxyError::UpstreamTimeout { region: region_name },
-                        _ => ProxyError::UpstreamUnreachable {
-                            region: region_name,
-                            detail: e.to_string(),
-                        },
-                    });
-                    // Garbage instead of a response head is, for the client, a 502 from that
-                    // endpoint: retried like one (SPEC step 7), so only for idempotent methods.
-                    let retryable = e.retryable() || (replayable && e.retryable_if_replayable());
-                    if !(retryable && can_retry) {
-                        break;
-                    }
+                    tracing::debug!(region = %sent.region, error = %e.detail(), "attempt failed");
+                    last_error = Some(upstream_error(sent.region, &e));
+                    Failure::Error(e.retry_class())
                 }
-            }
+            };
+            tried.push(Tried { target, failure });
         }
         let err = last_error.unwrap_or(ProxyError::NoRegionAvailable { region: None });
         Ok(self.refuse(err, record, started))
     }
 
-    /// Power of two choices among the region's untried, available endpoints (any untried
-    /// one in panic mode); a session's own endpoint when the region has affinity.
-    fn pick(
+    /// Asks the planner for the next attempt: its target, or the refusal to answer with
+    /// (`Err(None)`: answer with the last attempt's error).
+    #[allow(clippy::too_many_arguments)]
+    fn plan_next(
         &self,
         rt: &Runtime,
-        region: usize,
-        tried: &[Target],
+        plan: &RoutePlan<'_>,
+        tried: &[Tried],
+        policy: &Policy<'_>,
         headers: &http::HeaderMap,
         body: Option<&[u8]>,
-    ) -> Option<usize> {
-        let r = rt.regions.get(region)?;
-        let mut loads: [crate::balance::EndpointLoad; 16] = [crate::balance::EndpointLoad {
-            eligible: false,
-            latency: 0.0,
-            in_flight: 0,
-            weight: 1.0,
-            queue_depth: 0.0,
-            kv_cache: 0.0,
-        }; 16];
-        let n = r.endpoints.len().min(loads.len());
-        let mut any = false;
-        for (i, e) in r.endpoints.iter().take(n).enumerate() {
-            let mut load = e.health.load(e.config.weight, rt.config.health.slow_start);
-            load.eligible &= !tried.contains(&Target::Endpoint { region, endpoint: i });
-            any |= load.eligible;
-            loads[i] = load;
-        }
-        if !any {
-            // Panic mode: every untried endpoint is a candidate.
-            for (i, l) in loads.iter_mut().take(n).enumerate() {
-                l.eligible = !tried.contains(&Target::Endpoint { region, endpoint: i });
+        record: &AccessRecord,
+    ) -> Result<(Target, Option<FailoverReason>), Option<ProxyError>> {
+        let view = LiveView {
+            rt,
+            budget: &self.budget,
+            headers,
+            body,
+        };
+        match attempt::next_attempt(&view, plan, tried, policy, |k| fastrand::usize(..k)) {
+            Attempt::Send { target, retry, reason } => {
+                if retry {
+                    self.shared.metrics.retries.inc();
+                }
+                Ok((target, reason))
+            }
+            // Once no candidate is left (none was available, or every one failed), the
+            // answer is 503, whatever the last attempt's error was.
+            Attempt::Refuse(NoRegion::ResidencyUnavailable { zone }) => Err(Some(ProxyError::ResidencyUnavailable {
+                zone: self.residency_rejection(rt, zone),
+            })),
+            Attempt::Refuse(NoRegion::NoRegionAvailable) => Err(Some(ProxyError::NoRegionAvailable {
+                region: record
+                    .region
+                    .clone()
+                    .or_else(|| plan.candidates.first().map(|c| rt.regions[c.region].name.clone())),
+            })),
+            Attempt::Stop(why) => {
+                tracing::debug!(?why, "no further attempt");
+                Err(None)
             }
         }
-        if let Some(choice) = crate::affinity::for_request(rt, region, &loads[..n], headers, body) {
-            return choice;
+    }
+
+    /// Notes an attempt in the access record; the names the log and metrics use.
+    fn sent(
+        &self,
+        rt: &Runtime,
+        target: Target,
+        reason: Option<FailoverReason>,
+        record: &mut AccessRecord,
+        before: usize,
+    ) -> Sent {
+        let (region, health) = self.target_names(rt, target);
+        record.region = Some(region.clone());
+        record.endpoint = health
+            .as_ref()
+            .map(|h| h.url.clone())
+            .or_else(|| rt.fallback.as_ref().map(|f| f.config.endpoint.url.clone()));
+        record.attempts = before as u32 + 1;
+        Sent {
+            target,
+            reason,
+            region,
+            health,
         }
-        crate::balance::pick(&loads[..n], |k| fastrand::usize(..k))
+    }
+
+    /// A failover counts against the first choice (and as a spillover when it was saturated).
+    fn count_failover(&self, rt: &Runtime, plan: &RoutePlan<'_>, sent: &Sent) {
+        let from = plan.candidates.first().and_then(|c| rt.regions.get(c.region));
+        let (Some(reason), Some(from)) = (sent.reason, from) else {
+            return;
+        };
+        let metrics = &self.shared.metrics;
+        metrics
+            .failovers
+            .with_label_values(&[&from.name, &sent.region, reason.as_str()])
+            .inc();
+        if reason == FailoverReason::Saturated {
+            metrics.spillovers.with_label_values(&[&from.name, &sent.region]).inc();
+        }
+    }
+
+    /// Health feedback from a response head, and the endpoint's load report.
+    fn observe_answer(&self, rt: &Runtime, sent: &Sent, resp: &Response<Incoming>, ttfb: Duration) {
+        let Some(h) = &sent.health else {
+            return;
+        };
+        self.observe_response(rt, h, resp, ttfb);
+        if let Target::Endpoint { region, .. } = sent.target {
+            crate::health::scrape::orca(rt, region, h, resp.headers());
+        }
+    }
+
+    /// Health feedback from a failed attempt; the client's own body says nothing of the endpoint.
+    fn observe_error(&self, rt: &Runtime, health: Option<&EndpointHealth>, e: &UpstreamError) {
+        let event = match e.kind() {
+            UpstreamErrorKind::HeadTimeout => Event::Timeout,
+            UpstreamErrorKind::ConnectRefused
+            | UpstreamErrorKind::ConnectTimeout
+            | UpstreamErrorKind::Tls
+            | UpstreamErrorKind::ResetBeforeHead
+            | UpstreamErrorKind::Protocol => Event::ConnectError,
+            UpstreamErrorKind::BreakerOpen
+            | UpstreamErrorKind::NoFallback
+            | UpstreamErrorKind::ClientBody
+            | UpstreamErrorKind::ClientStalled => return,
+        };
+        if let Some(h) = health {
+            self.shared.observe(rt, h, event);
+        }
     }
 
     fn target_names(&self, rt: &Runtime, target: Target) -> (String, Option<Arc<EndpointHealth>>) {
@@ -433,91 +390,29 @@ impl Proxy {
         parts: &http::request::Parts,
         body: RequestBody,
     ) -> Result<(Response<Incoming>, Duration, Option<InFlight>), UpstreamError> {
-        let config = &rt.config;
-        let (scheme, authority, base, protocol, inflight, upstreams) = match target {
-            Target::Endpoint { region, endpoint } => {
-                let r = &rt.regions[region];
-                let e = &r.endpoints[endpoint];
-                (
-                    &e.config.scheme,
-                    &e.config.authority,
-                    e.config.base_path.as_str(),
-                    e.config.protocol,
-                    Some(e.health.start()),
-                    &rt.upstreams,
-                )
-            }
-            Target::Fallback => {
-                let f = rt
-                    .fallback
-                    .as_ref()
-                    .ok_or_else(|| UpstreamError::Connect("no fallback".into()))?;
-                // Another request took the half-open trial since selection looked: nothing is
-                // sent, and the next selection no longer offers the fallback.
-                if f.breaker.admit() == Admission::Rejected {
-                    return Err(UpstreamError::Connect("fallback circuit breaker is open".into()));
-                }
-                (
-                    &f.config.endpoint.scheme,
-                    &f.config.endpoint.authority,
-                    f.config.endpoint.base_path.as_str(),
-                    crate::config::UpstreamProtocol::Http1,
-                    None,
-                    &f.upstreams,
-                )
-            }
+        let upstream = upstream_of(rt, target)?;
+        let req = endpoint_request(rt, target, &upstream, parts, body)?;
+        let inflight = match target {
+            Target::Endpoint { region, endpoint } => Some(rt.regions[region].endpoints[endpoint].health.start()),
+            Target::Fallback => None,
         };
-        let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query = match target {
-            Target::Fallback => rewrite_fallback_path(rt, base, path),
-            Target::Endpoint { .. } if base.is_empty() => parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            Target::Endpoint { .. } => {
-                PathAndQuery::try_from(format!("{base}{path}")).map_err(|e| UpstreamError::Protocol(e.to_string()))?
-            }
-        };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(scheme.clone());
-        uri.authority = Some(authority.clone());
-        uri.path_and_query = Some(path_and_query);
-        let uri = Uri::from_parts(uri).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        // Upgrades exist only in HTTP/1.1, whatever the region speaks otherwise.
-        let protocol = if upgrade::is_upgrade(&parts.headers) {
-            crate::config::UpstreamProtocol::Http1
-        } else {
-            protocol
-        };
-        *req.version_mut() = match protocol {
-            crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
-            crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
-        };
-        *req.headers_mut() = parts.headers.clone();
-        if let Target::Endpoint { region, .. } = target {
-            crate::health::scrape::ask_for_orca(rt, region, req.headers_mut());
-        }
-        if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
-            if let Ok(host) = HeaderValue::from_str(f.config.endpoint.authority.as_str()) {
-                req.headers_mut().insert(header::HOST, host);
-            }
-            for (name, value) in &f.config.headers {
-                req.headers_mut().insert(name.clone(), value.clone());
-            }
-        }
         let sent = Instant::now();
-        let resp = upstreams.send(req, protocol, config.server.request_timeout).await;
+        let resp = upstream
+            .pools
+            .send(req, upstream.protocol, rt.config.server.request_timeout)
+            .await;
         if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
             let ok = resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
             let result = if ok { "ok" } else { "error" };
             self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
             // The client's own broken body says nothing about the fallback.
-            if !matches!(resp, Err(UpstreamError::Body(_) | UpstreamError::ClientStalled(_))) {
+            let client_side = resp.as_ref().is_err_and(|e| {
+                matches!(
+                    e.kind(),
+                    UpstreamErrorKind::ClientBody | UpstreamErrorKind::ClientStalled
+                )
+            });
+            if !client_side {
                 f.breaker.record(ok);
             }
         }
@@ -551,7 +446,7 @@ impl Proxy {
             Target::Endpoint { region, .. } => (&rt.regions[region].header, rt.regions[region].metrics.clone()),
             Target::Fallback => match rt.fallback.as_ref() {
                 Some(f) => (&f.header, f.metrics.clone()),
-                None => return ProxyError::NoRegionAvailable { region: None }.response(),
+                None => return ProxyError::NoRegionAvailable { region: None }.response(rt.config.health.interval),
             },
         };
         let (mut parts, incoming) = resp.into_parts();
@@ -582,7 +477,7 @@ impl Proxy {
 
     /// Answers with Meridian's own error, counting and logging it.
     fn refuse(&self, err: ProxyError, mut record: AccessRecord, started: Instant) -> Response<ResponseBody> {
-        let mut resp: Response<ResponseBody> = err.response();
+        let mut resp: Response<ResponseBody> = err.response(self.shared.runtime().config.health.interval);
         if let Some(region) = &record.region {
             if let Ok(v) = HeaderValue::from_str(region) {
                 resp.headers_mut().insert(&rewrite::X_MERIDIAN_REGION, v);
@@ -681,41 +576,6 @@ impl Completion for Done {
     }
 }
 
-fn failover_reason(
-    plan: &RoutePlan<'_>,
-    first: Option<usize>,
-    first_state: Option<RegionState>,
-    target: Target,
-    attempts: usize,
-) -> Option<&'static str> {
-    let served = match target {
-        Target::Endpoint { region, .. } => Some(region),
-        Target::Fallback => None,
-    };
-    if served == first || plan.candidates.is_empty() {
-        return None;
-    }
-    Some(match (attempts, first_state) {
-        (n, _) if n > 1 => "retry",
-        (_, Some(RegionState::Saturated)) => "saturated",
-        (_, Some(RegionState::Unavailable)) => "unavailable",
-        _ => "unhealthy",
-    })
-}
-
-/// Candidate regions in slow start that this request skips, as a bit set of region indexes.
-fn slow_start_skips(rt: &Runtime, plan: &RoutePlan<'_>) -> u64 {
-    let window = rt.config.health.slow_start;
-    let mut skips = 0u64;
-    for c in plan.candidates.iter().filter(|c| c.region < 64) {
-        let ramp = rt.regions[c.region].health.ramp(window);
-        if ramp < 1.0 && !crate::health::slow_start::admit(ramp, fastrand::f64()) {
-            skips |= 1 << c.region;
-        }
-    }
-    skips
-}
-
 fn rewrite_fallback_path(rt: &Runtime, base: &str, path: &str) -> PathAndQuery {
     let mut path = path.to_string();
     if let Some(f) = rt.fallback.as_ref() {
@@ -743,10 +603,6 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs(secs))
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    crate::retry::is_idempotent(m)
-}
-
 fn status_class(s: StatusCode) -> &'static str {
     match s.as_u16() / 100 {
         1 => "1xx",
@@ -754,5 +610,208 @@ fn status_class(s: StatusCode) -> &'static str {
         3 => "3xx",
         4 => "4xx",
         _ => "5xx",
+    }
+}
+
+/// Where an attempt's request goes: the endpoint's (or fallback's) address and pools.
+struct Upstream<'a> {
+    scheme: &'a http::uri::Scheme,
+    authority: &'a http::uri::Authority,
+    base: &'a str,
+    protocol: UpstreamProtocol,
+    pools: &'a Upstreams,
+}
+
+fn upstream_of(rt: &Runtime, target: Target) -> Result<Upstream<'_>, UpstreamError> {
+    match target {
+        Target::Endpoint { region, endpoint } => {
+            let e = &rt.regions[region].endpoints[endpoint];
+            Ok(Upstream {
+                scheme: &e.config.scheme,
+                authority: &e.config.authority,
+                base: e.config.base_path.as_str(),
+                protocol: e.config.protocol,
+                pools: &rt.upstreams,
+            })
+        }
+        Target::Fallback => {
+            let f = rt
+                .fallback
+                .as_ref()
+                .ok_or_else(|| UpstreamError::bare(UpstreamErrorKind::NoFallback))?;
+            // Another request took the half-open trial since selection looked: nothing is
+            // sent, and the next selection no longer offers the fallback.
+            if f.breaker.admit() == Admission::Rejected {
+                return Err(UpstreamError::bare(UpstreamErrorKind::BreakerOpen));
+            }
+            Ok(Upstream {
+                scheme: &f.config.endpoint.scheme,
+                authority: &f.config.endpoint.authority,
+                base: f.config.endpoint.base_path.as_str(),
+                protocol: UpstreamProtocol::Http1,
+                pools: &f.upstreams,
+            })
+        }
+    }
+}
+
+/// The request one attempt sends: the client's, re-addressed to `upstream`.
+fn endpoint_request(
+    rt: &Runtime,
+    target: Target,
+    upstream: &Upstream<'_>,
+    parts: &http::request::Parts,
+    body: RequestBody,
+) -> Result<Request<RequestBody>, UpstreamError> {
+    let base = upstream.base;
+    let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let path_and_query = match target {
+        Target::Fallback => rewrite_fallback_path(rt, base, path),
+        Target::Endpoint { .. } if base.is_empty() => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        Target::Endpoint { .. } => PathAndQuery::try_from(format!("{base}{path}"))
+            .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?,
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(upstream.scheme.clone());
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    let uri = Uri::from_parts(uri).map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
+
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = match upstream_protocol(upstream.protocol, &parts.headers) {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    *req.headers_mut() = parts.headers.clone();
+    match (target, rt.fallback.as_ref()) {
+        (Target::Endpoint { region, .. }, _) => crate::health::scrape::ask_for_orca(rt, region, req.headers_mut()),
+        (Target::Fallback, Some(f)) => {
+            if let Ok(host) = HeaderValue::from_str(f.config.endpoint.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+            for (name, value) in &f.config.headers {
+                req.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        (Target::Fallback, None) => {}
+    }
+    Ok(req)
+}
+
+/// Upgrades exist only in HTTP/1.1, whatever the region speaks otherwise.
+fn upstream_protocol(configured: UpstreamProtocol, headers: &http::HeaderMap) -> UpstreamProtocol {
+    if upgrade::is_upgrade(headers) {
+        UpstreamProtocol::Http1
+    } else {
+        configured
+    }
+}
+
+/// The request head as endpoints get it (Host, forwarding headers, request id); the client's
+/// side of an upgrade, bridged once the endpoint answers 101.
+fn prepare_head(
+    req: Request<Incoming>,
+    fwd: &Forwarding,
+    record: &mut AccessRecord,
+) -> (http::request::Parts, Incoming, Option<hyper::upgrade::OnUpgrade>) {
+    let (mut parts, incoming) = req.into_parts();
+    if !parts.headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host in :authority; HTTP/1.1 endpoints need a Host header.
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    // WebSocket and other upgrades: routed like any request, bridged once the endpoint
+    // answers 101.
+    let upgrade = upgrade::is_upgrade(&parts.headers);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    record.request_id = rewrite::request_headers(&mut parts.headers, fwd, upgrade);
+    (parts, incoming, client_upgrade)
+}
+
+/// The request body: kept whole for replay when small enough, else streamed.
+async fn read_body(
+    config: &crate::config::Config,
+    parts: &http::request::Parts,
+    incoming: Incoming,
+) -> Result<(RequestBody, Arc<AtomicBool>), ProxyError> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let overflow = Arc::new(AtomicBool::new(false));
+    let limit = config.server.max_request_body;
+    let body_timeout = config.server.body_timeout;
+    match body::prepare(incoming, declared, limit, overflow.clone(), body_timeout).await {
+        Ok(b) => Ok((b, overflow)),
+        Err(BodyError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
+        Err(BodyError::ClientStalled(_)) => Err(ProxyError::BodyTimeout),
+        Err(BodyError::Client(_) | BodyError::Upstream(_) | BodyError::Stalled(_) | BodyError::SendTimeout(_)) => {
+            Err(ProxyError::BadRequest("the request body could not be read"))
+        }
+    }
+}
+
+/// The retry policy of one request, as data for the planner.
+fn attempt_policy<'a>(
+    rt: &Runtime,
+    parts: &http::request::Parts,
+    body: &RequestBody,
+    skips: &'a [usize],
+) -> Policy<'a> {
+    Policy {
+        max_attempts: rt.config.retry.max_attempts,
+        // The one place the replay rules (docs/security.md) are applied.
+        replay: crate::retry::may_replay(
+            &parts.method,
+            &parts.headers,
+            parts.uri.path(),
+            &rt.config.retry.replay_paths,
+        ),
+        body_kept: body.replay().is_some(),
+        panic_mode: rt.config.health.panic_mode,
+        slow_start_skips: skips,
+    }
+}
+
+/// Slow start: a region that just came back takes only a growing share of its clients; the
+/// others keep going where they went while it was away. Drawn once per request.
+fn slow_start_skips(rt: &Runtime, plan: &RoutePlan<'_>) -> Skips {
+    let window = rt.config.health.slow_start;
+    let ramp = |r: usize| rt.regions.get(r).map_or(1.0, |region| region.health.ramp(window));
+    attempt::slow_start_skips(plan, ramp, fastrand::f64)
+}
+
+/// Meridian's answer for a failed attempt: the kind's stable text, never the OS error.
+fn upstream_error(region: String, e: &UpstreamError) -> ProxyError {
+    match e.kind() {
+        UpstreamErrorKind::HeadTimeout => ProxyError::UpstreamTimeout { region },
+        kind @ (UpstreamErrorKind::ConnectRefused
+        | UpstreamErrorKind::ConnectTimeout
+        | UpstreamErrorKind::Tls
+        | UpstreamErrorKind::ResetBeforeHead
+        | UpstreamErrorKind::Protocol
+        | UpstreamErrorKind::BreakerOpen
+        | UpstreamErrorKind::NoFallback
+        | UpstreamErrorKind::ClientBody
+        | UpstreamErrorKind::ClientStalled) => ProxyError::UpstreamUnreachable {
+            region,
+            reason: kind.as_str(),
+        },
     }
 }

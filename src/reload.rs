@@ -152,7 +152,7 @@ impl Reloader {
         match &result {
             Ok(done) => {
                 metrics.config_reloads.with_label_values(&["success"]).inc();
-                metrics.config_last_reload_success.set(crate::app::unix_now());
+                metrics.config_last_reload_success.set(crate::observe::unix_now());
                 let rt = self.shared.runtime();
                 tracing::info!(
                     trigger = trigger.as_str(),

@@ -1,6 +1,9 @@
 //! The live state a request reads: one immutable snapshot per config (swapped atomically on
 //! reload) over health objects that outlive reloads.
 
+mod report;
+mod saturation;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,11 +1,12 @@
-//! The steady-state decision path (client IP → GeoIP → route → balancer pick) must not
-//! allocate: a counting global allocator watches this thread while it decides.
+//! The steady-state decision path (client IP → GeoIP → route plan → the attempt planner the
+//! proxy calls, with its balancer pick) must not allocate: a counting global allocator
+//! watches this thread while it decides.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-#[path = "../benches/support/decision_path.rs"]
-mod decision_path;
+#[path = "../benches/support/fixture.rs"]
+mod fixture;
 
 struct Counting;
 
@@ -42,7 +43,7 @@ fn allocations() -> u64 {
 
 #[test]
 fn steady_state_decision_does_not_allocate() {
-    let f = decision_path::Fixture::new();
+    let f = fixture::Fixture::new();
     let uk =
         f.rt.regions
             .iter()

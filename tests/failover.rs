@@ -473,15 +473,15 @@ async fn residency_client_gets_503_inside_its_zone_even_in_panic_mode() {
     eventually("uk-south is ejected", || async {
         let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
         assert_eq!(r.status, 503, "{}", r.text());
-        assert_eq!(r.json()["error"], "residency_unavailable");
-        assert_eq!(r.json()["zone"], "uk");
+        assert_eq!(r.json()["error"]["code"], "residency_unavailable");
+        assert_eq!(r.json()["error"]["zone"], "uk");
         !region_available(&proxy, "uk-south").await
     })
     .await;
     for _ in 0..5 {
         let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
         assert_eq!(
-            (r.status, r.json()["error"].as_str()),
+            (r.status, r.json()["error"]["code"].as_str()),
             (503, Some("residency_unavailable"))
         );
     }

@@ -81,7 +81,7 @@ async fn header_and_uri_limits_answer_431_and_414() {
     );
     let resp = raw(proxy.listen, long.as_bytes()).await;
     assert_eq!(status_of(&resp), 414, "{resp}");
-    assert!(resp.contains("\"error\":\"bad_request\""));
+    assert!(resp.contains("\"code\":\"bad_request\""), "{resp}");
     assert_eq!(up.requests(), 0);
 }
 

@@ -249,7 +249,7 @@ async fn metrics_count_each_request_once_with_its_region_and_status_class() {
     // The rule sends fine-tuning to us-east only: outside the uk zone, so refused.
     let r = get_as(proxy.listen, ips::GB, "/v1/fine_tuning/jobs").await;
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["error"], "residency_forbidden");
+    assert_eq!(r.json()["error"]["code"], "residency_forbidden");
     assert!(
         r.header("x-request-id").is_some_and(|id| id.len() > 8),
         "a generated id"
@@ -577,7 +577,7 @@ async fn sighup_moves_a_country_while_streams_and_health_state_survive() {
     assert_eq!(region_status(&st, "ap-southeast")["drained"], true);
     let r = get_as(proxy.listen, ips::GB, "/v1/models").await;
     assert_eq!(r.status, 503, "uk-south is still out: {}", r.text());
-    assert_eq!(r.json()["error"], "residency_unavailable");
+    assert_eq!(r.json()["error"]["code"], "residency_unavailable");
     assert_eq!(
         get_as(proxy.listen, ips::FR, "/v1/models").await.region(),
         Some("eu-west")

@@ -270,11 +270,11 @@ async fn sharded_home_region_down_means_503_and_nothing_crosses() {
     for _ in 0..3 {
         let r = get_as(proxy.listen, ips::US, "/v1/chat/completions").await;
         assert_eq!(r.status, 503, "{}", r.text());
-        assert_eq!(r.json()["error"], "no_region_available");
+        assert_eq!(r.json()["error"]["code"], "no_region_available");
         let r = get_as(proxy.listen, ips::DE, "/v1/chat/completions").await;
         assert_eq!(r.status, 503, "{}", r.text());
-        assert_eq!(r.json()["error"], "residency_unavailable");
-        assert_eq!(r.json()["zone"], "eu");
+        assert_eq!(r.json()["error"]["code"], "residency_unavailable");
+        assert_eq!(r.json()["error"]["zone"], "eu");
     }
     assert_eq!(
         [euw.requests(), ap.requests()],
@@ -355,8 +355,8 @@ async fn hub_and_spoke_sends_training_to_the_hub_and_inference_to_the_nearest_sp
     let hub_before = us.requests();
     let r = get_as(proxy.listen, ips::GB, "/v1/fine_tuning/jobs").await;
     assert_eq!(r.status, 403, "{}", r.text());
-    assert_eq!(r.json()["error"], "residency_forbidden");
-    assert_eq!(r.json()["zone"], "uk");
+    assert_eq!(r.json()["error"]["code"], "residency_forbidden");
+    assert_eq!(r.json()["error"]["zone"], "uk");
     assert_eq!(us.requests(), hub_before);
 
     // ...unless the rule is residency_exempt (the model list carries no personal data).
@@ -565,8 +565,8 @@ async fn fallback_serves_over_tls_when_every_region_is_down_but_never_a_zone_cli
     let before = hosted.requests();
     let r = get_as(proxy.listen, ips::GB, "/v1/chat/completions").await;
     assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.json()["error"], "residency_unavailable");
-    assert_eq!(r.json()["zone"], "uk");
+    assert_eq!(r.json()["error"]["code"], "residency_unavailable");
+    assert_eq!(r.json()["error"]["zone"], "uk");
     assert_eq!(
         hosted.requests(),
         before,
@@ -603,7 +603,7 @@ async fn a_failing_fallback_opens_its_breaker_and_stops_costing_requests() {
     let tried = hosted.requests();
     let r = get_as(proxy.listen, ips::US, "/v1/models").await;
     assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.json()["error"], "no_region_available");
+    assert_eq!(r.json()["error"]["code"], "no_region_available");
     assert_eq!(hosted.requests(), tried, "an open breaker sends nothing");
     let status = support::status(&proxy).await;
     assert_eq!(status["fallback"]["breaker"]["state"], "open", "{status}");

@@ -68,8 +68,17 @@ async fn residency_bound_client_gets_503_with_its_zone_and_never_leaves_it() {
     let r = get_as(w.proxy.listen, ips::GB, "/v1/chat/completions").await;
     assert_eq!(r.status, 503, "{}", r.text());
     let body = r.json();
-    assert_eq!(body["error"], "residency_unavailable");
-    assert_eq!(body["zone"], "uk");
+    // OpenAI-shaped: the SDKs read `error.code`; the zone travels inside `error`.
+    assert_eq!(body["error"]["code"], "residency_unavailable");
+    assert_eq!(body["error"]["type"], "service_unavailable");
+    assert!(body["error"]["param"].is_null() && body["error"].get("param").is_some());
+    assert_eq!(body["error"]["zone"], "uk");
+    assert!(body.get("zone").is_none(), "nothing outside `error`: {body}");
+    let retry_after: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a 503 carries Retry-After: {:?}", r.headers));
+    assert!(retry_after >= 1);
     assert_eq!(
         w.us.requests() + w.eu.requests() + w.ap.requests(),
         0,
@@ -171,7 +180,7 @@ async fn unlocated_clients_can_be_refused() {
     let proxy = Meridian::start(&config);
     let r = get_as(proxy.listen, "10.1.2.3", "/").await;
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["error"], "location_refused");
+    assert_eq!(r.json()["error"]["code"], "location_refused");
     let r = get_as(proxy.listen, ips::US, "/").await;
     assert_eq!(r.status, 200);
 }

@@ -87,7 +87,7 @@ fn judge(tally: &mut Tally, kind: Kind, result: Result<(u16, String, bool), Stri
     };
     let code = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string));
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
     let ok = status == 200 && !broken && !body.contains("event: error");
     let documented = match (kind, status) {
         (_, 504) => code.as_deref() == Some("upstream_timeout"),

@@ -77,7 +77,7 @@ async fn bodies_over_the_limit_get_413() {
     let (up, proxy) = one_region("max_request_body = \"16KiB\"\n").await;
     let r = chat(proxy.listen, &[], vec![b'x'; 17 * 1024]).await;
     assert_eq!(r.status, 413);
-    assert_eq!(r.json()["error"], "body_too_large");
+    assert_eq!(r.json()["error"]["code"], "body_too_large");
     // Exactly at the limit passes.
     let r = chat(proxy.listen, &[], vec![b'x'; 16 * 1024]).await;
     assert_eq!(r.status, 200);

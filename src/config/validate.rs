@@ -14,7 +14,6 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::file::{self, EndpointFile, FileConfig, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
-use crate::forward::breaker::BreakerPolicy;
 use crate::geo::{Country, GeoPoint};
 
 /// The validated configuration. Indexes (`usize`) point into `regions` / `zones`.
@@ -215,6 +214,24 @@ pub struct RouteConfig {
     pub residency_exempt: bool,
     pub methods: Option<Vec<Method>>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Thresholds from `[fallback] breaker = { failures = N, cool_down = "30s" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// Consecutive failures that open the breaker.
+    pub failures: u32,
+    /// How long it stays open before a trial request is allowed.
+    pub cool_down: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failures: 5,
+            cool_down: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -7,27 +7,12 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
-/// Thresholds from `[fallback] breaker = { failures = N, cool_down = "30s" }`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerPolicy {
-    /// Consecutive failures that open the breaker.
-    pub failures: u32,
-    /// How long it stays open before a trial request is allowed.
-    pub cool_down: Duration,
-}
-
-impl Default for BreakerPolicy {
-    fn default() -> Self {
-        BreakerPolicy {
-            failures: 5,
-            cool_down: Duration::from_secs(30),
-        }
-    }
-}
+/// The thresholds live with the rest of the config, which must not import `forward`.
+pub use crate::config::BreakerPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -242,6 +227,8 @@ impl SharedBreaker {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const P: BreakerPolicy = BreakerPolicy {

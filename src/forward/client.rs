@@ -1,6 +1,7 @@
 //! Pooled connections to endpoints (HTTP/1.1, HTTP/2, TLS) and one attempt's outcome.
 
 use std::error::Error as _;
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,53 +22,128 @@ use crate::config::{UpstreamProtocol, UpstreamTlsConfig};
 
 type Pool = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
+/// The cause kept under an [`UpstreamError`]: the original error object, for the log.
+pub type Source = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why an attempt got no response head.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// Nothing was sent: the connection was refused, unreachable, or timed out.
-    #[error("connect failed: {0}")]
-    Connect(String),
-    /// The connection broke before a response head arrived.
-    #[error("connection closed before a response: {0}")]
-    Reset(String),
-    /// No response head within `request_timeout`.
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    /// The client's own body failed (too large, or the client went away).
-    #[error("request body: {0}")]
-    Body(String),
-    #[error("upstream protocol error: {0}")]
-    Protocol(String),
-    /// The client stopped sending its body for `server.body_timeout`: answered 408 and
-    /// never counted against the endpoint.
-    #[error("the client's body stalled for {0:?}")]
-    ClientStalled(Duration),
+#[error("{kind}")]
+pub struct UpstreamError {
+    kind: UpstreamErrorKind,
+    #[source]
+    source: Option<Source>,
 }
 
-impl UpstreamError {
-    /// Nothing was sent (refused, unreachable, connect timeout): any request may go
-    /// elsewhere.
-    pub fn retryable(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_))
-    }
+/// What went wrong, by where the attempt stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// The connection was refused or the endpoint unreachable: nothing was sent.
+    ConnectRefused,
+    /// No connection within `connect_timeout`: nothing was sent.
+    ConnectTimeout,
+    /// The TLS handshake failed: nothing was sent.
+    Tls,
+    /// The connection broke after the request went out, before a response head.
+    ResetBeforeHead,
+    /// No response head within `request_timeout`.
+    HeadTimeout,
+    /// The endpoint answered something that is not HTTP, or the request could not be framed.
+    Protocol,
+    /// The fallback's circuit breaker refused the attempt: nothing was sent.
+    BreakerOpen,
+    /// The plan named the fallback but none is configured: nothing was sent.
+    NoFallback,
+    /// The client's own body failed (too large, or the client went away).
+    ClientBody,
+    /// The client stopped sending its body for `server.body_timeout`: answered 408 and
+    /// never counted against the endpoint.
+    ClientStalled,
+}
 
-    /// The request may have reached the endpoint, which gave no answer: another endpoint
-    /// may be tried only for requests that `retry::may_replay` allows.
-    pub fn retryable_if_replayable(&self) -> bool {
-        matches!(self, UpstreamError::Reset(_) | UpstreamError::Protocol(_))
-    }
+/// May the attempt be made again elsewhere (Pingora's `fail_to_connect` versus
+/// `error_while_proxy`)? Carried by the error so one place decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Nothing reached the endpoint: always safe to retry.
+    NothingSent,
+    /// The endpoint may have acted on the request: retry only a request that may be replayed.
+    MaybeSent,
+    /// The client's side failed: another endpoint would fail the same way.
+    Never,
+}
 
-    fn from_body(b: &super::body::BodyError) -> UpstreamError {
-        match b {
-            super::body::BodyError::ClientStalled(d) => UpstreamError::ClientStalled(*d),
-            b => UpstreamError::Body(b.to_string()),
+impl UpstreamErrorKind {
+    pub fn retry_class(self) -> RetryClass {
+        match self {
+            UpstreamErrorKind::ConnectRefused
+            | UpstreamErrorKind::ConnectTimeout
+            | UpstreamErrorKind::Tls
+            | UpstreamErrorKind::BreakerOpen
+            | UpstreamErrorKind::NoFallback => RetryClass::NothingSent,
+            UpstreamErrorKind::ResetBeforeHead | UpstreamErrorKind::HeadTimeout | UpstreamErrorKind::Protocol => {
+                RetryClass::MaybeSent
+            }
+            UpstreamErrorKind::ClientBody | UpstreamErrorKind::ClientStalled => RetryClass::Never,
         }
     }
 
+    /// A stable short description, safe to show to clients (no OS error text).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::ConnectRefused => "connection refused",
+            UpstreamErrorKind::ConnectTimeout => "connect timeout",
+            UpstreamErrorKind::Tls => "TLS handshake failed",
+            UpstreamErrorKind::ResetBeforeHead => "connection closed before a response",
+            UpstreamErrorKind::HeadTimeout => "no response within the request timeout",
+            UpstreamErrorKind::Protocol => "invalid response from the endpoint",
+            UpstreamErrorKind::BreakerOpen => "circuit breaker open",
+            UpstreamErrorKind::NoFallback => "no fallback configured",
+            UpstreamErrorKind::ClientBody => "the request body failed",
+            UpstreamErrorKind::ClientStalled => "the request body stalled",
+        }
+    }
+}
+
+impl fmt::Display for UpstreamErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl UpstreamError {
+    pub fn new(kind: UpstreamErrorKind, source: impl Into<Source>) -> UpstreamError {
+        UpstreamError {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    /// An error with no underlying cause (an open breaker, a missing fallback, a timeout).
+    pub fn bare(kind: UpstreamErrorKind) -> UpstreamError {
+        UpstreamError { kind, source: None }
+    }
+
+    pub fn kind(&self) -> UpstreamErrorKind {
+        self.kind
+    }
+
+    pub fn retry_class(&self) -> RetryClass {
+        self.kind.retry_class()
+    }
+
+    /// The whole chain, for the log only: it holds OS error text.
+    pub fn detail(&self) -> String {
+        error_chain(self)
+    }
+
     fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-        let detail = error_chain(&e);
+        let kind = Self::kind_of(&e);
+        UpstreamError::new(kind, e)
+    }
+
+    fn kind_of(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
         if e.is_connect() {
-            return UpstreamError::Connect(detail);
+            return connect_kind(e);
         }
         let mut source = e.source();
         while let Some(s) = source {
@@ -75,18 +151,18 @@ impl UpstreamError {
                 if h.is_body_write_aborted() || h.is_user() {
                     // The body's own error: see whether it is ours.
                     if let Some(b) = h.source().and_then(|s| s.downcast_ref::<super::body::BodyError>()) {
-                        return UpstreamError::from_body(b);
+                        return body_kind(b);
                     }
                 }
                 if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                    return UpstreamError::Reset(detail);
+                    return UpstreamErrorKind::ResetBeforeHead;
                 }
                 if h.is_parse() {
-                    return UpstreamError::Protocol(detail);
+                    return UpstreamErrorKind::Protocol;
                 }
             }
             if let Some(b) = s.downcast_ref::<super::body::BodyError>() {
-                return UpstreamError::from_body(b);
+                return body_kind(b);
             }
             if let Some(io) = s.downcast_ref::<io::Error>() {
                 if matches!(
@@ -96,12 +172,40 @@ impl UpstreamError {
                         | io::ErrorKind::ConnectionAborted
                         | io::ErrorKind::UnexpectedEof
                 ) {
-                    return UpstreamError::Reset(detail);
+                    return UpstreamErrorKind::ResetBeforeHead;
                 }
             }
             source = s.source();
         }
-        UpstreamError::Protocol(detail)
+        UpstreamErrorKind::Protocol
+    }
+}
+
+/// A connect failure by its cause: a timeout, a TLS failure, else refused/unreachable.
+fn connect_kind(e: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<rustls::Error>() {
+            return UpstreamErrorKind::Tls;
+        }
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::TimedOut {
+                return UpstreamErrorKind::ConnectTimeout;
+            }
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return UpstreamErrorKind::Tls;
+            }
+        }
+        source = s.source();
+    }
+    UpstreamErrorKind::ConnectRefused
+}
+
+/// The client's own body failed: a stall is told apart so it is answered 408.
+fn body_kind(b: &super::body::BodyError) -> UpstreamErrorKind {
+    match b {
+        super::body::BodyError::ClientStalled(_) => UpstreamErrorKind::ClientStalled,
+        _ => UpstreamErrorKind::ClientBody,
     }
 }
 
@@ -182,7 +286,8 @@ impl Upstreams {
         tokio::select! {
             biased;
             resp = pool.request(req) => resp.map_err(UpstreamError::classify),
-            () = deadline => Err(UpstreamError::Timeout(timeout)),
+            // The bound is in the config; no cause to keep.
+            () = deadline => Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout)),
         }
     }
 }
@@ -263,4 +368,97 @@ fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, http2: bool) ->
         .pool_max_idle_per_host(1024)
         .http2_only(http2);
     builder.build(connector)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_retry_class() {
+        use RetryClass::{MaybeSent, Never, NothingSent};
+        use UpstreamErrorKind as K;
+        let cases = [
+            (K::ConnectRefused, NothingSent),
+            (K::ConnectTimeout, NothingSent),
+            (K::Tls, NothingSent),
+            (K::BreakerOpen, NothingSent),
+            (K::NoFallback, NothingSent),
+            (K::ResetBeforeHead, MaybeSent),
+            (K::HeadTimeout, MaybeSent),
+            (K::Protocol, MaybeSent),
+            (K::ClientBody, Never),
+        ];
+        for (kind, class) in cases {
+            assert_eq!(UpstreamError::bare(kind).retry_class(), class, "{kind:?}");
+            assert!(!kind.as_str().is_empty());
+        }
+    }
+
+    /// What a loopback endpoint does with the attempt.
+    enum Endpoint {
+        /// Nothing listens on the port.
+        Closed,
+        /// Reads the request, then closes without answering.
+        CloseAfterRequest,
+        /// Answers with bytes that are not HTTP.
+        Garbage,
+        /// Reads the request and never answers.
+        Silent,
+    }
+
+    async fn attempt(endpoint: Endpoint) -> UpstreamError {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        match endpoint {
+            Endpoint::Closed => drop(listener),
+            other => {
+                tokio::spawn(async move {
+                    let (mut conn, _) = listener.accept().await.unwrap();
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    match other {
+                        Endpoint::Garbage => {
+                            let _ = conn.write_all(b"SSH-2.0-not-http\r\n\r\n").await;
+                        }
+                        Endpoint::Silent => tokio::time::sleep(Duration::from_secs(30)).await,
+                        Endpoint::CloseAfterRequest | Endpoint::Closed => {}
+                    }
+                });
+            }
+        }
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let upstreams = Upstreams::new(&settings, &UpstreamTlsConfig::default()).unwrap();
+        let mut req = Request::new(RequestBody::Empty);
+        *req.uri_mut() = format!("http://{addr}/v1/models").parse().unwrap();
+        upstreams
+            .send(req, UpstreamProtocol::Http1, Duration::from_millis(300))
+            .await
+            .err()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn failures_over_real_sockets_are_typed() {
+        let cases = [
+            (Endpoint::Closed, UpstreamErrorKind::ConnectRefused),
+            (Endpoint::CloseAfterRequest, UpstreamErrorKind::ResetBeforeHead),
+            (Endpoint::Garbage, UpstreamErrorKind::Protocol),
+            (Endpoint::Silent, UpstreamErrorKind::HeadTimeout),
+        ];
+        for (endpoint, want) in cases {
+            let err = attempt(endpoint).await;
+            assert_eq!(err.kind(), want, "{}", err.detail());
+            // The client-facing text is the kind's, never the OS error.
+            assert_eq!(err.to_string(), want.as_str());
+        }
+    }
 }

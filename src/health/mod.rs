@@ -6,8 +6,6 @@ pub mod drain;
 pub mod latency;
 pub mod load;
 pub mod probe;
-pub mod report;
-pub mod saturation;
 pub mod scrape;
 pub mod slow_start;
 pub mod state;

@@ -159,7 +159,7 @@ async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeR
         .insert(header::USER_AGENT, HeaderValue::from_static("meridian-health-probe"));
     let sent = rt.upstreams.send(req, endpoint.config.protocol, timeout);
     let outcome = tokio::time::timeout(timeout, async {
-        let resp = sent.await.map_err(|e| e.to_string())?;
+        let resp = sent.await.map_err(|e| e.detail())?;
         let latency = started.elapsed();
         let status = resp.status();
         // Read the body so the connection can be reused; its content does not matter.

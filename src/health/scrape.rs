@@ -56,7 +56,7 @@ pub async fn scrape(rt: &Runtime, health: &Arc<EndpointHealth>) {
             .upstreams
             .send(req, endpoint.config.protocol, timeout)
             .await
-            .map_err(|e| LoadError::Fetch(e.to_string()))?;
+            .map_err(|e| LoadError::Fetch(e.detail()))?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_PAGE)
             .collect()

@@ -2,3 +2,10 @@
 
 pub mod access_log;
 pub mod metrics;
+
+/// Seconds since the Unix epoch, for timestamps operators read (metrics, `/status`).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -5,6 +5,7 @@
 //! `residency` audits the compiled table so no path takes a zone's client outside its zone;
 //! `spillover` says when a region's load makes it count as saturated.
 
+pub mod attempt;
 mod decide;
 pub mod path;
 pub mod residency;

@@ -1,15 +1,18 @@
-//! The per-request decision as `proxy.rs` makes it (client IP → GeoIP → route plan → region
-//! → balancer pick), over a real `Runtime`; shared by the decision bench and the no-allocation test.
+//! A three-region runtime and one GB request, for the decision bench and the no-allocation
+//! test. The decision itself is the library's: the route plan, then the attempt planner over
+//! the same live view the proxy uses (`route::attempt::next_attempt` + `LiveView`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method};
-use meridian::balance::{self, EndpointLoad};
 use meridian::client_ip::client_ip;
 use meridian::config::Config;
 use meridian::geo::Locate;
-use meridian::route::{self, Decision, RequestFacts};
+use meridian::live_view::LiveView;
+use meridian::retry::RetryBudget;
+use meridian::route::attempt::{self, Attempt, Policy, Target};
+use meridian::route::{self, RequestFacts};
 use meridian::runtime::{Runtime, Shared};
 
 pub const CONFIG: &str = r#"
@@ -42,6 +45,7 @@ pub const XFF: &str = "81.2.69.142, 10.1.2.3";
 
 pub struct Fixture {
     pub rt: Arc<Runtime>,
+    pub budget: RetryBudget,
     pub peer: IpAddr,
     pub headers: HeaderMap,
     pub method: Method,
@@ -57,13 +61,24 @@ impl Fixture {
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         Fixture {
             rt,
+            budget: RetryBudget::default(),
             peer: IpAddr::from([127, 0, 0, 1]),
             headers,
             method: Method::POST,
         }
     }
 
-    /// The whole decision for one request; returns (region, endpoint).
+    /// The view the proxy's planner reads, for this fixture's request.
+    pub fn view(&self) -> LiveView<'_> {
+        LiveView {
+            rt: &self.rt,
+            budget: &self.budget,
+            headers: &self.headers,
+            body: None,
+        }
+    }
+
+    /// The whole first-attempt decision for one request; returns (region, endpoint).
     pub fn decide(&self, path: &str) -> Option<(usize, usize)> {
         let rt = &*self.rt;
         let client = client_ip(self.peer, &self.headers, &rt.config.geoip.trusted_proxies);
@@ -74,37 +89,22 @@ impl Fixture {
             headers: &self.headers,
         };
         let plan = route::plan(&rt.table, located, &facts).ok()?;
-        let decision = route::select(
-            &plan,
-            |r| rt.region_state(r, |_| false),
-            rt.fallback.is_some(),
-            rt.config.health.panic_mode,
-        );
-        let Decision::Region(region) = decision else {
-            return None;
+        let window = rt.config.health.slow_start;
+        let ramp = |r: usize| rt.regions.get(r).map_or(1.0, |region| region.health.ramp(window));
+        let skips = attempt::slow_start_skips(&plan, ramp, fastrand::f64);
+        let policy = Policy {
+            max_attempts: rt.config.retry.max_attempts,
+            replay: false,
+            body_kept: true,
+            panic_mode: rt.config.health.panic_mode,
+            slow_start_skips: &skips,
         };
-        Some((region, pick(rt, region, &self.headers)?))
+        match attempt::next_attempt(&self.view(), &plan, &[], &policy, |k| fastrand::usize(..k)) {
+            Attempt::Send {
+                target: Target::Endpoint { region, endpoint },
+                ..
+            } => Some((region, endpoint)),
+            Attempt::Send { .. } | Attempt::Refuse(_) | Attempt::Stop(_) => None,
+        }
     }
-}
-
-/// The balancer step as the proxy does it: loads from live health (with the slow-start ramp),
-/// session affinity when configured, else power of two choices.
-pub fn pick(rt: &Runtime, region: usize, headers: &HeaderMap) -> Option<usize> {
-    let r = rt.regions.get(region)?;
-    let mut loads = [EndpointLoad {
-        eligible: false,
-        latency: 0.0,
-        in_flight: 0,
-        weight: 1.0,
-        queue_depth: 0.0,
-        kv_cache: 0.0,
-    }; 16];
-    let n = r.endpoints.len().min(loads.len());
-    for (slot, e) in loads.iter_mut().zip(&r.endpoints) {
-        *slot = e.health.load(e.config.weight, rt.config.health.slow_start);
-    }
-    if let Some(choice) = meridian::affinity::for_request(rt, region, &loads[..n], headers, None) {
-        return choice;
-    }
-    balance::pick(&loads[..n], |k| fastrand::usize(..k))
 }

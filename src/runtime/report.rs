@@ -1,10 +1,10 @@
 //! Reporting health changes once: a transition is logged, counted and published to the
 //! gauges and the region availability view in one place, whoever caused it.
 
-use super::state::{Event, Status, Transition};
-use super::{EndpointHealth, ProbeResult};
+use super::{Runtime, Shared};
+use crate::health::state::{Event, Status, Transition};
+use crate::health::{EndpointHealth, ProbeResult};
 use crate::route::RegionState;
-use crate::runtime::{Runtime, Shared};
 
 impl Shared {
     /// Feeds a real-traffic event to an endpoint and reports any transition.

@@ -1,8 +1,8 @@
 //! Publishing region saturation: on every health tick the endpoints' load signals go through
 //! the spillover hysteresis (`route::spillover`); a change is logged and gauged once.
 
+use super::{Runtime, Shared};
 use crate::route::spillover;
-use crate::runtime::{Runtime, Shared};
 
 impl Shared {
     /// Recomputes every region's saturated state from its serving endpoints' latest readings.
