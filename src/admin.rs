@@ -230,6 +230,9 @@ struct RegionStatus {
     /// Share of its clients the region takes while it ramps back (slow start).
     slow_start_weight: Option<f64>,
     drain: Option<DrainInfo>,
+    /// Configured models (`null`: every model) and, with discovery, what the endpoints list.
+    models: Option<Vec<String>>,
+    discovered_models: Option<Vec<String>>,
     endpoints: Vec<EndpointSnapshot>,
 }
 
@@ -267,6 +270,16 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
         endpoints_available,
         slow_start_weight: Some(r.health.ramp(slow_start)).filter(|w| *w < 1.0),
         drain: r.health.drain_info(),
+        models: c.models.clone(),
+        discovered_models: c.discover_models.then(|| {
+            let mut all: Vec<String> = endpoints
+                .iter()
+                .flat_map(|e| e.models.iter().flatten().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        }),
         endpoints,
     }
 }

@@ -27,6 +27,10 @@ pub enum ProxyError {
     /// Answered 414; reported with the `bad_request` code, SPEC's list of codes being closed.
     #[error("the request target is longer than {limit} bytes")]
     UriTooLong { limit: usize },
+    #[error("no region serves model {model:?}")]
+    ModelNotFound { model: String },
+    #[error("no region of residency zone {zone} serves model {model:?}")]
+    ModelNotAvailableInZone { zone: String, model: String },
 }
 
 #[derive(Serialize)]
@@ -51,6 +55,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::ModelNotFound { .. } | ProxyError::ModelNotAvailableInZone { .. } => StatusCode::NOT_FOUND,
         }
     }
 
@@ -65,12 +70,16 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequest(_) | ProxyError::UriTooLong { .. } => "bad_request",
+            ProxyError::ModelNotFound { .. } => "model_not_found",
+            ProxyError::ModelNotAvailableInZone { .. } => "model_not_available_in_zone",
         }
     }
 
     pub fn zone(&self) -> Option<&str> {
         match self {
-            ProxyError::ResidencyForbidden { zone } | ProxyError::ResidencyUnavailable { zone } => Some(zone),
+            ProxyError::ResidencyForbidden { zone }
+            | ProxyError::ResidencyUnavailable { zone }
+            | ProxyError::ModelNotAvailableInZone { zone, .. } => Some(zone),
             _ => None,
         }
     }

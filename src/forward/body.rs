@@ -13,6 +13,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::usage::{Scanned, UsageScanner};
+
 /// Bodies up to this size are kept so a failed attempt can be replayed elsewhere.
 pub const REPLAY_LIMIT: u64 = 1 << 20;
 
@@ -236,9 +238,10 @@ pub enum StreamEnd {
     ClientGone,
 }
 
-/// Called once when a response body is finished or dropped.
+/// Called once when a response body is finished or dropped, with what the body said
+/// about itself (first-chunk time, token counts).
 pub trait Completion: Send + 'static {
-    fn complete(self: Box<Self>, end: StreamEnd, bytes: u64);
+    fn complete(self: Box<Self>, end: StreamEnd, bytes: u64, scanned: Scanned);
 }
 
 /// A response body relayed from an endpoint frame by frame, never buffered.
@@ -249,11 +252,19 @@ pub struct UpstreamBody {
     sse: bool,
     bytes: u64,
     finished: bool,
+    /// Reads first-chunk time and token counts as the bytes pass.
+    scanner: UsageScanner,
     completion: Option<Box<dyn Completion>>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, stall_timeout: Duration, sse: bool, completion: Box<dyn Completion>) -> UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        stall_timeout: Duration,
+        sse: bool,
+        scanner: UsageScanner,
+        completion: Box<dyn Completion>,
+    ) -> UpstreamBody {
         UpstreamBody {
             inner,
             stall: Box::pin(tokio::time::sleep(stall_timeout)),
@@ -261,6 +272,7 @@ impl UpstreamBody {
             sse,
             bytes: 0,
             finished: false,
+            scanner,
             completion: Some(completion),
         }
     }
@@ -268,7 +280,8 @@ impl UpstreamBody {
     fn finish(&mut self, end: StreamEnd) {
         self.finished = true;
         if let Some(c) = self.completion.take() {
-            c.complete(end, self.bytes);
+            let scanned = self.scanner.finish();
+            c.complete(end, self.bytes, scanned);
         }
     }
 
@@ -306,6 +319,7 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    this.scanner.feed(data, std::time::Instant::now);
                 }
                 if this.inner.is_end_stream() {
                     // A sized body may not be polled again once its last byte is out.

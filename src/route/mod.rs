@@ -3,9 +3,11 @@
 //! `table` compiles the config into per-country candidate orders once per config load;
 //! `decide` is the pure per-request decision over that table and a view of region state;
 //! `residency` audits the compiled table so no path takes a zone's client outside its zone;
-//! `spillover` says when a region's load makes it count as saturated.
+//! `spillover` says when a region's load makes it count as saturated; `models` filters the
+//! candidates to the regions serving the requested model.
 
 mod decide;
+pub mod models;
 pub mod residency;
 pub mod spillover;
 mod table;
