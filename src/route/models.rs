@@ -188,7 +188,8 @@ mod tests {
         // Regions 0..4; the model is served by the regions in `serving`.
         // (name, candidates, zone, fallback plan, fallback usable, serving, want)
         type Want = Result<Vec<usize>, ModelRefusal>;
-        let cases: [(&str, &[usize], Option<usize>, bool, bool, &[usize], Want); 7] = [
+        type Case<'a> = (&'a str, &'a [usize], Option<usize>, bool, bool, &'a [usize], Want);
+        let cases: [Case<'_>; 7] = [
             (
                 "all serve: order kept",
                 &[2, 0, 1],
