@@ -310,7 +310,8 @@ pub fn measure(scanned: &Scanned, sent: Instant, head: Duration, end: Instant) -
 }
 
 /// The latency sample outlier detection takes from an answer that ended `end`; `None`
-/// when the answer says nothing about the endpoint's speed (`ok`: status below 500).
+/// when the answer says nothing about the endpoint's speed (`ok`: a status below 400; an
+/// error answer's speed is not the model's).
 pub fn answer(end: StreamEnd, ok: bool, scanned: &Scanned, l: &Latency, sent: Instant, now: Instant) -> Option<Answer> {
     if !ok {
         return None;
