@@ -179,7 +179,7 @@ pub fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) 
 /// Strings are hashed as written in the body (escapes included). `None` when the body is not
 /// a JSON object or has no prompt text.
 pub fn prefix_key(body: &[u8], limit: usize) -> Option<u64> {
-    use crate::forward::json_scan::{elements, fields, string};
+    use crate::forward::json_scan::{elements, fields, string, string_prefix};
     // One walk over the top-level fields finds where each part starts.
     let (mut system, mut messages, mut prompt) = (None, None, None);
     fields(body, 0, |key, value| {
@@ -195,7 +195,7 @@ pub fn prefix_key(body: &[u8], limit: usize) -> Option<u64> {
     // A string, or the text parts of a content array (`[{"type":"text","text":...}]`), or an
     // array of strings (a batch of prompts) or of messages (the responses API's `input`).
     fn text(b: &[u8], at: usize, h: &mut PrefixHasher, depth: u8) {
-        if let Some((s, _)) = string(b, at) {
+        if let Some(s) = string_prefix(b, at, h.room()) {
             h.write(s);
             return;
         }
@@ -249,6 +249,11 @@ impl PrefixHasher {
 
     fn full(&self) -> bool {
         self.written >= self.limit
+    }
+
+    /// Bytes it will still take.
+    fn room(&self) -> usize {
+        self.limit.saturating_sub(self.written)
     }
 
     fn word(&mut self, w: u64) {

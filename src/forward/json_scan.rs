@@ -20,14 +20,33 @@ pub fn string(b: &[u8], i: usize) -> Option<(&[u8], usize)> {
     }
     let start = i + 1;
     let mut j = start;
-    while j < b.len() {
-        match b[j] {
-            b'\\' => j += 2,
-            b'"' => return Some((&b[start..j], j + 1)),
-            _ => j += 1,
+    // Prompts are long strings: jump from quote or backslash to the next (SIMD), not byte by byte.
+    loop {
+        let k = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[k] == b'"' {
+            return Some((&b[start..k], k + 1));
         }
+        j = k + 2;
     }
-    None
+}
+
+/// At most the first `max` raw bytes of the string starting at `b[i] == '"'`, without
+/// looking further: a prefix hash needs no more of a long prompt than it takes.
+pub fn string_prefix(b: &[u8], i: usize, max: usize) -> Option<&[u8]> {
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let start = i + 1;
+    let window = b.get(start..b.len().min(start.saturating_add(max)))?;
+    let mut j = 0;
+    while let Some(k) = window.get(j..).and_then(|w| memchr::memchr2(b'"', b'\\', w)) {
+        let k = j + k;
+        if window[k] == b'"' {
+            return Some(&window[..k]);
+        }
+        j = k + 2;
+    }
+    Some(window)
 }
 
 /// The position after the value starting at `i` (after whitespace).
@@ -158,6 +177,25 @@ mod tests {
         for (body, want) in cases {
             let got = top_level_string(body.as_bytes(), b"model");
             assert_eq!(got, want.map(str::as_bytes), "{body}");
+        }
+    }
+
+    #[test]
+    fn string_prefix_table() {
+        let cases: [(&str, usize, Option<&str>); 6] = [
+            (r#""hello world""#, 5, Some("hello")),
+            (r#""hello""#, 50, Some("hello")),
+            (r#""a\"b" tail"#, 50, Some(r#"a\"b"#)),
+            (r#""a\"b" tail"#, 2, Some(r#"a\"#)),
+            (r#""unterminated"#, 50, Some("unterminated")),
+            ("not a string", 5, None),
+        ];
+        for (text, max, want) in cases {
+            assert_eq!(
+                string_prefix(text.as_bytes(), 0, max),
+                want.map(str::as_bytes),
+                "{text} {max}"
+            );
         }
     }
 
