@@ -175,7 +175,7 @@ impl UsageScanner {
     fn feed_sse(&mut self, mut chunk: &[u8]) {
         if !self.partial.is_empty() || self.partial_overflow {
             // Finish the line carried over from the previous chunk.
-            let Some(nl) = chunk.iter().position(|&b| b == b'\n') else {
+            let Some(nl) = memchr::memchr(b'\n', chunk) else {
                 self.carry(chunk);
                 return;
             };
@@ -189,7 +189,7 @@ impl UsageScanner {
             self.partial.clear();
             chunk = &chunk[nl + 1..];
         }
-        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', chunk) {
             self.line(&chunk[..nl], true);
             chunk = &chunk[nl + 1..];
         }
@@ -269,7 +269,7 @@ impl UsageScanner {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Latency of one attempt as a model client feels it.
