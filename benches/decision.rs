@@ -74,6 +74,21 @@ fn decision(c: &mut Criterion) {
         )
     });
     g.bench_function("full_decision", |b| b.iter(|| f.decide(black_box(PATH))));
+    // Model-aware routing and prefix-cache affinity on top: the model read in place from the
+    // body, the plan filtered, the prompt prefix (capped at 2 KiB) hashed for the pick.
+    for system in [256, 2048, 8192] {
+        let body = fixture::chat_body(system);
+        g.bench_function(format!("full_decision_model_prefix_{system}b"), |b| {
+            b.iter(|| f.decide_model(PATH, black_box(&body)))
+        });
+        g.bench_function(format!("prefix_key_{system}b"), |b| {
+            b.iter(|| meridian::affinity::prefix_key(black_box(&body), 2048))
+        });
+    }
+    let body = fixture::chat_body(2048);
+    g.bench_function("request_model", |b| {
+        b.iter(|| route::models::request_model(black_box(&body)))
+    });
     g.finish();
 }
 

@@ -274,6 +274,9 @@ struct RegionStatus {
     drain: Option<DrainInfo>,
     /// The config's fleet-wide drain, while in force.
     config_drain: Option<ConfigDrainStatus>,
+    /// Configured models (`null`: every model) and, with discovery, what the endpoints list.
+    models: Option<Vec<String>>,
+    discovered_models: Option<Vec<String>>,
     endpoints: Vec<EndpointSnapshot>,
 }
 
@@ -336,6 +339,16 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
         drained_by: drain_state.sources(),
         drain: r.health.drain_info(),
         config_drain,
+        models: c.models.clone(),
+        discovered_models: c.discover_models.then(|| {
+            let mut all: Vec<String> = endpoints
+                .iter()
+                .flat_map(|e| e.models.iter().flatten().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        }),
         endpoints,
     }
 }

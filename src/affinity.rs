@@ -7,6 +7,12 @@
 //! Affinity yields to health (only eligible endpoints rank), to saturation (an endpoint past
 //! a spillover threshold is passed over while another has room) and to load (bounded load:
 //! an endpoint with more than [`BOUND`] times its share of in-flight requests is passed over).
+//!
+//! Prefix-cache affinity (SPEC "Prefix-cache affinity") needs no session: the first
+//! `prefix_bytes` of the prompt (system prompt first, then the messages' text, or the prompt
+//! / input text) are hashed in place, with no allocation, to the same rendezvous order; an
+//! endpoint above `max_load_factor` × the region's mean in-flight is skipped. A session
+//! header or body field, when configured and present, wins over the prefix.
 
 /// An endpoint as affinity sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,13 +79,18 @@ pub fn for_request(
         .as_ref()
         .and_then(|h| headers.get(h))
         .map(|v| std::borrow::Cow::Borrowed(v.as_bytes()));
-    let session = match from_header {
-        Some(s) => s,
-        None => std::borrow::Cow::Owned(body_field(body?, config.affinity_body_field.as_deref()?)?),
+    let from_body = || {
+        body.zip(config.affinity_body_field.as_deref())
+            .and_then(|(b, f)| body_field(b, f))
+            .map(std::borrow::Cow::Owned)
     };
-    if session.is_empty() {
-        return None;
-    }
+    let session = match from_header.or_else(from_body) {
+        Some(s) if !s.is_empty() => s,
+        _ => {
+            let prefix = config.prefix_affinity?;
+            return for_prefix(rt, region, loads, body?, prefix);
+        }
+    };
     let r = rt.regions.get(region)?;
     let spill = rt.config.spillover.as_ref();
     let candidates: Vec<Candidate<'_>> = r
@@ -95,6 +106,193 @@ pub fn for_request(
         })
         .collect();
     Some(pick(&session, &candidates))
+}
+
+/// Endpoints a prefix pick considers without allocating; more are balanced as usual.
+pub const MAX_PREFIX_ENDPOINTS: usize = 16;
+
+/// Prefix-cache affinity for a request without a session: `None` when the body has no
+/// prompt text (the balancer decides), else the pick.
+fn for_prefix(
+    rt: &crate::runtime::Runtime,
+    region: usize,
+    loads: &[crate::balance::EndpointLoad],
+    body: &[u8],
+    prefix: crate::config::PrefixAffinity,
+) -> Option<Option<usize>> {
+    let key = prefix_key(body, prefix.prefix_bytes)?;
+    let r = rt.regions.get(region)?;
+    if r.endpoints.len() > MAX_PREFIX_ENDPOINTS {
+        return None;
+    }
+    let mut candidates = [Candidate {
+        eligible: false,
+        id: "",
+        weight: 1.0,
+        in_flight: 0,
+        saturated: false,
+    }; MAX_PREFIX_ENDPOINTS];
+    for ((slot, e), l) in candidates.iter_mut().zip(&r.endpoints).zip(loads) {
+        *slot = Candidate {
+            eligible: l.eligible,
+            id: &e.config.url,
+            weight: f64::from(e.config.weight),
+            in_flight: l.in_flight,
+            saturated: false,
+        };
+    }
+    Some(pick_prefix(
+        key,
+        &candidates[..loads.len().min(r.endpoints.len())],
+        prefix.max_load_factor,
+    ))
+}
+
+/// The prefix's endpoint: the best-ranked eligible endpoint whose in-flight count is within
+/// `max_load_factor` × the mean (this request included), else the best-ranked eligible one.
+/// No allocation.
+pub fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) -> Option<usize> {
+    let (mut total, mut n) = (0u64, 0u32);
+    for e in endpoints.iter().filter(|e| e.eligible) {
+        total += u64::from(e.in_flight);
+        n += 1;
+    }
+    if n == 0 {
+        return None;
+    }
+    // Bounded loads (Mirrokni et al.): capacity ⌈c · (m + 1) / n⌉ requests per endpoint.
+    let capacity = (max_load_factor * (total + 1) as f64 / f64::from(n)).ceil();
+    let best = |within: bool| {
+        endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.eligible && (!within || f64::from(e.in_flight) < capacity))
+            .map(|(i, e)| (i, rank(key, e)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+    };
+    best(true).or_else(|| best(false))
+}
+
+/// The hash of the prompt's first `limit` bytes: `system` / `instructions` first, then the
+/// text of `messages` in order (string contents and `text` parts), then `prompt` / `input`.
+/// Strings are hashed as written in the body (escapes included). `None` when the body is not
+/// a JSON object or has no prompt text.
+pub fn prefix_key(body: &[u8], limit: usize) -> Option<u64> {
+    use crate::forward::json_scan::{elements, fields, string, string_prefix};
+    // One walk over the top-level fields finds where each part starts.
+    let (mut system, mut messages, mut prompt) = (None, None, None);
+    fields(body, 0, |key, value| {
+        match key {
+            b"system" | b"instructions" => system = system.or(Some(value)),
+            b"messages" => messages = Some(value),
+            b"prompt" | b"input" => prompt = prompt.or(Some(value)),
+            _ => {}
+        }
+        true
+    })?;
+    let mut h = PrefixHasher::new(limit);
+    // A string, or the text parts of a content array (`[{"type":"text","text":...}]`), or an
+    // array of strings (a batch of prompts) or of messages (the responses API's `input`).
+    fn text(b: &[u8], at: usize, h: &mut PrefixHasher, depth: u8) {
+        if let Some(s) = string_prefix(b, at, h.room()) {
+            h.write(s);
+            return;
+        }
+        if depth > 2 {
+            return;
+        }
+        let _ = elements(b, at, |el| {
+            if string(b, el).is_some() {
+                text(b, el, h, depth + 1);
+            } else {
+                let _ = fields(b, el, |k, v| {
+                    if matches!(k, b"content" | b"text") {
+                        text(b, v, h, depth + 1);
+                    }
+                    !h.full()
+                });
+            }
+            !h.full()
+        });
+    }
+    for part in [system, messages, prompt].into_iter().flatten() {
+        if h.full() {
+            break;
+        }
+        text(body, part, &mut h, 0);
+    }
+    (h.written > 0).then(|| h.finish())
+}
+
+/// A streaming hash over at most `limit` bytes, eight bytes per multiply; stable across
+/// builds and platforms, like [`fnv1a`]. Lives on the stack.
+#[derive(Clone)]
+struct PrefixHasher {
+    h: u64,
+    tail: [u8; 8],
+    tail_len: usize,
+    written: usize,
+    limit: usize,
+}
+
+impl PrefixHasher {
+    fn new(limit: usize) -> PrefixHasher {
+        PrefixHasher {
+            h: 0xcbf2_9ce4_8422_2325,
+            tail: [0; 8],
+            tail_len: 0,
+            written: 0,
+            limit,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.written >= self.limit
+    }
+
+    /// Bytes it will still take.
+    fn room(&self) -> usize {
+        self.limit.saturating_sub(self.written)
+    }
+
+    fn word(&mut self, w: u64) {
+        self.h = (self.h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let take = bytes.len().min(self.limit.saturating_sub(self.written));
+        let mut bytes = &bytes[..take];
+        self.written += take;
+        if self.tail_len > 0 {
+            let n = (8 - self.tail_len).min(bytes.len());
+            self.tail[self.tail_len..self.tail_len + n].copy_from_slice(&bytes[..n]);
+            self.tail_len += n;
+            bytes = &bytes[n..];
+            if self.tail_len < 8 {
+                return;
+            }
+            self.word(u64::from_le_bytes(self.tail));
+            self.tail_len = 0;
+        }
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            self.word(u64::from_le_bytes(word));
+        }
+        let rest = words.remainder();
+        self.tail[..rest.len()].copy_from_slice(rest);
+        self.tail_len = rest.len();
+    }
+
+    fn finish(mut self) -> u64 {
+        if self.tail_len > 0 {
+            self.tail[self.tail_len..].fill(0);
+            self.word(u64::from_le_bytes(self.tail) ^ (self.tail_len as u64) << 59);
+        }
+        mix(self.h ^ self.written as u64)
+    }
 }
 
 /// The value of a top-level string or number `field` of a JSON object body, as bytes.
@@ -268,6 +466,104 @@ mod tests {
             let got = body_field(body.as_bytes(), "user");
             assert_eq!(got.as_deref(), want.map(str::as_bytes), "{body}");
         }
+    }
+
+    fn chat(system: &str, user: &str) -> String {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{user}"}}],"stream":true}}"#
+        )
+    }
+
+    #[test]
+    fn prefix_key_table() {
+        let long_system = "You are a careful assistant. ".repeat(100);
+        let k = |b: &str, limit| prefix_key(b.as_bytes(), limit);
+        let base = k(&chat(&long_system, "question one"), 2048);
+        assert!(base.is_some());
+        let cases: [(&str, bool); 7] = [
+            (
+                "same system prompt, another question past the prefix: same key",
+                k(&chat(&long_system, "question two"), 2048) == base,
+            ),
+            (
+                "fields in another order: same key",
+                k(
+                    &format!(
+                        r#"{{"stream":true,"messages":[{{"role":"system","content":"{long_system}"}},{{"role":"user","content":"question one"}}],"model":"m"}}"#
+                    ),
+                    2048,
+                ) == base,
+            ),
+            (
+                "another system prompt: another key",
+                k(&chat("Be brief.", "question one"), 2048) != base,
+            ),
+            (
+                "short prompts differ by the question",
+                k(&chat("Be brief.", "a"), 2048) != k(&chat("Be brief.", "b"), 2048),
+            ),
+            (
+                "content parts hash like a string",
+                k(
+                    r#"{"messages":[{"role":"user","content":[{"type":"text","text":"hello world"}]}]}"#,
+                    64,
+                ) == k(r#"{"messages":[{"role":"user","content":"hello world"}]}"#, 64),
+            ),
+            (
+                "instructions come before input",
+                k(r#"{"input":"q","instructions":"sys"}"#, 64) == k(r#"{"instructions":"sys","input":"q"}"#, 64),
+            ),
+            (
+                "completions prompt",
+                k(r#"{"model":"m","prompt":"Once upon a time"}"#, 64).is_some(),
+            ),
+        ];
+        for (name, holds) in cases {
+            assert!(holds, "{name}");
+        }
+        for body in [r#"{"model":"m"}"#, "not json", r#"{"messages":[]}"#] {
+            assert_eq!(k(body, 64), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn prefix_hash_is_independent_of_how_the_text_is_split() {
+        let text = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        for limit in [1, 7, 8, 9, 20, 100] {
+            let mut whole = PrefixHasher::new(limit);
+            whole.write(text);
+            for cut in 0..text.len() {
+                let mut split = PrefixHasher::new(limit);
+                split.write(&text[..cut]);
+                split.write(&text[cut..]);
+                assert_eq!(split.finish(), whole.clone().finish(), "limit {limit} cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn prefix_pick_is_stable_while_balanced_and_spreads_over_the_bound() {
+        let e = all();
+        let mut homes = [0; 4];
+        for i in 0..400 {
+            let key = prefix_key(chat(&format!("system {i}"), "q").as_bytes(), 2048).unwrap();
+            let home = pick_prefix(key, &e, 1.25).unwrap();
+            assert_eq!(pick_prefix(key, &e, 1.25), Some(home));
+            homes[home] += 1;
+            // Balanced load: stays.
+            let mut busy = all();
+            busy.iter_mut().for_each(|c| c.in_flight = 3);
+            assert_eq!(pick_prefix(key, &busy, 1.25), Some(home));
+            // Its endpoint far over the mean: moves.
+            let mut over = all();
+            over[home].in_flight = 8;
+            assert_ne!(pick_prefix(key, &over, 1.25), Some(home));
+            // Everyone else ineligible: home again, whatever its load.
+            let mut only = over.clone();
+            only.iter_mut().enumerate().for_each(|(j, c)| c.eligible = j == home);
+            assert_eq!(pick_prefix(key, &only, 1.25), Some(home));
+        }
+        assert!(homes.iter().all(|&c| c > 50), "{homes:?}");
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub struct RouteExplanation {
     pub fallback: FallbackView,
     pub pattern: Vec<String>,
     pub refusal: Option<String>,
+    /// The model asked for (`--model`), and which candidates were left out for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub without_model: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +75,35 @@ pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> Ro
 
 /// The decision for a request from `ip` with this method, path and headers.
 pub fn explain_request(table: &RouteTable, geo: &GeoDb, ip: IpAddr, facts: &RequestFacts<'_>) -> RouteExplanation {
+    explain_model(table, geo, ip, facts, None)
+}
+
+/// The model table for `meridian check`: each region and the models it serves.
+pub fn render_models(config: &Config) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "models:");
+    for r in &config.regions {
+        let listed = r.models.as_ref().map(|m| m.join(", "));
+        let line = match (listed, r.discover_models) {
+            (None, false) => "every model".to_string(),
+            (Some(l), false) => l,
+            (None, true) => "discovered from GET /v1/models (every model until the first answer)".to_string(),
+            (Some(l), true) => format!("{l}, and what GET /v1/models lists"),
+        };
+        let _ = writeln!(s, "  {:<16} {line}", r.name);
+    }
+    s
+}
+
+/// [`explain_request`] for a request naming `model` (regions that discover models are taken
+/// to serve every model: discovery happens at run time).
+pub fn explain_model(
+    table: &RouteTable,
+    geo: &GeoDb,
+    ip: IpAddr,
+    facts: &RequestFacts<'_>,
+    model: Option<&str>,
+) -> RouteExplanation {
     let config = &table.config;
     let located = geo.locate(ip);
     let (country, location_source) = match located {
@@ -102,8 +136,10 @@ pub fn explain_request(table: &RouteTable, geo: &GeoDb, ip: IpAddr, facts: &Requ
         },
         pattern: Vec::new(),
         refusal: None,
+        model: model.map(str::to_string),
+        without_model: Vec::new(),
     };
-    let plan = match route::plan(table, located, facts) {
+    let mut plan = match route::plan(table, located, facts) {
         Ok(p) => p,
         Err(Refusal::LocationRefused) => {
             out.refusal =
@@ -122,6 +158,31 @@ pub fn explain_request(table: &RouteTable, geo: &GeoDb, ip: IpAddr, facts: &Requ
     };
     out.location = Some(plan.origin);
     out.zone = plan.zone.map(|z| table.zone_name(z).to_string());
+    if let Some(model) = model {
+        let serves = |r: usize| {
+            let c = &config.regions[r];
+            route::models::region_serves(c.models.as_deref(), c.discover_models, None, model)
+        };
+        out.without_model = plan
+            .candidates
+            .iter()
+            .filter(|c| !serves(c.region))
+            .map(|c| table.region_name(c.region).to_string())
+            .collect();
+        let fallback = plan.fallback && config.fallback.is_some();
+        if let Err(refusal) = route::models::filter_plan(&mut plan, serves, config.regions.len(), fallback) {
+            out.refusal = Some(match refusal {
+                route::models::ModelRefusal::NotInZone { zone } => format!(
+                    "404 model_not_available_in_zone: no region of zone {} serves {model:?}",
+                    table.zone_name(zone)
+                ),
+                route::models::ModelRefusal::NotFound => {
+                    format!("404 model_not_found: no candidate region serves {model:?}")
+                }
+            });
+            return out;
+        }
+    }
     out.candidates = plan
         .candidates
         .iter()
@@ -308,6 +369,12 @@ pub fn render_route(e: &RouteExplanation) -> String {
             },
             e.fallback.reason
         );
+    }
+    if let Some(m) = &e.model {
+        let _ = writeln!(s, "  model:      {m}");
+        if !e.without_model.is_empty() {
+            let _ = writeln!(s, "  left out:   {} (do not serve {m})", e.without_model.join(", "));
+        }
     }
     if let Some(r) = &e.refusal {
         let _ = writeln!(s, "  refused:    {r}");

@@ -54,6 +54,9 @@ enum Command {
         /// Request header `NAME: VALUE`, for `[[route]]` rules with `headers` (repeatable).
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
+        /// The model the request names, for `[[region]] models`.
+        #[arg(long)]
+        model: Option<String>,
         #[arg(required = true)]
         ips: Vec<String>,
     },
@@ -93,9 +96,10 @@ fn main() -> ExitCode {
             path,
             method,
             headers,
+            model,
             ips,
         } => match request_facts(&method, &headers) {
-            Ok((method, headers)) => route(&config, json, &path, &method, &headers, &ips),
+            Ok((method, headers)) => route(&config, json, &path, &method, &headers, model.as_deref(), &ips),
             Err(e) => {
                 eprintln!("meridian route: {e}");
                 ExitCode::FAILURE
@@ -217,6 +221,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
     println!("{}: ok (GeoIP: {})", path.display(), geo.description());
     print!("{}", meridian::explain::render_table(&table));
+    print!("{}", meridian::explain::render_models(&table.config));
     ExitCode::SUCCESS
 }
 
@@ -244,6 +249,7 @@ fn route(
     request_path: &str,
     method: &http::Method,
     headers: &http::HeaderMap,
+    model: Option<&str>,
     ips: &[String],
 ) -> ExitCode {
     let (config, geo) = match load(path) {
@@ -260,7 +266,7 @@ fn route(
                     path: request_path,
                     headers,
                 };
-                out.push(meridian::explain::explain_request(&table, &geo, addr, &facts))
+                out.push(meridian::explain::explain_model(&table, &geo, addr, &facts, model))
             }
             Err(_) => {
                 eprintln!("meridian route: {ip:?} is not an IP address");

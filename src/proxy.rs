@@ -23,6 +23,7 @@ use crate::forward::breaker::Admission;
 use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
+use crate::forward::usage::{self, Scanned, UsageScanner};
 use crate::geo::{Locate, Located};
 use crate::health::state::Event;
 use crate::health::{EndpointHealth, InFlight};
@@ -104,6 +105,11 @@ impl Proxy {
             Err(err) => return Ok(self.refuse(err, record, started)),
         };
         record.bytes_in = body.len_hint();
+        // Model-aware routing: candidates filtered to the regions serving the body's model.
+        let mut plan = plan;
+        if let Err(err) = filter_by_model(rt.as_ref(), &mut plan, &parts, &body) {
+            return Ok(self.refuse(err, record, started));
+        }
         self.budget.record_request();
 
         // Boxed: the attempt loop's state is most of this future, and hyper keeps one
@@ -140,6 +146,10 @@ impl Proxy {
             attempts: 0,
             status: 0,
             ttfb: None,
+            ttft: None,
+            tpot: None,
+            prompt_tokens: None,
+            output_tokens: None,
             bytes_in: 0,
             failover_reason: None,
             error: None,
@@ -462,16 +472,26 @@ impl Proxy {
             crate::health::scrape::strip_orca(rt, region, &mut parts.headers);
         }
         let sse = body::is_sse(&parts.headers);
+        let scanner = UsageScanner::for_response(
+            &parts.headers,
+            hyper::body::Body::is_end_stream(&incoming),
+            rt.config.server.max_buffered_answer,
+        );
+        // The attempt's send time, from its head time: TTFT and TPOT count from there.
+        let head = record.ttfb.unwrap_or_default();
+        let sent = Instant::now().checked_sub(head).unwrap_or(started);
         let done = Box::new(Done {
             shared: self.shared.clone(),
             runtime: rt.clone(),
             metrics,
             record,
             started,
+            sent,
+            head,
             _inflight: inflight,
             health,
         });
-        let body = UpstreamBody::new(incoming, rt.config.server.stall_timeout, sse, done);
+        let body = UpstreamBody::new(incoming, rt.config.server.stall_timeout, sse, scanner, done);
         Response::from_parts(parts, ResponseBody::Upstream(body))
     }
 
@@ -544,15 +564,30 @@ struct Done {
     metrics: RegionMetrics,
     record: AccessRecord,
     started: Instant,
+    /// When the attempt that answered was sent, and its time to the response head.
+    sent: Instant,
+    head: Duration,
     _inflight: Option<InFlight>,
     health: Option<Arc<EndpointHealth>>,
 }
 
 impl Completion for Done {
-    fn complete(self: Box<Self>, end: StreamEnd, bytes: u64) {
-        let elapsed = self.started.elapsed();
+    fn complete(mut self: Box<Self>, end: StreamEnd, bytes: u64, scanned: Scanned) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
         self.metrics.count(self.record.status);
         self.metrics.duration.observe(elapsed.as_secs_f64());
+        let latency = usage::measure(&scanned, self.sent, self.head, now);
+        let ok = self.record.status < 400;
+        if ok {
+            self.record.ttft = latency.first_token;
+            self.record.tpot = latency.per_token;
+            self.record.output_tokens = latency.output_tokens;
+            self.record.prompt_tokens = scanned.usage.prompt_tokens;
+            if end == StreamEnd::Complete {
+                usage::observe(&self.metrics, &latency);
+            }
+        }
         if let Some(h) = &self.health {
             // Only a response relayed to its end proves the endpoint; a stall counts against it.
             let event = match end {
@@ -562,6 +597,9 @@ impl Completion for Done {
             };
             if let Some(event) = event {
                 self.shared.observe(&self.runtime, h, event);
+            }
+            if let Some(answer) = usage::answer(end, ok, &scanned, &latency, self.sent, now) {
+                self.shared.observe(&self.runtime, h, Event::Answered(answer));
             }
         }
         if self.runtime.config.log.access_log {
@@ -574,6 +612,35 @@ impl Completion for Done {
             self.record.emit(elapsed, bytes, end);
         }
     }
+}
+
+/// Filters `plan` to the regions serving the model the request body names (SPEC "Models");
+/// the model is read in place from the body kept for replay.
+fn filter_by_model(
+    rt: &Runtime,
+    plan: &mut RoutePlan<'_>,
+    parts: &http::request::Parts,
+    body: &RequestBody,
+) -> Result<(), ProxyError> {
+    use crate::route::models::{self, ModelRefusal};
+    if !models::reads_model(&rt.config, &parts.method, parts.uri.path()) {
+        return Ok(());
+    }
+    let Some(model) = body.kept().and_then(models::request_model) else {
+        return Ok(());
+    };
+    let fallback_usable = rt.fallback.is_some();
+    models::filter_plan(plan, |r| rt.region_serves(r, model), rt.regions.len(), fallback_usable).map_err(|refusal| {
+        match refusal {
+            ModelRefusal::NotInZone { zone } => ProxyError::ModelNotAvailableInZone {
+                zone: rt.table.zone_name(zone).to_string(),
+                model: model.to_string(),
+            },
+            ModelRefusal::NotFound => ProxyError::ModelNotFound {
+                model: model.to_string(),
+            },
+        }
+    })
 }
 
 fn rewrite_fallback_path(rt: &Runtime, base: &str, path: &str) -> PathAndQuery {

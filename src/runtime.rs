@@ -151,6 +151,29 @@ impl Runtime {
         crate::health::drain::decide(config, admin, now)
     }
 
+    /// Whether region `r` serves `model`: its configured list, and what its endpoints listed
+    /// at `/v1/models` when it discovers models (SPEC "Models").
+    pub fn region_serves(&self, r: usize, model: &str) -> bool {
+        let (Some(config), Some(region)) = (self.config.regions.get(r), self.regions.get(r)) else {
+            return false;
+        };
+        let discovered = config.discover_models.then(|| {
+            let mut heard = None;
+            for e in &region.endpoints {
+                if let Some(list) = e.health.models.load().as_deref() {
+                    heard = Some(heard.unwrap_or(false) || list.iter().any(|m| m == model));
+                }
+            }
+            heard
+        });
+        crate::route::models::region_serves(
+            config.models.as_deref(),
+            config.discover_models,
+            discovered.flatten(),
+            model,
+        )
+    }
+
     /// How region `r` looks to selection; `tried(endpoint)` marks endpoints this request has
     /// already used.
     pub fn region_state(&self, r: usize, tried: impl Fn(usize) -> bool) -> RegionState {

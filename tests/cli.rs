@@ -168,3 +168,84 @@ fn route_explains_each_address() {
     assert_eq!(code, 1);
     assert!(err.contains("not an IP address"));
 }
+
+#[test]
+fn model_keys_check_and_route_explain_model_routing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = GOOD
+        .replace(
+            "endpoints = [\"http://127.0.0.1:8001\"]",
+            "endpoints = [\"http://127.0.0.1:8001\"]\nmodels = [\"gpt-oss-120b\"]",
+        )
+        .replace(
+            "endpoints = [\"http://127.0.0.1:8002\"]",
+            "endpoints = [\"http://127.0.0.1:8002\"]\nmodels = [\"llama-3.1-70b\"]\naffinity = { prefix_bytes = 2048 }",
+        );
+    let path = write(&dir, "models.toml", &config);
+    let (code, out, err) = meridian(&["check", "-c", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("models:"), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("us-east") && l.contains("gpt-oss-120b")),
+        "{out}"
+    );
+
+    // A US client asking for a model only uk-south has: the farther region.
+    let (code, out, _) = meridian(&["route", "-c", &path, "--model", "llama-3.1-70b", "8.8.8.8"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("chosen:     uk-south") && out.contains("left out:   us-east"),
+        "{out}"
+    );
+    // A GB (uk zone) client asking for a model its zone lacks.
+    let (_, out, _) = meridian(&["route", "-c", &path, "--model", "gpt-oss-120b", "81.2.69.142"]);
+    assert!(
+        out.contains("404 model_not_available_in_zone") && out.contains("uk"),
+        "{out}"
+    );
+    let (_, out, _) = meridian(&["route", "-c", &path, "--model", "nope", "8.8.8.8", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v[0]["refusal"].as_str().unwrap().starts_with("404 model_not_found"),
+        "{v}"
+    );
+
+    // Strict keys, named by path.
+    let cases = [
+        (
+            config.replace("models = [\"gpt-oss-120b\"]", "models = [\"\"]"),
+            "region[0].models[0]",
+        ),
+        (
+            config.replace("prefix_bytes = 2048", "prefix_bytes = 0"),
+            "region[1].affinity.prefix_bytes",
+        ),
+        (
+            config.replace("prefix_bytes = 2048", "prefix_bytes = 2048, max_load_factor = 0.5"),
+            "region[1].affinity.max_load_factor",
+        ),
+        (
+            config.replace(
+                "models = [\"gpt-oss-120b\"]",
+                "discover_models = true\n[health]\nenabled = false",
+            ),
+            "discover_models",
+        ),
+        (
+            config.replace("prefix_bytes = 2048", "prefix_byte = 2048"),
+            "prefix_byte",
+        ),
+    ];
+    for (text, key) in cases {
+        let path = write(&dir, "bad.toml", &text);
+        let (code, _, err) = meridian(&["check", "-c", &path]);
+        assert_ne!(code, 0, "{key} accepted");
+        assert!(err.contains(key), "{key} not named in {err}");
+    }
+    let alias = GOOD.replace(
+        "[geoip]",
+        "[outlier]\nfirst_token_threshold = \"1s\"\ntpot_threshold = \"100ms\"\n\n[geoip]",
+    );
+    let (code, _, err) = meridian(&["check", "-c", &write(&dir, "alias.toml", &alias)]);
+    assert_eq!(code, 0, "{err}");
+}

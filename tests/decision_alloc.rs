@@ -68,3 +68,33 @@ fn steady_state_decision_does_not_allocate() {
     // Power of two choices over three idle endpoints spreads the load.
     assert!(picked[..3].iter().all(|&n| n > 1000), "{picked:?}");
 }
+
+#[test]
+fn model_filter_and_prefix_hash_do_not_allocate() {
+    let f = fixture::Fixture::new();
+    let bodies: Vec<Vec<u8>> = [100, 2048, 8192].into_iter().map(fixture::chat_body).collect();
+    for body in &bodies {
+        assert!(f.decide_model("/v1/chat/completions", body).is_some());
+    }
+    let before = allocations();
+    let mut homes = [usize::MAX; 3];
+    let mut moved = 0;
+    for _ in 0..1_000 {
+        for (i, body) in bodies.iter().enumerate() {
+            let (_, endpoint) = f
+                .decide_model("/v1/chat/completions", body)
+                .unwrap_or_else(|| panic!("a decision"));
+            if homes[i] == usize::MAX {
+                homes[i] = endpoint;
+            }
+            moved += usize::from(homes[i] != endpoint);
+        }
+    }
+    let allocated = allocations() - before;
+    assert_eq!(
+        allocated, 0,
+        "model routing and prefix hashing allocated {allocated} times"
+    );
+    // The same prompt always lands on one endpoint (its prefix's).
+    assert_eq!(moved, 0, "{homes:?}");
+}

@@ -284,10 +284,12 @@ async fn slow_first_byte_is_ejected_but_a_gappy_stream_is_not() {
     let regions = region("us-east", US_EAST, &["US"], &[slow.url()])
         + &region("us-west", US_WEST, &[], &[west.url()])
         + &region("eu-west", EU_WEST, &["IE"], &[streamer.url()]);
+    // 400 ms per event is slow generation by the default per-token threshold (250ms): this
+    // test is about the first token, so the per-token one is set out of the way.
     let proxy = Meridian::start(&config(
         "stall_timeout = \"2s\"",
         "",
-        "ejection_time = \"30s\"",
+        "ejection_time = \"30s\"\ntpot_threshold = \"1s\"",
         &regions,
     ));
 

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use meridian::health::state::{EndpointState, Event, Policy, Status};
+use meridian::health::state::{Answer, EndpointState, Event, Policy, Status};
 use proptest::prelude::*;
 
 fn ms(n: u64) -> Duration {
@@ -29,6 +29,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                 healthy_after,
                 consecutive_errors: errors,
                 ttfb_threshold: ms(ttfb),
+                tpot_threshold: ms(ttfb / 4 + 1),
                 ejection_time: ms(ejection),
                 // Config validation keeps the cap at or above ejection_time.
                 max_ejection_time: ms(ejection) * cap_factor,
@@ -50,6 +51,9 @@ fn event() -> impl Strategy<Value = Event> {
         2 => (0u64..3_000, prop_oneof![Just(200u16), Just(500), Just(503), Just(404)])
             .prop_map(|(t, status)| Event::Response { status, ttfb: ms(t) }),
         2 => (0u64..500).prop_map(|l| Event::ProbePassed { latency: ms(l) }),
+        2 => (any::<bool>(), 0u64..3_000, proptest::option::of(0u64..1_000)).prop_map(|(streamed, t, per)| {
+            Event::Answered(Answer { streamed, head: ms(t / 2), first_token: Some(ms(t)), per_token: per.map(ms) })
+        }),
         1 => Just(Event::Completed),
         1 => (0u64..120_000).prop_map(|r| Event::Shed { retry_after: ms(r) }),
     ]
@@ -155,6 +159,7 @@ fn hold_down_is_capped_for_every_backoff_level() {
         healthy_after: 1,
         consecutive_errors: 1,
         ttfb_threshold: ms(500),
+        tpot_threshold: ms(250),
         ejection_time: ms(1_000),
         max_ejection_time: ms(8_000),
         max_retry_after: ms(1_000),

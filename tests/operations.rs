@@ -749,7 +749,8 @@ fn dashboard_and_alerts_query_documented_metrics() {
         "meridian_requests_total",
         "meridian_failovers_total",
         "meridian_endpoint_state",
-        "meridian_upstream_ttfb_seconds",
+        "meridian_upstream_first_token_seconds",
+        "meridian_upstream_time_per_output_token_seconds",
         "meridian_residency_rejections_total",
     ] {
         assert!(exprs.iter().any(|e| e.contains(wanted)), "the dashboard shows {wanted}");

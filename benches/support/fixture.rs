@@ -34,6 +34,8 @@ name = "uk-south"
 location = [51.51, -0.13]
 countries = ["GB"]
 endpoints = ["http://127.0.0.1:4", "http://127.0.0.1:5", "http://127.0.0.1:6"]
+models = ["llama-3.1-70b", "gpt-oss-120b"]
+affinity = { prefix_bytes = 2048, max_load_factor = 1.25 }
 [[residency]]
 name = "uk"
 countries = ["GB"]
@@ -80,6 +82,17 @@ impl Fixture {
 
     /// The whole first-attempt decision for one request; returns (region, endpoint).
     pub fn decide(&self, path: &str) -> Option<(usize, usize)> {
+        self.decide_with(path, None)
+    }
+
+    /// [`Fixture::decide`] for a chat completion whose JSON `body` names a model: the model
+    /// is read in place, the plan filtered to regions serving it, and the pick hashes the
+    /// prompt prefix (uk-south has prefix affinity).
+    pub fn decide_model(&self, path: &str, body: &[u8]) -> Option<(usize, usize)> {
+        self.decide_with(path, Some(body))
+    }
+
+    fn decide_with(&self, path: &str, body: Option<&[u8]>) -> Option<(usize, usize)> {
         let rt = &*self.rt;
         let client = client_ip(self.peer, &self.headers, &rt.config.geoip.trusted_proxies);
         let located = rt.geo.locate(client);
@@ -88,7 +101,18 @@ impl Fixture {
             path,
             headers: &self.headers,
         };
-        let plan = route::plan(&rt.table, located, &facts).ok()?;
+        let mut plan = route::plan(&rt.table, located, &facts).ok()?;
+        if let Some(body) = body.filter(|_| route::models::reads_model(&rt.config, &self.method, path)) {
+            if let Some(model) = route::models::request_model(body) {
+                route::models::filter_plan(
+                    &mut plan,
+                    |r| rt.region_serves(r, model),
+                    rt.regions.len(),
+                    rt.fallback.is_some(),
+                )
+                .ok()?;
+            }
+        }
         let window = rt.config.health.slow_start;
         let ramp = |r: usize| rt.regions.get(r).map_or(1.0, |region| region.health.ramp(window));
         let skips = attempt::slow_start_skips(&plan, ramp, fastrand::f64);
@@ -99,7 +123,8 @@ impl Fixture {
             panic_mode: rt.config.health.panic_mode,
             slow_start_skips: &skips,
         };
-        match attempt::next_attempt(&self.view(), &plan, &[], &policy, |k| fastrand::usize(..k)) {
+        let view = LiveView { body, ..self.view() };
+        match attempt::next_attempt(&view, &plan, &[], &policy, |k| fastrand::usize(..k)) {
             Attempt::Send {
                 target: Target::Endpoint { region, endpoint },
                 ..
@@ -107,4 +132,14 @@ impl Fixture {
             Attempt::Send { .. } | Attempt::Refuse(_) | Attempt::Stop(_) => None,
         }
     }
+}
+
+/// A chat completion body: a system prompt of `system_bytes` bytes, then a question.
+pub fn chat_body(system_bytes: usize) -> Vec<u8> {
+    let system = "You answer questions about the order history of a bicycle shop. ".repeat(system_bytes / 64 + 1);
+    format!(
+        r#"{{"model":"llama-3.1-70b","stream":true,"temperature":0.2,"messages":[{{"role":"system","content":"{}"}},{{"role":"user","content":"Where is my order 1234?"}}]}}"#,
+        &system[..system_bytes]
+    )
+    .into_bytes()
 }

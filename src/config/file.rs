@@ -52,6 +52,8 @@ pub struct ServerFile {
     pub stall_timeout: Option<Duration>,
     pub connect_timeout: Option<Duration>,
     pub max_request_body: Option<Size>,
+    /// The part of an `application/json` answer read for its `usage` token counts.
+    pub max_buffered_answer: Option<Size>,
     pub max_header_bytes: Option<Size>,
     pub max_headers: Option<usize>,
     pub max_uri_bytes: Option<Size>,
@@ -128,7 +130,11 @@ pub struct HealthFile {
 pub struct OutlierFile {
     /// 0 turns error counting off.
     pub consecutive_errors: Option<u32>,
+    /// The first-token threshold: TTFT of streamed answers, head time of plain ones.
+    #[serde(alias = "first_token_threshold")]
     pub ttfb_threshold: Option<Duration>,
+    /// Time per output token of answers that report tokens.
+    pub tpot_threshold: Option<Duration>,
     pub ejection_time: Option<Duration>,
     pub max_ejection_time: Option<Duration>,
     pub max_retry_after: Option<Duration>,
@@ -182,6 +188,10 @@ pub struct RegionFile {
     pub health: Option<RegionHealthFile>,
     /// A fleet-wide drain: every instance that loads this config drains the region.
     pub drain: Option<DrainFile>,
+    /// The models this region serves; absent: every model.
+    pub models: Option<Vec<Spanned<String>>>,
+    /// Also read `GET /v1/models` from each endpoint with the probes.
+    pub discover_models: Option<bool>,
 }
 
 /// `drain = { reason = "maintenance", until = "2026-12-01T14:00:00Z" }`.
@@ -249,6 +259,10 @@ pub struct AffinityFile {
     pub header: Option<String>,
     /// A top-level JSON body field (e.g. `user`), read only from bodies kept for replay.
     pub body_field: Option<String>,
+    /// Prefix-cache affinity: hash this many bytes of the prompt.
+    pub prefix_bytes: Option<usize>,
+    /// Prefix affinity skips an endpoint above this multiple of the region's mean in-flight.
+    pub max_load_factor: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,6 +285,9 @@ pub struct RouteFile {
     pub methods: Option<Vec<String>>,
     /// Optional extra match: header name → exact value.
     pub headers: Option<BTreeMap<String, String>>,
+    /// POSTs under this prefix name their model in the JSON body's `model` field.
+    #[serde(default)]
+    pub model_from_body: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -44,6 +44,7 @@ pub struct ServerConfig {
     pub stall_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_request_body: u64,
+    pub max_buffered_answer: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_uri_bytes: usize,
@@ -115,7 +116,9 @@ pub struct HealthConfig {
 #[derive(Debug, Clone)]
 pub struct OutlierConfig {
     pub consecutive_errors: u32,
+    /// The first-token threshold (key `ttfb_threshold`, alias `first_token_threshold`).
     pub ttfb_threshold: Duration,
+    pub tpot_threshold: Duration,
     pub ejection_time: Duration,
     pub max_ejection_time: Duration,
     pub max_retry_after: Duration,
@@ -161,6 +164,20 @@ pub struct RegionConfig {
     pub probe: ProbeOverride,
     /// `drain = { ... }`: drained by the config, for every instance that loads it.
     pub drain: Option<ConfigDrain>,
+    /// The models this region serves; `None`: every model (or what discovery finds).
+    pub models: Option<Vec<String>>,
+    /// Read `GET /v1/models` from each endpoint with the probes.
+    pub discover_models: bool,
+    /// Prefix-cache affinity, when configured.
+    pub prefix_affinity: Option<PrefixAffinity>,
+}
+
+/// `affinity = { prefix_bytes, max_load_factor }`: requests whose prompts start alike go to
+/// the same endpoint, within a bounded load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefixAffinity {
+    pub prefix_bytes: usize,
+    pub max_load_factor: f64,
 }
 
 /// A drain written in the config. Kept even when `until` is past: whether it is in force
@@ -214,6 +231,8 @@ pub struct RouteConfig {
     pub residency_exempt: bool,
     pub methods: Option<Vec<Method>>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// POSTs matched by this rule name their model in the body.
+    pub model_from_body: bool,
 }
 
 /// Thresholds from `[fallback] breaker = { failures = N, cool_down = "30s" }`.
@@ -409,6 +428,18 @@ impl Validator<'_> {
         let names: HashMap<String, usize> = regions.iter().enumerate().map(|(i, r)| (r.name.clone(), i)).collect();
         let geoip = self.geoip(raw.geoip, &names);
         let health = self.health(raw.health);
+        if !health.enabled {
+            for (i, r) in regions.iter().enumerate().filter(|(_, r)| r.discover_models) {
+                self.problem(
+                    format!("region[{i}].discover_models"),
+                    None,
+                    format!(
+                        "region {:?}: models are discovered with the health probes, and [health] enabled is false",
+                        r.name
+                    ),
+                );
+            }
+        }
         let outlier = self.outlier(raw.outlier);
         let retry = self.retry(raw.retry);
         let zones = self.zones(raw.residency, &names);
@@ -527,6 +558,9 @@ impl Validator<'_> {
                 s.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
             ),
             max_request_body: s.max_request_body.map_or(10 << 20, |b| b.0),
+            max_buffered_answer: s
+                .max_buffered_answer
+                .map_or(crate::forward::usage::MAX_BUFFERED_ANSWER, |b| b.0 as usize),
             max_header_bytes,
             max_headers: s.max_headers.unwrap_or(100),
             max_uri_bytes: s.max_uri_bytes.map_or(8 << 10, |b| b.0) as usize,
@@ -670,6 +704,10 @@ impl Validator<'_> {
             ttfb_threshold: self.positive(
                 "outlier.ttfb_threshold",
                 o.ttfb_threshold.map_or(Duration::from_secs(2), |d| d.0),
+            ),
+            tpot_threshold: self.positive(
+                "outlier.tpot_threshold",
+                o.tpot_threshold.map_or(Duration::from_millis(250), |d| d.0),
             ),
             ejection_time,
             max_ejection_time,
@@ -877,11 +915,33 @@ impl Validator<'_> {
                     path: "/metrics".into(),
                 },
             };
+            let mut prefix_affinity = None;
             let (affinity_header, affinity_body_field) = match r.affinity {
                 Some(a) => {
-                    if a.header.is_none() && a.body_field.is_none() {
-                        self.problem(format!("{key}.affinity"), None, "set header, body_field or both");
+                    if a.header.is_none() && a.body_field.is_none() && a.prefix_bytes.is_none() {
+                        self.problem(
+                            format!("{key}.affinity"),
+                            None,
+                            "set header, body_field or prefix_bytes",
+                        );
                     }
+                    if a.prefix_bytes == Some(0) {
+                        self.problem(format!("{key}.affinity.prefix_bytes"), None, "must be at least 1");
+                    }
+                    let max_load_factor = a.max_load_factor.unwrap_or(1.25);
+                    if !(max_load_factor.is_finite() && max_load_factor >= 1.0) {
+                        self.problem(format!("{key}.affinity.max_load_factor"), None, "must be at least 1");
+                    } else if a.max_load_factor.is_some() && a.prefix_bytes.is_none() {
+                        self.problem(
+                            format!("{key}.affinity.max_load_factor"),
+                            None,
+                            "applies to prefix affinity: set prefix_bytes too",
+                        );
+                    }
+                    prefix_affinity = a.prefix_bytes.map(|prefix_bytes| PrefixAffinity {
+                        prefix_bytes,
+                        max_load_factor,
+                    });
                     if a.body_field.as_deref().is_some_and(str::is_empty) {
                         self.problem(format!("{key}.affinity.body_field"), None, "must not be empty");
                     }
@@ -916,7 +976,23 @@ impl Validator<'_> {
                 None => ProbeOverride::default(),
             };
             let drain = r.drain.and_then(|d| self.drain(&format!("{key}.drain"), d));
+            let models = r.models.map(|list| {
+                let mut out: Vec<String> = Vec::with_capacity(list.len());
+                for (j, m) in list.into_iter().enumerate() {
+                    let name = m.get_ref().trim();
+                    if name.is_empty() {
+                        self.problem(format!("{key}.models[{j}]"), Some(m.span()), "must not be empty");
+                    } else if !out.iter().any(|x| x == name) {
+                        out.push(name.to_string());
+                    }
+                }
+                out
+            });
+            let discover_models = r.discover_models.unwrap_or(false);
             out.push(RegionConfig {
+                models,
+                discover_models,
+                prefix_affinity,
                 probe,
                 drain,
                 name,
@@ -1118,6 +1194,7 @@ impl Validator<'_> {
                 residency_exempt: r.residency_exempt,
                 methods,
                 headers,
+                model_from_body: r.model_from_body,
             });
         }
         out

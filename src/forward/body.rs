@@ -14,6 +14,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
+use super::usage::{Scanned, UsageScanner};
+
 /// Bodies up to this size are kept so a failed attempt can be replayed elsewhere.
 pub const REPLAY_LIMIT: u64 = 1 << 20;
 
@@ -403,9 +405,10 @@ pub enum StreamEnd {
     ClientGone,
 }
 
-/// Called once when a response body is finished or dropped.
+/// Called once when a response body is finished or dropped, with what the body said
+/// about itself (first-chunk time, token counts).
 pub trait Completion: Send + 'static {
-    fn complete(self: Box<Self>, end: StreamEnd, bytes: u64);
+    fn complete(self: Box<Self>, end: StreamEnd, bytes: u64, scanned: Scanned);
 }
 
 /// A response body relayed from an endpoint frame by frame, never buffered.
@@ -418,11 +421,19 @@ pub struct UpstreamBody {
     sse_tail: SseTail,
     bytes: u64,
     finished: bool,
+    /// Reads first-chunk time and token counts as the bytes pass.
+    scanner: UsageScanner,
     completion: Option<Box<dyn Completion>>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, stall_timeout: Duration, sse: bool, completion: Box<dyn Completion>) -> UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        stall_timeout: Duration,
+        sse: bool,
+        scanner: UsageScanner,
+        completion: Box<dyn Completion>,
+    ) -> UpstreamBody {
         UpstreamBody {
             inner,
             stall: Box::pin(tokio::time::sleep(stall_timeout)),
@@ -431,6 +442,7 @@ impl UpstreamBody {
             sse_tail: SseTail::default(),
             bytes: 0,
             finished: false,
+            scanner,
             completion: Some(completion),
         }
     }
@@ -438,7 +450,8 @@ impl UpstreamBody {
     fn finish(&mut self, end: StreamEnd) {
         self.finished = true;
         if let Some(c) = self.completion.take() {
-            c.complete(end, self.bytes);
+            let scanned = self.scanner.finish();
+            c.complete(end, self.bytes, scanned);
         }
     }
 
@@ -482,6 +495,7 @@ impl Body for UpstreamBody {
                     if this.sse {
                         this.sse_tail = this.sse_tail.after(data);
                     }
+                    this.scanner.feed(data, std::time::Instant::now);
                 }
                 if this.inner.is_end_stream() {
                     // A sized body may not be polled again once its last byte is out.

@@ -5,6 +5,7 @@
 pub mod drain;
 pub mod latency;
 pub mod load;
+pub mod models;
 pub mod probe;
 pub mod scrape;
 pub mod slow_start;
@@ -49,6 +50,8 @@ pub struct EndpointHealth {
     probed: AtomicBool,
     /// Queue depth and KV cache as the model server last reported them.
     pub signals: load::LoadSignals,
+    /// The models the endpoint listed at `GET /v1/models` last time (discovering regions).
+    pub models: arc_swap::ArcSwapOption<Vec<String>>,
     machine: Mutex<Machine>,
 }
 
@@ -81,6 +84,7 @@ impl EndpointHealth {
             latency: AtomicU64::new(0f64.to_bits()),
             probed: AtomicBool::new(false),
             signals: load::LoadSignals::default(),
+            models: arc_swap::ArcSwapOption::empty(),
             machine: Mutex::new(Machine {
                 state: EndpointState::new(now),
                 latency: PeakEwma::default(),
@@ -149,6 +153,13 @@ impl EndpointHealth {
             match event {
                 Event::ProbePassed { latency } => m.latency.observe(latency, now),
                 Event::Response { ttfb, .. } => m.latency.observe(ttfb, now),
+                // A streamed answer's head comes at once: its first token is what the
+                // balancer should steer by.
+                Event::Answered(a) if a.streamed => {
+                    if let Some(first) = a.first_token {
+                        m.latency.observe(first, now)
+                    }
+                }
                 _ => {}
             }
             m.state.observe(event, now, policy)
@@ -231,6 +242,8 @@ impl EndpointHealth {
                 .ramp_start()
                 .map(|t| slow_start::ramp(now.saturating_duration_since(t), slow_start)),
             ttfb_ewma_ms: s.ttfb_ewma * 1000.0,
+            tpot_ewma_ms: s.tpot_ewma * 1000.0,
+            models: self.models.load_full().map(|m| m.as_ref().clone()),
             latency_ewma_ms: m.latency.value * 1000.0,
             in_flight: self.in_flight(),
             consecutive_errors: s.consecutive_errors,
@@ -258,7 +271,13 @@ pub struct EndpointSnapshot {
     pub ejected_for_seconds: Option<f64>,
     pub shed_for_seconds: Option<f64>,
     pub slow_start_weight: Option<f64>,
+    /// The outlier check's first-token average (TTFT, or head time of plain answers).
     pub ttfb_ewma_ms: f64,
+    /// The outlier check's time-per-output-token average.
+    pub tpot_ewma_ms: f64,
+    /// Models listed at `GET /v1/models` (regions with `discover_models`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
     pub latency_ewma_ms: f64,
     pub in_flight: u32,
     pub consecutive_errors: u32,
@@ -410,6 +429,7 @@ pub fn policy(config: &crate::config::Config) -> Policy {
         healthy_after: config.health.healthy_after,
         consecutive_errors: config.outlier.consecutive_errors,
         ttfb_threshold: config.outlier.ttfb_threshold,
+        tpot_threshold: config.outlier.tpot_threshold,
         ejection_time: config.outlier.ejection_time,
         max_ejection_time: config.outlier.max_ejection_time,
         max_retry_after: config.outlier.max_retry_after,
@@ -469,6 +489,7 @@ mod tests {
             healthy_after: 1,
             consecutive_errors: 1,
             ttfb_threshold: Duration::from_secs(1),
+            tpot_threshold: Duration::from_millis(250),
             ejection_time: Duration::from_secs(60),
             max_ejection_time: Duration::from_secs(60),
             max_retry_after: Duration::from_millis(30),

@@ -95,6 +95,7 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
         if passed {
             // Load signals ride on the probe schedule; a down endpoint is not scraped.
             super::scrape::scrape(&rt, &health).await;
+            super::models::discover(&rt, &health).await;
         }
         // A slow metrics page must not stretch the probe interval.
         let scrape_time = scraped.elapsed();

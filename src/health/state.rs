@@ -1,13 +1,18 @@
 //! The per-endpoint health state machine: events and a clock in, transitions out. No I/O.
 //!
 //! ```text
-//!  healthy ──(one failure)──▶ suspect ──(unhealthy_after probes | consecutive_errors | slow TTFB)──▶ ejected
+//!  healthy ──(one failure)──▶ suspect ──(unhealthy_after probes | consecutive_errors | slow answers)──▶ ejected
 //!     ▲                          │                                                                   │
 //!     └──────(success)───────────┘            (hold-down over and healthy_after probes passed)       ▼
 //!     └────────────────(probation lasted slow_start without a failure)─────────────────────────── probation
 //! ```
 //! A failure during probation ejects again at once, for twice as long: a flapping endpoint
 //! spends more and more time out instead of pulling traffic back every interval.
+//!
+//! Slow answers are judged as a model client feels them ([`Answer`]): the time to the first
+//! token of a streamed answer, the time per output token of an answer that reports tokens,
+//! and the time to the head only for plain answers that are neither. A long answer is never
+//! slow by its length alone.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +25,11 @@ pub struct Policy {
     pub healthy_after: u32,
     /// 0 turns error counting off.
     pub consecutive_errors: u32,
+    /// The first-token threshold (the config key keeps its first name, `ttfb_threshold`):
+    /// TTFT of streamed answers, head time of plain ones.
     pub ttfb_threshold: Duration,
+    /// Time per output token of answers that report tokens.
+    pub tpot_threshold: Duration,
     pub ejection_time: Duration,
     pub max_ejection_time: Duration,
     pub max_retry_after: Duration,
@@ -43,7 +52,8 @@ pub enum Event {
         latency: Duration,
     },
     ProbeFailed,
-    /// A response head arrived from real traffic.
+    /// A response head arrived from real traffic (its time feeds the balancer, not the
+    /// outlier check: the answer's kind decides that once it ends, see [`Event::Answered`]).
     Response {
         status: u16,
         ttfb: Duration,
@@ -58,6 +68,34 @@ pub enum Event {
     Timeout,
     /// A streamed body stopped mid-way (stall or reset).
     StreamError,
+    /// An answer's body ended: its latency as the client felt it.
+    Answered(Answer),
+}
+
+/// The latency of one answer, measured when its body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// `text/event-stream`, or a body without a length.
+    pub streamed: bool,
+    /// Request sent → response head.
+    pub head: Duration,
+    /// Request sent → first non-empty body chunk (streamed answers).
+    pub first_token: Option<Duration>,
+    /// Time per output token, when the answer reported (or streamed) a token count.
+    pub per_token: Option<Duration>,
+}
+
+impl Answer {
+    /// The samples outlier detection takes from this answer: (first-token signal, per-token
+    /// signal). A streamed answer gives its TTFT; an answer with tokens its TPOT; a plain
+    /// answer that is neither its head time.
+    pub fn samples(&self) -> (Option<Duration>, Option<Duration>) {
+        match (self.streamed, self.per_token) {
+            (true, per) => (Some(self.first_token.unwrap_or(self.head)), per),
+            (false, Some(per)) => (None, Some(per)),
+            (false, None) => (Some(self.head), None),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -99,7 +137,10 @@ pub enum Reason {
     RequestFailed,
     ProbesFailed,
     ConsecutiveErrors,
+    /// First tokens (or heads of plain answers) slower than `ttfb_threshold`.
     SlowFirstByte,
+    /// Output tokens slower than `tpot_threshold`.
+    SlowOutputTokens,
     /// Failures stopped before a threshold (suspect → healthy).
     Recovered,
     /// Hold-down over and `healthy_after` probes passed (ejected → probation).
@@ -117,6 +158,7 @@ impl Reason {
             Reason::ProbesFailed => "probes_failed",
             Reason::ConsecutiveErrors => "consecutive_errors",
             Reason::SlowFirstByte => "slow_first_byte",
+            Reason::SlowOutputTokens => "slow_output_tokens",
             Reason::Recovered => "recovered",
             Reason::ProbesPassed => "probes_passed",
             Reason::EjectionExpired => "ejection_expired",
@@ -150,9 +192,12 @@ pub struct EndpointState {
     calm_since: Instant,
     pub ejected_until: Option<Instant>,
     pub shed_until: Option<Instant>,
-    /// EWMA of time to first byte of real traffic, seconds (the outlier signal).
+    /// EWMA of the first-token signal of real traffic, seconds (see [`Answer::samples`]).
     pub ttfb_ewma: f64,
     ttfb_samples: u32,
+    /// EWMA of time per output token, seconds.
+    pub tpot_ewma: f64,
+    tpot_samples: u32,
 }
 
 impl EndpointState {
@@ -172,6 +217,8 @@ impl EndpointState {
             shed_until: None,
             ttfb_ewma: 0.0,
             ttfb_samples: 0,
+            tpot_ewma: 0.0,
+            tpot_samples: 0,
         }
     }
 
@@ -199,16 +246,18 @@ impl EndpointState {
                 self.probe_passes = 0;
                 self.probe_failures = self.probe_failures.saturating_add(1);
             }
-            Event::Response { status, ttfb } => {
-                let x = ttfb.as_secs_f64();
-                self.ttfb_ewma = if self.ttfb_samples == 0 {
-                    x
-                } else {
-                    EWMA_WEIGHT * x + (1.0 - EWMA_WEIGHT) * self.ttfb_ewma
-                };
-                self.ttfb_samples = self.ttfb_samples.saturating_add(1);
+            Event::Response { status, .. } => {
                 if status >= 500 {
                     self.count_error();
+                }
+            }
+            Event::Answered(answer) => {
+                let (first, per) = answer.samples();
+                if let Some(x) = first {
+                    fold(&mut self.ttfb_ewma, &mut self.ttfb_samples, x);
+                }
+                if let Some(x) = per {
+                    fold(&mut self.tpot_ewma, &mut self.tpot_samples, x);
                 }
             }
             Event::Completed => self.consecutive_errors = 0,
@@ -244,8 +293,15 @@ impl EndpointState {
         self.total_errors = self.total_errors.saturating_add(1);
     }
 
-    fn slow(&self, p: &Policy) -> bool {
-        self.ttfb_samples >= TTFB_MIN_SAMPLES && self.ttfb_ewma > p.ttfb_threshold.as_secs_f64()
+    /// Why the answers are too slow, if they are.
+    fn slow(&self, p: &Policy) -> Option<Reason> {
+        if self.ttfb_samples >= TTFB_MIN_SAMPLES && self.ttfb_ewma > p.ttfb_threshold.as_secs_f64() {
+            Some(Reason::SlowFirstByte)
+        } else if self.tpot_samples >= TTFB_MIN_SAMPLES && self.tpot_ewma > p.tpot_threshold.as_secs_f64() {
+            Some(Reason::SlowOutputTokens)
+        } else {
+            None
+        }
     }
 
     /// Moves the status as far as the counters and the clock say; returns the last reason.
@@ -276,8 +332,8 @@ impl EndpointState {
                     self.eject(Reason::ProbesFailed, now, p)
                 } else if errors_over(p.consecutive_errors) {
                     self.eject(Reason::ConsecutiveErrors, now, p)
-                } else if self.slow(p) {
-                    self.eject(Reason::SlowFirstByte, now, p)
+                } else if let Some(slow) = self.slow(p) {
+                    self.eject(slow, now, p)
                 } else if self.probe_failures > 0 {
                     self.goto(Status::Suspect, Reason::ProbeFailed, now)
                 } else if self.consecutive_errors > 0 && p.consecutive_errors > 0 {
@@ -292,8 +348,8 @@ impl EndpointState {
                     self.eject(Reason::ProbesFailed, now, p)
                 } else if errors_over(p.consecutive_errors.div_ceil(2)) {
                     self.eject(Reason::ConsecutiveErrors, now, p)
-                } else if self.slow(p) {
-                    self.eject(Reason::SlowFirstByte, now, p)
+                } else if let Some(slow) = self.slow(p) {
+                    self.eject(slow, now, p)
                 } else if now.saturating_duration_since(self.since) >= p.probation {
                     self.calm_since = now;
                     self.goto(Status::Healthy, Reason::ProbationPassed, now)
@@ -357,8 +413,21 @@ impl EndpointState {
         // Forget the slow average, or the first response would eject again.
         self.ttfb_ewma = 0.0;
         self.ttfb_samples = 0;
+        self.tpot_ewma = 0.0;
+        self.tpot_samples = 0;
         self.goto(Status::Probation, reason, now)
     }
+}
+
+/// Folds one sample (seconds) into an EWMA that starts at its first sample.
+fn fold(ewma: &mut f64, samples: &mut u32, sample: Duration) {
+    let x = sample.as_secs_f64();
+    *ewma = if *samples == 0 {
+        x
+    } else {
+        EWMA_WEIGHT * x + (1.0 - EWMA_WEIGHT) * *ewma
+    };
+    *samples = samples.saturating_add(1);
 }
 
 #[cfg(test)]
@@ -371,6 +440,7 @@ mod tests {
             healthy_after: 2,
             consecutive_errors: 4,
             ttfb_threshold: Duration::from_millis(500),
+            tpot_threshold: Duration::from_millis(250),
             ejection_time: Duration::from_secs(10),
             max_ejection_time: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(30),
@@ -391,10 +461,35 @@ mod tests {
         status: 500,
         ttfb: Duration::from_millis(10),
     };
-    const SLOW: Event = Event::Response {
-        status: 200,
-        ttfb: Duration::from_secs(2),
-    };
+    /// A plain answer with a slow head.
+    const SLOW: Event = Event::Answered(Answer {
+        streamed: false,
+        head: Duration::from_secs(2),
+        first_token: None,
+        per_token: None,
+    });
+    const fn streamed(head: u64, first: u64, per: Option<u64>) -> Event {
+        Event::Answered(Answer {
+            streamed: true,
+            head: Duration::from_millis(head),
+            first_token: Some(Duration::from_millis(first)),
+            per_token: match per {
+                Some(p) => Some(Duration::from_millis(p)),
+                None => None,
+            },
+        })
+    }
+    const fn whole(head: u64, per: Option<u64>) -> Event {
+        Event::Answered(Answer {
+            streamed: false,
+            head: Duration::from_millis(head),
+            first_token: None,
+            per_token: match per {
+                Some(p) => Some(Duration::from_millis(p)),
+                None => None,
+            },
+        })
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -500,6 +595,56 @@ mod tests {
                 "slow first bytes eject after enough samples",
                 vec![(0, Some(SLOW)), (1, Some(SLOW)), (2, Some(SLOW))],
                 vec![H, H, X],
+            ),
+            (
+                "a slow first token behind an instant head ejects",
+                vec![
+                    (0, Some(streamed(1, 1000, None))),
+                    (1, Some(streamed(1, 1000, None))),
+                    (2, Some(streamed(1, 1000, None))),
+                ],
+                vec![H, H, X],
+            ),
+            (
+                "a slow stream with a fast first token does not",
+                vec![
+                    (0, Some(streamed(1, 20, Some(100)))),
+                    (1, Some(streamed(1, 20, Some(100)))),
+                    (2, Some(streamed(1, 20, Some(100)))),
+                ],
+                vec![H, H, H],
+            ),
+            (
+                "a long whole answer at a healthy pace does not (1.5 s head, 5 ms per token)",
+                vec![
+                    (0, Some(whole(1500, Some(5)))),
+                    (1, Some(whole(1500, Some(5)))),
+                    (2, Some(whole(1500, Some(5)))),
+                ],
+                vec![H, H, H],
+            ),
+            (
+                "output tokens over the threshold eject, streamed or whole",
+                vec![
+                    (0, Some(whole(1500, Some(400)))),
+                    (1, Some(streamed(1, 20, Some(400)))),
+                    (2, Some(whole(900, Some(400)))),
+                ],
+                vec![H, H, X],
+            ),
+            (
+                "a slow head no longer counts by itself: the answer decides",
+                vec![
+                    (
+                        0,
+                        Some(Event::Response {
+                            status: 200,
+                            ttfb: Duration::from_secs(5)
+                        })
+                    );
+                    3
+                ],
+                vec![H, H, H],
             ),
             (
                 "one slow answer among fast ones is not a trend",

@@ -20,6 +20,14 @@ pub struct AccessRecord {
     pub attempts: u32,
     pub status: u16,
     pub ttfb: Option<Duration>,
+    /// Time to the first token of a streamed answer.
+    pub ttft: Option<Duration>,
+    /// Time per output token.
+    pub tpot: Option<Duration>,
+    /// Token counts the answer reported (output tokens also counted from stream events):
+    /// what admission control charges.
+    pub prompt_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
     pub bytes_in: u64,
     pub failover_reason: Option<&'static str>,
     pub error: Option<&'static str>,
@@ -40,6 +48,10 @@ impl AccessRecord {
             attempts = self.attempts,
             status = self.status,
             ttfb_ms = self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
+            ttft_ms = self.ttft.map(|t| t.as_secs_f64() * 1000.0),
+            tpot_ms = self.tpot.map(|t| t.as_secs_f64() * 1000.0),
+            prompt_tokens = self.prompt_tokens,
+            output_tokens = self.output_tokens,
             duration_ms = duration.as_secs_f64() * 1000.0,
             bytes_in = self.bytes_in,
             bytes_out = bytes_out,

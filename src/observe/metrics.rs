@@ -5,6 +5,12 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Buckets for time to first token: 10 ms up to a minute.
+const FIRST_TOKEN_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Buckets for time per output token: 1 ms up to two seconds.
+const PER_TOKEN_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0];
+
 /// Buckets for inference latencies: 5 ms up to two minutes.
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -15,6 +21,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_ttfb: HistogramVec,
+    pub upstream_first_token: HistogramVec,
+    pub upstream_per_token: HistogramVec,
+    pub output_tokens: IntCounterVec,
     pub failovers: IntCounterVec,
     pub residency_rejections: IntCounterVec,
     pub retries: IntCounter,
@@ -52,7 +61,11 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    histogram_with(registry, name, help, labels, LATENCY_BUCKETS)
+}
+
+fn histogram_with(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
     let h = HistogramVec::new(opts, labels).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
     registry
         .register(Box::new(h.clone()))
@@ -107,6 +120,26 @@ impl Metrics {
                 &r,
                 "meridian_upstream_ttfb_seconds",
                 "Time from sending to an endpoint to its response head.",
+                &["region"],
+            ),
+            upstream_first_token: histogram_with(
+                &r,
+                "meridian_upstream_first_token_seconds",
+                "Time from sending to an endpoint to the first token of its streamed answer.",
+                &["region"],
+                FIRST_TOKEN_BUCKETS,
+            ),
+            upstream_per_token: histogram_with(
+                &r,
+                "meridian_upstream_time_per_output_token_seconds",
+                "Time per output token of answers that report tokens.",
+                &["region"],
+                PER_TOKEN_BUCKETS,
+            ),
+            output_tokens: counter(
+                &r,
+                "meridian_upstream_output_tokens_total",
+                "Output tokens of answers, as reported by usage or counted from stream events.",
                 &["region"],
             ),
             failovers: counter(
@@ -228,6 +261,9 @@ pub struct RegionMetrics {
     pub requests: [prometheus::IntCounter; 5],
     pub duration: Histogram,
     pub ttfb: Histogram,
+    pub first_token: Histogram,
+    pub per_token: Histogram,
+    pub output_tokens: IntCounter,
 }
 
 impl RegionMetrics {
@@ -237,6 +273,9 @@ impl RegionMetrics {
             requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
             duration: m.request_duration.with_label_values(&[region]),
             ttfb: m.upstream_ttfb.with_label_values(&[region]),
+            first_token: m.upstream_first_token.with_label_values(&[region]),
+            per_token: m.upstream_per_token.with_label_values(&[region]),
+            output_tokens: m.output_tokens.with_label_values(&[region]),
         }
     }
 

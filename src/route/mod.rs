@@ -3,10 +3,12 @@
 //! `table` compiles the config into per-country candidate orders once per config load;
 //! `decide` is the pure per-request decision over that table and a view of region state;
 //! `residency` audits the compiled table so no path takes a zone's client outside its zone;
-//! `spillover` says when a region's load makes it count as saturated.
+//! `spillover` says when a region's load makes it count as saturated; `models` filters the
+//! candidates to the regions serving the requested model.
 
 pub mod attempt;
 mod decide;
+pub mod models;
 pub mod path;
 pub mod residency;
 pub mod spillover;

@@ -1,0 +1,127 @@
+//! Model discovery: `GET /v1/models` (the OpenAI list format) from each endpoint of a
+//! region with `discover_models = true`, read right after each passed probe, so a model
+//! added to a server is routed to without a reload. A failed read keeps the last list.
+
+use std::sync::Arc;
+
+use http::uri::{PathAndQuery, Uri};
+use http::{HeaderValue, Method, Request, Version, header};
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+
+use super::EndpointHealth;
+use crate::config::UpstreamProtocol;
+use crate::forward::body::RequestBody;
+use crate::runtime::Runtime;
+
+/// Model lists past this size are not read.
+const MAX_LIST: usize = 1024 * 1024;
+
+/// The path of the OpenAI model list.
+pub const MODELS_PATH: &str = "/v1/models";
+
+/// The model ids of an OpenAI list answer: `{"object":"list","data":[{"id":...},...]}`.
+pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
+    #[derive(Deserialize)]
+    struct List {
+        data: Vec<Model>,
+    }
+    #[derive(Deserialize)]
+    struct Model {
+        id: String,
+    }
+    let list: List = serde_json::from_slice(body).map_err(|e| format!("not an OpenAI model list: {e}"))?;
+    let mut ids: Vec<String> = list.data.into_iter().map(|m| m.id).collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Reads `health`'s model list if its region discovers models, and stores it.
+pub async fn discover(rt: &Runtime, health: &Arc<EndpointHealth>) {
+    let Some((config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
+        r.endpoints
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.health, health))
+            .map(|e| (c, e))
+    }) else {
+        return;
+    };
+    if !config.discover_models {
+        return;
+    }
+    let timeout = config.probe.timeout.unwrap_or(rt.config.health.timeout);
+    let path = format!("{}{MODELS_PATH}", endpoint.config.base_path);
+    let reading = async {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(endpoint.config.scheme.clone());
+        parts.authority = Some(endpoint.config.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::try_from(path).map_err(|e| e.to_string())?);
+        let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+        let mut req = Request::new(RequestBody::Empty);
+        *req.method_mut() = Method::GET;
+        *req.uri_mut() = uri;
+        *req.version_mut() = match endpoint.config.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::Http2 => Version::HTTP_2,
+        };
+        if let Ok(host) = HeaderValue::from_str(endpoint.config.authority.as_str()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        req.headers_mut()
+            .insert(header::USER_AGENT, HeaderValue::from_static("meridian-model-discovery"));
+        let resp = rt
+            .upstreams
+            .send(req, endpoint.config.protocol, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_LIST)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the list: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("status {}", status.as_u16()));
+        }
+        parse_list(&body)
+    };
+    let reading = match tokio::time::timeout(timeout, reading).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    match reading {
+        Ok(models) => {
+            let changed = health.models.load().as_deref() != Some(&models);
+            if changed {
+                tracing::info!(region = %health.region, endpoint = %health.url, models = ?models, "models discovered");
+                health.models.store(Some(Arc::new(models)));
+            }
+        }
+        Err(error) => {
+            tracing::debug!(region = %health.region, endpoint = %health.url, %error, "model discovery failed; keeping the last list");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_list_table() {
+        let cases: [(&str, Result<Vec<&str>, ()>); 4] = [
+            (
+                r#"{"object":"list","data":[{"id":"meta-llama/Llama-3.1-8B-Instruct","object":"model","created":1733050000,"owned_by":"vllm","root":"meta-llama/Llama-3.1-8B-Instruct","parent":null,"max_model_len":131072,"permission":[]},{"id":"lora-a","object":"model","owned_by":"vllm","parent":"meta-llama/Llama-3.1-8B-Instruct"}]}"#,
+                Ok(vec!["lora-a", "meta-llama/Llama-3.1-8B-Instruct"]),
+            ),
+            (r#"{"object":"list","data":[]}"#, Ok(vec![])),
+            (r#"{"models":["x"]}"#, Err(())),
+            ("<html>", Err(())),
+        ];
+        for (body, want) in cases {
+            let got = parse_list(body.as_bytes()).map_err(|_| ());
+            assert_eq!(got, want.map(|v| v.into_iter().map(String::from).collect()), "{body}");
+        }
+    }
+}
