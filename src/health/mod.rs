@@ -2,6 +2,7 @@
 //! maths, the active prober (`probe`), load signals from the model servers (`load`,
 //! `scrape`, `saturation`), and the shared, lock-free view the request path reads.
 
+pub mod exposition;
 pub mod latency;
 pub mod load;
 pub mod probe;
