@@ -94,7 +94,7 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
                     until_unix: duration.map(|d| crate::app::unix_now() + d.as_secs_f64()),
                 };
                 let changed = region.health.drain(duration, info);
-                tracing::warn!(region = %name, by = %token_id, %peer, reason, expires_in = ?duration, changed, "region drained by admin");
+                tracing::warn!(region = %name, by = %token_id, %peer, reason, expires_in_ms = duration.map(crate::observe::fields::ms), changed, "region drained by admin");
             } else {
                 let changed = region.health.undrain();
                 tracing::warn!(region = %name, by = %token_id, %peer, reason, changed, "region undrained by admin");

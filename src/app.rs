@@ -143,7 +143,7 @@ pub async fn run(path: &Path) -> Result<(), StartError> {
         let _ = running.reloader.reload(Trigger::Signal).await;
     }
     tracing::info!(
-        timeout = ?shutdown_timeout,
+        timeout_ms = crate::observe::fields::ms(shutdown_timeout),
         "shutting down: no new connections, draining in-flight requests"
     );
     let drain = running.shutdown();
@@ -187,7 +187,10 @@ impl Signals {
                 (Ok(hup), Ok(term), Ok(int)) => Some([hup, term, int]),
                 (hup, term, int) => {
                     let error = [hup.err(), term.err(), int.err()].into_iter().flatten().next();
-                    tracing::warn!(error = ?error, "cannot install signal handlers; only Ctrl-C stops the process");
+                    tracing::warn!(
+                        error = error.as_ref().map(tracing::field::display),
+                        "cannot install signal handlers; only Ctrl-C stops the process"
+                    );
                     None
                 }
             };

@@ -16,7 +16,8 @@ pub enum ProxyError {
     ResidencyUnavailable { zone: String },
     #[error("no region is available for this request")]
     NoRegionAvailable { region: Option<String> },
-    #[error("the endpoint could not be reached: {detail}")]
+    /// `detail` (the socket or TLS error) goes to the access log, not to the client.
+    #[error("the endpoint could not be reached")]
     UpstreamUnreachable { region: String, detail: String },
     #[error("the endpoint did not answer within the request timeout")]
     UpstreamTimeout { region: String },
@@ -73,6 +74,30 @@ impl ProxyError {
             ProxyError::ResidencyForbidden { zone } | ProxyError::ResidencyUnavailable { zone } => Some(zone),
             _ => None,
         }
+    }
+
+    /// What went wrong in Meridian's own words, for the log only.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            ProxyError::UpstreamUnreachable { detail, .. } => Some(detail),
+            ProxyError::LocationRefused
+            | ProxyError::ResidencyForbidden { .. }
+            | ProxyError::ResidencyUnavailable { .. }
+            | ProxyError::NoRegionAvailable { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong { .. } => None,
+        }
+    }
+
+    /// Whether this is a refusal to keep a residency zone's client inside it: counted with
+    /// `region="none"`, whatever was tried before.
+    pub fn is_residency(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ResidencyForbidden { .. } | ProxyError::ResidencyUnavailable { .. }
+        )
     }
 
     pub fn region(&self) -> Option<&str> {

@@ -86,15 +86,31 @@ impl Proxy {
             } else {
                 String::new()
             },
+            protocol: "HTTP",
+            host: None,
+            user_agent: None,
             region: None,
             endpoint: None,
             attempts: 0,
             status: 0,
+            upstream_status: None,
             ttfb: None,
             bytes_in: 0,
             failover_reason: None,
             error: None,
+            error_detail: None,
+            trace_id: None,
         };
+        // observe: access-log fields of the request head, and the client's trace.
+        record.head(
+            req.version(),
+            req.headers(),
+            req.uri().authority().map(|a| a.as_str()),
+            config.log.access_log,
+        );
+        if config.log.access_log {
+            record.trace_id = crate::observe::trace::client_trace_id(req.headers());
+        }
 
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > config.server.max_uri_bytes {
@@ -120,9 +136,12 @@ impl Proxy {
                     .unwrap_or_else(rewrite::new_request_id);
                 let err = match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
-                    Refusal::ResidencyForbidden { zone, .. } => ProxyError::ResidencyForbidden {
-                        zone: self.residency_rejection(&rt, zone),
-                    },
+                    Refusal::ResidencyForbidden { zone, .. } => {
+                        let zone = self.residency_rejection(&rt, zone);
+                        // observe: the refused client's zone, in the access log too.
+                        record.zone = Some(zone.clone());
+                        ProxyError::ResidencyForbidden { zone }
+                    }
                 };
                 return Ok(self.refuse(err, record, started));
             }
@@ -288,8 +307,11 @@ impl Proxy {
                             crate::health::scrape::orca(rt, region, h, resp.headers());
                         }
                     }
+                    record.upstream_status = Some(status);
                     let retry_status = matches!(status, 502..=504) && idempotent;
                     if retry_status && can_retry && (tried.len() as u32) < config.retry.max_attempts {
+                        // observe: a request that fails after this logs why it had moved.
+                        record.failover_reason = failover_reason(plan, first_choice, first_state, target, tried.len());
                         last_error = Some(ProxyError::UpstreamUnreachable {
                             region: region_name,
                             detail: format!("endpoint answered {status}"),
@@ -336,6 +358,9 @@ impl Proxy {
                         return Ok(self.refuse(ProxyError::BodyTooLarge { limit }, record, started));
                     }
                     tracing::debug!(region = %region_name, error = %e, "attempt failed");
+                    // observe: the last failover reason and the error's detail, for the log.
+                    record.failover_reason = failover_reason(plan, first_choice, first_state, target, tried.len());
+                    record.error_detail = Some(e.to_string());
                     last_error = Some(match &e {
                         UpstreamError::Timeout(_) => ProxyError::UpstreamTimeout { region: region_name },
                         _ => ProxyError::UpstreamUnreachable {
@@ -574,9 +599,21 @@ impl Proxy {
                 resp.headers_mut().insert(&rewrite::X_REQUEST_ID, v);
             }
         }
+        if record.attempts > 0 {
+            resp.headers_mut()
+                .insert(&rewrite::X_MERIDIAN_ATTEMPTS, HeaderValue::from(record.attempts));
+        }
         record.status = err.status().as_u16();
         record.error = Some(err.code());
-        let region = record.region.as_deref().unwrap_or("none");
+        if let Some(detail) = err.detail() {
+            record.error_detail.get_or_insert_with(|| detail.to_string());
+        }
+        let bytes_out = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        // Residency refusals are Meridian's answer, not a region's: `none`, as documented.
+        let region = match record.region.as_deref() {
+            Some(r) if !err.is_residency() => r,
+            _ => "none",
+        };
         self.shared
             .metrics
             .requests
@@ -588,7 +625,7 @@ impl Proxy {
             .with_label_values(&[region])
             .observe(started.elapsed().as_secs_f64());
         if self.shared.runtime().config.log.access_log {
-            record.emit(started.elapsed(), 0, "local");
+            record.emit(started.elapsed(), bytes_out, "local");
         }
         resp
     }

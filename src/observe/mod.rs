@@ -1,4 +1,6 @@
 //! What Meridian tells operators: Prometheus metrics and the access log.
 
 pub mod access_log;
+pub mod fields;
 pub mod metrics;
+pub mod trace;
