@@ -103,6 +103,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )));
         // Certificates reload with the config: on SIGHUP, and when their files change.
         certificates.count_reloads(shared.metrics.tls_reloads.clone());
+        certificates.publish_expiries(&shared.metrics.tls_certificate_expiry);
         reloader.add_hook(certificates.clone());
         tls = Some(certificates);
     }

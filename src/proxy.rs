@@ -291,6 +291,13 @@ impl Proxy {
             let idempotent = is_idempotent(&parts.method);
             let can_retry = body.as_ref().is_some_and(|b| b.replay().is_some());
             let outcome = self.forward(rt, target, &parts, attempt_body).await;
+            // observe: per-endpoint attempts, failures by class and time to the head.
+            if let Target::Endpoint { region, endpoint } = target {
+                if let Some(e) = rt.regions.get(region).and_then(|r| r.endpoints.get(endpoint)) {
+                    e.metrics
+                        .attempt(outcome.as_ref().map(|(resp, ttfb, _)| (resp.status().as_u16(), *ttfb)));
+                }
+            }
             let (region_name, health) = self.target_names(rt, target);
             record.region = Some(region_name.clone());
             record.endpoint = health
@@ -624,6 +631,12 @@ impl Proxy {
             .request_duration
             .with_label_values(&[region])
             .observe(started.elapsed().as_secs_f64());
+        let metrics = &self.shared.metrics;
+        metrics
+            .request_bytes
+            .with_label_values(&[region])
+            .inc_by(record.bytes_in);
+        metrics.response_bytes.with_label_values(&[region]).inc_by(bytes_out);
         if self.shared.runtime().config.log.access_log {
             record.emit(started.elapsed(), bytes_out, "local");
         }
@@ -667,6 +680,8 @@ impl Completion for Done {
         let elapsed = self.started.elapsed();
         self.metrics.count(self.record.status);
         self.metrics.duration.observe(elapsed.as_secs_f64());
+        self.metrics.bytes_in.inc_by(self.record.bytes_in);
+        self.metrics.bytes_out.inc_by(bytes);
         if let Some(h) = &self.health {
             // Only a response relayed to its end proves the endpoint; a stall counts against it.
             let event = match end {

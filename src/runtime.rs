@@ -41,6 +41,7 @@ pub struct RegionRuntime {
 pub struct EndpointRuntime {
     pub config: EndpointConfig,
     pub health: Arc<EndpointHealth>,
+    pub metrics: crate::observe::metrics::EndpointMetrics,
 }
 
 pub struct FallbackRuntime {
@@ -243,6 +244,7 @@ fn build(
                     .clone();
                 kept.insert(key, health.clone());
                 EndpointRuntime {
+                    metrics: crate::observe::metrics::EndpointMetrics::new(metrics, &r.name, &e.url),
                     config: e.clone(),
                     health,
                 }
