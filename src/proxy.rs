@@ -137,7 +137,7 @@ impl Proxy {
                 let err = match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
                     Refusal::ResidencyForbidden { zone, .. } => {
-                        let zone = self.residency_rejection(&rt, zone);
+                        let zone = self.residency_rejection(&rt, zone, "route_rule");
                         // observe: the refused client's zone, in the access log too.
                         record.zone = Some(zone.clone());
                         ProxyError::ResidencyForbidden { zone }
@@ -258,7 +258,7 @@ impl Proxy {
                 Decision::Refuse(no) => {
                     last_error = Some(match no {
                         NoRegion::ResidencyUnavailable { zone } => ProxyError::ResidencyUnavailable {
-                            zone: self.residency_rejection(rt, zone),
+                            zone: self.residency_rejection(rt, zone, "unavailable"),
                         },
                         NoRegion::NoRegionAvailable => ProxyError::NoRegionAvailable {
                             region: record
@@ -644,12 +644,14 @@ impl Proxy {
     }
 
     /// Counts a request refused to keep a zone's client inside it; returns the zone's name.
-    fn residency_rejection(&self, rt: &Runtime, zone: usize) -> String {
+    /// `kind`: `route_rule` (403: a rule sends the path outside the zone, by design) or
+    /// `unavailable` (503: no region of the zone can serve), so alerts page on the latter.
+    fn residency_rejection(&self, rt: &Runtime, zone: usize, kind: &'static str) -> String {
         let name = rt.table.zone_name(zone).to_string();
         self.shared
             .metrics
             .residency_rejections
-            .with_label_values(&[&name])
+            .with_label_values(&[&name, kind])
             .inc();
         name
     }

@@ -202,6 +202,8 @@ async fn a_failed_over_request_and_a_residency_refusal_log_every_field() {
     // In the metrics the refusal is Meridian's, not a region's.
     let refused = r#"meridian_requests_total{region="none",status_class="4xx"}"#;
     assert_eq!(metric(&proxy, refused).await, Some(1.0));
+    let by_design = r#"meridian_residency_rejections_total{kind="route_rule",zone="uk"}"#;
+    assert_eq!(metric(&proxy, by_design).await, Some(1.0));
     let failed = r#"meridian_requests_total{region="us-east",status_class="5xx"}"#;
     assert_eq!(metric(&proxy, failed).await, Some(1.0));
 }

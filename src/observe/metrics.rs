@@ -150,8 +150,8 @@ impl Metrics {
             residency_rejections: counter(
                 &r,
                 "meridian_residency_rejections_total",
-                "Requests refused to keep a residency zone's clients inside it.",
-                &["zone"],
+                "Requests refused to keep a residency zone's clients inside it, by kind: route_rule (403, a rule's design) or unavailable (503).",
+                &["zone", "kind"],
             ),
             retries,
             endpoint_state: gauge(
