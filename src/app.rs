@@ -76,6 +76,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_addr = config.admin.listen;
     let limits = Limits::from_config(&config.server);
     let tls_config = config.server.tls.clone();
+    // Tracing is set at start only: `[tracing]` changes need a restart.
+    if let Some(t) = &config.tracing {
+        if let Err(error) = crate::observe::trace::install(t) {
+            tracing::error!(%error, "tracing not started");
+        }
+    }
     let shared = Shared::new(config)?;
     shared.metrics.config_reloads.with_label_values(&["success"]).inc();
     shared.metrics.config_last_reload_success.set(unix_now());

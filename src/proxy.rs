@@ -100,6 +100,7 @@ impl Proxy {
             error: None,
             error_detail: None,
             trace_id: None,
+            trace: None,
         };
         // observe: access-log fields of the request head, and the client's trace.
         record.head(
@@ -108,9 +109,13 @@ impl Proxy {
             req.uri().authority().map(|a| a.as_str()),
             config.log.access_log,
         );
-        if config.log.access_log {
-            record.trace_id = crate::observe::trace::client_trace_id(req.headers());
-        }
+        // observe: the request's server span when tracing is on; the log's trace id.
+        record.trace = crate::observe::trace::RequestTrace::start(req.method(), req.uri().path(), req.headers());
+        record.trace_id = match &record.trace {
+            Some(t) => Some(t.trace_id_hex()),
+            None if config.log.access_log => crate::observe::trace::client_trace_id(req.headers()),
+            None => None,
+        };
 
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > config.server.max_uri_bytes {
@@ -208,7 +213,7 @@ impl Proxy {
         &self,
         rt: &Arc<Runtime>,
         plan: &RoutePlan<'_>,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         body: RequestBody,
         overflow: Arc<AtomicBool>,
         mut record: AccessRecord,
@@ -290,6 +295,14 @@ impl Proxy {
             };
             let idempotent = is_idempotent(&parts.method);
             let can_retry = body.as_ref().is_some_and(|b| b.replay().is_some());
+            // observe: the attempt's client span; the endpoint continues it (`traceparent`).
+            let attempt_span = record.trace.as_ref().map(|t| {
+                let span = t.attempt(tried.len() as u32);
+                parts
+                    .headers
+                    .insert(crate::observe::trace::TRACEPARENT, t.traceparent(&span));
+                span
+            });
             let outcome = self.forward(rt, target, &parts, attempt_body).await;
             // observe: per-endpoint attempts, failures by class and time to the head.
             if let Target::Endpoint { region, endpoint } = target {
@@ -305,6 +318,20 @@ impl Proxy {
                 .map(|h| h.url.clone())
                 .or_else(|| rt.fallback.as_ref().map(|f| f.config.endpoint.url.clone()));
             record.attempts = tried.len() as u32;
+            // observe: end the attempt's client span at its response head or failure.
+            if let (Some(t), Some(span)) = (record.trace.as_deref(), attempt_span) {
+                span.end(
+                    t,
+                    crate::observe::trace::AttemptFields {
+                        region: &region_name,
+                        endpoint: record.endpoint.as_deref().unwrap_or("-"),
+                        status: outcome.as_ref().ok().map(|(r, _, _)| r.status().as_u16()),
+                        error: outcome.as_ref().err().map(|e| e.to_string()),
+                        failover_reason: failover_reason(plan, first_choice, first_state, target, tried.len()),
+                        ttfb: outcome.as_ref().ok().map(|(_, ttfb, _)| *ttfb),
+                    },
+                );
+            }
             match outcome {
                 Ok((resp, ttfb, inflight)) => {
                     let status = resp.status().as_u16();
@@ -637,6 +664,7 @@ impl Proxy {
             .with_label_values(&[region])
             .inc_by(record.bytes_in);
         metrics.response_bytes.with_label_values(&[region]).inc_by(bytes_out);
+        record.end_trace();
         if self.shared.runtime().config.log.access_log {
             record.emit(started.elapsed(), bytes_out, "local");
         }
@@ -678,7 +706,7 @@ struct Done {
 }
 
 impl Completion for Done {
-    fn complete(self: Box<Self>, end: StreamEnd, bytes: u64) {
+    fn complete(mut self: Box<Self>, end: StreamEnd, bytes: u64) {
         let elapsed = self.started.elapsed();
         self.metrics.count(self.record.status);
         self.metrics.duration.observe(elapsed.as_secs_f64());
@@ -695,6 +723,7 @@ impl Completion for Done {
                 self.shared.observe(&self.runtime, h, event);
             }
         }
+        self.record.end_trace();
         if self.runtime.config.log.access_log {
             let end = match end {
                 StreamEnd::Complete => "complete",

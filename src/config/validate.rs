@@ -34,6 +34,18 @@ pub struct Config {
     pub fallback: Option<FallbackConfig>,
     pub spillover: Option<SpilloverConfig>,
     pub upstream_tls: UpstreamTlsConfig,
+    /// `[tracing]` with an `otlp_endpoint`; `None`: tracing off.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// Where and how request spans are exported (OTLP/HTTP, protobuf).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The collector; spans are posted to its `/v1/traces`.
+    pub endpoint: EndpointConfig,
+    pub service_name: String,
+    /// Share of new traces sampled; a client's `traceparent` decides for its own traces.
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -376,6 +388,7 @@ impl Validator<'_> {
         let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
         let spillover = raw.spillover.map(|s| self.spillover(s));
         let upstream_tls = raw.upstream_tls.map(|t| self.upstream_tls(t)).unwrap_or_default();
+        let tracing = raw.tracing.and_then(|t| self.tracing(t));
         let log = LogConfig {
             format: raw.log.format.unwrap_or_default(),
             access_log: raw.log.access_log.unwrap_or(true),
@@ -398,6 +411,26 @@ impl Validator<'_> {
             fallback,
             spillover,
             upstream_tls,
+            tracing,
+        })
+    }
+
+    fn tracing(&mut self, t: file::TracingFile) -> Option<TracingConfig> {
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            self.problem("tracing.sample_ratio", None, "must be between 0 and 1");
+        }
+        let service_name = t.service_name.unwrap_or_else(|| "meridian".to_string());
+        if service_name.trim().is_empty() {
+            self.problem("tracing.service_name", None, "must not be empty");
+        }
+        let endpoint = t.otlp_endpoint?;
+        let span = Some(endpoint.span());
+        let endpoint = self.endpoint("tracing.otlp_endpoint", span, endpoint.get_ref(), None)?;
+        Some(TracingConfig {
+            endpoint,
+            service_name,
+            sample_ratio,
         })
     }
 

@@ -41,6 +41,8 @@ pub struct AccessRecord {
     pub error_detail: Option<String>,
     /// The W3C trace id (32 lowercase hex digits) of the request's trace, when it has one.
     pub trace_id: Option<String>,
+    /// The request's server span, when tracing is on; ended with the response.
+    pub trace: Option<Box<super::trace::RequestTrace>>,
 }
 
 impl AccessRecord {
@@ -57,6 +59,20 @@ impl AccessRecord {
             .and_then(text)
             .or_else(|| authority.map(|a| cut(a).to_string()));
         self.user_agent = headers.get(header::USER_AGENT).and_then(text);
+    }
+
+    /// Ends the request's server span, if it has one.
+    pub fn end_trace(&mut self) {
+        if let Some(t) = self.trace.take() {
+            t.end(super::trace::ServerFields {
+                status: self.status,
+                country: self.country,
+                zone: self.zone.as_deref(),
+                region: self.region.as_deref(),
+                attempts: self.attempts,
+                error: self.error,
+            });
+        }
     }
 
     pub fn emit(&self, duration: Duration, bytes_out: u64, end: &'static str) {
