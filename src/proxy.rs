@@ -395,6 +395,7 @@ impl Proxy {
                     // observe: the last failover reason and the error's detail, for the log.
                     record.failover_reason = failover_reason(plan, first_choice, first_state, target, tried.len());
                     record.error_detail = Some(e.to_string());
+                    record.upstream_status = None;
                     last_error = Some(match &e {
                         UpstreamError::Timeout(_) => ProxyError::UpstreamTimeout { region: region_name },
                         _ => ProxyError::UpstreamUnreachable {

@@ -1226,3 +1226,51 @@ mod tls_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod tracing_tests {
+    use super::*;
+
+    const REGION: &str = "[[region]]\nname = \"a\"\nlocation = [1, 1]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+
+    #[test]
+    fn tracing_keys_table() {
+        // (config text, Ok(endpoint URL, service name, ratio) or Err(key path of the problem))
+        type Want = Result<Option<(&'static str, &'static str, f64)>, &'static str>;
+        let cases: [(&str, Want); 7] = [
+            ("", Ok(None)),
+            ("[tracing]\nservice_name = \"edge\"\n", Ok(None)),
+            (
+                "[tracing]\notlp_endpoint = \"http://otel:4318/\"\n",
+                Ok(Some(("http://otel:4318", "meridian", 1.0))),
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"https://otel.example\"\nservice_name = \"edge-eu\"\nsample_ratio = 0.1\n",
+                Ok(Some(("https://otel.example", "edge-eu", 0.1))),
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample_ratio = 1.5\n",
+                Err("tracing.sample_ratio"),
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"otel:4318\"\n",
+                Err("tracing.otlp_endpoint"),
+            ),
+            ("[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample = 1\n", Err("")),
+        ];
+        for (text, want) in cases {
+            let result = Config::parse(&format!("{text}{REGION}"), None);
+            match (result, want) {
+                (Ok(c), Ok(want)) => {
+                    let got = c
+                        .tracing
+                        .as_ref()
+                        .map(|t| (t.endpoint.url.as_str(), t.service_name.as_str(), t.sample_ratio));
+                    assert_eq!(got, want, "{text}");
+                }
+                (Err(e), Err(key)) => assert!(e.problems.iter().any(|p| p.key.starts_with(key)), "{text}: {e}"),
+                (r, _) => panic!("{text}: unexpected {:?}", r.err()),
+            }
+        }
+    }
+}
