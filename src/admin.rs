@@ -75,11 +75,10 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
     let path = req.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["metrics"]) => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(),
-        ),
+        (&Method::GET, ["metrics"]) => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", {
+            shared.metrics.refresh(&shared.runtime());
+            shared.metrics.render()
+        }),
         (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, ["readyz"]) => {
             if shared.is_ready() {
@@ -118,7 +117,7 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
                     until_unix: duration.map(|d| crate::observe::unix_now() + d.as_secs_f64()),
                 };
                 let changed = region.health.drain(duration, info);
-                tracing::warn!(region = %name, by = %token_id, %peer, reason, expires_in = ?duration, changed, "region drained by admin");
+                tracing::warn!(region = %name, by = %token_id, %peer, reason, expires_in_ms = duration.map(crate::observe::fields::ms), changed, "region drained by admin");
             } else {
                 let changed = region.health.undrain();
                 tracing::warn!(region = %name, by = %token_id, %peer, reason, changed, "region undrained by admin");

@@ -76,6 +76,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_addr = config.admin.listen;
     let limits = Limits::from_config(&config.server);
     let tls_config = config.server.tls.clone();
+    // Tracing is set at start only: `[tracing]` changes need a restart.
+    if let Some(t) = &config.tracing {
+        if let Err(error) = crate::observe::trace::install(t) {
+            tracing::error!(%error, "tracing not started");
+        }
+    }
     let shared = Shared::new(config)?;
     shared.metrics.config_reloads.with_label_values(&["success"]).inc();
     shared
@@ -106,6 +112,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )));
         // Certificates reload with the config: on SIGHUP, and when their files change.
         certificates.count_reloads(shared.metrics.tls_reloads.clone());
+        certificates.publish_expiries(&shared.metrics.tls_certificate_expiry);
         reloader.add_hook(certificates.clone());
         tls = Some(certificates);
     }
@@ -166,7 +173,7 @@ pub async fn run(path: &Path) -> Result<(), StartError> {
         }
     }
     tracing::info!(
-        timeout = ?shutdown_timeout,
+        timeout_ms = crate::observe::fields::ms(shutdown_timeout),
         "shutting down: no new connections, draining in-flight requests"
     );
     let drain = running.shutdown();
@@ -210,7 +217,10 @@ impl Signals {
                 (Ok(hup), Ok(term), Ok(int)) => Some([hup, term, int]),
                 (hup, term, int) => {
                     let error = [hup.err(), term.err(), int.err()].into_iter().flatten().next();
-                    tracing::warn!(error = ?error, "cannot install signal handlers; only Ctrl-C stops the process");
+                    tracing::warn!(
+                        error = error.as_ref().map(tracing::field::display),
+                        "cannot install signal handlers; only Ctrl-C stops the process"
+                    );
                     None
                 }
             };

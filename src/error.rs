@@ -150,6 +150,15 @@ impl ProxyError {
         }
     }
 
+    /// Whether this is a refusal to keep a residency zone's client inside it: counted with
+    /// `region="none"`, whatever was tried before.
+    pub fn is_residency(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ResidencyForbidden { .. } | ProxyError::ResidencyUnavailable { .. }
+        )
+    }
+
     pub fn region(&self) -> Option<&str> {
         match self {
             ProxyError::UpstreamUnreachable { region, .. } | ProxyError::UpstreamTimeout { region } => Some(region),

@@ -129,7 +129,7 @@ impl Proxy {
         self.count_lookup(&located);
         // Static spelling from the country table: no allocation per request.
         let country: &'static str = located.country().and_then(|c| c.info()).map_or("XX", |info| info.code);
-        let record = AccessRecord {
+        let mut record = AccessRecord {
             request_id: HeaderValue::from_static("-"),
             client_ip: client,
             country,
@@ -141,10 +141,14 @@ impl Proxy {
             } else {
                 String::new()
             },
+            protocol: "HTTP",
+            host: None,
+            user_agent: None,
             region: None,
             endpoint: None,
             attempts: 0,
             status: 0,
+            upstream_status: None,
             ttfb: None,
             ttft: None,
             tpot: None,
@@ -153,6 +157,23 @@ impl Proxy {
             bytes_in: 0,
             failover_reason: None,
             error: None,
+            error_detail: None,
+            trace_id: None,
+            trace: None,
+        };
+        // observe: access-log fields of the request head, and the client's trace.
+        record.head(
+            req.version(),
+            req.headers(),
+            req.uri().authority().map(|a| a.as_str()),
+            config.log.access_log,
+        );
+        // observe: the request's server span when tracing is on; the log's trace id.
+        record.trace = crate::observe::trace::RequestTrace::start(req.method(), req.uri().path(), req.headers());
+        record.trace_id = match &record.trace {
+            Some(t) => Some(t.trace_id_hex()),
+            None if config.log.access_log => crate::observe::trace::client_trace_id(req.headers()),
+            None => None,
         };
         let fwd = Forwarding {
             peer,
@@ -191,9 +212,12 @@ impl Proxy {
                     .unwrap_or_else(rewrite::new_request_id);
                 Err(match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
-                    Refusal::ResidencyForbidden { zone, .. } => ProxyError::ResidencyForbidden {
-                        zone: self.residency_rejection(rt, zone),
-                    },
+                    Refusal::ResidencyForbidden { zone, .. } => {
+                        let zone = self.residency_rejection(rt, zone, "route_rule");
+                        // The refused client's zone, in the access log too.
+                        record.zone = Some(zone.clone());
+                        ProxyError::ResidencyForbidden { zone }
+                    }
                 })
             }
         }
@@ -205,7 +229,7 @@ impl Proxy {
         &self,
         rt: &Arc<Runtime>,
         plan: &RoutePlan<'_>,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         body: RequestBody,
         overflow: Arc<AtomicBool>,
         mut record: AccessRecord,
@@ -229,8 +253,10 @@ impl Proxy {
             let Some(attempt_body) = body.as_ref().and_then(RequestBody::replay).or_else(|| body.take()) else {
                 break;
             };
+            let span = self.start_attempt_span(&record, tried.len(), &mut parts.headers);
             let outcome = self.forward(rt, target, &parts, attempt_body).await;
             let sent = self.sent(rt, target, reason, &mut record, tried.len());
+            self.observe_attempt(rt, &sent, &outcome, span, &mut record);
             let failure = match outcome {
                 Ok((resp, ttfb, inflight)) => {
                     self.observe_answer(rt, &sent, &resp, ttfb);
@@ -257,6 +283,7 @@ impl Proxy {
                         return Ok(self.refuse(ProxyError::BodyTimeout, record, started));
                     }
                     tracing::debug!(region = %sent.region, error = %e.detail(), "attempt failed");
+                    record.error_detail = Some(e.detail());
                     last_error = Some(upstream_error(sent.region, &e));
                     Failure::Error(e.retry_class())
                 }
@@ -296,7 +323,7 @@ impl Proxy {
             // Once no candidate is left (none was available, or every one failed), the
             // answer is 503, whatever the last attempt's error was.
             Attempt::Refuse(NoRegion::ResidencyUnavailable { zone }) => Err(Some(ProxyError::ResidencyUnavailable {
-                zone: self.residency_rejection(rt, zone),
+                zone: self.residency_rejection(rt, zone, "unavailable"),
             })),
             Attempt::Refuse(NoRegion::NoRegionAvailable) => Err(Some(ProxyError::NoRegionAvailable {
                 region: record
@@ -332,6 +359,55 @@ impl Proxy {
             reason,
             region,
             health,
+        }
+    }
+
+    /// The attempt's client span, when the request is traced; the endpoint continues it
+    /// through the `traceparent` header.
+    fn start_attempt_span(
+        &self,
+        record: &AccessRecord,
+        attempt: usize,
+        headers: &mut http::HeaderMap,
+    ) -> Option<crate::observe::trace::AttemptSpan> {
+        let trace = record.trace.as_ref()?;
+        let span = trace.attempt(attempt as u32);
+        headers.insert(crate::observe::trace::TRACEPARENT, trace.traceparent(&span));
+        Some(span)
+    }
+
+    /// Per-endpoint metrics of one attempt, the upstream status and failover reason for the
+    /// log (kept when a later attempt fails too), and the end of the attempt's span.
+    fn observe_attempt(
+        &self,
+        rt: &Runtime,
+        sent: &Sent,
+        outcome: &Result<(Response<Incoming>, Duration, Option<InFlight>), UpstreamError>,
+        span: Option<crate::observe::trace::AttemptSpan>,
+        record: &mut AccessRecord,
+    ) {
+        if let Target::Endpoint { region, endpoint } = sent.target {
+            if let Some(e) = rt.regions.get(region).and_then(|r| r.endpoints.get(endpoint)) {
+                e.metrics
+                    .attempt(outcome.as_ref().map(|(resp, ttfb, _)| (resp.status().as_u16(), *ttfb)));
+            }
+        }
+        record.upstream_status = outcome.as_ref().ok().map(|(resp, _, _)| resp.status().as_u16());
+        if sent.reason.is_some() {
+            record.failover_reason = sent.reason.map(FailoverReason::as_str);
+        }
+        if let (Some(t), Some(span)) = (record.trace.as_deref(), span) {
+            span.end(
+                t,
+                crate::observe::trace::AttemptFields {
+                    region: &sent.region,
+                    endpoint: record.endpoint.as_deref().unwrap_or("-"),
+                    status: record.upstream_status,
+                    error: outcome.as_ref().err().map(|e| e.kind().as_str().to_string()),
+                    failover_reason: sent.reason.map(FailoverReason::as_str),
+                    ttfb: outcome.as_ref().ok().map(|(_, ttfb, _)| *ttfb),
+                },
+            );
         }
     }
 
@@ -519,7 +595,12 @@ impl Proxy {
         }
         record.status = err.status().as_u16();
         record.error = Some(err.code());
-        let region = record.region.as_deref().unwrap_or("none");
+        let bytes_out = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        // Residency refusals are Meridian's answer, not a region's: `none`, as documented.
+        let region = match record.region.as_deref() {
+            Some(r) if !err.is_residency() => r,
+            _ => "none",
+        };
         self.shared
             .metrics
             .requests
@@ -530,19 +611,28 @@ impl Proxy {
             .request_duration
             .with_label_values(&[region])
             .observe(started.elapsed().as_secs_f64());
+        let metrics = &self.shared.metrics;
+        metrics
+            .request_bytes
+            .with_label_values(&[region])
+            .inc_by(record.bytes_in);
+        metrics.response_bytes.with_label_values(&[region]).inc_by(bytes_out);
+        record.end_trace();
         if self.shared.runtime().config.log.access_log {
-            record.emit(started.elapsed(), 0, "local");
+            record.emit(started.elapsed(), bytes_out, "local");
         }
         resp
     }
 
     /// Counts a request refused to keep a zone's client inside it; returns the zone's name.
-    fn residency_rejection(&self, rt: &Runtime, zone: usize) -> String {
+    /// `kind`: `route_rule` (403: a rule sends the path outside the zone, by design) or
+    /// `unavailable` (503: no region of the zone can serve), so alerts page on the latter.
+    fn residency_rejection(&self, rt: &Runtime, zone: usize, kind: &'static str) -> String {
         let name = rt.table.zone_name(zone).to_string();
         self.shared
             .metrics
             .residency_rejections
-            .with_label_values(&[&name])
+            .with_label_values(&[&name, kind])
             .inc();
         name
     }
@@ -577,6 +667,8 @@ impl Completion for Done {
         let elapsed = now.saturating_duration_since(self.started);
         self.metrics.count(self.record.status);
         self.metrics.duration.observe(elapsed.as_secs_f64());
+        self.metrics.bytes_in.inc_by(self.record.bytes_in);
+        self.metrics.bytes_out.inc_by(bytes);
         let latency = usage::measure(&scanned, self.sent, self.head, now);
         let ok = self.record.status < 400;
         if ok {
@@ -602,6 +694,7 @@ impl Completion for Done {
                 self.shared.observe(&self.runtime, h, Event::Answered(answer));
             }
         }
+        self.record.end_trace();
         if self.runtime.config.log.access_log {
             let end = match end {
                 StreamEnd::Complete => "complete",

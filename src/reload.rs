@@ -142,7 +142,7 @@ impl Reloader {
         if changed.is_empty() {
             return None;
         }
-        tracing::info!(files = ?changed, "watched file changed; reloading");
+        tracing::info!(files = %crate::observe::fields::joined(&changed), "watched file changed; reloading");
         Some(self.reload_locked(Trigger::FileChange, before).await)
     }
 

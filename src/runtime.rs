@@ -46,6 +46,7 @@ pub struct RegionRuntime {
 pub struct EndpointRuntime {
     pub config: EndpointConfig,
     pub health: Arc<EndpointHealth>,
+    pub metrics: crate::observe::metrics::EndpointMetrics,
 }
 
 pub struct FallbackRuntime {
@@ -285,6 +286,7 @@ fn build(
                     .clone();
                 kept.insert(key, health.clone());
                 EndpointRuntime {
+                    metrics: crate::observe::metrics::EndpointMetrics::new(metrics, &r.name, &e.url),
                     config: e.clone(),
                     health,
                 }

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use meridian::health::exposition;
 use support::*;
 
 const TOKEN: &str = "ops-admin-token";
@@ -70,26 +71,59 @@ impl World {
 
 // ---- metrics helpers ----
 
-async fn scrape(proxy: &Meridian) -> prometheus_parse::Scrape {
+/// A `/metrics` page read with Meridian's own strict exposition reader.
+struct Scrape {
+    samples: Vec<Sample>,
+    /// Families with a `# HELP` line.
+    docs: HashSet<String>,
+}
+
+struct Sample {
+    metric: String,
+    labels: Labels,
+    value: f64,
+}
+
+struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+async fn scrape(proxy: &Meridian) -> Scrape {
     let r = call("GET", proxy.admin, "/metrics", &[], Bytes::new()).await;
     assert_eq!(r.status, 200);
     let text = r.text();
     check_exposition(&text);
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+    let mut scrape = Scrape {
+        samples: Vec::new(),
+        docs: HashSet::new(),
+    };
+    for line in text.lines() {
+        match exposition::parse_line(line).unwrap_or_else(|e| panic!("{e}: {line}")) {
+            exposition::Line::Sample(x) => scrape.samples.push(Sample {
+                metric: x.name.to_string(),
+                labels: Labels(x.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                value: x.value,
+            }),
+            exposition::Line::Help { name, .. } => {
+                scrape.docs.insert(name.to_string());
+            }
+            _ => {}
+        }
+    }
+    scrape
 }
 
 /// The value of the sample `name` whose labels include `labels`; 0 when absent (a counter
 /// that has not moved yet is not exposed).
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     s.samples
         .iter()
         .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
+        .map(|x| x.value)
         .sum()
 }
 
@@ -120,7 +154,11 @@ fn check_exposition(text: &str) {
                 "bad value: {line}"
             );
             let name = series.split('{').next().unwrap();
-            assert!(name.starts_with("meridian_"), "unprefixed: {line}");
+            // The process collector's standard names are the one exception.
+            assert!(
+                name.starts_with("meridian_") || name.starts_with("process_"),
+                "unprefixed: {line}"
+            );
             assert!(
                 name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
                 "bad name: {line}"
@@ -141,8 +179,8 @@ fn check_exposition(text: &str) {
     }
 }
 
-fn metric_families(s: &prometheus_parse::Scrape) -> HashSet<String> {
-    s.docs.keys().cloned().collect()
+fn metric_families(s: &Scrape) -> HashSet<String> {
+    s.docs.clone()
 }
 
 fn region_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -284,17 +322,24 @@ async fn metrics_count_each_request_once_with_its_region_and_status_class() {
             "{region}"
         );
     }
-    let histogram = s
+    // (upper bound, count) of each bucket, in page order.
+    let buckets: Vec<(f64, f64)> = s
         .samples
         .iter()
-        .find(|x| x.metric == "meridian_upstream_ttfb_seconds" && x.labels.get("region") == Some("us-east"))
-        .expect("ttfb histogram");
-    let prometheus_parse::Value::Histogram(buckets) = &histogram.value else {
-        panic!("not a histogram: {histogram:?}");
-    };
-    assert_eq!(buckets.first().map(|b| b.less_than), Some(0.005));
-    assert!(buckets.iter().any(|b| b.less_than == 120.0));
-    assert_eq!(buckets.last().map(|b| b.count), Some(3.0));
+        .filter(|x| x.metric == "meridian_upstream_ttfb_seconds_bucket" && x.labels.get("region") == Some("us-east"))
+        .map(|x| {
+            let le = x.labels.get("le").expect("le label");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le number")
+            };
+            (le, x.value)
+        })
+        .collect();
+    assert_eq!(buckets.first().map(|b| b.0), Some(0.005));
+    assert!(buckets.iter().any(|b| b.0 == 120.0));
+    assert_eq!(buckets.last().map(|b| b.1), Some(3.0));
 
     let rejections = "meridian_residency_rejections_total";
     assert_eq!(value(&s, rejections, &[("zone", "uk")]), 1.0);

@@ -36,6 +36,16 @@ pub struct FileConfig {
     pub fallback: Option<FallbackFile>,
     pub spillover: Option<SpilloverFile>,
     pub upstream_tls: Option<UpstreamTlsFile>,
+    pub tracing: Option<TracingFile>,
+}
+
+/// `[tracing]`: OTLP/HTTP export of request spans.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingFile {
+    pub otlp_endpoint: Option<Spanned<String>>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -33,6 +33,18 @@ pub struct Config {
     pub fallback: Option<FallbackConfig>,
     pub spillover: Option<SpilloverConfig>,
     pub upstream_tls: UpstreamTlsConfig,
+    /// `[tracing]` with an `otlp_endpoint`; `None`: tracing off.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// Where and how request spans are exported (OTLP/HTTP, protobuf).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The collector; spans are posted to its `/v1/traces`.
+    pub endpoint: EndpointConfig,
+    pub service_name: String,
+    /// Share of new traces sampled; a client's `traceparent` decides for its own traces.
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -448,6 +460,7 @@ impl Validator<'_> {
         let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
         let spillover = raw.spillover.map(|s| self.spillover(s));
         let upstream_tls = raw.upstream_tls.map(|t| self.upstream_tls(t)).unwrap_or_default();
+        let tracing = raw.tracing.and_then(|t| self.tracing(t));
         let log = LogConfig {
             format: raw.log.format.unwrap_or_default(),
             access_log: raw.log.access_log.unwrap_or(true),
@@ -470,6 +483,26 @@ impl Validator<'_> {
             fallback,
             spillover,
             upstream_tls,
+            tracing,
+        })
+    }
+
+    fn tracing(&mut self, t: file::TracingFile) -> Option<TracingConfig> {
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            self.problem("tracing.sample_ratio", None, "must be between 0 and 1");
+        }
+        let service_name = t.service_name.unwrap_or_else(|| "meridian".to_string());
+        if service_name.trim().is_empty() {
+            self.problem("tracing.service_name", None, "must not be empty");
+        }
+        let endpoint = t.otlp_endpoint?;
+        let span = Some(endpoint.span());
+        let endpoint = self.endpoint("tracing.otlp_endpoint", span, endpoint.get_ref(), None)?;
+        Some(TracingConfig {
+            endpoint,
+            service_name,
+            sample_ratio,
         })
     }
 
@@ -1475,5 +1508,53 @@ mod drain_tests {
         let c = Config::parse(&format!("[server]\nshutdown_delay = \"5s\"\n{REGION}"), None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.server.shutdown_delay, Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tracing_tests {
+    use super::*;
+
+    const REGION: &str = "[[region]]\nname = \"a\"\nlocation = [1, 1]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+
+    #[test]
+    fn tracing_keys_table() {
+        // (config text, Ok(endpoint URL, service name, ratio) or Err(key path of the problem))
+        type Want = Result<Option<(&'static str, &'static str, f64)>, &'static str>;
+        let cases: [(&str, Want); 7] = [
+            ("", Ok(None)),
+            ("[tracing]\nservice_name = \"edge\"\n", Ok(None)),
+            (
+                "[tracing]\notlp_endpoint = \"http://otel:4318/\"\n",
+                Ok(Some(("http://otel:4318", "meridian", 1.0))),
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"https://otel.example\"\nservice_name = \"edge-eu\"\nsample_ratio = 0.1\n",
+                Ok(Some(("https://otel.example", "edge-eu", 0.1))),
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample_ratio = 1.5\n",
+                Err("tracing.sample_ratio"),
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"otel:4318\"\n",
+                Err("tracing.otlp_endpoint"),
+            ),
+            ("[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample = 1\n", Err("")),
+        ];
+        for (text, want) in cases {
+            let result = Config::parse(&format!("{text}{REGION}"), None);
+            match (result, want) {
+                (Ok(c), Ok(want)) => {
+                    let got = c
+                        .tracing
+                        .as_ref()
+                        .map(|t| (t.endpoint.url.as_str(), t.service_name.as_str(), t.sample_ratio));
+                    assert_eq!(got, want, "{text}");
+                }
+                (Err(e), Err(key)) => assert!(e.problems.iter().any(|p| p.key.starts_with(key)), "{text}: {e}"),
+                (r, _) => panic!("{text}: unexpected {:?}", r.err()),
+            }
+        }
     }
 }

@@ -144,6 +144,16 @@ pub struct Kept {
     trailers: Option<HeaderMap>,
 }
 
+impl RequestBody {
+    /// A body Meridian writes itself (span exports), kept so it could be resent.
+    pub fn bytes(data: Bytes) -> RequestBody {
+        RequestBody::Kept(Kept {
+            data: Some(data),
+            trailers: None,
+        })
+    }
+}
+
 /// A body streamed from the client, with the bytes already read in front.
 #[derive(Debug)]
 pub struct StreamingBody {

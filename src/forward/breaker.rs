@@ -22,6 +22,17 @@ pub enum BreakerStatus {
     HalfOpen,
 }
 
+impl BreakerStatus {
+    /// The name logs and metrics use, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerStatus::Closed => "closed",
+            BreakerStatus::Open => "open",
+            BreakerStatus::HalfOpen => "half_open",
+        }
+    }
+}
+
 /// A change of status, returned once so the caller logs it once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerTransition {
@@ -219,7 +230,11 @@ impl SharedBreaker {
             .store(m.status() == BreakerStatus::Closed, Ordering::Release);
         drop(m);
         if let Some(t) = transition {
-            tracing::warn!(from = ?t.from, to = ?t.to, "fallback circuit breaker changed state");
+            tracing::warn!(
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                "fallback circuit breaker changed state"
+            );
         }
         out
     }

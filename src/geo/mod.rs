@@ -104,6 +104,11 @@ struct MaxMindLocation {
 }
 
 impl GeoDb {
+    /// Unix time the database was built, from its metadata.
+    pub fn build_epoch(&self) -> u64 {
+        self.reader.metadata().build_epoch
+    }
+
     /// The database compiled into the binary.
     pub fn embedded() -> GeoDb {
         // The embedded file is checked by the unit tests below; a broken build artifact

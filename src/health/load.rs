@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::exposition;
 use crate::config::LoadSource;
 
 /// One reading of an endpoint's load; `None` where the server did not say.
@@ -43,8 +44,7 @@ pub enum LoadError {
     Fetch(String),
 }
 
-/// The metric names a Prometheus source publishes, with `:` already mapped to `_` (the
-/// parser's name pattern is `\w+`, which has no colon).
+/// The metric names a Prometheus source publishes, as the servers write them.
 struct Names {
     queue: &'static [&'static str],
     running: &'static [&'static str],
@@ -55,9 +55,9 @@ struct Names {
 fn names(source: LoadSource) -> Option<Names> {
     match source {
         LoadSource::Vllm => Some(Names {
-            queue: &["vllm_num_requests_waiting"],
-            running: &["vllm_num_requests_running"],
-            kv: &["vllm_kv_cache_usage_perc", "vllm_gpu_cache_usage_perc"],
+            queue: &["vllm:num_requests_waiting"],
+            running: &["vllm:num_requests_running"],
+            kv: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
         }),
         LoadSource::Tgi => Some(Names {
             queue: &["tgi_queue_size"],
@@ -65,9 +65,9 @@ fn names(source: LoadSource) -> Option<Names> {
             kv: &[],
         }),
         LoadSource::Sglang => Some(Names {
-            queue: &["sglang_num_queue_reqs"],
-            running: &["sglang_num_running_reqs"],
-            kv: &["sglang_token_usage"],
+            queue: &["sglang:num_queue_reqs"],
+            running: &["sglang:num_running_reqs"],
+            kv: &["sglang:token_usage"],
         }),
         LoadSource::Orca | LoadSource::None => None,
     }
@@ -88,50 +88,35 @@ fn source_name(source: LoadSource) -> &'static str {
     }
 }
 
-/// The metric name of a sample or `# HELP`/`# TYPE` line, with colons mapped to `_`, and
-/// the line rewritten the same way; `None` for lines that carry no metric name.
-fn normalise(line: &str) -> Option<(String, String)> {
-    let trimmed = line.trim_start();
-    let (prefix, rest) = if let Some(rest) = trimmed.strip_prefix('#') {
-        let rest = rest.trim_start();
-        let kw = ["HELP", "TYPE"].into_iter().find(|k| rest.starts_with(k))?;
-        (format!("# {kw} "), rest[kw.len()..].trim_start())
-    } else {
-        (String::new(), trimmed)
-    };
-    let end = rest.find(|c: char| c == '{' || c.is_whitespace()).unwrap_or(rest.len());
-    if end == 0 {
-        return None;
-    }
-    let name = rest[..end].replace(':', "_");
-    Some((name.clone(), format!("{prefix}{name}{}", &rest[end..])))
-}
-
-/// Reads the load metrics of `source` from a Prometheus text page. Only the lines of the
-/// wanted metrics go through the parser, so histograms elsewhere on the page cost nothing.
+/// Reads the load metrics of `source` from a Prometheus or OpenMetrics text page. Lines of
+/// other metrics are skipped by name without being read, so histograms elsewhere on the
+/// page cost little and an exotic line there spoils nothing; a line of a wanted metric that
+/// breaks the grammar makes the page unreadable (the signals degrade, with one warning).
 pub fn parse_prometheus(source: LoadSource, page: &str) -> Result<LoadReport, LoadError> {
     let Some(n) = names(source) else {
         return Err(LoadError::NoMetrics(source_name(source)));
     };
     let wanted = |name: &str| n.queue.contains(&name) || n.running.contains(&name) || n.kv.contains(&name);
-    let lines = page
-        .lines()
-        .filter_map(normalise)
-        .filter(|(name, _)| wanted(name))
-        .map(|(_, line)| Ok(line));
-    let scrape = prometheus_parse::Scrape::parse(lines).map_err(|e| LoadError::Unreadable(e.to_string()))?;
-    let value = |s: &prometheus_parse::Sample| match s.value {
-        prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v)
-        | prometheus_parse::Value::Counter(v) => Some(v).filter(|v| v.is_finite() && *v >= 0.0),
-        prometheus_parse::Value::Histogram(_) | prometheus_parse::Value::Summary(_) => None,
-    };
+    let mut samples: Vec<(&str, f64)> = Vec::new();
+    for (number, line) in page.lines().enumerate() {
+        let Some(name) = exposition::line_name(line).filter(|name| wanted(name)) else {
+            continue;
+        };
+        match exposition::parse_line(line) {
+            Ok(exposition::Line::Sample(s)) => {
+                if s.value.is_finite() && s.value >= 0.0 {
+                    samples.push((name, s.value));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return Err(LoadError::Unreadable(format!("line {}: {e}", number + 1))),
+        }
+    }
     let fold = |metric: &str, combine: fn(f64, f64) -> f64| {
-        scrape
-            .samples
+        samples
             .iter()
-            .filter(|s| s.metric == metric)
-            .filter_map(value)
+            .filter(|(name, _)| *name == metric)
+            .map(|(_, v)| *v)
             .reduce(combine)
     };
     let first = |list: &[&str], combine: fn(f64, f64) -> f64| list.iter().find_map(|m| fold(m, combine));
@@ -376,7 +361,7 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 1.5
 
     #[test]
     fn prometheus_pages_table() {
-        let cases: [(&str, LoadSource, &str, Result<LoadReport, LoadError>); 8] = [
+        let cases: [(&str, LoadSource, &str, Result<LoadReport, LoadError>); 9] = [
             (
                 "vllm sums engines, kv takes the fullest",
                 LoadSource::Vllm,
@@ -415,9 +400,15 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 1.5
                 Err(LoadError::NoMetrics("sglang")),
             ),
             (
-                "garbage values are skipped",
+                "a wanted line that breaks the grammar spoils the page",
                 LoadSource::Tgi,
-                "tgi_queue_size banana\ntgi_batch_current_size -3\n",
+                "tgi_queue_size banana\ntgi_batch_current_size 3\n",
+                Err(LoadError::Unreadable("line 1: \"banana\" is not a number".into())),
+            ),
+            (
+                "negative and NaN values are skipped, broken unwanted lines ignored",
+                LoadSource::Tgi,
+                "tgi_batch_current_size -3\ntgi_queue_size NaN\nother{ 1\n",
                 Err(LoadError::NoMetrics("tgi")),
             ),
         ];
@@ -483,20 +474,80 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 1.5
         assert_eq!(s.current(), None, "a stale reading is dropped");
     }
 
+    const FIXTURES: [(&str, &str, LoadSource, LoadReport); 5] = [
+        (
+            "vllm.prom",
+            include_str!("fixtures/vllm.prom"),
+            LoadSource::Vllm,
+            LoadReport {
+                queue_depth: Some(7.0),
+                running: Some(25.0),
+                kv_cache: Some(0.7315271966527197),
+            },
+        ),
+        (
+            "vllm_v0.prom",
+            include_str!("fixtures/vllm_v0.prom"),
+            LoadSource::Vllm,
+            LoadReport {
+                queue_depth: Some(9.0),
+                running: Some(31.0),
+                kv_cache: Some(0.9623),
+            },
+        ),
+        (
+            "vllm_openmetrics.txt",
+            include_str!("fixtures/vllm_openmetrics.txt"),
+            LoadSource::Vllm,
+            LoadReport {
+                queue_depth: Some(0.0),
+                running: Some(6.0),
+                kv_cache: Some(0.125),
+            },
+        ),
+        (
+            "tgi.prom",
+            include_str!("fixtures/tgi.prom"),
+            LoadSource::Tgi,
+            LoadReport {
+                queue_depth: Some(17.0),
+                running: Some(32.0),
+                kv_cache: None,
+            },
+        ),
+        (
+            "sglang.prom",
+            include_str!("fixtures/sglang.prom"),
+            LoadSource::Sglang,
+            LoadReport {
+                queue_depth: Some(6.0),
+                running: Some(21.0),
+                kv_cache: Some(0.83),
+            },
+        ),
+    ];
+
     #[test]
-    fn normalise_maps_colons_in_names_only() {
-        assert_eq!(
-            normalise("vllm:num_requests_waiting{model_name=\"a:b\"} 1"),
-            Some((
-                "vllm_num_requests_waiting".into(),
-                "vllm_num_requests_waiting{model_name=\"a:b\"} 1".into()
-            ))
-        );
-        assert_eq!(
-            normalise("# TYPE sglang:token_usage gauge").map(|n| n.1),
-            Some("# TYPE sglang_token_usage gauge".into())
-        );
-        assert_eq!(normalise("# some comment"), None);
-        assert_eq!(normalise(""), None);
+    fn model_server_pages_give_their_load() {
+        for (file, page, source, want) in FIXTURES {
+            assert_eq!(parse_prometheus(source, page), Ok(want), "{file}");
+        }
+    }
+
+    #[test]
+    fn every_line_of_the_model_server_pages_is_read_strictly() {
+        use exposition::Line;
+        for (file, page, _, _) in FIXTURES {
+            let mut samples = 0;
+            for (n, line) in page.lines().enumerate() {
+                match exposition::parse_line(line) {
+                    Ok(Line::Sample(_)) => samples += 1,
+                    Ok(Line::Comment) => panic!("{file}:{}: a comment the reader did not recognise: {line}", n + 1),
+                    Ok(_) => {}
+                    Err(e) => panic!("{file}:{}: {e}: {line}", n + 1),
+                }
+            }
+            assert!(samples > 10, "{file}: {samples} samples");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! `scrape`, `saturation`), and the shared, lock-free view the request path reads.
 
 pub mod drain;
+pub mod exposition;
 pub mod latency;
 pub mod load;
 pub mod models;

@@ -95,6 +95,8 @@ fn normalise(name: &str) -> String {
 struct CertSet {
     default: Arc<CertifiedKey>,
     by_name: Names<Arc<CertifiedKey>>,
+    /// Each certificate file with its leaf's `notAfter` (Unix seconds), for the expiry gauge.
+    expiries: Vec<(String, Option<i64>)>,
 }
 
 /// The certificates in force, their source files, and the resolver rustls asks on every
@@ -104,6 +106,8 @@ pub struct TlsReloader {
     files: Mutex<TlsConfig>,
     /// `meridian_tls_reloads_total`, once the process has metrics to count into.
     reloads: OnceLock<IntCounterVec>,
+    /// `meridian_tls_certificate_expiry_timestamp_seconds`, likewise.
+    expiry: OnceLock<prometheus::GaugeVec>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -122,6 +126,7 @@ impl TlsReloader {
             current: ArcSwap::from_pointee(set),
             files: Mutex::new(config.clone()),
             reloads: OnceLock::new(),
+            expiry: OnceLock::new(),
             provider,
         }))
     }
@@ -147,6 +152,26 @@ impl TlsReloader {
     /// Counts hook-driven reloads by result into `counter`.
     pub fn count_reloads(&self, counter: IntCounterVec) {
         let _ = self.reloads.set(counter);
+    }
+
+    /// Publishes the expiry of each certificate file in force into `gauge{certificate}`,
+    /// now and after every reload.
+    pub fn publish_expiries(&self, gauge: &prometheus::GaugeVec) {
+        let _ = self.expiry.set(gauge.clone());
+        self.republish();
+    }
+
+    /// Series of files no longer in force are dropped.
+    fn republish(&self) {
+        let Some(gauge) = self.expiry.get() else {
+            return;
+        };
+        gauge.reset();
+        for (path, expiry) in &self.current.load().expiries {
+            if let Some(t) = expiry {
+                gauge.with_label_values(&[path]).set(*t as f64);
+            }
+        }
     }
 
     fn files(&self) -> TlsConfig {
@@ -203,6 +228,7 @@ impl ReloadHook for TlsReloader {
         // Certificate files are a few KiB: reading them inline is cheaper than a hop to
         // the blocking pool.
         let result = self.update(config);
+        self.republish();
         if let Some(counter) = self.reloads.get() {
             let label = if result.is_ok() { "success" } else { "error" };
             counter.with_label_values(&[label]).inc();
@@ -232,15 +258,25 @@ fn file_paths(config: &TlsConfig) -> Vec<&Path> {
 }
 
 fn load(config: &TlsConfig, provider: &rustls::crypto::CryptoProvider) -> Result<CertSet, TlsError> {
+    let leaf_expiry = |path: &Path, key: &CertifiedKey| {
+        let expiry = key.cert.first().and_then(|c| crate::observe::cert_expiry::not_after(c));
+        (path.display().to_string(), expiry)
+    };
     let default = Arc::new(certified_key(&config.cert, &config.key, provider)?);
+    let mut expiries = vec![leaf_expiry(&config.cert, &default)];
     let mut by_name = Names::default();
     for c in &config.sni {
         let key = Arc::new(certified_key(&c.cert, &c.key, provider)?);
+        expiries.push(leaf_expiry(&c.cert, &key));
         for name in &c.names {
             by_name.insert(name, key.clone());
         }
     }
-    Ok(CertSet { default, by_name })
+    Ok(CertSet {
+        default,
+        by_name,
+        expiries,
+    })
 }
 
 /// Reads a PEM chain and its key and checks that they belong together.

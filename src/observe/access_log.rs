@@ -1,9 +1,16 @@
-//! One structured event per request, emitted when its response body is finished.
+//! One structured event per request, emitted when its response body is finished. Every
+//! field is a JSON number or string: `-` where a string has no value, absent where a number
+//! has none.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue, Version, header};
+
+use super::fields::ms;
+
+/// Client-supplied strings are cut to this many bytes in the log.
+const MAX_LOGGED: usize = 256;
 
 /// Fields of one access-log line. Secrets (injected headers, `Authorization`) are never
 /// part of it.
@@ -15,10 +22,17 @@ pub struct AccessRecord {
     pub zone: Option<String>,
     pub method: http::Method,
     pub path: String,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: &'static str,
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
     pub attempts: u32,
+    /// The status sent to the client.
     pub status: u16,
+    /// The status of the last endpoint answer, when one answered.
+    pub upstream_status: Option<u16>,
     pub ttfb: Option<Duration>,
     /// Time to the first token of a streamed answer.
     pub ttft: Option<Duration>,
@@ -31,34 +45,125 @@ pub struct AccessRecord {
     pub bytes_in: u64,
     pub failover_reason: Option<&'static str>,
     pub error: Option<&'static str>,
+    /// Why the last attempt failed, in Meridian's words (never sent to the client).
+    pub error_detail: Option<String>,
+    /// The W3C trace id (32 lowercase hex digits) of the request's trace, when it has one.
+    pub trace_id: Option<String>,
+    /// The request's server span, when tracing is on; ended with the response.
+    pub trace: Option<Box<super::trace::RequestTrace>>,
 }
 
 impl AccessRecord {
+    /// Fills the fields read from the request head; `log` false (access log off) keeps
+    /// the request path free of the copies.
+    pub fn head(&mut self, version: Version, headers: &HeaderMap, authority: Option<&str>, log: bool) {
+        self.protocol = protocol(version);
+        if !log {
+            return;
+        }
+        let text = |v: &HeaderValue| v.to_str().ok().map(|s| cut(s).to_string());
+        self.host = headers
+            .get(header::HOST)
+            .and_then(text)
+            .or_else(|| authority.map(|a| cut(a).to_string()));
+        self.user_agent = headers.get(header::USER_AGENT).and_then(text);
+    }
+
+    /// Ends the request's server span, if it has one.
+    pub fn end_trace(&mut self) {
+        if let Some(t) = self.trace.take() {
+            t.end(super::trace::ServerFields {
+                status: self.status,
+                country: self.country,
+                zone: self.zone.as_deref(),
+                region: self.region.as_deref(),
+                attempts: self.attempts,
+                error: self.error,
+            });
+        }
+    }
+
     pub fn emit(&self, duration: Duration, bytes_out: u64, end: &'static str) {
         tracing::info!(
             target: "meridian::access",
             request_id = self.request_id.to_str().unwrap_or("-"),
+            trace_id = self.trace_id.as_deref().unwrap_or("-"),
             client_ip = %self.client_ip,
             country = self.country,
             zone = self.zone.as_deref().unwrap_or("-"),
             method = %self.method,
+            protocol = self.protocol,
+            host = self.host.as_deref().unwrap_or("-"),
             path = %self.path,
+            user_agent = self.user_agent.as_deref().unwrap_or("-"),
             region = self.region.as_deref().unwrap_or("-"),
             endpoint = self.endpoint.as_deref().unwrap_or("-"),
             attempts = self.attempts,
             status = self.status,
-            ttfb_ms = self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
-            ttft_ms = self.ttft.map(|t| t.as_secs_f64() * 1000.0),
-            tpot_ms = self.tpot.map(|t| t.as_secs_f64() * 1000.0),
+            upstream_status = self.upstream_status,
+            ttfb_ms = self.ttfb.map(ms),
+            ttft_ms = self.ttft.map(ms),
+            tpot_ms = self.tpot.map(ms),
             prompt_tokens = self.prompt_tokens,
             output_tokens = self.output_tokens,
-            duration_ms = duration.as_secs_f64() * 1000.0,
+            duration_ms = ms(duration),
             bytes_in = self.bytes_in,
             bytes_out = bytes_out,
             failover_reason = self.failover_reason.unwrap_or("-"),
             error = self.error.unwrap_or("-"),
+            error_detail = self.error_detail.as_deref(),
             end,
             "request"
         );
+    }
+}
+
+/// The protocol as HTTP spells it in a request line.
+pub fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP",
+    }
+}
+
+/// `s` cut to at most [`MAX_LOGGED`] bytes, on a character boundary.
+fn cut(s: &str) -> &str {
+    if s.len() <= MAX_LOGGED {
+        return s;
+    }
+    let mut end = MAX_LOGGED;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_table() {
+        let cases = [
+            (Version::HTTP_10, "HTTP/1.0"),
+            (Version::HTTP_11, "HTTP/1.1"),
+            (Version::HTTP_2, "HTTP/2"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(protocol(v), want);
+        }
+    }
+
+    #[test]
+    fn long_client_strings_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(200);
+        let c = cut(&long);
+        assert!(c.len() <= MAX_LOGGED && c.len() >= MAX_LOGGED - 1);
+        assert!(long.starts_with(c));
+        assert_eq!(cut("curl/8.5"), "curl/8.5");
     }
 }

@@ -1,8 +1,8 @@
 //! Prometheus metrics: one registry, names prefixed `meridian_`, bounded label sets.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Buckets for time to first token: 10 ms up to a minute.
@@ -10,6 +10,9 @@ const FIRST_TOKEN_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 /// Buckets for time per output token: 1 ms up to two seconds.
 const PER_TOKEN_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0];
+use crate::forward::breaker::BreakerStatus;
+use crate::forward::client::{UpstreamError, UpstreamErrorKind};
+use crate::runtime::Runtime;
 
 /// Buckets for inference latencies: 5 ms up to two minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -42,6 +45,25 @@ pub struct Metrics {
     pub probe_duration: HistogramVec,
     pub spillovers: IntCounterVec,
     pub fallback_requests: IntCounterVec,
+    pub endpoint_requests: IntCounterVec,
+    pub endpoint_errors: IntCounterVec,
+    pub endpoint_ttfb: HistogramVec,
+    pub endpoint_in_flight: IntGaugeVec,
+    pub endpoint_queue_depth: GaugeVec,
+    pub endpoint_kv_cache: GaugeVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub fallback_breaker_state: IntGaugeVec,
+    pub geoip_build: Gauge,
+    pub tls_certificate_expiry: GaugeVec,
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}")); // unwrap-ok: static definitions
+    g
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -98,6 +120,16 @@ impl Metrics {
             "GeoIP lookups by result.",
             &["result"],
         );
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: registered once per registry
+        let geoip_build = Gauge::new(
+            "meridian_geoip_database_build_timestamp_seconds",
+            "Unix time the GeoIP database in use was built.",
+        )
+        .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
+        r.register(Box::new(geoip_build.clone()))
+            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
         let geoip_results = GeoipResults {
             hit: geoip_lookups.with_label_values(&["hit"]),
             miss: geoip_lookups.with_label_values(&["miss"]),
@@ -151,8 +183,8 @@ impl Metrics {
             residency_rejections: counter(
                 &r,
                 "meridian_residency_rejections_total",
-                "Requests refused to keep a residency zone's clients inside it.",
-                &["zone"],
+                "Requests refused to keep a residency zone's clients inside it, by kind: route_rule (403, a rule's design) or unavailable (503).",
+                &["zone", "kind"],
             ),
             retries,
             endpoint_state: gauge(
@@ -219,8 +251,102 @@ impl Metrics {
                 "Requests sent to the hosted fallback, by result.",
                 &["result"],
             ),
+            endpoint_requests: counter(
+                &r,
+                "meridian_endpoint_requests_total",
+                "Attempts sent to each endpoint.",
+                &["region", "endpoint"],
+            ),
+            endpoint_errors: counter(
+                &r,
+                "meridian_endpoint_errors_total",
+                "Failed attempts per endpoint, by class.",
+                &["region", "endpoint", "class"],
+            ),
+            endpoint_ttfb: histogram(
+                &r,
+                "meridian_endpoint_ttfb_seconds",
+                "Time from sending to an endpoint to its response head, per endpoint.",
+                &["region", "endpoint"],
+            ),
+            endpoint_in_flight: gauge(
+                &r,
+                "meridian_endpoint_in_flight",
+                "Requests sent to the endpoint whose response has not ended.",
+                &["region", "endpoint"],
+            ),
+            endpoint_queue_depth: float_gauge(
+                &r,
+                "meridian_endpoint_queue_depth",
+                "Requests waiting in the model server's queue, as it last reported.",
+                &["region", "endpoint"],
+            ),
+            endpoint_kv_cache: float_gauge(
+                &r,
+                "meridian_endpoint_kv_cache_usage_ratio",
+                "The model server's KV-cache use (0 to 1), as it last reported.",
+                &["region", "endpoint"],
+            ),
+            request_bytes: counter(
+                &r,
+                "meridian_request_bytes_total",
+                "Request body bytes read from clients, by serving region.",
+                &["region"],
+            ),
+            response_bytes: counter(
+                &r,
+                "meridian_response_bytes_total",
+                "Response body bytes sent to clients, by serving region.",
+                &["region"],
+            ),
+            fallback_breaker_state: gauge(
+                &r,
+                "meridian_fallback_breaker_state",
+                "1 for the state the fallback's circuit breaker is in.",
+                &["state"],
+            ),
+            geoip_build,
+            tls_certificate_expiry: float_gauge(
+                &r,
+                "meridian_tls_certificate_expiry_timestamp_seconds",
+                "Unix time the leaf certificate of each TLS listener certificate file expires.",
+                &["certificate"],
+            ),
             registry: r,
         }
+    }
+
+    /// Sets the gauges read from the runtime's state, just before a scrape renders them:
+    /// the request path keeps its atomics and pays nothing for these.
+    pub fn refresh(&self, rt: &Runtime) {
+        self.endpoint_in_flight.reset();
+        self.endpoint_queue_depth.reset();
+        self.endpoint_kv_cache.reset();
+        for r in &rt.regions {
+            for e in &r.endpoints {
+                let labels = [r.name.as_str(), e.config.url.as_str()];
+                self.endpoint_in_flight
+                    .with_label_values(&labels)
+                    .set(i64::from(e.health.in_flight()));
+                let report = e.health.signals.report();
+                if let Some(q) = report.and_then(|l| l.queue_depth) {
+                    self.endpoint_queue_depth.with_label_values(&labels).set(q);
+                }
+                if let Some(kv) = report.and_then(|l| l.kv_cache) {
+                    self.endpoint_kv_cache.with_label_values(&labels).set(kv);
+                }
+            }
+        }
+        self.fallback_breaker_state.reset();
+        if let Some(f) = &rt.fallback {
+            let now = f.breaker.snapshot().state;
+            for s in [BreakerStatus::Closed, BreakerStatus::Open, BreakerStatus::HalfOpen] {
+                self.fallback_breaker_state
+                    .with_label_values(&[s.as_str()])
+                    .set(i64::from(s == now));
+            }
+        }
+        self.geoip_build.set(rt.geo.build_epoch() as f64);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -264,6 +390,8 @@ pub struct RegionMetrics {
     pub first_token: Histogram,
     pub per_token: Histogram,
     pub output_tokens: IntCounter,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
 }
 
 impl RegionMetrics {
@@ -276,12 +404,102 @@ impl RegionMetrics {
             first_token: m.upstream_first_token.with_label_values(&[region]),
             per_token: m.upstream_per_token.with_label_values(&[region]),
             output_tokens: m.output_tokens.with_label_values(&[region]),
+            bytes_in: m.request_bytes.with_label_values(&[region]),
+            bytes_out: m.response_bytes.with_label_values(&[region]),
         }
     }
 
     pub fn count(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[i].inc();
+    }
+}
+
+/// Per-endpoint handles, resolved once per config load. The `endpoint` label is the
+/// endpoint's URL as configured, the same value as `meridian_endpoint_state` and the access
+/// log carry: bounded by the config.
+#[derive(Clone)]
+pub struct EndpointMetrics {
+    pub requests: IntCounter,
+    pub ttfb: Histogram,
+    /// One per [`ErrorClass`], in its order.
+    errors: [IntCounter; ErrorClass::ALL.len()],
+}
+
+/// Why an attempt at an endpoint failed, as `meridian_endpoint_errors_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Refused, unreachable or not connected in time: nothing was sent.
+    ConnectFailure,
+    /// Connected, then closed before a response head.
+    Reset,
+    /// No response head within `request_timeout`.
+    Timeout,
+    /// Garbage instead of a response head.
+    Protocol,
+    /// The endpoint answered 5xx.
+    Status5xx,
+}
+
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 5] = [
+        ErrorClass::ConnectFailure,
+        ErrorClass::Reset,
+        ErrorClass::Timeout,
+        ErrorClass::Protocol,
+        ErrorClass::Status5xx,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::ConnectFailure => "connect_failure",
+            ErrorClass::Reset => "reset",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Protocol => "protocol",
+            ErrorClass::Status5xx => "status_5xx",
+        }
+    }
+
+    /// The class of a failed attempt; `None` for the client's own body failing, which says
+    /// nothing about the endpoint.
+    pub fn of(e: &UpstreamError) -> Option<ErrorClass> {
+        match e.kind() {
+            UpstreamErrorKind::ConnectRefused | UpstreamErrorKind::ConnectTimeout | UpstreamErrorKind::Tls => {
+                Some(ErrorClass::ConnectFailure)
+            }
+            UpstreamErrorKind::ResetBeforeHead => Some(ErrorClass::Reset),
+            UpstreamErrorKind::HeadTimeout => Some(ErrorClass::Timeout),
+            UpstreamErrorKind::Protocol => Some(ErrorClass::Protocol),
+            UpstreamErrorKind::BreakerOpen
+            | UpstreamErrorKind::NoFallback
+            | UpstreamErrorKind::ClientBody
+            | UpstreamErrorKind::ClientStalled => None,
+        }
+    }
+}
+
+impl EndpointMetrics {
+    pub fn new(m: &Metrics, region: &str, endpoint: &str) -> EndpointMetrics {
+        EndpointMetrics {
+            requests: m.endpoint_requests.with_label_values(&[region, endpoint]),
+            ttfb: m.endpoint_ttfb.with_label_values(&[region, endpoint]),
+            errors: ErrorClass::ALL.map(|c| m.endpoint_errors.with_label_values(&[region, endpoint, c.as_str()])),
+        }
+    }
+
+    /// Counts one attempt: the response head's status and time, or the failure.
+    pub fn attempt(&self, outcome: Result<(u16, std::time::Duration), &UpstreamError>) {
+        self.requests.inc();
+        let class = match outcome {
+            Ok((status, ttfb)) => {
+                self.ttfb.observe(ttfb.as_secs_f64());
+                (status >= 500).then_some(ErrorClass::Status5xx)
+            }
+            Err(e) => ErrorClass::of(e),
+        };
+        if let Some(c) = class {
+            self.errors[c as usize].inc();
+        }
     }
 }
 
@@ -312,6 +530,45 @@ mod tests {
         assert!(requests.contains(&r#"meridian_requests_total{region="eu",status_class="5xx"} 1"#.to_string()));
         // Out-of-range statuses land in the nearest class rather than a new label value.
         assert!(requests.contains(&r#"meridian_requests_total{region="eu",status_class="1xx"} 1"#.to_string()));
+    }
+
+    #[test]
+    fn endpoint_attempts_are_counted_by_class() {
+        let m = Metrics::new();
+        let e = EndpointMetrics::new(&m, "eu", "http://10.0.0.1:8000");
+        let ms = std::time::Duration::from_millis(20);
+        e.attempt(Ok((200, ms)));
+        e.attempt(Ok((503, ms)));
+        e.attempt(Err(&UpstreamError::bare(UpstreamErrorKind::ConnectRefused)));
+        e.attempt(Err(&UpstreamError::bare(UpstreamErrorKind::HeadTimeout)));
+        e.attempt(Err(&UpstreamError::bare(UpstreamErrorKind::ClientBody)));
+        let page = m.render();
+        let has = |line: &str| page.lines().any(|l| l == line);
+        assert!(has(
+            r#"meridian_endpoint_requests_total{endpoint="http://10.0.0.1:8000",region="eu"} 5"#
+        ));
+        for (class, n) in [
+            ("status_5xx", 1),
+            ("connect_failure", 1),
+            ("timeout", 1),
+            ("reset", 0),
+            ("protocol", 0),
+        ] {
+            let line = format!(
+                r#"meridian_endpoint_errors_total{{class="{class}",endpoint="http://10.0.0.1:8000",region="eu"}} {n}"#
+            );
+            assert!(has(&line), "{line}");
+        }
+        assert!(has(
+            r#"meridian_endpoint_ttfb_seconds_count{endpoint="http://10.0.0.1:8000",region="eu"} 2"#
+        ));
+    }
+
+    #[test]
+    fn error_classes_index_their_counters() {
+        for (i, c) in ErrorClass::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
     }
 
     #[test]

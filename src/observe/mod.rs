@@ -1,7 +1,10 @@
 //! What Meridian tells operators: Prometheus metrics and the access log.
 
 pub mod access_log;
+pub mod cert_expiry;
+pub mod fields;
 pub mod metrics;
+pub mod trace;
 
 /// Seconds since the Unix epoch, for timestamps operators read (metrics, `/status`).
 pub fn unix_now() -> f64 {

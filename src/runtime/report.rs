@@ -94,7 +94,7 @@ impl Shared {
                 RegionState::Available | RegionState::Saturated
             );
             if r.health.note_available(available) && !rt.config.health.slow_start.is_zero() {
-                tracing::info!(region = %r.name, slow_start = ?rt.config.health.slow_start, "region available again: ramping its traffic back");
+                tracing::info!(region = %r.name, slow_start_ms = crate::observe::fields::ms(rt.config.health.slow_start), "region available again: ramping its traffic back");
             }
             self.metrics
                 .region_available
