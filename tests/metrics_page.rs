@@ -21,9 +21,7 @@ fn series(page: &str, series: &str) -> Option<f64> {
 async fn the_metrics_page_has_per_endpoint_load_tls_and_process_series() {
     let live = FakeUpstream::start("eu-west").await.unwrap();
     live.set_metrics(include_str!("../src/health/fixtures/vllm.prom"));
-    let dead = FakeUpstream::start("us-east").await.unwrap();
-    let dead_url = dead.url();
-    dead.kill_and_wait().await;
+    let dead_url = dead_endpoint(1);
 
     let ca = TestCa::new("meridian test CA");
     let dir = tempfile::tempdir().unwrap();

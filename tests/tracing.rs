@@ -112,9 +112,7 @@ fn access_line(proxy: &Meridian, request_id: &str) -> Option<serde_json::Value> 
 /// eu-west's endpoint is dead, us-east's answers: an Irish client's request takes two
 /// attempts.
 async fn config(extra: &str) -> (String, FakeUpstream, String) {
-    let eu = FakeUpstream::start("eu-west").await.unwrap();
-    let eu_url = eu.url();
-    eu.kill_and_wait().await;
+    let eu_url = dead_endpoint(1);
     let us = FakeUpstream::start("us-east").await.unwrap();
     let mut c = base_config();
     c.push_str("[geoip]\ntrusted_proxies = [\"127.0.0.1/32\"]\ndefault_region = \"us-east\"\n\n");

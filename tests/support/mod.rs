@@ -21,6 +21,13 @@ use tokio::net::TcpSocket;
 pub use meridian::demo::upstream::{Behavior, FakeUpstream};
 
 /// Generous deadline for conditions polled in tests; machines are shared and slow.
+/// An endpoint URL nothing listens on, and nothing ever will: no test binds 127.0.0.3, so
+/// unlike a killed upstream's port it cannot be taken by another test running in parallel.
+/// `n` tells several dead endpoints apart.
+pub fn dead_endpoint(n: u16) -> String {
+    format!("http://127.0.0.3:{}", n.max(1))
+}
+
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A running `meridian run` process.
