@@ -6,6 +6,7 @@
 pub mod body;
 pub mod breaker;
 pub mod client;
+pub mod endpoint_get;
 pub mod inbound;
 pub mod json_scan;
 pub mod rewrite;

@@ -4,14 +4,11 @@
 
 use std::sync::Arc;
 
-use http::uri::{PathAndQuery, Uri};
-use http::{HeaderValue, Method, Request, Version, header};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 
 use super::EndpointHealth;
-use crate::config::UpstreamProtocol;
-use crate::forward::body::RequestBody;
+use crate::forward::endpoint_get::endpoint_get;
 use crate::runtime::Runtime;
 
 /// Model lists past this size are not read.
@@ -51,25 +48,8 @@ pub async fn discover(rt: &Runtime, health: &Arc<EndpointHealth>) {
         return;
     }
     let timeout = config.probe.timeout.unwrap_or(rt.config.health.timeout);
-    let path = format!("{}{MODELS_PATH}", endpoint.config.base_path);
     let reading = async {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(endpoint.config.scheme.clone());
-        parts.authority = Some(endpoint.config.authority.clone());
-        parts.path_and_query = Some(PathAndQuery::try_from(path).map_err(|e| e.to_string())?);
-        let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
-        let mut req = Request::new(RequestBody::Empty);
-        *req.method_mut() = Method::GET;
-        *req.uri_mut() = uri;
-        *req.version_mut() = match endpoint.config.protocol {
-            UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::Http2 => Version::HTTP_2,
-        };
-        if let Ok(host) = HeaderValue::from_str(endpoint.config.authority.as_str()) {
-            req.headers_mut().insert(header::HOST, host);
-        }
-        req.headers_mut()
-            .insert(header::USER_AGENT, HeaderValue::from_static("meridian-model-discovery"));
+        let req = endpoint_get(&endpoint.config, MODELS_PATH, "meridian-model-discovery")?;
         let resp = rt
             .upstreams
             .send(req, endpoint.config.protocol, timeout)

@@ -8,15 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http::uri::{PathAndQuery, Uri};
-use http::{HeaderValue, Method, Request, Version, header};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{EndpointHealth, ProbeResult};
-use crate::config::UpstreamProtocol;
-use crate::forward::body::RequestBody;
+use crate::forward::endpoint_get::endpoint_get;
 use crate::runtime::{Runtime, Shared};
 
 /// How often time-based transitions (hold-downs, probation, drain expiry) are checked.
@@ -133,31 +130,10 @@ async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeR
         detail: Some(detail),
     };
     let started = Instant::now();
-    let path = format!("{}{}", endpoint.config.base_path, probe_path);
-    let path = match PathAndQuery::try_from(path) {
-        Ok(p) => p,
-        Err(e) => return Some(fail(format!("bad probe path: {e}"), started)),
+    let req = match endpoint_get(&endpoint.config, probe_path, "meridian-health-probe") {
+        Ok(req) => req,
+        Err(e) => return Some(fail(format!("probe request: {e}"), started)),
     };
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(endpoint.config.scheme.clone());
-    parts.authority = Some(endpoint.config.authority.clone());
-    parts.path_and_query = Some(path);
-    let uri = match Uri::from_parts(parts) {
-        Ok(u) => u,
-        Err(e) => return Some(fail(format!("bad probe URI: {e}"), started)),
-    };
-    let mut req = Request::new(RequestBody::Empty);
-    *req.method_mut() = Method::GET;
-    *req.uri_mut() = uri;
-    *req.version_mut() = match endpoint.config.protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::Http2 => Version::HTTP_2,
-    };
-    if let Ok(host) = HeaderValue::from_str(endpoint.config.authority.as_str()) {
-        req.headers_mut().insert(header::HOST, host);
-    }
-    req.headers_mut()
-        .insert(header::USER_AGENT, HeaderValue::from_static("meridian-health-probe"));
     let sent = rt.upstreams.send(req, endpoint.config.protocol, timeout);
     let outcome = tokio::time::timeout(timeout, async {
         let resp = sent.await.map_err(|e| e.detail())?;

@@ -5,15 +5,13 @@
 
 use std::sync::Arc;
 
-use http::uri::{PathAndQuery, Uri};
-use http::{HeaderValue, Method, Request, Version, header};
 use http_body_util::{BodyExt, Limited};
 
 use super::EndpointHealth;
 use super::load::{self, LoadError, LoadReport, SignalChange};
-use crate::config::UpstreamProtocol;
-use crate::forward::body::RequestBody;
+use crate::forward::endpoint_get::endpoint_get;
 use crate::runtime::Runtime;
+use http::HeaderValue;
 
 /// Metrics pages past this size are not read: vLLM's, histograms included, is far smaller.
 const MAX_PAGE: usize = 4 * 1024 * 1024;
@@ -33,25 +31,9 @@ pub async fn scrape(rt: &Runtime, health: &Arc<EndpointHealth>) {
     }
     let timeout = config.probe.timeout.unwrap_or(rt.config.health.timeout);
     let interval = config.probe.interval.unwrap_or(rt.config.health.interval);
-    let path = format!("{}{}", endpoint.config.base_path, config.load.path);
     let reading = async {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(endpoint.config.scheme.clone());
-        parts.authority = Some(endpoint.config.authority.clone());
-        parts.path_and_query = Some(PathAndQuery::try_from(path).map_err(|e| LoadError::Fetch(e.to_string()))?);
-        let uri = Uri::from_parts(parts).map_err(|e| LoadError::Fetch(e.to_string()))?;
-        let mut req = Request::new(RequestBody::Empty);
-        *req.method_mut() = Method::GET;
-        *req.uri_mut() = uri;
-        *req.version_mut() = match endpoint.config.protocol {
-            UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::Http2 => Version::HTTP_2,
-        };
-        if let Ok(host) = HeaderValue::from_str(endpoint.config.authority.as_str()) {
-            req.headers_mut().insert(header::HOST, host);
-        }
-        req.headers_mut()
-            .insert(header::USER_AGENT, HeaderValue::from_static("meridian-load-scrape"));
+        let req =
+            endpoint_get(&endpoint.config, &config.load.path, "meridian-load-scrape").map_err(LoadError::Fetch)?;
         let resp = rt
             .upstreams
             .send(req, endpoint.config.protocol, timeout)
