@@ -27,6 +27,18 @@ pub enum ProxyError {
     /// Answered 414; reported with the `bad_request` code, SPEC's list of codes being closed.
     #[error("the request target is longer than {limit} bytes")]
     UriTooLong { limit: usize },
+    /// Answered 429 with `Retry-After`: an admission rule's limit is reached.
+    #[error("rate limit {rule:?} reached ({limit}); retry in {}s", retry_after_secs(*retry_after))]
+    RateLimited {
+        rule: String,
+        limit: &'static str,
+        retry_after: std::time::Duration,
+    },
+}
+
+/// Whole seconds to wait, rounded up, at least one.
+fn retry_after_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0 || d.is_zero())
 }
 
 #[derive(Serialize)]
@@ -51,6 +63,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -65,6 +78,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequest(_) | ProxyError::UriTooLong { .. } => "bad_request",
+            ProxyError::RateLimited { .. } => "rate_limit_exceeded",
         }
     }
 
@@ -99,6 +113,10 @@ impl ProxyError {
         *resp.status_mut() = self.status();
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::RateLimited { retry_after, .. } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+        }
         resp
     }
 }
@@ -106,6 +124,23 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limited_answers_say_when_to_retry() {
+        let err = ProxyError::RateLimited {
+            rule: "per-key".into(),
+            limit: "requests",
+            retry_after: std::time::Duration::from_millis(1500),
+        };
+        let resp: Response<Bytes> = err.response();
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "2");
+        assert!(err.to_string().contains("\"per-key\""), "{err}");
+        assert!(err.to_string().contains("retry in 2s"), "{err}");
+        let cases = [(0, 1), (1000, 1), (1001, 2), (59_999, 60)];
+        for (ms, secs) in cases {
+            assert_eq!(retry_after_secs(std::time::Duration::from_millis(ms)), secs, "{ms}");
+        }
+    }
 
     #[test]
     fn every_error_maps_to_status_code_and_json() {
@@ -160,6 +195,17 @@ mod tests {
             ),
             (ProxyError::BadRequest("x"), 400, "bad_request", None, None),
             (ProxyError::UriTooLong { limit: 8 }, 414, "bad_request", None, None),
+            (
+                ProxyError::RateLimited {
+                    rule: "per-key".into(),
+                    limit: "requests",
+                    retry_after: std::time::Duration::from_millis(1500),
+                },
+                429,
+                "rate_limit_exceeded",
+                None,
+                None,
+            ),
         ];
         for (err, status, code, zone, region) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");

@@ -54,6 +54,9 @@ enum Command {
         /// Request header `NAME: VALUE`, for `[[route]]` rules with `headers` (repeatable).
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
+        /// The request body's `model`, for `[[limit]]` rules that match on it.
+        #[arg(long)]
+        model: Option<String>,
         #[arg(required = true)]
         ips: Vec<String>,
     },
@@ -76,9 +79,10 @@ fn main() -> ExitCode {
             path,
             method,
             headers,
+            model,
             ips,
         } => match request_facts(&method, &headers) {
-            Ok((method, headers)) => route(&config, json, &path, &method, &headers, &ips),
+            Ok((method, headers)) => route(&config, json, &path, &method, &headers, model.as_deref(), &ips),
             Err(e) => {
                 eprintln!("meridian route: {e}");
                 ExitCode::FAILURE
@@ -176,6 +180,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let limits = meridian::admission::describe(&config.limit_rules, &config.limits);
     let table = RouteTable::new(std::sync::Arc::new(config));
     if let Err(crossings) = meridian::route::residency::verify(&table) {
         eprintln!(
@@ -189,6 +194,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
     println!("{}: ok (GeoIP: {})", path.display(), geo.description());
     print!("{}", meridian::explain::render_table(&table));
+    print!("{limits}");
     ExitCode::SUCCESS
 }
 
@@ -216,12 +222,14 @@ fn route(
     request_path: &str,
     method: &http::Method,
     headers: &http::HeaderMap,
+    model: Option<&str>,
     ips: &[String],
 ) -> ExitCode {
     let (config, geo) = match load(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
+    let rules = config.limit_rules.clone();
     let table = RouteTable::new(std::sync::Arc::new(config));
     let mut out = Vec::new();
     for ip in ips {
@@ -249,8 +257,20 @@ fn route(
             }
         }
     } else {
-        for e in &out {
+        for (e, ip) in out.iter().zip(ips) {
             print!("{}", meridian::explain::render_route(e));
+            // Admission rules this request would be counted by (the IP is the client's).
+            if let Ok(client_ip) = ip.parse::<IpAddr>() {
+                let view = meridian::admission::RequestView {
+                    client_ip,
+                    path: request_path,
+                    headers,
+                    model,
+                };
+                for line in meridian::admission::explain(&rules, &view) {
+                    println!("  {line}");
+                }
+            }
         }
     }
     ExitCode::SUCCESS

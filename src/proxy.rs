@@ -2,7 +2,7 @@
 //! (region → endpoint → forward → outcome) → response.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
+use crate::admission::{self, Admitted, Limited, RequestView, Verdict};
 use crate::client_ip::{client_ip, is_trusted};
 use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
@@ -175,13 +176,54 @@ impl Proxy {
             }
         };
         record.bytes_in = body.len_hint();
+        // Admission control: a limited request is answered here and reaches no endpoint.
+        let admitted = match self.admit(&rt, client, &parts, &body).await {
+            Ok(admitted) => admitted,
+            Err(limited) => return Ok(self.rate_limited(limited, record, started)),
+        };
         self.budget.record_request();
 
         // Boxed: the attempt loop's state is most of this future, and hyper keeps one
         // request future's worth of memory per connection for the connection's life.
         // Allocated per request instead, an idle keep-alive connection stays small.
         let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
-        resp.map(|r| upgrade::bridge(r, client_upgrade))
+        resp.map(|r| upgrade::bridge(admission::attach(r, admitted), client_upgrade))
+    }
+
+    /// The `[[limit]]` rules' decision; `Err` when one refuses the request.
+    async fn admit(
+        &self,
+        rt: &Runtime,
+        client: IpAddr,
+        parts: &http::request::Parts,
+        body: &RequestBody,
+    ) -> Result<Option<Admitted>, Limited> {
+        if rt.admission.is_empty() {
+            return Ok(None);
+        }
+        let model = if rt.admission.needs_model {
+            body.kept().and_then(admission::request_model)
+        } else {
+            None
+        };
+        let view = RequestView {
+            client_ip: client,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+            model: model.as_deref(),
+        };
+        match rt.admission.admit(&view).await {
+            Verdict::Unlimited => Ok(None),
+            Verdict::Admitted(a) => Ok(Some(a)),
+            Verdict::Limited(l) => Err(l),
+        }
+    }
+
+    /// Answers 429 with `Retry-After` and the limited key's quota headers.
+    fn rate_limited(&self, limited: Limited, record: AccessRecord, started: Instant) -> Response<ResponseBody> {
+        let mut resp = self.refuse(limited.error(), record, started);
+        limited.headers.apply(resp.headers_mut());
+        resp
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -34,6 +34,9 @@ pub struct Config {
     pub fallback: Option<FallbackConfig>,
     pub spillover: Option<SpilloverConfig>,
     pub upstream_tls: UpstreamTlsConfig,
+    /// `[[limit]]` rules, in file order.
+    pub limit_rules: Vec<super::LimitRule>,
+    pub limits: super::LimitsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -299,7 +302,7 @@ impl Config {
     }
 }
 
-fn line_of(text: &str, span: &Range<usize>) -> usize {
+pub(super) fn line_of(text: &str, span: &Range<usize>) -> usize {
     text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1
 }
 
@@ -383,6 +386,8 @@ impl Validator<'_> {
         if regions.is_empty() {
             self.problem("region", None, "at least one [[region]] is required");
         }
+        let (limit_rules, limits, problems) = super::limits::validate(self.text, raw.limit_rules, raw.limits);
+        self.problems.extend(problems);
         Some(Config {
             source: None,
             server,
@@ -398,6 +403,8 @@ impl Validator<'_> {
             fallback,
             spillover,
             upstream_tls,
+            limit_rules,
+            limits,
         })
     }
 
