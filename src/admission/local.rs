@@ -191,7 +191,9 @@ impl Entry {
 
     /// Holds nothing a fresh entry would not: forgetting it changes no decision.
     fn is_idle(&self, now: u64) -> bool {
-        self.in_flight() == 0 && self.tat.load(Ordering::Acquire) <= now && self.tokens_tat.load(Ordering::Acquire) <= now
+        self.in_flight() == 0
+            && self.tat.load(Ordering::Acquire) <= now
+            && self.tokens_tat.load(Ordering::Acquire) <= now
     }
 }
 
@@ -417,7 +419,10 @@ mod tests {
         assert_eq!(over.denied.map(|d| d.0), Some(LimitKind::Tokens));
         // 699 tokens charged: 99 past the budget, about 9.9 s of refill.
         let wait = over.denied.map(|d| d.1).unwrap_or_default();
-        assert!(wait > Duration::from_millis(9_800) && wait < Duration::from_millis(10_000), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(9_800) && wait < Duration::from_millis(10_000),
+            "{wait:?}"
+        );
         assert!(e.admit(&c, 10 * SEC, 0).denied.is_none());
     }
 

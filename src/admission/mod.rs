@@ -493,7 +493,11 @@ pub fn explain(rules: &[LimitRule], req: &RequestView<'_>) -> Vec<String> {
         .map(|r| match key_of(r, req) {
             Some(_) => format!("limit {}: counted under {}", r.name, r.key),
             None => {
-                let why = if r.path_prefix.as_ref().is_some_and(|p| !req.path.starts_with(p.as_str())) {
+                let why = if r
+                    .path_prefix
+                    .as_ref()
+                    .is_some_and(|p| !req.path.starts_with(p.as_str()))
+                {
                     "path outside its prefix".to_string()
                 } else if r.model.is_some() && req.model != r.model.as_deref() {
                     "another model".to_string()
@@ -575,15 +579,21 @@ mod tests {
             }
             _ => panic!("second request of the tenant must be limited"),
         }
-        // The refused request did not spend the IP's burst: 3 more fit, then it is spent.
+        // The refused request did not spend the IP's burst: 4 more fit, then it is spent.
         let anon = headers(&[]);
-        for i in 0..3 {
+        for i in 0..4 {
             assert!(admitted(a.admit_local(&view(&anon, "192.0.2.1"))).is_some(), "{i}");
         }
         assert!(matches!(a.admit_local(&view(&anon, "192.0.2.1")), Verdict::Limited(_)));
         let text = m.render();
-        assert!(text.contains(r#"meridian_admission_requests_total{result="limited",rule="tenant"} 1"#), "{text}");
-        assert!(text.contains(r#"meridian_admission_requests_total{result="admitted",rule="ip"} 4"#), "{text}");
+        assert!(
+            text.contains(r#"meridian_admission_requests_total{result="limited",rule="tenant"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"meridian_admission_requests_total{result="admitted",rule="ip"} 5"#),
+            "{text}"
+        );
     }
 
     /// A completion that records how it ended.
@@ -606,7 +616,10 @@ mod tests {
         ];
         for end in ends {
             let held = admitted(a.admit_local(&view(&h, "192.0.2.9"))).expect("admitted");
-            assert!(matches!(a.admit_local(&view(&h, "192.0.2.9")), Verdict::Limited(_)), "{end:?}");
+            assert!(
+                matches!(a.admit_local(&view(&h, "192.0.2.9")), Verdict::Limited(_)),
+                "{end:?}"
+            );
             let seen = Arc::new(Mutex::new(Vec::new()));
             let c: Box<dyn Completion> = Box::new(Held {
                 inner: Box::new(Probe(seen.clone())),
@@ -661,7 +674,10 @@ mod tests {
         assert!(matches!(b.admit_local(&view(&h, "192.0.2.1")), Verdict::Limited(_)));
         let changed = Config::parse(&format!("{REGION}{}", text.replace("burst = 1", "burst = 2")), None).unwrap();
         let c = Admission::new(&changed, &m, Some(&b)).unwrap();
-        assert!(admitted(c.admit_local(&view(&h, "192.0.2.1"))).is_some(), "a changed rule starts fresh");
+        assert!(
+            admitted(c.admit_local(&view(&h, "192.0.2.1"))).is_some(),
+            "a changed rule starts fresh"
+        );
     }
 
     #[test]
@@ -706,7 +722,10 @@ mod tests {
             text.contains("per-key: key header:authorization path /v1/*: 10 req/s burst 20, 1000 tokens/min; on backend error allow"),
             "{text}"
         );
-        assert!(text.contains("tenant: key header:x-tenant: 4 concurrent; on backend error deny"), "{text}");
+        assert!(
+            text.contains("tenant: key header:x-tenant: 4 concurrent; on backend error deny"),
+            "{text}"
+        );
         let h = headers(&[("authorization", "Bearer k")]);
         let lines = explain(&config.limit_rules, &view(&h, "192.0.2.1"));
         assert_eq!(

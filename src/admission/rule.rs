@@ -112,13 +112,22 @@ mod tests {
         };
         let auth = LimitKey::Header("authorization".parse().unwrap());
         let cases = [
-            (rule(auth.clone(), None, None), Some(KeyValue::Header(b"Bearer k1".as_slice()))),
+            (
+                rule(auth.clone(), None, None),
+                Some(KeyValue::Header(b"Bearer k1".as_slice())),
+            ),
             (rule(LimitKey::ClientIp, None, None), Some(KeyValue::Ip(ip))),
             (rule(LimitKey::Header("x-tenant".parse().unwrap()), None, None), None),
             (rule(LimitKey::Header("x-empty".parse().unwrap()), None, None), None),
-            (rule(auth.clone(), Some("/v1/"), None), Some(KeyValue::Header(b"Bearer k1".as_slice()))),
+            (
+                rule(auth.clone(), Some("/v1/"), None),
+                Some(KeyValue::Header(b"Bearer k1".as_slice())),
+            ),
             (rule(auth.clone(), Some("/v2/"), None), None),
-            (rule(auth.clone(), None, Some("llama")), Some(KeyValue::Header(b"Bearer k1".as_slice()))),
+            (
+                rule(auth.clone(), None, Some("llama")),
+                Some(KeyValue::Header(b"Bearer k1".as_slice())),
+            ),
             (rule(auth, None, Some("mistral")), None),
         ];
         for (i, (r, want)) in cases.iter().enumerate() {
@@ -142,7 +151,10 @@ mod tests {
 
     #[test]
     fn model_is_read_from_json_bodies_only() {
-        assert_eq!(request_model(br#"{"model":"llama","messages":[]}"#).as_deref(), Some("llama"));
+        assert_eq!(
+            request_model(br#"{"model":"llama","messages":[]}"#).as_deref(),
+            Some("llama")
+        );
         assert_eq!(request_model(br#"{"model":"a\u0062"}"#).as_deref(), Some("ab"));
         assert_eq!(request_model(br#"{"messages":[]}"#), None);
         assert_eq!(request_model(b"not json"), None);

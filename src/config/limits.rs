@@ -110,11 +110,7 @@ pub(super) fn validate(
         let rate = match (r.requests_per_second, r.burst) {
             (None, None) => None,
             (None, Some(_)) => {
-                problem(
-                    format!("{at}.burst"),
-                    None,
-                    "burst needs requests_per_second".into(),
-                );
+                problem(format!("{at}.burst"), None, "burst needs requests_per_second".into());
                 None
             }
             (Some(rps), burst) => {
@@ -149,7 +145,11 @@ pub(super) fn validate(
         let matches = r.matches.unwrap_or_default();
         if let Some(p) = &matches.path_prefix {
             if !p.starts_with('/') {
-                problem(format!("{at}.match.path_prefix"), None, format!("{p:?} must start with '/'"));
+                problem(
+                    format!("{at}.match.path_prefix"),
+                    None,
+                    format!("{p:?} must start with '/'"),
+                );
             }
         }
         out.push(LimitRule {
@@ -179,7 +179,11 @@ pub(super) fn validate(
         }
         let timeout = b.timeout.map_or(DEFAULT_BACKEND_TIMEOUT, |t| t.0);
         if timeout.is_zero() {
-            problem("limits.backend.timeout".into(), None, "must be greater than zero".into());
+            problem(
+                "limits.backend.timeout".into(),
+                None,
+                "must be greater than zero".into(),
+            );
         }
         LimitsBackend {
             redis: b.redis.into_inner(),
@@ -258,8 +262,14 @@ mod tests {
                 "[[limit]]\nkey = \"client_ip\"\nrequests_per_second = 0\n",
                 "limit[0].requests_per_second",
             ),
-            ("[[limit]]\nkey = \"client_ip\"\nconcurrent = 0\n", "limit[0].concurrent"),
-            ("[[limit]]\nkey = \"client_ip\"\nconcurrent = 1\nrate = 3\n", "unknown field"),
+            (
+                "[[limit]]\nkey = \"client_ip\"\nconcurrent = 0\n",
+                "limit[0].concurrent",
+            ),
+            (
+                "[[limit]]\nkey = \"client_ip\"\nconcurrent = 1\nrate = 3\n",
+                "unknown field",
+            ),
             (
                 "[[limit]]\nkey = \"client_ip\"\nconcurrent = 1\nmatch = { path = \"/\" }\n",
                 "unknown field",
@@ -268,9 +278,15 @@ mod tests {
                 "[[limit]]\nname = \"a\"\nkey = \"client_ip\"\nconcurrent = 1\n[[limit]]\nname = \"a\"\nkey = \"client_ip\"\nconcurrent = 1\n",
                 "limit[1].name",
             ),
-            ("[limits]\nbackend = { redis = \"localhost:6379\" }\n", "limits.backend.redis"),
+            (
+                "[limits]\nbackend = { redis = \"localhost:6379\" }\n",
+                "limits.backend.redis",
+            ),
             ("[limits]\nmax_keys = 0\n", "limits.max_keys"),
-            ("[limits]\nbackend = { redis = \"redis://x\", tls = true }\n", "unknown field"),
+            (
+                "[limits]\nbackend = { redis = \"redis://x\", tls = true }\n",
+                "unknown field",
+            ),
         ];
         for (text, want) in cases {
             let got = problems(text);
