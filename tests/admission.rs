@@ -161,3 +161,74 @@ async fn admitted_stream(proxy: &Meridian) -> http::Response<hyper::body::Incomi
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[test]
+fn check_prints_the_rules_and_route_shows_which_a_request_meets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meridian.toml");
+    let config = format!(
+        "[geoip]\ndefault_region = \"us-east\"\n\n{}\
+         [[limit]]\nname = \"per-key\"\nkey = \"header:authorization\"\nrequests_per_second = 10\nburst = 20\ntokens_per_minute = 200000\n\n\
+         [[limit]]\nname = \"tenant-llama\"\nkey = \"header:x-tenant\"\nmatch = {{ model = \"llama\" }}\nconcurrent = 8\n",
+        region("us-east", [39.04, -77.49], &["US"], &["http://127.0.0.1:9".to_string()])
+    );
+    std::fs::write(&path, config).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(args)
+            .output()
+            .expect("run meridian");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let path = path.to_str().unwrap();
+    let checked = run(&["check", "-c", path]);
+    assert!(checked.contains("limits (local, max_keys 100000):"), "{checked}");
+    assert!(
+        checked.contains("per-key: key header:authorization: 10 req/s burst 20, 200000 tokens/min"),
+        "{checked}"
+    );
+    assert!(
+        checked.contains("tenant-llama: key header:x-tenant model llama: 8 concurrent"),
+        "{checked}"
+    );
+
+    let routed = run(&[
+        "route",
+        "-c",
+        path,
+        "--header",
+        "authorization: Bearer k",
+        "--header",
+        "x-tenant: acme",
+        "--model",
+        "mistral",
+        "8.8.8.8",
+    ]);
+    assert!(
+        routed.contains("limit per-key: counted under header:authorization"),
+        "{routed}"
+    );
+    assert!(
+        routed.contains("limit tenant-llama: not counted (another model)"),
+        "{routed}"
+    );
+    let routed = run(&[
+        "route",
+        "-c",
+        path,
+        "--header",
+        "x-tenant: acme",
+        "--model",
+        "llama",
+        "8.8.8.8",
+    ]);
+    assert!(
+        routed.contains("limit per-key: not counted (no header:authorization in the request)"),
+        "{routed}"
+    );
+    assert!(
+        routed.contains("limit tenant-llama: counted under header:x-tenant"),
+        "{routed}"
+    );
+}

@@ -1,7 +1,7 @@
 //! In-process counters: GCRA for request rates and token budgets, an in-flight count for
 //! concurrency, kept per hashed key in a sharded table with a cap on keys.
 //!
-//! Times are nanoseconds since the table's epoch. The hot path takes a shard's read lock
+//! Times are nanoseconds since the process's admission epoch ([`clock`]). The hot path takes a shard's read lock
 //! and updates the entry's atomics; only a key's first request takes a write lock.
 
 use std::collections::HashMap;
@@ -15,6 +15,13 @@ use prometheus::{IntCounter, IntGauge};
 
 use super::{LimitKind, Quota, RuleOutcome};
 use crate::config::LimitRule;
+
+/// Nanoseconds since the process's admission epoch: one clock for every table, so a
+/// request reads it once whatever the number of rules.
+pub fn clock() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
 
 /// A token budget is spent over this window.
 pub const TOKEN_WINDOW: Duration = Duration::from_secs(60);
@@ -221,7 +228,6 @@ type Shard = RwLock<HashMap<u64, Arc<Entry>, BuildHasherDefault<KeyHasher>>>;
 pub struct Table {
     pub costs: Costs,
     pub hasher: RandomState,
-    epoch: Instant,
     shards: Box<[Shard]>,
     per_shard: usize,
     keys: IntGauge,
@@ -235,7 +241,6 @@ impl Table {
         Table {
             costs,
             hasher: RandomState::new(),
-            epoch: Instant::now(),
             shards: (0..n).map(|_| Shard::default()).collect(),
             per_shard: (max_keys / n).max(1),
             keys,
@@ -243,9 +248,9 @@ impl Table {
         }
     }
 
-    /// Nanoseconds since the table's epoch.
+    /// Nanoseconds since the admission epoch ([`clock`]).
     pub fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        clock()
     }
 
     fn shard(&self, hash: u64) -> &Shard {

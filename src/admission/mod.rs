@@ -96,13 +96,13 @@ static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tok
 
 impl RateHeaders {
     /// The tightest quotas among `outcomes`: fewest remaining, then smallest limit.
-    pub fn tightest(outcomes: &[RuleOutcome]) -> RateHeaders {
+    pub fn tightest<'a>(outcomes: impl IntoIterator<Item = &'a RuleOutcome>) -> RateHeaders {
         let pick = |q: Option<Quota>, best: Option<Quota>| match (q, best) {
             (Some(q), Some(b)) if (q.remaining, q.limit) < (b.remaining, b.limit) => Some(q),
             (Some(q), None) => Some(q),
             (_, b) => b,
         };
-        outcomes.iter().fold(RateHeaders::default(), |h, o| RateHeaders {
+        outcomes.into_iter().fold(RateHeaders::default(), |h, o| RateHeaders {
             requests: pick(o.requests, h.requests),
             tokens: pick(o.tokens, h.tokens),
         })
@@ -170,7 +170,8 @@ enum Hold {
 /// every end of the request: completion, client gone, upstream failure, or an answer that
 /// never reached the client.
 pub struct Admitted {
-    holds: Vec<Hold>,
+    /// Each counting rule's outcome and what it holds (nothing when Redis failed open).
+    counted: Vec<(RuleOutcome, Option<Hold>)>,
     fleet: Option<(Arc<Fleet>, String)>,
     pub headers: RateHeaders,
 }
@@ -178,10 +179,11 @@ pub struct Admitted {
 impl Admitted {
     /// Charges the answer's tokens to every token budget the request counted against.
     pub fn charge_tokens(&self, tokens: u64) {
-        for h in &self.holds {
+        for (_, h) in &self.counted {
             match h {
-                Hold::Local { table, entry } => entry.charge(&table.costs, tokens, table.now()),
-                Hold::Fleet(k) => {
+                None => {}
+                Some(Hold::Local { table, entry }) => entry.charge(&table.costs, tokens, table.now()),
+                Some(Hold::Fleet(k)) => {
                     if let Some((fleet, _)) = &self.fleet {
                         fleet.charge(k.base.clone(), k.costs, tokens);
                     }
@@ -194,12 +196,11 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut bases = Vec::new();
-        for h in &self.holds {
+        for (_, h) in &self.counted {
             match h {
-                Hold::Local { table, entry } if table.costs.concurrent > 0 => entry.release(),
-                Hold::Local { .. } => {}
-                Hold::Fleet(k) if k.costs.concurrent > 0 => bases.push(k.base.clone()),
-                Hold::Fleet(_) => {}
+                Some(Hold::Local { table, entry }) if table.costs.concurrent > 0 => entry.release(),
+                Some(Hold::Fleet(k)) if k.costs.concurrent > 0 => bases.push(k.base.clone()),
+                Some(Hold::Local { .. } | Hold::Fleet(_)) | None => {}
             }
         }
         if let Some((fleet, member)) = self.fleet.take() {
@@ -308,24 +309,28 @@ impl Admission {
 
     /// Local mode: no await, no allocation for a request no rule applies to.
     pub fn admit_local(&self, req: &RequestView<'_>) -> Verdict {
-        let mut outcomes = Vec::new();
-        let mut holds = Vec::new();
+        let mut counted = Vec::new();
+        let mut now = None;
         for (i, r) in self.rules.iter().enumerate() {
             let (Some(table), Some(key)) = (&r.table, key_of(&r.config, req)) else {
                 continue;
             };
-            let now = table.now();
+            // One reading of the clock for every rule of the request.
+            let now = *now.get_or_insert_with(local::clock);
             let entry = table.entry(rule::local_hash(&table.hasher, key), now);
-            outcomes.push(entry.admit(&r.costs, now, i));
-            holds.push(Hold::Local {
-                table: table.clone(),
-                entry,
-            });
+            let outcome = entry.admit(&r.costs, now, i);
+            counted.push((
+                outcome,
+                Some(Hold::Local {
+                    table: table.clone(),
+                    entry,
+                }),
+            ));
         }
-        if outcomes.is_empty() {
+        if counted.is_empty() {
             return Verdict::Unlimited;
         }
-        self.conclude(&outcomes, holds, None)
+        self.conclude(counted, None)
     }
 
     async fn admit_fleet(&self, fleet: &Arc<Fleet>, req: &RequestView<'_>) -> Verdict {
@@ -347,53 +352,53 @@ impl Admission {
         let member = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         match fleet.admit(&keys, &member).await {
             Ok(outcomes) => {
-                let holds = keys.into_iter().map(Hold::Fleet).collect();
-                self.conclude(&outcomes, holds, Some((fleet.clone(), member)))
+                let counted = outcomes.into_iter().zip(keys).map(|(o, k)| (o, Some(Hold::Fleet(k))));
+                self.conclude(counted.collect(), Some((fleet.clone(), member)))
             }
             Err(_) => {
                 // Each rule fails open or closed on its own; open rules count nothing.
-                let outcomes: Vec<RuleOutcome> = keys
+                let counted = keys
                     .iter()
                     .map(|k| {
                         let mut o = RuleOutcome::admitted(k.rule);
                         if self.rules[k.rule].config.on_backend_error == BackendErrorPolicy::Deny {
                             o.deny(LimitKind::Backend, Duration::from_secs(1));
                         }
-                        o
+                        (o, None)
                     })
                     .collect();
-                self.conclude(&outcomes, Vec::new(), None)
+                self.conclude(counted, None)
             }
         }
     }
 
     /// Admitted when every rule admitted; otherwise takes back what the admitting rules
     /// counted (the request never runs) and reports the longest wait.
-    fn conclude(&self, outcomes: &[RuleOutcome], holds: Vec<Hold>, fleet: Option<(Arc<Fleet>, String)>) -> Verdict {
-        let headers = RateHeaders::tightest(outcomes);
-        let refusal = outcomes
+    fn conclude(&self, counted: Vec<(RuleOutcome, Option<Hold>)>, fleet: Option<(Arc<Fleet>, String)>) -> Verdict {
+        let headers = RateHeaders::tightest(counted.iter().map(|(o, _)| o));
+        let refusal = counted
             .iter()
-            .filter_map(|o| o.denied.map(|(kind, wait)| (o.rule, kind, wait)))
+            .filter_map(|(o, _)| o.denied.map(|(kind, wait)| (o.rule, kind, wait)))
             .max_by_key(|(_, _, wait)| *wait);
         let Some((rule, limit, retry_after)) = refusal else {
-            for o in outcomes {
+            for (o, _) in &counted {
                 self.rules[o.rule].admitted.inc();
             }
-            return Verdict::Admitted(Admitted { holds, fleet, headers });
+            return Verdict::Admitted(Admitted {
+                counted,
+                fleet,
+                headers,
+            });
         };
-        for (o, h) in outcomes.iter().zip(&holds) {
-            if let (None, Hold::Local { table, entry }) = (o.denied, h) {
-                entry.undo(&table.costs);
+        for (o, h) in &counted {
+            match (o.denied, h) {
+                (None, Some(Hold::Local { table, entry })) => entry.undo(&table.costs),
+                (Some(_), _) => self.rules[o.rule].limited.inc(),
+                // In fleet mode the script committed nothing for a refused request.
+                (None, Some(Hold::Fleet(_)) | None) => {}
             }
         }
-        // In fleet mode the script committed nothing for a refused request: `fleet` is
-        // dropped with nothing to take back.
         drop(fleet);
-        for o in outcomes {
-            if o.denied.is_some() {
-                self.rules[o.rule].limited.inc();
-            }
-        }
         Verdict::Limited(Limited {
             rule: self.rules[rule].config.name.clone(),
             limit,
