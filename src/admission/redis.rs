@@ -136,7 +136,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Connects lazily (needs a tokio runtime); a first connection and the script load start
+    /// Connects lazily; within a tokio runtime a first connection and the script load start
     /// in the background so the first request does not pay for them.
     pub fn new(config: &LimitsBackend, metrics: BackendMetrics) -> Result<Arc<Fleet>, redis::RedisError> {
         let client = redis::Client::open(config.redis.as_str())?;
@@ -156,7 +156,7 @@ impl Fleet {
             last_warning: AtomicU64::new(0),
         });
         let warm = fleet.clone();
-        tokio::spawn(async move {
+        spawn(async move {
             let mut conn = warm.conn.clone();
             if let Err(e) = warm.admit.prepare_invoke().load_async(&mut conn).await {
                 tracing::warn!(error = %e, "admission backend: cannot load the script yet");
