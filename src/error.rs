@@ -46,6 +46,13 @@ pub enum ProxyError {
     ModelNotFound { model: String },
     #[error("no region of residency zone {zone} serves the model {model}")]
     ModelNotAvailableInZone { zone: String, model: String },
+    /// Answered 429 with `Retry-After`: an admission rule's limit is reached.
+    #[error("rate limit {rule:?} reached ({limit}); retry in {}s", retry_after_secs(*retry_after))]
+    RateLimited {
+        rule: String,
+        limit: &'static str,
+        retry_after: Duration,
+    },
 }
 
 /// The OpenAI error envelope.
@@ -89,6 +96,7 @@ impl ProxyError {
                 .filter(|s| s.is_client_error() || s.is_server_error())
                 .unwrap_or(StatusCode::BAD_REQUEST),
             ProxyError::ModelNotFound { .. } | ProxyError::ModelNotAvailableInZone { .. } => StatusCode::NOT_FOUND,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -109,6 +117,7 @@ impl ProxyError {
             | ProxyError::MalformedHead { .. } => "bad_request",
             ProxyError::ModelNotFound { .. } => "model_not_found",
             ProxyError::ModelNotAvailableInZone { .. } => "model_not_available_in_zone",
+            ProxyError::RateLimited { .. } => "rate_limit_exceeded",
         }
     }
 
@@ -126,6 +135,8 @@ impl ProxyError {
             | ProxyError::MalformedHead { .. }
             | ProxyError::ModelNotFound { .. }
             | ProxyError::ModelNotAvailableInZone { .. } => "invalid_request_error",
+            // As the OpenAI API types its own 429s.
+            ProxyError::RateLimited { .. } => "rate_limit_error",
             ProxyError::ResidencyUnavailable { .. } | ProxyError::NoRegionAvailable { .. } => "service_unavailable",
             ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamTimeout { .. } => "server_error",
         }
@@ -146,7 +157,8 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed
             | ProxyError::BodyTimeout
             | ProxyError::MalformedHead { .. }
-            | ProxyError::ModelNotFound { .. } => None,
+            | ProxyError::ModelNotFound { .. }
+            | ProxyError::RateLimited { .. } => None,
         }
     }
 
@@ -173,7 +185,8 @@ impl ProxyError {
             | ProxyError::BodyTimeout
             | ProxyError::MalformedHead { .. }
             | ProxyError::ModelNotFound { .. }
-            | ProxyError::ModelNotAvailableInZone { .. } => None,
+            | ProxyError::ModelNotAvailableInZone { .. }
+            | ProxyError::RateLimited { .. } => None,
         }
     }
 
@@ -191,7 +204,8 @@ impl ProxyError {
             | ProxyError::UriTooLong { .. }
             | ProxyError::MethodNotAllowed
             | ProxyError::BodyTimeout
-            | ProxyError::MalformedHead { .. } => None,
+            | ProxyError::MalformedHead { .. }
+            | ProxyError::RateLimited { .. } => None,
         }
     }
 
@@ -218,7 +232,10 @@ impl ProxyError {
         *resp.status_mut() = self.status();
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+        if let ProxyError::RateLimited { retry_after, .. } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+        } else if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(retry_after)));
         }
@@ -235,6 +252,22 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limited_answers_say_when_to_retry() {
+        let err = ProxyError::RateLimited {
+            rule: "per-key".into(),
+            limit: "requests",
+            retry_after: Duration::from_millis(1500),
+        };
+        let resp: Response<Bytes> = err.response(Duration::from_secs(5));
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "2");
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert!(err.to_string().contains("\"per-key\""), "{err}");
+        assert!(err.to_string().contains("retry in 2s"), "{err}");
+    }
 
     #[test]
     fn every_error_maps_to_status_type_code_and_json() {

@@ -8,6 +8,7 @@
 //!    [`client_ip`] (trusted `X-Forwarded-For`) → [`geo`] (country, coordinates) →
 //!    [`route`] (residency, route rules, candidate order; `route::attempt` plans each attempt
 //!    over a [`live_view`] of health) →
+//!    [`admission`] (`[[limit]]` rules: rate, concurrency, tokens; 429 when limited) →
 //!    [`balance`] (endpoint pick; [`affinity`] for sessions) →
 //!    [`forward`] (rewrite, send, stream back, bridge upgrades) →
 //!    [`health`] (observe the outcome) and [`observe`] (metrics, access log);
@@ -19,6 +20,7 @@
 //! [`explain`] powers `meridian check` and `meridian route`; [`demo`] is the zero-setup tour.
 
 pub mod admin;
+pub mod admission;
 pub mod affinity;
 pub mod app;
 pub mod balance;

@@ -54,7 +54,8 @@ enum Command {
         /// Request header `NAME: VALUE`, for `[[route]]` rules with `headers` (repeatable).
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
-        /// The model the request names, for `[[region]] models`.
+        /// The model the request names, for `[[region]] models` and `[[limit]]` rules that
+        /// match on it.
         #[arg(long)]
         model: Option<String>,
         #[arg(required = true)]
@@ -197,6 +198,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let limits = meridian::admission::describe(&config.limit_rules, &config.limits);
     let table = RouteTable::new(std::sync::Arc::new(config));
     if let Err(crossings) = meridian::route::residency::verify(&table) {
         eprintln!(
@@ -222,6 +224,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     println!("{}: ok (GeoIP: {})", path.display(), geo.description());
     print!("{}", meridian::explain::render_table(&table));
     print!("{}", meridian::explain::render_models(&table.config));
+    print!("{limits}");
     ExitCode::SUCCESS
 }
 
@@ -256,6 +259,7 @@ fn route(
         Ok(x) => x,
         Err(code) => return code,
     };
+    let rules = config.limit_rules.clone();
     let table = RouteTable::new(std::sync::Arc::new(config));
     let mut out = Vec::new();
     for ip in ips {
@@ -283,8 +287,20 @@ fn route(
             }
         }
     } else {
-        for e in &out {
+        for (e, ip) in out.iter().zip(ips) {
             print!("{}", meridian::explain::render_route(e));
+            // Admission rules this request would be counted by (the IP is the client's).
+            if let Ok(client_ip) = ip.parse::<IpAddr>() {
+                let view = meridian::admission::RequestView {
+                    client_ip,
+                    path: request_path,
+                    headers,
+                    model,
+                };
+                for line in meridian::admission::explain(&rules, &view) {
+                    println!("  {line}");
+                }
+            }
         }
     }
     ExitCode::SUCCESS

@@ -4,7 +4,7 @@
 //! records the outcome (with the error's retry class) and asks again.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use smallvec::SmallVec;
 
+use crate::admission::{self, Admitted, Limited, RequestView, Verdict};
 use crate::client_ip::{client_ip, is_trusted};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
@@ -110,13 +111,55 @@ impl Proxy {
         if let Err(err) = filter_by_model(rt.as_ref(), &mut plan, &parts, &body) {
             return Ok(self.refuse(err, record, started));
         }
+        // Admission control: a limited request is answered here and reaches no endpoint.
+        let admitted = match self.admit(&rt, record.client_ip, &parts, &body).await {
+            Ok(admitted) => admitted,
+            Err(limited) => return Ok(self.rate_limited(limited, record, started)),
+        };
         self.budget.record_request();
 
         // Boxed: the attempt loop's state is most of this future, and hyper keeps one
         // request future's worth of memory per connection for the connection's life.
         // Allocated per request instead, an idle keep-alive connection stays small.
         let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
-        resp.map(|r| upgrade::bridge(r, client_upgrade))
+        resp.map(|r| upgrade::bridge(admission::attach(r, admitted), client_upgrade))
+    }
+
+    /// The `[[limit]]` rules' decision; `Err` when one refuses the request.
+    async fn admit(
+        &self,
+        rt: &Runtime,
+        client: IpAddr,
+        parts: &http::request::Parts,
+        body: &RequestBody,
+    ) -> Result<Option<Admitted>, Limited> {
+        if rt.admission.is_empty() {
+            return Ok(None);
+        }
+        let model = if rt.admission.needs_model {
+            // The same in-place read model routing uses: no copy of the body.
+            body.kept().and_then(crate::route::models::request_model)
+        } else {
+            None
+        };
+        let view = RequestView {
+            client_ip: client,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+            model,
+        };
+        match rt.admission.admit(&view).await {
+            Verdict::Unlimited => Ok(None),
+            Verdict::Admitted(a) => Ok(Some(a)),
+            Verdict::Limited(l) => Err(l),
+        }
+    }
+
+    /// Answers 429 with `Retry-After` and the limited key's quota headers.
+    fn rate_limited(&self, limited: Limited, record: AccessRecord, started: Instant) -> Response<ResponseBody> {
+        let mut resp = self.refuse(limited.error(), record, started);
+        limited.headers.apply(resp.headers_mut());
+        resp
     }
 
     /// Client IP and location; the access record started with them.

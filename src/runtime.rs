@@ -31,6 +31,8 @@ pub struct Runtime {
     pub policy: Policy,
     pub upstreams: Upstreams,
     pub fallback: Option<FallbackRuntime>,
+    /// `[[limit]]` rules and their counters (kept across reloads for unchanged rules).
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 pub struct RegionRuntime {
@@ -67,6 +69,8 @@ pub enum RuntimeError {
     /// The compiled table would take a zone's client outside its zone.
     #[error(transparent)]
     Residency(#[from] crate::route::residency::Crossings),
+    #[error(transparent)]
+    Admission(#[from] crate::admission::AdmissionError),
 }
 
 /// State shared by every connection, task and admin call for the life of the process.
@@ -265,6 +269,11 @@ fn build(
         }),
         None => None,
     };
+    let admission = Arc::new(crate::admission::Admission::new(
+        &config,
+        metrics,
+        previous.map(|p| p.admission.as_ref()),
+    )?);
     let config = Arc::new(config);
     let table = RouteTable::new(config.clone());
     crate::route::residency::verify(&table)?;
@@ -314,6 +323,7 @@ fn build(
         regions,
         upstreams,
         fallback,
+        admission,
     })
 }
 

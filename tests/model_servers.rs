@@ -591,3 +591,40 @@ async fn the_same_prompt_prefix_lands_on_the_same_endpoint_and_spreads_over_the_
     assert!(spread.len() > 1, "all held requests on {spread:?}");
     assert!(spread.contains(&seen[0]));
 }
+
+#[tokio::test]
+async fn tokens_per_minute_are_charged_from_the_answers_usage() {
+    let server = ModelServer::start("east", &["m"]).await;
+    // Each whole answer reports 12 prompt + 50 completion tokens: 62 of a budget of 100.
+    server.set_pace(Pace::new(5, 1, 50));
+    let mut regions = region("us-east", US_EAST, &["US"], &[server.url()]);
+    regions.push_str("[[limit]]\nname = \"tpm\"\nkey = \"client_ip\"\ntokens_per_minute = 100\n\n");
+    let proxy = Meridian::start(&config("", &regions));
+    let body = chat_body("m", false, "sys", "hi");
+
+    // Admitted while under the budget: 0, then 62 tokens used.
+    for n in 0..2 {
+        let r = chat(&proxy, ips::US, body.clone()).await;
+        assert_eq!(r.status, 200, "answer {n}: {}", r.text());
+    }
+    // 124 of 100 now charged: the key is over its budget until the minute refills it.
+    let mut limited = None;
+    for _ in 0..3 {
+        let r = chat(&proxy, ips::US, body.clone()).await;
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let limited = limited.unwrap_or_else(|| panic!("no 429 once the token budget was spent"));
+    assert_eq!(error_code(&limited.json()), "rate_limit_exceeded");
+    assert!(limited.header("retry-after").is_some());
+    assert!(
+        limited.header("x-ratelimit-limit-tokens").is_some(),
+        "token headers on a limited answer"
+    );
+    assert!(
+        server.state.served.load(Ordering::Relaxed) <= 3,
+        "the limit held at the endpoint"
+    );
+}

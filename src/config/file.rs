@@ -37,6 +37,11 @@ pub struct FileConfig {
     pub spillover: Option<SpilloverFile>,
     pub upstream_tls: Option<UpstreamTlsFile>,
     pub tracing: Option<TracingFile>,
+    /// Admission control rules (`[[limit]]`).
+    #[serde(default, rename = "limit")]
+    pub limit_rules: Vec<LimitFile>,
+    /// Where admission counters live (`[limits]`).
+    pub limits: Option<LimitsFile>,
 }
 
 /// `[tracing]`: OTLP/HTTP export of request spans.
@@ -340,4 +345,54 @@ pub struct UpstreamTlsFile {
     /// Client certificate chain (PEM) presented to endpoints that ask for one (mTLS).
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+}
+
+/// One `[[limit]]` rule: whose requests it counts and how many it admits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitFile {
+    /// Shown in metrics, logs and 429 answers; `limit[N]` when absent.
+    pub name: Option<String>,
+    /// `"client_ip"` or `"header:NAME"`.
+    pub key: Spanned<String>,
+    #[serde(rename = "match")]
+    pub matches: Option<LimitMatchFile>,
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub concurrent: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub on_backend_error: Option<BackendErrorPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitMatchFile {
+    pub path_prefix: Option<String>,
+    pub model: Option<String>,
+}
+
+/// What a rule does when the shared counter store cannot answer in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendErrorPolicy {
+    /// Fail open: admit without counting.
+    #[default]
+    Allow,
+    /// Fail closed: answer 429.
+    Deny,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub backend: Option<LimitsBackendFile>,
+    /// Keys tracked per rule in local mode before the least recently seen is evicted.
+    pub max_keys: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBackendFile {
+    pub redis: Spanned<String>,
+    pub timeout: Option<Duration>,
 }

@@ -2,11 +2,13 @@
 //! form the rest of Meridian reads (`validate`).
 
 pub mod file;
+mod limits;
 pub mod units;
 mod validate;
 
 #[cfg(test)]
 mod problem_tests;
 
-pub use file::{LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
+pub use file::{BackendErrorPolicy, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
+pub use limits::{LimitKey, LimitRule, LimitsBackend, LimitsConfig, RateLimit};
 pub use validate::*;

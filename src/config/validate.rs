@@ -35,6 +35,9 @@ pub struct Config {
     pub upstream_tls: UpstreamTlsConfig,
     /// `[tracing]` with an `otlp_endpoint`; `None`: tracing off.
     pub tracing: Option<TracingConfig>,
+    /// `[[limit]]` rules, in file order.
+    pub limit_rules: Vec<super::LimitRule>,
+    pub limits: super::LimitsConfig,
 }
 
 /// Where and how request spans are exported (OTLP/HTTP, protobuf).
@@ -371,7 +374,7 @@ impl Config {
     }
 }
 
-fn line_of(text: &str, span: &Range<usize>) -> usize {
+pub(super) fn line_of(text: &str, span: &Range<usize>) -> usize {
     text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1
 }
 
@@ -468,6 +471,8 @@ impl Validator<'_> {
         if regions.is_empty() {
             self.problem("region", None, "at least one [[region]] is required");
         }
+        let (limit_rules, limits, problems) = super::limits::validate(self.text, raw.limit_rules, raw.limits);
+        self.problems.extend(problems);
         Some(Config {
             source: None,
             server,
@@ -484,6 +489,8 @@ impl Validator<'_> {
             spillover,
             upstream_tls,
             tracing,
+            limit_rules,
+            limits,
         })
     }
 

@@ -457,6 +457,14 @@ impl UpstreamBody {
         }
     }
 
+    /// Wraps the completion hook, for state that must live exactly as long as the body
+    /// (an admission's concurrency slot). A finished body has no hook left to wrap.
+    pub fn wrap_completion(&mut self, wrap: impl FnOnce(Box<dyn Completion>) -> Box<dyn Completion>) {
+        if let Some(c) = self.completion.take() {
+            self.completion = Some(wrap(c));
+        }
+    }
+
     fn finish(&mut self, end: StreamEnd) {
         self.finished = true;
         if let Some(c) = self.completion.take() {

@@ -56,6 +56,11 @@ pub struct Metrics {
     pub fallback_breaker_state: IntGaugeVec,
     pub geoip_build: Gauge,
     pub tls_certificate_expiry: GaugeVec,
+    pub admission_requests: IntCounterVec,
+    pub admission_backend_errors: IntCounterVec,
+    pub admission_backend_duration: Histogram,
+    pub admission_keys: IntGaugeVec,
+    pub admission_evictions: IntCounterVec,
 }
 
 fn float_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -135,7 +140,43 @@ impl Metrics {
             miss: geoip_lookups.with_label_values(&["miss"]),
             private: geoip_lookups.with_label_values(&["private"]),
         };
+        // A Redis round trip is measured in microseconds to milliseconds.
+        let admission_backend_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "meridian_admission_backend_duration_seconds",
+                "Time of one admission check against the shared counter store.",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05]),
+        )
+        .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
+        r.register(Box::new(admission_backend_duration.clone()))
+            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
         Metrics {
+            admission_requests: counter(
+                &r,
+                "meridian_admission_requests_total",
+                "Requests each admission rule counted, by result (admitted, limited).",
+                &["rule", "result"],
+            ),
+            admission_backend_errors: counter(
+                &r,
+                "meridian_admission_backend_errors_total",
+                "Admission checks the shared counter store did not answer, by kind.",
+                &["kind"],
+            ),
+            admission_backend_duration,
+            admission_keys: gauge(
+                &r,
+                "meridian_admission_keys_tracked",
+                "Keys an admission rule holds counters for in this process.",
+                &["rule"],
+            ),
+            admission_evictions: counter(
+                &r,
+                "meridian_admission_evictions_total",
+                "Keys with live counters dropped to stay within limits.max_keys.",
+                &["rule"],
+            ),
             requests: counter(
                 &r,
                 "meridian_requests_total",
