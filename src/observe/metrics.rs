@@ -24,6 +24,8 @@ pub struct Metrics {
     pub geoip_lookups: IntCounterVec,
     /// `geoip_lookups` resolved per result once, so a request bumps a counter without hashing labels.
     pub geoip_results: GeoipResults,
+    /// Build time of each GeoIP database in the chain, by `database` (path or `embedded`).
+    pub geoip_database_build: IntGaugeVec,
     pub open_connections: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
@@ -141,6 +143,12 @@ impl Metrics {
             ),
             geoip_lookups,
             geoip_results,
+            geoip_database_build: gauge(
+                &r,
+                "meridian_geoip_database_build_timestamp_seconds",
+                "Unix time each GeoIP database in force was built (its metadata), by database.",
+                &["database"],
+            ),
             open_connections,
             config_reloads: counter(
                 &r,

@@ -1,11 +1,12 @@
 //! The per-request routing decision (SPEC "Routing decision", steps 2–6), pure over the
 //! compiled table and a view of region state.
 
-use std::borrow::Cow;
+use std::fmt;
+use std::ops::Deref;
 
 use http::{HeaderMap, Method};
 
-use super::table::{Candidate, RegionId, RouteTable, ZoneId, order_candidates};
+use super::table::{Candidate, InlineCandidates, RegionId, RouteTable, ZoneId, order_nearest};
 use crate::config::UnknownPolicy;
 use crate::geo::{Country, GeoPoint, Located};
 
@@ -28,7 +29,40 @@ pub struct RoutePlan<'t> {
     pub fallback: bool,
     /// Index of the `[[route]]` rule that matched, if any.
     pub rule: Option<usize>,
-    pub candidates: Cow<'t, [Candidate]>,
+    pub candidates: Candidates<'t>,
+}
+
+/// A plan's candidates: the precomputed order of the table, or one computed for this
+/// client's coordinates (inline, so the request path does not allocate).
+#[derive(Clone)]
+pub enum Candidates<'t> {
+    Shared(&'t [Candidate]),
+    Inline(InlineCandidates),
+    /// More regions than fit inline.
+    Owned(Vec<Candidate>),
+}
+
+impl Deref for Candidates<'_> {
+    type Target = [Candidate];
+    fn deref(&self) -> &[Candidate] {
+        match self {
+            Candidates::Shared(c) => c,
+            Candidates::Inline(c) => c.as_slice(),
+            Candidates::Owned(c) => c,
+        }
+    }
+}
+
+impl PartialEq for Candidates<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for Candidates<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// The request is refused before any region is considered.
@@ -73,13 +107,41 @@ pub enum NoRegion {
 pub fn plan<'t>(table: &'t RouteTable, located: Located, req: &RequestFacts<'_>) -> Result<RoutePlan<'t>, Refusal> {
     let config = &table.config;
     let known = match located {
-        Located::Country { country, point } => table.country_plan(country).map(|p| (p, point)),
+        Located::Country {
+            country,
+            point,
+            subdivision,
+            ..
+        } => table.country_plan(country).map(|p| (p, country, point, subdivision)),
         Located::Private | Located::Unknown => None,
     };
     let mut plan = match known {
-        Some((base, None)) => RoutePlan::borrowed(base),
-        // A database with coordinates: order by the client's own position.
-        Some((base, Some(point))) => RoutePlan::owned(order_candidates(config, base.country, point)),
+        Some((base, country, point, subdivision)) => {
+            let claimed = subdivision.and_then(|s| table.subdivision_plan(s));
+            let pool = table.nearest_pool(country);
+            let mut plan = match (claimed, point, pool) {
+                // A subdivision a region claims: that region first, precomputed.
+                (Some(p), _, _) => RoutePlan::borrowed(p),
+                // No home region and the client's own coordinates: nearest region first,
+                // ordered for this client (us-east or us-west for a US client).
+                (None, Some(point), Some(pool)) => {
+                    let mut plan = RoutePlan::borrowed(base);
+                    plan.candidates = match order_nearest(config, pool, point, base.sharded) {
+                        Some(inline) => Candidates::Inline(inline),
+                        None => {
+                            Candidates::Owned(super::table::order_candidates(config, base.country, point).candidates)
+                        }
+                    };
+                    plan
+                }
+                // A home region, or a country-level location: the precomputed order.
+                _ => RoutePlan::borrowed(base),
+            };
+            if let Some(point) = point {
+                plan.origin = point;
+            }
+            plan
+        }
         None if config.geoip.unknown == UnknownPolicy::Refuse => return Err(Refusal::LocationRefused),
         None => RoutePlan::borrowed(table.unlocated_plan()),
     };
@@ -91,7 +153,7 @@ pub fn plan<'t>(table: &'t RouteTable, located: Located, req: &RequestFacts<'_>)
         plan.rule = Some(rule);
         plan.fallback = false;
         plan.sharded = false;
-        plan.candidates = Cow::Borrowed(candidates);
+        plan.candidates = Candidates::Shared(candidates);
     }
     Ok(plan)
 }
@@ -106,20 +168,7 @@ impl<'t> RoutePlan<'t> {
             sharded: p.sharded,
             fallback: p.fallback,
             rule: None,
-            candidates: Cow::Borrowed(&p.candidates),
-        }
-    }
-
-    fn owned(p: super::table::CountryPlan) -> RoutePlan<'t> {
-        RoutePlan {
-            country: p.country,
-            origin: p.origin,
-            zone: p.zone,
-            home: p.home,
-            sharded: p.sharded,
-            fallback: p.fallback,
-            rule: None,
-            candidates: Cow::Owned(p.candidates),
+            candidates: Candidates::Shared(&p.candidates),
         }
     }
 }
@@ -181,6 +230,7 @@ pub fn select(
 
 #[cfg(test)]
 mod tests {
+    use super::super::table::order_candidates;
     use super::*;
     use crate::config::Config;
     use std::sync::Arc;
@@ -228,7 +278,11 @@ mod tests {
     "#;
 
     fn table(extra: &str) -> RouteTable {
-        let config = Config::parse(&format!("{TABLE}\n{extra}"), None).unwrap_or_else(|e| panic!("{e}"));
+        table_from(&format!("{TABLE}\n{extra}"))
+    }
+
+    fn table_from(text: &str) -> RouteTable {
+        let config = Config::parse(text, None).unwrap_or_else(|e| panic!("{e}"));
         RouteTable::new(Arc::new(config))
     }
 
@@ -240,9 +294,15 @@ mod tests {
     }
 
     fn country(code: &str) -> Located {
+        Located::in_country(Country::parse(code).unwrap())
+    }
+
+    fn at(code: &str, lat: f64, lon: f64, subdivision: Option<&str>) -> Located {
         Located::Country {
             country: Country::parse(code).unwrap(),
-            point: None,
+            point: Some(GeoPoint { lat, lon }),
+            subdivision: subdivision.map(|s| crate::geo::Subdivision::parse(s).unwrap()),
+            source: crate::geo::DatabaseId(0),
         }
     }
 
@@ -311,7 +371,7 @@ mod tests {
         for (code, want) in cases {
             let p = plan(&t, country(code), &facts("/v1/chat", &h)).unwrap();
             assert_eq!(names(&t, &p), want, "{code}");
-            assert!(matches!(p.candidates, Cow::Borrowed(_)), "precomputed for {code}");
+            assert!(matches!(p.candidates, Candidates::Shared(_)), "precomputed for {code}");
         }
     }
 
@@ -341,17 +401,99 @@ mod tests {
     }
 
     #[test]
-    fn coordinates_from_the_database_reorder_by_client_position() {
+    fn a_home_region_keeps_the_precomputed_order_whatever_the_coordinates() {
         let t = table("");
         let h = HeaderMap::new();
-        // A US client on the west coast: home first, then us-west, then Dublin (7,300 km)
-        // before Singapore (13,000 km).
-        let seattle = Located::Country {
-            country: Country::parse("US").unwrap(),
-            point: Some(GeoPoint { lat: 47.6, lon: -122.3 }),
-        };
-        let p = plan(&t, seattle, &facts("/", &h)).unwrap();
+        // US is us-east's home: a Seattle client still goes there first (listing US as a
+        // home turns distance ordering inside the country off), from the table as is.
+        let p = plan(&t, at("US", 47.6, -122.3, None), &facts("/", &h)).unwrap();
         assert_eq!(names(&t, &p)[..3], ["us-east", "us-west", "eu-west"]);
+        assert!(matches!(p.candidates, Candidates::Shared(_)));
+        assert_eq!(
+            p.origin,
+            GeoPoint { lat: 47.6, lon: -122.3 },
+            "distances are shown from the client"
+        );
+    }
+
+    #[test]
+    fn coordinates_order_regions_when_the_country_has_no_home() {
+        let t = table_from(&TABLE.replace(r#"countries = ["US", "CA"]"#, r#"countries = ["CA"]"#));
+        let h = HeaderMap::new();
+        let cases = [
+            (at("US", 37.34, -121.89, None), "us-west"), // San Jose
+            (at("US", 47.6, -122.3, None), "us-west"),   // Seattle
+            (at("US", 39.04, -77.49, None), "us-east"),  // Ashburn
+            (at("US", 25.77, -80.19, None), "us-east"),  // Miami
+            (at("JP", 35.68, 139.69, None), "ap-southeast"),
+            (country("US"), "us-east"), // no coordinates: the country's point (Kansas)
+        ];
+        for (located, first) in cases {
+            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            assert_eq!(names(&t, &p)[0], first, "{located:?}");
+            // The same order the allocating reference computes.
+            if let Located::Country {
+                country,
+                point: Some(point),
+                ..
+            } = located
+            {
+                assert!(matches!(p.candidates, Candidates::Inline(_)), "{located:?}");
+                let reference = order_candidates(&t.config, Some(country), point);
+                assert_eq!(&*p.candidates, &reference.candidates[..], "{located:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sharded_zone_without_home_keeps_the_region_nearest_the_client() {
+        // DE and FR have a home; BE is in the zone and no region's home: its clients go to
+        // the zone region nearest them, and only there.
+        let t = table_from(&format!(
+            "{}\nfailover = false",
+            TABLE.replace(r#"countries = ["DE", "FR"]"#, r#"countries = ["DE", "FR", "BE", "IT"]"#)
+        ));
+        let h = HeaderMap::new();
+        let cases = [
+            (at("BE", 51.2, 2.9, None), "eu-central"), // Ostend: 420 km from Frankfurt, 680 from Dublin
+            (at("IT", 45.46, 9.19, None), "eu-central"), // Milan
+            // A block the database places near Dublin, though registered in BE: Dublin.
+            (at("BE", 53.0, -6.0, None), "eu-west"),
+        ];
+        for (located, want) in cases {
+            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            let reference = match located {
+                Located::Country {
+                    country,
+                    point: Some(point),
+                    ..
+                } => order_candidates(&t.config, Some(country), point),
+                _ => unreachable!(),
+            };
+            assert_eq!(&*p.candidates, &reference.candidates[..], "{located:?}");
+            assert_eq!(names(&t, &p), [want], "{located:?}");
+        }
+    }
+
+    #[test]
+    fn a_subdivision_claim_makes_a_home_inside_a_country() {
+        let t = table_from(&TABLE.replace(
+            "name = \"us-west\"\n",
+            "name = \"us-west\"\n        subdivisions = [\"US-CA\", \"US-OR\"]\n",
+        ));
+        let h = HeaderMap::new();
+        let cases = [
+            (at("US", 37.34, -121.89, Some("US-CA")), "us-west", Some("us-west")),
+            (at("US", 45.5, -122.7, Some("US-OR")), "us-west", Some("us-west")),
+            (at("US", 47.6, -122.3, Some("US-WA")), "us-east", Some("us-east")),
+            (at("US", 40.7, -74.0, None), "us-east", Some("us-east")),
+        ];
+        for (located, first, home) in cases {
+            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            assert_eq!(names(&t, &p)[0], first, "{located:?}");
+            assert_eq!(p.home.map(|r| t.region_name(r)), home, "{located:?}");
+            assert!(p.candidates[0].home);
+        }
     }
 
     #[test]
