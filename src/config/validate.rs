@@ -1036,6 +1036,23 @@ impl Validator<'_> {
                 }
             }
         }
+        // The same for subdivision claims: a claim the zone cannot honour is an error.
+        for (i, r) in regions.iter().enumerate() {
+            for (j, sub) in r.subdivisions.iter().enumerate() {
+                for (z, zone) in zones.iter().enumerate() {
+                    if zone.countries.contains(&sub.country()) && !zone.regions.contains(&i) {
+                        self.problem(
+                            format!("region[{i}].subdivisions[{j}]"),
+                            None,
+                            format!(
+                                "{sub} is in residency zone {:?} (residency[{z}]), which does not include region {:?}",
+                                zone.name, r.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn routes(&mut self, raw: Vec<file::RouteFile>, names: &HashMap<String, usize>) -> Vec<RouteConfig> {

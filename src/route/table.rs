@@ -278,3 +278,62 @@ pub fn order_nearest(config: &Config, pool: &[RegionId], origin: GeoPoint, shard
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_pools_exist_only_for_countries_without_home_and_stay_in_their_zone() {
+        let text = r#"
+            [geoip]
+            default_region = "us-east"
+            [[region]]
+            name = "us-east"
+            location = [39.04, -77.49]
+            countries = ["CA"]
+            endpoints = ["http://127.0.0.1:1"]
+            [[region]]
+            name = "us-west"
+            location = [37.35, -121.96]
+            subdivisions = ["US-CA"]
+            endpoints = ["http://127.0.0.1:2"]
+            [[region]]
+            name = "eu-central"
+            location = [50.11, 8.68]
+            countries = ["DE"]
+            subdivisions = ["FR-75"]
+            endpoints = ["http://127.0.0.1:3"]
+            [[region]]
+            name = "eu-west"
+            location = [53.35, -6.26]
+            endpoints = ["http://127.0.0.1:4"]
+            [[residency]]
+            name = "eu"
+            countries = ["DE", "FR", "BE"]
+            regions = ["eu-central", "eu-west"]
+            [[residency]]
+            name = "us"
+            countries = ["US"]
+            regions = ["us-east", "us-west"]
+        "#;
+        let table = RouteTable::new(Arc::new(Config::parse(text, None).unwrap()));
+        let c = |code: &str| Country::parse(code).unwrap();
+        let names =
+            |pool: Option<&[RegionId]>| pool.map(|p| p.iter().map(|&r| table.region_name(r)).collect::<Vec<_>>());
+        let cases: [(&str, Option<Vec<&str>>); 5] = [
+            ("CA", None),
+            ("DE", None),
+            ("US", Some(vec!["us-east", "us-west"])),
+            ("BE", Some(vec!["eu-central", "eu-west"])),
+            ("JP", Some(vec!["us-east", "us-west", "eu-central", "eu-west"])),
+        ];
+        for (code, want) in cases {
+            assert_eq!(names(table.nearest_pool(c(code))), want, "{code}");
+        }
+        let sub = |s: &str| Subdivision::parse(s).unwrap();
+        assert_eq!(table.subdivision_plan(sub("US-CA")).and_then(|p| p.home), Some(1));
+        assert_eq!(table.subdivision_plan(sub("FR-75")).and_then(|p| p.home), Some(2));
+        assert_eq!(table.subdivision_plan(sub("US-TX")), None);
+    }
+}
