@@ -191,7 +191,9 @@ fn ip(text: &str) -> IpAddr {
 }
 
 /// (country, point, subdivision, database label) of a lookup.
-fn found(geo: &GeoDb, addr: &str) -> (Option<String>, Option<(f64, f64)>, Option<String>, Option<String>) {
+type Found = (Option<String>, Option<(f64, f64)>, Option<String>, Option<String>);
+
+fn found(geo: &GeoDb, addr: &str) -> Found {
     match geo.locate(ip(addr)) {
         Located::Country {
             country,
@@ -216,7 +218,15 @@ fn near(a: Option<(f64, f64)>, b: (f64, f64)) -> bool {
 fn every_common_record_shape_is_read() {
     let dir = tempfile::tempdir().unwrap();
     // (file, database_type, record, country, coordinates, subdivision)
-    let cases: Vec<(&str, &str, Value, &str, Option<(f64, f64)>, Option<&str>)> = vec![
+    type Case = (
+        &'static str,
+        &'static str,
+        Value,
+        &'static str,
+        Option<(f64, f64)>,
+        Option<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
         (
             "geolite2-city.mmdb",
             "GeoLite2-City",

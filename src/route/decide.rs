@@ -35,6 +35,8 @@ pub struct RoutePlan<'t> {
 /// A plan's candidates: the precomputed order of the table, or one computed for this
 /// client's coordinates (inline, so the request path does not allocate).
 #[derive(Clone)]
+// Inline on purpose: boxing the large variant would put the allocation back.
+#[allow(clippy::large_enum_variant)]
 pub enum Candidates<'t> {
     Shared(&'t [Candidate]),
     Inline(InlineCandidates),
