@@ -423,6 +423,9 @@ fn config_errors_name_the_geoip_key() {
         ("max_accuracy_radius_km = 0\n", "geoip.max_accuracy_radius_km"),
         ("max_accuracy_radius = 5\n", "max_accuracy_radius"),
     ];
+    let many: Vec<String> = (0..17).map(|i| format!("\"city-{i}.mmdb\"")).collect();
+    let many = format!("database = [{}]\n", many.join(", "));
+    let cases: Vec<(&str, &str)> = cases.into_iter().chain([(many.as_str(), "at most 16")]).collect();
     for (geoip, key) in cases {
         let text = format!(
             "[geoip]\n{geoip}\n{}",

@@ -305,6 +305,9 @@ impl Config {
     }
 }
 
+/// Every lookup may walk the whole chain: a handful of files is the intended use.
+const MAX_GEOIP_DATABASES: usize = 16;
+
 fn line_of(text: &str, span: &Range<usize>) -> usize {
     text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1
 }
@@ -598,6 +601,13 @@ impl Validator<'_> {
                 "geoip.database",
                 Some(span.clone()),
                 "lists no file; leave it out for the embedded database",
+            );
+        }
+        if list.len() > MAX_GEOIP_DATABASES {
+            self.problem(
+                "geoip.database",
+                Some(span.clone()),
+                format!("lists {} files; at most {MAX_GEOIP_DATABASES}", list.len()),
             );
         }
         let mut out: Vec<PathBuf> = Vec::new();
