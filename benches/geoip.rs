@@ -107,7 +107,10 @@ endpoints = ["http://127.0.0.1:3"]
     };
     let located = geo.locate(v4_hit);
     g.bench_function("route_plan_by_client_distance", |b| {
-        b.iter(|| route::plan(&table, black_box(located), &facts).map(|p| p.candidates.len()))
+        b.iter(|| {
+            let mut scratch = route::InlineCandidates::new();
+            route::plan_in(&table, black_box(located), &facts, &mut scratch).map(|p| p.candidates.len())
+        })
     });
     g.finish();
 }

@@ -108,7 +108,9 @@ impl Proxy {
             path: req.uri().path(),
             headers: req.headers(),
         };
-        let plan = match route::plan(&rt.table, located, &facts) {
+        // Room for a per-client candidate order (city coordinates), so it is not allocated.
+        let mut nearest = route::InlineCandidates::new();
+        let plan = match route::plan_in(&rt.table, located, &facts, &mut nearest) {
             Ok(plan) => plan,
             Err(refusal) => {
                 // Refused before the headers are rewritten: the client's id, or a new one the

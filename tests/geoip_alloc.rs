@@ -128,7 +128,8 @@ fn city_lookups_and_the_per_client_order_do_not_allocate() {
     let decide = |ip: IpAddr| {
         let located = geo.locate(ip);
         assert!(matches!(located, Located::Country { .. }), "{ip}: {located:?}");
-        route::plan(&table, located, &facts)
+        let mut scratch = route::InlineCandidates::new();
+        route::plan_in(&table, located, &facts, &mut scratch)
             .ok()
             .and_then(|p| p.candidates.first().map(|c| c.region))
     };

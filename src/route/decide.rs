@@ -1,8 +1,7 @@
 //! The per-request routing decision (SPEC "Routing decision", steps 2–6), pure over the
 //! compiled table and a view of region state.
 
-use std::fmt;
-use std::ops::Deref;
+use std::borrow::Cow;
 
 use http::{HeaderMap, Method};
 
@@ -29,42 +28,7 @@ pub struct RoutePlan<'t> {
     pub fallback: bool,
     /// Index of the `[[route]]` rule that matched, if any.
     pub rule: Option<usize>,
-    pub candidates: Candidates<'t>,
-}
-
-/// A plan's candidates: the precomputed order of the table, or one computed for this
-/// client's coordinates (inline, so the request path does not allocate).
-#[derive(Clone)]
-// Inline on purpose: boxing the large variant would put the allocation back.
-#[allow(clippy::large_enum_variant)]
-pub enum Candidates<'t> {
-    Shared(&'t [Candidate]),
-    Inline(InlineCandidates),
-    /// More regions than fit inline.
-    Owned(Vec<Candidate>),
-}
-
-impl Deref for Candidates<'_> {
-    type Target = [Candidate];
-    fn deref(&self) -> &[Candidate] {
-        match self {
-            Candidates::Shared(c) => c,
-            Candidates::Inline(c) => c.as_slice(),
-            Candidates::Owned(c) => c,
-        }
-    }
-}
-
-impl PartialEq for Candidates<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        **self == **other
-    }
-}
-
-impl fmt::Debug for Candidates<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
+    pub candidates: Cow<'t, [Candidate]>,
 }
 
 /// The request is refused before any region is considered.
@@ -105,8 +69,29 @@ pub enum NoRegion {
     NoRegionAvailable,
 }
 
-/// Steps 2–4 and route rules: the ordered candidates for a located client.
+/// Steps 2–4 and route rules: the ordered candidates for a located client. A per-client
+/// order (coordinates, no home region) is allocated; the request path uses [`plan_in`].
 pub fn plan<'t>(table: &'t RouteTable, located: Located, req: &RequestFacts<'_>) -> Result<RoutePlan<'t>, Refusal> {
+    plan_with(table, located, req, None)
+}
+
+/// [`plan`], with a per-client order written into `scratch` (the caller's stack) rather
+/// than allocated. The plan itself stays small, so the precomputed path pays nothing.
+pub fn plan_in<'t>(
+    table: &'t RouteTable,
+    located: Located,
+    req: &RequestFacts<'_>,
+    scratch: &'t mut InlineCandidates,
+) -> Result<RoutePlan<'t>, Refusal> {
+    plan_with(table, located, req, Some(scratch))
+}
+
+fn plan_with<'t>(
+    table: &'t RouteTable,
+    located: Located,
+    req: &RequestFacts<'_>,
+    scratch: Option<&'t mut InlineCandidates>,
+) -> Result<RoutePlan<'t>, Refusal> {
     let config = &table.config;
     let known = match located {
         Located::Country {
@@ -128,11 +113,13 @@ pub fn plan<'t>(table: &'t RouteTable, located: Located, req: &RequestFacts<'_>)
                 // ordered for this client (us-east or us-west for a US client).
                 (None, Some(point), Some(pool)) => {
                     let mut plan = RoutePlan::borrowed(base);
-                    plan.candidates = match order_nearest(config, pool, point, base.sharded) {
-                        Some(inline) => Candidates::Inline(inline),
-                        None => {
-                            Candidates::Owned(super::table::order_candidates(config, base.country, point).candidates)
+                    plan.candidates = match (scratch, order_nearest(config, pool, point, base.sharded)) {
+                        (Some(scratch), Some(order)) => {
+                            *scratch = order;
+                            let scratch: &'t InlineCandidates = scratch;
+                            Cow::Borrowed(scratch.as_slice())
                         }
+                        _ => Cow::Owned(super::table::order_candidates(config, base.country, point).candidates),
                     };
                     plan
                 }
@@ -155,7 +142,7 @@ pub fn plan<'t>(table: &'t RouteTable, located: Located, req: &RequestFacts<'_>)
         plan.rule = Some(rule);
         plan.fallback = false;
         plan.sharded = false;
-        plan.candidates = Candidates::Shared(candidates);
+        plan.candidates = Cow::Borrowed(candidates);
     }
     Ok(plan)
 }
@@ -170,7 +157,7 @@ impl<'t> RoutePlan<'t> {
             sharded: p.sharded,
             fallback: p.fallback,
             rule: None,
-            candidates: Candidates::Shared(&p.candidates),
+            candidates: Cow::Borrowed(&p.candidates),
         }
     }
 }
@@ -232,7 +219,7 @@ pub fn select(
 
 #[cfg(test)]
 mod tests {
-    use super::super::table::order_candidates;
+    use super::super::table::{InlineCandidates, order_candidates};
     use super::*;
     use crate::config::Config;
     use std::sync::Arc;
@@ -373,7 +360,7 @@ mod tests {
         for (code, want) in cases {
             let p = plan(&t, country(code), &facts("/v1/chat", &h)).unwrap();
             assert_eq!(names(&t, &p), want, "{code}");
-            assert!(matches!(p.candidates, Candidates::Shared(_)), "precomputed for {code}");
+            assert!(matches!(p.candidates, Cow::Borrowed(_)), "precomputed for {code}");
         }
     }
 
@@ -410,7 +397,7 @@ mod tests {
         // home turns distance ordering inside the country off), from the table as is.
         let p = plan(&t, at("US", 47.6, -122.3, None), &facts("/", &h)).unwrap();
         assert_eq!(names(&t, &p)[..3], ["us-east", "us-west", "eu-west"]);
-        assert!(matches!(p.candidates, Candidates::Shared(_)));
+        assert!(matches!(p.candidates, Cow::Borrowed(_)));
         assert_eq!(
             p.origin,
             GeoPoint { lat: 47.6, lon: -122.3 },
@@ -440,9 +427,13 @@ mod tests {
                 ..
             } = located
             {
-                assert!(matches!(p.candidates, Candidates::Inline(_)), "{located:?}");
                 let reference = order_candidates(&t.config, Some(country), point);
                 assert_eq!(&*p.candidates, &reference.candidates[..], "{located:?}");
+                // The same order written to the caller's scratch, borrowed from it.
+                let mut scratch = InlineCandidates::new();
+                let inline = plan_in(&t, located, &facts("/", &h), &mut scratch).unwrap();
+                assert!(matches!(inline.candidates, Cow::Borrowed(_)), "{located:?}");
+                assert_eq!(inline, p, "{located:?}");
             }
         }
     }

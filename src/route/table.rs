@@ -230,7 +230,25 @@ pub struct InlineCandidates {
     items: [Candidate; INLINE_CANDIDATES],
 }
 
+impl Default for InlineCandidates {
+    fn default() -> InlineCandidates {
+        InlineCandidates::new()
+    }
+}
+
 impl InlineCandidates {
+    /// Empty room for one plan's per-client order.
+    pub const fn new() -> InlineCandidates {
+        InlineCandidates {
+            len: 0,
+            items: [Candidate {
+                region: 0,
+                distance_km: 0.0,
+                home: false,
+            }; INLINE_CANDIDATES],
+        }
+    }
+
     pub fn as_slice(&self) -> &[Candidate] {
         &self.items[..self.len]
     }
@@ -243,14 +261,7 @@ pub fn order_nearest(config: &Config, pool: &[RegionId], origin: GeoPoint, shard
     if pool.len() > INLINE_CANDIDATES {
         return None;
     }
-    let mut out = InlineCandidates {
-        len: 0,
-        items: [Candidate {
-            region: 0,
-            distance_km: 0.0,
-            home: false,
-        }; INLINE_CANDIDATES],
-    };
+    let mut out = InlineCandidates::new();
     for (slot, &region) in out.items.iter_mut().zip(pool) {
         *slot = Candidate {
             region,
