@@ -105,13 +105,18 @@ fn plan_with<'t>(
     let mut plan = match known {
         Some((base, country, point, subdivision)) => {
             let claimed = subdivision.and_then(|s| table.subdivision_plan(s));
-            let pool = table.nearest_pool(country);
-            let mut plan = match (claimed, point, pool) {
+            // Only a client with coordinates needs the pool: the common country-only
+            // lookup goes straight to the precomputed plan.
+            let nearest = match (claimed, point) {
+                (None, Some(point)) => table.nearest_pool(country).map(|pool| (pool, point)),
+                _ => None,
+            };
+            let mut plan = match (claimed, nearest) {
                 // A subdivision a region claims: that region first, precomputed.
-                (Some(p), _, _) => RoutePlan::borrowed(p),
+                (Some(p), _) => RoutePlan::borrowed(p),
                 // No home region and the client's own coordinates: nearest region first,
                 // ordered for this client (us-east or us-west for a US client).
-                (None, Some(point), Some(pool)) => {
+                (None, Some((pool, point))) => {
                     let mut plan = RoutePlan::borrowed(base);
                     plan.candidates = match (scratch, order_nearest(config, pool, point, base.sharded)) {
                         (Some(scratch), Some(order)) => {
