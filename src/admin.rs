@@ -373,6 +373,7 @@ fn status(shared: &Shared) -> serde_json::Value {
         "ready": shared.is_ready(),
         "config": rt.config.source.as_ref().map(|p| p.display().to_string()),
         "geoip": rt.geo.description(),
+        "geoip_databases": crate::explain::geoip_status(&rt.geo),
         "regions": regions,
         "zones": zones,
         "fallback": rt.fallback.as_ref().map(|f| json!({"endpoint": f.config.endpoint.url, "zone": f.config.zone.map(|z| rt.config.zones[z].name.clone()), "breaker": f.breaker.snapshot()})),

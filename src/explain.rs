@@ -28,6 +28,11 @@ pub struct RouteExplanation {
     pub location: Option<GeoPoint>,
     /// Where the location came from: "database", "country_table" or "default_region".
     pub location_source: &'static str,
+    /// The GeoIP database that located the address (`embedded` or the file's path); `None`
+    /// when none knew it.
+    pub database: Option<String>,
+    /// The ISO 3166-2 subdivision the database gives, where it gives a code.
+    pub subdivision: Option<String>,
     pub zone: Option<String>,
     pub candidates: Vec<CandidateView>,
     pub chosen: Option<String>,
@@ -110,15 +115,29 @@ pub fn explain_model(
         Located::Country {
             country,
             point: Some(_),
+            ..
         } => (Some(country), "database"),
-        Located::Country { country, point: None } if country.info().is_some() => (Some(country), "country_table"),
+        Located::Country {
+            country, point: None, ..
+        } if country.info().is_some() => (Some(country), "country_table"),
         _ => (located.country(), "default_region"),
+    };
+    let subdivision = match located {
+        Located::Country {
+            subdivision: Some(s), ..
+        } => Some(s.to_string()),
+        _ => None,
     };
     let mut out = RouteExplanation {
         ip: ip.to_string(),
         country: country.map(|c| c.to_string()),
         location: None,
         location_source,
+        database: located
+            .source()
+            .and_then(|id| geo.database(id))
+            .map(|d| d.label().to_string()),
+        subdivision,
         zone: None,
         candidates: Vec::new(),
         chosen: None,
@@ -317,6 +336,23 @@ fn pattern_lines(table: &RouteTable, plan: &RoutePlan<'_>) -> Vec<String> {
     out
 }
 
+/// The GeoIP chain for `/status`: each database in lookup order, with how many addresses
+/// it has located.
+pub fn geoip_status(geo: &GeoDb) -> serde_json::Value {
+    geo.databases()
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "database": d.label(),
+                "type": d.database_type(),
+                "ip_version": d.ip_version(),
+                "build_epoch": d.build_epoch(),
+                "located": d.located(),
+            })
+        })
+        .collect()
+}
+
 /// Text for `meridian route` without `--json`.
 pub fn render_route(e: &RouteExplanation) -> String {
     let mut s = String::new();
@@ -336,6 +372,10 @@ pub fn render_route(e: &RouteExplanation) -> String {
             let _ = writeln!(s, "  location:   none");
         }
     }
+    if let Some(sub) = &e.subdivision {
+        let _ = writeln!(s, "  subdivision: {sub}");
+    }
+    let _ = writeln!(s, "  database:   {}", e.database.as_deref().unwrap_or("none knows it"));
     let _ = writeln!(s, "  zone:       {}", e.zone.as_deref().unwrap_or("none"));
     for p in &e.pattern {
         let _ = writeln!(s, "  pattern:    {p}");

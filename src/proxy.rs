@@ -96,7 +96,9 @@ impl Proxy {
         if let Err(err) = crate::forward::inbound::admit(&mut req) {
             return Ok(self.refuse(err, record, started));
         }
-        let plan = match self.route(&rt, client.located, &req, &mut record) {
+        // Room for a per-client candidate order (city coordinates), so it is not allocated.
+        let mut nearest = route::InlineCandidates::new();
+        let plan = match self.route(&rt, client.located, &req, &mut record, &mut nearest) {
             Ok(plan) => plan,
             Err(err) => return Ok(self.refuse(err, record, started)),
         };
@@ -234,13 +236,14 @@ impl Proxy {
         located: Located,
         req: &Request<Incoming>,
         record: &mut AccessRecord,
+        nearest: &'t mut route::InlineCandidates,
     ) -> Result<RoutePlan<'t>, ProxyError> {
         let facts = RequestFacts {
             method: req.method(),
             path: req.uri().path(),
             headers: req.headers(),
         };
-        match route::plan(&rt.table, located, &facts) {
+        match route::plan_in(&rt.table, located, &facts, nearest) {
             Ok(plan) => {
                 record.zone = plan.zone.map(|z| rt.table.zone_name(z).to_string());
                 Ok(plan)

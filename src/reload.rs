@@ -247,9 +247,10 @@ impl Reloader {
         tokio::task::spawn_blocking(move || fingerprint_all(files)).await.ok()
     }
 
-    /// The config file first, then every hook's files.
+    /// The config file first, the GeoIP database files, then every hook's files.
     fn watched(&self, runtime: &Runtime) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.path.iter().cloned().collect();
+        files.extend(runtime.config.geoip.databases.iter().cloned());
         for hook in lock(&self.hooks).iter() {
             files.extend(hook.watched_files(runtime));
         }
@@ -267,10 +268,20 @@ fn fingerprint_all(files: Vec<PathBuf>) -> Fingerprints {
         .collect()
 }
 
-/// A hash of the file's content; `None` when it cannot be read (missing, mid-swap).
+/// Above this size a file is fingerprinted by size and modification time, not content:
+/// hashing a 30 MB city database every second would cost more than the reload it saves.
+const HASH_LIMIT: u64 = 1 << 20;
+
+/// A hash of the file's content (of its size and modification time when large); `None`
+/// when it cannot be read (missing, mid-swap).
 fn fingerprint(path: &Path) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
     let mut h = DefaultHasher::new();
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.len() > HASH_LIMIT {
+        (meta.len(), meta.modified().ok()).hash(&mut h);
+        return Some(h.finish());
+    }
+    let bytes = std::fs::read(path).ok()?;
     bytes.hash(&mut h);
     Some(h.finish())
 }

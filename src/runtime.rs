@@ -100,6 +100,10 @@ impl Shared {
         };
         shared.publish_endpoints(&shared.runtime());
         shared.publish_availability();
+        shared
+            .runtime()
+            .geo
+            .publish_build_times(&shared.metrics.geoip_database_build);
         Ok(Arc::new(shared))
     }
 
@@ -124,6 +128,7 @@ impl Shared {
         }
         self.publish_endpoints(&current);
         self.publish_availability();
+        current.geo.publish_build_times(&self.metrics.geoip_database_build);
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -224,15 +229,8 @@ fn build(
     config: Config,
     previous: Option<&Runtime>,
 ) -> Result<Runtime, RuntimeError> {
-    let geo = match previous {
-        Some(p)
-            if p.config.geoip.database == config.geoip.database
-                && p.geo.is_current(config.geoip.database.as_deref()) =>
-        {
-            p.geo.clone()
-        }
-        _ => Arc::new(GeoDb::load(config.geoip.database.as_deref())?),
-    };
+    // Database files unchanged on disk are kept; a file updated in place is read again.
+    let geo = Arc::new(GeoDb::load(&config.geoip, previous.map(|p| &*p.geo))?);
     // Everything that can fail comes before the health registry is touched, so a rejected
     // reload leaves it as it was.
     let settings = PoolSettings {

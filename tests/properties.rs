@@ -229,7 +229,7 @@ proptest! {
         let zone = config.zones.iter().position(|z| z.countries.contains(&country));
         let headers = HeaderMap::new();
         let facts = RequestFacts { method: &Method::POST, path, headers: &headers };
-        let located = Located::Country { country, point: None };
+        let located = Located::in_country(country);
         let Ok(plan) = route::plan(&rt, located, &facts) else { return Ok(()) };
         let exempt = plan.rule.is_some_and(|r| config.routes[r].residency_exempt);
         let state = |r: usize| match states[r % states.len()] {

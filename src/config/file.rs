@@ -104,10 +104,23 @@ pub struct AdminFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GeoipFile {
-    pub database: Option<PathBuf>,
+    /// One file or a list, looked up in order.
+    pub database: Option<Spanned<GeoipDatabases>>,
+    /// `false`: no embedded country database after the listed ones.
+    pub embedded_fallback: Option<bool>,
+    /// Coordinates less precise than this fall back to the country's point.
+    pub max_accuracy_radius_km: Option<u32>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
     pub default_region: Option<Spanned<String>>,
     pub unknown: Option<UnknownPolicy>,
+}
+
+/// `geoip.database`: `"city.mmdb"` or `["city-ipv4.mmdb", "city-ipv6.mmdb"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum GeoipDatabases {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
 }
 
 /// What to do with a client whose location cannot be found.
@@ -191,6 +204,9 @@ pub struct RegionFile {
     pub location: Spanned<Vec<f64>>,
     #[serde(default)]
     pub countries: Vec<Spanned<String>>,
+    /// ISO 3166-2 codes (`US-CA`) whose clients are home clients of this region.
+    #[serde(default)]
+    pub subdivisions: Vec<Spanned<String>>,
     pub endpoints: Spanned<Vec<Spanned<EndpointFile>>>,
     #[serde(default)]
     pub priority: u32,

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::file::{self, EndpointFile, FileConfig, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
-use crate::geo::{Country, GeoPoint};
+use crate::geo::{Country, GeoPoint, Subdivision};
 
 /// The validated configuration. Indexes (`usize`) point into `regions` / `zones`.
 #[derive(Debug, Clone)]
@@ -108,7 +108,11 @@ pub struct AdminConfig {
 
 #[derive(Debug, Clone)]
 pub struct GeoipConfig {
-    pub database: Option<PathBuf>,
+    /// `geoip.database`, in lookup order (resolved against the config's directory).
+    pub databases: Vec<PathBuf>,
+    /// The embedded country database answers after the listed ones.
+    pub embedded_fallback: bool,
+    pub max_accuracy_radius_km: u32,
     pub trusted_proxies: Vec<IpNet>,
     pub default_region: usize,
     pub unknown: UnknownPolicy,
@@ -167,6 +171,8 @@ pub struct RegionConfig {
     pub name: String,
     pub location: GeoPoint,
     pub countries: Vec<Country>,
+    /// ISO 3166-2 subdivisions whose clients are home clients here (over their country's).
+    pub subdivisions: Vec<Subdivision>,
     pub endpoints: Vec<EndpointConfig>,
     pub priority: u32,
     pub failover: bool,
@@ -373,6 +379,9 @@ impl Config {
         self.regions.iter().position(|r| r.name == name)
     }
 }
+
+/// Every lookup may walk the whole chain: a handful of files is the intended use.
+const MAX_GEOIP_DATABASES: usize = 16;
 
 pub(super) fn line_of(text: &str, span: &Range<usize>) -> usize {
     text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1
@@ -679,12 +688,67 @@ impl Validator<'_> {
             // Without an explicit default the first region serves unlocated clients.
             None => (!names.is_empty()).then_some(0),
         };
+        let databases = self.geoip_databases(g.database);
+        let embedded_fallback = g.embedded_fallback.unwrap_or(true);
+        if !embedded_fallback && databases.is_empty() {
+            self.problem(
+                "geoip.embedded_fallback",
+                None,
+                "false needs geoip.database: without the embedded database no address could be located",
+            );
+        }
+        let max_accuracy_radius_km = g
+            .max_accuracy_radius_km
+            .unwrap_or(crate::geo::DEFAULT_MAX_ACCURACY_RADIUS_KM);
+        if max_accuracy_radius_km == 0 {
+            self.problem("geoip.max_accuracy_radius_km", None, "must be at least 1");
+        }
         Some(GeoipConfig {
-            database: g.database.map(|p| self.path(p)),
+            databases,
+            embedded_fallback,
+            max_accuracy_radius_km,
             trusted_proxies,
             default_region: default_region?,
             unknown: g.unknown.unwrap_or_default(),
         })
+    }
+
+    fn geoip_databases(&mut self, database: Option<Spanned<file::GeoipDatabases>>) -> Vec<PathBuf> {
+        let Some(database) = database else { return Vec::new() };
+        let span = database.span();
+        let (list, many) = match database.into_inner() {
+            file::GeoipDatabases::One(p) => (vec![p], false),
+            file::GeoipDatabases::Many(ps) => (ps, true),
+        };
+        if list.is_empty() {
+            self.problem(
+                "geoip.database",
+                Some(span.clone()),
+                "lists no file; leave it out for the embedded database",
+            );
+        }
+        if list.len() > MAX_GEOIP_DATABASES {
+            self.problem(
+                "geoip.database",
+                Some(span.clone()),
+                format!("lists {} files; at most {MAX_GEOIP_DATABASES}", list.len()),
+            );
+        }
+        let mut out: Vec<PathBuf> = Vec::new();
+        for (i, p) in list.into_iter().enumerate() {
+            let key = if many {
+                format!("geoip.database[{i}]")
+            } else {
+                "geoip.database".to_string()
+            };
+            let p = self.path(p);
+            if out.contains(&p) {
+                self.problem(key, Some(span.clone()), format!("{} is listed twice", p.display()));
+            } else {
+                out.push(p);
+            }
+        }
+        out
     }
 
     fn health(&mut self, h: file::HealthFile) -> HealthConfig {
@@ -848,6 +912,7 @@ impl Validator<'_> {
     fn regions(&mut self, raw: Vec<file::RegionFile>) -> Vec<RegionConfig> {
         let mut seen = HashMap::new();
         let mut home: HashMap<Country, String> = HashMap::new();
+        let mut claimed: HashMap<Subdivision, String> = HashMap::new();
         let mut out = Vec::new();
         for (i, r) in raw.into_iter().enumerate() {
             let key = format!("region[{i}]");
@@ -915,6 +980,33 @@ impl Validator<'_> {
                     }
                     self.homes.push((i, j, country, c.span()));
                     countries.push(country);
+                }
+            }
+            let mut subdivisions = Vec::new();
+            for (j, s) in r.subdivisions.iter().enumerate() {
+                let skey = format!("{key}.subdivisions[{j}]");
+                match Subdivision::parse(s.get_ref().trim()).filter(|s| s.country().info().is_some()) {
+                    Some(sub) => {
+                        if let Some(other) = claimed.insert(sub, name.clone()) {
+                            self.problem(
+                                skey,
+                                Some(s.span()),
+                                format!(
+                                    "{sub} is already claimed by region {other:?}; a subdivision has one home region"
+                                ),
+                            );
+                        } else {
+                            subdivisions.push(sub);
+                        }
+                    }
+                    None => self.problem(
+                        skey,
+                        Some(s.span()),
+                        format!(
+                            "{:?} is not an ISO 3166-2 code like \"US-CA\" (country, dash, 1-3 letters or digits)",
+                            s.get_ref()
+                        ),
+                    ),
                 }
             }
             let ep_span = r.endpoints.span();
@@ -1038,6 +1130,7 @@ impl Validator<'_> {
                 name,
                 location,
                 countries,
+                subdivisions,
                 endpoints,
                 priority: r.priority,
                 failover: r.failover.unwrap_or(true),
@@ -1174,6 +1267,23 @@ impl Validator<'_> {
                             zone.name, r.name
                         ),
                     );
+                }
+            }
+        }
+        // The same for subdivision claims: a claim the zone cannot honour is an error.
+        for (i, r) in regions.iter().enumerate() {
+            for (j, sub) in r.subdivisions.iter().enumerate() {
+                for (z, zone) in zones.iter().enumerate() {
+                    if zone.countries.contains(&sub.country()) && !zone.regions.contains(&i) {
+                        self.problem(
+                            format!("region[{i}].subdivisions[{j}]"),
+                            None,
+                            format!(
+                                "{sub} is in residency zone {:?} (residency[{z}]), which does not include region {:?}",
+                                zone.name, r.name
+                            ),
+                        );
+                    }
                 }
             }
         }

@@ -4,6 +4,7 @@
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use upstream::FakeUpstream;
@@ -21,8 +22,18 @@ pub const REGIONS: [(&str, [f64; 2], &[&str]); 6] = [
 /// The demo's admin token, printed with the drill commands.
 pub const TOKEN: &str = "demo-token";
 
-/// The config text for the demo, with each region pointing at its fake endpoint.
-pub fn config_text(listen: SocketAddr, admin: SocketAddr, endpoints: &[String]) -> String {
+/// The config text for the demo, with each region pointing at its fake endpoint. With city
+/// databases the US is no region's home, so its clients go to the nearer coast.
+pub fn config_text(listen: SocketAddr, admin: SocketAddr, endpoints: &[String], geoip: &[PathBuf]) -> String {
+    let database = if geoip.is_empty() {
+        String::new()
+    } else {
+        let files: Vec<String> = geoip
+            .iter()
+            .map(|p| format!("{:?}", absolute(p).display().to_string()))
+            .collect();
+        format!("database = [{}]\n", files.join(", "))
+    };
     let mut s = format!(
         r#"[server]
 listen = "{listen}"
@@ -33,7 +44,7 @@ stall_timeout = "10s"
 listen = "{admin}"
 
 [geoip]
-trusted_proxies = ["127.0.0.1/32", "::1/128"]
+{database}trusted_proxies = ["127.0.0.1/32", "::1/128"]
 default_region = "us-east"
 
 [health]
@@ -45,7 +56,11 @@ slow_start = "3s"
 "#
     );
     for ((name, loc, countries), endpoint) in REGIONS.iter().zip(endpoints) {
-        let countries: Vec<String> = countries.iter().map(|c| format!("{c:?}")).collect();
+        let countries: Vec<String> = countries
+            .iter()
+            .filter(|c| geoip.is_empty() || **c != "US")
+            .map(|c| format!("{c:?}"))
+            .collect();
         s.push_str(&format!(
             "\n[[region]]\nname = \"{name}\"\nlocation = [{}, {}]\ncountries = [{}]\nendpoints = [\"{endpoint}\"]\n",
             loc[0],
@@ -57,14 +72,38 @@ slow_start = "3s"
     s
 }
 
-/// Runs the tour until Ctrl-C.
-pub async fn run(listen: SocketAddr, admin: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// The extra tour lines when city databases split the US.
+fn split_lines(p: SocketAddr, geoip: &[PathBuf]) -> String {
+    if geoip.is_empty() {
+        return String::new();
+    }
+    format!(
+        r#"
+  # City databases ({files}): the US is no region's home, so a US client goes to the
+  # nearer coast by its own coordinates
+  curl -si -H 'X-Forwarded-For: 13.56.0.1' http://{p}/v1/chat/completions -d '{{"model":"demo"}}' | grep x-meridian-region  # San Jose -> us-west
+  curl -si -H 'X-Forwarded-For: 52.0.0.1' http://{p}/v1/chat/completions -d '{{"model":"demo"}}' | grep x-meridian-region   # Ashburn -> us-east
+"#,
+        files = geoip
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Runs the tour until Ctrl-C; `geoip` lists city databases to split the US with.
+pub async fn run(listen: SocketAddr, admin: SocketAddr, geoip: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
     let mut upstreams = Vec::new();
     for (name, _, _) in REGIONS {
         upstreams.push(FakeUpstream::start(name).await?);
     }
     let endpoints: Vec<String> = upstreams.iter().map(FakeUpstream::url).collect();
-    let text = config_text(listen, admin, &endpoints);
+    let text = config_text(listen, admin, &endpoints, geoip);
     // Written out so `meridian route -c` and `meridian check -c` can be tried on it.
     let config_path = std::env::temp_dir().join(format!("meridian-demo-{}.toml", std::process::id()));
     std::fs::write(&config_path, &text)?;
@@ -85,7 +124,7 @@ Try these (X-Forwarded-For is believed because curl connects from 127.0.0.1, a t
 
   # US client -> us-east
   curl -si -H 'X-Forwarded-For: 8.8.8.8' http://{p}/v1/chat/completions -d '{{"model":"demo"}}'
-
+{split}
   # IE client -> eu-west
   curl -si -H 'X-Forwarded-For: 87.44.0.1' http://{p}/v1/chat/completions -d '{{"model":"demo"}}'
 
@@ -93,7 +132,7 @@ Try these (X-Forwarded-For is believed because curl connects from 127.0.0.1, a t
   curl -si -H 'X-Forwarded-For: 1.1.1.1' http://{p}/v1/chat/completions -d '{{"model":"demo"}}'
 
   # Why? Explain the routing decision for an address
-  cargo run --release -- route -c {cfg} 81.2.69.142 87.44.0.1 1.1.1.1
+  cargo run --release -- route -c {cfg} 81.2.69.142 87.44.0.1 1.1.1.1{split_ips}
   curl -s http://{a}/status
 
 Failover drill:
@@ -119,11 +158,16 @@ Press Ctrl-C to stop.
         regions = REGIONS
             .iter()
             .zip(&endpoints)
-            .map(|((n, _, c), e)| format!("  {n:<13} {e:<24} home of {}", c.join(", ")))
+            .map(|((n, _, c), e)| {
+                let homes: Vec<&str> = c.iter().copied().filter(|c| geoip.is_empty() || *c != "US").collect();
+                format!("  {n:<13} {e:<24} home of {}", homes.join(", "))
+            })
             .collect::<Vec<_>>()
             .join("\n"),
         token = TOKEN,
         cfg = config_path.display(),
+        split = split_lines(p, geoip),
+        split_ips = if geoip.is_empty() { "" } else { " 13.56.0.1 52.0.0.1" },
     );
     let _ = tokio::signal::ctrl_c().await;
     running.shutdown().await;

@@ -1,34 +1,66 @@
-//! Where a client is: GeoIP lookup (maxminddb) plus the embedded country table.
+//! Where a client is: a chain of GeoIP databases (city files, then the embedded country
+//! database) plus the embedded country table.
 
 mod country;
+mod database;
 mod point;
+mod record;
+mod subdivision;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-
-use serde::Deserialize;
+use std::sync::Arc;
 
 pub use country::{Country, CountryInfo};
+pub use database::Database;
 pub use point::GeoPoint;
+pub use subdivision::Subdivision;
 
-/// The embedded default database: ip-location-db geo-whois-asn-country (CC BY 4.0, NRO).
-static EMBEDDED_DB: &[u8] = include_bytes!("../../geoip/geo-whois-asn-country.mmdb");
+use crate::config::GeoipConfig;
+
+/// Which database of the chain located an address: an index into [`GeoDb::databases`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatabaseId(pub u8);
 
 /// What a lookup found for one address.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Located {
-    /// A public address the database places in a country, with coordinates where it has them.
-    Country { country: Country, point: Option<GeoPoint> },
+    /// A public address a database places in a country, with coordinates where it has
+    /// them (and they are precise enough) and the subdivision where it gives an ISO code.
+    Country {
+        country: Country,
+        point: Option<GeoPoint>,
+        subdivision: Option<Subdivision>,
+        source: DatabaseId,
+    },
     /// Private, loopback, link-local, reserved or documentation space: not on the map.
     Private,
-    /// A public address the database does not know.
+    /// A public address no database knows.
     Unknown,
 }
 
 impl Located {
+    /// A located client with only a country, as the embedded database (or a test) gives it.
+    pub fn in_country(country: Country) -> Located {
+        Located::Country {
+            country,
+            point: None,
+            subdivision: None,
+            source: DatabaseId(0),
+        }
+    }
+
     pub fn country(&self) -> Option<Country> {
         match self {
             Located::Country { country, .. } => Some(*country),
+            _ => None,
+        }
+    }
+
+    /// The database that located the address, if one did.
+    pub fn source(&self) -> Option<DatabaseId> {
+        match self {
+            Located::Country { source, .. } => Some(*source),
             _ => None,
         }
     }
@@ -50,164 +82,91 @@ pub enum GeoError {
     },
 }
 
-enum DbBytes {
-    Embedded(&'static [u8]),
-    File(Vec<u8>),
-}
+/// Default for `geoip.max_accuracy_radius_km`: coordinates less precise than this are
+/// not used; the country's point is.
+pub const DEFAULT_MAX_ACCURACY_RADIUS_KM: u32 = 500;
 
-impl AsRef<[u8]> for DbBytes {
-    fn as_ref(&self) -> &[u8] {
-        match self {
-            DbBytes::Embedded(b) => b,
-            DbBytes::File(v) => v,
-        }
-    }
-}
-
-/// A MaxMind-format database: GeoIP2/GeoLite2 Country or City, or ip-location-db records.
+/// The databases of `geoip.database`, in order, then (unless turned off) the embedded
+/// country database: the first that knows an address answers.
 pub struct GeoDb {
-    reader: maxminddb::Reader<DbBytes>,
-    description: String,
-    /// Size and modification time of the file it was read from (none when embedded).
-    stamp: Option<FileStamp>,
-}
-
-type FileStamp = (u64, Option<std::time::SystemTime>);
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
-}
-
-/// The fields Meridian reads, in both the MaxMind and the ip-location-db layouts.
-/// Strings are borrowed from the database, so a lookup does not allocate.
-#[derive(Deserialize)]
-struct Record<'a> {
-    #[serde(borrow)]
-    country: Option<NamedCountry<'a>>,
-    #[serde(borrow)]
-    registered_country: Option<NamedCountry<'a>>,
-    country_code: Option<&'a str>,
-    location: Option<MaxMindLocation>,
-    latitude: Option<f64>,
-    longitude: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct NamedCountry<'a> {
-    iso_code: Option<&'a str>,
-}
-
-#[derive(Deserialize)]
-struct MaxMindLocation {
-    latitude: Option<f64>,
-    longitude: Option<f64>,
+    databases: Vec<Arc<Database>>,
+    max_accuracy_radius_km: f64,
 }
 
 impl GeoDb {
-    /// Unix time the database was built, from its metadata.
-    pub fn build_epoch(&self) -> u64 {
-        self.reader.metadata().build_epoch
-    }
-
-    /// The database compiled into the binary.
+    /// The database compiled into the binary, alone.
     pub fn embedded() -> GeoDb {
-        // The embedded file is checked by the unit tests below; a broken build artifact
-        // is the only way this can fail.
-        let reader =
-            maxminddb::Reader::from_source(DbBytes::Embedded(EMBEDDED_DB)).expect("embedded GeoIP database is valid"); // unwrap-ok: build-time asset
         GeoDb {
-            description: describe(&reader, "embedded"),
-            reader,
-            stamp: None,
+            databases: vec![Arc::new(Database::embedded())],
+            max_accuracy_radius_km: f64::from(DEFAULT_MAX_ACCURACY_RADIUS_KM),
         }
     }
 
-    /// Opens a database file, checking that it can answer lookups.
-    pub fn open(path: &Path) -> Result<GeoDb, GeoError> {
-        let before = stamp(path);
-        let bytes = std::fs::read(path).map_err(|source| GeoError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let invalid = |source| GeoError::Invalid {
-            path: path.to_owned(),
-            source,
-        };
-        let reader = maxminddb::Reader::from_source(DbBytes::File(bytes)).map_err(invalid)?;
-        // A truncated or corrupt data section only shows on lookup: try a few addresses now
-        // rather than failing on a client's request later.
-        for probe in ["8.8.8.8", "81.2.69.142", "1.1.1.1", "2001:4860:4860::8888"] {
-            let Ok(ip) = probe.parse::<IpAddr>() else { continue };
-            if ip.is_ipv6() && reader.metadata().ip_version == 4 {
-                continue;
-            }
-            reader
-                .lookup(ip)
-                .and_then(|r| r.decode::<Record<'_>>())
-                .map_err(invalid)?;
+    /// Opens the configured chain. Files `previous` holds unchanged on disk are kept rather
+    /// than read again (a reload of a config that did not touch them).
+    pub fn load(geoip: &GeoipConfig, previous: Option<&GeoDb>) -> Result<GeoDb, GeoError> {
+        let kept =
+            |path: Option<&Path>| previous.and_then(|p| p.databases.iter().find(|d| d.is_current(path)).cloned());
+        let mut databases = Vec::with_capacity(geoip.databases.len() + 1);
+        for path in &geoip.databases {
+            databases.push(match kept(Some(path)) {
+                Some(db) => db,
+                None => Arc::new(Database::open(path)?),
+            });
+        }
+        if geoip.embedded_fallback {
+            databases.push(kept(None).unwrap_or_else(|| Arc::new(Database::embedded())));
         }
         Ok(GeoDb {
-            description: describe(&reader, &path.display().to_string()),
-            reader,
-            stamp: before,
+            databases,
+            max_accuracy_radius_km: f64::from(geoip.max_accuracy_radius_km),
         })
     }
 
-    /// True when `path` still holds what this database was read from, so a reload may keep
-    /// it; a file updated in place (a weekly GeoIP refresh) is read again.
-    pub fn is_current(&self, path: Option<&Path>) -> bool {
-        match path {
-            None => self.stamp.is_none(),
-            Some(p) => self.stamp.is_some() && stamp(p) == self.stamp,
-        }
+    /// The chain in lookup order.
+    pub fn databases(&self) -> &[Arc<Database>] {
+        &self.databases
     }
 
-    /// Opens the configured file, or the embedded database when none is configured.
-    pub fn load(path: Option<&Path>) -> Result<GeoDb, GeoError> {
-        match path {
-            Some(p) => GeoDb::open(p),
-            None => Ok(GeoDb::embedded()),
-        }
+    pub fn database(&self, id: DatabaseId) -> Option<&Database> {
+        self.databases.get(usize::from(id.0)).map(|d| &**d)
     }
 
-    pub fn description(&self) -> &str {
-        &self.description
+    /// Every database of the chain, for `meridian check` and the admin status.
+    pub fn description(&self) -> String {
+        let parts: Vec<String> = self.databases.iter().map(|d| d.describe()).collect();
+        parts.join(", then ")
+    }
+
+    /// Sets `meridian_geoip_database_build_timestamp_seconds{database}` to this chain,
+    /// dropping databases that left it.
+    pub fn publish_build_times(&self, gauge: &prometheus::IntGaugeVec) {
+        gauge.reset();
+        for db in &self.databases {
+            gauge
+                .with_label_values(&[db.label()])
+                .set(i64::try_from(db.build_epoch()).unwrap_or(i64::MAX));
+        }
     }
 
     fn lookup_public(&self, ip: IpAddr) -> Located {
-        let record = match self.reader.lookup(ip).and_then(|r| r.decode::<Record<'_>>()) {
-            Ok(Some(record)) => record,
-            Ok(None) | Err(_) => return Located::Unknown,
-        };
-        let code = record
-            .country
-            .and_then(|c| c.iso_code)
-            .or(record.country_code)
-            .or(record.registered_country.and_then(|c| c.iso_code));
-        let Some(country) = code.and_then(Country::parse) else {
-            return Located::Unknown;
-        };
-        let (lat, lon) = match record.location {
-            Some(l) => (l.latitude, l.longitude),
-            None => (record.latitude, record.longitude),
-        };
-        let point = match (lat, lon) {
-            (Some(lat), Some(lon)) if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {
-                Some(GeoPoint { lat, lon })
-            }
-            _ => None,
-        };
-        Located::Country { country, point }
+        for (i, db) in self.databases.iter().enumerate() {
+            let Some(hit) = db.lookup(ip) else { continue };
+            db.count_located();
+            // Imprecise coordinates (a whole-country guess, often the country's centroid
+            // with a radius of 1,000 km) would pull a client to the wrong coast: the
+            // country's representative point is the honest answer then.
+            let precise = hit.accuracy_radius_km.is_none_or(|r| r <= self.max_accuracy_radius_km);
+            return Located::Country {
+                country: hit.country,
+                point: hit.point.filter(|_| precise),
+                subdivision: hit.subdivision,
+                // At most a handful of databases: the config allows far fewer than 255.
+                source: DatabaseId(u8::try_from(i).unwrap_or(u8::MAX)),
+            };
+        }
+        Located::Unknown
     }
-}
-
-fn describe(reader: &maxminddb::Reader<DbBytes>, origin: &str) -> String {
-    format!(
-        "{} ({}, built {})",
-        reader.metadata().database_type,
-        origin,
-        reader.metadata().build_epoch
-    )
 }
 
 impl Locate for GeoDb {
@@ -252,6 +211,7 @@ pub fn is_public(ip: IpAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::database::EMBEDDED_DB;
     use super::*;
 
     #[test]
@@ -284,13 +244,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let garbage = dir.join("garbage.mmdb");
         std::fs::write(&garbage, b"this is not a maxmind database").unwrap();
-        let err = GeoDb::open(&garbage).err().unwrap().to_string();
+        let err = Database::open(&garbage).err().unwrap().to_string();
         assert!(err.contains("not a valid MaxMind DB"), "{err}");
         // A real database cut short: metadata is at the end, so truncate from the front.
         let truncated = dir.join("truncated.mmdb");
         std::fs::write(&truncated, &EMBEDDED_DB[EMBEDDED_DB.len() / 2..]).unwrap();
-        assert!(GeoDb::open(&truncated).is_err());
-        let err = GeoDb::open(&dir.join("missing.mmdb")).err().unwrap().to_string();
+        assert!(Database::open(&truncated).is_err());
+        let err = Database::open(&dir.join("missing.mmdb")).err().unwrap().to_string();
         assert!(err.contains("cannot read"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -301,10 +261,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("db.mmdb");
         std::fs::write(&path, EMBEDDED_DB).unwrap();
-        let db = GeoDb::open(&path).unwrap();
+        let db = Database::open(&path).unwrap();
         assert!(db.is_current(Some(&path)));
         assert!(!db.is_current(None), "a file database is not the embedded one");
-        assert!(GeoDb::embedded().is_current(None));
+        assert!(Database::embedded().is_current(None));
         // Same path, new contents (a weekly refresh): must be read again.
         std::fs::write(&path, &EMBEDDED_DB[..EMBEDDED_DB.len() - 1]).unwrap();
         assert!(!db.is_current(Some(&path)));

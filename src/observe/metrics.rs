@@ -37,6 +37,8 @@ pub struct Metrics {
     pub geoip_lookups: IntCounterVec,
     /// `geoip_lookups` resolved per result once, so a request bumps a counter without hashing labels.
     pub geoip_results: GeoipResults,
+    /// Build time of each GeoIP database in the chain, by `database` (path or `embedded`).
+    pub geoip_database_build: IntGaugeVec,
     pub open_connections: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
@@ -54,7 +56,6 @@ pub struct Metrics {
     pub request_bytes: IntCounterVec,
     pub response_bytes: IntCounterVec,
     pub fallback_breaker_state: IntGaugeVec,
-    pub geoip_build: Gauge,
     pub tls_certificate_expiry: GaugeVec,
     pub admission_requests: IntCounterVec,
     pub admission_backend_errors: IntCounterVec,
@@ -128,13 +129,6 @@ impl Metrics {
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: registered once per registry
-        let geoip_build = Gauge::new(
-            "meridian_geoip_database_build_timestamp_seconds",
-            "Unix time the GeoIP database in use was built.",
-        )
-        .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
-        r.register(Box::new(geoip_build.clone()))
-            .unwrap_or_else(|e| panic!("{e}")); // unwrap-ok: static definitions
         let geoip_results = GeoipResults {
             hit: geoip_lookups.with_label_values(&["hit"]),
             miss: geoip_lookups.with_label_values(&["miss"]),
@@ -254,6 +248,12 @@ impl Metrics {
             ),
             geoip_lookups,
             geoip_results,
+            geoip_database_build: gauge(
+                &r,
+                "meridian_geoip_database_build_timestamp_seconds",
+                "Unix time each GeoIP database in force was built (its metadata), by database.",
+                &["database"],
+            ),
             open_connections,
             config_reloads: counter(
                 &r,
@@ -346,7 +346,6 @@ impl Metrics {
                 "1 for the state the fallback's circuit breaker is in.",
                 &["state"],
             ),
-            geoip_build,
             tls_certificate_expiry: float_gauge(
                 &r,
                 "meridian_tls_certificate_expiry_timestamp_seconds",
@@ -387,7 +386,6 @@ impl Metrics {
                     .set(i64::from(s == now));
             }
         }
-        self.geoip_build.set(rt.geo.build_epoch() as f64);
     }
 
     /// The Prometheus text exposition of every metric.

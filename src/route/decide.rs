@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use http::{HeaderMap, Method};
 
-use super::table::{Candidate, RegionId, RouteTable, ZoneId, order_candidates};
+use super::table::{Candidate, InlineCandidates, RegionId, RouteTable, ZoneId, order_nearest};
 use crate::config::UnknownPolicy;
 use crate::geo::{Country, GeoPoint, Located};
 
@@ -69,17 +69,73 @@ pub enum NoRegion {
     NoRegionAvailable,
 }
 
-/// Steps 2–4 and route rules: the ordered candidates for a located client.
+/// Steps 2–4 and route rules: the ordered candidates for a located client. A per-client
+/// order (coordinates, no home region) is allocated; the request path uses [`plan_in`].
 pub fn plan<'t>(table: &'t RouteTable, located: Located, req: &RequestFacts<'_>) -> Result<RoutePlan<'t>, Refusal> {
+    plan_with(table, located, req, None)
+}
+
+/// [`plan`], with a per-client order written into `scratch` (the caller's stack) rather
+/// than allocated. The plan itself stays small, so the precomputed path pays nothing.
+pub fn plan_in<'t>(
+    table: &'t RouteTable,
+    located: Located,
+    req: &RequestFacts<'_>,
+    scratch: &'t mut InlineCandidates,
+) -> Result<RoutePlan<'t>, Refusal> {
+    plan_with(table, located, req, Some(scratch))
+}
+
+fn plan_with<'t>(
+    table: &'t RouteTable,
+    located: Located,
+    req: &RequestFacts<'_>,
+    scratch: Option<&'t mut InlineCandidates>,
+) -> Result<RoutePlan<'t>, Refusal> {
     let config = &table.config;
     let known = match located {
-        Located::Country { country, point } => table.country_plan(country).map(|p| (p, point)),
+        Located::Country {
+            country,
+            point,
+            subdivision,
+            ..
+        } => table.country_plan(country).map(|p| (p, country, point, subdivision)),
         Located::Private | Located::Unknown => None,
     };
     let mut plan = match known {
-        Some((base, None)) => RoutePlan::borrowed(base),
-        // A database with coordinates: order by the client's own position.
-        Some((base, Some(point))) => RoutePlan::owned(order_candidates(config, base.country, point)),
+        Some((base, country, point, subdivision)) => {
+            let claimed = subdivision.and_then(|s| table.subdivision_plan(s));
+            // Only a client with coordinates needs the pool: the common country-only
+            // lookup goes straight to the precomputed plan.
+            let nearest = match (claimed, point) {
+                (None, Some(point)) => table.nearest_pool(country).map(|pool| (pool, point)),
+                _ => None,
+            };
+            let mut plan = match (claimed, nearest) {
+                // A subdivision a region claims: that region first, precomputed.
+                (Some(p), _) => RoutePlan::borrowed(p),
+                // No home region and the client's own coordinates: nearest region first,
+                // ordered for this client (us-east or us-west for a US client).
+                (None, Some((pool, point))) => {
+                    let mut plan = RoutePlan::borrowed(base);
+                    plan.candidates = match (scratch, order_nearest(config, pool, point, base.sharded)) {
+                        (Some(scratch), Some(order)) => {
+                            *scratch = order;
+                            let scratch: &'t InlineCandidates = scratch;
+                            Cow::Borrowed(scratch.as_slice())
+                        }
+                        _ => Cow::Owned(super::table::order_candidates(config, base.country, point).candidates),
+                    };
+                    plan
+                }
+                // A home region, or a country-level location: the precomputed order.
+                _ => RoutePlan::borrowed(base),
+            };
+            if let Some(point) = point {
+                plan.origin = point;
+            }
+            plan
+        }
         None if config.geoip.unknown == UnknownPolicy::Refuse => return Err(Refusal::LocationRefused),
         None => RoutePlan::borrowed(table.unlocated_plan()),
     };
@@ -107,19 +163,6 @@ impl<'t> RoutePlan<'t> {
             fallback: p.fallback,
             rule: None,
             candidates: Cow::Borrowed(&p.candidates),
-        }
-    }
-
-    fn owned(p: super::table::CountryPlan) -> RoutePlan<'t> {
-        RoutePlan {
-            country: p.country,
-            origin: p.origin,
-            zone: p.zone,
-            home: p.home,
-            sharded: p.sharded,
-            fallback: p.fallback,
-            rule: None,
-            candidates: Cow::Owned(p.candidates),
         }
     }
 }
@@ -181,6 +224,7 @@ pub fn select(
 
 #[cfg(test)]
 mod tests {
+    use super::super::table::{InlineCandidates, order_candidates};
     use super::*;
     use crate::config::Config;
     use crate::test_fixtures::{WORLD, world};
@@ -188,6 +232,11 @@ mod tests {
 
     fn table(extra: &str) -> RouteTable {
         world(extra)
+    }
+
+    fn table_from(text: &str) -> RouteTable {
+        let config = Config::parse(text, None).unwrap_or_else(|e| panic!("{e}"));
+        RouteTable::new(Arc::new(config))
     }
 
     fn names(t: &RouteTable, p: &RoutePlan<'_>) -> Vec<String> {
@@ -198,9 +247,15 @@ mod tests {
     }
 
     fn country(code: &str) -> Located {
+        Located::in_country(Country::parse(code).unwrap())
+    }
+
+    fn at(code: &str, lat: f64, lon: f64, subdivision: Option<&str>) -> Located {
         Located::Country {
             country: Country::parse(code).unwrap(),
-            point: None,
+            point: Some(GeoPoint { lat, lon }),
+            subdivision: subdivision.map(|s| crate::geo::Subdivision::parse(s).unwrap()),
+            source: crate::geo::DatabaseId(0),
         }
     }
 
@@ -299,17 +354,103 @@ mod tests {
     }
 
     #[test]
-    fn coordinates_from_the_database_reorder_by_client_position() {
+    fn a_home_region_keeps_the_precomputed_order_whatever_the_coordinates() {
         let t = table("");
         let h = HeaderMap::new();
-        // A US client on the west coast: home first, then us-west, then Dublin (7,300 km)
-        // before Singapore (13,000 km).
-        let seattle = Located::Country {
-            country: Country::parse("US").unwrap(),
-            point: Some(GeoPoint { lat: 47.6, lon: -122.3 }),
-        };
-        let p = plan(&t, seattle, &facts("/", &h)).unwrap();
+        // US is us-east's home: a Seattle client still goes there first (listing US as a
+        // home turns distance ordering inside the country off), from the table as is.
+        let p = plan(&t, at("US", 47.6, -122.3, None), &facts("/", &h)).unwrap();
         assert_eq!(names(&t, &p)[..3], ["us-east", "us-west", "eu-west"]);
+        assert!(matches!(p.candidates, Cow::Borrowed(_)));
+        assert_eq!(
+            p.origin,
+            GeoPoint { lat: 47.6, lon: -122.3 },
+            "distances are shown from the client"
+        );
+    }
+
+    #[test]
+    fn coordinates_order_regions_when_the_country_has_no_home() {
+        let t = table_from(&WORLD.replace(r#"countries = ["US", "CA"]"#, r#"countries = ["CA"]"#));
+        let h = HeaderMap::new();
+        let cases = [
+            (at("US", 37.34, -121.89, None), "us-west"), // San Jose
+            (at("US", 47.6, -122.3, None), "us-west"),   // Seattle
+            (at("US", 39.04, -77.49, None), "us-east"),  // Ashburn
+            (at("US", 25.77, -80.19, None), "us-east"),  // Miami
+            (at("JP", 35.68, 139.69, None), "ap-southeast"),
+            (country("US"), "us-east"), // no coordinates: the country's point (Kansas)
+        ];
+        for (located, first) in cases {
+            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            assert_eq!(names(&t, &p)[0], first, "{located:?}");
+            // The same order the allocating reference computes.
+            if let Located::Country {
+                country,
+                point: Some(point),
+                ..
+            } = located
+            {
+                let reference = order_candidates(&t.config, Some(country), point);
+                assert_eq!(&*p.candidates, &reference.candidates[..], "{located:?}");
+                // The same order written to the caller's scratch, borrowed from it.
+                let mut scratch = InlineCandidates::new();
+                let inline = plan_in(&t, located, &facts("/", &h), &mut scratch).unwrap();
+                assert!(matches!(inline.candidates, Cow::Borrowed(_)), "{located:?}");
+                assert_eq!(inline, p, "{located:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sharded_zone_without_home_keeps_the_region_nearest_the_client() {
+        // DE and FR have a home; BE is in the zone and no region's home: its clients go to
+        // the zone region nearest them, and only there.
+        let t = table_from(&format!(
+            "{}\nfailover = false",
+            WORLD.replace(r#"countries = ["DE", "FR"]"#, r#"countries = ["DE", "FR", "BE", "IT"]"#)
+        ));
+        let h = HeaderMap::new();
+        let cases = [
+            (at("BE", 51.2, 2.9, None), "eu-central"), // Ostend: 420 km from Frankfurt, 680 from Dublin
+            (at("IT", 45.46, 9.19, None), "eu-central"), // Milan
+            // A block the database places near Dublin, though registered in BE: Dublin.
+            (at("BE", 53.0, -6.0, None), "eu-west"),
+        ];
+        for (located, want) in cases {
+            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            let reference = match located {
+                Located::Country {
+                    country,
+                    point: Some(point),
+                    ..
+                } => order_candidates(&t.config, Some(country), point),
+                _ => unreachable!(),
+            };
+            assert_eq!(&*p.candidates, &reference.candidates[..], "{located:?}");
+            assert_eq!(names(&t, &p), [want], "{located:?}");
+        }
+    }
+
+    #[test]
+    fn a_subdivision_claim_makes_a_home_inside_a_country() {
+        let t = table_from(&WORLD.replace(
+            "name = \"us-west\"\n",
+            "name = \"us-west\"\n        subdivisions = [\"US-CA\", \"US-OR\"]\n",
+        ));
+        let h = HeaderMap::new();
+        let cases = [
+            (at("US", 37.34, -121.89, Some("US-CA")), "us-west", Some("us-west")),
+            (at("US", 45.5, -122.7, Some("US-OR")), "us-west", Some("us-west")),
+            (at("US", 47.6, -122.3, Some("US-WA")), "us-east", Some("us-east")),
+            (at("US", 40.7, -74.0, None), "us-east", Some("us-east")),
+        ];
+        for (located, first, home) in cases {
+            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            assert_eq!(names(&t, &p)[0], first, "{located:?}");
+            assert_eq!(p.home.map(|r| t.region_name(r)), home, "{located:?}");
+            assert!(p.candidates[0].home);
+        }
     }
 
     #[test]

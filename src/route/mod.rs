@@ -14,5 +14,7 @@ pub mod residency;
 pub mod spillover;
 mod table;
 
-pub use decide::{Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, path_matches, plan, select};
-pub use table::{Candidate, CountryPlan, RegionId, RouteTable, ZoneId, order_candidates};
+pub use decide::{
+    Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, path_matches, plan, plan_in, select,
+};
+pub use table::{Candidate, CountryPlan, InlineCandidates, RegionId, RouteTable, ZoneId, order_candidates};

@@ -172,10 +172,7 @@ mod tests {
             ),
         ];
         for (code, saturated, fallback, want) in cases {
-            let located = Located::Country {
-                country: Country::parse(code).unwrap_or_else(|| panic!("{code}")),
-                point: None,
-            };
+            let located = Located::in_country(Country::parse(code).unwrap_or_else(|| panic!("{code}")));
             let p = plan(&t, located, &facts).unwrap_or_else(|e| panic!("{e:?}"));
             let ids: Vec<usize> = saturated.iter().map(|n| id(n)).collect();
             let state = |r: usize| {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::geo::{Country, GeoPoint};
+use crate::geo::{Country, GeoPoint, Subdivision};
 
 pub type RegionId = usize;
 pub type ZoneId = usize;
@@ -37,6 +37,11 @@ pub struct CountryPlan {
 pub struct RouteTable {
     pub config: Arc<Config>,
     by_country: Vec<Option<CountryPlan>>,
+    /// Per country with no home region: the regions its clients may use, to be ordered by
+    /// distance from each client's own coordinates; empty for countries with a home.
+    nearest_pools: Vec<Box<[RegionId]>>,
+    /// `[[region]] subdivisions` home claims, with their precomputed plans.
+    by_subdivision: Vec<(Subdivision, CountryPlan)>,
     unlocated: CountryPlan,
     /// Per route rule: its candidates for clients with no zone, then for each zone.
     rules: Vec<Vec<Vec<Candidate>>>,
@@ -45,6 +50,7 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(config: Arc<Config>) -> RouteTable {
         let mut by_country = vec![None; 26 * 26];
+        let mut nearest_pools: Vec<Box<[RegionId]>> = vec![Box::default(); 26 * 26];
         for a in b'A'..=b'Z' {
             for b in b'A'..=b'Z' {
                 let code = [a, b];
@@ -52,7 +58,23 @@ impl RouteTable {
                     continue;
                 };
                 let Some(info) = country.info() else { continue };
-                by_country[country.index()] = Some(order_candidates(&config, Some(country), info.point));
+                let plan = order_candidates(&config, Some(country), info.point);
+                if plan.home.is_none() {
+                    let eligible = |r: &RegionId| plan.zone.is_none_or(|z| config.zones[z].regions.contains(r));
+                    nearest_pools[country.index()] = (0..config.regions.len()).filter(eligible).collect();
+                }
+                by_country[country.index()] = Some(plan);
+            }
+        }
+        let mut by_subdivision = Vec::new();
+        for (r, region) in config.regions.iter().enumerate() {
+            for &sub in &region.subdivisions {
+                let Some(info) = sub.country().info() else { continue };
+                let plan = order_with_home(&config, Some(sub.country()), info.point, Some(r));
+                // A claim the client's residency zone does not allow is no claim.
+                if plan.home == Some(r) {
+                    by_subdivision.push((sub, plan));
+                }
             }
         }
         let default_region = &config.regions[config.geoip.default_region];
@@ -87,6 +109,8 @@ impl RouteTable {
         RouteTable {
             config,
             by_country,
+            nearest_pools,
+            by_subdivision,
             unlocated,
             rules,
         }
@@ -95,6 +119,21 @@ impl RouteTable {
     /// The precomputed plan for a country; `None` for codes outside the table.
     pub fn country_plan(&self, country: Country) -> Option<&CountryPlan> {
         self.by_country.get(country.index()).and_then(Option::as_ref)
+    }
+
+    /// The regions a client of `country` may use, when the country is no region's home:
+    /// they are ordered by distance from the client's own coordinates. `None` when the
+    /// country has a home region, whose precomputed plan serves every client of it.
+    pub fn nearest_pool(&self, country: Country) -> Option<&[RegionId]> {
+        self.nearest_pools
+            .get(country.index())
+            .map(|p| &p[..])
+            .filter(|p| !p.is_empty())
+    }
+
+    /// The precomputed plan for clients of a subdivision a region claims as home.
+    pub fn subdivision_plan(&self, sub: Subdivision) -> Option<&CountryPlan> {
+        self.by_subdivision.iter().find(|(s, _)| *s == sub).map(|(_, p)| p)
     }
 
     /// The plan for clients that cannot be located (served as if from `default_region`).
@@ -125,17 +164,20 @@ impl RouteTable {
 /// region first, then by great-circle distance; `failover = false` narrows the list to the
 /// home region.
 pub fn order_candidates(config: &Config, country: Option<Country>, origin: GeoPoint) -> CountryPlan {
-    let zone = country.and_then(|c| config.zones.iter().position(|z| z.countries.contains(&c)));
-    let eligible = |r: RegionId| zone.is_none_or(|z| config.zones[z].regions.contains(&r));
     let home = match country {
-        Some(c) => config
-            .regions
-            .iter()
-            .position(|r| r.countries.contains(&c))
-            .filter(|&r| eligible(r)),
+        Some(c) => config.regions.iter().position(|r| r.countries.contains(&c)),
         // Unlocated clients are home clients of the default region.
         None => Some(config.geoip.default_region),
     };
+    order_with_home(config, country, origin, home)
+}
+
+/// [`order_candidates`] with the home region given (a subdivision's claim); a home the
+/// client's residency zone does not allow is dropped.
+fn order_with_home(config: &Config, country: Option<Country>, origin: GeoPoint, home: Option<RegionId>) -> CountryPlan {
+    let zone = country.and_then(|c| config.zones.iter().position(|z| z.countries.contains(&c)));
+    let eligible = |r: RegionId| zone.is_none_or(|z| config.zones[z].regions.contains(&r));
+    let home = home.filter(|&r| eligible(r));
     let mut candidates: Vec<Candidate> = (0..config.regions.len())
         .filter(|&r| eligible(r))
         .map(|r| Candidate {
@@ -176,5 +218,134 @@ pub fn order_candidates(config: &Config, country: Option<Country>, origin: GeoPo
         sharded,
         fallback,
         candidates,
+    }
+}
+
+/// Candidates ordered per request, kept inline so the hot path does not allocate.
+pub const INLINE_CANDIDATES: usize = 16;
+
+/// Up to [`INLINE_CANDIDATES`] candidates on the stack.
+#[derive(Clone, Copy)]
+pub struct InlineCandidates {
+    len: usize,
+    items: [Candidate; INLINE_CANDIDATES],
+}
+
+impl Default for InlineCandidates {
+    fn default() -> InlineCandidates {
+        InlineCandidates::new()
+    }
+}
+
+impl InlineCandidates {
+    /// Empty room for one plan's per-client order.
+    pub const fn new() -> InlineCandidates {
+        InlineCandidates {
+            len: 0,
+            items: [Candidate {
+                region: 0,
+                distance_km: 0.0,
+                home: false,
+            }; INLINE_CANDIDATES],
+        }
+    }
+
+    pub fn as_slice(&self) -> &[Candidate] {
+        &self.items[..self.len]
+    }
+}
+
+/// The candidates of `pool` (a country with no home region) for a client at `origin`:
+/// primaries before standbys, then by great-circle distance, as [`order_candidates`]
+/// orders them; `sharded` keeps only the nearest. `None` when the pool does not fit inline.
+pub fn order_nearest(config: &Config, pool: &[RegionId], origin: GeoPoint, sharded: bool) -> Option<InlineCandidates> {
+    if pool.len() > INLINE_CANDIDATES {
+        return None;
+    }
+    let mut out = InlineCandidates::new();
+    for (slot, &region) in out.items.iter_mut().zip(pool) {
+        *slot = Candidate {
+            region,
+            distance_km: origin.distance_km(&config.regions[region].location),
+            home: false,
+        };
+    }
+    out.len = pool.len();
+    let items = &mut out.items[..out.len];
+    // Unstable sort never allocates; the region index breaks every tie.
+    items.sort_unstable_by(|a, b| {
+        let (pa, pb) = (config.regions[a.region].priority, config.regions[b.region].priority);
+        pa.cmp(&pb)
+            .then(a.distance_km.total_cmp(&b.distance_km))
+            .then(a.region.cmp(&b.region))
+    });
+    if sharded {
+        let nearest = items
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| a.distance_km.total_cmp(&b.distance_km).then(a.region.cmp(&b.region)))
+            .map_or(0, |(i, _)| i);
+        out.items[0] = out.items[nearest];
+        out.len = out.len.min(1);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_pools_exist_only_for_countries_without_home_and_stay_in_their_zone() {
+        let text = r#"
+            [geoip]
+            default_region = "us-east"
+            [[region]]
+            name = "us-east"
+            location = [39.04, -77.49]
+            countries = ["CA"]
+            endpoints = ["http://127.0.0.1:1"]
+            [[region]]
+            name = "us-west"
+            location = [37.35, -121.96]
+            subdivisions = ["US-CA"]
+            endpoints = ["http://127.0.0.1:2"]
+            [[region]]
+            name = "eu-central"
+            location = [50.11, 8.68]
+            countries = ["DE"]
+            subdivisions = ["FR-75"]
+            endpoints = ["http://127.0.0.1:3"]
+            [[region]]
+            name = "eu-west"
+            location = [53.35, -6.26]
+            endpoints = ["http://127.0.0.1:4"]
+            [[residency]]
+            name = "eu"
+            countries = ["DE", "FR", "BE"]
+            regions = ["eu-central", "eu-west"]
+            [[residency]]
+            name = "us"
+            countries = ["US"]
+            regions = ["us-east", "us-west"]
+        "#;
+        let table = RouteTable::new(Arc::new(Config::parse(text, None).unwrap()));
+        let c = |code: &str| Country::parse(code).unwrap();
+        let names =
+            |pool: Option<&[RegionId]>| pool.map(|p| p.iter().map(|&r| table.region_name(r)).collect::<Vec<_>>());
+        let cases: [(&str, Option<Vec<&str>>); 5] = [
+            ("CA", None),
+            ("DE", None),
+            ("US", Some(vec!["us-east", "us-west"])),
+            ("BE", Some(vec!["eu-central", "eu-west"])),
+            ("JP", Some(vec!["us-east", "us-west", "eu-central", "eu-west"])),
+        ];
+        for (code, want) in cases {
+            assert_eq!(names(table.nearest_pool(c(code))), want, "{code}");
+        }
+        let sub = |s: &str| Subdivision::parse(s).unwrap();
+        assert_eq!(table.subdivision_plan(sub("US-CA")).and_then(|p| p.home), Some(1));
+        assert_eq!(table.subdivision_plan(sub("FR-75")).and_then(|p| p.home), Some(2));
+        assert_eq!(table.subdivision_plan(sub("US-TX")), None);
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod certs;
+pub mod mmdb;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
