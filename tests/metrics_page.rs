@@ -95,7 +95,7 @@ async fn the_metrics_page_has_per_endpoint_load_tls_and_process_series() {
     let expiry = meridian::observe::cert_expiry::not_after(&leaf.der).expect("test leaf expiry") as f64;
     let cert_series = format!("meridian_tls_certificate_expiry_timestamp_seconds{{certificate={cert:?}}}");
     assert_eq!(get(&cert_series), expiry);
-    assert!(get("meridian_geoip_database_build_timestamp_seconds") > 1.5e9);
+    assert!(get("meridian_geoip_database_build_timestamp_seconds{database=\"embedded\"}") > 1.5e9);
     if cfg!(target_os = "linux") {
         assert!(get("process_resident_memory_bytes") > 0.0);
         assert!(get("process_open_fds") > 0.0);
