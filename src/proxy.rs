@@ -321,12 +321,8 @@ impl Proxy {
                 }
                 Err(e) => {
                     self.observe_error(rt, sent.health.as_deref(), &e);
-                    if overflow.load(std::sync::atomic::Ordering::Acquire) {
-                        let limit = rt.config.server.max_request_body;
-                        return Ok(self.refuse(ProxyError::BodyTooLarge { limit }, record, started));
-                    }
-                    if e.kind() == UpstreamErrorKind::ClientStalled {
-                        return Ok(self.refuse(ProxyError::BodyTimeout, record, started));
+                    if let Some(client_fault) = client_fault(rt, &e, &overflow) {
+                        return Ok(self.refuse(client_fault, record, started));
                     }
                     tracing::debug!(region = %sent.region, error = %e.detail(), "attempt failed");
                     record.error_detail = Some(e.detail());
@@ -1001,6 +997,16 @@ fn slow_start_skips(rt: &Runtime, plan: &RoutePlan<'_>) -> Skips {
     let window = rt.config.health.slow_start;
     let ramp = |r: usize| rt.regions.get(r).map_or(1.0, |region| region.health.ramp(window));
     attempt::slow_start_skips(plan, ramp, fastrand::f64)
+}
+
+/// An attempt that failed on the client's side: its body was too large or stalled. Answered
+/// as such, never retried elsewhere and never held against the endpoint.
+fn client_fault(rt: &Runtime, e: &UpstreamError, overflow: &AtomicBool) -> Option<ProxyError> {
+    if overflow.load(std::sync::atomic::Ordering::Acquire) {
+        let limit = rt.config.server.max_request_body;
+        return Some(ProxyError::BodyTooLarge { limit });
+    }
+    (e.kind() == UpstreamErrorKind::ClientStalled).then_some(ProxyError::BodyTimeout)
 }
 
 /// Meridian's answer for a failed attempt: the kind's stable text, never the OS error.
