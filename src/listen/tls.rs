@@ -312,6 +312,7 @@ pub fn certified_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
     fn names_match_exact_then_one_label_wildcards() {
@@ -352,20 +353,20 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_reload_keeps_the_set_in_force() {
-        let dir = tempfile::tempdir().unwrap();
+    fn a_bad_reload_keeps_the_set_in_force() -> TestResult {
+        let dir = tempfile::tempdir()?;
         let (cert, key) = write_pair(dir.path(), "default", &["localhost"]);
         let (_, other_key) = write_pair(dir.path(), "other", &["other"]);
         let config = TlsConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: "127.0.0.1:0".parse()?,
             cert: cert.clone(),
             key: key.clone(),
             sni: Vec::new(),
         };
-        let reloader = TlsReloader::new(&config).unwrap();
+        let reloader = TlsReloader::new(&config)?;
         let before = reloader.current.load_full();
 
-        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(&cert, "not a certificate")?;
         assert!(matches!(reloader.reload(), Err(TlsError::NoCertificate { .. })));
         assert!(Arc::ptr_eq(&before, &reloader.current.load_full()));
 
@@ -378,7 +379,8 @@ mod tests {
         assert!(matches!(reloader.update(&mismatched), Err(TlsError::Key { .. })));
         assert!(Arc::ptr_eq(&before, &reloader.current.load_full()));
 
-        reloader.reload().unwrap();
+        reloader.reload()?;
         assert!(!Arc::ptr_eq(&before, &reloader.current.load_full()));
+        Ok(())
     }
 }
