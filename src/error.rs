@@ -235,9 +235,10 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
-    fn every_error_maps_to_status_type_code_and_json() {
+    fn every_error_maps_to_status_type_code_and_json() -> TestResult {
         type Case = (
             ProxyError,
             u16,
@@ -371,7 +372,7 @@ mod tests {
         ];
         for (err, status, kind, code, zone, region, model) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");
-            let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&err.body())?;
             let e = &v["error"];
             assert_eq!(e["code"], code, "{v}");
             assert_eq!(e["type"], kind, "{v}");
@@ -388,6 +389,7 @@ mod tests {
                 .map(|v| v.to_str().unwrap().to_string());
             assert_eq!(retry_after.is_some(), status == 503, "{err:?}");
         }
+        Ok(())
     }
 
     #[test]
