@@ -354,6 +354,7 @@ fn mix(mut h: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     const URLS: [&str; 4] = [
         "http://10.0.0.1:8000",
@@ -379,25 +380,26 @@ mod tests {
     }
 
     #[test]
-    fn same_session_same_endpoint_and_sessions_spread() {
+    fn same_session_same_endpoint_and_sessions_spread() -> TestResult {
         let e = all();
         let mut counts = [0; 4];
         for i in 0..4000 {
-            let first = pick(&session(i), &e).unwrap();
+            let first = pick(&session(i), &e).ok_or("nothing picked")?;
             assert_eq!(pick(&session(i), &e), Some(first));
             counts[first] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        Ok(())
     }
 
     #[test]
-    fn only_the_ejected_endpoints_sessions_move_and_they_come_back() {
+    fn only_the_ejected_endpoints_sessions_move_and_they_come_back() -> TestResult {
         let healthy = all();
         let mut down = all();
         down[2].eligible = false;
         for i in 0..2000 {
-            let before = pick(&session(i), &healthy).unwrap();
-            let during = pick(&session(i), &down).unwrap();
+            let before = pick(&session(i), &healthy).ok_or("nothing picked")?;
+            let during = pick(&session(i), &down).ok_or("nothing picked")?;
             if before == 2 {
                 assert_ne!(during, 2);
             } else {
@@ -405,12 +407,13 @@ mod tests {
             }
             assert_eq!(pick(&session(i), &healthy), Some(before), "back after recovery");
         }
+        Ok(())
     }
 
     #[test]
-    fn yields_table() {
+    fn yields_table() -> TestResult {
         let s = b"user-42";
-        let home = pick(s, &all()).unwrap();
+        let home = pick(s, &all()).ok_or("nothing picked")?;
         let with = |f: &dyn Fn(&mut Candidate<'static>)| {
             let mut e = all();
             f(&mut e[home]);
@@ -434,18 +437,20 @@ mod tests {
         assert_eq!(pick(s, &e), Some(home), "all saturated: home again");
         e.iter_mut().for_each(|c| c.eligible = false);
         assert_eq!(pick(s, &e), None);
+        Ok(())
     }
 
     #[test]
-    fn weight_owns_a_proportional_share() {
+    fn weight_owns_a_proportional_share() -> TestResult {
         let mut e = all();
         e[0].weight = 3.0;
         let mut counts = [0; 4];
         for i in 0..6000 {
-            counts[pick(&session(i), &e).unwrap()] += 1;
+            counts[pick(&session(i), &e).ok_or("nothing picked")?] += 1;
         }
         // Expected 3/6 for the heavy one, 1/6 for each other.
         assert!(counts[0] > 2500 && counts[1] < 1300, "{counts:?}");
+        Ok(())
     }
 
     #[test]
@@ -542,12 +547,12 @@ mod tests {
     }
 
     #[test]
-    fn prefix_pick_is_stable_while_balanced_and_spreads_over_the_bound() {
+    fn prefix_pick_is_stable_while_balanced_and_spreads_over_the_bound() -> TestResult {
         let e = all();
         let mut homes = [0; 4];
         for i in 0..400 {
-            let key = prefix_key(chat(&format!("system {i}"), "q").as_bytes(), 2048).unwrap();
-            let home = pick_prefix(key, &e, 1.25).unwrap();
+            let key = prefix_key(chat(&format!("system {i}"), "q").as_bytes(), 2048).ok_or("no prefix key")?;
+            let home = pick_prefix(key, &e, 1.25).ok_or("nothing picked")?;
             assert_eq!(pick_prefix(key, &e, 1.25), Some(home));
             homes[home] += 1;
             // Balanced load: stays.
@@ -564,6 +569,7 @@ mod tests {
             assert_eq!(pick_prefix(key, &only, 1.25), Some(home));
         }
         assert!(homes.iter().all(|&c| c > 50), "{homes:?}");
+        Ok(())
     }
 
     #[test]

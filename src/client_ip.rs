@@ -66,13 +66,14 @@ pub fn parse_hop(hop: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().unwrap()).collect()
     }
 
     #[test]
-    fn client_ip_table() {
+    fn client_ip_table() -> TestResult {
         let trusted = nets(&["127.0.0.1/32", "10.0.0.0/8", "::1/128"]);
         let cases: [(&str, &[&str], &str); 14] = [
             // Untrusted peer: header ignored.
@@ -101,10 +102,11 @@ mod tests {
         for (peer, xff, want) in cases {
             let mut headers = HeaderMap::new();
             for v in xff {
-                headers.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+                headers.append("x-forwarded-for", HeaderValue::from_str(v)?);
             }
-            let got = client_ip(peer.parse().unwrap(), &headers, &trusted);
-            assert_eq!(got, want.parse::<IpAddr>().unwrap(), "peer {peer} xff {xff:?}");
+            let got = client_ip(peer.parse()?, &headers, &trusted);
+            assert_eq!(got, want.parse::<IpAddr>()?, "peer {peer} xff {xff:?}");
         }
+        Ok(())
     }
 }

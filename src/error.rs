@@ -252,6 +252,7 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
     fn rate_limited_answers_say_when_to_retry() {
@@ -270,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    fn every_error_maps_to_status_type_code_and_json() {
+    fn every_error_maps_to_status_type_code_and_json() -> TestResult {
         type Case = (
             ProxyError,
             u16,
@@ -404,7 +405,7 @@ mod tests {
         ];
         for (err, status, kind, code, zone, region, model) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");
-            let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&err.body())?;
             let e = &v["error"];
             assert_eq!(e["code"], code, "{v}");
             assert_eq!(e["type"], kind, "{v}");
@@ -421,6 +422,7 @@ mod tests {
                 .map(|v| v.to_str().unwrap().to_string());
             assert_eq!(retry_after.is_some(), status == 503, "{err:?}");
         }
+        Ok(())
     }
 
     #[test]

@@ -19,6 +19,9 @@
 //! it all; [`admin`] serves status, metrics and drills;
 //! [`explain`] powers `meridian check` and `meridian route`; [`demo`] is the zero-setup tour.
 
+// No panics outside tests: a provably safe site carries a scoped allow and a `why:`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod admission;
 pub mod affinity;

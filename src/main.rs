@@ -1,5 +1,8 @@
 //! The `meridian` command line: run, check, route, demo.
 
+// No panics outside tests: a provably safe site carries a scoped allow and a `why:`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;

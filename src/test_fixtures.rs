@@ -59,3 +59,6 @@ pub(crate) fn world_config(extra: &str) -> Config {
 pub(crate) fn world(extra: &str) -> RouteTable {
     RouteTable::new(Arc::new(world_config(extra)))
 }
+
+/// What a unit test returns, so a failed setup step surfaces through `?` with its message.
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;

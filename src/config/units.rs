@@ -102,6 +102,7 @@ pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
     fn rfc3339_times_parse_with_offsets() {
@@ -128,10 +129,10 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_sizes_parse() {
+    fn durations_and_sizes_parse() -> TestResult {
         let cases = [("250ms", 250), ("2s", 2000), ("5m", 300_000), (" 1s ", 1000)];
         for (text, ms) in cases {
-            let d: Duration = text.parse().unwrap();
+            let d: Duration = text.parse()?;
             assert_eq!(d.0.as_millis(), ms, "{text}");
         }
         assert!("2 parsecs".parse::<Duration>().is_err());
@@ -143,10 +144,11 @@ mod tests {
             ("1 KiB", 1024),
         ];
         for (text, n) in sizes {
-            let s: Size = text.parse().unwrap();
+            let s: Size = text.parse()?;
             assert_eq!(s.0, n, "{text}");
         }
         assert!("ten".parse::<Size>().is_err());
         assert!("10 furlongs".parse::<Size>().is_err());
+        Ok(())
     }
 }

@@ -1472,6 +1472,7 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tls_tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     const REGION: &str = "[[region]]\nname = \"a\"\nlocation = [1, 1]\nendpoints = [\"http://127.0.0.1:1\"]\n";
 
@@ -1507,14 +1508,14 @@ mod tls_tests {
     }
 
     #[test]
-    fn tls_paths_are_relative_to_the_config_file() {
+    fn tls_paths_are_relative_to_the_config_file() -> TestResult {
         let text = format!(
             "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"tls/c.pem\"\ntls_key = \"/abs/k.pem\"\n\n\
              [[server.certificate]]\nnames = [\"*.Example.com\"]\ncert = \"w.pem\"\nkey = \"w.key\"\n\n\
              [upstream_tls]\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n{REGION}"
         );
-        let c = Config::parse(&text, Some(Path::new("/etc/meridian/m.toml"))).unwrap();
-        let tls = c.server.tls.unwrap();
+        let c = Config::parse(&text, Some(Path::new("/etc/meridian/m.toml")))?;
+        let tls = c.server.tls.ok_or("no [server.tls]")?;
         assert_eq!(tls.cert, Path::new("/etc/meridian/tls/c.pem"));
         assert_eq!(tls.key, Path::new("/abs/k.pem"));
         assert_eq!(tls.sni[0].names, ["*.example.com"]);
@@ -1526,11 +1527,12 @@ mod tls_tests {
                 PathBuf::from("/etc/meridian/client.key")
             ))
         );
+        Ok(())
     }
 
     #[test]
-    fn timeouts_and_replay_paths() {
-        let c = Config::parse(REGION, None).unwrap();
+    fn timeouts_and_replay_paths() -> TestResult {
+        let c = Config::parse(REGION, None)?;
         assert_eq!(c.server.body_timeout, Duration::from_secs(30));
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
         assert_eq!(
@@ -1545,7 +1547,7 @@ mod tls_tests {
         let text = format!(
             "[server]\nbody_timeout = \"5s\"\nsend_timeout = \"2s\"\n[retry]\nreplay_paths = [\"/v1/rerank/\"]\n{REGION}"
         );
-        let c = Config::parse(&text, None).unwrap();
+        let c = Config::parse(&text, None)?;
         assert_eq!(c.server.body_timeout, Duration::from_secs(5));
         assert_eq!(c.server.send_timeout, Duration::from_secs(2));
         assert_eq!(c.retry.replay_paths, ["/v1/rerank"]);
@@ -1568,6 +1570,7 @@ mod tls_tests {
         }
         // Strict: a misspelt key is an error.
         assert!(Config::parse(&format!("[retry]\nreplay_path = []\n{REGION}"), None).is_err());
+        Ok(())
     }
 }
 

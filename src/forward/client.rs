@@ -378,6 +378,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
     fn every_kind_has_its_retry_class() {
@@ -412,9 +413,9 @@ mod tests {
         Silent,
     }
 
-    async fn attempt(endpoint: Endpoint) -> UpstreamError {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    async fn attempt(endpoint: Endpoint) -> Result<UpstreamError, Box<dyn std::error::Error>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         match endpoint {
             Endpoint::Closed => drop(listener),
             other => {
@@ -436,18 +437,17 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
         };
-        let upstreams = Upstreams::new(&settings, &UpstreamTlsConfig::default()).unwrap();
+        let upstreams = Upstreams::new(&settings, &UpstreamTlsConfig::default())?;
         let mut req = Request::new(RequestBody::Empty);
-        *req.uri_mut() = format!("http://{addr}/v1/models").parse().unwrap();
-        upstreams
+        *req.uri_mut() = format!("http://{addr}/v1/models").parse()?;
+        let sent = upstreams
             .send(req, UpstreamProtocol::Http1, Duration::from_millis(300))
-            .await
-            .err()
-            .unwrap()
+            .await;
+        Ok(sent.err().ok_or("the endpoint answered")?)
     }
 
     #[tokio::test]
-    async fn failures_over_real_sockets_are_typed() {
+    async fn failures_over_real_sockets_are_typed() -> TestResult {
         let cases = [
             (Endpoint::Closed, UpstreamErrorKind::ConnectRefused),
             (Endpoint::CloseAfterRequest, UpstreamErrorKind::ResetBeforeHead),
@@ -455,10 +455,11 @@ mod tests {
             (Endpoint::Silent, UpstreamErrorKind::HeadTimeout),
         ];
         for (endpoint, want) in cases {
-            let err = attempt(endpoint).await;
+            let err = attempt(endpoint).await?;
             assert_eq!(err.kind(), want, "{}", err.detail());
             // The client-facing text is the kind's, never the OS error.
             assert_eq!(err.to_string(), want.as_str());
         }
+        Ok(())
     }
 }

@@ -38,20 +38,21 @@ pub fn endpoint_get(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
-    fn the_request_carries_base_path_host_version_and_agent() {
+    fn the_request_carries_base_path_host_version_and_agent() -> TestResult {
         let config = crate::config::Config::parse(
             "[[region]]\nname = \"a\"\nlocation = [0.0, 0.0]\nprotocol = \"http2\"\nendpoints = [\"http://127.0.0.1:9000/base\"]\n",
             None,
-        )
-        .unwrap();
+        )?;
         let endpoint = &config.regions[0].endpoints[0];
-        let req = endpoint_get(endpoint, "/health", "meridian-health-probe").unwrap();
+        let req = endpoint_get(endpoint, "/health", "meridian-health-probe")?;
         assert_eq!(req.uri().to_string(), "http://127.0.0.1:9000/base/health");
         assert_eq!(req.version(), Version::HTTP_2);
         assert_eq!(req.headers()[header::HOST], "127.0.0.1:9000");
         assert_eq!(req.headers()[header::USER_AGENT], "meridian-health-probe");
         assert!(endpoint_get(endpoint, "/a b", "x").is_err());
+        Ok(())
     }
 }

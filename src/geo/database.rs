@@ -57,8 +57,9 @@ pub struct Database {
 
 impl Database {
     pub fn embedded() -> Database {
-        // The embedded file is checked by the unit tests; a broken build artifact is the
-        // only way this can fail.
+        // why: the embedded file is checked by the unit tests; a broken build artifact is the
+        // only way this can fail, and it fails at startup, never on a request.
+        #[allow(clippy::expect_used)]
         let reader =
             maxminddb::Reader::from_source(DbBytes::Embedded(EMBEDDED_DB)).expect("embedded GeoIP database is valid"); // unwrap-ok: build-time asset
         Database::new(reader, None, None)

@@ -213,9 +213,10 @@ pub fn is_public(ip: IpAddr) -> bool {
 mod tests {
     use super::database::EMBEDDED_DB;
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
-    fn embedded_database_places_well_known_addresses() {
+    fn embedded_database_places_well_known_addresses() -> TestResult {
         let db = GeoDb::embedded();
         let cases = [
             ("81.2.69.142", Some("GB")),
@@ -228,51 +229,60 @@ mod tests {
             ("::ffff:81.2.69.142", Some("GB")),
         ];
         for (ip, country) in cases {
-            let located = db.locate(ip.parse().unwrap());
+            let located = db.locate(ip.parse()?);
             assert_eq!(
                 located.country().map(|c| c.to_string()).as_deref(),
                 country,
                 "{ip}: {located:?}"
             );
         }
-        assert_eq!(db.locate("10.1.2.3".parse().unwrap()), Located::Private);
+        assert_eq!(db.locate("10.1.2.3".parse()?), Located::Private);
+        Ok(())
     }
 
     #[test]
-    fn corrupt_and_missing_files_are_clear_errors() {
+    fn corrupt_and_missing_files_are_clear_errors() -> TestResult {
         let dir = std::env::temp_dir().join(format!("meridian-geo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir)?;
         let garbage = dir.join("garbage.mmdb");
-        std::fs::write(&garbage, b"this is not a maxmind database").unwrap();
-        let err = Database::open(&garbage).err().unwrap().to_string();
+        std::fs::write(&garbage, b"this is not a maxmind database")?;
+        let err = Database::open(&garbage)
+            .err()
+            .ok_or("garbage opened as a database")?
+            .to_string();
         assert!(err.contains("not a valid MaxMind DB"), "{err}");
         // A real database cut short: metadata is at the end, so truncate from the front.
         let truncated = dir.join("truncated.mmdb");
-        std::fs::write(&truncated, &EMBEDDED_DB[EMBEDDED_DB.len() / 2..]).unwrap();
+        std::fs::write(&truncated, &EMBEDDED_DB[EMBEDDED_DB.len() / 2..])?;
         assert!(Database::open(&truncated).is_err());
-        let err = Database::open(&dir.join("missing.mmdb")).err().unwrap().to_string();
+        let err = Database::open(&dir.join("missing.mmdb"))
+            .err()
+            .ok_or("a missing file opened")?
+            .to_string();
         assert!(err.contains("cannot read"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
+        Ok(())
     }
 
     #[test]
-    fn a_database_file_changed_in_place_is_no_longer_current() {
+    fn a_database_file_changed_in_place_is_no_longer_current() -> TestResult {
         let dir = std::env::temp_dir().join(format!("meridian-geo-stamp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir)?;
         let path = dir.join("db.mmdb");
-        std::fs::write(&path, EMBEDDED_DB).unwrap();
-        let db = Database::open(&path).unwrap();
+        std::fs::write(&path, EMBEDDED_DB)?;
+        let db = Database::open(&path)?;
         assert!(db.is_current(Some(&path)));
         assert!(!db.is_current(None), "a file database is not the embedded one");
         assert!(Database::embedded().is_current(None));
         // Same path, new contents (a weekly refresh): must be read again.
-        std::fs::write(&path, &EMBEDDED_DB[..EMBEDDED_DB.len() - 1]).unwrap();
+        std::fs::write(&path, &EMBEDDED_DB[..EMBEDDED_DB.len() - 1])?;
         assert!(!db.is_current(Some(&path)));
         std::fs::remove_dir_all(&dir).ok();
+        Ok(())
     }
 
     #[test]
-    fn public_address_classification() {
+    fn public_address_classification() -> TestResult {
         let cases = [
             ("8.8.8.8", true),
             ("100.64.0.1", false),
@@ -285,7 +295,8 @@ mod tests {
             ("2001:db8::1", false),
         ];
         for (ip, public) in cases {
-            assert_eq!(is_public(ip.parse().unwrap()), public, "{ip}");
+            assert_eq!(is_public(ip.parse()?), public, "{ip}");
         }
+        Ok(())
     }
 }

@@ -258,13 +258,23 @@ impl LoadSignals {
     /// Records a reading (valid for `ttl`) or a failure; returns a change of state, so the
     /// caller logs a broken page once rather than on every scrape.
     pub fn update(&self, reading: Result<LoadReport, LoadError>, ttl: Duration) -> Option<SignalChange> {
+        self.update_at(reading, ttl, Instant::now())
+    }
+
+    /// [`Self::update`] at `now`, so tests control the clock.
+    pub fn update_at(
+        &self,
+        reading: Result<LoadReport, LoadError>,
+        ttl: Duration,
+        now: Instant,
+    ) -> Option<SignalChange> {
         let was = self.state();
         match reading {
             Ok(r) => {
                 store(&self.queue_depth, r.queue_depth);
                 store(&self.running, r.running);
                 store(&self.kv_cache, r.kv_cache);
-                let until = super::millis(Instant::now() + ttl).max(1);
+                let until = super::millis(now + ttl).max(1);
                 self.valid_until.store(until, Ordering::Release);
                 self.state.store(SignalState::Ok as u8, Ordering::Relaxed);
                 (was == SignalState::Degraded).then_some(SignalChange::Recovered)
@@ -295,8 +305,13 @@ impl LoadSignals {
     /// The current reading, or `None` when there is none or it went stale (an endpoint
     /// that stopped getting traffic must not keep an old ORCA report forever).
     pub fn current(&self) -> Option<Load> {
+        self.current_at(Instant::now())
+    }
+
+    /// [`Self::current`] at `now`, so tests control the clock.
+    pub fn current_at(&self, now: Instant) -> Option<Load> {
         let until = self.valid_until.load(Ordering::Acquire);
-        if until == 0 || super::millis(Instant::now()) > until {
+        if until == 0 || super::millis(now) > until {
             return None;
         }
         Some(Load {
@@ -469,9 +484,14 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 1.5
             s.update(Ok(r(Some(1.0), None, None)), ttl),
             Some(SignalChange::Recovered)
         );
-        assert_eq!(s.update(Ok(r(Some(1.0), None, None)), Duration::ZERO), None);
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(s.current(), None, "a stale reading is dropped");
+        let now = Instant::now();
+        assert_eq!(s.update_at(Ok(r(Some(1.0), None, None)), ttl, now), None);
+        assert!(s.current_at(now + ttl).is_some(), "fresh until its ttl is over");
+        assert_eq!(
+            s.current_at(now + ttl + Duration::from_millis(5)),
+            None,
+            "a stale reading is dropped"
+        );
     }
 
     const FIXTURES: [(&str, &str, LoadSource, LoadReport); 5] = [

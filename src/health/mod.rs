@@ -97,13 +97,18 @@ impl EndpointHealth {
 
     /// May take new requests now: in rotation and not shedding load.
     pub fn is_available(&self) -> bool {
+        self.is_available_at(Instant::now())
+    }
+
+    /// [`Self::is_available`] at `now`, so tests control the clock.
+    pub fn is_available_at(&self, now: Instant) -> bool {
         if !self.serving.load(Ordering::Acquire) {
             return false;
         }
         // 0 means "not shedding", the usual case: no clock read on the request path then
         // (this runs per endpoint in every pick and region check).
         let shed_until = self.shed_until.load(Ordering::Relaxed);
-        shed_until == 0 || millis(Instant::now()) >= shed_until
+        shed_until == 0 || millis(now) >= shed_until
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -150,7 +155,12 @@ impl EndpointHealth {
     /// Feeds one event to the state machine and publishes the result. Callers should go
     /// through [`crate::runtime::Shared::observe`], which also logs and counts transitions.
     pub fn observe(&self, event: Event, policy: &Policy) -> Option<Transition> {
-        self.with_machine(|m, now| {
+        self.observe_at(event, policy, Instant::now())
+    }
+
+    /// [`Self::observe`] at `now`, so tests control the clock.
+    pub fn observe_at(&self, event: Event, policy: &Policy, now: Instant) -> Option<Transition> {
+        self.with_machine(now, |m, now| {
             match event {
                 Event::ProbePassed { latency } => m.latency.observe(latency, now),
                 Event::Response { ttfb, .. } => m.latency.observe(ttfb, now),
@@ -176,7 +186,7 @@ impl EndpointHealth {
         } else {
             Event::ProbeFailed
         };
-        let t = self.with_machine(|m, now| {
+        let t = self.with_machine(Instant::now(), |m, now| {
             m.last_probe = Some(result);
             if let Event::ProbePassed { latency } = event {
                 m.latency.observe(latency, now);
@@ -189,7 +199,7 @@ impl EndpointHealth {
 
     /// Lets time-based transitions (hold-down over, probation done) happen without an event.
     pub fn tick(&self, policy: &Policy) -> Option<Transition> {
-        self.with_machine(|m, now| m.state.tick(now, policy))
+        self.with_machine(Instant::now(), |m, now| m.state.tick(now, policy))
     }
 
     pub fn status(&self) -> Status {
@@ -201,8 +211,11 @@ impl EndpointHealth {
         self.machine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn with_machine(&self, f: impl FnOnce(&mut Machine, Instant) -> Option<Transition>) -> Option<Transition> {
-        let now = Instant::now();
+    fn with_machine(
+        &self,
+        now: Instant,
+        f: impl FnOnce(&mut Machine, Instant) -> Option<Transition>,
+    ) -> Option<Transition> {
         let mut m = self.lock();
         let t = f(&mut m, now);
         if t.is_some() {
@@ -346,17 +359,27 @@ pub struct DrainInfo {
 
 impl RegionHealth {
     pub fn is_drained(&self) -> bool {
+        self.is_drained_at(Instant::now())
+    }
+
+    /// [`Self::is_drained`] at `now`, so tests control the clock.
+    pub fn is_drained_at(&self, now: Instant) -> bool {
         match self.drained_until.load(Ordering::Acquire) {
             0 => false,
             NEVER => true,
-            until => millis(Instant::now()) < until,
+            until => millis(now) < until,
         }
     }
 
     /// Drains for `duration` (or until undrained). Returns whether it was not drained before.
     pub fn drain(&self, duration: Option<Duration>, info: DrainInfo) -> bool {
-        let was = self.is_drained();
-        let until = duration.map_or(NEVER, |d| millis(Instant::now() + d).max(1));
+        self.drain_at(duration, info, Instant::now())
+    }
+
+    /// [`Self::drain`] at `now`, so tests control the clock.
+    pub fn drain_at(&self, duration: Option<Duration>, info: DrainInfo, now: Instant) -> bool {
+        let was = self.is_drained_at(now);
+        let until = duration.map_or(NEVER, |d| millis(now + d).max(1));
         *self.drain.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
         self.drained_until.store(until, Ordering::Release);
         !was
@@ -371,7 +394,12 @@ impl RegionHealth {
     }
 
     pub fn drain_info(&self) -> Option<DrainInfo> {
-        if !self.is_drained() {
+        self.drain_info_at(Instant::now())
+    }
+
+    /// [`Self::drain_info`] at `now`, so tests control the clock.
+    pub fn drain_info_at(&self, now: Instant) -> Option<DrainInfo> {
+        if !self.is_drained_at(now) {
             return None;
         }
         self.drain.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -379,8 +407,13 @@ impl RegionHealth {
 
     /// Clears a drain whose time is up; returns its info once, so it is logged once.
     pub fn expire_drain(&self) -> Option<DrainInfo> {
+        self.expire_drain_at(Instant::now())
+    }
+
+    /// [`Self::expire_drain`] at `now`, so tests control the clock.
+    pub fn expire_drain_at(&self, now: Instant) -> Option<DrainInfo> {
         let until = self.drained_until.load(Ordering::Acquire);
-        if until == 0 || until == NEVER || millis(Instant::now()) < until {
+        if until == 0 || until == NEVER || millis(now) < until {
             return None;
         }
         self.drained_until
@@ -456,15 +489,28 @@ mod tests {
     #[test]
     fn a_drain_with_an_expiry_ends_by_itself_and_is_reported_once() {
         let r = RegionHealth::default();
-        assert!(r.drain(Some(Duration::from_millis(30)), info()));
-        assert!(r.is_drained());
-        assert_eq!(r.drain_info().and_then(|i| i.reason), Some("drill".into()));
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(!r.is_drained(), "expired on the hot path without waiting for a tick");
-        assert!(r.expire_drain().is_some());
-        assert!(r.expire_drain().is_none());
-        assert!(r.drain(None, info()));
-        assert!(r.expire_drain().is_none(), "an open-ended drain does not expire");
+        let start = Instant::now();
+        assert!(r.drain_at(Some(Duration::from_millis(30)), info(), start));
+        assert!(r.is_drained_at(start));
+        assert!(r.is_drained_at(start + Duration::from_millis(29)));
+        assert!(
+            r.expire_drain_at(start + Duration::from_millis(29)).is_none(),
+            "not yet"
+        );
+        assert_eq!(r.drain_info_at(start).and_then(|i| i.reason), Some("drill".into()));
+        let later = start + Duration::from_millis(40);
+        assert!(
+            !r.is_drained_at(later),
+            "expired on the hot path without waiting for a tick"
+        );
+        assert!(r.drain_info_at(later).is_none());
+        assert!(r.expire_drain_at(later).is_some());
+        assert!(r.expire_drain_at(later).is_none());
+        assert!(r.drain_at(None, info(), later));
+        assert!(
+            r.expire_drain_at(later + Duration::from_secs(3600)).is_none(),
+            "an open-ended drain does not expire"
+        );
         assert!(r.undrain());
         assert!(!r.undrain());
     }
@@ -497,18 +543,24 @@ mod tests {
             probation: Duration::from_secs(10),
             probes: true,
         };
-        h.observe(
+        let start = Instant::now();
+        h.observe_at(
             Event::Shed {
                 retry_after: Duration::from_secs(5),
             },
             &p,
+            start,
         );
-        assert!(!h.is_available());
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(h.is_available(), "Retry-After capped by max_retry_after");
-        let t = h.observe(Event::ConnectError, &p).unwrap();
-        assert_eq!((t.to, t.reason), (Status::Ejected, state::Reason::ConsecutiveErrors));
-        assert!(!h.is_available());
+        assert!(!h.is_available_at(start));
+        assert!(!h.is_available_at(start + Duration::from_millis(29)));
+        let later = start + Duration::from_millis(40);
+        assert!(h.is_available_at(later), "Retry-After capped by max_retry_after");
+        let t = h.observe_at(Event::ConnectError, &p, later);
+        assert_eq!(
+            t.map(|t| (t.to, t.reason)),
+            Some((Status::Ejected, state::Reason::ConsecutiveErrors))
+        );
+        assert!(!h.is_available_at(later));
         assert!(!h.load(1, Duration::from_secs(10)).eligible);
     }
 }

@@ -184,6 +184,7 @@ mod reload_tests {
     use super::*;
     use crate::config::Config;
     use crate::demo::upstream::FakeUpstream;
+    use crate::test_fixtures::TestResult;
 
     fn config(endpoints: &[String]) -> Config {
         let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
@@ -205,10 +206,10 @@ mod reload_tests {
     }
 
     #[tokio::test]
-    async fn probes_follow_reloads_and_health_survives_them() {
-        let a = FakeUpstream::start("a").await.unwrap();
-        let b = FakeUpstream::start("b").await.unwrap();
-        let shared = Shared::new(config(&[a.url()])).unwrap();
+    async fn probes_follow_reloads_and_health_survives_them() -> TestResult {
+        let a = FakeUpstream::start("a").await?;
+        let b = FakeUpstream::start("b").await?;
+        let shared = Shared::new(config(&[a.url()]))?;
         let (stop, stopped) = watch::channel(false);
         let prober = tokio::spawn(run(shared.clone(), stopped));
         until("a is probed and the process ready", || {
@@ -218,15 +219,13 @@ mod reload_tests {
         let a_health = shared.runtime().regions[0].endpoints[0].health.clone();
 
         // Add b: it gets a prober; a keeps its health object (and its task).
-        let rt = shared
-            .build(config(&[a.url(), b.url()]), Some(&shared.runtime()))
-            .unwrap();
+        let rt = shared.build(config(&[a.url(), b.url()]), Some(&shared.runtime()))?;
         shared.install(rt);
         until("b is probed", || b.probes() >= 1).await;
         assert!(Arc::ptr_eq(&shared.runtime().regions[0].endpoints[0].health, &a_health));
 
         // Remove a: its probes stop.
-        let rt = shared.build(config(&[b.url()]), Some(&shared.runtime())).unwrap();
+        let rt = shared.build(config(&[b.url()]), Some(&shared.runtime()))?;
         shared.install(rt);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let after = a.probes();
@@ -235,6 +234,7 @@ mod reload_tests {
         assert!(a.probes() <= after + 1, "a is still probed");
 
         let _ = stop.send(true);
-        prober.await.unwrap();
+        prober.await?;
+        Ok(())
     }
 }

@@ -169,6 +169,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     fn v2(command: u8, family: u8, addresses: &[u8], tail: &[u8]) -> Vec<u8> {
         let mut out = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
@@ -191,9 +192,9 @@ mod tests {
     }
 
     #[test]
-    fn headers_parse_to_their_source() {
-        let gb: SocketAddr = "81.2.69.142:5555".parse().unwrap();
-        let v6: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+    fn headers_parse_to_their_source() -> TestResult {
+        let gb: SocketAddr = "81.2.69.142:5555".parse()?;
+        let v6: SocketAddr = "[2001:db8::1]:4000".parse()?;
         let v2_proxy = v2_ipv4_proxy();
         let v2_local = v2(0x0, 0x00, &[], b"");
         let v2_unix = v2(0x1, 0x31, &[0u8; 216], b"");
@@ -227,12 +228,13 @@ mod tests {
             (&v2_unix, Some(Header { len: 232, source: None })),
         ];
         for (input, want) in cases {
-            assert_eq!(parse(input).unwrap(), want, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(parse(input)?, want, "{:?}", String::from_utf8_lossy(input));
         }
+        Ok(())
     }
 
     #[test]
-    fn partial_headers_ask_for_more() {
+    fn partial_headers_ask_for_more() -> TestResult {
         let v2_proxy = v2_ipv4_proxy();
         let cases: [&[u8]; 6] = [
             b"",
@@ -243,8 +245,9 @@ mod tests {
             &v2_proxy[..20],
         ];
         for input in cases {
-            assert_eq!(parse(input).unwrap(), None, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(parse(input)?, None, "{:?}", String::from_utf8_lossy(input));
         }
+        Ok(())
     }
 
     #[test]
@@ -265,25 +268,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_after_the_header_are_replayed() {
+    async fn bytes_after_the_header_are_replayed() -> TestResult {
         let (mut client, server) = tokio::io::duplex(1024);
         use tokio::io::AsyncWriteExt;
         // Split writes: the header arrives in pieces, the request right behind it.
-        client.write_all(b"PROXY TCP4 81.2.69.142 127.0.0.1 55").await.unwrap();
+        client.write_all(b"PROXY TCP4 81.2.69.142 127.0.0.1 55").await?;
         let reader = tokio::spawn(read_header(server, Duration::from_secs(5)));
-        client.write_all(b"55 8080\r\nGET / HTTP/1.1\r\n\r\n").await.unwrap();
-        let (source, mut rest) = reader.await.unwrap().unwrap();
-        assert_eq!(source, Some("81.2.69.142:5555".parse().unwrap()));
+        client.write_all(b"55 8080\r\nGET / HTTP/1.1\r\n\r\n").await?;
+        let (source, mut rest) = reader.await??;
+        assert_eq!(source, Some("81.2.69.142:5555".parse()?));
         drop(client);
         let mut after = Vec::new();
-        rest.read_to_end(&mut after).await.unwrap();
+        rest.read_to_end(&mut after).await?;
         assert_eq!(after, b"GET / HTTP/1.1\r\n\r\n");
+        Ok(())
     }
 
     #[tokio::test]
-    async fn a_silent_peer_times_out() {
+    async fn a_silent_peer_times_out() -> TestResult {
         let (_client, server) = tokio::io::duplex(64);
-        let err = read_header(server, Duration::from_millis(50)).await.err().unwrap();
+        let err = read_header(server, Duration::from_millis(50))
+            .await
+            .err()
+            .ok_or("a silent peer gave a header")?;
         assert!(matches!(err, ProxyHeaderError::Timeout(_)), "{err}");
+        Ok(())
     }
 }

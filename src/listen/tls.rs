@@ -312,6 +312,7 @@ pub fn certified_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     #[test]
     fn names_match_exact_then_one_label_wildcards() {
@@ -341,36 +342,36 @@ mod tests {
         }
     }
 
-    fn write_pair(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        let cert = params.self_signed(&key).unwrap();
+    fn write_pair(dir: &Path, stem: &str, names: &[&str]) -> Result<(PathBuf, PathBuf), Box<dyn std::error::Error>> {
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        let cert = params.self_signed(&key)?;
         let (c, k) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
+        std::fs::write(&c, cert.pem())?;
+        std::fs::write(&k, key.serialize_pem())?;
+        Ok((c, k))
     }
 
     #[test]
-    fn a_bad_reload_keeps_the_set_in_force() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = write_pair(dir.path(), "default", &["localhost"]);
-        let (_, other_key) = write_pair(dir.path(), "other", &["other"]);
+    fn a_bad_reload_keeps_the_set_in_force() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (cert, key) = write_pair(dir.path(), "default", &["localhost"])?;
+        let (_, other_key) = write_pair(dir.path(), "other", &["other"])?;
         let config = TlsConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: "127.0.0.1:0".parse()?,
             cert: cert.clone(),
             key: key.clone(),
             sni: Vec::new(),
         };
-        let reloader = TlsReloader::new(&config).unwrap();
+        let reloader = TlsReloader::new(&config)?;
         let before = reloader.current.load_full();
 
-        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(&cert, "not a certificate")?;
         assert!(matches!(reloader.reload(), Err(TlsError::NoCertificate { .. })));
         assert!(Arc::ptr_eq(&before, &reloader.current.load_full()));
 
         // A key from another pair is refused too.
-        write_pair(dir.path(), "default", &["localhost"]);
+        write_pair(dir.path(), "default", &["localhost"])?;
         let mismatched = TlsConfig {
             key: other_key,
             ..config.clone()
@@ -378,7 +379,8 @@ mod tests {
         assert!(matches!(reloader.update(&mismatched), Err(TlsError::Key { .. })));
         assert!(Arc::ptr_eq(&before, &reloader.current.load_full()));
 
-        reloader.reload().unwrap();
+        reloader.reload()?;
         assert!(!Arc::ptr_eq(&before, &reloader.current.load_full()));
+        Ok(())
     }
 }

@@ -227,7 +227,7 @@ mod tests {
     use super::super::table::{InlineCandidates, order_candidates};
     use super::*;
     use crate::config::Config;
-    use crate::test_fixtures::{WORLD, world};
+    use crate::test_fixtures::{TestResult, WORLD, world};
     use std::sync::Arc;
 
     fn table(extra: &str) -> RouteTable {
@@ -259,6 +259,11 @@ mod tests {
         }
     }
 
+    /// [`plan`] for tests that expect a plan, so a refusal fails them through `?`.
+    fn planned<'t>(t: &'t RouteTable, located: Located, req: &RequestFacts<'_>) -> Result<RoutePlan<'t>, String> {
+        plan(t, located, req).map_err(|r| format!("refused: {r:?}"))
+    }
+
     fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> RequestFacts<'a> {
         RequestFacts {
             method: &Method::GET,
@@ -268,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn candidate_order_home_then_distance_within_zone() {
+    fn candidate_order_home_then_distance_within_zone() -> TestResult {
         let t = table("");
         let h = HeaderMap::new();
         let cases: [(&str, &[&str]); 7] = [
@@ -322,18 +327,19 @@ mod tests {
             ),
         ];
         for (code, want) in cases {
-            let p = plan(&t, country(code), &facts("/v1/chat", &h)).unwrap();
+            let p = planned(&t, country(code), &facts("/v1/chat", &h))?;
             assert_eq!(names(&t, &p), want, "{code}");
             assert!(matches!(p.candidates, Cow::Borrowed(_)), "precomputed for {code}");
         }
+        Ok(())
     }
 
     #[test]
-    fn unlocated_clients_use_default_region_or_are_refused() {
+    fn unlocated_clients_use_default_region_or_are_refused() -> TestResult {
         let h = HeaderMap::new();
         let t = table("");
         for located in [Located::Private, Located::Unknown] {
-            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            let p = planned(&t, located, &facts("/", &h))?;
             assert_eq!(names(&t, &p)[..2], ["us-east", "us-west"]);
             assert_eq!(p.zone, None);
         }
@@ -343,14 +349,14 @@ mod tests {
                 "default_region = \"us-east\"\nunknown = \"refuse\"",
             ),
             None,
-        )
-        .unwrap();
+        )?;
         let t = RouteTable::new(Arc::new(refusing));
         assert_eq!(
             plan(&t, Located::Private, &facts("/", &h)),
             Err(Refusal::LocationRefused)
         );
         assert!(plan(&t, country("US"), &facts("/", &h)).is_ok());
+        Ok(())
     }
 
     #[test]
@@ -454,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn selection_skips_unavailable_and_never_leaves_the_zone() {
+    fn selection_skips_unavailable_and_never_leaves_the_zone() -> TestResult {
         let t = table("[fallback]\nendpoint = \"http://127.0.0.1:9\"");
         let h = HeaderMap::new();
         let region = |n: &str| t.config.region_index(n).unwrap();
@@ -468,7 +474,7 @@ mod tests {
                 }
             }
         };
-        let uk = t.config.zones.iter().position(|z| z.name == "uk").unwrap();
+        let uk = t.config.zones.iter().position(|z| z.name == "uk").ok_or("no zone uk")?;
         let cases: [(&str, &'static [&'static str], Decision); 6] = [
             ("US", &[], Decision::Region(region("us-east"))),
             ("US", &["us-east"], Decision::Region(region("us-west"))),
@@ -493,26 +499,27 @@ mod tests {
             ),
         ];
         for (code, regions_down, want) in cases {
-            let p = plan(&t, country(code), &facts("/", &h)).unwrap();
+            let p = planned(&t, country(code), &facts("/", &h))?;
             assert_eq!(
                 select(&p, down(regions_down), true, false),
                 want,
                 "{code} with {regions_down:?} down"
             );
         }
-        let p = plan(&t, country("US"), &facts("/", &h)).unwrap();
+        let p = planned(&t, country("US"), &facts("/", &h))?;
         assert_eq!(
             select(&p, |_| RegionState::Unavailable, false, false),
             Decision::Refuse(NoRegion::NoRegionAvailable)
         );
+        Ok(())
     }
 
     #[test]
-    fn saturated_and_panic_are_last_resorts() {
+    fn saturated_and_panic_are_last_resorts() -> TestResult {
         let t = table("");
         let h = HeaderMap::new();
-        let p = plan(&t, country("GB"), &facts("/", &h)).unwrap();
-        let uk = t.config.region_index("uk-south").unwrap();
+        let p = planned(&t, country("GB"), &facts("/", &h))?;
+        let uk = t.config.region_index("uk-south").ok_or("no region uk-south")?;
         assert_eq!(
             select(&p, |_| RegionState::Saturated, false, false),
             Decision::Region(uk)
@@ -529,15 +536,16 @@ mod tests {
             select(&p, |_| RegionState::Unavailable, false, true),
             Decision::Refuse(_)
         ));
+        Ok(())
     }
 
     #[test]
-    fn sharding_keeps_clients_home() {
+    fn sharding_keeps_clients_home() -> TestResult {
         let t = table("").config.as_ref().clone();
         let mut c = t;
-        let eu = c.zones.iter().position(|z| z.name == "eu").unwrap();
+        let eu = c.zones.iter().position(|z| z.name == "eu").ok_or("no zone eu")?;
         c.zones[eu].failover = false;
-        let us = c.region_index("us-east").unwrap();
+        let us = c.region_index("us-east").ok_or("no region us-east")?;
         c.regions[us].failover = false;
         let t = RouteTable::new(Arc::new(c));
         let h = HeaderMap::new();
@@ -559,23 +567,24 @@ mod tests {
             ),
         ];
         for (code, want, sharded) in cases {
-            let p = plan(&t, country(code), &facts("/", &h)).unwrap();
+            let p = planned(&t, country(code), &facts("/", &h))?;
             assert_eq!(names(&t, &p), want, "{code}");
             assert_eq!(p.sharded, sharded, "{code}");
         }
+        Ok(())
     }
 
     #[test]
-    fn standbys_come_after_every_primary() {
+    fn standbys_come_after_every_primary() -> TestResult {
         let t = table("").config.as_ref().clone();
         let mut c = t;
-        let uk = c.region_index("uk-south").unwrap();
-        let use_ = c.region_index("us-east").unwrap();
+        let uk = c.region_index("uk-south").ok_or("no region uk-south")?;
+        let use_ = c.region_index("us-east").ok_or("no region us-east")?;
         c.regions[uk].priority = 1;
         c.regions[use_].priority = 1;
         let t = RouteTable::new(Arc::new(c));
         let h = HeaderMap::new();
-        let p = plan(&t, country("IE"), &facts("/", &h)).unwrap();
+        let p = planned(&t, country("IE"), &facts("/", &h))?;
         assert_eq!(
             names(&t, &p),
             [
@@ -587,13 +596,14 @@ mod tests {
                 "us-east"
             ]
         );
-        let p = plan(&t, country("US"), &facts("/", &h)).unwrap();
+        let p = planned(&t, country("US"), &facts("/", &h))?;
         assert_eq!(names(&t, &p)[..1], ["us-west"]);
         assert_eq!(names(&t, &p)[4..], ["us-east", "uk-south"]);
+        Ok(())
     }
 
     #[test]
-    fn route_rules_match_whole_segments_and_respect_residency() {
+    fn route_rules_match_whole_segments_and_respect_residency() -> TestResult {
         let t = table(
             r#"
             [[route]]
@@ -609,8 +619,8 @@ mod tests {
             "#,
         );
         let h = HeaderMap::new();
-        let eu = t.config.zones.iter().position(|z| z.name == "eu").unwrap();
-        let uk = t.config.zones.iter().position(|z| z.name == "uk").unwrap();
+        let eu = t.config.zones.iter().position(|z| z.name == "eu").ok_or("no zone eu")?;
+        let uk = t.config.zones.iter().position(|z| z.name == "uk").ok_or("no zone uk")?;
         type Want = Result<&'static [&'static str], Refusal>;
         let cases: [(&str, &str, Want); 9] = [
             ("AU", "/v1/fine_tuning", Ok(&["us-east"])),
@@ -662,22 +672,24 @@ mod tests {
             }
         }
         // A rule's regions, then 503: no fallback for a rule.
-        let p = plan(&t, country("AU"), &facts("/v1/fine_tuning", &h)).unwrap();
+        let p = planned(&t, country("AU"), &facts("/v1/fine_tuning", &h))?;
         assert_eq!(
             select(&p, |_| RegionState::Unavailable, true, false),
             Decision::Refuse(NoRegion::NoRegionAvailable)
         );
+        Ok(())
     }
 
     #[test]
-    fn fallback_eligibility_follows_zones() {
+    fn fallback_eligibility_follows_zones() -> TestResult {
         let t = table("[fallback]\nendpoint = \"https://127.0.0.1:9\"\nzone = \"eu\"");
         let h = HeaderMap::new();
         let cases = [("US", true), ("DE", true), ("GB", false), ("JP", true)];
         for (code, fallback) in cases {
-            let p = plan(&t, country(code), &facts("/", &h)).unwrap();
+            let p = planned(&t, country(code), &facts("/", &h))?;
             assert_eq!(p.fallback, fallback, "{code}");
         }
+        Ok(())
     }
 
     #[test]
