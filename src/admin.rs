@@ -394,8 +394,12 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> AdminResponse {
     text(status, "application/json", body)
 }
 
+/// The same OpenAI-shaped envelope as the proxy's own errors (docs/errors.md).
 fn error(status: StatusCode, code: &str, message: &str) -> AdminResponse {
-    json_response(status, &json!({"error": code, "message": message}))
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": "invalid_request_error", "code": code, "param": null}}),
+    )
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ async fn mutating_admin_calls_need_the_exact_token() {
             // 401 even for an unknown region: nothing is revealed before authentication.
             assert_eq!(r.status, 401, "{path} with {what}: {}", r.text());
             assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{what}");
-            assert_eq!(r.json()["error"], "unauthorized");
+            assert_eq!(r.json()["error"]["code"], "unauthorized");
         }
     }
     let in_query = format!("/regions/us-east/drain?token={ADMIN_TOKEN}&access_token={ADMIN_TOKEN}");
