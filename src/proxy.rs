@@ -17,6 +17,7 @@ use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
 use crate::forward::breaker::Admission;
 use crate::forward::client::UpstreamError;
+use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
 use crate::geo::{Locate, Located};
@@ -271,6 +272,20 @@ impl Proxy {
                 self.shared.metrics.retries.inc();
             }
             tried.push(target);
+            // Past the endpoint's connection cap and wait queue nothing is sent: the attempt
+            // moves on like a refused connect, and the endpoint's health is not touched.
+            let slot = match enter_endpoint(rt, target).await {
+                Ok(slot) => slot,
+                Err(full) => {
+                    let (region_name, _) = self.target_names(rt, target);
+                    tracing::debug!(region = %region_name, error = %full, "attempt not sent");
+                    record.attempts = tried.len() as u32;
+                    last_error = Some(ProxyError::NoRegionAvailable {
+                        region: Some(region_name),
+                    });
+                    continue;
+                }
+            };
             let attempt_body = match body.as_ref().and_then(RequestBody::replay) {
                 Some(replay) => replay,
                 // Streamed: this is the only attempt it can have.
@@ -334,7 +349,7 @@ impl Proxy {
                                 .inc();
                         }
                     }
-                    return Ok(self.relay(rt, target, resp, record, started, inflight, health));
+                    return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), health));
                 }
                 Err(e) => {
                     if let Some(h) = &health {
@@ -544,7 +559,7 @@ impl Proxy {
         resp: Response<Incoming>,
         mut record: AccessRecord,
         started: Instant,
-        inflight: Option<InFlight>,
+        (inflight, slot): (Option<InFlight>, Option<EndpointSlot>),
         health: Option<Arc<EndpointHealth>>,
     ) -> Response<ResponseBody> {
         let (region_header, metrics) = match target {
@@ -574,6 +589,7 @@ impl Proxy {
             record,
             started,
             _inflight: inflight,
+            _slot: slot,
             health,
         });
         let body = UpstreamBody::new(incoming, rt.config.server.stall_timeout, sse, done);
@@ -650,6 +666,8 @@ struct Done {
     record: AccessRecord,
     started: Instant,
     _inflight: Option<InFlight>,
+    /// The endpoint's request slot: freed when the response body ends or is dropped.
+    _slot: Option<EndpointSlot>,
     health: Option<Arc<EndpointHealth>>,
 }
 
@@ -678,6 +696,22 @@ impl Completion for Done {
             };
             self.record.emit(elapsed, bytes, end);
         }
+    }
+}
+
+/// Takes a request slot of the target endpoint, when its connections are capped.
+async fn enter_endpoint(rt: &Runtime, target: Target) -> Result<Option<EndpointSlot>, Full> {
+    let Target::Endpoint { region, endpoint } = target else {
+        return Ok(None);
+    };
+    match rt
+        .regions
+        .get(region)
+        .and_then(|r| r.endpoints.get(endpoint))
+        .and_then(|e| e.limit.as_ref())
+    {
+        Some(limit) => limit.enter().await.map(Some),
+        None => Ok(None),
     }
 }
 

@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub fallback: Option<FallbackFile>,
     pub spillover: Option<SpilloverFile>,
     pub upstream_tls: Option<UpstreamTlsFile>,
+    /// Connections kept and opened per endpoint.
+    pub upstream: Option<super::upstream::UpstreamFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,10 +3,12 @@
 
 pub mod file;
 pub mod units;
+pub mod upstream;
 mod validate;
 
 #[cfg(test)]
 mod problem_tests;
 
 pub use file::{LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
+pub use upstream::{EndpointLimitConfig, UpstreamConfig};
 pub use validate::*;

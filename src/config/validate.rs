@@ -34,6 +34,7 @@ pub struct Config {
     pub fallback: Option<FallbackConfig>,
     pub spillover: Option<SpilloverConfig>,
     pub upstream_tls: UpstreamTlsConfig,
+    pub upstream: super::upstream::UpstreamConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -388,6 +389,10 @@ impl Validator<'_> {
         let fallback = raw.fallback.and_then(|f| self.fallback(f, &zones));
         let spillover = raw.spillover.map(|s| self.spillover(s));
         let upstream_tls = raw.upstream_tls.map(|t| self.upstream_tls(t)).unwrap_or_default();
+        let (upstream, problems) = super::upstream::validate(raw.upstream.unwrap_or_default());
+        for (key, message) in problems {
+            self.problem(key, None, message);
+        }
         let log = LogConfig {
             format: raw.log.format.unwrap_or_default(),
             access_log: raw.log.access_log.unwrap_or(true),
@@ -410,6 +415,7 @@ impl Validator<'_> {
             fallback,
             spillover,
             upstream_tls,
+            upstream,
         })
     }
 

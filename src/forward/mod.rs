@@ -6,5 +6,6 @@ pub mod body;
 pub mod breaker;
 pub mod client;
 pub mod inbound;
+pub mod limit;
 pub mod rewrite;
 pub mod upgrade;
