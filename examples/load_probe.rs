@@ -55,6 +55,7 @@ const MODELS: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: bench\r\nX-Forwarded-Fo
 
 fn burst(addr: SocketAddr, count: usize, hold: Duration) -> io::Result<()> {
     let mut open = Vec::with_capacity(count);
+    let started = Instant::now();
     for i in 0..count {
         match TcpStream::connect(addr) {
             Ok(s) => open.push(s),
@@ -64,18 +65,34 @@ fn burst(addr: SocketAddr, count: usize, hold: Duration) -> io::Result<()> {
             }
         }
     }
+    eprintln!("burst: {} connected in {:?}", open.len(), started.elapsed());
     // Every request leaves before any answer is read: the proxy sees the whole burst at once.
     for stream in &mut open {
         stream.set_nodelay(true)?;
         stream.write_all(MODELS)?;
     }
     let mut buf = vec![0u8; 4096];
-    let mut answered = 0;
+    let (mut answered, mut ok, mut failed) = (0, 0, 0);
     for stream in &mut open {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        if read_response(stream, &mut buf).is_ok() {
-            answered += 1;
+        match read_response(stream, &mut buf) {
+            Ok(()) => {
+                answered += 1;
+                ok += usize::from(buf.starts_with(b"HTTP/1.1 200"));
+            }
+            Err(e) => {
+                if failed < 3 {
+                    eprintln!("burst: no answer: {e}");
+                }
+                failed += 1;
+            }
         }
+    }
+    if answered > ok || failed > 0 {
+        eprintln!(
+            "burst: {ok} answered 200, {} other statuses, {failed} not answered",
+            answered - ok
+        );
     }
     println!("ready {answered}");
     io::stdout().flush()?;
