@@ -8,7 +8,7 @@
 #   (no function list). Default binary for it: target/debug/meridian, the build CI has.
 # Needs valgrind (apt-get install -y valgrind). Load comes from h2load when it is installed
 # (report mode) or from examples/load_probe (always in --budget mode, so CI needs nothing
-# else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget).
+# else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget), CONFIG_SED.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -62,7 +62,8 @@ done
 "${FAST_UPSTREAM:-$EXAMPLES/fast_upstream}" 127.0.0.1:18080 2>"$RUN/upstream.log" &
 STARTED+=($!)
 wait_port 18080
-sed "s/^worker_threads = .*/worker_threads = 1/" "$ROOT/benches/load/meridian.toml" >"$RUN/meridian.toml"
+# CONFIG_SED: a sed script for the config, e.g. '/^\[upstream\]/,$d' for an older build.
+sed -e "s/^worker_threads = .*/worker_threads = 1/" -e "${CONFIG_SED:-}" "$ROOT/benches/load/meridian.toml" >"$RUN/meridian.toml"
 
 for bin in "$@"; do
     out=$RUN/callgrind.$(basename "$bin").out
