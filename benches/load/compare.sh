@@ -40,6 +40,8 @@ declare -A PORT=([meridian]=18081 [nginx]=18082 [haproxy]=18083 [meridian-b]=180
 # HTTPS listeners (tls phase): TLS 1.3 with an ECDSA P-256 certificate made per run.
 declare -A TLS_PORT=([meridian]=18085 [nginx]=18086 [meridian-b]=18088)
 TLS_CONNS=${TLS_CONNS:-50}
+# NGINX's h2c (HTTP/2 prior knowledge) listener, for the h2load comparison.
+H2C_NGINX_PORT=18089
 BURST_CLIENTS=${BURST_CLIENTS:-"3000 10000"}
 BURST_HOLD=${BURST_HOLD:-10}
 BURST_AFTER=${BURST_AFTER:-30}
@@ -298,9 +300,19 @@ throughput() {
         done
     done
     if have h2load; then
-        log "h2load (h2c prior knowledge, Meridian only): 50 clients x 10 streams"
-        h2load -n 200000 -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" "http://127.0.0.1:${PORT[meridian]}$PATH_UNDER_TEST" \
-            2>&1 | grep -E '^(finished in|requests:|status codes:)' | sed 's/^/  h2load: /' >&2 || true
+        # Meridian's listener speaks h2c with prior knowledge; NGINX's on H2C_PORT.
+        local h2port
+        for p in "${proxies[@]}"; do
+            case $p in
+            meridian | meridian-b) h2port=${PORT[$p]} ;;
+            nginx) h2port=$H2C_NGINX_PORT ;;
+            *) continue ;;
+            esac
+            log "h2load (h2c prior knowledge) $p: 50 clients x 10 streams"
+            taskset -c "$LOAD_CPU" h2load -n 200000 -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" \
+                "http://127.0.0.1:$h2port$PATH_UNDER_TEST" 2>&1 |
+                grep -E '^(finished in|requests:|status codes:)' | sed "s/^/  h2load $p: /" >&2 || true
+        done
     fi
     for p in "${proxies[@]}"; do stop_proxy "$p"; done
     summarise throughput
