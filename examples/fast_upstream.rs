@@ -17,7 +17,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// About the size of a short JSON answer; small enough that the proxy, not the copy, is measured.
@@ -88,7 +87,15 @@ fn main() -> std::io::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let listener = TcpListener::bind(addr).await?;
+        // A deep accept queue: proxies open hundreds of connections at once in a burst.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         eprintln!("fast_upstream listening on {}", listener.local_addr()?);
         // Accepted connections, so a run can check that the proxy reuses its upstream connections.
         let accepted = Arc::new(AtomicU64::new(0));

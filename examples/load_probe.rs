@@ -7,6 +7,15 @@
 //! `load_probe idle ADDR COUNT HOLD_SECS`: opens COUNT keep-alive connections, sends one small
 //! request on each (so the proxy has a served, idle connection, not a half-open one), prints
 //! `ready N`, holds them HOLD_SECS, then closes them all.
+//!
+//! `load_probe burst ADDR COUNT HOLD_SECS`: a burst of chat clients: opens COUNT connections,
+//! then sends one request on every one of them back to back before reading any answer (so
+//! the proxy has them all in flight at once), prints `ready N` once all are answered, holds
+//! the idle connections HOLD_SECS, then closes them all and prints `closed`.
+//!
+//! `load_probe keepalive ADDR CONNS REQUESTS`: REQUESTS keep-alive requests spread over CONNS
+//! connections (one thread each), for instruction counts where h2load is not installed;
+//! prints `requests: N ok`.
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -17,7 +26,7 @@ fn main() -> io::Result<()> {
     let usage = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: load_probe sse|idle ADDR COUNT [HOLD_SECS]",
+            "usage: load_probe sse|idle|burst|keepalive ADDR COUNT [HOLD_SECS|REQUESTS]",
         )
     };
     let mode = args.get(1).ok_or_else(usage)?;
@@ -29,7 +38,102 @@ fn main() -> io::Result<()> {
             let hold: u64 = args.get(4).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
             idle(addr, count, Duration::from_secs(hold))
         }
+        "burst" => {
+            let hold: u64 = args.get(4).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
+            burst(addr, count, Duration::from_secs(hold))
+        }
+        "keepalive" => {
+            let requests: usize = args.get(4).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
+            keepalive(addr, count, requests)
+        }
         _ => Err(usage()),
+    }
+}
+
+/// A GB client behind the trusted loopback hop, as compare.sh's wrk runs send.
+const MODELS: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: bench\r\nX-Forwarded-For: 81.2.69.142\r\n\r\n";
+
+fn burst(addr: SocketAddr, count: usize, hold: Duration) -> io::Result<()> {
+    let mut open = Vec::with_capacity(count);
+    let started = Instant::now();
+    for i in 0..count {
+        match TcpStream::connect(addr) {
+            Ok(s) => open.push(s),
+            Err(e) => {
+                eprintln!("connection {i}: {e}");
+                break;
+            }
+        }
+    }
+    eprintln!("burst: {} connected in {:?}", open.len(), started.elapsed());
+    // Every request leaves before any answer is read: the proxy sees the whole burst at once.
+    for stream in &mut open {
+        stream.set_nodelay(true)?;
+        stream.write_all(MODELS)?;
+    }
+    let mut buf = vec![0u8; 4096];
+    let (mut answered, mut ok, mut failed) = (0, 0, 0);
+    for stream in &mut open {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        match read_response(stream, &mut buf) {
+            Ok(()) => {
+                answered += 1;
+                ok += usize::from(buf.starts_with(b"HTTP/1.1 200"));
+            }
+            Err(e) => {
+                if failed < 3 {
+                    eprintln!("burst: no answer: {e}");
+                }
+                failed += 1;
+            }
+        }
+    }
+    if answered > ok || failed > 0 {
+        eprintln!(
+            "burst: {ok} answered 200, {} other statuses, {failed} not answered",
+            answered - ok
+        );
+    }
+    println!("ready {answered}");
+    io::stdout().flush()?;
+    std::thread::sleep(hold);
+    drop(open);
+    println!("closed");
+    io::stdout().flush()
+}
+
+fn keepalive(addr: SocketAddr, conns: usize, requests: usize) -> io::Result<()> {
+    let conns = conns.max(1);
+    let workers: Vec<_> = (0..conns)
+        .map(|i| {
+            // The first connections take the remainder, so the total is exact.
+            let mine = requests / conns + usize::from(i < requests % conns);
+            std::thread::spawn(move || -> io::Result<usize> {
+                let mut stream = TcpStream::connect(addr)?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+                let mut buf = vec![0u8; 4096];
+                for _ in 0..mine {
+                    stream.write_all(MODELS)?;
+                    read_response(&mut stream, &mut buf)?;
+                }
+                Ok(mine)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for w in workers {
+        match w.join() {
+            Ok(Ok(n)) => ok += n,
+            Ok(Err(e)) => eprintln!("connection failed: {e}"),
+            Err(_) => eprintln!("a client thread panicked"),
+        }
+    }
+    println!("requests: {ok} ok");
+    if ok == requests {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{ok} of {requests} requests answered")))
     }
 }
 

@@ -18,6 +18,21 @@ use meridian::route::RouteTable;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Freed memory goes back to the OS as soon as mimalloc finds a page empty, instead of 10 ms
+/// later at the next allocator call: an idle proxy makes no such call, so a burst's memory
+/// stayed resident (BENCHMARKS.md, "Allocator retention"). `MIMALLOC_PURGE_DELAY` in the
+/// environment still wins.
+#[cfg(feature = "mimalloc")]
+fn tune_allocator() {
+    /// `mi_option_purge_delay` in mimalloc.h (the same index in mimalloc 2 and 3).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: mi_option_set is not thread safe; this runs first thing in main, before
+        // any other thread exists.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "meridian",
@@ -86,6 +101,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "mimalloc")]
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),

@@ -21,7 +21,8 @@ use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
 use crate::forward::breaker::Admission;
-use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::forward::client::{RetryClass, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
 use crate::forward::usage::{self, Scanned, UsageScanner};
@@ -295,6 +296,22 @@ impl Proxy {
                     break;
                 }
             };
+            // Past the endpoint's connection cap and wait queue nothing is sent: the attempt
+            // moves on like a refused connect, and the endpoint's health is not touched.
+            let slot = match enter_endpoint(rt, target).await {
+                Ok(slot) => slot,
+                Err(full) => {
+                    let (region, _) = self.target_names(rt, target);
+                    tracing::debug!(region = %region, error = %full, "attempt not sent");
+                    record.attempts = tried.len() as u32 + 1;
+                    last_error = Some(ProxyError::NoRegionAvailable { region: Some(region) });
+                    tried.push(Tried {
+                        target,
+                        failure: Failure::Error(RetryClass::NothingSent),
+                    });
+                    continue;
+                }
+            };
             // A kept body is sent again; a streamed one has this attempt only.
             let Some(attempt_body) = body.as_ref().and_then(RequestBody::replay).or_else(|| body.take()) else {
                 break;
@@ -311,7 +328,7 @@ impl Proxy {
                         record.ttfb = Some(ttfb);
                         record.failover_reason = sent.reason.map(FailoverReason::as_str);
                         self.count_failover(rt, plan, &sent);
-                        return Ok(self.relay(rt, target, resp, record, started, inflight, sent.health));
+                        return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
                     }
                     last_error = Some(ProxyError::UpstreamUnreachable {
                         region: sent.region,
@@ -567,7 +584,7 @@ impl Proxy {
         resp: Response<Incoming>,
         mut record: AccessRecord,
         started: Instant,
-        inflight: Option<InFlight>,
+        (inflight, slot): (Option<InFlight>, Option<EndpointSlot>),
         health: Option<Arc<EndpointHealth>>,
     ) -> Response<ResponseBody> {
         let (region_header, metrics) = match target {
@@ -607,6 +624,7 @@ impl Proxy {
             sent,
             head,
             _inflight: inflight,
+            _slot: slot,
             health,
         });
         let body = UpstreamBody::new(incoming, rt.config.server.stall_timeout, sse, scanner, done);
@@ -700,6 +718,8 @@ struct Done {
     sent: Instant,
     head: Duration,
     _inflight: Option<InFlight>,
+    /// The endpoint's request slot: freed when the response body ends or is dropped.
+    _slot: Option<EndpointSlot>,
     health: Option<Arc<EndpointHealth>>,
 }
 
@@ -746,6 +766,22 @@ impl Completion for Done {
             };
             self.record.emit(elapsed, bytes, end);
         }
+    }
+}
+
+/// Takes a request slot of the target endpoint, when its connections are capped.
+async fn enter_endpoint(rt: &Runtime, target: Target) -> Result<Option<EndpointSlot>, Full> {
+    let Target::Endpoint { region, endpoint } = target else {
+        return Ok(None);
+    };
+    match rt
+        .regions
+        .get(region)
+        .and_then(|r| r.endpoints.get(endpoint))
+        .and_then(|e| e.limit.as_ref())
+    {
+        Some(limit) => limit.enter().await.map(Some),
+        None => Ok(None),
     }
 }
 

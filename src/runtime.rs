@@ -49,6 +49,8 @@ pub struct EndpointRuntime {
     pub config: EndpointConfig,
     pub health: Arc<EndpointHealth>,
     pub metrics: crate::observe::metrics::EndpointMetrics,
+    /// Request slots, when `upstream.max_connections_per_endpoint` is set.
+    pub limit: Option<Arc<crate::forward::limit::EndpointLimit>>,
 }
 
 pub struct FallbackRuntime {
@@ -236,12 +238,15 @@ fn build(
     let settings = PoolSettings {
         connect_timeout: config.server.connect_timeout,
         idle_timeout: config.server.idle_timeout,
+        keepalive: config.upstream.keepalive,
+        limit: config.upstream.limit,
     };
     let upstreams = match previous {
         Some(p)
             if p.config.server.connect_timeout == config.server.connect_timeout
                 && p.config.server.idle_timeout == config.server.idle_timeout
-                && p.config.upstream_tls == config.upstream_tls =>
+                && p.config.upstream_tls == config.upstream_tls
+                && p.config.upstream == config.upstream =>
         {
             p.upstreams.clone()
         }
@@ -250,8 +255,12 @@ fn build(
     let fallback = match &config.fallback {
         Some(f) => Some(FallbackRuntime {
             // The fallback is another party's API: its own CA file, never our client certificate.
+            // Capped per endpoint only for regions: a hosted API sets its own limits.
             upstreams: Upstreams::new(
-                &settings,
+                &PoolSettings {
+                    limit: None,
+                    ..settings.clone()
+                },
                 &UpstreamTlsConfig {
                     ca_file: f.ca_file.clone(),
                     client_auth: None,
@@ -294,6 +303,7 @@ fn build(
                 kept.insert(key, health.clone());
                 EndpointRuntime {
                     metrics: crate::observe::metrics::EndpointMetrics::new(metrics, &r.name, &e.url),
+                    limit: upstreams.endpoint_limit(&e.scheme, &e.authority),
                     config: e.clone(),
                     health,
                 }

@@ -4,12 +4,16 @@
 # Installs nothing. Needs wrk; uses nginx, haproxy and h2load when they are on PATH.
 #   apt-get install -y wrk nginx haproxy nghttp2-client
 #
-# Usage: benches/load/compare.sh [all|throughput|sse|idle|mem|scale]...
+# Usage: benches/load/compare.sh [all|throughput|tls|burst|sse|idle|mem|scale]...
 # Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
 #   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
 #   MEM_SECONDS=60, SSE_PROBES=200, NO_BUILD=1 (reuse target/release), OUT=results dir,
 #   MERIDIAN_BIN (default target/release/meridian), MERIDIAN_B=another build to compare
-#   as proxy "meridian-b" (add it to PROXIES), e.g. one built with --no-default-features.
+#   as proxy "meridian-b" (add it to PROXIES), e.g. one built with --no-default-features;
+#   MERIDIAN_B_SED=a sed script applied to meridian-b's config (an older build may not
+#   know newer keys, e.g. '/^\[upstream\]/,/^$/d'); MERIDIAN_ENV / MERIDIAN_B_ENV=extra
+#   environment for each (e.g. MIMALLOC_PURGE_DELAY=-1);
+#   TLS_CONNS=50 (tls phase); BURST_CLIENTS="3000 10000", BURST_HOLD=10, BURST_AFTER=30 (burst).
 #
 # All traffic goes to 127.0.0.1. Every run is bounded by DURATION; the whole default
 # `all` takes about ROUNDS x proxies x |CONNS| x (DURATION + WARMUP + 2) s plus the probes.
@@ -33,6 +37,17 @@ XFF=${XFF:-81.2.69.142}
 
 UPSTREAM=127.0.0.1:18080
 declare -A PORT=([meridian]=18081 [nginx]=18082 [haproxy]=18083 [meridian-b]=18084 [direct]=18080)
+# HTTPS listeners (tls phase): TLS 1.3 with an ECDSA P-256 certificate made per run.
+declare -A TLS_PORT=([meridian]=18085 [nginx]=18086 [meridian-b]=18088)
+TLS_CONNS=${TLS_CONNS:-50}
+# NGINX's h2c (HTTP/2 prior knowledge) listener, for the h2load comparison.
+H2C_NGINX_PORT=18089
+BURST_CLIENTS=${BURST_CLIENTS:-"3000 10000"}
+BURST_HOLD=${BURST_HOLD:-10}
+BURST_AFTER=${BURST_AFTER:-30}
+# run_wrk's scheme and extra header (the tls phase sets them).
+WRK_SCHEME=http
+WRK_EXTRA=()
 MERIDIAN_BIN=${MERIDIAN_BIN:-$ROOT/target/release/meridian}
 BIN_DIR=${BIN_DIR:-$ROOT/target/release/examples}
 
@@ -133,14 +148,28 @@ start_proxy() {
     meridian | meridian-b)
         local bin=$MERIDIAN_BIN
         [ "$name" = meridian-b ] && bin=${MERIDIAN_B:?MERIDIAN_B names the second build}
+        local tls_lines="" extra_env=${MERIDIAN_ENV:-}
+        [ -f "$RUN/cert.pem" ] &&
+            tls_lines="tls_listen = \"127.0.0.1:${TLS_PORT[$name]}\"\ntls_cert = \"$RUN/cert.pem\"\ntls_key = \"$RUN/key.pem\"\n"
         sed -e "s/^worker_threads = .*/worker_threads = $threads/" \
             -e "s/127.0.0.1:18081/127.0.0.1:$port/" -e "s/127.0.0.1:18091/127.0.0.1:$((port + 10))/" \
+            -e "s|^\[server\]\$|[server]\n$tls_lines|" \
             "$LOAD/meridian.toml" >"$RUN/$name.toml"
-        RUST_LOG=warn taskset -c "$cpus" "$bin" run -c "$RUN/$name.toml" 2>"$RUN/$name.log" &
+        if [ "$name" = meridian-b ]; then
+            extra_env=${MERIDIAN_B_ENV:-}
+            [ -n "${MERIDIAN_B_SED:-}" ] && sed -i -e "$MERIDIAN_B_SED" "$RUN/$name.toml"
+        fi
+        # shellcheck disable=SC2086 # extra_env is a list of VAR=value words
+        env RUST_LOG=warn $extra_env taskset -c "$cpus" "$bin" run -c "$RUN/$name.toml" 2>"$RUN/$name.log" &
         ;;
     nginx)
         mkdir -p "$RUN/nginx/tmp"
         cp "$LOAD/nginx.conf" "$RUN/nginx/nginx.conf"
+        : >"$RUN/nginx/tls.conf"
+        if [ -f "$RUN/cert.pem" ]; then
+            cp "$RUN/cert.pem" "$RUN/key.pem" "$RUN/nginx/"
+            sed "s/18086/${TLS_PORT[nginx]}/" "$LOAD/nginx-tls.conf" >"$RUN/nginx/tls.conf"
+        fi
         taskset -c "$cpus" nginx -p "$RUN/nginx/" -c nginx.conf -g 'daemon off;' 2>"$RUN/nginx.log" &
         ;;
     haproxy)
@@ -172,12 +201,13 @@ to_ms() {
 # run_wrk NAME CONNS TAG: one measured wrk run against NAME, appended to $RESULTS.
 run_wrk() {
     local name=$1 conns=$2 tag=$3 port=${PORT[$1]} url out t0 t1 c0 c1 rps p50 p99 cpu hwm newconns
-    url="http://127.0.0.1:$port$PATH_UNDER_TEST"
-    taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${WARMUP}s" -H "X-Forwarded-For: $XFF" "$url" >/dev/null
+    [ "$WRK_SCHEME" = https ] && port=${TLS_PORT[$1]}
+    url="$WRK_SCHEME://127.0.0.1:$port$PATH_UNDER_TEST"
+    taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${WARMUP}s" -H "X-Forwarded-For: $XFF" "${WRK_EXTRA[@]}" "$url" >/dev/null
     c0=$(upstream_accepted)
     t0=$(cpu_ticks "${PID[$name]}")
     out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency \
-        -H "X-Forwarded-For: $XFF" "$url")
+        -H "X-Forwarded-For: $XFF" "${WRK_EXTRA[@]}" "$url")
     t1=$(cpu_ticks "${PID[$name]}")
     echo "$out" >"$RUN/wrk-$tag-$name-$conns.txt"
     sleep 1.2 # the upstream reports its accept count once a second
@@ -270,12 +300,107 @@ throughput() {
         done
     done
     if have h2load; then
-        log "h2load (h2c prior knowledge, Meridian only): 50 clients x 10 streams"
-        h2load -n 200000 -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" "http://127.0.0.1:${PORT[meridian]}$PATH_UNDER_TEST" \
-            2>&1 | grep -E '^(finished in|requests:|status codes:)' | sed 's/^/  h2load: /' >&2 || true
+        # Meridian's listener speaks h2c with prior knowledge; NGINX's on H2C_PORT.
+        local h2port
+        for p in "${proxies[@]}"; do
+            case $p in
+            meridian | meridian-b) h2port=${PORT[$p]} ;;
+            nginx) h2port=$H2C_NGINX_PORT ;;
+            *) continue ;;
+            esac
+            log "h2load (h2c prior knowledge) $p: 50 clients x 10 streams"
+            taskset -c "$LOAD_CPU" h2load -n 200000 -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" \
+                "http://127.0.0.1:$h2port$PATH_UNDER_TEST" 2>&1 |
+                grep -E '^(finished in|requests:|status codes:)' | sed "s/^/  h2load $p: /" >&2 || true
+        done
     fi
     for p in "${proxies[@]}"; do stop_proxy "$p"; done
     summarise throughput
+}
+
+# Keep-alive HTTPS requests per CPU-second, and full handshakes per CPU-second (every
+# request on a new connection: `Connection: close`; wrk does not resume sessions and NGINX
+# has tickets and its session cache off), for Meridian and NGINX.
+tls() {
+    local proxies=() p round
+    [ -f "$RUN/cert.pem" ] || die "tls: no certificate (openssl is needed to make one)"
+    for p in $(available_proxies); do
+        [ -n "${TLS_PORT[$p]:-}" ] && proxies+=("$p")
+    done
+    log "tls: ${proxies[*]}; TLS 1.3, ECDSA P-256, $TLS_CONNS connections"
+    for p in "${proxies[@]}"; do start_proxy "$p" 1; done
+    for p in "${proxies[@]}"; do wait_port "${TLS_PORT[$p]}"; done
+    WRK_SCHEME=https
+    for round in $(seq 1 "$ROUNDS"); do
+        for p in "${proxies[@]}"; do
+            WRK_EXTRA=()
+            run_wrk "$p" "$TLS_CONNS" tls-keepalive
+            WRK_EXTRA=(-H "Connection: close")
+            run_wrk "$p" "$TLS_CONNS" tls-handshake
+        done
+    done
+    WRK_SCHEME=http
+    WRK_EXTRA=()
+    for p in "${proxies[@]}"; do stop_proxy "$p"; done
+    summarise tls-keepalive
+    summarise tls-handshake
+}
+
+# Connections from proxies to the upstream that are open now (the upstream's side of them).
+upstream_open() {
+    ss -Htn state established "( sport = :${UPSTREAM##*:} )" 2>/dev/null | wc -l
+}
+
+# A burst of chat clients: N connect and send one request at once, then stay idle; RSS per
+# connection while they are open, idle upstream connections the proxy keeps, and RSS
+# BURST_AFTER s after the clients have gone.
+burst() {
+    local proxies p n rss0 rss1 rss2 up1 up2 out probe ready closed
+    read -r -a proxies <<<"$(available_proxies)"
+    log "burst: ${BURST_CLIENTS} clients at once, held ${BURST_HOLD} s; RSS ${BURST_AFTER} s after they close"
+    for n in $BURST_CLIENTS; do
+        for p in "${proxies[@]}"; do
+            start_proxy "$p" 1
+            sleep 2
+            rss0=$(mem_kib VmRSS "${PID[$p]}")
+            out=$RUN/burst-$p-$n.out
+            taskset -c "$LOAD_CPU" "$BIN_DIR/load_probe" burst "127.0.0.1:${PORT[$p]}" "$n" "$BURST_HOLD" >"$out" &
+            probe=$!
+            ready=""
+            for _ in $(seq 1 600); do
+                ready=$(grep -o 'ready [0-9]*' "$out" 2>/dev/null || true)
+                [ -n "$ready" ] && break
+                sleep 0.1
+            done
+            sleep 1
+            rss1=$(mem_kib VmRSS "${PID[$p]}")
+            up1=$(upstream_open)
+            wait "$probe" 2>/dev/null || true
+            closed=$(grep -c closed "$out" || true)
+            sleep "$BURST_AFTER"
+            rss2=$(mem_kib VmRSS "${PID[$p]}")
+            up2=$(upstream_open)
+            stop_proxy "$p"
+            printf 'burst\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$p" "$n" "${ready#ready }" "$rss0" "$rss1" "$rss2" "$up1" "$up2" >>"$OUT/burst.tsv"
+            log "  $p n=$n: answered ${ready#ready } (closed: $closed), RSS $rss0 -> $rss1 -> $rss2 KiB, upstream conns $up1 -> $up2"
+        done
+    done
+    echo
+    echo "== burst: N clients send one request at once, then idle ${BURST_HOLD} s; then ${BURST_AFTER} s after they closed =="
+    awk -F'\t' '
+    { k = $2 SUBSEP $3; if (!(k in seen)) { seen[k] = 1; order[++n] = k }
+      ans[k] = $4; r0[k] = $5; r1[k] = $6; r2[k] = $7; u1[k] = $8; u2[k] = $9 }
+    END {
+        printf "%-11s %6s %8s %9s %11s %9s %10s %12s %10s %10s %9s\n", "proxy", "N", "answered", "idle MiB", "burst MiB", "KiB/conn", "after MiB", "after-idle", "ups held", "ups after", "KiB/NGINX"
+        for (i = 1; i <= n; i++) {
+            k = order[i]; split(k, kk, SUBSEP)
+            per = ans[k] > 0 ? (r1[k] - r0[k]) / ans[k] : 0
+            ng = "nginx" SUBSEP kk[2]
+            ratio = ((ng in ans) && ans[ng] > 0 && r1[ng] > r0[ng]) ? sprintf("%.2f", per / ((r1[ng] - r0[ng]) / ans[ng])) : "-"
+            printf "%-11s %6s %8s %9.1f %11.1f %9.2f %10.1f %12.1f %10s %10s %9s\n", kk[1], kk[2], ans[k], r0[k] / 1024, r1[k] / 1024, per, r2[k] / 1024, (r2[k] - r0[k]) / 1024, u1[k], u2[k], ratio
+        }
+        print "(ups held: upstream connections open while the idle clients are held; ups after: after they closed)"
+    }' "$OUT/burst.tsv"
 }
 
 sse() {
@@ -384,14 +509,19 @@ main() {
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     local phases=("$@")
     [ ${#phases[@]} -eq 0 ] && phases=(all)
-    [ "${phases[0]}" = all ] && phases=(throughput sse idle mem scale)
+    [ "${phases[0]}" = all ] && phases=(throughput tls burst sse idle mem scale)
     build
     : >"$RESULTS"
+    if have openssl; then
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -keyout "$RUN/key.pem" -out "$RUN/cert.pem" -subj /CN=localhost \
+            -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
+    fi
     start_upstream
     log "results in $OUT; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     for phase in "${phases[@]}"; do
         case $phase in
-        throughput | sse | idle | mem | scale) "$phase" ;;
+        throughput | tls | burst | sse | idle | mem | scale) "$phase" ;;
         *) die "unknown phase $phase" ;;
         esac
     done

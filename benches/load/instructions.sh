@@ -3,24 +3,39 @@
 # wall-clock benchmarks are not. Compares Meridian builds; prints the top functions.
 #
 # Usage: benches/load/instructions.sh [MERIDIAN_BINARY...]   (default target/release/meridian)
-# Needs valgrind and h2load (apt-get install -y valgrind nghttp2-client). REQUESTS=5000.
+#        benches/load/instructions.sh --budget N [MERIDIAN_BINARY]
+#   --budget: CI's regression guard: fails when a request costs more than N instructions
+#   (no function list). Default binary for it: target/debug/meridian, the build CI has.
+# Needs valgrind (apt-get install -y valgrind). Load comes from h2load when it is installed
+# (report mode) or from examples/load_probe (always in --budget mode, so CI needs nothing
+# else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget), CONFIG_SED.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-REQUESTS=${REQUESTS:-5000}
+BUDGET=""
+if [ "${1:-}" = --budget ]; then
+    BUDGET=${2:?--budget needs an instruction count}
+    shift 2
+    [ $# -eq 0 ] && set -- "$ROOT/target/debug/meridian"
+fi
+[ $# -eq 0 ] && set -- "$ROOT/target/release/meridian"
+REQUESTS=${REQUESTS:-$([ -n "$BUDGET" ] && echo 2000 || echo 5000)}
+WARMUP=${WARMUP:-$([ -n "$BUDGET" ] && echo 300 || echo 500)}
 XFF=${XFF:-81.2.69.142}
+EXAMPLES=${EXAMPLES:-$(dirname "$1")/examples}
 RUN=$(mktemp -d /tmp/meridian-ir.XXXXXX)
 STARTED=()
 cleanup() {
     local pid
     for pid in "${STARTED[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    rm -rf "$RUN"
 }
 trap cleanup EXIT
 
 wait_port() {
     local i
-    for i in $(seq 1 600); do
+    for i in $(seq 1 1200); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.1
     done
@@ -29,16 +44,27 @@ wait_port() {
 }
 
 load() {
-    h2load --h1 -n "$1" -c 10 -t 1 -H "X-Forwarded-For: $XFF" http://127.0.0.1:18081/v1/models |
-        grep -E '^requests:' >&2
+    if [ -z "$BUDGET" ] && command -v h2load >/dev/null 2>&1; then
+        h2load --h1 -n "$1" -c 10 -t 1 -H "X-Forwarded-For: $XFF" http://127.0.0.1:18081/v1/models |
+            grep -E '^requests:' >&2
+    else
+        # The same request shape as compare.sh's wrk runs: GET /v1/models from a GB client.
+        "$EXAMPLES/load_probe" keepalive 127.0.0.1:18081 10 "$1" >&2
+    fi
 }
 
-"${FAST_UPSTREAM:-$ROOT/target/release/examples/fast_upstream}" 127.0.0.1:18080 2>"$RUN/upstream.log" &
+for port in 18080 18081 18091; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port $port is taken (a benchmark running?)" >&2
+        exit 1
+    fi
+done
+"${FAST_UPSTREAM:-$EXAMPLES/fast_upstream}" 127.0.0.1:18080 2>"$RUN/upstream.log" &
 STARTED+=($!)
 wait_port 18080
-sed "s/^worker_threads = .*/worker_threads = 1/" "$ROOT/benches/load/meridian.toml" >"$RUN/meridian.toml"
+# CONFIG_SED: a sed script for the config, e.g. '/^\[upstream\]/,$d' for an older build.
+sed -e "s/^worker_threads = .*/worker_threads = 1/" -e "${CONFIG_SED:-}" "$ROOT/benches/load/meridian.toml" >"$RUN/meridian.toml"
 
-[ $# -eq 0 ] && set -- "$ROOT/target/release/meridian"
 for bin in "$@"; do
     out=$RUN/callgrind.$(basename "$bin").out
     valgrind_log=$RUN/valgrind.$(basename "$bin").log
@@ -47,7 +73,7 @@ for bin in "$@"; do
     pid=$!
     STARTED+=($pid)
     wait_port 18081
-    load 500 # connections, pools and lazy statics: not part of the steady state
+    load "$WARMUP" # connections, pools and lazy statics: not part of the steady state
     callgrind_control -z "$pid" >/dev/null
     load "$REQUESTS"
     callgrind_control -d "$pid" >/dev/null
@@ -56,7 +82,16 @@ for bin in "$@"; do
     dump=$(ls -t "$out"* | grep -v "^$out$" | head -1)
     total=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
     [ -n "$total" ] || total=$(grep -m1 '^totals:' "$dump" | awk '{print $2}')
-    echo "$(basename "$bin"): $((total / REQUESTS)) instructions per request ($REQUESTS requests, 10 connections)"
+    per=$((total / REQUESTS))
+    echo "$(basename "$bin"): $per instructions per request ($REQUESTS requests, 10 connections)"
+    if [ -n "$BUDGET" ]; then
+        if [ "$per" -gt "$BUDGET" ]; then
+            echo "over the budget of $BUDGET instructions per request (BENCHMARKS.md: what it guards)" >&2
+            exit 1
+        fi
+        echo "within the budget of $BUDGET ($((per * 100 / BUDGET)) % of it)"
+        continue
+    fi
     callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | sed -n '1,/^-- Auto/p' | grep -E '^ *[0-9,]+ ' |
         head -"${TOP:-25}" | sed 's/^/    /' || true # head closes the pipe early
 done

@@ -42,6 +42,8 @@ pub struct FileConfig {
     pub limit_rules: Vec<LimitFile>,
     /// Where admission counters live (`[limits]`).
     pub limits: Option<LimitsFile>,
+    /// Connections kept and opened per endpoint.
+    pub upstream: Option<super::upstream::UpstreamFile>,
 }
 
 /// `[tracing]`: OTLP/HTTP export of request spans.

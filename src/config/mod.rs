@@ -4,6 +4,7 @@
 pub mod file;
 mod limits;
 pub mod units;
+pub mod upstream;
 mod validate;
 
 #[cfg(test)]
@@ -11,4 +12,5 @@ mod problem_tests;
 
 pub use file::{BackendErrorPolicy, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
 pub use limits::{LimitKey, LimitRule, LimitsBackend, LimitsConfig, RateLimit};
+pub use upstream::{EndpointLimitConfig, UpstreamConfig};
 pub use validate::*;

@@ -38,6 +38,7 @@ pub struct Config {
     /// `[[limit]]` rules, in file order.
     pub limit_rules: Vec<super::LimitRule>,
     pub limits: super::LimitsConfig,
+    pub upstream: super::upstream::UpstreamConfig,
 }
 
 /// Where and how request spans are exported (OTLP/HTTP, protobuf).
@@ -473,6 +474,10 @@ impl Validator<'_> {
         let spillover = raw.spillover.map(|s| self.spillover(s));
         let upstream_tls = raw.upstream_tls.map(|t| self.upstream_tls(t)).unwrap_or_default();
         let tracing = raw.tracing.and_then(|t| self.tracing(t));
+        let (upstream, problems) = super::upstream::validate(raw.upstream.unwrap_or_default());
+        for (key, message) in problems {
+            self.problem(key, None, message);
+        }
         let log = LogConfig {
             format: raw.log.format.unwrap_or_default(),
             access_log: raw.log.access_log.unwrap_or(true),
@@ -498,6 +503,7 @@ impl Validator<'_> {
             spillover,
             upstream_tls,
             tracing,
+            upstream,
             limit_rules,
             limits,
         })

@@ -81,6 +81,8 @@ struct State {
     requests: AtomicU64,
     probes: AtomicU64,
     connections: AtomicU64,
+    /// Connections open now (accepted, not yet closed).
+    open: AtomicU64,
     seen: Mutex<Vec<Seen>>,
     gate: Notify,
     /// Extra response headers (e.g. ORCA load reports).
@@ -134,6 +136,7 @@ impl FakeUpstream {
             requests: AtomicU64::new(0),
             probes: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            open: AtomicU64::new(0),
             seen: Mutex::new(Vec::new()),
             gate: Notify::new(),
             extra_headers: Mutex::new(HeaderMap::new()),
@@ -200,6 +203,11 @@ impl FakeUpstream {
         self.state.connections.load(Ordering::Acquire)
     }
 
+    /// TCP connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.state.open.load(Ordering::Acquire)
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         lock(&self.state.seen).clone()
     }
@@ -252,6 +260,15 @@ impl Drop for FakeUpstream {
     }
 }
 
+/// Counts a connection out of [`FakeUpstream::open_connections`] however its task ends.
+struct OpenConnection(Arc<State>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -264,8 +281,10 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watc
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 state.connections.fetch_add(1, Ordering::AcqRel);
+                state.open.fetch_add(1, Ordering::AcqRel);
                 let state = state.clone();
                 conns.spawn(async move {
+                    let _open = OpenConnection(state.clone());
                     let behavior = lock(&state.behavior).clone();
                     if behavior == Behavior::Garbage {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -18,9 +18,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::RequestBody;
-use crate::config::{UpstreamProtocol, UpstreamTlsConfig};
+use super::limit::{CappedConnector, ConnectionCaps, EndpointLimit};
+use crate::config::{EndpointLimitConfig, UpstreamProtocol, UpstreamTlsConfig};
 
-type Pool = Client<HttpsConnector<HttpConnector>, RequestBody>;
+type Pool = Client<HttpsConnector<CappedConnector<HttpConnector>>, RequestBody>;
 
 /// The cause kept under an [`UpstreamError`]: the original error object, for the log.
 pub type Source = Box<dyn std::error::Error + Send + Sync>;
@@ -245,6 +246,8 @@ pub enum ClientSetupError {
 pub struct Upstreams {
     http1: Pool,
     http2: Pool,
+    /// Request slots per endpoint, when `upstream.max_connections_per_endpoint` is set.
+    limits: Option<Arc<EndpointLimits>>,
 }
 
 /// Pool knobs shared by every upstream client.
@@ -252,15 +255,51 @@ pub struct Upstreams {
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint and protocol (`upstream.keepalive`).
+    pub keepalive: usize,
+    pub limit: Option<EndpointLimitConfig>,
+}
+
+/// One [`EndpointLimit`] per endpoint (scheme and authority), made on first use.
+struct EndpointLimits {
+    policy: EndpointLimitConfig,
+    by_endpoint: std::sync::Mutex<std::collections::HashMap<String, Arc<EndpointLimit>>>,
 }
 
 impl Upstreams {
     pub fn new(settings: &PoolSettings, tls: &UpstreamTlsConfig) -> Result<Upstreams, ClientSetupError> {
         let tls = tls_config(tls.ca_file.as_deref(), tls.client_auth.as_ref())?;
+        // One cap per endpoint across both protocols' pools.
+        let caps = settings
+            .limit
+            .map(|l| Arc::new(ConnectionCaps::new(l.max_connections, settings.connect_timeout)));
         Ok(Upstreams {
-            http1: pool(settings, tls.clone(), false),
-            http2: pool(settings, tls, true),
+            http1: pool(settings, tls.clone(), false, caps.clone()),
+            http2: pool(settings, tls, true, caps),
+            limits: settings.limit.map(|policy| {
+                Arc::new(EndpointLimits {
+                    policy,
+                    by_endpoint: Default::default(),
+                })
+            }),
         })
+    }
+
+    /// The request slots of the endpoint at `scheme://authority`, when endpoints are capped.
+    /// Resolved once per endpoint when a config is built, not per request.
+    pub fn endpoint_limit(
+        &self,
+        scheme: &http::uri::Scheme,
+        authority: &http::uri::Authority,
+    ) -> Option<Arc<EndpointLimit>> {
+        let limits = self.limits.as_ref()?;
+        let key = format!("{scheme}://{authority}");
+        let mut map = limits.by_endpoint.lock().unwrap_or_else(|p| p.into_inner());
+        Some(
+            map.entry(key)
+                .or_insert_with(|| Arc::new(EndpointLimit::new(limits.policy)))
+                .clone(),
+        )
     }
 
     /// Sends one attempt and waits for the response head up to `timeout`, counted from
@@ -344,12 +383,18 @@ fn tls_config(
     Ok(Arc::new(config))
 }
 
-fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, http2: bool) -> Pool {
+fn pool(
+    settings: &PoolSettings,
+    tls: Arc<rustls::ClientConfig>,
+    http2: bool,
+    caps: Option<Arc<ConnectionCaps>>,
+) -> Pool {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    let http = CappedConnector::new(http, caps);
     // The builder sets ALPN from the enabled versions: h2 for the HTTP/2 pool, http/1.1
     // for the other, so a TLS endpoint speaks what the pool expects.
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
@@ -365,7 +410,9 @@ fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, http2: bool) ->
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(settings.idle_timeout)
-        .pool_max_idle_per_host(1024)
+        // NGINX's `keepalive N`: a burst's extra connections close as they go idle instead
+        // of staying pooled (and resident) until the idle timeout.
+        .pool_max_idle_per_host(settings.keepalive)
         .http2_only(http2);
     builder.build(connector)
 }
@@ -436,6 +483,8 @@ mod tests {
         let settings = PoolSettings {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
+            keepalive: 4,
+            limit: None,
         };
         let upstreams = Upstreams::new(&settings, &UpstreamTlsConfig::default())?;
         let mut req = Request::new(RequestBody::Empty);

@@ -9,6 +9,7 @@ pub mod client;
 pub mod endpoint_get;
 pub mod inbound;
 pub mod json_scan;
+pub mod limit;
 pub mod rewrite;
 pub mod upgrade;
 pub mod usage;

@@ -126,6 +126,9 @@ pub fn install(config: &TracingConfig) -> Result<(), crate::forward::client::Cli
     let settings = PoolSettings {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(90),
+        // One collector: a few connections are plenty.
+        keepalive: 4,
+        limit: None,
     };
     let client = Upstreams::new(&settings, &Default::default())?;
     let (tx, rx) = mpsc::channel(QUEUE);
