@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::health::{DrainInfo, EndpointSnapshot};
 use crate::route::RegionState;
-use crate::runtime::{Runtime, Shared};
+use crate::runtime::{Shared, Snapshot};
 
 type AdminResponse = Response<Full<Bytes>>;
 
@@ -49,7 +49,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
             tracing::warn!(%peer, limit = MAX_ADMIN_CONNECTIONS, "admin connection limit reached; closing");
             continue;
         };
-        let server = &shared.runtime().config.server;
+        let server = &shared.snapshot().config.server;
         let timeouts = crate::listen::Timeouts {
             header_read: server.header_read_timeout,
             idle: server.idle_timeout,
@@ -76,7 +76,7 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["metrics"]) => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", {
-            shared.metrics.refresh(&shared.runtime());
+            shared.metrics.refresh(&shared.snapshot());
             shared.metrics.render()
         }),
         (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, &json!({"status": "ok"})),
@@ -93,7 +93,7 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
                 Ok(id) => id,
                 Err(resp) => return *resp,
             };
-            let rt = shared.runtime();
+            let rt = shared.snapshot();
             let Some(index) = rt.config.region_index(name) else {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -149,7 +149,7 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
 /// 403 when no token is configured (mutations are off), 401 without the right bearer token.
 /// Returns the token's id for the logs.
 fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<String, Box<AdminResponse>> {
-    let rt = shared.runtime();
+    let rt = shared.snapshot();
     let Some(token) = rt.config.admin.token.as_deref() else {
         return Err(Box::new(error(
             StatusCode::FORBIDDEN,
@@ -293,7 +293,7 @@ fn still_drained_message(reason: &str, until: Option<&str>) -> String {
     )
 }
 
-fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
+fn region_status(rt: &Snapshot, index: usize) -> RegionStatus {
     let r = &rt.regions[index];
     let c = &rt.config.regions[index];
     let drain_state = rt.drain_state(index);
@@ -353,7 +353,7 @@ fn region_status(rt: &Runtime, index: usize) -> RegionStatus {
 }
 
 fn status(shared: &Shared) -> serde_json::Value {
-    let rt = shared.runtime();
+    let rt = shared.snapshot();
     let regions: Vec<RegionStatus> = (0..rt.regions.len()).map(|i| region_status(&rt, i)).collect();
     let zones: Vec<_> = rt
         .config

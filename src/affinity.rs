@@ -67,7 +67,7 @@ pub fn pick(session: &[u8], endpoints: &[Candidate<'_>]) -> Option<usize> {
 /// `loads` are the balancer's views of the region's endpoints, in order; `body` is the
 /// request body when it was kept for replay (never read from the stream for this).
 pub fn for_request(
-    rt: &crate::runtime::Runtime,
+    rt: &crate::runtime::Snapshot,
     region: usize,
     loads: &[crate::balance::EndpointLoad],
     headers: &http::HeaderMap,
@@ -114,7 +114,7 @@ pub const MAX_PREFIX_ENDPOINTS: usize = 16;
 /// Prefix-cache affinity for a request without a session: `None` when the body has no
 /// prompt text (the balancer decides), else the pick.
 fn for_prefix(
-    rt: &crate::runtime::Runtime,
+    rt: &crate::runtime::Snapshot,
     region: usize,
     loads: &[crate::balance::EndpointLoad],
     body: &[u8],

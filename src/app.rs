@@ -14,14 +14,14 @@ use crate::listen::tls::TlsReloader;
 use crate::listen::{self, Limits};
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, Trigger};
-use crate::runtime::{RuntimeError, Shared};
+use crate::runtime::{Shared, SnapshotError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigError),
     #[error("{0}")]
-    Runtime(#[from] RuntimeError),
+    Snapshot(#[from] SnapshotError),
     #[error("TLS certificates: {0}")]
     Tls(#[from] crate::listen::tls::TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -169,7 +169,7 @@ pub async fn run(path: &Path) -> Result<(), StartError> {
     // Not ready at once, but still serving: load balancers and kube-proxy take a few
     // seconds to stop sending, and connections they send meanwhile must not be refused.
     running.shared.draining.store(true, Ordering::Release);
-    let delay = running.shared.runtime().config.server.shutdown_delay;
+    let delay = running.shared.snapshot().config.server.shutdown_delay;
     if !delay.is_zero() {
         tracing::info!(delay = ?delay, "stop signal: /readyz answers 503, still serving for the shutdown delay");
         let deadline = tokio::time::Instant::now() + delay;

@@ -1,4 +1,4 @@
-//! The attempt planner's view of live state: a [`Runtime`]'s health objects, the request's
+//! The attempt planner's view of live state: a [`Snapshot`]'s health objects, the request's
 //! session (affinity) and the retry budget. Used by the proxy, the decision bench and the
 //! no-allocation test, so all three run the same code.
 
@@ -8,11 +8,11 @@ use crate::balance::EndpointLoad;
 use crate::retry::RetryBudget;
 use crate::route::RegionState;
 use crate::route::attempt::{Loads, View};
-use crate::runtime::Runtime;
+use crate::runtime::Snapshot;
 
 /// One request's view; cheap to build per attempt.
 pub struct LiveView<'a> {
-    pub rt: &'a Runtime,
+    pub rt: &'a Snapshot,
     pub budget: &'a RetryBudget,
     /// The request's headers (affinity reads its session header).
     pub headers: &'a HeaderMap,

@@ -35,7 +35,7 @@ use crate::observe::metrics::RegionMetrics;
 use crate::retry::RetryBudget;
 use crate::route::attempt::{self, Attempt, FailoverReason, Failure, Policy, Skips, Target, Tried};
 use crate::route::{self, NoRegion, Refusal, RequestFacts, RoutePlan};
-use crate::runtime::{Runtime, Shared};
+use crate::runtime::{Shared, Snapshot};
 
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -84,7 +84,7 @@ impl Proxy {
         mut req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
-        let rt = self.shared.runtime();
+        let rt = self.shared.snapshot();
         let config = &rt.config;
         let (client, mut record) = self.locate(&rt, conn, &req);
 
@@ -131,7 +131,7 @@ impl Proxy {
     /// The `[[limit]]` rules' decision; `Err` when one refuses the request.
     async fn admit(
         &self,
-        rt: &Runtime,
+        rt: &Snapshot,
         client: IpAddr,
         parts: &http::request::Parts,
         body: &RequestBody,
@@ -166,7 +166,7 @@ impl Proxy {
     }
 
     /// Client IP and location; the access record started with them.
-    fn locate(&self, rt: &Runtime, conn: ConnInfo, req: &Request<Incoming>) -> (Client, AccessRecord) {
+    fn locate(&self, rt: &Snapshot, conn: ConnInfo, req: &Request<Incoming>) -> (Client, AccessRecord) {
         let config = &rt.config;
         let peer = conn.peer.ip().to_canonical();
         let peer_trusted = is_trusted(peer, &config.geoip.trusted_proxies);
@@ -233,7 +233,7 @@ impl Proxy {
     /// Route plan: residency, route rules, candidate order.
     fn route<'t>(
         &self,
-        rt: &'t Runtime,
+        rt: &'t Snapshot,
         located: Located,
         req: &Request<Incoming>,
         record: &mut AccessRecord,
@@ -274,7 +274,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
-        rt: &Arc<Runtime>,
+        rt: &Arc<Snapshot>,
         plan: &RoutePlan<'_>,
         mut parts: http::request::Parts,
         body: RequestBody,
@@ -358,7 +358,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     fn plan_next(
         &self,
-        rt: &Runtime,
+        rt: &Snapshot,
         plan: &RoutePlan<'_>,
         tried: &[Tried],
         policy: &Policy<'_>,
@@ -400,7 +400,7 @@ impl Proxy {
     /// Notes an attempt in the access record; the names the log and metrics use.
     fn sent(
         &self,
-        rt: &Runtime,
+        rt: &Snapshot,
         target: Target,
         reason: Option<FailoverReason>,
         record: &mut AccessRecord,
@@ -439,7 +439,7 @@ impl Proxy {
     /// log (kept when a later attempt fails too), and the end of the attempt's span.
     fn observe_attempt(
         &self,
-        rt: &Runtime,
+        rt: &Snapshot,
         sent: &Sent,
         outcome: &Result<(Response<Incoming>, Duration, Option<InFlight>), UpstreamError>,
         span: Option<crate::observe::trace::AttemptSpan>,
@@ -471,7 +471,7 @@ impl Proxy {
     }
 
     /// A failover counts against the first choice (and as a spillover when it was saturated).
-    fn count_failover(&self, rt: &Runtime, plan: &RoutePlan<'_>, sent: &Sent) {
+    fn count_failover(&self, rt: &Snapshot, plan: &RoutePlan<'_>, sent: &Sent) {
         let from = plan.candidates.first().and_then(|c| rt.regions.get(c.region));
         let (Some(reason), Some(from)) = (sent.reason, from) else {
             return;
@@ -487,7 +487,7 @@ impl Proxy {
     }
 
     /// Health feedback from a response head, and the endpoint's load report.
-    fn observe_answer(&self, rt: &Runtime, sent: &Sent, resp: &Response<Incoming>, ttfb: Duration) {
+    fn observe_answer(&self, rt: &Snapshot, sent: &Sent, resp: &Response<Incoming>, ttfb: Duration) {
         let Some(h) = &sent.health else {
             return;
         };
@@ -498,7 +498,7 @@ impl Proxy {
     }
 
     /// Health feedback from a failed attempt; the client's own body says nothing of the endpoint.
-    fn observe_error(&self, rt: &Runtime, health: Option<&EndpointHealth>, e: &UpstreamError) {
+    fn observe_error(&self, rt: &Snapshot, health: Option<&EndpointHealth>, e: &UpstreamError) {
         let event = match e.kind() {
             UpstreamErrorKind::HeadTimeout => Event::Timeout,
             UpstreamErrorKind::ConnectRefused
@@ -516,7 +516,7 @@ impl Proxy {
         }
     }
 
-    fn target_names(&self, rt: &Runtime, target: Target) -> (String, Option<Arc<EndpointHealth>>) {
+    fn target_names(&self, rt: &Snapshot, target: Target) -> (String, Option<Arc<EndpointHealth>>) {
         match target {
             Target::Endpoint { region, endpoint } => {
                 let r = &rt.regions[region];
@@ -530,7 +530,7 @@ impl Proxy {
     /// in-flight guard that lives as long as the response body.
     async fn forward(
         &self,
-        rt: &Runtime,
+        rt: &Snapshot,
         target: Target,
         parts: &http::request::Parts,
         body: RequestBody,
@@ -565,7 +565,7 @@ impl Proxy {
         Ok((resp, sent.elapsed(), inflight))
     }
 
-    fn observe_response(&self, rt: &Runtime, health: &EndpointHealth, resp: &Response<Incoming>, ttfb: Duration) {
+    fn observe_response(&self, rt: &Snapshot, health: &EndpointHealth, resp: &Response<Incoming>, ttfb: Duration) {
         let status = resp.status().as_u16();
         if matches!(status, 429 | 503) {
             if let Some(after) = retry_after(resp.headers()) {
@@ -579,7 +579,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     fn relay(
         &self,
-        rt: &Arc<Runtime>,
+        rt: &Arc<Snapshot>,
         target: Target,
         resp: Response<Incoming>,
         mut record: AccessRecord,
@@ -633,7 +633,7 @@ impl Proxy {
 
     /// Answers with Meridian's own error, counting and logging it.
     fn refuse(&self, err: ProxyError, mut record: AccessRecord, started: Instant) -> Response<ResponseBody> {
-        let mut resp: Response<ResponseBody> = err.response(self.shared.runtime().config.health.interval);
+        let mut resp: Response<ResponseBody> = err.response(self.shared.snapshot().config.health.interval);
         if let Some(region) = &record.region {
             if let Ok(v) = HeaderValue::from_str(region) {
                 resp.headers_mut().insert(&rewrite::X_MERIDIAN_REGION, v);
@@ -678,7 +678,7 @@ impl Proxy {
             .inc_by(record.bytes_in);
         metrics.response_bytes.with_label_values(&[region]).inc_by(bytes_out);
         record.end_trace();
-        if self.shared.runtime().config.log.access_log {
+        if self.shared.snapshot().config.log.access_log {
             record.emit(started.elapsed(), bytes_out, "local");
         }
         resp
@@ -687,7 +687,7 @@ impl Proxy {
     /// Counts a request refused to keep a zone's client inside it; returns the zone's name.
     /// `kind`: `route_rule` (403: a rule sends the path outside the zone, by design) or
     /// `unavailable` (503: no region of the zone can serve), so alerts page on the latter.
-    fn residency_rejection(&self, rt: &Runtime, zone: usize, kind: &'static str) -> String {
+    fn residency_rejection(&self, rt: &Snapshot, zone: usize, kind: &'static str) -> String {
         let name = rt.table.zone_name(zone).to_string();
         self.shared
             .metrics
@@ -710,7 +710,7 @@ impl Proxy {
 /// Runs when a relayed response body ends: metrics, health and the access log.
 struct Done {
     shared: Arc<Shared>,
-    runtime: Arc<Runtime>,
+    runtime: Arc<Snapshot>,
     metrics: RegionMetrics,
     record: AccessRecord,
     started: Instant,
@@ -770,7 +770,7 @@ impl Completion for Done {
 }
 
 /// Takes a request slot of the target endpoint, when its connections are capped.
-async fn enter_endpoint(rt: &Runtime, target: Target) -> Result<Option<EndpointSlot>, Full> {
+async fn enter_endpoint(rt: &Snapshot, target: Target) -> Result<Option<EndpointSlot>, Full> {
     let Target::Endpoint { region, endpoint } = target else {
         return Ok(None);
     };
@@ -788,7 +788,7 @@ async fn enter_endpoint(rt: &Runtime, target: Target) -> Result<Option<EndpointS
 /// Filters `plan` to the regions serving the model the request body names (SPEC "Models");
 /// the model is read in place from the body kept for replay.
 fn filter_by_model(
-    rt: &Runtime,
+    rt: &Snapshot,
     plan: &mut RoutePlan<'_>,
     parts: &http::request::Parts,
     body: &RequestBody,
@@ -814,7 +814,7 @@ fn filter_by_model(
     })
 }
 
-fn rewrite_fallback_path(rt: &Runtime, base: &str, path: &str) -> PathAndQuery {
+fn rewrite_fallback_path(rt: &Snapshot, base: &str, path: &str) -> PathAndQuery {
     let mut path = path.to_string();
     if let Some(f) = rt.fallback.as_ref() {
         for (from, to) in &f.config.path_rewrite {
@@ -860,7 +860,7 @@ struct Upstream<'a> {
     pools: &'a Upstreams,
 }
 
-fn upstream_of(rt: &Runtime, target: Target) -> Result<Upstream<'_>, UpstreamError> {
+fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamError> {
     match target {
         Target::Endpoint { region, endpoint } => {
             let e = &rt.regions[region].endpoints[endpoint];
@@ -895,7 +895,7 @@ fn upstream_of(rt: &Runtime, target: Target) -> Result<Upstream<'_>, UpstreamErr
 
 /// The request one attempt sends: the client's, re-addressed to `upstream`.
 fn endpoint_request(
-    rt: &Runtime,
+    rt: &Snapshot,
     target: Target,
     upstream: &Upstream<'_>,
     parts: &http::request::Parts,
@@ -1007,7 +1007,7 @@ async fn read_body(
 
 /// The retry policy of one request, as data for the planner.
 fn attempt_policy<'a>(
-    rt: &Runtime,
+    rt: &Snapshot,
     parts: &http::request::Parts,
     body: &RequestBody,
     skips: &'a [usize],
@@ -1029,7 +1029,7 @@ fn attempt_policy<'a>(
 
 /// Slow start: a region that just came back takes only a growing share of its clients; the
 /// others keep going where they went while it was away. Drawn once per request.
-fn slow_start_skips(rt: &Runtime, plan: &RoutePlan<'_>) -> Skips {
+fn slow_start_skips(rt: &Snapshot, plan: &RoutePlan<'_>) -> Skips {
     let window = rt.config.health.slow_start;
     let ramp = |r: usize| rt.regions.get(r).map_or(1.0, |region| region.health.ramp(window));
     attempt::slow_start_skips(plan, ramp, fastrand::f64)
@@ -1037,7 +1037,7 @@ fn slow_start_skips(rt: &Runtime, plan: &RoutePlan<'_>) -> Skips {
 
 /// An attempt that failed on the client's side: its body was too large or stalled. Answered
 /// as such, never retried elsewhere and never held against the endpoint.
-fn client_fault(rt: &Runtime, e: &UpstreamError, overflow: &AtomicBool) -> Option<ProxyError> {
+fn client_fault(rt: &Snapshot, e: &UpstreamError, overflow: &AtomicBool) -> Option<ProxyError> {
     if overflow.load(std::sync::atomic::Ordering::Acquire) {
         let limit = rt.config.server.max_request_body;
         return Some(ProxyError::BodyTooLarge { limit });

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
-use crate::runtime::{Runtime, RuntimeError, Shared};
+use crate::runtime::{Shared, Snapshot, SnapshotError};
 
 /// How often watched files are checked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -50,13 +50,13 @@ impl Trigger {
 /// their files are watched too, and the hook runs after every reload attempt.
 pub trait ReloadHook: Send + Sync {
     /// Files whose change should trigger a reload, for the runtime in force.
-    fn watched_files(&self, _runtime: &Runtime) -> Vec<PathBuf> {
+    fn watched_files(&self, _runtime: &Snapshot) -> Vec<PathBuf> {
         Vec::new()
     }
 
     /// Runs after every reload attempt with the runtime now in force: the new one, or the
     /// old one when the config was rejected (files it names may still have changed).
-    fn reloaded(&self, runtime: &Arc<Runtime>, trigger: Trigger);
+    fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ pub enum ReloadError {
     #[error("{}", .0.to_string().trim_end())]
     Config(#[from] ConfigError),
     #[error("{0}")]
-    Runtime(#[from] RuntimeError),
+    Snapshot(#[from] SnapshotError),
     #[error("the reload task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -97,7 +97,7 @@ type Fingerprints = Vec<(PathBuf, Option<u64>)>;
 
 impl Reloader {
     pub fn new(shared: Arc<Shared>) -> Arc<Reloader> {
-        let runtime = shared.runtime();
+        let runtime = shared.snapshot();
         let path = runtime.config.source.clone();
         let reloader = Reloader {
             shared,
@@ -119,7 +119,7 @@ impl Reloader {
     /// Registers a hook; its files are watched from now on.
     pub fn add_hook(&self, hook: Arc<dyn ReloadHook>) {
         lock(&self.hooks).push(hook);
-        *lock(&self.seen) = fingerprint_all(self.watched(&self.shared.runtime()));
+        *lock(&self.seen) = fingerprint_all(self.watched(&self.shared.snapshot()));
     }
 
     /// Validates the config file, builds a runtime over the surviving health state and puts
@@ -153,7 +153,7 @@ impl Reloader {
             Ok(done) => {
                 metrics.config_reloads.with_label_values(&["success"]).inc();
                 metrics.config_last_reload_success.set(crate::observe::unix_now());
-                let rt = self.shared.runtime();
+                let rt = self.shared.snapshot();
                 tracing::info!(
                     trigger = trigger.as_str(),
                     config = %self.path.as_deref().unwrap_or(Path::new("-")).display(),
@@ -176,7 +176,7 @@ impl Reloader {
                 );
             }
         }
-        let runtime = self.shared.runtime();
+        let runtime = self.shared.snapshot();
         let hooks: Vec<_> = lock(&self.hooks).clone();
         for hook in hooks {
             hook.reloaded(&runtime, trigger);
@@ -203,7 +203,7 @@ impl Reloader {
         tokio::task::spawn_blocking(move || {
             let config = Config::load(&path)?;
             let restart_needed = restart_needed(&boot, &config);
-            let previous = shared.runtime();
+            let previous = shared.snapshot();
             let runtime = shared.build(config, Some(&previous))?;
             shared.install(runtime);
             Ok(Reloaded { restart_needed })
@@ -243,12 +243,12 @@ impl Reloader {
 
     /// Fingerprints of the files watched for the runtime in force, read off the workers.
     async fn current_fingerprints(&self) -> Option<Fingerprints> {
-        let files = self.watched(&self.shared.runtime());
+        let files = self.watched(&self.shared.snapshot());
         tokio::task::spawn_blocking(move || fingerprint_all(files)).await.ok()
     }
 
     /// The config file first, the GeoIP database files, then every hook's files.
-    fn watched(&self, runtime: &Runtime) -> Vec<PathBuf> {
+    fn watched(&self, runtime: &Snapshot) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.path.iter().cloned().collect();
         files.extend(runtime.config.geoip.databases.iter().cloned());
         for hook in lock(&self.hooks).iter() {
@@ -393,11 +393,11 @@ endpoints = ["http://127.0.0.1:9"]
     }
 
     impl ReloadHook for Recorder {
-        fn watched_files(&self, _runtime: &Runtime) -> Vec<PathBuf> {
+        fn watched_files(&self, _runtime: &Snapshot) -> Vec<PathBuf> {
             vec![self.file.clone()]
         }
 
-        fn reloaded(&self, _runtime: &Arc<Runtime>, trigger: Trigger) {
+        fn reloaded(&self, _runtime: &Arc<Snapshot>, trigger: Trigger) {
             lock(&self.calls).push(trigger);
         }
     }

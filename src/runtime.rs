@@ -23,7 +23,7 @@ use crate::observe::metrics::{Metrics, RegionMetrics};
 use crate::route::{RegionState, RouteTable};
 
 /// One config's worth of compiled state.
-pub struct Runtime {
+pub struct Snapshot {
     pub config: Arc<Config>,
     pub table: RouteTable,
     pub geo: Arc<GeoDb>,
@@ -63,7 +63,7 @@ pub struct FallbackRuntime {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
+pub enum SnapshotError {
     #[error(transparent)]
     Geo(#[from] GeoError),
     #[error("upstream TLS: {0}")]
@@ -77,7 +77,7 @@ pub enum RuntimeError {
 
 /// State shared by every connection, task and admin call for the life of the process.
 pub struct Shared {
-    runtime: ArcSwap<Runtime>,
+    runtime: ArcSwap<Snapshot>,
     pub metrics: Metrics,
     registry: Registry,
     /// Set once the first probe round is done.
@@ -88,7 +88,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Result<Arc<Shared>, RuntimeError> {
+    pub fn new(config: Config) -> Result<Arc<Shared>, SnapshotError> {
         let metrics = Metrics::new();
         let registry = Registry::default();
         let runtime = build(&metrics, &registry, config, None)?;
@@ -100,29 +100,29 @@ impl Shared {
             draining: AtomicBool::new(false),
             generation: tokio::sync::watch::Sender::new(0),
         };
-        shared.publish_endpoints(&shared.runtime());
+        shared.publish_endpoints(&shared.snapshot());
         shared.publish_availability();
         shared
-            .runtime()
+            .snapshot()
             .geo
             .publish_build_times(&shared.metrics.geoip_database_build);
         Ok(Arc::new(shared))
     }
 
     /// The snapshot in force; in-flight requests keep the one they loaded.
-    pub fn runtime(&self) -> Arc<Runtime> {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
         self.runtime.load_full()
     }
 
     /// Builds a runtime for `config`, reusing health of endpoints and regions that stay.
-    pub fn build(&self, config: Config, previous: Option<&Runtime>) -> Result<Runtime, RuntimeError> {
+    pub fn build(&self, config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
         build(&self.metrics, &self.registry, config, previous)
     }
     /// Puts a new runtime in force. Requests already running keep the snapshot they
     /// loaded; gauges of regions and endpoints that left the config are dropped.
-    pub fn install(&self, runtime: Runtime) {
+    pub fn install(&self, runtime: Snapshot) {
         let previous = self.runtime.swap(Arc::new(runtime));
-        let current = self.runtime();
+        let current = self.snapshot();
         for old in &previous.regions {
             if !current.regions.iter().any(|r| r.name == old.name) {
                 self.metrics.forget_region(&old.name);
@@ -149,7 +149,7 @@ impl Shared {
     }
 }
 
-impl Runtime {
+impl Snapshot {
     /// Which drains hold region `r`: the config's and the admin's.
     pub fn drain_state(&self, r: usize) -> Drained {
         let config = self.config.regions.get(r).and_then(|c| c.drain.as_ref());
@@ -229,8 +229,8 @@ fn build(
     metrics: &Metrics,
     registry: &Registry,
     config: Config,
-    previous: Option<&Runtime>,
-) -> Result<Runtime, RuntimeError> {
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, SnapshotError> {
     // Database files unchanged on disk are kept; a file updated in place is read again.
     let geo = Arc::new(GeoDb::load(&config.geoip, previous.map(|p| &*p.geo))?);
     // Everything that can fail comes before the health registry is touched, so a rejected
@@ -323,7 +323,7 @@ fn build(
     region_registry.retain(|name, _| config.regions.iter().any(|r| &r.name == name));
     drop(endpoints_registry);
     drop(region_registry);
-    Ok(Runtime {
+    Ok(Snapshot {
         table,
         policy: crate::health::policy(&config),
         config,
@@ -364,14 +364,14 @@ endpoints = ["http://127.0.0.1:9", "http://127.0.0.2:9"]
     #[tokio::test]
     async fn a_failed_build_leaves_the_health_registry_alone() {
         let shared = Shared::new(parse(TWO_ENDPOINTS)).unwrap_or_else(|e| panic!("{e}"));
-        let kept = shared.runtime().regions[0].endpoints[1].health.clone();
+        let kept = shared.snapshot().regions[0].endpoints[1].health.clone();
         // Valid as text, but the fallback's CA file cannot be read: fails while building,
         // after validation, with the second endpoint gone from the new config.
         let broken = TWO_ENDPOINTS.replace(", \"http://127.0.0.2:9\"", "")
             + "[fallback]\nendpoint = \"http://127.0.0.1:9\"\nca_file = \"/nonexistent/ca.pem\"\n";
-        assert!(shared.build(parse(&broken), Some(&shared.runtime())).is_err());
+        assert!(shared.build(parse(&broken), Some(&shared.snapshot())).is_err());
         let rt = shared
-            .build(parse(TWO_ENDPOINTS), Some(&shared.runtime()))
+            .build(parse(TWO_ENDPOINTS), Some(&shared.snapshot()))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(
             Arc::ptr_eq(&rt.regions[0].endpoints[1].health, &kept),

@@ -13,7 +13,7 @@ use meridian::live_view::LiveView;
 use meridian::retry::RetryBudget;
 use meridian::route::attempt::{self, Attempt, Policy, Target};
 use meridian::route::{self, RequestFacts};
-use meridian::runtime::{Runtime, Shared};
+use meridian::runtime::{Shared, Snapshot};
 
 pub const CONFIG: &str = r#"
 [geoip]
@@ -46,7 +46,7 @@ regions = ["uk-south"]
 pub const XFF: &str = "81.2.69.142, 10.1.2.3";
 
 pub struct Fixture {
-    pub rt: Arc<Runtime>,
+    pub rt: Arc<Snapshot>,
     pub budget: RetryBudget,
     pub peer: IpAddr,
     pub headers: HeaderMap,
@@ -57,7 +57,7 @@ impl Fixture {
     pub fn new() -> Fixture {
         let config = Config::parse(CONFIG, None).unwrap_or_else(|e| panic!("bench config: {e}"));
         let shared = Shared::new(config).unwrap_or_else(|e| panic!("bench runtime: {e}"));
-        let rt = shared.runtime();
+        let rt = shared.snapshot();
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static(XFF));
         headers.insert("content-type", HeaderValue::from_static("application/json"));

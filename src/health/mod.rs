@@ -32,7 +32,7 @@ pub fn millis(t: Instant) -> u64 {
 /// Marks "no instant" in the atomics below.
 const NEVER: u64 = u64::MAX;
 
-/// Runtime state of one endpoint, shared by requests, probes and admin. Kept across config
+/// Live state of one endpoint, shared by requests, probes and admin. Kept across config
 /// reloads for endpoints that stay (same region, same URL).
 #[derive(Debug)]
 pub struct EndpointHealth {
@@ -316,7 +316,7 @@ impl Drop for InFlight {
     }
 }
 
-/// Runtime state of one region, kept across reloads by name.
+/// Live state of one region, kept across reloads by name.
 #[derive(Debug)]
 pub struct RegionHealth {
     /// 0: not drained; `NEVER`: drained until undrained; else drained until this `millis()`.

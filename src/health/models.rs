@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::EndpointHealth;
 use crate::forward::endpoint_get::endpoint_get;
-use crate::runtime::Runtime;
+use crate::runtime::Snapshot;
 
 /// Model lists past this size are not read.
 const MAX_LIST: usize = 1024 * 1024;
@@ -35,7 +35,7 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
 }
 
 /// Reads `health`'s model list if its region discovers models, and stores it.
-pub async fn discover(rt: &Runtime, health: &Arc<EndpointHealth>) {
+pub async fn discover(rt: &Snapshot, health: &Arc<EndpointHealth>) {
     let Some((config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
         r.endpoints
             .iter()

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::{EndpointHealth, ProbeResult};
 use crate::forward::endpoint_get::endpoint_get;
-use crate::runtime::{Runtime, Shared};
+use crate::runtime::{Shared, Snapshot};
 
 /// How often time-based transitions (hold-downs, probation, drain expiry) are checked.
 const TICK: Duration = Duration::from_millis(100);
@@ -26,7 +26,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        let rt = shared.runtime();
+        let rt = shared.snapshot();
         reconcile(&shared, &rt, &mut tasks);
         if !shared.ready.load(Ordering::Acquire) && (!rt.config.health.enabled || first_round_done(&rt)) {
             shared.ready.store(true, Ordering::Release);
@@ -44,7 +44,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// When the first round of probes is done for every endpoint of `rt`.
-pub fn first_round_done(rt: &Runtime) -> bool {
+pub fn first_round_done(rt: &Snapshot) -> bool {
     rt.regions
         .iter()
         .flat_map(|r| r.endpoints.iter())
@@ -53,7 +53,7 @@ pub fn first_round_done(rt: &Runtime) -> bool {
 
 /// One task per endpoint of `rt`: new endpoints get one, removed ones lose theirs, kept
 /// ones keep theirs (they read the current config every round).
-fn reconcile(shared: &Arc<Shared>, rt: &Runtime, tasks: &mut HashMap<(String, String), JoinHandle<()>>) {
+fn reconcile(shared: &Arc<Shared>, rt: &Snapshot, tasks: &mut HashMap<(String, String), JoinHandle<()>>) {
     let mut wanted = HashMap::new();
     if rt.config.health.enabled {
         for r in &rt.regions {
@@ -78,7 +78,7 @@ fn reconcile(shared: &Arc<Shared>, rt: &Runtime, tasks: &mut HashMap<(String, St
 
 async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
     loop {
-        let rt = shared.runtime();
+        let rt = shared.snapshot();
         let Some(result) = probe_once(&rt, &health).await else {
             // The endpoint left the config; the supervisor aborts us too.
             return;
@@ -115,7 +115,7 @@ pub fn jittered(interval: Duration, jitter: f64, draw: f64) -> Duration {
 }
 
 /// One probe of `health` as configured in `rt`; `None` when `rt` no longer has it.
-async fn probe_once(rt: &Runtime, health: &Arc<EndpointHealth>) -> Option<ProbeResult> {
+async fn probe_once(rt: &Snapshot, health: &Arc<EndpointHealth>) -> Option<ProbeResult> {
     let (overrides, endpoint) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
         r.endpoints
             .iter()
@@ -216,16 +216,19 @@ mod reload_tests {
             a.probes() >= 1 && shared.ready.load(Ordering::Acquire)
         })
         .await;
-        let a_health = shared.runtime().regions[0].endpoints[0].health.clone();
+        let a_health = shared.snapshot().regions[0].endpoints[0].health.clone();
 
         // Add b: it gets a prober; a keeps its health object (and its task).
-        let rt = shared.build(config(&[a.url(), b.url()]), Some(&shared.runtime()))?;
+        let rt = shared.build(config(&[a.url(), b.url()]), Some(&shared.snapshot()))?;
         shared.install(rt);
         until("b is probed", || b.probes() >= 1).await;
-        assert!(Arc::ptr_eq(&shared.runtime().regions[0].endpoints[0].health, &a_health));
+        assert!(Arc::ptr_eq(
+            &shared.snapshot().regions[0].endpoints[0].health,
+            &a_health
+        ));
 
         // Remove a: its probes stop.
-        let rt = shared.build(config(&[b.url()]), Some(&shared.runtime()))?;
+        let rt = shared.build(config(&[b.url()]), Some(&shared.snapshot()))?;
         shared.install(rt);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let after = a.probes();

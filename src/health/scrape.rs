@@ -10,14 +10,14 @@ use http_body_util::{BodyExt, Limited};
 use super::EndpointHealth;
 use super::load::{self, LoadError, LoadReport, SignalChange};
 use crate::forward::endpoint_get::endpoint_get;
-use crate::runtime::Runtime;
+use crate::runtime::Snapshot;
 use http::HeaderValue;
 
 /// Metrics pages past this size are not read: vLLM's, histograms included, is far smaller.
 const MAX_PAGE: usize = 4 * 1024 * 1024;
 
 /// Scrapes `health`'s metrics page if its region reads one, and records the reading.
-pub async fn scrape(rt: &Runtime, health: &Arc<EndpointHealth>) {
+pub async fn scrape(rt: &Snapshot, health: &Arc<EndpointHealth>) {
     let Some((config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
         r.endpoints
             .iter()
@@ -73,7 +73,7 @@ pub fn report(health: &EndpointHealth, change: Option<SignalChange>) {
 /// Reads an ORCA load report from a response of an endpoint in region `region`, when that
 /// region's source is `orca`. A response without the header leaves the reading as it was
 /// (servers attach it to inference routes only); a header that cannot be read degrades.
-pub fn orca(rt: &Runtime, region: usize, health: &EndpointHealth, headers: &http::HeaderMap) {
+pub fn orca(rt: &Snapshot, region: usize, health: &EndpointHealth, headers: &http::HeaderMap) {
     let Some(config) = rt.config.regions.get(region) else {
         return;
     };
@@ -92,7 +92,7 @@ pub fn orca(rt: &Runtime, region: usize, health: &EndpointHealth, headers: &http
 }
 
 /// Removes the load report from an `orca` region's response before it reaches the client.
-pub fn strip_orca(rt: &Runtime, region: usize, headers: &mut http::HeaderMap) {
+pub fn strip_orca(rt: &Snapshot, region: usize, headers: &mut http::HeaderMap) {
     let orca = rt
         .config
         .regions
@@ -105,7 +105,7 @@ pub fn strip_orca(rt: &Runtime, region: usize, headers: &mut http::HeaderMap) {
 
 /// Asks an `orca` region's endpoint to attach its load report (vLLM and Triton do so only
 /// when asked), unless the client already asked for a format.
-pub fn ask_for_orca(rt: &Runtime, region: usize, headers: &mut http::HeaderMap) {
+pub fn ask_for_orca(rt: &Snapshot, region: usize, headers: &mut http::HeaderMap) {
     let orca = rt
         .config
         .regions

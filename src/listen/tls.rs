@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 use crate::reload::{ReloadHook, Trigger};
-use crate::runtime::Runtime;
+use crate::runtime::Snapshot;
 
 /// ALPN protocols offered to clients, in preference order.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -210,7 +210,7 @@ impl ResolvesServerCert for TlsReloader {
 /// included, since its certificate files may still have changed) the files named by the
 /// config in force are read again; the reloader also watches them for changes.
 impl ReloadHook for TlsReloader {
-    fn watched_files(&self, runtime: &Runtime) -> Vec<PathBuf> {
+    fn watched_files(&self, runtime: &Snapshot) -> Vec<PathBuf> {
         runtime
             .config
             .server
@@ -220,7 +220,7 @@ impl ReloadHook for TlsReloader {
             .unwrap_or_default()
     }
 
-    fn reloaded(&self, runtime: &Arc<Runtime>, trigger: Trigger) {
+    fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger) {
         // Without `tls_listen` now the listener still runs until a restart: keep its set.
         let Some(config) = runtime.config.server.tls.as_ref() else {
             return;

@@ -12,7 +12,7 @@ const FIRST_TOKEN_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 const PER_TOKEN_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0];
 use crate::forward::breaker::BreakerStatus;
 use crate::forward::client::{UpstreamError, UpstreamErrorKind};
-use crate::runtime::Runtime;
+use crate::runtime::Snapshot;
 
 /// Buckets for inference latencies: 5 ms up to two minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -358,7 +358,7 @@ impl Metrics {
 
     /// Sets the gauges read from the runtime's state, just before a scrape renders them:
     /// the request path keeps its atomics and pays nothing for these.
-    pub fn refresh(&self, rt: &Runtime) {
+    pub fn refresh(&self, rt: &Snapshot) {
         self.endpoint_in_flight.reset();
         self.endpoint_queue_depth.reset();
         self.endpoint_kv_cache.reset();

@@ -1,14 +1,14 @@
 //! Reporting health changes once: a transition is logged, counted and published to the
 //! gauges and the region availability view in one place, whoever caused it.
 
-use super::{Runtime, Shared};
+use super::{Shared, Snapshot};
 use crate::health::state::{Event, Status, Transition};
 use crate::health::{EndpointHealth, ProbeResult};
 use crate::route::RegionState;
 
 impl Shared {
     /// Feeds a real-traffic event to an endpoint and reports any transition.
-    pub fn observe(&self, rt: &Runtime, health: &EndpointHealth, event: Event) -> Option<Transition> {
+    pub fn observe(&self, rt: &Snapshot, health: &EndpointHealth, event: Event) -> Option<Transition> {
         let t = health.observe(event, &rt.policy);
         if let Some(t) = t {
             self.report(health, t);
@@ -17,7 +17,7 @@ impl Shared {
     }
 
     /// Feeds an active probe's result to an endpoint and reports any transition.
-    pub fn probed(&self, rt: &Runtime, health: &EndpointHealth, result: ProbeResult) -> Option<Transition> {
+    pub fn probed(&self, rt: &Snapshot, health: &EndpointHealth, result: ProbeResult) -> Option<Transition> {
         self.metrics
             .probe_duration
             .with_label_values(&[&health.region])
@@ -30,7 +30,7 @@ impl Shared {
     }
 
     /// Lets time-based transitions happen on every endpoint; clears expired drains.
-    pub fn tick(&self, rt: &Runtime) {
+    pub fn tick(&self, rt: &Snapshot) {
         for r in &rt.regions {
             for e in &r.endpoints {
                 if let Some(t) = e.health.tick(&rt.policy) {
@@ -86,7 +86,7 @@ impl Shared {
     /// Refreshes the region and endpoint gauges from the health objects and notes regions
     /// that just came back, which starts their slow start.
     pub fn publish_availability(&self) {
-        let rt = self.runtime();
+        let rt = self.snapshot();
         for (i, r) in rt.regions.iter().enumerate() {
             // A saturated region is still up: leaving saturation is no recovery to ramp.
             let available = matches!(
@@ -118,7 +118,7 @@ impl Shared {
     }
 
     /// Rebuilds the endpoint gauges after a reload, so removed endpoints disappear.
-    pub fn publish_endpoints(&self, rt: &Runtime) {
+    pub fn publish_endpoints(&self, rt: &Snapshot) {
         self.metrics.endpoint_state.reset();
         for r in &rt.regions {
             for e in &r.endpoints {

@@ -1,12 +1,12 @@
 //! Publishing region saturation: on every health tick the endpoints' load signals go through
 //! the spillover hysteresis (`route::spillover`); a change is logged and gauged once.
 
-use super::{Runtime, Shared};
+use super::{Shared, Snapshot};
 use crate::route::spillover;
 
 impl Shared {
     /// Recomputes every region's saturated state from its serving endpoints' latest readings.
-    pub fn update_saturation(&self, rt: &Runtime) {
+    pub fn update_saturation(&self, rt: &Snapshot) {
         for r in &rt.regions {
             let pressure = rt.config.spillover.as_ref().and_then(|t| {
                 spillover::region_pressure(
