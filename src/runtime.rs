@@ -150,6 +150,20 @@ impl Shared {
 }
 
 impl Snapshot {
+    /// The region config and endpoint that own `health`, for the background tasks (probe,
+    /// load scrape, model discovery) that hold an endpoint's health object across reloads.
+    pub fn endpoint_of(
+        &self,
+        health: &Arc<EndpointHealth>,
+    ) -> Option<(&crate::config::RegionConfig, &EndpointRuntime)> {
+        self.regions.iter().zip(&self.config.regions).find_map(|(r, c)| {
+            r.endpoints
+                .iter()
+                .find(|e| Arc::ptr_eq(&e.health, health))
+                .map(|e| (c, e))
+        })
+    }
+
     /// Which drains hold region `r`: the config's and the admin's.
     pub fn drain_state(&self, r: usize) -> Drained {
         let config = self.config.regions.get(r).and_then(|c| c.drain.as_ref());

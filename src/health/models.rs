@@ -36,12 +36,7 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
 
 /// Reads `health`'s model list if its region discovers models, and stores it.
 pub async fn discover(rt: &Snapshot, health: &Arc<EndpointHealth>) {
-    let Some((config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
-        r.endpoints
-            .iter()
-            .find(|e| Arc::ptr_eq(&e.health, health))
-            .map(|e| (c, e))
-    }) else {
+    let Some((config, endpoint)) = rt.endpoint_of(health) else {
         return;
     };
     if !config.discover_models {

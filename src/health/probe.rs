@@ -97,11 +97,8 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
         // A slow metrics page must not stretch the probe interval.
         let scrape_time = scraped.elapsed();
         let interval = rt
-            .regions
-            .iter()
-            .zip(&rt.config.regions)
-            .find(|(r, _)| r.endpoints.iter().any(|e| Arc::ptr_eq(&e.health, &health)))
-            .and_then(|(_, c)| c.probe.interval)
+            .endpoint_of(&health)
+            .and_then(|(c, _)| c.probe.interval)
             .unwrap_or(rt.config.health.interval);
         let pause = jittered(interval, rt.config.health.jitter, fastrand::f64()).saturating_sub(scrape_time);
         drop(rt);
@@ -116,12 +113,8 @@ pub fn jittered(interval: Duration, jitter: f64, draw: f64) -> Duration {
 
 /// One probe of `health` as configured in `rt`; `None` when `rt` no longer has it.
 async fn probe_once(rt: &Snapshot, health: &Arc<EndpointHealth>) -> Option<ProbeResult> {
-    let (overrides, endpoint) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
-        r.endpoints
-            .iter()
-            .find(|e| Arc::ptr_eq(&e.health, health))
-            .map(|e| (&c.probe, e))
-    })?;
+    let (region, endpoint) = rt.endpoint_of(health)?;
+    let overrides = &region.probe;
     let probe_path = overrides.path.as_deref().unwrap_or(&rt.config.health.path);
     let timeout = overrides.timeout.unwrap_or(rt.config.health.timeout);
     let fail = |detail: String, started: Instant| ProbeResult {

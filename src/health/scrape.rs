@@ -18,12 +18,7 @@ const MAX_PAGE: usize = 4 * 1024 * 1024;
 
 /// Scrapes `health`'s metrics page if its region reads one, and records the reading.
 pub async fn scrape(rt: &Snapshot, health: &Arc<EndpointHealth>) {
-    let Some((config, endpoint)) = rt.regions.iter().zip(&rt.config.regions).find_map(|(r, c)| {
-        r.endpoints
-            .iter()
-            .find(|e| Arc::ptr_eq(&e.health, health))
-            .map(|e| (c, e))
-    }) else {
+    let Some((config, endpoint)) = rt.endpoint_of(health) else {
         return;
     };
     if !load::scraped(config.load.source) {
