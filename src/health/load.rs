@@ -305,13 +305,19 @@ impl LoadSignals {
     /// The current reading, or `None` when there is none or it went stale (an endpoint
     /// that stopped getting traffic must not keep an old ORCA report forever).
     pub fn current(&self) -> Option<Load> {
-        self.current_at(Instant::now())
+        self.current_with(Instant::now)
     }
 
     /// [`Self::current`] at `now`, so tests control the clock.
     pub fn current_at(&self, now: Instant) -> Option<Load> {
+        self.current_with(|| now)
+    }
+
+    /// The clock is read only when there is a reading to age: endpoints without load
+    /// signals pay nothing per pick.
+    fn current_with(&self, now: impl FnOnce() -> Instant) -> Option<Load> {
         let until = self.valid_until.load(Ordering::Acquire);
-        if until == 0 || super::millis(now) > until {
+        if until == 0 || super::millis(now()) > until {
             return None;
         }
         Some(Load {

@@ -97,18 +97,22 @@ impl EndpointHealth {
 
     /// May take new requests now: in rotation and not shedding load.
     pub fn is_available(&self) -> bool {
-        self.is_available_at(Instant::now())
+        self.available_with(Instant::now)
     }
 
     /// [`Self::is_available`] at `now`, so tests control the clock.
     pub fn is_available_at(&self, now: Instant) -> bool {
+        self.available_with(|| now)
+    }
+
+    fn available_with(&self, now: impl FnOnce() -> Instant) -> bool {
         if !self.serving.load(Ordering::Acquire) {
             return false;
         }
         // 0 means "not shedding", the usual case: no clock read on the request path then
         // (this runs per endpoint in every pick and region check).
         let shed_until = self.shed_until.load(Ordering::Relaxed);
-        shed_until == 0 || millis(now) >= shed_until
+        shed_until == 0 || millis(now()) >= shed_until
     }
 
     pub fn in_flight(&self) -> u32 {
