@@ -8,7 +8,8 @@
 #   (no function list). Default binary for it: target/debug/meridian, the build CI has.
 # Needs valgrind (apt-get install -y valgrind). Load comes from h2load when it is installed
 # (report mode) or from examples/load_probe (always in --budget mode, so CI needs nothing
-# else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget), CONFIG_SED.
+# else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget), CONNS=10,
+# CONFIG_SED.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -22,6 +23,7 @@ fi
 REQUESTS=${REQUESTS:-$([ -n "$BUDGET" ] && echo 2000 || echo 5000)}
 WARMUP=${WARMUP:-$([ -n "$BUDGET" ] && echo 300 || echo 500)}
 XFF=${XFF:-81.2.69.142}
+CONNS=${CONNS:-10}
 EXAMPLES=${EXAMPLES:-$(dirname "$1")/examples}
 RUN=$(mktemp -d /tmp/meridian-ir.XXXXXX)
 STARTED=()
@@ -45,11 +47,11 @@ wait_port() {
 
 load() {
     if [ -z "$BUDGET" ] && command -v h2load >/dev/null 2>&1; then
-        h2load --h1 -n "$1" -c 10 -t 1 -H "X-Forwarded-For: $XFF" http://127.0.0.1:18081/v1/models |
+        h2load --h1 -n "$1" -c "$CONNS" -t 1 -H "X-Forwarded-For: $XFF" http://127.0.0.1:18081/v1/models |
             grep -E '^requests:' >&2
     else
         # The same request shape as compare.sh's wrk runs: GET /v1/models from a GB client.
-        "$EXAMPLES/load_probe" keepalive 127.0.0.1:18081 10 "$1" >&2
+        "$EXAMPLES/load_probe" keepalive 127.0.0.1:18081 "$CONNS" "$1" >&2
     fi
 }
 
@@ -83,7 +85,7 @@ for bin in "$@"; do
     total=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
     [ -n "$total" ] || total=$(grep -m1 '^totals:' "$dump" | awk '{print $2}')
     per=$((total / REQUESTS))
-    echo "$(basename "$bin"): $per instructions per request ($REQUESTS requests, 10 connections)"
+    echo "$(basename "$bin"): $per instructions per request ($REQUESTS requests, $CONNS connections)"
     if [ -n "$BUDGET" ]; then
         if [ "$per" -gt "$BUDGET" ]; then
             echo "over the budget of $BUDGET instructions per request (BENCHMARKS.md: what it guards)" >&2
