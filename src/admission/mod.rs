@@ -525,6 +525,8 @@ mod tests {
     use std::net::IpAddr;
     use std::sync::Mutex;
 
+    use crate::test_fixtures::TestResult;
+
     const REGION: &str = "[[region]]\nname = \"eu\"\nlocation = [50.1, 8.7]\ncountries = [\"DE\"]\nendpoints = [\"http://127.0.0.1:9\"]\n";
 
     fn admission(rules: &str) -> (Admission, Metrics) {
@@ -536,7 +538,7 @@ mod tests {
 
     fn view<'a>(headers: &'a HeaderMap, ip: &str) -> RequestView<'a> {
         RequestView {
-            client_ip: ip.parse::<IpAddr>().unwrap(),
+            client_ip: ip.parse::<IpAddr>().unwrap_or_else(|e| panic!("{ip}: {e}")),
             path: "/v1/chat/completions",
             headers,
             model: None,
@@ -609,12 +611,15 @@ mod tests {
     struct Probe(Arc<Mutex<Vec<StreamEnd>>>);
     impl Completion for Probe {
         fn complete(self: Box<Self>, end: StreamEnd, _bytes: u64, _scanned: Scanned) {
-            self.0.lock().unwrap().push(end);
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(end);
         }
     }
 
     #[test]
-    fn concurrency_is_released_on_every_end_of_a_request() {
+    fn concurrency_is_released_on_every_end_of_a_request() -> TestResult {
         let (a, _) = admission("[[limit]]\nkey = \"client_ip\"\nconcurrent = 1\n");
         let h = headers(&[]);
         let ends = [
@@ -624,7 +629,7 @@ mod tests {
             StreamEnd::Stalled,
         ];
         for end in ends {
-            let held = admitted(a.admit_local(&view(&h, "192.0.2.9"))).expect("admitted");
+            let held = admitted(a.admit_local(&view(&h, "192.0.2.9"))).ok_or("admitted")?;
             assert!(
                 matches!(a.admit_local(&view(&h, "192.0.2.9")), Verdict::Limited(_)),
                 "{end:?}"
@@ -636,27 +641,32 @@ mod tests {
             });
             let scanned = crate::forward::usage::UsageScanner::for_response(&http::HeaderMap::new(), true, 0).finish();
             c.complete(end, 0, scanned);
-            assert_eq!(*seen.lock().unwrap(), vec![end], "the inner completion runs");
+            assert_eq!(
+                *seen.lock().map_err(|e| e.to_string())?,
+                vec![end],
+                "the inner completion runs"
+            );
             let again = admitted(a.admit_local(&view(&h, "192.0.2.9")));
             assert!(again.is_some(), "released after {end:?}");
         }
         // A body dropped before any end (the answer never left) releases too.
-        let held = admitted(a.admit_local(&view(&h, "192.0.2.9"))).expect("admitted");
+        let held = admitted(a.admit_local(&view(&h, "192.0.2.9"))).ok_or("admitted")?;
         drop(Box::new(Held {
             inner: Box::new(Probe(Arc::new(Mutex::new(Vec::new())))),
             admitted: held,
         }));
         assert!(admitted(a.admit_local(&view(&h, "192.0.2.9"))).is_some());
+        Ok(())
     }
 
     #[test]
-    fn charged_tokens_stop_admission_until_they_refill() {
+    fn charged_tokens_stop_admission_until_they_refill() -> TestResult {
         let (a, _) = admission("[[limit]]\nkey = \"header:authorization\"\ntokens_per_minute = 1000\n");
         let h = headers(&[("authorization", "Bearer k")]);
-        let first = admitted(a.admit_local(&view(&h, "192.0.2.1"))).expect("under budget");
+        let first = admitted(a.admit_local(&view(&h, "192.0.2.1"))).ok_or("under budget")?;
         assert_eq!(first.headers.tokens.map(|q| q.remaining), Some(1000));
         first.charge_tokens(400);
-        let second = admitted(a.admit_local(&view(&h, "192.0.2.1"))).expect("still under");
+        let second = admitted(a.admit_local(&view(&h, "192.0.2.1"))).ok_or("still under")?;
         let left = second.headers.tokens.map_or(0, |q| q.remaining);
         assert!((599..=600).contains(&left), "{left}");
         second.charge_tokens(700);
@@ -671,27 +681,29 @@ mod tests {
         // Another key has its own budget.
         let other = headers(&[("authorization", "Bearer other")]);
         assert!(admitted(a.admit_local(&view(&other, "192.0.2.1"))).is_some());
+        Ok(())
     }
 
     #[test]
-    fn counters_survive_a_reload_of_unchanged_rules() {
+    fn counters_survive_a_reload_of_unchanged_rules() -> TestResult {
         let text = "[[limit]]\nkey = \"client_ip\"\nrequests_per_second = 0.001\nburst = 1\n";
         let (a, m) = admission(text);
         let h = headers(&[]);
         assert!(admitted(a.admit_local(&view(&h, "192.0.2.1"))).is_some());
-        let config = Config::parse(&format!("{REGION}{text}"), None).unwrap();
-        let b = Admission::new(&config, &m, Some(&a)).unwrap();
+        let config = Config::parse(&format!("{REGION}{text}"), None)?;
+        let b = Admission::new(&config, &m, Some(&a))?;
         assert!(matches!(b.admit_local(&view(&h, "192.0.2.1")), Verdict::Limited(_)));
-        let changed = Config::parse(&format!("{REGION}{}", text.replace("burst = 1", "burst = 2")), None).unwrap();
-        let c = Admission::new(&changed, &m, Some(&b)).unwrap();
+        let changed = Config::parse(&format!("{REGION}{}", text.replace("burst = 1", "burst = 2")), None)?;
+        let c = Admission::new(&changed, &m, Some(&b))?;
         assert!(
             admitted(c.admit_local(&view(&h, "192.0.2.1"))).is_some(),
             "a changed rule starts fresh"
         );
+        Ok(())
     }
 
     #[test]
-    fn headers_and_reset_text() {
+    fn headers_and_reset_text() -> TestResult {
         let cases = [
             (Duration::from_millis(250), "250ms"),
             (Duration::from_millis(1500), "1.5s"),
@@ -711,10 +723,23 @@ mod tests {
             tokens: None,
         }
         .apply(&mut h);
-        assert_eq!(h.get("x-ratelimit-limit-requests").unwrap(), "10");
-        assert_eq!(h.get("x-ratelimit-remaining-requests").unwrap(), "3");
-        assert_eq!(h.get("x-ratelimit-reset-requests").unwrap(), "700ms");
+        assert_eq!(
+            h.get("x-ratelimit-limit-requests")
+                .ok_or("x-ratelimit-limit-requests")?,
+            "10"
+        );
+        assert_eq!(
+            h.get("x-ratelimit-remaining-requests")
+                .ok_or("x-ratelimit-remaining-requests")?,
+            "3"
+        );
+        assert_eq!(
+            h.get("x-ratelimit-reset-requests")
+                .ok_or("x-ratelimit-reset-requests")?,
+            "700ms"
+        );
         assert!(h.get("x-ratelimit-limit-tokens").is_none());
+        Ok(())
     }
 
     #[test]

@@ -87,26 +87,26 @@ mod tests {
     }
 
     #[test]
-    fn keys_and_matches() {
+    fn keys_and_matches() -> crate::test_fixtures::TestResult {
         let mut headers = HeaderMap::new();
-        headers.insert("authorization", "Bearer k1".parse().unwrap());
-        headers.insert("x-empty", "".parse().unwrap());
-        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        headers.insert("authorization", "Bearer k1".parse()?);
+        headers.insert("x-empty", "".parse()?);
+        let ip: IpAddr = "203.0.113.7".parse()?;
         let req = RequestView {
             client_ip: ip,
             path: "/v1/chat/completions",
             headers: &headers,
             model: Some("llama"),
         };
-        let auth = LimitKey::Header("authorization".parse().unwrap());
+        let auth = LimitKey::Header("authorization".parse()?);
         let cases = [
             (
                 rule(auth.clone(), None, None),
                 Some(KeyValue::Header(b"Bearer k1".as_slice())),
             ),
             (rule(LimitKey::ClientIp, None, None), Some(KeyValue::Ip(ip))),
-            (rule(LimitKey::Header("x-tenant".parse().unwrap()), None, None), None),
-            (rule(LimitKey::Header("x-empty".parse().unwrap()), None, None), None),
+            (rule(LimitKey::Header("x-tenant".parse()?), None, None), None),
+            (rule(LimitKey::Header("x-empty".parse()?), None, None), None),
             (
                 rule(auth.clone(), Some("/v1/"), None),
                 Some(KeyValue::Header(b"Bearer k1".as_slice())),
@@ -121,6 +121,7 @@ mod tests {
         for (i, (r, want)) in cases.iter().enumerate() {
             assert_eq!(key_of(r, &req), *want, "case {i}");
         }
+        Ok(())
     }
 
     #[test]

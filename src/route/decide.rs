@@ -360,12 +360,12 @@ mod tests {
     }
 
     #[test]
-    fn a_home_region_keeps_the_precomputed_order_whatever_the_coordinates() {
+    fn a_home_region_keeps_the_precomputed_order_whatever_the_coordinates() -> TestResult {
         let t = table("");
         let h = HeaderMap::new();
         // US is us-east's home: a Seattle client still goes there first (listing US as a
         // home turns distance ordering inside the country off), from the table as is.
-        let p = plan(&t, at("US", 47.6, -122.3, None), &facts("/", &h)).unwrap();
+        let p = planned(&t, at("US", 47.6, -122.3, None), &facts("/", &h))?;
         assert_eq!(names(&t, &p)[..3], ["us-east", "us-west", "eu-west"]);
         assert!(matches!(p.candidates, Cow::Borrowed(_)));
         assert_eq!(
@@ -373,10 +373,11 @@ mod tests {
             GeoPoint { lat: 47.6, lon: -122.3 },
             "distances are shown from the client"
         );
+        Ok(())
     }
 
     #[test]
-    fn coordinates_order_regions_when_the_country_has_no_home() {
+    fn coordinates_order_regions_when_the_country_has_no_home() -> TestResult {
         let t = table_from(&WORLD.replace(r#"countries = ["US", "CA"]"#, r#"countries = ["CA"]"#));
         let h = HeaderMap::new();
         let cases = [
@@ -388,7 +389,7 @@ mod tests {
             (country("US"), "us-east"), // no coordinates: the country's point (Kansas)
         ];
         for (located, first) in cases {
-            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            let p = planned(&t, located, &facts("/", &h))?;
             assert_eq!(names(&t, &p)[0], first, "{located:?}");
             // The same order the allocating reference computes.
             if let Located::Country {
@@ -401,15 +402,17 @@ mod tests {
                 assert_eq!(&*p.candidates, &reference.candidates[..], "{located:?}");
                 // The same order written to the caller's scratch, borrowed from it.
                 let mut scratch = InlineCandidates::new();
-                let inline = plan_in(&t, located, &facts("/", &h), &mut scratch).unwrap();
+                let inline =
+                    plan_in(&t, located, &facts("/", &h), &mut scratch).map_err(|r| format!("refused: {r:?}"))?;
                 assert!(matches!(inline.candidates, Cow::Borrowed(_)), "{located:?}");
                 assert_eq!(inline, p, "{located:?}");
             }
         }
+        Ok(())
     }
 
     #[test]
-    fn a_sharded_zone_without_home_keeps_the_region_nearest_the_client() {
+    fn a_sharded_zone_without_home_keeps_the_region_nearest_the_client() -> TestResult {
         // DE and FR have a home; BE is in the zone and no region's home: its clients go to
         // the zone region nearest them, and only there.
         let t = table_from(&format!(
@@ -424,7 +427,7 @@ mod tests {
             (at("BE", 53.0, -6.0, None), "eu-west"),
         ];
         for (located, want) in cases {
-            let p = plan(&t, located, &facts("/", &h)).unwrap();
+            let p = planned(&t, located, &facts("/", &h))?;
             let reference = match located {
                 Located::Country {
                     country,
@@ -436,6 +439,7 @@ mod tests {
             assert_eq!(&*p.candidates, &reference.candidates[..], "{located:?}");
             assert_eq!(names(&t, &p), [want], "{located:?}");
         }
+        Ok(())
     }
 
     #[test]
