@@ -145,8 +145,11 @@ async fn admin_call(addr: std::net::SocketAddr, path: &str) -> Option<(u16, Byte
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Get,
-    /// A 10 KiB body: kept, so retryable after a refused or reset connection.
+    /// A 10 KiB body to a replay path (`/v1/embeddings`): kept, so retryable after a
+    /// refused or reset connection.
     Post,
+    /// A 10 KiB upload (`/v1/batches`): not replayable once it may have been sent.
+    Upload,
     /// A streamed (SSE) completion.
     Stream,
 }
@@ -193,7 +196,8 @@ async fn one(target: std::net::SocketAddr, kind: Kind, limit: Duration) -> Outco
         let xff = ("x-forwarded-for", ips::US);
         let req = match kind {
             Kind::Get => request("GET", target, "/v1/models", &[xff], Bytes::new()),
-            Kind::Post => request("POST", target, "/v1/batches", &[xff], vec![b'x'; 10 * 1024]),
+            Kind::Post => request("POST", target, "/v1/embeddings", &[xff], vec![b'x'; 10 * 1024]),
+            Kind::Upload => request("POST", target, "/v1/batches", &[xff], vec![b'x'; 10 * 1024]),
             Kind::Stream => chat_request(
                 target,
                 &[xff, ("content-type", "application/json")],
@@ -382,7 +386,8 @@ async fn killed_endpoints_cost_no_request() {
     .await;
     let outcomes = load.finish().await;
 
-    // Connection refused and reset before a response byte are retried for every method.
+    // Connection refused, and reset before a response byte, are retried for every request
+    // that may be replayed (here: GET and a POST to a replay path).
     let failed = failures(&outcomes);
     assert!(failed.is_empty(), "client-visible errors: {failed:?}");
     assert_settled(
@@ -406,7 +411,7 @@ async fn killed_endpoints_cost_no_request() {
 #[tokio::test]
 async fn endpoint_that_hangs_after_accepting_answers_504_or_retries_in_time_and_is_ejected() {
     let rig = Rig::start("700ms", "").await;
-    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Post]);
+    let mut load = Load::start(&rig, 3, &[Kind::Get, Kind::Upload]);
     load.more(15).await;
 
     let t = Instant::now();
@@ -424,7 +429,7 @@ async fn endpoint_that_hangs_after_accepting_answers_504_or_retries_in_time_and_
     // elsewhere (SPEC "Replays") and succeeds, after that one timeout.
     let failed = failures(&outcomes);
     for o in &failed {
-        assert_eq!(o.kind, Kind::Post, "an idempotent request was not retried: {o:?}");
+        assert_eq!(o.kind, Kind::Upload, "a replayable request was not retried: {o:?}");
         assert!(o.clean_error(&[504]), "not a clean 504: {o:?}");
         // One request_timeout, not one per attempt: a timed-out POST is not retried.
         let took = o.at - o.sent;
