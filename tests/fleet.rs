@@ -73,22 +73,6 @@ async fn drained_metric(proxy: &Meridian, region: &str, source: &str) -> Option<
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn wait_ready(proxy: &Meridian) {
-    eventually("ready", || async {
-        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 200
-    })
-    .await;
-}
-
-async fn wait_exit(mut proxy: Meridian) -> (Option<i32>, Meridian) {
-    tokio::task::spawn_blocking(move || {
-        let code = proxy.wait_exit(DEADLINE);
-        (code, proxy)
-    })
-    .await
-    .unwrap()
-}
-
 /// A streamed completion from a US client, held open by the gated upstream.
 async fn open_stream(proxy: &Meridian) -> hyper::body::Incoming {
     let resp = send_from(

@@ -1,8 +1,6 @@
 //! A city-database lookup and the per-client distance order must not allocate: a counting
 //! global allocator watches this thread while it locates and plans.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::IpAddr;
 
 use http::{HeaderMap, Method};
@@ -16,38 +14,13 @@ mod mmdb;
 
 use mmdb::{Value, Writer, map, s};
 
-struct Counting;
+#[path = "support/alloc.rs"]
+mod alloc;
 
-thread_local! {
-    // Const-initialised and destructor-free, so reading it inside the allocator cannot recurse.
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use alloc::allocations;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn allocations() -> u64 {
-    ALLOCATIONS.with(Cell::get)
-}
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 #[test]
 fn city_lookups_and_the_per_client_order_do_not_allocate() {

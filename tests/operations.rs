@@ -252,24 +252,6 @@ fn json_logs(proxy: &Meridian) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits for `/readyz` to answer 200 (after the first probe round), so a later 503 means
-/// draining.
-async fn wait_ready(proxy: &Meridian) {
-    eventually("ready", || async {
-        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 200
-    })
-    .await;
-}
-
-async fn wait_exit(mut proxy: Meridian) -> (Option<i32>, Meridian) {
-    tokio::task::spawn_blocking(move || {
-        let code = proxy.wait_exit(DEADLINE);
-        (code, proxy)
-    })
-    .await
-    .unwrap()
-}
-
 // ---- metrics ----
 
 #[tokio::test]

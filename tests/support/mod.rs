@@ -358,3 +358,22 @@ pub mod ips {
     pub const DE: &str = "5.9.0.1";
     pub const FR: &str = "62.210.0.1";
 }
+
+/// Waits for `/readyz` to answer 200 (after the first probe round), so a later 503 means
+/// draining.
+pub async fn wait_ready(proxy: &Meridian) {
+    eventually("ready", || async {
+        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 200
+    })
+    .await;
+}
+
+/// Waits (off the runtime's threads) for the process to exit; its exit code and the handle.
+pub async fn wait_exit(mut proxy: Meridian) -> (Option<i32>, Meridian) {
+    tokio::task::spawn_blocking(move || {
+        let code = proxy.wait_exit(DEADLINE);
+        (code, proxy)
+    })
+    .await
+    .unwrap()
+}
