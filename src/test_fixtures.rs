@@ -62,3 +62,53 @@ pub(crate) fn world(extra: &str) -> RouteTable {
 
 /// What a unit test returns, so a failed setup step surfaces through `?` with its message.
 pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// An endpoint on loopback that answers every request 200 and counts them: the target of
+/// the prober's unit tests (the integration tests have a model server with faults).
+pub(crate) struct CountingEndpoint {
+    addr: std::net::SocketAddr,
+    hits: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingEndpoint {
+    pub(crate) async fn start() -> std::io::Result<CountingEndpoint> {
+        use hyper_util::rt::TokioIo;
+        use std::sync::atomic::Ordering;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        counter.fetch_add(1, Ordering::AcqRel);
+                        async { Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from("ok"))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(CountingEndpoint { addr, hits, task })
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests answered so far.
+    pub(crate) fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for CountingEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

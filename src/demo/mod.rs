@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use upstream::FakeUpstream;
+use upstream::DemoUpstream;
 
 /// The demo's regions: name, location, home countries.
 pub const REGIONS: [(&str, [f64; 2], &[&str]); 6] = [
@@ -100,9 +100,9 @@ fn split_lines(p: SocketAddr, geoip: &[PathBuf]) -> String {
 pub async fn run(listen: SocketAddr, admin: SocketAddr, geoip: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
     let mut upstreams = Vec::new();
     for (name, _, _) in REGIONS {
-        upstreams.push(FakeUpstream::start(name).await?);
+        upstreams.push(DemoUpstream::start(name).await?);
     }
-    let endpoints: Vec<String> = upstreams.iter().map(FakeUpstream::url).collect();
+    let endpoints: Vec<String> = upstreams.iter().map(DemoUpstream::url).collect();
     let text = config_text(listen, admin, &endpoints, geoip);
     // Written out so `meridian route -c` and `meridian check -c` can be tried on it.
     let config_path = std::env::temp_dir().join(format!("meridian-demo-{}.toml", std::process::id()));

@@ -176,8 +176,7 @@ mod tests {
 mod reload_tests {
     use super::*;
     use crate::config::Config;
-    use crate::demo::upstream::FakeUpstream;
-    use crate::test_fixtures::TestResult;
+    use crate::test_fixtures::{CountingEndpoint, TestResult};
 
     fn config(endpoints: &[String]) -> Config {
         let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
@@ -200,13 +199,13 @@ mod reload_tests {
 
     #[tokio::test]
     async fn probes_follow_reloads_and_health_survives_them() -> TestResult {
-        let a = FakeUpstream::start("a").await?;
-        let b = FakeUpstream::start("b").await?;
+        let a = CountingEndpoint::start().await?;
+        let b = CountingEndpoint::start().await?;
         let shared = Shared::new(config(&[a.url()]))?;
         let (stop, stopped) = watch::channel(false);
         let prober = tokio::spawn(run(shared.clone(), stopped));
         until("a is probed and the process ready", || {
-            a.probes() >= 1 && shared.ready.load(Ordering::Acquire)
+            a.hits() >= 1 && shared.ready.load(Ordering::Acquire)
         })
         .await;
         let a_health = shared.snapshot().regions[0].endpoints[0].health.clone();
@@ -214,7 +213,7 @@ mod reload_tests {
         // Add b: it gets a prober; a keeps its health object (and its task).
         let rt = shared.build(config(&[a.url(), b.url()]), Some(&shared.snapshot()))?;
         shared.install(rt);
-        until("b is probed", || b.probes() >= 1).await;
+        until("b is probed", || b.hits() >= 1).await;
         assert!(Arc::ptr_eq(
             &shared.snapshot().regions[0].endpoints[0].health,
             &a_health
@@ -224,10 +223,10 @@ mod reload_tests {
         let rt = shared.build(config(&[b.url()]), Some(&shared.snapshot()))?;
         shared.install(rt);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let after = a.probes();
-        let b_before = b.probes();
-        until("b keeps being probed", || b.probes() >= b_before + 3).await;
-        assert!(a.probes() <= after + 1, "a is still probed");
+        let after = a.hits();
+        let b_before = b.hits();
+        until("b keeps being probed", || b.hits() >= b_before + 3).await;
+        assert!(a.hits() <= after + 1, "a is still probed");
 
         let _ = stop.send(true);
         prober.await?;

@@ -19,7 +19,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
 
-pub use meridian::demo::upstream::{Behavior, FakeUpstream};
+pub mod upstream;
+pub use upstream::{Behavior, FakeUpstream};
 
 /// Generous deadline for conditions polled in tests; machines are shared and slow.
 /// An endpoint URL nothing listens on, and nothing ever will: no test binds 127.0.0.3, so
