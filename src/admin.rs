@@ -76,7 +76,7 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["metrics"]) => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", {
-            shared.metrics.refresh(&shared.snapshot());
+            shared.refresh_gauges();
             shared.metrics.render()
         }),
         (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, &json!({"status": "ok"})),

@@ -179,7 +179,7 @@ pub fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) 
 /// Strings are hashed as written in the body (escapes included). `None` when the body is not
 /// a JSON object or has no prompt text.
 pub fn prefix_key(body: &[u8], limit: usize) -> Option<u64> {
-    use crate::forward::json_scan::{elements, fields, string, string_prefix};
+    use crate::json_scan::{elements, fields, string, string_prefix};
     // One walk over the top-level fields finds where each part starts.
     let (mut system, mut messages, mut prompt) = (None, None, None);
     fields(body, 0, |key, value| {

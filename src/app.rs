@@ -132,7 +132,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     tasks.push(tokio::spawn(listen::serve(listener, proxy, limits, rx.clone())));
     // Probes, time-based health transitions, and readiness after the first probe round.
-    tasks.push(tokio::spawn(crate::health::probe::run(shared.clone(), rx.clone())));
+    tasks.push(tokio::spawn(crate::probe::run(shared.clone(), rx.clone())));
     if reloader.path().is_some() {
         tasks.push(tokio::spawn(reloader.clone().watch_files(rx.clone())));
     }

@@ -15,9 +15,16 @@
 //! 3. [`error`] turns anything Meridian answers itself into a status and a JSON body.
 //!
 //! [`config`] validates the TOML region map; [`runtime`] compiles it into the snapshot
-//! requests read; [`reload`] swaps in a new one on SIGHUP or a file change; [`app`] wires
-//! it all; [`admin`] serves status, metrics and drills;
+//! requests read; [`probe`] checks every endpoint beside the traffic (health probes, load
+//! scrapes, model discovery); [`reload`] swaps in a new snapshot on SIGHUP or a file change;
+//! [`app`] wires it all; [`admin`] serves status, metrics and drills;
 //! [`explain`] powers `meridian check` and `meridian route`; [`demo`] is the zero-setup tour.
+//! [`path`] (path normalisation) and [`json_scan`] (a borrowed JSON walk) are leaves that
+//! config, routing and forwarding share.
+//!
+//! Modules depend on each other in one direction only (`tests/architecture.rs` checks it):
+//! leaves (`geo`, `path`, `json_scan`, `balance`) → `config` → `health` → `route` →
+//! `forward` → `observe` → `admission` → `runtime` → `probe`, `proxy` → `listen` → `app`.
 
 // No panics outside tests: a provably safe site carries a scoped allow and a `why:`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -36,9 +43,12 @@ pub mod forward;
 pub mod geo;
 pub mod health;
 pub mod healthcheck;
+pub mod json_scan;
 pub mod listen;
 pub mod live_view;
 pub mod observe;
+pub mod path;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod retry;

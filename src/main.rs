@@ -205,7 +205,7 @@ fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
         eprint!("{e}");
         ExitCode::FAILURE
     })?;
-    let geo = GeoDb::load(&config.geoip, None).map_err(|e| {
+    let geo = GeoDb::load(config.geoip.chain(), None).map_err(|e| {
         eprintln!("invalid config {}: geoip.database: {e}", path.display());
         ExitCode::FAILURE
     })?;

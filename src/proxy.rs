@@ -21,7 +21,7 @@ use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
 use crate::forward::breaker::Admission;
-use crate::forward::client::{RetryClass, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
@@ -33,6 +33,7 @@ use crate::live_view::LiveView;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::metrics::RegionMetrics;
 use crate::retry::RetryBudget;
+use crate::route::attempt::RetryClass;
 use crate::route::attempt::{self, Attempt, FailoverReason, Failure, Policy, Skips, Target, Tried};
 use crate::route::{self, NoRegion, Refusal, RequestFacts, RoutePlan};
 use crate::runtime::{Shared, Snapshot};
@@ -321,8 +322,8 @@ impl Proxy {
             let sent = self.sent(rt, target, reason, &mut record, tried.len());
             self.observe_attempt(rt, &sent, &outcome, span, &mut record);
             let failure = match outcome {
-                Ok((resp, ttfb, inflight)) => {
-                    self.observe_answer(rt, &sent, &resp, ttfb);
+                Ok((mut resp, ttfb, inflight)) => {
+                    self.observe_answer(rt, &sent, &mut resp, ttfb);
                     let gateway = matches!(resp.status().as_u16(), 502..=504);
                     if !(gateway && attempt::may_retry(Failure::GatewayStatus, tried.len() + 1, &policy)) {
                         record.ttfb = Some(ttfb);
@@ -486,14 +487,15 @@ impl Proxy {
         }
     }
 
-    /// Health feedback from a response head, and the endpoint's load report.
-    fn observe_answer(&self, rt: &Snapshot, sent: &Sent, resp: &Response<Incoming>, ttfb: Duration) {
+    /// Health feedback from a response head, and the endpoint's load report (taken out of
+    /// the head).
+    fn observe_answer(&self, rt: &Snapshot, sent: &Sent, resp: &mut Response<Incoming>, ttfb: Duration) {
         let Some(h) = &sent.health else {
             return;
         };
         self.observe_response(rt, h, resp, ttfb);
         if let Target::Endpoint { region, .. } = sent.target {
-            crate::health::scrape::orca(rt, region, h, resp.headers());
+            rt.take_load_report(region, h, resp.headers_mut());
         }
     }
 
@@ -601,11 +603,6 @@ impl Proxy {
         }
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         rewrite::response_headers(&mut parts.headers, region_header, record.attempts, switching);
-        if let Target::Endpoint { region, .. } = target {
-            // Load reports are for Meridian's balancer, not for clients: they would expose
-            // internal queue and cache numbers.
-            crate::health::scrape::strip_orca(rt, region, &mut parts.headers);
-        }
         let sse = body::is_sse(&parts.headers);
         let scanner = UsageScanner::for_response(
             &parts.headers,
@@ -739,7 +736,7 @@ impl Completion for Done {
             self.record.output_tokens = latency.output_tokens;
             self.record.prompt_tokens = scanned.usage.prompt_tokens;
             if end == StreamEnd::Complete {
-                usage::observe(&self.metrics, &latency);
+                self.metrics.observe_answer(&latency);
             }
         }
         if let Some(h) = &self.health {
@@ -928,7 +925,7 @@ fn endpoint_request(
     };
     *req.headers_mut() = parts.headers.clone();
     match (target, rt.fallback.as_ref()) {
-        (Target::Endpoint { region, .. }, _) => crate::health::scrape::ask_for_orca(rt, region, req.headers_mut()),
+        (Target::Endpoint { region, .. }, _) => rt.ask_for_load_report(region, req.headers_mut()),
         (Target::Fallback, Some(f)) => {
             if let Ok(host) = HeaderValue::from_str(f.config.endpoint.authority.as_str()) {
                 req.headers_mut().insert(header::HOST, host);

@@ -1,6 +1,7 @@
 //! The live state a request reads: one immutable snapshot per config (swapped atomically on
 //! reload) over health objects that outlive reloads.
 
+mod orca;
 mod report;
 mod saturation;
 
@@ -246,7 +247,7 @@ fn build(
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, SnapshotError> {
     // Database files unchanged on disk are kept; a file updated in place is read again.
-    let geo = Arc::new(GeoDb::load(&config.geoip, previous.map(|p| &*p.geo))?);
+    let geo = Arc::new(GeoDb::load(config.geoip.chain(), previous.map(|p| &*p.geo))?);
     // Everything that can fail comes before the health registry is touched, so a rejected
     // reload leaves it as it was.
     let settings = PoolSettings {

@@ -183,7 +183,7 @@ fn chain(dir: &Path, files: &[&Path], geoip_extra: &str) -> Result<GeoDb, String
         ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"],
     );
     let config = Config::parse(&text, Some(&dir.join("meridian.toml"))).map_err(|e| e.to_string())?;
-    GeoDb::load(&config.geoip, None).map_err(|e| e.to_string())
+    GeoDb::load(config.geoip.chain(), None).map_err(|e| e.to_string())
 }
 
 fn ip(text: &str) -> IpAddr {

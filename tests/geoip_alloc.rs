@@ -81,7 +81,7 @@ fn city_lookups_and_the_per_client_order_do_not_allocate() {
         v6.display().to_string()
     );
     let config = Config::parse(&text, None).unwrap();
-    let geo = GeoDb::load(&config.geoip, None).unwrap();
+    let geo = GeoDb::load(config.geoip.chain(), None).unwrap();
     let table = RouteTable::new(std::sync::Arc::new(config));
     let headers = HeaderMap::new();
     let facts = RequestFacts {

@@ -16,6 +16,10 @@ use toml::Spanned;
 use super::file::{self, EndpointFile, FileConfig, LoadSource, LogFormat, UnknownPolicy, UpstreamProtocol};
 use crate::geo::{Country, GeoPoint, Subdivision};
 
+/// Default `server.max_buffered_answer`: the part of an `application/json` answer read for
+/// its `usage`.
+pub const DEFAULT_MAX_BUFFERED_ANSWER: usize = 256 * 1024;
+
 /// The validated configuration. Indexes (`usize`) point into `regions` / `zones`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -117,6 +121,17 @@ pub struct GeoipConfig {
     pub trusted_proxies: Vec<IpNet>,
     pub default_region: usize,
     pub unknown: UnknownPolicy,
+}
+
+impl GeoipConfig {
+    /// The database chain to open.
+    pub fn chain(&self) -> crate::geo::Chain<'_> {
+        crate::geo::Chain {
+            databases: &self.databases,
+            embedded_fallback: self.embedded_fallback,
+            max_accuracy_radius_km: self.max_accuracy_radius_km,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -615,7 +630,7 @@ impl Validator<'_> {
             max_request_body: s.max_request_body.map_or(10 << 20, |b| b.0),
             max_buffered_answer: s
                 .max_buffered_answer
-                .map_or(crate::forward::usage::MAX_BUFFERED_ANSWER, |b| b.0 as usize),
+                .map_or(DEFAULT_MAX_BUFFERED_ANSWER, |b| b.0 as usize),
             max_header_bytes,
             max_headers: s.max_headers.unwrap_or(100),
             max_uri_bytes: s.max_uri_bytes.map_or(8 << 10, |b| b.0) as usize,
@@ -829,7 +844,7 @@ impl Validator<'_> {
     /// be compared with the normalised request path.
     fn replay_path(&mut self, i: usize, p: &str) -> Option<String> {
         let key = format!("retry.replay_paths[{i}]");
-        let normal = crate::route::path::normalise(p)
+        let normal = crate::path::normalise(p)
             .ok()
             .filter(|n| n.as_ref() == p && p.starts_with('/'));
         if normal.is_none() || p.contains('?') {

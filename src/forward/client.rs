@@ -20,6 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use super::body::RequestBody;
 use super::limit::{CappedConnector, ConnectionCaps, EndpointLimit};
 use crate::config::{EndpointLimitConfig, UpstreamProtocol, UpstreamTlsConfig};
+use crate::route::attempt::RetryClass;
 
 type Pool = Client<HttpsConnector<CappedConnector<HttpConnector>>, RequestBody>;
 
@@ -59,18 +60,6 @@ pub enum UpstreamErrorKind {
     /// The client stopped sending its body for `server.body_timeout`: answered 408 and
     /// never counted against the endpoint.
     ClientStalled,
-}
-
-/// May the attempt be made again elsewhere (Pingora's `fail_to_connect` versus
-/// `error_while_proxy`)? Carried by the error so one place decides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryClass {
-    /// Nothing reached the endpoint: always safe to retry.
-    NothingSent,
-    /// The endpoint may have acted on the request: retry only a request that may be replayed.
-    MaybeSent,
-    /// The client's side failed: another endpoint would fail the same way.
-    Never,
 }
 
 impl UpstreamErrorKind {

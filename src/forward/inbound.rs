@@ -5,7 +5,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
 use crate::error::ProxyError;
-use crate::route::path::{self, PathError};
+use crate::path::{self, PathError};
 
 /// Admits a request head, rewriting it in place: the path normalised (original query kept),
 /// and for HTTP/1.1 an absolute-form authority made the `Host` (RFC 9112 §3.2.2).

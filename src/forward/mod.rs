@@ -8,7 +8,6 @@ pub mod breaker;
 pub mod client;
 pub mod endpoint_get;
 pub mod inbound;
-pub mod json_scan;
 pub mod limit;
 pub mod rewrite;
 pub mod upgrade;

@@ -13,10 +13,6 @@ use serde::Deserialize;
 
 use super::body::StreamEnd;
 use crate::health::state::Answer;
-use crate::observe::metrics::RegionMetrics;
-
-/// Default `max_buffered_answer`: the part of an `application/json` answer read for `usage`.
-pub const MAX_BUFFERED_ANSWER: usize = 256 * 1024;
 
 /// A stream line split across chunks is carried over up to this length; a longer one is
 /// still counted, but its `usage` is not read (usage chunks are a few hundred bytes).
@@ -337,22 +333,10 @@ pub fn answer(end: StreamEnd, ok: bool, scanned: &Scanned, l: &Latency, sent: In
     }
 }
 
-/// Records an answer's latency in its region's metrics.
-pub fn observe(metrics: &RegionMetrics, l: &Latency) {
-    if let Some(t) = l.first_token {
-        metrics.first_token.observe(t.as_secs_f64());
-    }
-    if let Some(t) = l.per_token {
-        metrics.per_token.observe(t.as_secs_f64());
-    }
-    if let Some(n) = l.output_tokens {
-        metrics.output_tokens.inc_by(n);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_MAX_BUFFERED_ANSWER as MAX_BUFFERED_ANSWER;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

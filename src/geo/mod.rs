@@ -16,8 +16,6 @@ pub use database::Database;
 pub use point::GeoPoint;
 pub use subdivision::Subdivision;
 
-use crate::config::GeoipConfig;
-
 /// Which database of the chain located an address: an index into [`GeoDb::databases`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatabaseId(pub u8);
@@ -93,6 +91,17 @@ pub struct GeoDb {
     max_accuracy_radius_km: f64,
 }
 
+/// What a [`GeoDb`] is opened from (`[geoip]` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Chain<'a> {
+    /// Database files in lookup order.
+    pub databases: &'a [std::path::PathBuf],
+    /// The embedded country database answers after the listed ones.
+    pub embedded_fallback: bool,
+    /// Coordinates less precise than this are ignored (the country's point is used).
+    pub max_accuracy_radius_km: u32,
+}
+
 impl GeoDb {
     /// The database compiled into the binary, alone.
     pub fn embedded() -> GeoDb {
@@ -104,11 +113,11 @@ impl GeoDb {
 
     /// Opens the configured chain. Files `previous` holds unchanged on disk are kept rather
     /// than read again (a reload of a config that did not touch them).
-    pub fn load(geoip: &GeoipConfig, previous: Option<&GeoDb>) -> Result<GeoDb, GeoError> {
+    pub fn load(geoip: Chain<'_>, previous: Option<&GeoDb>) -> Result<GeoDb, GeoError> {
         let kept =
             |path: Option<&Path>| previous.and_then(|p| p.databases.iter().find(|d| d.is_current(path)).cloned());
         let mut databases = Vec::with_capacity(geoip.databases.len() + 1);
-        for path in &geoip.databases {
+        for path in geoip.databases {
             databases.push(match kept(Some(path)) {
                 Some(db) => db,
                 None => Arc::new(Database::open(path)?),

@@ -1,14 +1,12 @@
 //! Endpoint and region health: the pure state machine (`state`), latency and slow-start
-//! maths, the active prober (`probe`), load signals from the model servers (`load`,
-//! `scrape`, `saturation`), and the shared, lock-free view the request path reads.
+//! maths, load signals from the model servers (`load`), drains, and the shared, lock-free
+//! view the request path reads. The tasks that feed it from outside the traffic (probes,
+//! scrapes, model discovery) are in `crate::probe`.
 
 pub mod drain;
 pub mod exposition;
 pub mod latency;
 pub mod load;
-pub mod models;
-pub mod probe;
-pub mod scrape;
 pub mod slow_start;
 pub mod state;
 
@@ -73,6 +71,19 @@ pub struct ProbeResult {
 }
 
 impl EndpointHealth {
+    /// Records a load-signal reading (a scraped page or an ORCA header) and logs a change
+    /// of the signals' state once per change.
+    pub fn update_signals(&self, reading: Result<load::LoadReport, load::LoadError>, ttl: Duration) {
+        let (region, endpoint) = (self.region.as_str(), self.url.as_str());
+        match self.signals.update(reading, ttl) {
+            Some(load::SignalChange::Degraded(error)) => {
+                tracing::warn!(region, endpoint, %error, "load signals unavailable: balancing without them until they return")
+            }
+            Some(load::SignalChange::Recovered) => tracing::info!(region, endpoint, "load signals back"),
+            None => {}
+        }
+    }
+
     pub fn new(region: &str, url: &str) -> EndpointHealth {
         let now = Instant::now();
         EndpointHealth {

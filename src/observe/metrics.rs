@@ -10,9 +10,7 @@ const FIRST_TOKEN_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 /// Buckets for time per output token: 1 ms up to two seconds.
 const PER_TOKEN_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0];
-use crate::forward::breaker::BreakerStatus;
 use crate::forward::client::{UpstreamError, UpstreamErrorKind};
-use crate::runtime::Snapshot;
 
 /// Buckets for inference latencies: 5 ms up to two minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -356,38 +354,6 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauges read from the runtime's state, just before a scrape renders them:
-    /// the request path keeps its atomics and pays nothing for these.
-    pub fn refresh(&self, rt: &Snapshot) {
-        self.endpoint_in_flight.reset();
-        self.endpoint_queue_depth.reset();
-        self.endpoint_kv_cache.reset();
-        for r in &rt.regions {
-            for e in &r.endpoints {
-                let labels = [r.name.as_str(), e.config.url.as_str()];
-                self.endpoint_in_flight
-                    .with_label_values(&labels)
-                    .set(i64::from(e.health.in_flight()));
-                let report = e.health.signals.report();
-                if let Some(q) = report.and_then(|l| l.queue_depth) {
-                    self.endpoint_queue_depth.with_label_values(&labels).set(q);
-                }
-                if let Some(kv) = report.and_then(|l| l.kv_cache) {
-                    self.endpoint_kv_cache.with_label_values(&labels).set(kv);
-                }
-            }
-        }
-        self.fallback_breaker_state.reset();
-        if let Some(f) = &rt.fallback {
-            let now = f.breaker.snapshot().state;
-            for s in [BreakerStatus::Closed, BreakerStatus::Open, BreakerStatus::HalfOpen] {
-                self.fallback_breaker_state
-                    .with_label_values(&[s.as_str()])
-                    .set(i64::from(s == now));
-            }
-        }
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -451,6 +417,19 @@ impl RegionMetrics {
     pub fn count(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[i].inc();
+    }
+
+    /// Records an answer's first-token and per-token latency and its output tokens.
+    pub fn observe_answer(&self, l: &crate::forward::usage::Latency) {
+        if let Some(t) = l.first_token {
+            self.first_token.observe(t.as_secs_f64());
+        }
+        if let Some(t) = l.per_token {
+            self.per_token.observe(t.as_secs_f64());
+        }
+        if let Some(n) = l.output_tokens {
+            self.output_tokens.inc_by(n);
+        }
     }
 }
 

@@ -11,7 +11,19 @@ use smallvec::SmallVec;
 use super::decide::{Decision, NoRegion, RegionState, RoutePlan, select};
 use super::table::RegionId;
 use crate::balance::{self, EndpointLoad};
-use crate::forward::client::RetryClass;
+
+/// May the attempt be made again elsewhere (Pingora's `fail_to_connect` versus
+/// `error_while_proxy`)? The forwarder classifies each failure; the planner decides
+/// with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Nothing reached the endpoint: always safe to retry.
+    NothingSent,
+    /// The endpoint may have acted on the request: retry only a request that may be replayed.
+    MaybeSent,
+    /// The client's side failed: another endpoint would fail the same way.
+    Never,
+}
 
 /// Where one attempt goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

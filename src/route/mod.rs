@@ -9,7 +9,6 @@
 pub mod attempt;
 mod decide;
 pub mod models;
-pub mod path;
 pub mod residency;
 pub mod spillover;
 mod table;

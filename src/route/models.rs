@@ -8,7 +8,7 @@ use http::Method;
 use super::decide::{RoutePlan, path_matches};
 use super::table::RegionId;
 use crate::config::Config;
-use crate::forward::json_scan;
+use crate::json_scan;
 
 /// The OpenAI-compatible paths whose JSON body names the model.
 pub const MODEL_PATHS: [&str; 4] = [

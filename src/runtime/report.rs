@@ -2,11 +2,46 @@
 //! gauges and the region availability view in one place, whoever caused it.
 
 use super::{Shared, Snapshot};
+use crate::forward::breaker::BreakerStatus;
 use crate::health::state::{Event, Status, Transition};
 use crate::health::{EndpointHealth, ProbeResult};
 use crate::route::RegionState;
 
 impl Shared {
+    /// Sets the gauges read from the runtime's state, just before a scrape renders them:
+    /// the request path keeps its atomics and pays nothing for these.
+    pub fn refresh_gauges(&self) {
+        let rt = self.snapshot();
+        let m = &self.metrics;
+        m.endpoint_in_flight.reset();
+        m.endpoint_queue_depth.reset();
+        m.endpoint_kv_cache.reset();
+        for r in &rt.regions {
+            for e in &r.endpoints {
+                let labels = [r.name.as_str(), e.config.url.as_str()];
+                m.endpoint_in_flight
+                    .with_label_values(&labels)
+                    .set(i64::from(e.health.in_flight()));
+                let report = e.health.signals.report();
+                if let Some(q) = report.and_then(|l| l.queue_depth) {
+                    m.endpoint_queue_depth.with_label_values(&labels).set(q);
+                }
+                if let Some(kv) = report.and_then(|l| l.kv_cache) {
+                    m.endpoint_kv_cache.with_label_values(&labels).set(kv);
+                }
+            }
+        }
+        m.fallback_breaker_state.reset();
+        if let Some(f) = &rt.fallback {
+            let now = f.breaker.snapshot().state;
+            for s in [BreakerStatus::Closed, BreakerStatus::Open, BreakerStatus::HalfOpen] {
+                m.fallback_breaker_state
+                    .with_label_values(&[s.as_str()])
+                    .set(i64::from(s == now));
+            }
+        }
+    }
+
     /// Feeds a real-traffic event to an endpoint and reports any transition.
     pub fn observe(&self, rt: &Snapshot, health: &EndpointHealth, event: Event) -> Option<Transition> {
         let t = health.observe(event, &rt.policy);

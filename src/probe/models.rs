@@ -7,8 +7,8 @@ use std::sync::Arc;
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 
-use super::EndpointHealth;
 use crate::forward::endpoint_get::endpoint_get;
+use crate::health::EndpointHealth;
 use crate::runtime::Snapshot;
 
 /// Model lists past this size are not read.

@@ -3,6 +3,9 @@
 //! one task per endpoint across config reloads, ticks time-based transitions, and marks
 //! the process ready once every endpoint has been probed once.
 
+mod models;
+mod scrape;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,8 +15,8 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{EndpointHealth, ProbeResult};
 use crate::forward::endpoint_get::endpoint_get;
+use crate::health::{EndpointHealth, ProbeResult};
 use crate::runtime::{Shared, Snapshot};
 
 /// How often time-based transitions (hold-downs, probation, drain expiry) are checked.
@@ -91,8 +94,8 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
         let scraped = Instant::now();
         if passed {
             // Load signals ride on the probe schedule; a down endpoint is not scraped.
-            super::scrape::scrape(&rt, &health).await;
-            super::models::discover(&rt, &health).await;
+            scrape::scrape(&rt, &health).await;
+            models::discover(&rt, &health).await;
         }
         // A slow metrics page must not stretch the probe interval.
         let scrape_time = scraped.elapsed();

@@ -113,7 +113,7 @@ fn hex(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::decide::path_matches;
+    use crate::route::path_matches;
     use proptest::prelude::*;
 
     #[test]
