@@ -176,38 +176,13 @@ impl Proxy {
         self.count_lookup(&located);
         // Static spelling from the country table: no allocation per request.
         let country: &'static str = located.country().and_then(|c| c.info()).map_or("XX", |info| info.code);
-        let mut record = AccessRecord {
-            request_id: HeaderValue::from_static("-"),
-            client_ip: client,
-            country,
-            zone: None,
-            method: req.method().clone(),
-            // Only the access log reads it: no copy per request when the log is off.
-            path: if config.log.access_log {
-                req.uri().path().to_string()
-            } else {
-                String::new()
-            },
-            protocol: "HTTP",
-            host: None,
-            user_agent: None,
-            region: None,
-            endpoint: None,
-            attempts: 0,
-            status: 0,
-            upstream_status: None,
-            ttfb: None,
-            ttft: None,
-            tpot: None,
-            prompt_tokens: None,
-            output_tokens: None,
-            bytes_in: 0,
-            failover_reason: None,
-            error: None,
-            error_detail: None,
-            trace_id: None,
-            trace: None,
+        // Only the access log reads the path: no copy per request when the log is off.
+        let path = if config.log.access_log {
+            req.uri().path().to_string()
+        } else {
+            String::new()
         };
+        let mut record = AccessRecord::new(client, country, req.method().clone(), path);
         // observe: access-log fields of the request head, and the client's trace.
         record.head(
             req.version(),
@@ -302,14 +277,9 @@ impl Proxy {
             let slot = match enter_endpoint(rt, target).await {
                 Ok(slot) => slot,
                 Err(full) => {
-                    let (region, _) = self.target_names(rt, target);
-                    tracing::debug!(region = %region, error = %full, "attempt not sent");
-                    record.attempts = tried.len() as u32 + 1;
-                    last_error = Some(ProxyError::NoRegionAvailable { region: Some(region) });
-                    tried.push(Tried {
-                        target,
-                        failure: Failure::Error(RetryClass::NothingSent),
-                    });
+                    last_error = Some(self.not_sent(rt, target, &full, &mut record, tried.len()));
+                    let failure = Failure::Error(RetryClass::NothingSent);
+                    tried.push(Tried { target, failure });
                     continue;
                 }
             };
@@ -326,9 +296,7 @@ impl Proxy {
                     self.observe_answer(rt, &sent, &mut resp, ttfb);
                     let gateway = matches!(resp.status().as_u16(), 502..=504);
                     if !(gateway && attempt::may_retry(Failure::GatewayStatus, tried.len() + 1, &policy)) {
-                        record.ttfb = Some(ttfb);
-                        record.failover_reason = sent.reason.map(FailoverReason::as_str);
-                        self.count_failover(rt, plan, &sent);
+                        self.answered(rt, plan, &sent, ttfb, &mut record);
                         return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
                     }
                     last_error = Some(ProxyError::UpstreamUnreachable {
@@ -342,9 +310,7 @@ impl Proxy {
                     if let Some(client_fault) = client_fault(rt, &e, &overflow) {
                         return Ok(self.refuse(client_fault, record, started));
                     }
-                    tracing::debug!(region = %sent.region, error = %e.detail(), "attempt failed");
-                    record.error_detail = Some(e.detail());
-                    last_error = Some(upstream_error(sent.region, &e));
+                    last_error = Some(failed(&sent, &e, &mut record));
                     Failure::Error(e.retry_class())
                 }
             };
@@ -485,6 +451,29 @@ impl Proxy {
         if reason == FailoverReason::Saturated {
             metrics.spillovers.with_label_values(&[&from.name, &sent.region]).inc();
         }
+    }
+
+    /// An attempt the endpoint's connection cap kept from being sent.
+    fn not_sent(
+        &self,
+        rt: &Snapshot,
+        target: Target,
+        full: &dyn std::fmt::Display,
+        record: &mut AccessRecord,
+        tried: usize,
+    ) -> ProxyError {
+        let (region, _) = self.target_names(rt, target);
+        tracing::debug!(region = %region, error = %full, "attempt not sent");
+        record.attempts = tried as u32 + 1;
+        ProxyError::NoRegionAvailable { region: Some(region) }
+    }
+
+    /// The attempt whose answer goes to the client: what the access log and the failover
+    /// counters say of it.
+    fn answered(&self, rt: &Snapshot, plan: &RoutePlan<'_>, sent: &Sent, ttfb: Duration, record: &mut AccessRecord) {
+        record.ttfb = Some(ttfb);
+        record.failover_reason = sent.reason.map(FailoverReason::as_str);
+        self.count_failover(rt, plan, sent);
     }
 
     /// Health feedback from a response head, and the endpoint's load report (taken out of
@@ -1040,6 +1029,14 @@ fn client_fault(rt: &Snapshot, e: &UpstreamError, overflow: &AtomicBool) -> Opti
         return Some(ProxyError::BodyTooLarge { limit });
     }
     (e.kind() == UpstreamErrorKind::ClientStalled).then_some(ProxyError::BodyTimeout)
+}
+
+/// A failed attempt in the log (debug) and the access record; the error the client gets if
+/// nothing else answers.
+fn failed(sent: &Sent, e: &UpstreamError, record: &mut AccessRecord) -> ProxyError {
+    tracing::debug!(region = %sent.region, error = %e.detail(), "attempt failed");
+    record.error_detail = Some(e.detail());
+    upstream_error(sent.region.clone(), e)
 }
 
 /// Meridian's answer for a failed attempt: the kind's stable text, never the OS error.

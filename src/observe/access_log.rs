@@ -54,6 +54,37 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// The record of a request just located; the phases fill in the rest.
+    pub fn new(client_ip: IpAddr, country: &'static str, method: http::Method, path: String) -> AccessRecord {
+        AccessRecord {
+            request_id: HeaderValue::from_static("-"),
+            client_ip,
+            country,
+            zone: None,
+            method,
+            path,
+            protocol: "HTTP",
+            host: None,
+            user_agent: None,
+            region: None,
+            endpoint: None,
+            attempts: 0,
+            status: 0,
+            upstream_status: None,
+            ttfb: None,
+            ttft: None,
+            tpot: None,
+            prompt_tokens: None,
+            output_tokens: None,
+            bytes_in: 0,
+            failover_reason: None,
+            error: None,
+            error_detail: None,
+            trace_id: None,
+            trace: None,
+        }
+    }
+
     /// Fills the fields read from the request head; `log` false (access log off) keeps
     /// the request path free of the copies.
     pub fn head(&mut self, version: Version, headers: &HeaderMap, authority: Option<&str>, log: bool) {
