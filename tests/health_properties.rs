@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use meridian::config::OutlierConfig;
 use meridian::health::state::{Answer, EndpointState, Event, Policy, Status};
 use proptest::prelude::*;
 
@@ -27,13 +28,15 @@ fn policy() -> impl Strategy<Value = Policy> {
             |(unhealthy_after, healthy_after, errors, ttfb, ejection, cap_factor, probation, probes, retry)| Policy {
                 unhealthy_after,
                 healthy_after,
-                consecutive_errors: errors,
-                ttfb_threshold: ms(ttfb),
-                tpot_threshold: ms(ttfb / 4 + 1),
-                ejection_time: ms(ejection),
-                // Config validation keeps the cap at or above ejection_time.
-                max_ejection_time: ms(ejection) * cap_factor,
-                max_retry_after: ms(retry),
+                outlier: OutlierConfig {
+                    consecutive_errors: errors,
+                    ttfb_threshold: ms(ttfb),
+                    tpot_threshold: ms(ttfb / 4 + 1),
+                    ejection_time: ms(ejection),
+                    // Config validation keeps the cap at or above ejection_time.
+                    max_ejection_time: ms(ejection) * cap_factor,
+                    max_retry_after: ms(retry),
+                },
                 probation: ms(probation),
                 probes,
             },
@@ -77,10 +80,10 @@ fn check_cap(m: &EndpointState, p: &Policy) -> Result<(), TestCaseError> {
     if m.status == Status::Ejected {
         let until = m.ejected_until.unwrap_or(m.since);
         prop_assert!(
-            until.saturating_duration_since(m.since) <= p.max_ejection_time,
+            until.saturating_duration_since(m.since) <= p.outlier.max_ejection_time,
             "held for {:?}, cap {:?}",
             until.saturating_duration_since(m.since),
-            p.max_ejection_time
+            p.outlier.max_ejection_time
         );
     }
     Ok(())
@@ -104,11 +107,11 @@ proptest! {
             // Past the cap, the hold-down is over: only probes (when they run) still
             // decide, and with probes off nothing may keep it out.
             if m.status == Status::Ejected {
-                let later = now.max(m.since + p.max_ejection_time);
+                let later = now.max(m.since + p.outlier.max_ejection_time);
                 let mut probe = m.clone();
                 probe.tick(later, &p);
                 if !p.probes {
-                    prop_assert!(probe.status.serving(), "still ejected {:?} after the cap without probes", p.max_ejection_time);
+                    prop_assert!(probe.status.serving(), "still ejected {:?} after the cap without probes", p.outlier.max_ejection_time);
                 }
             }
         }
@@ -129,7 +132,7 @@ proptest! {
         // From wherever the sequence left it, probes pass every `interval` and no traffic
         // fails: long enough is the cap, healthy_after probes and probation (and any shed).
         let interval = ms(interval);
-        let long_enough = p.max_ejection_time.max(p.max_retry_after)
+        let long_enough = p.outlier.max_ejection_time.max(p.outlier.max_retry_after)
             + interval * (p.healthy_after + 2)
             + p.probation;
         let end = now + long_enough;
@@ -157,12 +160,14 @@ fn hold_down_is_capped_for_every_backoff_level() {
     let p = Policy {
         unhealthy_after: 1,
         healthy_after: 1,
-        consecutive_errors: 1,
-        ttfb_threshold: ms(500),
-        tpot_threshold: ms(250),
-        ejection_time: ms(1_000),
-        max_ejection_time: ms(8_000),
-        max_retry_after: ms(1_000),
+        outlier: OutlierConfig {
+            consecutive_errors: 1,
+            ttfb_threshold: ms(500),
+            tpot_threshold: ms(250),
+            ejection_time: ms(1_000),
+            max_ejection_time: ms(8_000),
+            max_retry_after: ms(1_000),
+        },
         probation: ms(0),
         probes: false,
     };
@@ -180,5 +185,5 @@ fn hold_down_is_capped_for_every_backoff_level() {
         m.tick(now, &p);
         assert!(m.status.serving());
     }
-    assert_eq!(longest, p.max_ejection_time);
+    assert_eq!(longest, p.outlier.max_ejection_time);
 }

@@ -148,7 +148,7 @@ pub struct HealthConfig {
     pub panic_mode: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutlierConfig {
     pub consecutive_errors: u32,
     /// The first-token threshold (key `ttfb_threshold`, alias `first_token_threshold`).

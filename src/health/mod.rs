@@ -476,12 +476,7 @@ pub fn policy(config: &crate::config::Config) -> Policy {
     Policy {
         unhealthy_after: config.health.unhealthy_after,
         healthy_after: config.health.healthy_after,
-        consecutive_errors: config.outlier.consecutive_errors,
-        ttfb_threshold: config.outlier.ttfb_threshold,
-        tpot_threshold: config.outlier.tpot_threshold,
-        ejection_time: config.outlier.ejection_time,
-        max_ejection_time: config.outlier.max_ejection_time,
-        max_retry_after: config.outlier.max_retry_after,
+        outlier: config.outlier,
         probation: config.health.slow_start,
         probes: config.health.enabled,
     }
@@ -549,12 +544,14 @@ mod tests {
         let p = Policy {
             unhealthy_after: 1,
             healthy_after: 1,
-            consecutive_errors: 1,
-            ttfb_threshold: Duration::from_secs(1),
-            tpot_threshold: Duration::from_millis(250),
-            ejection_time: Duration::from_secs(60),
-            max_ejection_time: Duration::from_secs(60),
-            max_retry_after: Duration::from_millis(30),
+            outlier: crate::config::OutlierConfig {
+                consecutive_errors: 1,
+                ttfb_threshold: Duration::from_secs(1),
+                tpot_threshold: Duration::from_millis(250),
+                ejection_time: Duration::from_secs(60),
+                max_ejection_time: Duration::from_secs(60),
+                max_retry_after: Duration::from_millis(30),
+            },
             probation: Duration::from_secs(10),
             probes: true,
         };

@@ -18,21 +18,15 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::config::OutlierConfig;
+
 /// Thresholds the machine applies; built from `[health]` and `[outlier]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub unhealthy_after: u32,
     pub healthy_after: u32,
-    /// 0 turns error counting off.
-    pub consecutive_errors: u32,
-    /// The first-token threshold (the config key keeps its first name, `ttfb_threshold`):
-    /// TTFT of streamed answers, head time of plain ones.
-    pub ttfb_threshold: Duration,
-    /// Time per output token of answers that report tokens.
-    pub tpot_threshold: Duration,
-    pub ejection_time: Duration,
-    pub max_ejection_time: Duration,
-    pub max_retry_after: Duration,
+    /// Passive outlier detection: errors, first-token and per-token latency, ejections.
+    pub outlier: OutlierConfig,
     /// How long a returning endpoint stays on probation (the slow-start window).
     pub probation: Duration,
     /// Active probes run: leaving an ejection needs `healthy_after` passed probes.
@@ -262,7 +256,7 @@ impl EndpointState {
             }
             Event::Completed => self.consecutive_errors = 0,
             Event::Shed { retry_after } => {
-                self.shed_until = Some(now + retry_after.min(p.max_retry_after));
+                self.shed_until = Some(now + retry_after.min(p.outlier.max_retry_after));
             }
             Event::ConnectError | Event::Timeout | Event::StreamError => self.count_error(),
         }
@@ -295,9 +289,9 @@ impl EndpointState {
 
     /// Why the answers are too slow, if they are.
     fn slow(&self, p: &Policy) -> Option<Reason> {
-        if self.ttfb_samples >= TTFB_MIN_SAMPLES && self.ttfb_ewma > p.ttfb_threshold.as_secs_f64() {
+        if self.ttfb_samples >= TTFB_MIN_SAMPLES && self.ttfb_ewma > p.outlier.ttfb_threshold.as_secs_f64() {
             Some(Reason::SlowFirstByte)
-        } else if self.tpot_samples >= TTFB_MIN_SAMPLES && self.tpot_ewma > p.tpot_threshold.as_secs_f64() {
+        } else if self.tpot_samples >= TTFB_MIN_SAMPLES && self.tpot_ewma > p.outlier.tpot_threshold.as_secs_f64() {
             Some(Reason::SlowOutputTokens)
         } else {
             None
@@ -316,7 +310,7 @@ impl EndpointState {
         }
         if matches!(self.status, Status::Healthy | Status::Suspect)
             && self.backoff > 0
-            && now.saturating_duration_since(self.calm_since) >= p.ejection_time
+            && now.saturating_duration_since(self.calm_since) >= p.outlier.ejection_time
         {
             self.backoff -= 1;
             self.calm_since = now;
@@ -330,13 +324,13 @@ impl EndpointState {
             Status::Healthy | Status::Suspect => {
                 if self.probe_failures >= p.unhealthy_after {
                     self.eject(Reason::ProbesFailed, now, p)
-                } else if errors_over(p.consecutive_errors) {
+                } else if errors_over(p.outlier.consecutive_errors) {
                     self.eject(Reason::ConsecutiveErrors, now, p)
                 } else if let Some(slow) = self.slow(p) {
                     self.eject(slow, now, p)
                 } else if self.probe_failures > 0 {
                     self.goto(Status::Suspect, Reason::ProbeFailed, now)
-                } else if self.consecutive_errors > 0 && p.consecutive_errors > 0 {
+                } else if self.consecutive_errors > 0 && p.outlier.consecutive_errors > 0 {
                     self.goto(Status::Suspect, Reason::RequestFailed, now)
                 } else {
                     self.goto(Status::Healthy, Reason::Recovered, now)
@@ -346,7 +340,7 @@ impl EndpointState {
                 // A short leash: one failed probe, or half the error threshold.
                 if self.probe_failures > 0 {
                     self.eject(Reason::ProbesFailed, now, p)
-                } else if errors_over(p.consecutive_errors.div_ceil(2)) {
+                } else if errors_over(p.outlier.consecutive_errors.div_ceil(2)) {
                     self.eject(Reason::ConsecutiveErrors, now, p)
                 } else if let Some(slow) = self.slow(p) {
                     self.eject(slow, now, p)
@@ -390,10 +384,11 @@ impl EndpointState {
             (Reason::ProbesFailed, n) => n - 1,
             (_, n) => n,
         };
-        p.ejection_time
+        p.outlier
+            .ejection_time
             .checked_mul(1u32 << level.min(20))
-            .unwrap_or(p.max_ejection_time)
-            .min(p.max_ejection_time)
+            .unwrap_or(p.outlier.max_ejection_time)
+            .min(p.outlier.max_ejection_time)
     }
 
     fn eject(&mut self, reason: Reason, now: Instant, p: &Policy) -> Option<Reason> {
@@ -438,12 +433,14 @@ mod tests {
         Policy {
             unhealthy_after: 3,
             healthy_after: 2,
-            consecutive_errors: 4,
-            ttfb_threshold: Duration::from_millis(500),
-            tpot_threshold: Duration::from_millis(250),
-            ejection_time: Duration::from_secs(10),
-            max_ejection_time: Duration::from_secs(60),
-            max_retry_after: Duration::from_secs(30),
+            outlier: OutlierConfig {
+                consecutive_errors: 4,
+                ttfb_threshold: Duration::from_millis(500),
+                tpot_threshold: Duration::from_millis(250),
+                ejection_time: Duration::from_secs(10),
+                max_ejection_time: Duration::from_secs(60),
+                max_retry_after: Duration::from_secs(30),
+            },
             probation: Duration::from_secs(5),
             probes: true,
         }
@@ -698,10 +695,8 @@ mod tests {
 
     #[test]
     fn errors_off_when_threshold_is_zero() {
-        let p = Policy {
-            consecutive_errors: 0,
-            ..policy()
-        };
+        let mut p = policy();
+        p.outlier.consecutive_errors = 0;
         let steps: Vec<_> = (0..10).map(|i| (i, Some(E500))).collect();
         assert!(run(&p, &steps).iter().all(|s| *s == H));
     }
@@ -748,9 +743,9 @@ mod tests {
         m.tick(now, &p);
         assert_eq!(m.status, H);
         let level = m.backoff;
-        now += p.ejection_time * 2;
+        now += p.outlier.ejection_time * 2;
         m.tick(now, &p);
-        m.tick(now + p.ejection_time, &p);
+        m.tick(now + p.outlier.ejection_time, &p);
         assert_eq!(m.backoff, level - 2);
     }
 
@@ -767,18 +762,18 @@ mod tests {
         m.observe(PASS, t0, &p);
         assert_eq!(m.status, P);
         m.observe(FAIL, t0 + ms(10), &p);
-        assert_eq!(m.ejected_until, Some(t0 + ms(10) + p.ejection_time));
+        assert_eq!(m.ejected_until, Some(t0 + ms(10) + p.outlier.ejection_time));
     }
 
     #[test]
     fn flapping_probes_return_less_and_less_often() {
         // Probes flip every 2 intervals (1 s each): a naive machine would return every 4 s.
-        let p = Policy {
+        let mut p = Policy {
             unhealthy_after: 2,
-            ejection_time: Duration::from_secs(4),
             probation: Duration::from_secs(2),
             ..policy()
         };
+        p.outlier.ejection_time = Duration::from_secs(4);
         let t0 = Instant::now();
         let mut m = EndpointState::new(t0);
         let mut returns = 0;

@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 pub use idle::{ActiveRequest, Activity, IdleIo, Timeouts};
-use proxy_protocol::{Prefixed, ProxyHeaderError};
+use proxy_protocol::ProxyHeaderError;
 
 /// Limits applied to every client connection.
 #[derive(Debug, Clone)]
@@ -183,12 +183,20 @@ impl Connection {
         // Both preludes share the header read timeout: a client that dawdles before its
         // first request is cut off just like one that dawdles inside it.
         let deadline = self.limits.header_read_timeout;
-        let (peer, stream) = if self.limits.proxy_protocol {
+        if self.limits.proxy_protocol {
             let (source, stream) = proxy_protocol::read_header(stream, deadline).await?;
-            (source.unwrap_or(tcp_peer), stream)
+            self.secure(stream, source.unwrap_or(tcp_peer), tls).await
         } else {
-            (tcp_peer, Prefixed::plain(stream))
-        };
+            self.secure(stream, tcp_peer, tls).await
+        }
+    }
+
+    /// The TLS handshake, when the listener has one, then HTTP.
+    async fn secure<S>(self, stream: S, peer: SocketAddr, tls: Option<TlsAcceptor>) -> Result<(), HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let deadline = self.limits.header_read_timeout;
         match tls {
             None => {
                 self.serve(stream, ConnInfo { peer, tls: false }).await;

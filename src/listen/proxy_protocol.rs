@@ -1,15 +1,13 @@
 //! PROXY protocol v1/v2 on accepted connections: a pure header parser and the read that
 //! runs it under a deadline, replaying whatever followed the header to the next layer.
 
-use std::io;
+use std::io::{self, Cursor};
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use ppp::{HeaderResult, PartialResult, v1, v2};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Chain, Join, ReadHalf, WriteHalf};
 
 /// Longest header accepted. A v2 header may announce up to 64 KiB of TLVs, but load
 /// balancers send a few dozen bytes; a bound keeps a hostile peer from making us buffer.
@@ -89,7 +87,7 @@ pub async fn read_header<S>(
     timeout: Duration,
 ) -> Result<(Option<SocketAddr>, Prefixed<S>), ProxyHeaderError>
 where
-    S: AsyncRead + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let read = async {
         let mut buf = BytesMut::with_capacity(256);
@@ -105,66 +103,21 @@ where
         }
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok((source, rest))) => Ok((source, Prefixed::new(rest, stream))),
+        Ok(Ok((source, rest))) => {
+            let (read, write) = tokio::io::split(stream);
+            Ok((
+                source,
+                tokio::io::join(AsyncReadExt::chain(Cursor::new(rest), read), write),
+            ))
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ProxyHeaderError::Timeout(timeout)),
     }
 }
 
-/// A stream with bytes already read from it put back in front.
-pub struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(prefix: Bytes, inner: S) -> Prefixed<S> {
-        Prefixed { prefix, inner }
-    }
-
-    /// No prefix: for listeners without the PROXY protocol.
-    pub fn plain(inner: S) -> Prefixed<S> {
-        Prefixed::new(Bytes::new(), inner)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+/// A stream with the bytes read past its PROXY header put back in front (tokio's `join`
+/// of a chained reader and the write half).
+pub type Prefixed<S> = Join<Chain<Cursor<Bytes>, ReadHalf<S>>, WriteHalf<S>>;
 
 #[cfg(test)]
 mod tests {
