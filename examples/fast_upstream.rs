@@ -87,15 +87,8 @@ fn main() -> std::io::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        // A deep accept queue: proxies open hundreds of connections at once in a burst.
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
+        // A deep accept queue, as Meridian's: proxies open hundreds of connections at once in a burst.
+        let listener = meridian::listen::bind(addr)?;
         eprintln!("fast_upstream listening on {}", listener.local_addr()?);
         // Accepted connections, so a run can check that the proxy reuses its upstream connections.
         let accepted = Arc::new(AtomicU64::new(0));

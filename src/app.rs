@@ -64,24 +64,8 @@ impl Running {
     }
 }
 
-/// Connections the kernel queues for `accept`: a burst of clients connecting at once must
-/// not overflow it while the runtime is busy, or their SYNs are dropped and each retries a
-/// second later. NGINX asks for 511; the kernel caps it at `net.core.somaxconn`. (tokio's
-/// own `bind` asks for 128.)
-const LISTEN_BACKLOG: u32 = 4096;
-
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let listen = || {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(LISTEN_BACKLOG)
-    };
-    listen().map_err(|source| StartError::Bind { what, addr, source })
+    crate::listen::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
 }
 
 /// Starts Meridian with a validated config: binds, spawns, returns once serving.

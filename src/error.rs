@@ -142,24 +142,31 @@ impl ProxyError {
         }
     }
 
-    pub fn zone(&self) -> Option<&str> {
+    /// The residency zone, region and model the error names, for the body and the metrics.
+    fn names(&self) -> (Option<&str>, Option<&str>, Option<&str>) {
         match self {
-            ProxyError::ResidencyForbidden { zone }
-            | ProxyError::ResidencyUnavailable { zone }
-            | ProxyError::ModelNotAvailableInZone { zone, .. } => Some(zone),
+            ProxyError::ResidencyForbidden { zone } | ProxyError::ResidencyUnavailable { zone } => {
+                (Some(zone), None, None)
+            }
+            ProxyError::ModelNotAvailableInZone { zone, model } => (Some(zone), None, Some(model)),
+            ProxyError::ModelNotFound { model } => (None, None, Some(model)),
+            ProxyError::UpstreamUnreachable { region, .. } | ProxyError::UpstreamTimeout { region } => {
+                (None, Some(region), None)
+            }
+            ProxyError::NoRegionAvailable { region } => (None, region.as_deref(), None),
             ProxyError::LocationRefused
-            | ProxyError::NoRegionAvailable { .. }
-            | ProxyError::UpstreamUnreachable { .. }
-            | ProxyError::UpstreamTimeout { .. }
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
             | ProxyError::UriTooLong { .. }
             | ProxyError::MethodNotAllowed
             | ProxyError::BodyTimeout
             | ProxyError::MalformedHead { .. }
-            | ProxyError::ModelNotFound { .. }
-            | ProxyError::RateLimited { .. } => None,
+            | ProxyError::RateLimited { .. } => (None, None, None),
         }
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.names().0
     }
 
     /// Whether this is a refusal to keep a residency zone's client inside it: counted with
@@ -172,41 +179,11 @@ impl ProxyError {
     }
 
     pub fn region(&self) -> Option<&str> {
-        match self {
-            ProxyError::UpstreamUnreachable { region, .. } | ProxyError::UpstreamTimeout { region } => Some(region),
-            ProxyError::NoRegionAvailable { region } => region.as_deref(),
-            ProxyError::LocationRefused
-            | ProxyError::ResidencyForbidden { .. }
-            | ProxyError::ResidencyUnavailable { .. }
-            | ProxyError::BodyTooLarge { .. }
-            | ProxyError::BadRequest(_)
-            | ProxyError::UriTooLong { .. }
-            | ProxyError::MethodNotAllowed
-            | ProxyError::BodyTimeout
-            | ProxyError::MalformedHead { .. }
-            | ProxyError::ModelNotFound { .. }
-            | ProxyError::ModelNotAvailableInZone { .. }
-            | ProxyError::RateLimited { .. } => None,
-        }
+        self.names().1
     }
 
     pub fn model(&self) -> Option<&str> {
-        match self {
-            ProxyError::ModelNotFound { model } | ProxyError::ModelNotAvailableInZone { model, .. } => Some(model),
-            ProxyError::LocationRefused
-            | ProxyError::ResidencyForbidden { .. }
-            | ProxyError::ResidencyUnavailable { .. }
-            | ProxyError::NoRegionAvailable { .. }
-            | ProxyError::UpstreamUnreachable { .. }
-            | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::BodyTooLarge { .. }
-            | ProxyError::BadRequest(_)
-            | ProxyError::UriTooLong { .. }
-            | ProxyError::MethodNotAllowed
-            | ProxyError::BodyTimeout
-            | ProxyError::MalformedHead { .. }
-            | ProxyError::RateLimited { .. } => None,
-        }
+        self.names().2
     }
 
     /// The JSON body.

@@ -2,6 +2,24 @@
 //! PROXY protocol, TLS, HTTP/1.1 + HTTP/2 (h2c or ALPN) on one port, graceful shutdown.
 
 mod idle;
+/// Connections the kernel queues for `accept`: a burst of clients connecting at once must
+/// not overflow it while the runtime is busy, or their SYNs are dropped and each retries a
+/// second later. NGINX asks for 511; the kernel caps it at `net.core.somaxconn`. (tokio's
+/// own `bind` asks for 128.)
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with a deep accept queue (and `SO_REUSEADDR`, so a restart
+/// does not wait for the old connections' `TIME_WAIT`).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 pub mod proxy_protocol;
 mod send;
 pub mod tls;

@@ -113,23 +113,27 @@ fn plan_with<'t>(
             };
             let mut plan = match (claimed, nearest) {
                 // A subdivision a region claims: that region first, precomputed.
-                (Some(p), _) => RoutePlan::borrowed(p),
+                (Some(p), _) => RoutePlan::reborrow(p),
                 // No home region and the client's own coordinates: nearest region first,
                 // ordered for this client (us-east or us-west for a US client).
                 (None, Some((pool, point))) => {
-                    let mut plan = RoutePlan::borrowed(base);
+                    let mut plan = RoutePlan::reborrow(base);
                     plan.candidates = match (scratch, order_nearest(config, pool, point, base.sharded)) {
                         (Some(scratch), Some(order)) => {
                             *scratch = order;
                             let scratch: &'t InlineCandidates = scratch;
                             Cow::Borrowed(scratch.as_slice())
                         }
-                        _ => Cow::Owned(super::table::order_candidates(config, base.country, point).candidates),
+                        _ => Cow::Owned(
+                            super::table::order_candidates(config, base.country, point)
+                                .candidates
+                                .into_owned(),
+                        ),
                     };
                     plan
                 }
                 // A home region, or a country-level location: the precomputed order.
-                _ => RoutePlan::borrowed(base),
+                _ => RoutePlan::reborrow(base),
             };
             if let Some(point) = point {
                 plan.origin = point;
@@ -137,7 +141,7 @@ fn plan_with<'t>(
             plan
         }
         None if config.geoip.unknown == UnknownPolicy::Refuse => return Err(Refusal::LocationRefused),
-        None => RoutePlan::borrowed(table.unlocated_plan()),
+        None => RoutePlan::reborrow(table.unlocated_plan()),
     };
     if let Some(rule) = matching_rule(table, req) {
         let candidates = table.rule_candidates(rule, plan.zone);
@@ -153,16 +157,11 @@ fn plan_with<'t>(
 }
 
 impl<'t> RoutePlan<'t> {
-    fn borrowed(p: &'t super::table::CountryPlan) -> RoutePlan<'t> {
+    /// The same plan over borrowed candidates: what a request starts from, without a copy.
+    pub fn reborrow(&'t self) -> RoutePlan<'t> {
         RoutePlan {
-            country: p.country,
-            origin: p.origin,
-            zone: p.zone,
-            home: p.home,
-            sharded: p.sharded,
-            fallback: p.fallback,
-            rule: None,
-            candidates: Cow::Borrowed(&p.candidates),
+            candidates: Cow::Borrowed(&self.candidates),
+            ..*self
         }
     }
 }

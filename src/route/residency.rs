@@ -406,7 +406,8 @@ mod tests {
             home: None,
             sharded: false,
             fallback,
-            candidates,
+            rule: None,
+            candidates: candidates.into(),
         };
         type Case = (
             &'static str,

@@ -1,7 +1,9 @@
 //! The compiled region table: per-country candidate orders precomputed at config load.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
+use super::decide::RoutePlan;
 use crate::config::Config;
 use crate::geo::{Country, GeoPoint, Subdivision};
 
@@ -17,20 +19,10 @@ pub struct Candidate {
     pub home: bool,
 }
 
-/// Everything routing needs to know about clients of one country (or unlocated clients).
-#[derive(Debug, Clone, PartialEq)]
-pub struct CountryPlan {
-    pub country: Option<Country>,
-    /// Where distances are measured from.
-    pub origin: GeoPoint,
-    pub zone: Option<ZoneId>,
-    pub home: Option<RegionId>,
-    /// `failover = false` on the zone or the home region: only the home region may serve.
-    pub sharded: bool,
-    /// The fallback may serve these clients when no candidate can.
-    pub fallback: bool,
-    pub candidates: Vec<Candidate>,
-}
+/// Everything routing needs to know about clients of one country (or unlocated clients),
+/// as the table keeps it: its own candidates, no route rule. A request borrows it
+/// ([`RoutePlan::reborrow`]).
+pub type CountryPlan = RoutePlan<'static>;
 
 /// The compiled table. Built once per config; read by every request.
 #[derive(Debug)]
@@ -217,7 +209,8 @@ fn order_with_home(config: &Config, country: Option<Country>, origin: GeoPoint, 
         home,
         sharded,
         fallback,
-        candidates,
+        rule: None,
+        candidates: Cow::Owned(candidates),
     }
 }
 
