@@ -8,7 +8,7 @@
 //! a spillover threshold is passed over while another has room) and to load (bounded load:
 //! an endpoint with more than [`BOUND`] times its share of in-flight requests is passed over).
 //!
-//! Prefix-cache affinity (SPEC "Prefix-cache affinity") needs no session: the first
+//! Prefix-cache affinity (docs/inference.md, "Prefix-cache affinity") needs no session: the first
 //! `prefix_bytes` of the prompt (system prompt first, then the messages' text, or the prompt
 //! / input text) are hashed in place, with no allocation, to the same rendezvous order; an
 //! endpoint above `max_load_factor` × the region's mean in-flight is skipped. A session

@@ -28,7 +28,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    /// Answered 414; reported with the `bad_request` code, SPEC's list of codes being closed.
+    /// Answered 414; reported with the `bad_request` code, the list of codes being closed
+    /// (docs/errors.md).
     #[error("the request target is longer than {limit} bytes")]
     UriTooLong { limit: usize },
     /// Answered 405 (`CONNECT`: a tunnel would bypass routing); code `bad_request`.
@@ -100,7 +101,7 @@ impl ProxyError {
         }
     }
 
-    /// The machine-readable code of SPEC (`error.code`).
+    /// The machine-readable code (`error.code`, docs/errors.md).
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::LocationRefused => "location_refused",
@@ -124,21 +125,15 @@ impl ProxyError {
     /// `error.type`, by who must act: the client (`invalid_request_error`, every 4xx), wait
     /// and retry (`service_unavailable`, every 503) or the endpoint failed (`server_error`).
     pub fn kind(&self) -> &'static str {
-        match self {
-            ProxyError::LocationRefused
-            | ProxyError::ResidencyForbidden { .. }
-            | ProxyError::BodyTooLarge { .. }
-            | ProxyError::BadRequest(_)
-            | ProxyError::UriTooLong { .. }
-            | ProxyError::MethodNotAllowed
-            | ProxyError::BodyTimeout
-            | ProxyError::MalformedHead { .. }
-            | ProxyError::ModelNotFound { .. }
-            | ProxyError::ModelNotAvailableInZone { .. } => "invalid_request_error",
-            // As the OpenAI API types its own 429s.
-            ProxyError::RateLimited { .. } => "rate_limit_error",
-            ProxyError::ResidencyUnavailable { .. } | ProxyError::NoRegionAvailable { .. } => "service_unavailable",
-            ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamTimeout { .. } => "server_error",
+        // A head the parser refused is the client's fault, whatever status it chose (505).
+        if matches!(self, ProxyError::MalformedHead { .. }) {
+            return "invalid_request_error";
+        }
+        match self.status() {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error", // as the OpenAI API types its 429s
+            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
         }
     }
 

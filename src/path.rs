@@ -1,5 +1,5 @@
 //! Request path normalisation: the one spelling of a path that route rules, residency and
-//! the endpoint all see (SPEC "Paths, timeouts and replays").
+//! the endpoint all see (docs/security.md).
 //!
 //! An endpoint that decodes `%2e%2e` or resolves `..` itself would otherwise serve a path
 //! other than the one Meridian matched its rules on.

@@ -771,7 +771,7 @@ async fn enter_endpoint(rt: &Snapshot, target: Target) -> Result<Option<Endpoint
     }
 }
 
-/// Filters `plan` to the regions serving the model the request body names (SPEC "Models");
+/// Filters `plan` to the regions serving the model the request body names (docs/inference.md, "Models");
 /// the model is read in place from the body kept for replay.
 fn filter_by_model(
     rt: &Snapshot,

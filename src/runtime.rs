@@ -179,7 +179,7 @@ impl Snapshot {
     }
 
     /// Whether region `r` serves `model`: its configured list, and what its endpoints listed
-    /// at `/v1/models` when it discovers models (SPEC "Models").
+    /// at `/v1/models` when it discovers models (docs/inference.md, "Models").
     pub fn region_serves(&self, r: usize, model: &str) -> bool {
         let (Some(config), Some(region)) = (self.config.regions.get(r), self.regions.get(r)) else {
             return false;

@@ -1,5 +1,5 @@
 //! Checks on a client's request head before it is routed: method, `Host`, and the path
-//! that rules, residency and the endpoint will see (SPEC "Paths, timeouts and replays").
+//! that rules, residency and the endpoint will see (docs/security.md).
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Uri, Version};

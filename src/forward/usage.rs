@@ -280,7 +280,7 @@ pub struct Latency {
     pub output_tokens: Option<u64>,
 }
 
-/// TTFT and TPOT of one attempt (SPEC "Latency as a model client feels it"): `sent` is when
+/// TTFT and TPOT of one attempt (docs/inference.md, "Latency as a model client feels it"): `sent` is when
 /// the request went out, `head` the time to the response head, `end` when the body ended.
 pub fn measure(scanned: &Scanned, sent: Instant, head: Duration, end: Instant) -> Latency {
     let first_token = match scanned.kind {

@@ -1,4 +1,4 @@
-//! Model-aware routing (SPEC "Models"): the model a request asks for, which regions serve
+//! Model-aware routing (docs/inference.md, "Models"): the model a request asks for, which regions serve
 //! it, and the route plan's candidates filtered to them, geo order kept [pure].
 
 use std::borrow::Cow;
