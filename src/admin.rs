@@ -26,7 +26,7 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Open admin connections beyond this are closed at once: scrapers and operators need a
 /// handful, and an unbounded listener is a way to exhaust the process's file descriptors.
-pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+pub(crate) const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// Longest drain `?for=` accepted: a year is a config change, not a drill.
 const MAX_DRAIN: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -187,7 +187,7 @@ fn token_matches(presented: &str, token: &str) -> bool {
 }
 
 /// A short, non-secret name for a token in logs: the start of its SHA-256, as SSH shows keys.
-pub fn token_id(token: &str) -> String {
+pub(crate) fn token_id(token: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let hex: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")

@@ -22,18 +22,18 @@ pub struct Candidate<'a> {
     /// Stable identity: the endpoint's URL, the same in every Meridian instance.
     pub id: &'a str,
     /// Configured weight: a heavier endpoint owns proportionally more sessions.
-    pub weight: f64,
-    pub in_flight: u32,
+    pub(crate) weight: f64,
+    pub(crate) in_flight: u32,
     /// At or above a spillover threshold.
     pub saturated: bool,
 }
 
 /// How far above its fair share of in-flight requests an endpoint may go before its
 /// sessions overflow to their next choice (consistent hashing with bounded loads).
-pub const BOUND: f64 = 1.25;
+pub(crate) const BOUND: f64 = 1.25;
 /// In-flight requests an endpoint may always have over its bound, so that at low load a
 /// session's own few concurrent requests do not push it off its endpoint.
-pub const SLACK: f64 = 2.0;
+pub(crate) const SLACK: f64 = 2.0;
 
 /// The session's endpoint: an index into `endpoints`, `None` when none is eligible.
 pub fn pick(session: &[u8], endpoints: &[Candidate<'_>]) -> Option<usize> {
@@ -66,7 +66,7 @@ pub fn pick(session: &[u8], endpoints: &[Candidate<'_>]) -> Option<usize> {
 /// or the request carries no session, else the pick (`Some(None)`: nothing eligible).
 /// `loads` are the balancer's views of the region's endpoints, in order; `body` is the
 /// request body when it was kept for replay (never read from the stream for this).
-pub fn for_request(
+pub(crate) fn for_request(
     rt: &crate::runtime::Snapshot,
     region: usize,
     loads: &[crate::balance::EndpointLoad],
@@ -109,7 +109,7 @@ pub fn for_request(
 }
 
 /// Endpoints a prefix pick considers without allocating; more are balanced as usual.
-pub const MAX_PREFIX_ENDPOINTS: usize = 16;
+pub(crate) const MAX_PREFIX_ENDPOINTS: usize = 16;
 
 /// Prefix-cache affinity for a request without a session: `None` when the body has no
 /// prompt text (the balancer decides), else the pick.
@@ -151,7 +151,7 @@ fn for_prefix(
 /// The prefix's endpoint: the best-ranked eligible endpoint whose in-flight count is within
 /// `max_load_factor` × the mean (this request included), else the best-ranked eligible one.
 /// No allocation.
-pub fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) -> Option<usize> {
+pub(crate) fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) -> Option<usize> {
     let (mut total, mut n) = (0u64, 0u32);
     for e in endpoints.iter().filter(|e| e.eligible) {
         total += u64::from(e.in_flight);

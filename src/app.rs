@@ -40,9 +40,9 @@ pub struct Running {
     pub tls_listen: Option<SocketAddr>,
     /// The certificates in force, reloaded as a [`crate::reload::ReloadHook`].
     pub tls: Option<Arc<TlsReloader>>,
-    pub shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     /// Reloads the config; register a [`crate::reload::ReloadHook`] for state kept outside it.
-    pub reloader: Arc<Reloader>,
+    pub(crate) reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The admin listener outlives the others so `/readyz` answers 503 while draining.

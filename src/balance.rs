@@ -8,9 +8,9 @@ pub struct EndpointLoad {
     pub eligible: bool,
     /// Peak-EWMA time to first byte, in seconds.
     pub latency: f64,
-    pub in_flight: u32,
+    pub(crate) in_flight: u32,
     /// Configured weight times the slow-start ramp, > 0.
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// Waiting requests reported by the model server (0 when unknown).
     pub queue_depth: f64,
     /// KV-cache utilisation in 0..=1 (0 when unknown).
@@ -19,16 +19,16 @@ pub struct EndpointLoad {
 
 /// Latency assumed for an endpoint that has not answered yet, so new endpoints are tried
 /// but not flooded.
-pub const DEFAULT_LATENCY: f64 = 0.05;
+pub(crate) const DEFAULT_LATENCY: f64 = 0.05;
 
 /// Cost of one request waiting at the model server, in in-flight requests: a waiting
 /// request holds up the next one about as long as one of ours being served.
-pub const QUEUE_WEIGHT: f64 = 1.0;
+pub(crate) const QUEUE_WEIGHT: f64 = 1.0;
 /// KV-cache utilisation from which the cost rises: below it the cache has room to spare.
-pub const KV_KNEE: f64 = 0.8;
+pub(crate) const KV_KNEE: f64 = 0.8;
 /// Cost added per unit of KV-cache utilisation past the knee: ×2 when the cache is full,
 /// where vLLM starts preempting running requests and recomputing them.
-pub const KV_SLOPE: f64 = 5.0;
+pub(crate) const KV_SLOPE: f64 = 5.0;
 
 impl EndpointLoad {
     /// Lower is better: expected wait, scaled by queue and cache pressure, per unit of weight.
@@ -37,7 +37,7 @@ impl EndpointLoad {
     /// `latency × (in_flight + 1)` is linkerd's peak-EWMA cost and
     /// `kv_factor = 1 + KV_SLOPE × max(0, kv_cache − KV_KNEE)` (1 up to 80 %, 2 at 100 %).
     /// Unknown signals are 0, which leaves plain peak-EWMA.
-    pub fn score(&self) -> f64 {
+    pub(crate) fn score(&self) -> f64 {
         let latency = if self.latency > 0.0 {
             self.latency
         } else {
@@ -51,7 +51,7 @@ impl EndpointLoad {
 
 /// Picks among eligible endpoints: two distinct random draws, the lower score wins.
 /// `draw(n)` returns a uniform index below `n`; injected so tests are deterministic.
-pub fn pick(endpoints: &[EndpointLoad], mut draw: impl FnMut(usize) -> usize) -> Option<usize> {
+pub(crate) fn pick(endpoints: &[EndpointLoad], mut draw: impl FnMut(usize) -> usize) -> Option<usize> {
     let eligible = endpoints.iter().filter(|e| e.eligible).count();
     let nth = |n: usize| {
         endpoints

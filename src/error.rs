@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// A request that Meridian answers itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("the client's location could not be determined and unlocated clients are refused")]
     LocationRefused,
     #[error("no region of residency zone {zone} may serve this path")]
@@ -79,7 +79,7 @@ struct Body<'a> {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::LocationRefused | ProxyError::ResidencyForbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::ResidencyUnavailable { .. } | ProxyError::NoRegionAvailable { .. } => {
@@ -102,7 +102,7 @@ impl ProxyError {
     }
 
     /// The machine-readable code (`error.code`, docs/errors.md).
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ProxyError::LocationRefused => "location_refused",
             ProxyError::ResidencyForbidden { .. } => "residency_forbidden",
@@ -124,7 +124,7 @@ impl ProxyError {
 
     /// `error.type`, by who must act: the client (`invalid_request_error`, every 4xx), wait
     /// and retry (`service_unavailable`, every 503) or the endpoint failed (`server_error`).
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         // A head the parser refused is the client's fault, whatever status it chose (505).
         if matches!(self, ProxyError::MalformedHead { .. }) {
             return "invalid_request_error";
@@ -160,29 +160,29 @@ impl ProxyError {
         }
     }
 
-    pub fn zone(&self) -> Option<&str> {
+    pub(crate) fn zone(&self) -> Option<&str> {
         self.names().0
     }
 
     /// Whether this is a refusal to keep a residency zone's client inside it: counted with
     /// `region="none"`, whatever was tried before.
-    pub fn is_residency(&self) -> bool {
+    pub(crate) fn is_residency(&self) -> bool {
         matches!(
             self,
             ProxyError::ResidencyForbidden { .. } | ProxyError::ResidencyUnavailable { .. }
         )
     }
 
-    pub fn region(&self) -> Option<&str> {
+    pub(crate) fn region(&self) -> Option<&str> {
         self.names().1
     }
 
-    pub fn model(&self) -> Option<&str> {
+    pub(crate) fn model(&self) -> Option<&str> {
         self.names().2
     }
 
     /// The JSON body.
-    pub fn body(&self) -> Bytes {
+    pub(crate) fn body(&self) -> Bytes {
         let body = Envelope {
             error: Body {
                 message: self.to_string(),
@@ -199,7 +199,7 @@ impl ProxyError {
 
     /// The whole answer. A 503 carries `Retry-After: retry_after` in whole seconds (at least 1):
     /// about when health checks may have found a region again.
-    pub fn response<B: From<Bytes>>(&self, retry_after: Duration) -> Response<B> {
+    pub(crate) fn response<B: From<Bytes>>(&self, retry_after: Duration) -> Response<B> {
         let mut resp = Response::new(B::from(self.body()));
         *resp.status_mut() = self.status();
         resp.headers_mut()
@@ -216,7 +216,7 @@ impl ProxyError {
 }
 
 /// Whole seconds, rounded up, at least 1: `Retry-After: 0` would invite an immediate retry.
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     secs.max(1)
 }

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use http::{HeaderMap, Method};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -15,17 +14,17 @@ use crate::route::{self, Decision, Refusal, RegionState, RequestFacts, RoutePlan
 #[derive(Debug, Serialize)]
 pub struct CandidateView {
     pub region: String,
-    pub distance_km: f64,
-    pub home: bool,
-    pub priority: u32,
+    pub(crate) distance_km: f64,
+    pub(crate) home: bool,
+    pub(crate) priority: u32,
 }
 
 /// The routing decision for one address, as `meridian route --json` prints it.
 #[derive(Debug, Serialize)]
 pub struct RouteExplanation {
-    pub ip: String,
+    pub(crate) ip: String,
     pub country: Option<String>,
-    pub location: Option<GeoPoint>,
+    pub(crate) location: Option<GeoPoint>,
     /// Where the location came from: "database", "country_table" or "default_region".
     pub location_source: &'static str,
     /// The GeoIP database that located the address (`embedded` or the file's path); `None`
@@ -35,7 +34,7 @@ pub struct RouteExplanation {
     pub subdivision: Option<String>,
     pub zone: Option<String>,
     pub candidates: Vec<CandidateView>,
-    pub chosen: Option<String>,
+    pub(crate) chosen: Option<String>,
     /// Priority level of the chosen region: 0 for a primary, more for a standby.
     pub priority_level: Option<u32>,
     /// `failover = false` on the client's zone or home region: home region only.
@@ -43,19 +42,19 @@ pub struct RouteExplanation {
     /// The `[[route]]` rule that matched the request, if any.
     pub rule: Option<RuleView>,
     pub fallback: FallbackView,
-    pub pattern: Vec<String>,
-    pub refusal: Option<String>,
+    pub(crate) pattern: Vec<String>,
+    pub(crate) refusal: Option<String>,
     /// The model asked for (`--model`), and which candidates were left out for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub without_model: Vec<String>,
+    pub(crate) without_model: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct RuleView {
-    pub index: usize,
-    pub path_prefix: String,
+    pub(crate) index: usize,
+    pub(crate) path_prefix: String,
     pub regions: Vec<String>,
     pub residency_exempt: bool,
 }
@@ -63,24 +62,9 @@ pub struct RuleView {
 /// Whether the `[fallback]` endpoint may serve this client, and why not.
 #[derive(Debug, Serialize)]
 pub struct FallbackView {
-    pub configured: bool,
-    pub eligible: bool,
+    pub(crate) configured: bool,
+    pub(crate) eligible: bool,
     pub reason: &'static str,
-}
-
-pub fn explain_ip(table: &RouteTable, geo: &GeoDb, ip: IpAddr, path: &str) -> RouteExplanation {
-    let headers = HeaderMap::new();
-    let facts = RequestFacts {
-        method: &Method::POST,
-        path,
-        headers: &headers,
-    };
-    explain_request(table, geo, ip, &facts)
-}
-
-/// The decision for a request from `ip` with this method, path and headers.
-pub fn explain_request(table: &RouteTable, geo: &GeoDb, ip: IpAddr, facts: &RequestFacts<'_>) -> RouteExplanation {
-    explain_model(table, geo, ip, facts, None)
 }
 
 /// The model table for `meridian check`: each region and the models it serves.
@@ -100,7 +84,7 @@ pub fn render_models(config: &Config) -> String {
     s
 }
 
-/// [`explain_request`] for a request naming `model` (regions that discover models are taken
+/// The decision for a request from `ip` with this method, path and headers, naming `model` (regions that discover models are taken
 /// to serve every model: discovery happens at run time).
 pub fn explain_model(
     table: &RouteTable,
@@ -338,7 +322,7 @@ fn pattern_lines(table: &RouteTable, plan: &RoutePlan<'_>) -> Vec<String> {
 
 /// The GeoIP chain for `/status`: each database in lookup order, with how many addresses
 /// it has located.
-pub fn geoip_status(geo: &GeoDb) -> serde_json::Value {
+pub(crate) fn geoip_status(geo: &GeoDb) -> serde_json::Value {
     geo.databases()
         .iter()
         .map(|d| {
@@ -426,29 +410,29 @@ pub fn render_route(e: &RouteExplanation) -> String {
 
 /// The deployment patterns a config selects, for `meridian check` and `/status`.
 #[derive(Debug, Serialize)]
-pub struct PatternSummary {
+pub(crate) struct PatternSummary {
     /// "active-active", "active-passive", "sharded", "hub-and-spoke", "fallback".
     pub patterns: Vec<&'static str>,
     /// Regions by priority level, lowest (primary) first.
-    pub priority_levels: Vec<PriorityLevel>,
+    pub(crate) priority_levels: Vec<PriorityLevel>,
     /// Regions and zones with `failover = false`.
-    pub sharded_regions: Vec<String>,
-    pub sharded_zones: Vec<String>,
+    pub(crate) sharded_regions: Vec<String>,
+    pub(crate) sharded_zones: Vec<String>,
     pub routes: Vec<RuleView>,
     /// Residency exemptions granted by `residency_exempt` rules, and notes from the audit.
-    pub residency_exemptions: Vec<String>,
-    pub residency_notes: Vec<String>,
+    pub(crate) residency_exemptions: Vec<String>,
+    pub(crate) residency_notes: Vec<String>,
     /// What each group of clients gets: candidates in order, then fallback and 503.
     pub failover_orders: Vec<OrderGroup>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct PriorityLevel {
+pub(crate) struct PriorityLevel {
     pub priority: u32,
     pub regions: Vec<String>,
 }
 
-pub fn pattern_summary(table: &RouteTable) -> PatternSummary {
+pub(crate) fn pattern_summary(table: &RouteTable) -> PatternSummary {
     let config = &table.config;
     let mut levels: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for r in &config.regions {
@@ -662,8 +646,8 @@ pub struct OrderGroup {
     /// Country codes, or "unlocated".
     pub countries: Vec<String>,
     pub zone: Option<String>,
-    pub sharded: bool,
-    pub order: String,
+    pub(crate) sharded: bool,
+    pub(crate) order: String,
 }
 
 /// The failover order of every home country and zone country, grouped, then unlocated

@@ -48,7 +48,7 @@ pub fn admin_addr(path: &Path) -> Result<SocketAddr, HealthcheckError> {
 }
 
 /// A wildcard listen address is reached on loopback.
-pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
+pub(crate) fn connect_addr(listen: SocketAddr) -> SocketAddr {
     match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port()),
         IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port()),

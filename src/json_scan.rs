@@ -14,7 +14,7 @@ fn ws(b: &[u8], mut i: usize) -> usize {
 }
 
 /// The raw content of the string starting at `b[i] == '"'`, and the position after it.
-pub fn string(b: &[u8], i: usize) -> Option<(&[u8], usize)> {
+pub(crate) fn string(b: &[u8], i: usize) -> Option<(&[u8], usize)> {
     if b.get(i) != Some(&b'"') {
         return None;
     }
@@ -32,7 +32,7 @@ pub fn string(b: &[u8], i: usize) -> Option<(&[u8], usize)> {
 
 /// At most the first `max` raw bytes of the string starting at `b[i] == '"'`, without
 /// looking further: a prefix hash needs no more of a long prompt than it takes.
-pub fn string_prefix(b: &[u8], i: usize, max: usize) -> Option<&[u8]> {
+pub(crate) fn string_prefix(b: &[u8], i: usize, max: usize) -> Option<&[u8]> {
     if b.get(i) != Some(&b'"') {
         return None;
     }
@@ -50,7 +50,7 @@ pub fn string_prefix(b: &[u8], i: usize, max: usize) -> Option<&[u8]> {
 }
 
 /// The position after the value starting at `i` (after whitespace).
-pub fn skip(b: &[u8], i: usize) -> Option<usize> {
+pub(crate) fn skip(b: &[u8], i: usize) -> Option<usize> {
     let i = ws(b, i);
     match *b.get(i)? {
         b'"' => string(b, i).map(|(_, next)| next),
@@ -90,7 +90,7 @@ pub fn skip(b: &[u8], i: usize) -> Option<usize> {
 
 /// Calls `f(key, value_start)` for each field of the object at `i`, in order, until `f`
 /// returns `false`. Returns `None` on malformed input.
-pub fn fields<'b>(b: &'b [u8], i: usize, mut f: impl FnMut(&'b [u8], usize) -> bool) -> Option<()> {
+pub(crate) fn fields<'b>(b: &'b [u8], i: usize, mut f: impl FnMut(&'b [u8], usize) -> bool) -> Option<()> {
     let mut i = ws(b, i);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -119,7 +119,7 @@ pub fn fields<'b>(b: &'b [u8], i: usize, mut f: impl FnMut(&'b [u8], usize) -> b
 }
 
 /// Calls `f(value_start)` for each element of the array at `i`, until `f` returns `false`.
-pub fn elements(b: &[u8], i: usize, mut f: impl FnMut(usize) -> bool) -> Option<()> {
+pub(crate) fn elements(b: &[u8], i: usize, mut f: impl FnMut(usize) -> bool) -> Option<()> {
     let mut i = ws(b, i);
     if b.get(i) != Some(&b'[') {
         return None;
@@ -142,7 +142,7 @@ pub fn elements(b: &[u8], i: usize, mut f: impl FnMut(usize) -> bool) -> Option<
 }
 
 /// The raw string value of top-level field `name` of the object `body`.
-pub fn top_level_string<'b>(body: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
+pub(crate) fn top_level_string<'b>(body: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
     let mut found = None;
     fields(body, 0, |key, value| {
         if key == name {

@@ -28,29 +28,31 @@
 
 // No panics outside tests: a provably safe site carries a scoped allow and a `why:`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// Items are `pub(crate)` unless a test, bench or the binary needs them.
+#![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod admission;
 pub mod affinity;
 pub mod app;
-pub mod balance;
+mod balance;
 pub mod client_ip;
 pub mod config;
 pub mod demo;
-pub mod error;
+mod error;
 pub mod explain;
 pub mod forward;
 pub mod geo;
 pub mod health;
 pub mod healthcheck;
-pub mod json_scan;
+mod json_scan;
 pub mod listen;
 pub mod live_view;
 pub mod observe;
-pub mod path;
-pub mod probe;
+mod path;
+mod probe;
 pub mod proxy;
-pub mod reload;
+mod reload;
 pub mod retry;
 pub mod route;
 pub mod runtime;

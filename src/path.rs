@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 /// Why a path cannot be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PathError {
+pub(crate) enum PathError {
     /// A `..` segment would leave the root.
     #[error("the path climbs above /")]
     AboveRoot,
@@ -18,7 +18,7 @@ pub enum PathError {
 /// `/` are decoded, repeated slashes merged, and dot-segments removed (RFC 3986 §5.2.4).
 /// Paths that need no change are returned borrowed; a path that does not start with `/`
 /// (`*` of `OPTIONS *`) is returned as it is.
-pub fn normalise(path: &str) -> Result<Cow<'_, str>, PathError> {
+pub(crate) fn normalise(path: &str) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') || is_normal(path) {
         return Ok(Cow::Borrowed(path));
     }

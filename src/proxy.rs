@@ -49,7 +49,7 @@ pub struct ConnInfo {
 /// The proxy service: everything a connection task needs.
 #[derive(Clone)]
 pub struct Proxy {
-    pub shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     pub budget: Arc<RetryBudget>,
 }
 

@@ -19,28 +19,30 @@ use crate::config::{Config, ConfigError};
 use crate::runtime::{Shared, Snapshot, SnapshotError};
 
 /// How often watched files are checked.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a changed file must stay unchanged before it is loaded.
-pub const SETTLE: Duration = Duration::from_millis(250);
+pub(crate) const SETTLE: Duration = Duration::from_millis(250);
 /// Changes in a row after which a file that never settles is loaded anyway.
 const MAX_SETTLE_ROUNDS: u32 = 8;
 
 /// What asked for a reload; logged and passed to hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     /// `SIGHUP`.
     Signal,
     /// The config file or a hook's file changed.
     FileChange,
-    /// Another part of Meridian called [`Reloader::reload`].
+    /// A test called [`Reloader::reload`].
+    #[cfg(test)]
     Request,
 }
 
 impl Trigger {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Trigger::Signal => "sighup",
             Trigger::FileChange => "file_change",
+            #[cfg(test)]
             Trigger::Request => "request",
         }
     }
@@ -48,7 +50,7 @@ impl Trigger {
 
 /// Something reloaded alongside the config but not held in it, e.g. TLS certificates:
 /// their files are watched too, and the hook runs after every reload attempt.
-pub trait ReloadHook: Send + Sync {
+pub(crate) trait ReloadHook: Send + Sync {
     /// Files whose change should trigger a reload, for the runtime in force.
     fn watched_files(&self, _runtime: &Snapshot) -> Vec<PathBuf> {
         Vec::new()
@@ -60,7 +62,7 @@ pub trait ReloadHook: Send + Sync {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
+pub(crate) enum ReloadError {
     #[error("no config file to reload: the config was not loaded from a file")]
     NoSource,
     #[error("{}", .0.to_string().trim_end())]
@@ -73,13 +75,13 @@ pub enum ReloadError {
 
 /// What a successful reload changed that only a restart applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reloaded {
-    pub restart_needed: Vec<&'static str>,
+pub(crate) struct Reloaded {
+    pub(crate) restart_needed: Vec<&'static str>,
 }
 
 /// Reloads the config of one running Meridian; shared by the signal handler, the file
 /// watcher and anyone holding it (see [`ReloadHook`]).
-pub struct Reloader {
+pub(crate) struct Reloader {
     shared: Arc<Shared>,
     path: Option<PathBuf>,
     /// The config the listeners were started with: what a restart would change is judged
@@ -96,7 +98,7 @@ pub struct Reloader {
 type Fingerprints = Vec<(PathBuf, Option<u64>)>;
 
 impl Reloader {
-    pub fn new(shared: Arc<Shared>) -> Arc<Reloader> {
+    pub(crate) fn new(shared: Arc<Shared>) -> Arc<Reloader> {
         let runtime = shared.snapshot();
         let path = runtime.config.source.clone();
         let reloader = Reloader {
@@ -112,12 +114,12 @@ impl Reloader {
     }
 
     /// The config file reloads read, if the config came from one.
-    pub fn path(&self) -> Option<&Path> {
+    pub(crate) fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
 
     /// Registers a hook; its files are watched from now on.
-    pub fn add_hook(&self, hook: Arc<dyn ReloadHook>) {
+    pub(crate) fn add_hook(&self, hook: Arc<dyn ReloadHook>) {
         lock(&self.hooks).push(hook);
         *lock(&self.seen) = fingerprint_all(self.watched(&self.shared.snapshot()));
     }
@@ -125,7 +127,7 @@ impl Reloader {
     /// Validates the config file, builds a runtime over the surviving health state and puts
     /// it in force. On any error the runtime in force stays, and the error is logged and
     /// counted. Hooks run either way.
-    pub async fn reload(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
+    pub(crate) async fn reload(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
         let _serial = self.serial.lock().await;
         // Taken before anything is read: a write racing this reload is still a change on
         // the next poll.
@@ -212,7 +214,7 @@ impl Reloader {
     }
 
     /// Watches the config file and the hooks' files until `shutdown`, reloading on change.
-    pub async fn watch_files(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn watch_files(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -295,7 +297,7 @@ fn changed_files(before: &Fingerprints, now: &Fingerprints) -> Vec<String> {
 
 /// Key paths whose new value only takes effect on restart: bound sockets, per-connection
 /// limits fixed when the listeners started, the thread pool and the log format.
-pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
+pub(crate) fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&running.server, &new.server);
     let tls_listen = |c: &Config| c.server.tls.as_ref().map(|t| t.listen);
     [

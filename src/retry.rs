@@ -10,21 +10,21 @@ use http::{HeaderMap, HeaderName, Method};
 use crate::route::path_matches;
 
 /// A client's promise that the endpoint deduplicates (the draft IETF header).
-pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(crate) static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// May a request whose bytes may already have reached an endpoint be sent to another?
 /// Yes for idempotent methods, requests carrying `Idempotency-Key`, and paths declared
 /// safe to replay (`[retry] replay_paths`, matched on whole segments of the normalised
 /// path). A failure before anything was sent (connect) is always retryable: see
 /// `UpstreamError::retryable`.
-pub fn may_replay(method: &Method, headers: &HeaderMap, path: &str, replay_paths: &[String]) -> bool {
+pub(crate) fn may_replay(method: &Method, headers: &HeaderMap, path: &str, replay_paths: &[String]) -> bool {
     is_idempotent(method)
         || headers.get(&IDEMPOTENCY_KEY).is_some_and(|v| !v.is_empty())
         || replay_paths.iter().any(|p| path_matches(p, path))
 }
 
 /// RFC 9110 §9.2.2.
-pub fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -75,13 +75,13 @@ impl RetryBudget {
         }
     }
 
-    pub fn record_request(&self) {
+    pub(crate) fn record_request(&self) {
         self.roll(Instant::now());
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if there is one left.
-    pub fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
+    pub(crate) fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
         self.roll(Instant::now());
         let base = self
             .requests

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 
-use crate::config::{Config, EndpointConfig, FallbackConfig, UpstreamProtocol, UpstreamTlsConfig};
+use crate::config::{Config, EndpointConfig, FallbackConfig, UpstreamTlsConfig};
 use crate::forward::breaker::SharedBreaker;
 use crate::forward::client::{ClientSetupError, PoolSettings, Upstreams};
 use crate::geo::{GeoDb, GeoError};
@@ -29,8 +29,8 @@ pub struct Snapshot {
     pub table: RouteTable,
     pub geo: Arc<GeoDb>,
     pub regions: Vec<RegionRuntime>,
-    pub policy: Policy,
-    pub upstreams: Upstreams,
+    pub(crate) policy: Policy,
+    pub(crate) upstreams: Upstreams,
     pub fallback: Option<FallbackRuntime>,
     /// `[[limit]]` rules and their counters (kept across reloads for unchanged rules).
     pub admission: Arc<crate::admission::Admission>,
@@ -40,25 +40,24 @@ pub struct RegionRuntime {
     pub name: String,
     /// `x-meridian-region` value, built once.
     pub header: HeaderValue,
-    pub protocol: UpstreamProtocol,
     pub health: Arc<RegionHealth>,
-    pub endpoints: Vec<EndpointRuntime>,
-    pub metrics: RegionMetrics,
+    pub(crate) endpoints: Vec<EndpointRuntime>,
+    pub(crate) metrics: RegionMetrics,
 }
 
 pub struct EndpointRuntime {
     pub config: EndpointConfig,
     pub health: Arc<EndpointHealth>,
-    pub metrics: crate::observe::metrics::EndpointMetrics,
+    pub(crate) metrics: crate::observe::metrics::EndpointMetrics,
     /// Request slots, when `upstream.max_connections_per_endpoint` is set.
     pub limit: Option<Arc<crate::forward::limit::EndpointLimit>>,
 }
 
 pub struct FallbackRuntime {
     pub config: FallbackConfig,
-    pub upstreams: Upstreams,
-    pub header: HeaderValue,
-    pub metrics: RegionMetrics,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) header: HeaderValue,
+    pub(crate) metrics: RegionMetrics,
     /// Kept across reloads while the endpoint and the breaker policy stay the same.
     pub breaker: Arc<SharedBreaker>,
 }
@@ -79,11 +78,11 @@ pub enum SnapshotError {
 /// State shared by every connection, task and admin call for the life of the process.
 pub struct Shared {
     runtime: ArcSwap<Snapshot>,
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     registry: Registry,
     /// Set once the first probe round is done.
     pub ready: AtomicBool,
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Bumped by every `install`, so the prober follows endpoint changes.
     pub generation: tokio::sync::watch::Sender<u64>,
 }
@@ -135,17 +134,7 @@ impl Shared {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Region health by name, for admin.
-    pub fn region_health(&self, name: &str) -> Option<Arc<RegionHealth>> {
-        self.registry
-            .regions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
-    }
-
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
     }
 }
@@ -153,7 +142,7 @@ impl Shared {
 impl Snapshot {
     /// The region config and endpoint that own `health`, for the background tasks (probe,
     /// load scrape, model discovery) that hold an endpoint's health object across reloads.
-    pub fn endpoint_of(
+    pub(crate) fn endpoint_of(
         &self,
         health: &Arc<EndpointHealth>,
     ) -> Option<(&crate::config::RegionConfig, &EndpointRuntime)> {
@@ -166,7 +155,7 @@ impl Snapshot {
     }
 
     /// Which drains hold region `r`: the config's and the admin's.
-    pub fn drain_state(&self, r: usize) -> Drained {
+    pub(crate) fn drain_state(&self, r: usize) -> Drained {
         let config = self.config.regions.get(r).and_then(|c| c.drain.as_ref());
         let admin = self.regions.get(r).is_some_and(|region| region.health.is_drained());
         // The clock is read only for a region the config drains: requests pay nothing otherwise.
@@ -327,7 +316,6 @@ fn build(
         regions.push(RegionRuntime {
             name: r.name.clone(),
             header: HeaderValue::from_str(&r.name).unwrap_or(HeaderValue::from_static("unknown")),
-            protocol: r.protocol,
             health,
             endpoints,
             metrics: RegionMetrics::new(metrics, &r.name),

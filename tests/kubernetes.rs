@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use meridian::config::file::FileConfig;
+use meridian::config::Config;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn root() -> PathBuf {
@@ -44,15 +44,6 @@ fn find<'a>(objects: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
         .iter()
         .find(|o| o["kind"].as_str() == Some(kind) && o["metadata"]["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no {kind} {name}"))
-}
-
-fn seconds(d: &Option<meridian::config::units::Duration>) -> f64 {
-    d.map_or(0.0, |d| d.0.as_secs_f64())
-}
-
-fn port_of(listen: &Option<toml::Spanned<String>>) -> i64 {
-    let listen = listen.as_ref().expect("listen set").get_ref();
-    listen.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 /// The container port a probe names (by name or number).
@@ -123,10 +114,12 @@ fn every_overlay_builds_a_deployment_that_fits_its_config() {
         let text = configmap["data"]["meridian.toml"]
             .as_str()
             .expect("meridian.toml in the ConfigMap");
-        let config: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{at}: {e}"));
-        let admin_port = port_of(&config.admin.listen);
+        // Validated as the pods will load it, with their secrets in the environment.
+        let secret = |_: &str| Some("set-by-the-secret".to_string());
+        let config = Config::parse_with_env(text, None, &secret).unwrap_or_else(|e| panic!("{at}: {e}"));
+        let admin_port = i64::from(config.admin.listen.port());
         assert!(
-            config.admin.listen.as_ref().unwrap().get_ref().starts_with("0.0.0.0:"),
+            config.admin.listen.ip().is_unspecified(),
             "{at}: admin must listen beyond loopback for probes and Prometheus"
         );
         assert_eq!(config.admin.token_env.as_deref(), Some("MERIDIAN_ADMIN_TOKEN"), "{at}");
@@ -145,12 +138,12 @@ fn every_overlay_builds_a_deployment_that_fits_its_config() {
             .iter()
             .find(|p| p["name"].as_str() == Some("http"))
             .and_then(|p| p["containerPort"].as_i64());
-        assert_eq!(http, Some(port_of(&config.server.listen)), "{at}: proxy port");
+        assert_eq!(http, Some(i64::from(config.server.listen.port())), "{at}: proxy port");
 
         // The kubelet waits longer than Meridian's own shutdown: delay, then drain.
         let grace = pod["terminationGracePeriodSeconds"].as_i64().expect("grace period") as f64;
-        let delay = seconds(&config.server.shutdown_delay);
-        let timeout = config.server.shutdown_timeout.map_or(30.0, |d| d.0.as_secs_f64());
+        let delay = config.server.shutdown_delay.as_secs_f64();
+        let timeout = config.server.shutdown_timeout.as_secs_f64();
         assert!(delay > 0.0, "{at}: shutdown_delay set");
         assert!(grace > delay + timeout, "{at}: grace {grace}s <= {delay}s + {timeout}s");
 

@@ -18,18 +18,18 @@ use crate::config::LimitRule;
 
 /// Nanoseconds since the process's admission epoch: one clock for every table, so a
 /// request reads it once whatever the number of rules.
-pub fn clock() -> u64 {
+pub(crate) fn clock() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// A token budget is spent over this window.
-pub const TOKEN_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const TOKEN_WINDOW: Duration = Duration::from_secs(60);
 
 /// GCRA: a request costing `cost` is admitted when the theoretical arrival time it leads to
 /// is at most `limit` ahead of `now`. Returns the new arrival time, or how long until the
 /// request would fit.
-pub fn gcra(tat: u64, now: u64, cost: u64, limit: u64) -> Result<u64, u64> {
+pub(crate) fn gcra(tat: u64, now: u64, cost: u64, limit: u64) -> Result<u64, u64> {
     let next = tat.max(now).saturating_add(cost);
     let ahead = next - now;
     if ahead <= limit { Ok(next) } else { Err(ahead - limit) }
@@ -37,14 +37,14 @@ pub fn gcra(tat: u64, now: u64, cost: u64, limit: u64) -> Result<u64, u64> {
 
 /// A token budget admits while what was charged is less than a window ahead of `now`;
 /// otherwise how long until it is.
-pub fn under_budget(tat: u64, now: u64, window: u64) -> Result<(), u64> {
+pub(crate) fn under_budget(tat: u64, now: u64, window: u64) -> Result<(), u64> {
     let used = tat.saturating_sub(now);
     if used < window { Ok(()) } else { Err(used - window + 1) }
 }
 
 /// A rule's costs in nanoseconds, computed once per rule.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Costs {
+pub(crate) struct Costs {
     /// Time one request occupies (1 / rate); 0 without a rate.
     pub interval: u64,
     /// How far ahead requests may run: `burst × interval`.
@@ -53,11 +53,11 @@ pub struct Costs {
     pub concurrent: u32,
     /// Time one token occupies (window / tokens_per_minute); 0 without a budget.
     pub per_token: f64,
-    pub tokens_per_minute: u64,
+    pub(crate) tokens_per_minute: u64,
 }
 
 impl Costs {
-    pub fn of(rule: &LimitRule) -> Costs {
+    pub(crate) fn of(rule: &LimitRule) -> Costs {
         let (interval, burst) = match rule.rate {
             Some(r) => ((1e9 / r.per_second).max(1.0) as u64, u64::from(r.burst)),
             None => (0, 0),
@@ -78,7 +78,7 @@ impl Costs {
     }
 
     /// The `x-ratelimit-*-requests` numbers after an arrival time of `tat`.
-    pub fn request_quota(&self, tat: u64, now: u64) -> Quota {
+    pub(crate) fn request_quota(&self, tat: u64, now: u64) -> Quota {
         let ahead = tat.saturating_sub(now);
         Quota {
             limit: self.burst,
@@ -88,7 +88,7 @@ impl Costs {
     }
 
     /// The `x-ratelimit-*-tokens` numbers for a budget charged up to `tat`.
-    pub fn token_quota(&self, tat: u64, now: u64) -> Quota {
+    pub(crate) fn token_quota(&self, tat: u64, now: u64) -> Quota {
         let used = tat.saturating_sub(now);
         let window = TOKEN_WINDOW.as_nanos() as u64;
         let free = window.saturating_sub(used) as f64 / window as f64;
@@ -102,7 +102,7 @@ impl Costs {
 
 /// One key's counters.
 #[derive(Debug, Default)]
-pub struct Entry {
+pub(crate) struct Entry {
     tat: AtomicU64,
     tokens_tat: AtomicU64,
     in_flight: AtomicU32,
@@ -112,7 +112,7 @@ pub struct Entry {
 impl Entry {
     /// Tries to admit one request; on success the caller owns one in-flight slot when the
     /// rule counts concurrency, released with [`Entry::release`].
-    pub fn admit(&self, costs: &Costs, now: u64, rule: usize) -> RuleOutcome {
+    pub(crate) fn admit(&self, costs: &Costs, now: u64, rule: usize) -> RuleOutcome {
         self.seen.store(now, Ordering::Relaxed);
         let mut outcome = RuleOutcome::admitted(rule);
         if costs.per_token > 0.0 {
@@ -161,7 +161,7 @@ impl Entry {
     }
 
     /// Takes back an admission another rule refused (the request never ran).
-    pub fn undo(&self, costs: &Costs) {
+    pub(crate) fn undo(&self, costs: &Costs) {
         if costs.interval > 0 {
             self.tat.fetch_sub(costs.interval, Ordering::AcqRel);
         }
@@ -171,7 +171,7 @@ impl Entry {
     }
 
     /// Frees the in-flight slot of a request that ended.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         // Saturating: an undo and a release never race for the same slot, but a count must
         // not wrap if they ever did.
         let _ = self
@@ -180,7 +180,7 @@ impl Entry {
     }
 
     /// Charges `tokens` to the budget: admission stops while a window's worth is charged.
-    pub fn charge(&self, costs: &Costs, tokens: u64, now: u64) {
+    pub(crate) fn charge(&self, costs: &Costs, tokens: u64, now: u64) {
         if costs.per_token <= 0.0 || tokens == 0 {
             return;
         }
@@ -192,7 +192,7 @@ impl Entry {
             });
     }
 
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
     }
 
@@ -206,7 +206,7 @@ impl Entry {
 
 /// Keys are already hashes: the map uses them as they are.
 #[derive(Default)]
-pub struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -225,9 +225,9 @@ impl Hasher for KeyHasher {
 type Shard = RwLock<HashMap<u64, Arc<Entry>, BuildHasherDefault<KeyHasher>>>;
 
 /// One rule's keys: sharded by hash, at most `max_keys` of them.
-pub struct Table {
+pub(crate) struct Table {
     pub costs: Costs,
-    pub hasher: RandomState,
+    pub(crate) hasher: RandomState,
     shards: Box<[Shard]>,
     per_shard: usize,
     keys: IntGauge,
@@ -235,7 +235,7 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new(costs: Costs, max_keys: usize, keys: IntGauge, evictions: IntCounter) -> Table {
+    pub(crate) fn new(costs: Costs, max_keys: usize, keys: IntGauge, evictions: IntCounter) -> Table {
         // Enough shards that writers rarely meet, few enough that small caps stay exact.
         let n = (max_keys / 64).next_power_of_two().clamp(1, 64);
         Table {
@@ -249,7 +249,7 @@ impl Table {
     }
 
     /// Nanoseconds since the admission epoch ([`clock`]).
-    pub fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         clock()
     }
 
@@ -259,7 +259,7 @@ impl Table {
     }
 
     /// The key's entry, created (evicting when the shard is full) on its first request.
-    pub fn entry(&self, hash: u64, now: u64) -> Arc<Entry> {
+    pub(crate) fn entry(&self, hash: u64, now: u64) -> Arc<Entry> {
         let shard = self.shard(hash);
         if let Some(e) = shard.read().unwrap_or_else(|p| p.into_inner()).get(&hash) {
             return e.clone();
@@ -298,15 +298,12 @@ impl Table {
     }
 
     /// Keys held now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

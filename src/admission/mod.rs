@@ -7,9 +7,9 @@
 //! for as long as its answer: dropping it frees its concurrency slots, and the answer's
 //! tokens are charged through it.
 
-pub mod local;
-pub mod redis;
-pub mod rule;
+pub(crate) mod local;
+pub(crate) mod redis;
+pub(crate) mod rule;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LimitKind::Requests => "requests",
             LimitKind::Concurrent => "concurrent requests",
@@ -51,8 +51,8 @@ impl LimitKind {
 /// The numbers of one `x-ratelimit-*` family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
-    pub limit: u64,
-    pub remaining: u64,
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
     /// Until the quota is whole again.
     pub reset: Duration,
 }
@@ -60,14 +60,14 @@ pub struct Quota {
 /// What one rule said about one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuleOutcome {
-    pub rule: usize,
-    pub denied: Option<(LimitKind, Duration)>,
-    pub requests: Option<Quota>,
-    pub tokens: Option<Quota>,
+    pub(crate) rule: usize,
+    pub(crate) denied: Option<(LimitKind, Duration)>,
+    pub(crate) requests: Option<Quota>,
+    pub(crate) tokens: Option<Quota>,
 }
 
 impl RuleOutcome {
-    pub fn admitted(rule: usize) -> RuleOutcome {
+    pub(crate) fn admitted(rule: usize) -> RuleOutcome {
         RuleOutcome {
             rule,
             denied: None,
@@ -76,7 +76,7 @@ impl RuleOutcome {
         }
     }
 
-    pub fn deny(&mut self, kind: LimitKind, wait: Duration) {
+    pub(crate) fn deny(&mut self, kind: LimitKind, wait: Duration) {
         self.denied = Some((kind, wait));
     }
 }
@@ -84,8 +84,8 @@ impl RuleOutcome {
 /// The `x-ratelimit-*` headers of an answer: the tightest quota of each family.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RateHeaders {
-    pub requests: Option<Quota>,
-    pub tokens: Option<Quota>,
+    pub(crate) requests: Option<Quota>,
+    pub(crate) tokens: Option<Quota>,
 }
 
 static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
@@ -97,7 +97,7 @@ static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tok
 
 impl RateHeaders {
     /// The tightest quotas among `outcomes`: fewest remaining, then smallest limit.
-    pub fn tightest<'a>(outcomes: impl IntoIterator<Item = &'a RuleOutcome>) -> RateHeaders {
+    pub(crate) fn tightest<'a>(outcomes: impl IntoIterator<Item = &'a RuleOutcome>) -> RateHeaders {
         let pick = |q: Option<Quota>, best: Option<Quota>| match (q, best) {
             (Some(q), Some(b)) if (q.remaining, q.limit) < (b.remaining, b.limit) => Some(q),
             (Some(q), None) => Some(q),
@@ -109,7 +109,7 @@ impl RateHeaders {
         })
     }
 
-    pub fn apply(&self, headers: &mut HeaderMap) {
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
         let families = [
             (self.requests, &LIMIT_REQUESTS, &REMAINING_REQUESTS, &RESET_REQUESTS),
             (self.tokens, &LIMIT_TOKENS, &REMAINING_TOKENS, &RESET_TOKENS),
@@ -126,7 +126,7 @@ impl RateHeaders {
 }
 
 /// A reset time the way OpenAI writes it: "250ms", "1.5s", "59s".
-pub fn reset_text(d: Duration) -> String {
+pub(crate) fn reset_text(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         return format!("{}ms", d.as_millis());
     }
@@ -137,14 +137,14 @@ pub fn reset_text(d: Duration) -> String {
 /// A refused request: which rule and limit, and when to come back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limited {
-    pub rule: String,
-    pub limit: LimitKind,
-    pub retry_after: Duration,
+    pub(crate) rule: String,
+    pub(crate) limit: LimitKind,
+    pub(crate) retry_after: Duration,
     pub headers: RateHeaders,
 }
 
 impl Limited {
-    pub fn error(&self) -> ProxyError {
+    pub(crate) fn error(&self) -> ProxyError {
         ProxyError::RateLimited {
             rule: self.rule.clone(),
             limit: self.limit.as_str(),
@@ -179,7 +179,7 @@ pub struct Admitted {
 
 impl Admitted {
     /// Charges the answer's tokens to every token budget the request counted against.
-    pub fn charge_tokens(&self, tokens: u64) {
+    pub(crate) fn charge_tokens(&self, tokens: u64) {
         for (_, h) in &self.counted {
             match h {
                 None => {}
@@ -232,7 +232,7 @@ pub struct Admission {
     fleet: Option<Arc<Fleet>>,
     max_keys: usize,
     /// Some rule matches on the body's `model`: only then is the body parsed.
-    pub needs_model: bool,
+    pub(crate) needs_model: bool,
 }
 
 impl Admission {
@@ -292,7 +292,7 @@ impl Admission {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
@@ -407,14 +407,6 @@ impl Admission {
             headers,
         })
     }
-
-    /// Keys held in the process by each rule (local mode).
-    pub fn keys_tracked(&self) -> Vec<(String, usize)> {
-        self.rules
-            .iter()
-            .map(|r| (r.config.name.clone(), r.table.as_ref().map_or(0, |t| t.len())))
-            .collect()
-    }
 }
 
 /// Keeps an admission for exactly as long as the relayed body it is attached to.
@@ -442,7 +434,7 @@ impl Completion for Held {
 
 /// Puts the rate headers on an answer and ties the admission to its body: released when
 /// the body ends or is dropped; at once for an answer Meridian wrote itself.
-pub fn attach(mut resp: Response<ResponseBody>, admitted: Option<Admitted>) -> Response<ResponseBody> {
+pub(crate) fn attach(mut resp: Response<ResponseBody>, admitted: Option<Admitted>) -> Response<ResponseBody> {
     let Some(admitted) = admitted else { return resp };
     admitted.headers.apply(resp.headers_mut());
     if let ResponseBody::Upstream(body) = resp.body_mut() {

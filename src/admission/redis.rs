@@ -18,7 +18,7 @@ use crate::config::LimitsBackend;
 
 /// A concurrency slot is forgotten this long after it was taken if no release arrives
 /// (an instance that died holding it).
-pub const SLOT_LEASE: Duration = Duration::from_secs(15 * 60);
+pub(crate) const SLOT_LEASE: Duration = Duration::from_secs(15 * 60);
 
 /// KEYS: per rule `base:r` (request arrival time), `base:c` (in-flight slots), `base:t`
 /// (token arrival time). ARGV: lease µs, member, then per rule interval µs, limit µs,
@@ -88,7 +88,7 @@ return 1
 
 /// Why Redis gave no decision.
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
+pub(crate) enum BackendError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("redis: {0}")]
@@ -98,7 +98,7 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             BackendError::Timeout(_) => "timeout",
             BackendError::Redis(_) => "error",
@@ -108,16 +108,16 @@ impl BackendError {
 }
 
 /// Handles for the backend metrics.
-pub struct BackendMetrics {
+pub(crate) struct BackendMetrics {
     pub timeouts: IntCounter,
     pub errors: IntCounter,
-    pub replies: IntCounter,
+    pub(crate) replies: IntCounter,
     pub duration: Histogram,
 }
 
 /// One rule's part of a fleet check.
 #[derive(Debug, Clone)]
-pub struct FleetKey {
+pub(crate) struct FleetKey {
     pub rule: usize,
     /// `meridian:limit:<hash of rule and key>`.
     pub base: String,
@@ -125,7 +125,7 @@ pub struct FleetKey {
 }
 
 /// The Redis connection (reconnected with backoff by the manager) and the scripts.
-pub struct Fleet {
+pub(crate) struct Fleet {
     pub config: LimitsBackend,
     conn: ConnectionManager,
     admit: redis::Script,
@@ -138,7 +138,7 @@ pub struct Fleet {
 impl Fleet {
     /// Connects lazily; within a tokio runtime a first connection and the script load start
     /// in the background so the first request does not pay for them.
-    pub fn new(config: &LimitsBackend, metrics: BackendMetrics) -> Result<Arc<Fleet>, redis::RedisError> {
+    pub(crate) fn new(config: &LimitsBackend, metrics: BackendMetrics) -> Result<Arc<Fleet>, redis::RedisError> {
         let client = redis::Client::open(config.redis.as_str())?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(250))))
@@ -166,7 +166,7 @@ impl Fleet {
     }
 
     /// Checks and commits every rule of one request in one round trip, within the timeout.
-    pub async fn admit(&self, keys: &[FleetKey], member: &str) -> Result<Vec<RuleOutcome>, BackendError> {
+    pub(crate) async fn admit(&self, keys: &[FleetKey], member: &str) -> Result<Vec<RuleOutcome>, BackendError> {
         let mut call = self.admit.prepare_invoke();
         call.arg(SLOT_LEASE.as_micros() as u64).arg(member);
         for k in keys {
@@ -203,7 +203,7 @@ impl Fleet {
     }
 
     /// Frees a request's concurrency slots once its answer ends.
-    pub fn release(self: &Arc<Self>, bases: Vec<String>, member: String) {
+    pub(crate) fn release(self: &Arc<Self>, bases: Vec<String>, member: String) {
         if bases.is_empty() {
             return;
         }
@@ -223,7 +223,7 @@ impl Fleet {
     }
 
     /// Charges tokens to a key's budget.
-    pub fn charge(self: &Arc<Self>, base: String, costs: Costs, tokens: u64) {
+    pub(crate) fn charge(self: &Arc<Self>, base: String, costs: Costs, tokens: u64) {
         if costs.per_token <= 0.0 || tokens == 0 {
             return;
         }

@@ -48,7 +48,7 @@ pub fn key_of<'a>(rule: &LimitRule, req: &RequestView<'a>) -> Option<KeyValue<'a
 
 /// The in-process hash of a key: keyed per process (SipHash), so stored hashes say nothing
 /// about the keys and cannot be aimed at one shard.
-pub fn local_hash(hasher: &impl BuildHasher, key: KeyValue<'_>) -> u64 {
+pub(crate) fn local_hash(hasher: &impl BuildHasher, key: KeyValue<'_>) -> u64 {
     match key {
         KeyValue::Header(v) => hasher.hash_one(v),
         KeyValue::Ip(ip) => hasher.hash_one(ip),
@@ -56,7 +56,7 @@ pub fn local_hash(hasher: &impl BuildHasher, key: KeyValue<'_>) -> u64 {
 }
 
 /// The fleet-wide name of a key: the same on every instance, and no clear key in Redis.
-pub fn fleet_hash(rule: &str, key: KeyValue<'_>) -> String {
+pub(crate) fn fleet_hash(rule: &str, key: KeyValue<'_>) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(rule.as_bytes());
     ctx.update(b"\0");

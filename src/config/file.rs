@@ -12,7 +12,7 @@ use super::units::{Duration, Size};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     #[serde(default)]
     pub server: ServerFile,
     #[serde(default)]
@@ -49,19 +49,19 @@ pub struct FileConfig {
 /// `[tracing]`: OTLP/HTTP export of request spans.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TracingFile {
-    pub otlp_endpoint: Option<Spanned<String>>,
-    pub service_name: Option<String>,
+pub(crate) struct TracingFile {
+    pub(crate) otlp_endpoint: Option<Spanned<String>>,
+    pub(crate) service_name: Option<String>,
     pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerFile {
+pub(crate) struct ServerFile {
     pub listen: Option<Spanned<String>>,
     pub tls_listen: Option<Spanned<String>>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     #[serde(default, rename = "certificate")]
     pub certificates: Vec<CertificateFile>,
     pub proxy_protocol: Option<bool>,
@@ -70,10 +70,10 @@ pub struct ServerFile {
     pub connect_timeout: Option<Duration>,
     pub max_request_body: Option<Size>,
     /// The part of an `application/json` answer read for its `usage` token counts.
-    pub max_buffered_answer: Option<Size>,
+    pub(crate) max_buffered_answer: Option<Size>,
     pub max_header_bytes: Option<Size>,
-    pub max_headers: Option<usize>,
-    pub max_uri_bytes: Option<Size>,
+    pub(crate) max_headers: Option<usize>,
+    pub(crate) max_uri_bytes: Option<Size>,
     pub header_read_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     /// Longest wait between two reads of a request body.
@@ -90,7 +90,7 @@ pub struct ServerFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CertificateFile {
+pub(crate) struct CertificateFile {
     pub names: Vec<String>,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -98,14 +98,14 @@ pub struct CertificateFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminFile {
+pub(crate) struct AdminFile {
     pub listen: Option<Spanned<String>>,
     pub token_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GeoipFile {
+pub(crate) struct GeoipFile {
     /// One file or a list, looked up in order.
     pub database: Option<Spanned<GeoipDatabases>>,
     /// `false`: no embedded country database after the listed ones.
@@ -120,7 +120,7 @@ pub struct GeoipFile {
 /// `geoip.database`: `"city.mmdb"` or `["city-ipv4.mmdb", "city-ipv6.mmdb"]`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum GeoipDatabases {
+pub(crate) enum GeoipDatabases {
     One(PathBuf),
     Many(Vec<PathBuf>),
 }
@@ -138,7 +138,7 @@ pub enum UnknownPolicy {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HealthFile {
+pub(crate) struct HealthFile {
     /// `false` turns active probes off: ejections then end with their hold-down alone.
     pub enabled: Option<bool>,
     pub path: Option<String>,
@@ -150,14 +150,14 @@ pub struct HealthFile {
     /// Fraction of `interval` by which each probe is randomly delayed or advanced.
     pub jitter: Option<f64>,
     /// A region with fewer than this fraction of its endpoints available is reported degraded.
-    pub degraded_below: Option<f64>,
+    pub(crate) degraded_below: Option<f64>,
     /// Serve from unhealthy endpoints (inside the residency fence) when no candidate is healthy.
     pub panic_mode: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OutlierFile {
+pub(crate) struct OutlierFile {
     /// 0 turns error counting off.
     pub consecutive_errors: Option<u32>,
     /// The first-token threshold: TTFT of streamed answers, head time of plain ones.
@@ -172,21 +172,21 @@ pub struct OutlierFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RetryFile {
+pub(crate) struct RetryFile {
     pub max_attempts: Option<u32>,
     /// Retries allowed as a fraction of requests over the budget window.
-    pub budget_ratio: Option<f64>,
+    pub(crate) budget_ratio: Option<f64>,
     /// Retries per second always allowed, whatever the ratio says.
-    pub budget_min_per_second: Option<u32>,
+    pub(crate) budget_min_per_second: Option<u32>,
     /// Paths whose requests may be sent again after they may have reached an endpoint.
-    pub replay_paths: Option<Vec<String>>,
+    pub(crate) replay_paths: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogFile {
+pub(crate) struct LogFile {
     pub format: Option<LogFormat>,
-    pub access_log: Option<bool>,
+    pub(crate) access_log: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -201,7 +201,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegionFile {
+pub(crate) struct RegionFile {
     pub name: Spanned<String>,
     pub location: Spanned<Vec<f64>>,
     #[serde(default)]
@@ -230,7 +230,7 @@ pub struct RegionFile {
 /// `drain = { reason = "maintenance", until = "2026-12-01T14:00:00Z" }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DrainFile {
+pub(crate) struct DrainFile {
     pub reason: Spanned<String>,
     /// RFC 3339, as a string or a TOML date-time; absent: until the line is removed.
     pub until: Option<Spanned<toml::Value>>,
@@ -239,7 +239,7 @@ pub struct DrainFile {
 /// Per-region probe overrides, for fleets whose model servers expose health differently.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegionHealthFile {
+pub(crate) struct RegionHealthFile {
     pub path: Option<String>,
     pub interval: Option<Duration>,
     pub timeout: Option<Duration>,
@@ -247,16 +247,16 @@ pub struct RegionHealthFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum EndpointFile {
+pub(crate) enum EndpointFile {
     Url(String),
     Detailed(DetailedEndpoint),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DetailedEndpoint {
+pub(crate) struct DetailedEndpoint {
     pub url: String,
-    pub weight: Option<u32>,
+    pub(crate) weight: Option<u32>,
     /// Overrides the region's `protocol` for this endpoint.
     pub protocol: Option<UpstreamProtocol>,
 }
@@ -271,7 +271,7 @@ pub enum UpstreamProtocol {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LoadFile {
+pub(crate) struct LoadFile {
     pub source: LoadSource,
     pub path: Option<String>,
 }
@@ -288,7 +288,7 @@ pub enum LoadSource {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AffinityFile {
+pub(crate) struct AffinityFile {
     pub header: Option<String>,
     /// A top-level JSON body field (e.g. `user`), read only from bodies kept for replay.
     pub body_field: Option<String>,
@@ -300,7 +300,7 @@ pub struct AffinityFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ResidencyFile {
+pub(crate) struct ResidencyFile {
     pub name: Spanned<String>,
     pub countries: Vec<Spanned<String>>,
     pub regions: Vec<Spanned<String>>,
@@ -309,7 +309,7 @@ pub struct ResidencyFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteFile {
+pub(crate) struct RouteFile {
     pub path_prefix: Spanned<String>,
     pub regions: Vec<Spanned<String>>,
     #[serde(default)]
@@ -320,12 +320,12 @@ pub struct RouteFile {
     pub headers: Option<BTreeMap<String, String>>,
     /// POSTs under this prefix name their model in the JSON body's `model` field.
     #[serde(default)]
-    pub model_from_body: bool,
+    pub(crate) model_from_body: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FallbackFile {
+pub(crate) struct FallbackFile {
     pub endpoint: Spanned<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, Spanned<String>>,
@@ -333,14 +333,14 @@ pub struct FallbackFile {
     pub ca_file: Option<PathBuf>,
     /// Path prefix mapping applied to requests sent to the fallback: `{ "/v1" = "/openai/v1" }`.
     #[serde(default)]
-    pub path_rewrite: BTreeMap<String, String>,
+    pub(crate) path_rewrite: BTreeMap<String, String>,
     /// Circuit breaker: `{ failures = 5, cool_down = "30s" }`.
     pub breaker: Option<BreakerFile>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BreakerFile {
+pub(crate) struct BreakerFile {
     /// Consecutive failed attempts that open the breaker.
     pub failures: Option<u32>,
     /// How long an open breaker sheds fallback traffic before one trial request.
@@ -349,7 +349,7 @@ pub struct BreakerFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SpilloverFile {
+pub(crate) struct SpilloverFile {
     pub queue_depth: Option<f64>,
     pub kv_cache: Option<f64>,
 }
@@ -357,7 +357,7 @@ pub struct SpilloverFile {
 /// TLS towards `https://` region endpoints.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamTlsFile {
+pub(crate) struct UpstreamTlsFile {
     /// Extra trusted roots (PEM), beside the webpki roots.
     pub ca_file: Option<PathBuf>,
     /// Client certificate chain (PEM) presented to endpoints that ask for one (mTLS).
@@ -368,23 +368,23 @@ pub struct UpstreamTlsFile {
 /// One `[[limit]]` rule: whose requests it counts and how many it admits.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitFile {
+pub(crate) struct LimitFile {
     /// Shown in metrics, logs and 429 answers; `limit[N]` when absent.
     pub name: Option<String>,
     /// `"client_ip"` or `"header:NAME"`.
     pub key: Spanned<String>,
     #[serde(rename = "match")]
     pub matches: Option<LimitMatchFile>,
-    pub requests_per_second: Option<f64>,
+    pub(crate) requests_per_second: Option<f64>,
     pub burst: Option<u32>,
     pub concurrent: Option<u32>,
-    pub tokens_per_minute: Option<u64>,
-    pub on_backend_error: Option<BackendErrorPolicy>,
+    pub(crate) tokens_per_minute: Option<u64>,
+    pub(crate) on_backend_error: Option<BackendErrorPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitMatchFile {
+pub(crate) struct LimitMatchFile {
     pub path_prefix: Option<String>,
     pub model: Option<String>,
 }
@@ -402,7 +402,7 @@ pub enum BackendErrorPolicy {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsFile {
+pub(crate) struct LimitsFile {
     pub backend: Option<LimitsBackendFile>,
     /// Keys tracked per rule in local mode before the least recently seen is evicted.
     pub max_keys: Option<usize>,
@@ -410,7 +410,7 @@ pub struct LimitsFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsBackendFile {
+pub(crate) struct LimitsBackendFile {
     pub redis: Spanned<String>,
     pub timeout: Option<Duration>,
 }

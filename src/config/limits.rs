@@ -9,9 +9,9 @@ use super::file::{BackendErrorPolicy, LimitFile, LimitsFile};
 use super::validate::{Problem, line_of};
 
 /// Keys tracked per rule in local mode when `[limits] max_keys` is not set.
-pub const DEFAULT_MAX_KEYS: usize = 100_000;
+pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
 /// How long a Redis round trip may take when `[limits] backend.timeout` is not set.
-pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_millis(5);
+pub(crate) const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_millis(5);
 
 /// Whose requests a rule counts together.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -34,28 +34,28 @@ impl std::fmt::Display for LimitKey {
 /// Requests per second with a burst (GCRA).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
-    pub per_second: f64,
-    pub burst: u32,
+    pub(crate) per_second: f64,
+    pub(crate) burst: u32,
 }
 
 /// One validated `[[limit]]` rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitRule {
     pub name: String,
-    pub key: LimitKey,
-    pub path_prefix: Option<String>,
-    pub model: Option<String>,
-    pub rate: Option<RateLimit>,
-    pub concurrent: Option<u32>,
-    pub tokens_per_minute: Option<u64>,
-    pub on_backend_error: BackendErrorPolicy,
+    pub(crate) key: LimitKey,
+    pub(crate) path_prefix: Option<String>,
+    pub(crate) model: Option<String>,
+    pub(crate) rate: Option<RateLimit>,
+    pub(crate) concurrent: Option<u32>,
+    pub(crate) tokens_per_minute: Option<u64>,
+    pub(crate) on_backend_error: BackendErrorPolicy,
 }
 
 /// `[limits]`: where counters live and how many keys a process keeps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitsConfig {
-    pub backend: Option<LimitsBackend>,
-    pub max_keys: usize,
+    pub(crate) backend: Option<LimitsBackend>,
+    pub(crate) max_keys: usize,
 }
 
 impl Default for LimitsConfig {
@@ -70,8 +70,8 @@ impl Default for LimitsConfig {
 /// The shared counter store of fleet mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsBackend {
-    pub redis: String,
-    pub timeout: Duration,
+    pub(crate) redis: String,
+    pub(crate) timeout: Duration,
 }
 
 /// Validates every rule and the `[limits]` table; problems name their key path.

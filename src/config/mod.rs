@@ -1,10 +1,10 @@
 //! Configuration: the TOML file (`file`), human units (`units`) and the validated, typed
 //! form the rest of Meridian reads (`validate`).
 
-pub mod file;
+pub(crate) mod file;
 mod limits;
-pub mod units;
-pub mod upstream;
+pub(crate) mod units;
+pub(crate) mod upstream;
 mod validate;
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use serde::de::{self, Deserialize, Deserializer};
 
 /// A duration written as a string in the config file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Duration(pub std::time::Duration);
+pub(crate) struct Duration(pub std::time::Duration);
 
 impl FromStr for Duration {
     type Err = String;
@@ -33,7 +33,7 @@ impl fmt::Display for Duration {
 
 /// A byte size written as a string ("64KiB", "10MiB") or a plain integer in the config file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Size(pub u64);
+pub(crate) struct Size(pub u64);
 
 impl FromStr for Size {
     type Err = String;
@@ -68,7 +68,7 @@ impl fmt::Display for Size {
 
 /// Parses an RFC 3339 time (`2026-12-01T14:00:00Z`, `2026-12-01T15:00:00+01:00`).
 /// humantime reads the UTC form only, so a numeric offset is applied here.
-pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
+pub(crate) fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
     let s = s.trim();
     let bad = |e: &dyn fmt::Display| format!("invalid time {s:?} ({e}); write it like \"2026-12-01T14:00:00Z\"");
     let split = s

@@ -13,16 +13,16 @@ use super::units;
 /// `[upstream]` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamFile {
+pub(crate) struct UpstreamFile {
     pub keepalive: Option<usize>,
     pub max_connections_per_endpoint: Option<usize>,
-    pub max_queue: Option<usize>,
-    pub queue_timeout: Option<units::Duration>,
+    pub(crate) max_queue: Option<usize>,
+    pub(crate) queue_timeout: Option<units::Duration>,
 }
 
 /// Idle connections kept per endpoint unless configured: enough for steady reuse under
 /// ordinary concurrency, few enough that a burst does not leave thousands behind.
-pub const DEFAULT_KEEPALIVE: usize = 32;
+pub(crate) const DEFAULT_KEEPALIVE: usize = 32;
 const DEFAULT_MAX_QUEUE: usize = 1024;
 const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -50,13 +50,13 @@ pub struct EndpointLimitConfig {
     /// Concurrent requests (and so HTTP/1.1 connections) per endpoint.
     pub max_connections: usize,
     /// Requests that may wait for a slot; past it an attempt fails at once.
-    pub max_queue: usize,
+    pub(crate) max_queue: usize,
     /// Longest wait for a slot.
-    pub queue_timeout: Duration,
+    pub(crate) queue_timeout: Duration,
 }
 
 /// Validates `[upstream]`; problems are (key path, message).
-pub fn validate(file: UpstreamFile) -> (UpstreamConfig, Vec<(&'static str, &'static str)>) {
+pub(crate) fn validate(file: UpstreamFile) -> (UpstreamConfig, Vec<(&'static str, &'static str)>) {
     let mut problems = Vec::new();
     let queue_timeout = file.queue_timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |d| d.0);
     if queue_timeout.is_zero() {

@@ -18,12 +18,12 @@ use crate::geo::{Country, GeoPoint, Subdivision};
 
 /// Default `server.max_buffered_answer`: the part of an `application/json` answer read for
 /// its `usage`.
-pub const DEFAULT_MAX_BUFFERED_ANSWER: usize = 256 * 1024;
+pub(crate) const DEFAULT_MAX_BUFFERED_ANSWER: usize = 256 * 1024;
 
 /// The validated configuration. Indexes (`usize`) point into `regions` / `zones`.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub source: Option<PathBuf>,
+    pub(crate) source: Option<PathBuf>,
     pub server: ServerConfig,
     pub admin: AdminConfig,
     pub geoip: GeoipConfig,
@@ -35,14 +35,14 @@ pub struct Config {
     pub zones: Vec<ZoneConfig>,
     pub routes: Vec<RouteConfig>,
     pub fallback: Option<FallbackConfig>,
-    pub spillover: Option<SpilloverConfig>,
-    pub upstream_tls: UpstreamTlsConfig,
+    pub(crate) spillover: Option<SpilloverConfig>,
+    pub(crate) upstream_tls: UpstreamTlsConfig,
     /// `[tracing]` with an `otlp_endpoint`; `None`: tracing off.
     pub tracing: Option<TracingConfig>,
     /// `[[limit]]` rules, in file order.
     pub limit_rules: Vec<super::LimitRule>,
     pub limits: super::LimitsConfig,
-    pub upstream: super::upstream::UpstreamConfig,
+    pub(crate) upstream: super::upstream::UpstreamConfig,
 }
 
 /// Where and how request spans are exported (OTLP/HTTP, protobuf).
@@ -50,7 +50,7 @@ pub struct Config {
 pub struct TracingConfig {
     /// The collector; spans are posted to its `/v1/traces`.
     pub endpoint: EndpointConfig,
-    pub service_name: String,
+    pub(crate) service_name: String,
     /// Share of new traces sampled; a client's `traceparent` decides for its own traces.
     pub sample_ratio: f64,
 }
@@ -59,21 +59,21 @@ pub struct TracingConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub tls: Option<TlsConfig>,
-    pub proxy_protocol: bool,
-    pub request_timeout: Duration,
-    pub stall_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub max_request_body: u64,
-    pub max_buffered_answer: usize,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub max_uri_bytes: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub body_timeout: Duration,
-    pub send_timeout: Duration,
-    pub max_connections: usize,
-    pub http2_max_concurrent_streams: u32,
+    pub(crate) proxy_protocol: bool,
+    pub(crate) request_timeout: Duration,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_request_body: u64,
+    pub(crate) max_buffered_answer: usize,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) max_uri_bytes: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) body_timeout: Duration,
+    pub(crate) send_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) http2_max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
     pub worker_threads: Option<usize>,
     /// After SIGTERM, how long listeners keep serving while `/readyz` answers 503.
@@ -83,24 +83,24 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub listen: SocketAddr,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub sni: Vec<SniCertificate>,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) sni: Vec<SniCertificate>,
 }
 
 /// TLS towards `https://` region endpoints: extra roots and an optional client certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamTlsConfig {
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Certificate chain and key presented to endpoints (mTLS).
-    pub client_auth: Option<(PathBuf, PathBuf)>,
+    pub(crate) client_auth: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SniCertificate {
-    pub names: Vec<String>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub(crate) names: Vec<String>,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -117,10 +117,10 @@ pub struct GeoipConfig {
     pub databases: Vec<PathBuf>,
     /// The embedded country database answers after the listed ones.
     pub embedded_fallback: bool,
-    pub max_accuracy_radius_km: u32,
+    pub(crate) max_accuracy_radius_km: u32,
     pub trusted_proxies: Vec<IpNet>,
-    pub default_region: usize,
-    pub unknown: UnknownPolicy,
+    pub(crate) default_region: usize,
+    pub(crate) unknown: UnknownPolicy,
 }
 
 impl GeoipConfig {
@@ -138,13 +138,13 @@ impl GeoipConfig {
 pub struct HealthConfig {
     pub enabled: bool,
     pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
     pub unhealthy_after: u32,
     pub healthy_after: u32,
     pub slow_start: Duration,
-    pub jitter: f64,
-    pub degraded_below: f64,
+    pub(crate) jitter: f64,
+    pub(crate) degraded_below: f64,
     pub panic_mode: bool,
 }
 
@@ -160,7 +160,7 @@ pub struct OutlierConfig {
 }
 
 /// Inference requests: replaying one elsewhere costs compute but creates nothing twice.
-pub const DEFAULT_REPLAY_PATHS: [&str; 4] = [
+pub(crate) const DEFAULT_REPLAY_PATHS: [&str; 4] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
@@ -170,33 +170,32 @@ pub const DEFAULT_REPLAY_PATHS: [&str; 4] = [
 #[derive(Debug, Clone)]
 pub struct RetryConfig {
     pub max_attempts: u32,
-    pub budget_ratio: f64,
-    pub budget_min_per_second: u32,
+    pub(crate) budget_ratio: f64,
+    pub(crate) budget_min_per_second: u32,
     /// Whole-segment path prefixes, stored without a trailing slash.
-    pub replay_paths: Vec<String>,
+    pub(crate) replay_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
-    pub access_log: bool,
+    pub(crate) access_log: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct RegionConfig {
     pub name: String,
-    pub location: GeoPoint,
+    pub(crate) location: GeoPoint,
     pub countries: Vec<Country>,
     /// ISO 3166-2 subdivisions whose clients are home clients here (over their country's).
     pub subdivisions: Vec<Subdivision>,
-    pub endpoints: Vec<EndpointConfig>,
-    pub priority: u32,
-    pub failover: bool,
-    pub load: LoadConfig,
-    pub affinity_header: Option<HeaderName>,
+    pub(crate) endpoints: Vec<EndpointConfig>,
+    pub(crate) priority: u32,
+    pub(crate) failover: bool,
+    pub(crate) load: LoadConfig,
+    pub(crate) affinity_header: Option<HeaderName>,
     /// Top-level JSON body field that names the session when the header is absent.
-    pub affinity_body_field: Option<String>,
-    pub protocol: UpstreamProtocol,
+    pub(crate) affinity_body_field: Option<String>,
     /// Probe settings over `[health]` for this region's endpoints.
     pub probe: ProbeOverride,
     /// `drain = { ... }`: drained by the config, for every instance that loads it.
@@ -206,13 +205,13 @@ pub struct RegionConfig {
     /// Read `GET /v1/models` from each endpoint with the probes.
     pub discover_models: bool,
     /// Prefix-cache affinity, when configured.
-    pub prefix_affinity: Option<PrefixAffinity>,
+    pub(crate) prefix_affinity: Option<PrefixAffinity>,
 }
 
 /// `affinity = { prefix_bytes, max_load_factor }`: requests whose prompts start alike go to
 /// the same endpoint, within a bounded load.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PrefixAffinity {
+pub(crate) struct PrefixAffinity {
     pub prefix_bytes: usize,
     pub max_load_factor: f64,
 }
@@ -222,15 +221,15 @@ pub struct PrefixAffinity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigDrain {
     pub reason: String,
-    pub until: Option<std::time::SystemTime>,
+    pub(crate) until: Option<std::time::SystemTime>,
 }
 
 /// `[[region]] health = { ... }`: what differs from `[health]` for one region.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProbeOverride {
     pub path: Option<String>,
-    pub interval: Option<Duration>,
-    pub timeout: Option<Duration>,
+    pub(crate) interval: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,18 +237,18 @@ pub struct EndpointConfig {
     /// The URL as configured, normalised (`http://10.0.0.1:8000`); identifies the endpoint
     /// across reloads.
     pub url: String,
-    pub scheme: Scheme,
-    pub authority: Authority,
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
     /// Path prefix to put in front of the request path (empty for none).
-    pub base_path: String,
-    pub weight: u32,
+    pub(crate) base_path: String,
+    pub(crate) weight: u32,
     /// How requests reach it: the endpoint's own `protocol`, else its region's.
     pub protocol: UpstreamProtocol,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadConfig {
-    pub source: LoadSource,
+    pub(crate) source: LoadSource,
     pub path: String,
 }
 
@@ -258,18 +257,18 @@ pub struct ZoneConfig {
     pub name: String,
     pub countries: Vec<Country>,
     pub regions: Vec<usize>,
-    pub failover: bool,
+    pub(crate) failover: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
-    pub path_prefix: String,
+    pub(crate) path_prefix: String,
     pub regions: Vec<usize>,
     pub residency_exempt: bool,
-    pub methods: Option<Vec<Method>>,
+    pub(crate) methods: Option<Vec<Method>>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// POSTs matched by this rule name their model in the body.
-    pub model_from_body: bool,
+    pub(crate) model_from_body: bool,
 }
 
 /// Thresholds from `[fallback] breaker = { failures = N, cool_down = "30s" }`.
@@ -292,19 +291,19 @@ impl Default for BreakerPolicy {
 
 #[derive(Debug, Clone)]
 pub struct FallbackConfig {
-    pub endpoint: EndpointConfig,
+    pub(crate) endpoint: EndpointConfig,
     /// Injected headers; values are marked sensitive and never logged.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub zone: Option<usize>,
-    pub ca_file: Option<PathBuf>,
-    pub path_rewrite: Vec<(String, String)>,
-    pub breaker: BreakerPolicy,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) path_rewrite: Vec<(String, String)>,
+    pub(crate) breaker: BreakerPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpilloverConfig {
-    pub queue_depth: Option<f64>,
-    pub kv_cache: Option<f64>,
+    pub(crate) queue_depth: Option<f64>,
+    pub(crate) kv_cache: Option<f64>,
 }
 
 /// One thing wrong with a config file.
@@ -312,14 +311,14 @@ pub struct SpilloverConfig {
 pub struct Problem {
     /// Key path, e.g. `region[2].countries[0]`; empty when the file itself is unreadable.
     pub key: String,
-    pub line: Option<usize>,
+    pub(crate) line: Option<usize>,
     pub message: String,
 }
 
 /// Every problem found in one config file.
 #[derive(Debug, Clone)]
 pub struct ConfigError {
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     pub problems: Vec<Problem>,
 }
 
@@ -366,6 +365,16 @@ impl Config {
 
     /// Parses and validates config text; `path` is used for messages and relative paths.
     pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, path, &|var| std::env::var(var).ok())
+    }
+
+    /// [`Config::parse`] reading environment variables (`admin.token_env`, `env:` header
+    /// values) through `env`, so a caller can check a config written for another machine.
+    pub fn parse_with_env(
+        text: &str,
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let base = path.and_then(Path::parent).unwrap_or(Path::new(""));
         let fail = |problems| ConfigError {
             file: path.map(Path::to_owned),
@@ -383,6 +392,7 @@ impl Config {
             base,
             problems: Vec::new(),
             homes: Vec::new(),
+            env,
         };
         let config = v.config(raw);
         match config {
@@ -410,6 +420,8 @@ struct Validator<'a> {
     /// Every home country as written: (region index, index in `countries`, country, span),
     /// for checks that need the zones too.
     homes: Vec<(usize, usize, Country, Range<usize>)>,
+    /// Environment lookup (`std::env::var` outside tests).
+    env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Validator<'_> {
@@ -663,7 +675,7 @@ impl Validator<'_> {
         let token = a
             .token_env
             .as_ref()
-            .and_then(|var| std::env::var(var).ok())
+            .and_then(|var| (self.env)(var))
             .filter(|t| !t.is_empty());
         AdminConfig {
             listen,
@@ -1158,7 +1170,6 @@ impl Validator<'_> {
                 load,
                 affinity_header,
                 affinity_body_field,
-                protocol: r.protocol.unwrap_or_default(),
             });
         }
         out
@@ -1381,9 +1392,9 @@ impl Validator<'_> {
                 continue;
             };
             let text = match value.get_ref().strip_prefix("env:") {
-                Some(var) => match std::env::var(var) {
-                    Ok(v) => v,
-                    Err(_) => {
+                Some(var) => match (self.env)(var) {
+                    Some(v) => v,
+                    None => {
                         // Name the variable, never a value.
                         self.problem(
                             key,

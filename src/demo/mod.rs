@@ -1,7 +1,7 @@
 //! `meridian demo`: six fake inference regions on loopback, the proxy in front, and the
 //! curl commands to try.
 
-pub mod upstream;
+pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use crate::config::Config;
 use upstream::DemoUpstream;
 
 /// The demo's regions: name, location, home countries.
-pub const REGIONS: [(&str, [f64; 2], &[&str]); 6] = [
+pub(crate) const REGIONS: [(&str, [f64; 2], &[&str]); 6] = [
     ("us-east", [39.04, -77.49], &["US", "CA"]),
     ("us-west", [45.60, -121.18], &["MX"]),
     ("eu-west", [53.35, -6.26], &["IE", "FR", "NL", "BE"]),
@@ -24,7 +24,7 @@ pub const TOKEN: &str = "demo-token";
 
 /// The config text for the demo, with each region pointing at its fake endpoint. With city
 /// databases the US is no region's home, so its clients go to the nearer coast.
-pub fn config_text(listen: SocketAddr, admin: SocketAddr, endpoints: &[String], geoip: &[PathBuf]) -> String {
+pub(crate) fn config_text(listen: SocketAddr, admin: SocketAddr, endpoints: &[String], geoip: &[PathBuf]) -> String {
     let database = if geoip.is_empty() {
         String::new()
     } else {

@@ -37,14 +37,14 @@ const WORDS: [&str; 8] = [
 const TOKEN_GAP: Duration = Duration::from_millis(40);
 
 /// A running demo endpoint; dropping it stops it.
-pub struct DemoUpstream {
+pub(crate) struct DemoUpstream {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
 }
 
 impl DemoUpstream {
     /// Starts on an ephemeral loopback port.
-    pub async fn start(region: &str) -> std::io::Result<DemoUpstream> {
+    pub(crate) async fn start(region: &str) -> std::io::Result<DemoUpstream> {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
@@ -53,7 +53,7 @@ impl DemoUpstream {
     }
 
     /// `http://127.0.0.1:port`.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 use super::usage::{Scanned, UsageScanner};
 
 /// Bodies up to this size are kept so a failed attempt can be replayed elsewhere.
-pub const REPLAY_LIMIT: u64 = 1 << 20;
+pub(crate) const REPLAY_LIMIT: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -41,7 +41,7 @@ pub enum BodyError {
 /// counts the endpoint's time only, never the client's upload: it runs once the body has
 /// been sent, and while the endpoint is not taking the bytes the client did send.
 #[derive(Debug, Clone)]
-pub struct BodySent(Arc<SentState>);
+pub(crate) struct BodySent(Arc<SentState>);
 
 #[derive(Debug)]
 struct SentState {
@@ -96,7 +96,7 @@ impl BodySent {
     }
 
     /// Resolves once the body is sent.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         loop {
             // Registered before the check: a `mark` in between is not missed.
             let notified = self.0.notify.notified();
@@ -109,7 +109,7 @@ impl BodySent {
 
     /// Resolves when the endpoint has used up `timeout`: after the body was sent, or with
     /// the body half sent because the endpoint stopped taking it.
-    pub async fn endpoint_deadline(&self, timeout: Duration) {
+    pub(crate) async fn endpoint_deadline(&self, timeout: Duration) {
         loop {
             if self.is_done() {
                 tokio::time::sleep(timeout).await;
@@ -214,14 +214,14 @@ impl RequestBody {
     }
 
     /// For a streamed body, the signal that it has been sent to its end.
-    pub fn sent_signal(&self) -> Option<BodySent> {
+    pub(crate) fn sent_signal(&self) -> Option<BodySent> {
         match self {
             RequestBody::Streaming(s) => Some(s.sent.clone()),
             RequestBody::Empty | RequestBody::Kept(_) => None,
         }
     }
 
-    pub fn len_hint(&self) -> u64 {
+    pub(crate) fn len_hint(&self) -> u64 {
         match self {
             RequestBody::Empty => 0,
             RequestBody::Kept(k) => k.data.as_ref().map_or(0, |b| b.len() as u64),
@@ -234,7 +234,7 @@ impl RequestBody {
 /// otherwise returns a streaming body that fails once `limit` bytes are passed. `overflow`
 /// is set when the limit trips mid-stream, so the caller can answer 413. A client that
 /// sends nothing for `read_timeout` between two reads gets [`BodyError::ClientStalled`].
-pub async fn prepare(
+pub(crate) async fn prepare(
     mut body: Incoming,
     declared: Option<u64>,
     limit: u64,
@@ -459,7 +459,7 @@ impl UpstreamBody {
 
     /// Wraps the completion hook, for state that must live exactly as long as the body
     /// (an admission's concurrency slot). A finished body has no hook left to wrap.
-    pub fn wrap_completion(&mut self, wrap: impl FnOnce(Box<dyn Completion>) -> Box<dyn Completion>) {
+    pub(crate) fn wrap_completion(&mut self, wrap: impl FnOnce(Box<dyn Completion>) -> Box<dyn Completion>) {
         if let Some(c) = self.completion.take() {
             self.completion = Some(wrap(c));
         }
@@ -555,7 +555,7 @@ impl Drop for UpstreamBody {
 /// The state an SSE stream was left in (WHATWG HTML §9.2.6: lines end in CR, LF or CRLF;
 /// a blank line dispatches the event).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SseTail {
+pub(crate) struct SseTail {
     /// The last line has no terminator yet.
     line_open: bool,
     /// A line was sent since the last blank line: an event waits for dispatch.
@@ -565,7 +565,7 @@ pub struct SseTail {
 }
 
 impl SseTail {
-    pub fn after(mut self, bytes: &[u8]) -> SseTail {
+    pub(crate) fn after(mut self, bytes: &[u8]) -> SseTail {
         for &b in bytes {
             match b {
                 b'\n' if self.cr => self.cr = false,
@@ -588,7 +588,7 @@ impl SseTail {
     }
 
     /// What ends the open line and event, so the next bytes start a fresh event.
-    pub fn closer(self) -> &'static str {
+    pub(crate) fn closer(self) -> &'static str {
         match (self.line_open, self.event_open, self.cr) {
             (true, _, _) => "\n\n",
             // A lone LF after CR would only finish the CRLF: a CR makes the blank line.
@@ -608,12 +608,6 @@ pub enum ResponseBody {
 impl From<Bytes> for ResponseBody {
     fn from(b: Bytes) -> Self {
         ResponseBody::Local(Some(b))
-    }
-}
-
-impl ResponseBody {
-    pub fn empty() -> ResponseBody {
-        ResponseBody::Local(None)
     }
 }
 
@@ -644,7 +638,7 @@ impl Body for ResponseBody {
 }
 
 /// True for `text/event-stream` responses.
-pub fn is_sse(headers: &HeaderMap) -> bool {
+pub(crate) fn is_sse(headers: &HeaderMap) -> bool {
     headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
         // Compared in place: this runs on every response, so no lowercased copy.
         const SSE: &[u8] = b"text/event-stream";

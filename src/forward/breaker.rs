@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 /// The thresholds live with the rest of the config, which must not import `forward`.
-pub use crate::config::BreakerPolicy;
+pub(crate) use crate::config::BreakerPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -35,7 +35,7 @@ impl BreakerStatus {
 
 /// A change of status, returned once so the caller logs it once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerTransition {
+pub(crate) struct BreakerTransition {
     pub from: BreakerStatus,
     pub to: BreakerStatus,
 }
@@ -51,7 +51,7 @@ pub enum Admission {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     status: BreakerStatus,
     consecutive_failures: u32,
     /// Open: when the cool-down ends. Half-open: when an unanswered trial is given up on,
@@ -67,7 +67,7 @@ impl Default for Breaker {
 }
 
 impl Breaker {
-    pub fn new() -> Breaker {
+    pub(crate) fn new() -> Breaker {
         Breaker {
             status: BreakerStatus::Closed,
             consecutive_failures: 0,
@@ -76,16 +76,17 @@ impl Breaker {
         }
     }
 
-    pub fn status(&self) -> BreakerStatus {
+    pub(crate) fn status(&self) -> BreakerStatus {
         self.status
     }
 
-    pub fn consecutive_failures(&self) -> u32 {
+    pub(crate) fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures
     }
 
     /// Whether a request at `now` would be admitted, without taking the trial slot.
-    pub fn would_admit(&self, now: Instant) -> bool {
+    #[cfg(test)]
+    pub(crate) fn would_admit(&self, now: Instant) -> bool {
         match self.status {
             BreakerStatus::Closed => true,
             BreakerStatus::Open => self.until.is_none_or(|t| now >= t),
@@ -94,7 +95,7 @@ impl Breaker {
     }
 
     /// Admits (or not) one request at `now`; a trial takes the half-open slot.
-    pub fn admit(&mut self, now: Instant, p: &BreakerPolicy) -> (Admission, Option<BreakerTransition>) {
+    pub(crate) fn admit(&mut self, now: Instant, p: &BreakerPolicy) -> (Admission, Option<BreakerTransition>) {
         match self.status {
             BreakerStatus::Closed => (Admission::Allowed, None),
             BreakerStatus::Open if self.until.is_some_and(|t| now < t) => (Admission::Rejected, None),
@@ -114,7 +115,7 @@ impl Breaker {
     }
 
     /// Records the outcome of an admitted request.
-    pub fn record(&mut self, success: bool, now: Instant, p: &BreakerPolicy) -> Option<BreakerTransition> {
+    pub(crate) fn record(&mut self, success: bool, now: Instant, p: &BreakerPolicy) -> Option<BreakerTransition> {
         if success {
             self.consecutive_failures = 0;
             self.trial_in_flight = false;
@@ -167,9 +168,9 @@ pub struct SharedBreaker {
 #[derive(Debug, Clone, Serialize)]
 pub struct BreakerSnapshot {
     pub state: BreakerStatus,
-    pub consecutive_failures: u32,
-    pub failures_to_open: u32,
-    pub cool_down_seconds: f64,
+    pub(crate) consecutive_failures: u32,
+    pub(crate) failures_to_open: u32,
+    pub(crate) cool_down_seconds: f64,
 }
 
 impl SharedBreaker {
@@ -188,7 +189,7 @@ impl SharedBreaker {
     }
 
     /// Whether the fallback may be offered to selection now (does not take the trial slot).
-    pub fn would_admit(&self) -> bool {
+    pub(crate) fn would_admit(&self) -> bool {
         self.closed.load(Ordering::Acquire) || self.nanos(Instant::now()) >= self.until_nanos.load(Ordering::Acquire)
     }
 

@@ -25,7 +25,7 @@ use crate::route::attempt::RetryClass;
 type Pool = Client<HttpsConnector<CappedConnector<HttpConnector>>, RequestBody>;
 
 /// The cause kept under an [`UpstreamError`]: the original error object, for the log.
-pub type Source = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Source = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an attempt got no response head.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,7 @@ pub enum UpstreamErrorKind {
 }
 
 impl UpstreamErrorKind {
-    pub fn retry_class(self) -> RetryClass {
+    pub(crate) fn retry_class(self) -> RetryClass {
         match self {
             UpstreamErrorKind::ConnectRefused
             | UpstreamErrorKind::ConnectTimeout
@@ -109,7 +109,7 @@ impl UpstreamError {
     }
 
     /// An error with no underlying cause (an open breaker, a missing fallback, a timeout).
-    pub fn bare(kind: UpstreamErrorKind) -> UpstreamError {
+    pub(crate) fn bare(kind: UpstreamErrorKind) -> UpstreamError {
         UpstreamError { kind, source: None }
     }
 
@@ -117,7 +117,7 @@ impl UpstreamError {
         self.kind
     }
 
-    pub fn retry_class(&self) -> RetryClass {
+    pub(crate) fn retry_class(&self) -> RetryClass {
         self.kind.retry_class()
     }
 
@@ -232,7 +232,7 @@ pub enum ClientSetupError {
 
 /// Connection pools to endpoints, one per protocol. Cheap to clone.
 #[derive(Clone)]
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     http1: Pool,
     http2: Pool,
     /// Request slots per endpoint, when `upstream.max_connections_per_endpoint` is set.
@@ -241,7 +241,7 @@ pub struct Upstreams {
 
 /// Pool knobs shared by every upstream client.
 #[derive(Debug, Clone)]
-pub struct PoolSettings {
+pub(crate) struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// Idle connections kept per endpoint and protocol (`upstream.keepalive`).
@@ -256,7 +256,7 @@ struct EndpointLimits {
 }
 
 impl Upstreams {
-    pub fn new(settings: &PoolSettings, tls: &UpstreamTlsConfig) -> Result<Upstreams, ClientSetupError> {
+    pub(crate) fn new(settings: &PoolSettings, tls: &UpstreamTlsConfig) -> Result<Upstreams, ClientSetupError> {
         let tls = tls_config(tls.ca_file.as_deref(), tls.client_auth.as_ref())?;
         // One cap per endpoint across both protocols' pools.
         let caps = settings
@@ -276,7 +276,7 @@ impl Upstreams {
 
     /// The request slots of the endpoint at `scheme://authority`, when endpoints are capped.
     /// Resolved once per endpoint when a config is built, not per request.
-    pub fn endpoint_limit(
+    pub(crate) fn endpoint_limit(
         &self,
         scheme: &http::uri::Scheme,
         authority: &http::uri::Authority,
@@ -294,7 +294,7 @@ impl Upstreams {
     /// Sends one attempt and waits for the response head up to `timeout`, counted from
     /// when the request body has been sent: a client's slow upload is not the endpoint's
     /// time.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         req: Request<RequestBody>,
         protocol: UpstreamProtocol,

@@ -9,7 +9,7 @@ use super::body::RequestBody;
 use crate::config::{EndpointConfig, UpstreamProtocol};
 
 /// `GET base_path + path` for `endpoint`; `Err` names what made the URI invalid.
-pub fn endpoint_get(
+pub(crate) fn endpoint_get(
     endpoint: &EndpointConfig,
     path: &str,
     user_agent: &'static str,

@@ -9,7 +9,7 @@ use crate::path::{self, PathError};
 
 /// Admits a request head, rewriting it in place: the path normalised (original query kept),
 /// and for HTTP/1.1 an absolute-form authority made the `Host` (RFC 9112 §3.2.2).
-pub fn admit<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     if req.method() == Method::CONNECT {
         // A tunnel would bypass routing and residency altogether.
         return Err(ProxyError::MethodNotAllowed);

@@ -22,7 +22,7 @@ use crate::config::EndpointLimitConfig;
 
 /// What an arriving request does when no slot is free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arrival {
+pub(crate) enum Arrival {
     /// Waits in the endpoint's queue.
     Wait,
     /// The queue is full: the attempt fails at once.
@@ -30,7 +30,7 @@ pub enum Arrival {
 }
 
 /// The queue decision, given how many requests were already waiting.
-pub fn on_arrival(waiting: usize, max_queue: usize) -> Arrival {
+pub(crate) fn on_arrival(waiting: usize, max_queue: usize) -> Arrival {
     if waiting < max_queue {
         Arrival::Wait
     } else {
@@ -40,7 +40,7 @@ pub fn on_arrival(waiting: usize, max_queue: usize) -> Arrival {
 
 /// Why an attempt got no slot. Nothing was sent: the request may go elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Full {
+pub(crate) enum Full {
     #[error("endpoint full: {0} requests already waiting")]
     QueueFull(usize),
     #[error("endpoint full: no free connection within {0:?}")]
@@ -57,7 +57,7 @@ pub struct EndpointLimit {
 
 /// A taken slot; dropping it frees the slot for the next waiter.
 #[derive(Debug)]
-pub struct EndpointSlot {
+pub(crate) struct EndpointSlot {
     _permit: OwnedSemaphorePermit,
 }
 
@@ -84,7 +84,8 @@ impl EndpointLimit {
     }
 
     /// Requests holding a slot now.
-    pub fn in_use(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_use(&self) -> usize {
         self.policy.max_connections - self.slots.available_permits()
     }
 
@@ -95,7 +96,7 @@ impl EndpointLimit {
 
     /// Takes a slot: at once when one is free, else after waiting in the queue (first come,
     /// first served) up to the queue timeout.
-    pub async fn enter(&self) -> Result<EndpointSlot, Full> {
+    pub(crate) async fn enter(&self) -> Result<EndpointSlot, Full> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(EndpointSlot { _permit: permit });
         }
@@ -116,7 +117,7 @@ impl EndpointLimit {
 /// Connection permits per endpoint (scheme and authority), shared by the pools of one
 /// `Upstreams`.
 #[derive(Debug)]
-pub struct ConnectionCaps {
+pub(crate) struct ConnectionCaps {
     max: usize,
     wait: Duration,
     by_endpoint: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -124,7 +125,7 @@ pub struct ConnectionCaps {
 
 impl ConnectionCaps {
     /// `wait`: how long a connect waits for a permit (the connect timeout).
-    pub fn new(max: usize, wait: Duration) -> ConnectionCaps {
+    pub(crate) fn new(max: usize, wait: Duration) -> ConnectionCaps {
         ConnectionCaps {
             max,
             wait,
@@ -146,7 +147,8 @@ impl ConnectionCaps {
     }
 
     /// Open connections to the endpoint of `uri` now.
-    pub fn open(&self, uri: &Uri) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open(&self, uri: &Uri) -> usize {
         self.max - self.semaphore(uri).available_permits()
     }
 }
@@ -155,19 +157,19 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A connector whose connections each hold a permit of their endpoint's cap.
 #[derive(Clone)]
-pub struct CappedConnector<C> {
+pub(crate) struct CappedConnector<C> {
     inner: C,
     caps: Option<Arc<ConnectionCaps>>,
 }
 
 impl<C> CappedConnector<C> {
-    pub fn new(inner: C, caps: Option<Arc<ConnectionCaps>>) -> CappedConnector<C> {
+    pub(crate) fn new(inner: C, caps: Option<Arc<ConnectionCaps>>) -> CappedConnector<C> {
         CappedConnector { inner, caps }
     }
 }
 
 /// A connection and its endpoint permit, released when the connection closes.
-pub struct Capped<T> {
+pub(crate) struct Capped<T> {
     io: T,
     _permit: Option<OwnedSemaphorePermit>,
 }

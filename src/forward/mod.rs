@@ -4,11 +4,11 @@
 //! (`usage`).
 
 pub mod body;
-pub mod breaker;
-pub mod client;
-pub mod endpoint_get;
-pub mod inbound;
-pub mod limit;
+pub(crate) mod breaker;
+pub(crate) mod client;
+pub(crate) mod endpoint_get;
+pub(crate) mod inbound;
+pub(crate) mod limit;
 pub mod rewrite;
-pub mod upgrade;
-pub mod usage;
+pub(crate) mod upgrade;
+pub(crate) mod usage;

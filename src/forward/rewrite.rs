@@ -6,12 +6,12 @@ use std::net::IpAddr;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub static X_MERIDIAN_COUNTRY: HeaderName = HeaderName::from_static("x-meridian-country");
-pub static X_MERIDIAN_REGION: HeaderName = HeaderName::from_static("x-meridian-region");
-pub static X_MERIDIAN_ATTEMPTS: HeaderName = HeaderName::from_static("x-meridian-attempts");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_MERIDIAN_COUNTRY: HeaderName = HeaderName::from_static("x-meridian-country");
+pub(crate) static X_MERIDIAN_REGION: HeaderName = HeaderName::from_static("x-meridian-region");
+pub(crate) static X_MERIDIAN_ATTEMPTS: HeaderName = HeaderName::from_static("x-meridian-attempts");
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
 /// non-standard ones proxies still meet). `Trailer` is end to end and stays: HTTP/1.1
@@ -38,13 +38,13 @@ static PROTECTED: [HeaderName; 6] = [
     HeaderName::from_static("x-request-id"),
 ];
 
-pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub(crate) static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub(crate) static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const TE_AT: usize = 5;
 
 /// Removes hop-by-hop headers and any header the `Connection` header names. `Upgrade` is
 /// removed too unless the caller is bridging an upgrade (then it must travel).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names first: most messages carry few or none of these, and every
     // `remove` is a hash and a probe (the rewrite bench shows the difference).
     let mut present = [false; HOP_BY_HOP.len()];
@@ -94,7 +94,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Removes every `x-meridian-*` header a client sent, so none can be spoofed to an endpoint.
-pub fn remove_meridian_headers(headers: &mut HeaderMap) {
+pub(crate) fn remove_meridian_headers(headers: &mut HeaderMap) {
     let spoofed = headers.keys().any(|k| k.as_str().starts_with("x-meridian-"));
     if spoofed {
         let names: Vec<HeaderName> = headers
@@ -197,7 +197,7 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// 128 random bits as 32 hex digits.
-pub fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
     let n = fastrand::u128(..);

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 /// token in `Connection`. HTTP/2 forbids both, so this only ever holds for HTTP/1.1.
 /// `Upgrade: h2c` is not bridged: it concerns this hop only (and RFC 9113 retired it), so
 /// it is stripped like any hop-by-hop header and the request served as HTTP/1.1.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
@@ -26,7 +26,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Starts the bridge when the endpoint switched protocols; any other answer is returned
 /// unchanged (a refused upgrade is an ordinary response).
-pub fn bridge<B>(mut resp: Response<B>, client: Option<OnUpgrade>) -> Response<B> {
+pub(crate) fn bridge<B>(mut resp: Response<B>, client: Option<OnUpgrade>) -> Response<B> {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }

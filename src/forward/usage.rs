@@ -16,7 +16,7 @@ use crate::health::state::Answer;
 
 /// A stream line split across chunks is carried over up to this length; a longer one is
 /// still counted, but its `usage` is not read (usage chunks are a few hundred bytes).
-pub const LINE_CAP: usize = 8 * 1024;
+pub(crate) const LINE_CAP: usize = 8 * 1024;
 
 /// How an answer arrives, known from its head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +67,7 @@ pub struct UsageScanner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scanned {
     pub kind: AnswerKind,
-    pub first_chunk: Option<Instant>,
+    pub(crate) first_chunk: Option<Instant>,
     pub usage: Usage,
     /// Output tokens: `usage.completion_tokens`, else a stream's data events.
     pub output_tokens: Option<u64>,
@@ -75,7 +75,7 @@ pub struct Scanned {
 
 impl UsageScanner {
     /// A scanner for a response with these headers; `cap` is `max_buffered_answer`.
-    pub fn for_response(headers: &HeaderMap, end_stream: bool, cap: usize) -> UsageScanner {
+    pub(crate) fn for_response(headers: &HeaderMap, end_stream: bool, cap: usize) -> UsageScanner {
         let length = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -125,7 +125,8 @@ impl UsageScanner {
     }
 
     /// True until the first non-empty chunk: the caller reads the clock only then.
-    pub fn waiting_for_first_chunk(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn waiting_for_first_chunk(&self) -> bool {
         self.first_chunk.is_none()
     }
 
@@ -270,7 +271,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// Latency of one attempt as a model client feels it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Request sent → response head.
     pub head: Duration,
     /// Request sent → first non-empty body chunk, for a streamed answer.
@@ -282,7 +283,7 @@ pub struct Latency {
 
 /// TTFT and TPOT of one attempt (docs/inference.md, "Latency as a model client feels it"): `sent` is when
 /// the request went out, `head` the time to the response head, `end` when the body ended.
-pub fn measure(scanned: &Scanned, sent: Instant, head: Duration, end: Instant) -> Latency {
+pub(crate) fn measure(scanned: &Scanned, sent: Instant, head: Duration, end: Instant) -> Latency {
     let first_token = match scanned.kind {
         AnswerKind::Streamed => scanned.first_chunk.map(|t| t.saturating_duration_since(sent)),
         AnswerKind::Whole => None,
@@ -308,7 +309,14 @@ pub fn measure(scanned: &Scanned, sent: Instant, head: Duration, end: Instant) -
 /// The latency sample outlier detection takes from an answer that ended `end`; `None`
 /// when the answer says nothing about the endpoint's speed (`ok`: a status below 400; an
 /// error answer's speed is not the model's).
-pub fn answer(end: StreamEnd, ok: bool, scanned: &Scanned, l: &Latency, sent: Instant, now: Instant) -> Option<Answer> {
+pub(crate) fn answer(
+    end: StreamEnd,
+    ok: bool,
+    scanned: &Scanned,
+    l: &Latency,
+    sent: Instant,
+    now: Instant,
+) -> Option<Answer> {
     if !ok {
         return None;
     }

@@ -29,7 +29,7 @@ impl Country {
         Country::parse(code).filter(|c| c.info().is_some())
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // The two bytes are ASCII letters by construction.
         std::str::from_utf8(&self.0).unwrap_or("XX")
     }
@@ -39,7 +39,7 @@ impl Country {
         (self.0[0] - b'A') as usize * 26 + (self.0[1] - b'A') as usize
     }
 
-    pub fn info(&self) -> Option<&'static CountryInfo> {
+    pub(crate) fn info(&self) -> Option<&'static CountryInfo> {
         COUNTRIES[self.index()].as_ref()
     }
 }
@@ -61,13 +61,13 @@ impl fmt::Display for Country {
 pub struct CountryInfo {
     /// The code itself, with a static lifetime for logs and headers.
     pub code: &'static str,
-    pub point: GeoPoint,
+    pub(crate) point: GeoPoint,
     /// Continent code: AF, AN, AS, EU, NA, OC or SA.
     pub continent: &'static str,
     pub name: &'static str,
 }
 
-pub const TABLE_SIZE: usize = 26 * 26;
+pub(crate) const TABLE_SIZE: usize = 26 * 26;
 
 static COUNTRIES: LazyLock<Vec<Option<CountryInfo>>> = LazyLock::new(|| {
     let mut table = vec![None; TABLE_SIZE];

@@ -36,7 +36,7 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 pub(super) struct Hit {
     pub country: Country,
     pub point: Option<GeoPoint>,
-    pub accuracy_radius_km: Option<f64>,
+    pub(crate) accuracy_radius_km: Option<f64>,
     pub subdivision: Option<Subdivision>,
 }
 
@@ -56,7 +56,7 @@ pub struct Database {
 }
 
 impl Database {
-    pub fn embedded() -> Database {
+    pub(crate) fn embedded() -> Database {
         // why: the embedded file is checked by the unit tests; a broken build artifact is the
         // only way this can fail, and it fails at startup, never on a request.
         #[allow(clippy::expect_used)]
@@ -109,7 +109,7 @@ impl Database {
 
     /// True when `path` still holds what this database was read from (same size and
     /// modification time), so a reload may keep it; a file updated in place is read again.
-    pub fn is_current(&self, path: Option<&Path>) -> bool {
+    pub(crate) fn is_current(&self, path: Option<&Path>) -> bool {
         match path {
             None => self.path.is_none(),
             Some(p) => self.path.as_deref() == Some(p) && self.stamp.is_some() && stamp(p) == self.stamp,

@@ -82,7 +82,7 @@ pub enum GeoError {
 
 /// Default for `geoip.max_accuracy_radius_km`: coordinates less precise than this are
 /// not used; the country's point is.
-pub const DEFAULT_MAX_ACCURACY_RADIUS_KM: u32 = 500;
+pub(crate) const DEFAULT_MAX_ACCURACY_RADIUS_KM: u32 = 500;
 
 /// The databases of `geoip.database`, in order, then (unless turned off) the embedded
 /// country database: the first that knows an address answers.
@@ -149,7 +149,7 @@ impl GeoDb {
 
     /// Sets `meridian_geoip_database_build_timestamp_seconds{database}` to this chain,
     /// dropping databases that left it.
-    pub fn publish_build_times(&self, gauge: &prometheus::IntGaugeVec) {
+    pub(crate) fn publish_build_times(&self, gauge: &prometheus::IntGaugeVec) {
         gauge.reset();
         for db in &self.databases {
             gauge
@@ -189,7 +189,7 @@ impl Locate for GeoDb {
 }
 
 /// False for addresses that are not routable on the public internet.
-pub fn is_public(ip: IpAddr) -> bool {
+pub(crate) fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let [a, b, ..] = v4.octets();

@@ -10,7 +10,7 @@ use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 /// The fields Meridian reads, in every layout it knows. Strings are borrowed from the
 /// database; unknown fields (names, time zones, postcodes) are skipped.
 #[derive(Debug, Default, Deserialize)]
-pub struct Record<'a> {
+pub(crate) struct Record<'a> {
     /// GeoIP2, GeoLite2, DB-IP: `country.iso_code`.
     #[serde(borrow)]
     country: Option<Named<'a>>,
@@ -45,7 +45,7 @@ struct Location {
 
 impl<'a> Record<'a> {
     /// The ISO 3166-1 code: the country the address is in, else where it is registered.
-    pub fn country_code(&self) -> Option<&'a str> {
+    pub(super) fn country_code(&self) -> Option<&'a str> {
         let named = |n: &Option<Named<'a>>| n.as_ref().and_then(|n| n.iso_code);
         named(&self.country)
             .or(self.country_code)
@@ -53,7 +53,7 @@ impl<'a> Record<'a> {
     }
 
     /// Latitude and longitude in degrees, when both are present and on the globe.
-    pub fn coordinates(&self) -> Option<(f64, f64)> {
+    pub(super) fn coordinates(&self) -> Option<(f64, f64)> {
         let (lat, lon) = match &self.location {
             Some(Location {
                 latitude: Some(lat),
@@ -66,12 +66,12 @@ impl<'a> Record<'a> {
     }
 
     /// How far off the coordinates may be, in kilometres, where the database says.
-    pub fn accuracy_radius_km(&self) -> Option<f64> {
+    pub(crate) fn accuracy_radius_km(&self) -> Option<f64> {
         self.location.as_ref()?.accuracy_radius.map(|r| r.0)
     }
 
     /// The subdivision code without its country prefix (`CA` for California), if any.
-    pub fn subdivision_code(&self) -> Option<&'a str> {
+    pub(crate) fn subdivision_code(&self) -> Option<&'a str> {
         // `state1` is a name ("California") in the GeoLite2 repack: only an upper-case
         // code is taken, so a short name ("Goa") is not mistaken for one.
         let state_code = self

@@ -15,12 +15,12 @@ pub struct Drained {
 }
 
 impl Drained {
-    pub fn any(self) -> bool {
+    pub(crate) fn any(self) -> bool {
         self.config || self.admin
     }
 
     /// The sources that drain, as the metric's `source` label and `/status` name them.
-    pub fn sources(self) -> Vec<&'static str> {
+    pub(crate) fn sources(self) -> Vec<&'static str> {
         [(self.config, "config"), (self.admin, "admin")]
             .into_iter()
             .filter_map(|(on, name)| on.then_some(name))
@@ -29,7 +29,7 @@ impl Drained {
 }
 
 /// A config drain is in force until its `until`; one without `until` until it is removed.
-pub fn config_drain_active(drain: &ConfigDrain, now: SystemTime) -> bool {
+pub(crate) fn config_drain_active(drain: &ConfigDrain, now: SystemTime) -> bool {
     drain.until.is_none_or(|until| now < until)
 }
 
@@ -48,7 +48,7 @@ pub fn is_stale(drain: &ConfigDrain, now: SystemTime) -> bool {
 }
 
 /// `until` as an RFC 3339 string (UTC, seconds), for `/status`, `check` and logs.
-pub fn format_until(drain: &ConfigDrain) -> Option<String> {
+pub(crate) fn format_until(drain: &ConfigDrain) -> Option<String> {
     drain.until.map(|t| humantime::format_rfc3339_seconds(t).to_string())
 }
 

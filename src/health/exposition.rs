@@ -158,7 +158,7 @@ pub enum ExpositionError {
 }
 
 /// Whether `s` is a metric name that needs no quoting: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
-pub fn is_metric_name(s: &str) -> bool {
+pub(crate) fn is_metric_name(s: &str) -> bool {
     let mut b = s.bytes();
     b.next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_' || c == b':')
@@ -166,7 +166,7 @@ pub fn is_metric_name(s: &str) -> bool {
 }
 
 /// Whether `s` is a label name that needs no quoting: `[a-zA-Z_][a-zA-Z0-9_]*`.
-pub fn is_label_name(s: &str) -> bool {
+pub(crate) fn is_label_name(s: &str) -> bool {
     let mut b = s.bytes();
     b.next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
 }
@@ -174,7 +174,7 @@ pub fn is_label_name(s: &str) -> bool {
 /// The metric name a line is about, without reading the rest of it: lets a reader skip the
 /// lines it does not want (a vLLM page is mostly histogram buckets). `None` for lines that
 /// name no metric, and for quoted names (read those with [`parse_line`]).
-pub fn line_name(line: &str) -> Option<&str> {
+pub(crate) fn line_name(line: &str) -> Option<&str> {
     let line = line.trim_start_matches([' ', '\t']);
     let rest = match line.strip_prefix('#') {
         Some(comment) => {

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 /// Time constant of the decay towards faster samples.
-pub const DECAY: Duration = Duration::from_secs(10);
+pub(crate) const DECAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct PeakEwma {
+pub(crate) struct PeakEwma {
     /// Seconds; 0 until the first sample.
     pub value: f64,
     at: Option<Instant>,
@@ -16,7 +16,7 @@ pub struct PeakEwma {
 
 impl PeakEwma {
     /// Folds in one latency sample (a request's time to first byte, or a probe's latency).
-    pub fn observe(&mut self, sample: Duration, now: Instant) {
+    pub(crate) fn observe(&mut self, sample: Duration, now: Instant) {
         let x = sample.as_secs_f64();
         self.value = match self.at {
             None => x,

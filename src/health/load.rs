@@ -20,9 +20,9 @@ use crate::config::LoadSource;
 /// One reading of an endpoint's load; `None` where the server did not say.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct LoadReport {
-    pub queue_depth: Option<f64>,
-    pub running: Option<f64>,
-    pub kv_cache: Option<f64>,
+    pub(crate) queue_depth: Option<f64>,
+    pub(crate) running: Option<f64>,
+    pub(crate) kv_cache: Option<f64>,
 }
 
 impl LoadReport {
@@ -133,13 +133,13 @@ pub fn parse_prometheus(source: LoadSource, page: &str) -> Result<LoadReport, Lo
 
 /// The response header ORCA load reports come in, and the request header that asks a
 /// server (vLLM, Triton) to attach it.
-pub const ORCA_HEADER: &str = "endpoint-load-metrics";
-pub const ORCA_FORMAT_HEADER: &str = "endpoint-load-metrics-format";
+pub(crate) const ORCA_HEADER: &str = "endpoint-load-metrics";
+pub(crate) const ORCA_FORMAT_HEADER: &str = "endpoint-load-metrics-format";
 
 /// Reads an `endpoint-load-metrics` value: `TEXT k=v, k=v` (also `k:v`, and without the
 /// `TEXT ` prefix, as Envoy's native form) or `JSON {...}`. Names may carry the
 /// `named_metrics.` prefix. The binary form is not read.
-pub fn parse_orca(value: &str) -> Result<LoadReport, LoadError> {
+pub(crate) fn parse_orca(value: &str) -> Result<LoadReport, LoadError> {
     let value = value.trim();
     let mut pairs: Vec<(String, f64)> = Vec::new();
     if let Some(json) = value.strip_prefix("JSON") {
@@ -238,9 +238,9 @@ impl Default for LoadSignals {
 /// A reading as the balancer sees it: zeros where unknown or stale.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Load {
-    pub queue_depth: f64,
-    pub running: f64,
-    pub kv_cache: f64,
+    pub(crate) queue_depth: f64,
+    pub(crate) running: f64,
+    pub(crate) kv_cache: f64,
 }
 
 fn store(a: &AtomicU64, v: Option<f64>) {
@@ -262,7 +262,7 @@ impl LoadSignals {
     }
 
     /// [`Self::update`] at `now`, so tests control the clock.
-    pub fn update_at(
+    pub(crate) fn update_at(
         &self,
         reading: Result<LoadReport, LoadError>,
         ttl: Duration,
@@ -294,7 +294,7 @@ impl LoadSignals {
         store(&self.kv_cache, None);
     }
 
-    pub fn state(&self) -> SignalState {
+    pub(crate) fn state(&self) -> SignalState {
         match self.state.load(Ordering::Relaxed) {
             s if s == SignalState::Ok as u8 => SignalState::Ok,
             s if s == SignalState::Degraded as u8 => SignalState::Degraded,
@@ -309,7 +309,8 @@ impl LoadSignals {
     }
 
     /// [`Self::current`] at `now`, so tests control the clock.
-    pub fn current_at(&self, now: Instant) -> Option<Load> {
+    #[cfg(test)]
+    pub(crate) fn current_at(&self, now: Instant) -> Option<Load> {
         self.current_with(|| now)
     }
 
@@ -340,7 +341,7 @@ impl LoadSignals {
 
 /// How long a reading stays usable: a few scrape rounds, so one slow scrape does not drop
 /// it, and never under five seconds.
-pub fn ttl(interval: Duration) -> Duration {
+pub(crate) fn ttl(interval: Duration) -> Duration {
     (interval * 5).max(Duration::from_secs(5))
 }
 

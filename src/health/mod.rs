@@ -5,7 +5,7 @@
 
 pub mod drain;
 pub mod exposition;
-pub mod latency;
+pub(crate) mod latency;
 pub mod load;
 pub mod slow_start;
 pub mod state;
@@ -21,7 +21,7 @@ use latency::PeakEwma;
 use state::{EndpointState, Event, Policy, Status, Transition};
 
 /// Milliseconds since the first call in this process: lets atomics carry instants.
-pub fn millis(t: Instant) -> u64 {
+pub(crate) fn millis(t: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     t.saturating_duration_since(epoch).as_millis() as u64
@@ -35,7 +35,7 @@ const NEVER: u64 = u64::MAX;
 #[derive(Debug)]
 pub struct EndpointHealth {
     pub region: String,
-    pub url: String,
+    pub(crate) url: String,
     in_flight: AtomicU32,
     /// Published copy of `machine.status.serving()`, so picks read atomics, not the lock.
     serving: AtomicBool,
@@ -65,15 +65,15 @@ struct Machine {
 /// The latest active probe, for `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeResult {
-    pub ok: bool,
-    pub latency_ms: f64,
-    pub detail: Option<String>,
+    pub(crate) ok: bool,
+    pub(crate) latency_ms: f64,
+    pub(crate) detail: Option<String>,
 }
 
 impl EndpointHealth {
     /// Records a load-signal reading (a scraped page or an ORCA header) and logs a change
     /// of the signals' state once per change.
-    pub fn update_signals(&self, reading: Result<load::LoadReport, load::LoadError>, ttl: Duration) {
+    pub(crate) fn update_signals(&self, reading: Result<load::LoadReport, load::LoadError>, ttl: Duration) {
         let (region, endpoint) = (self.region.as_str(), self.url.as_str());
         match self.signals.update(reading, ttl) {
             Some(load::SignalChange::Degraded(error)) => {
@@ -107,12 +107,13 @@ impl EndpointHealth {
     }
 
     /// May take new requests now: in rotation and not shedding load.
-    pub fn is_available(&self) -> bool {
+    pub(crate) fn is_available(&self) -> bool {
         self.available_with(Instant::now)
     }
 
     /// [`Self::is_available`] at `now`, so tests control the clock.
-    pub fn is_available_at(&self, now: Instant) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_available_at(&self, now: Instant) -> bool {
         self.available_with(|| now)
     }
 
@@ -126,15 +127,15 @@ impl EndpointHealth {
         shed_until == 0 || millis(now()) >= shed_until
     }
 
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    pub fn latency(&self) -> f64 {
+    pub(crate) fn latency(&self) -> f64 {
         f64::from_bits(self.latency.load(Ordering::Relaxed))
     }
 
-    pub fn has_been_probed(&self) -> bool {
+    pub(crate) fn has_been_probed(&self) -> bool {
         self.probed.load(Ordering::Acquire)
     }
 
@@ -149,7 +150,7 @@ impl EndpointHealth {
         }
     }
 
-    pub fn load(&self, weight: u32, slow_start: Duration) -> EndpointLoad {
+    pub(crate) fn load(&self, weight: u32, slow_start: Duration) -> EndpointLoad {
         let signals = self.signals.current().unwrap_or_default();
         EndpointLoad {
             eligible: self.is_available(),
@@ -174,7 +175,7 @@ impl EndpointHealth {
     }
 
     /// [`Self::observe`] at `now`, so tests control the clock.
-    pub fn observe_at(&self, event: Event, policy: &Policy, now: Instant) -> Option<Transition> {
+    pub(crate) fn observe_at(&self, event: Event, policy: &Policy, now: Instant) -> Option<Transition> {
         self.with_machine(now, |m, now| {
             match event {
                 Event::ProbePassed { latency } => m.latency.observe(latency, now),
@@ -245,7 +246,7 @@ impl EndpointHealth {
         t
     }
 
-    pub fn snapshot(&self, slow_start: Duration) -> EndpointSnapshot {
+    pub(crate) fn snapshot(&self, slow_start: Duration) -> EndpointSnapshot {
         let now = Instant::now();
         let m = self.lock();
         let s = &m.state;
@@ -290,16 +291,16 @@ impl EndpointHealth {
 /// An endpoint's state for `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointSnapshot {
-    pub url: String,
-    pub state: Status,
-    pub available: bool,
+    pub(crate) url: String,
+    pub(crate) state: Status,
+    pub(crate) available: bool,
     /// Why it is in its state.
     pub reason: Option<&'static str>,
-    pub since_seconds: f64,
-    pub last_transition_unix: f64,
-    pub ejected_for_seconds: Option<f64>,
-    pub shed_for_seconds: Option<f64>,
-    pub slow_start_weight: Option<f64>,
+    pub(crate) since_seconds: f64,
+    pub(crate) last_transition_unix: f64,
+    pub(crate) ejected_for_seconds: Option<f64>,
+    pub(crate) shed_for_seconds: Option<f64>,
+    pub(crate) slow_start_weight: Option<f64>,
     /// The outlier check's first-token average (TTFT, or head time of plain answers).
     pub ttfb_ewma_ms: f64,
     /// The outlier check's time-per-output-token average.
@@ -307,14 +308,14 @@ pub struct EndpointSnapshot {
     /// Models listed at `GET /v1/models` (regions with `discover_models`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
-    pub latency_ewma_ms: f64,
-    pub in_flight: u32,
+    pub(crate) latency_ewma_ms: f64,
+    pub(crate) in_flight: u32,
     pub consecutive_errors: u32,
-    pub total_errors: u64,
-    pub ejections: u32,
-    pub probe_failures: u32,
-    pub probe_passes: u32,
-    pub last_probe: Option<ProbeResult>,
+    pub(crate) total_errors: u64,
+    pub(crate) ejections: u32,
+    pub(crate) probe_failures: u32,
+    pub(crate) probe_passes: u32,
+    pub(crate) last_probe: Option<ProbeResult>,
     /// Whether the model server's load report is being read.
     pub load_signals: load::SignalState,
     /// The latest load report, while fresh.
@@ -368,17 +369,17 @@ pub struct DrainInfo {
     pub by: String,
     pub peer: String,
     pub reason: Option<String>,
-    pub since_unix: f64,
-    pub until_unix: Option<f64>,
+    pub(crate) since_unix: f64,
+    pub(crate) until_unix: Option<f64>,
 }
 
 impl RegionHealth {
-    pub fn is_drained(&self) -> bool {
+    pub(crate) fn is_drained(&self) -> bool {
         self.is_drained_at(Instant::now())
     }
 
     /// [`Self::is_drained`] at `now`, so tests control the clock.
-    pub fn is_drained_at(&self, now: Instant) -> bool {
+    pub(crate) fn is_drained_at(&self, now: Instant) -> bool {
         match self.drained_until.load(Ordering::Acquire) {
             0 => false,
             NEVER => true,
@@ -392,7 +393,7 @@ impl RegionHealth {
     }
 
     /// [`Self::drain`] at `now`, so tests control the clock.
-    pub fn drain_at(&self, duration: Option<Duration>, info: DrainInfo, now: Instant) -> bool {
+    pub(crate) fn drain_at(&self, duration: Option<Duration>, info: DrainInfo, now: Instant) -> bool {
         let was = self.is_drained_at(now);
         let until = duration.map_or(NEVER, |d| millis(now + d).max(1));
         *self.drain.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
@@ -408,12 +409,12 @@ impl RegionHealth {
         was
     }
 
-    pub fn drain_info(&self) -> Option<DrainInfo> {
+    pub(crate) fn drain_info(&self) -> Option<DrainInfo> {
         self.drain_info_at(Instant::now())
     }
 
     /// [`Self::drain_info`] at `now`, so tests control the clock.
-    pub fn drain_info_at(&self, now: Instant) -> Option<DrainInfo> {
+    pub(crate) fn drain_info_at(&self, now: Instant) -> Option<DrainInfo> {
         if !self.is_drained_at(now) {
             return None;
         }
@@ -421,12 +422,12 @@ impl RegionHealth {
     }
 
     /// Clears a drain whose time is up; returns its info once, so it is logged once.
-    pub fn expire_drain(&self) -> Option<DrainInfo> {
+    pub(crate) fn expire_drain(&self) -> Option<DrainInfo> {
         self.expire_drain_at(Instant::now())
     }
 
     /// [`Self::expire_drain`] at `now`, so tests control the clock.
-    pub fn expire_drain_at(&self, now: Instant) -> Option<DrainInfo> {
+    pub(crate) fn expire_drain_at(&self, now: Instant) -> Option<DrainInfo> {
         let until = self.drained_until.load(Ordering::Acquire);
         if until == 0 || until == NEVER || millis(now) < until {
             return None;
@@ -439,7 +440,7 @@ impl RegionHealth {
 
     /// Notes the region's availability; a return to service starts its slow start.
     /// Returns true when it just came back.
-    pub fn note_available(&self, available: bool) -> bool {
+    pub(crate) fn note_available(&self, available: bool) -> bool {
         let was = self.was_available.swap(available, Ordering::AcqRel);
         if available && !was {
             self.recovered_at.store(millis(Instant::now()), Ordering::Release);
@@ -449,16 +450,16 @@ impl RegionHealth {
     }
 
     /// Notes whether the config drains the region; returns whether that changed.
-    pub fn note_config_drain(&self, drained: bool) -> bool {
+    pub(crate) fn note_config_drain(&self, drained: bool) -> bool {
         self.config_drained.swap(drained, Ordering::AcqRel) != drained
     }
 
-    pub fn is_saturated(&self) -> bool {
+    pub(crate) fn is_saturated(&self) -> bool {
         self.saturated.load(Ordering::Acquire)
     }
 
     /// Returns whether the state changed.
-    pub fn set_saturated(&self, saturated: bool) -> bool {
+    pub(crate) fn set_saturated(&self, saturated: bool) -> bool {
         self.saturated.swap(saturated, Ordering::AcqRel) != saturated
     }
 

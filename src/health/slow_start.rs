@@ -4,19 +4,20 @@
 use std::time::Duration;
 
 /// Share at the start of the ramp: enough to prove the endpoint with real traffic.
-pub const FLOOR: f64 = 0.1;
+pub(crate) const FLOOR: f64 = 0.1;
 
 /// Weight factor in `FLOOR..=1` after `elapsed` of a ramp lasting `window`.
-pub fn ramp(elapsed: Duration, window: Duration) -> f64 {
+pub(crate) fn ramp(elapsed: Duration, window: Duration) -> f64 {
     if window.is_zero() || elapsed >= window {
         return 1.0;
     }
     FLOOR + (1.0 - FLOOR) * (elapsed.as_secs_f64() / window.as_secs_f64())
 }
 
-/// Whether one request goes to a ramping region: `draw` is uniform in `0..1`.
-pub fn admit(ramp: f64, draw: f64) -> bool {
-    draw < ramp
+/// Whether one request goes to a region at `ramp`: `draw` is uniform in `0..1`. A region
+/// at full weight admits without a draw.
+pub(crate) fn admit(ramp: f64, draw: impl FnOnce() -> f64) -> bool {
+    ramp >= 1.0 || draw() < ramp
 }
 
 #[cfg(test)]
@@ -41,9 +42,9 @@ mod tests {
     #[test]
     fn admitted_share_follows_the_ramp() {
         let mut rng = fastrand::Rng::with_seed(3);
-        let admitted = (0..10_000).filter(|_| admit(0.25, rng.f64())).count();
+        let admitted = (0..10_000).filter(|_| admit(0.25, || rng.f64())).count();
         assert!((2_200..2_800).contains(&admitted), "{admitted}");
-        assert!(admit(1.0, 0.999_999));
-        assert!(!admit(FLOOR, 0.5));
+        assert!(admit(1.0, || 0.999_999));
+        assert!(!admit(FLOOR, || 0.5));
     }
 }

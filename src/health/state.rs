@@ -34,7 +34,7 @@ pub struct Policy {
 }
 
 /// Responses needed before the TTFB average may eject: one slow answer is not a trend.
-pub const TTFB_MIN_SAMPLES: u32 = 3;
+pub(crate) const TTFB_MIN_SAMPLES: u32 = 3;
 
 /// Weight of a new sample in the TTFB average.
 const EWMA_WEIGHT: f64 = 0.1;
@@ -105,9 +105,9 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [Status::Healthy, Status::Suspect, Status::Ejected, Status::Probation];
+    pub(crate) const ALL: [Status; 4] = [Status::Healthy, Status::Suspect, Status::Ejected, Status::Probation];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Healthy => "healthy",
             Status::Suspect => "suspect",
@@ -145,7 +145,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::ProbeFailed => "probe_failed",
             Reason::RequestFailed => "request_failed",
@@ -164,8 +164,8 @@ impl Reason {
 /// A change of status, returned once so callers log and count it once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
-    pub from: Status,
-    pub to: Status,
+    pub(crate) from: Status,
+    pub(crate) to: Status,
     pub reason: Reason,
 }
 
@@ -175,22 +175,22 @@ pub struct EndpointState {
     pub reason: Option<Reason>,
     /// Time of the last transition.
     pub since: Instant,
-    pub probe_failures: u32,
-    pub probe_passes: u32,
+    pub(crate) probe_failures: u32,
+    pub(crate) probe_passes: u32,
     pub consecutive_errors: u32,
-    pub total_errors: u64,
+    pub(crate) total_errors: u64,
     /// Ejections over the endpoint's life.
     pub ejections: u32,
     /// Recent ejections: each one doubles the next hold-down; decays while healthy.
     pub backoff: u32,
     calm_since: Instant,
     pub ejected_until: Option<Instant>,
-    pub shed_until: Option<Instant>,
+    pub(crate) shed_until: Option<Instant>,
     /// EWMA of the first-token signal of real traffic, seconds (see [`Answer::samples`]).
-    pub ttfb_ewma: f64,
+    pub(crate) ttfb_ewma: f64,
     ttfb_samples: u32,
     /// EWMA of time per output token, seconds.
-    pub tpot_ewma: f64,
+    pub(crate) tpot_ewma: f64,
     tpot_samples: u32,
 }
 
@@ -222,7 +222,7 @@ impl EndpointState {
     }
 
     /// Start of the probation ramp, while on probation.
-    pub fn ramp_start(&self) -> Option<Instant> {
+    pub(crate) fn ramp_start(&self) -> Option<Instant> {
         (self.status == Status::Probation).then_some(self.since)
     }
 
@@ -378,7 +378,7 @@ impl EndpointState {
 
     /// How long an ejection for `reason` lasts at least. The first probe ejection has no
     /// hold-down (the region returns as soon as probes pass); every repeat doubles it.
-    pub fn hold_down(&self, reason: Reason, p: &Policy) -> Duration {
+    pub(crate) fn hold_down(&self, reason: Reason, p: &Policy) -> Duration {
         let level = match (reason, self.backoff) {
             (Reason::ProbesFailed, 0) => return Duration::ZERO,
             (Reason::ProbesFailed, n) => n - 1,

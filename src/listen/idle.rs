@@ -18,14 +18,14 @@ use crate::error::ProxyError;
 /// The timeouts a connection is held to.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    pub header_read: Duration,
-    pub idle: Duration,
-    pub send: Duration,
+    pub(crate) header_read: Duration,
+    pub(crate) idle: Duration,
+    pub(crate) send: Duration,
 }
 
 /// Where a connection stands between its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// A request (or its response body) is in flight: body and send timeouts apply.
     Busy,
     /// Reading a request head that began at `since` (for the first request: the connection
@@ -36,7 +36,7 @@ pub enum Phase {
 }
 
 /// When a connection in `phase` is cut off; `None` while it is busy.
-pub fn deadline(phase: Phase, t: &Timeouts) -> Option<Instant> {
+pub(super) fn deadline(phase: Phase, t: &Timeouts) -> Option<Instant> {
     match phase {
         Phase::Busy => None,
         Phase::Head { since } => Some(since + t.header_read),
@@ -77,7 +77,7 @@ impl Activity {
         }))
     }
 
-    pub fn begin(&self) -> ActiveRequest {
+    pub(crate) fn begin(&self) -> ActiveRequest {
         self.0.begun.fetch_add(1, Ordering::AcqRel);
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         ActiveRequest(self.0.clone())
@@ -232,10 +232,6 @@ impl<T> IdleIo<T> {
             self.armed = due.unwrap_or(now + self.timeouts.idle.min(self.timeouts.header_read));
             self.timer.as_mut().reset(self.armed);
         }
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
     }
 
     /// hyper answers a head it cannot parse itself, with an empty body; Meridian's

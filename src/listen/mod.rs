@@ -45,20 +45,20 @@ use proxy_protocol::ProxyHeaderError;
 /// Limits applied to every client connection.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    pub max_connections: usize,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub send_timeout: Duration,
-    pub http2_max_concurrent_streams: u32,
+    pub(crate) max_connections: usize,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) send_timeout: Duration,
+    pub(crate) http2_max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
     /// Every connection starts with a PROXY v1/v2 header naming the client.
     pub proxy_protocol: bool,
 }
 
 impl Limits {
-    pub fn from_config(s: &ServerConfig) -> Limits {
+    pub(crate) fn from_config(s: &ServerConfig) -> Limits {
         Limits {
             max_connections: s.max_connections,
             max_header_bytes: s.max_header_bytes,
@@ -73,7 +73,7 @@ impl Limits {
     }
 }
 
-pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     // hyper's own header timer also runs between keep-alive requests (so idle connections
     // were cut at header_read_timeout); IdleIo keeps both clocks instead.
@@ -99,7 +99,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, limits: Limits, shutdown
 }
 
 /// Serves HTTPS (ALPN h2 and http/1.1) on `listener`, like [`serve`] otherwise.
-pub async fn serve_tls(
+pub(crate) async fn serve_tls(
     listener: TcpListener,
     proxy: Proxy,
     limits: Limits,
@@ -286,7 +286,7 @@ impl Connection {
 
 /// A response body that keeps its request counted as in flight until it is finished, so
 /// a long stream is never mistaken for an idle connection.
-pub struct Guarded<B> {
+pub(crate) struct Guarded<B> {
     body: B,
     _guard: ActiveRequest,
 }

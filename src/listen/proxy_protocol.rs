@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Chain, Join, ReadHalf, Writ
 
 /// Longest header accepted. A v2 header may announce up to 64 KiB of TLVs, but load
 /// balancers send a few dozen bytes; a bound keeps a hostile peer from making us buffer.
-pub const MAX_HEADER: usize = 4096;
+pub(crate) const MAX_HEADER: usize = 4096;
 
 /// Why a connection's PROXY header was refused.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +35,8 @@ pub enum ProxyHeaderError {
 /// unspecified families).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
-    pub len: usize,
-    pub source: Option<SocketAddr>,
+    pub(crate) len: usize,
+    pub(crate) source: Option<SocketAddr>,
 }
 
 /// Parses the start of a connection: `Ok(None)` when more bytes are needed.
@@ -82,7 +82,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, ProxyHeaderError> {
 
 /// Reads the PROXY header at the start of `stream` within `timeout`. Returns the client
 /// address it names (if any) and the stream with the bytes read past the header put back.
-pub async fn read_header<S>(
+pub(crate) async fn read_header<S>(
     mut stream: S,
     timeout: Duration,
 ) -> Result<(Option<SocketAddr>, Prefixed<S>), ProxyHeaderError>
@@ -117,7 +117,7 @@ where
 
 /// A stream with the bytes read past its PROXY header put back in front (tokio's `join`
 /// of a chained reader and the write half).
-pub type Prefixed<S> = Join<Chain<Cursor<Bytes>, ReadHalf<S>>, WriteHalf<S>>;
+pub(crate) type Prefixed<S> = Join<Chain<Cursor<Bytes>, ReadHalf<S>>, WriteHalf<S>>;
 
 #[cfg(test)]
 mod tests {

@@ -23,13 +23,13 @@ use crate::forward::body::{BodyError, ResponseBody};
 
 /// What a client connection is sent: the response body itself, or (HTTP/2 streams) its
 /// pumped copy.
-pub enum ClientBody {
+pub(crate) enum ClientBody {
     Direct(ResponseBody),
     Pumped(Pumped),
 }
 
 /// A response body read by a pump task, one frame at a time.
-pub struct Pumped {
+pub(crate) struct Pumped {
     frames: mpsc::Receiver<Frame<Bytes>>,
     /// Set when the pump gave up on the client: the stream ends in an error, not cleanly.
     abandoned: Arc<AtomicBool>,
@@ -39,7 +39,7 @@ pub struct Pumped {
 
 impl ClientBody {
     /// Bodies Meridian wrote itself are whole in memory and need no pump.
-    pub fn with_send_timeout(body: ResponseBody, timeout: Duration) -> ClientBody {
+    pub(crate) fn with_send_timeout(body: ResponseBody, timeout: Duration) -> ClientBody {
         if matches!(body, ResponseBody::Local(_)) || body.is_end_stream() {
             return ClientBody::Direct(body);
         }

@@ -49,7 +49,7 @@ pub enum TlsError {
 
 /// Values by server name: exact names and one-label wildcards (`*.example.com`).
 #[derive(Debug, Clone)]
-pub struct Names<V> {
+pub(crate) struct Names<V> {
     exact: HashMap<String, V>,
     /// Keyed by the part after `*.`.
     wildcard: HashMap<String, V>,
@@ -66,7 +66,7 @@ impl<V> Default for Names<V> {
 
 impl<V: Clone> Names<V> {
     /// Adds `name` unless an earlier entry claimed it (first one listed wins).
-    pub fn insert(&mut self, name: &str, value: V) {
+    pub(crate) fn insert(&mut self, name: &str, value: V) {
         let name = normalise(name);
         match name.strip_prefix("*.") {
             Some(suffix) => self.wildcard.entry(suffix.to_string()).or_insert(value),
@@ -76,7 +76,7 @@ impl<V: Clone> Names<V> {
 
     /// The value for an SNI name: an exact match first, then a wildcard covering exactly
     /// one more label (as certificates do: `*.example.com` is not `a.b.example.com`).
-    pub fn find(&self, sni: &str) -> Option<&V> {
+    pub(crate) fn find(&self, sni: &str) -> Option<&V> {
         let sni = normalise(sni);
         if let Some(v) = self.exact.get(&sni) {
             return Some(v);
@@ -150,13 +150,13 @@ impl TlsReloader {
     }
 
     /// Counts hook-driven reloads by result into `counter`.
-    pub fn count_reloads(&self, counter: IntCounterVec) {
+    pub(crate) fn count_reloads(&self, counter: IntCounterVec) {
         let _ = self.reloads.set(counter);
     }
 
     /// Publishes the expiry of each certificate file in force into `gauge{certificate}`,
     /// now and after every reload.
-    pub fn publish_expiries(&self, gauge: &prometheus::GaugeVec) {
+    pub(crate) fn publish_expiries(&self, gauge: &prometheus::GaugeVec) {
         let _ = self.expiry.set(gauge.clone());
         self.republish();
     }
@@ -190,7 +190,7 @@ impl TlsReloader {
         Ok(Arc::new(config))
     }
 
-    pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
+    pub(crate) fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
         Ok(TlsAcceptor::from(self.server_config()?))
     }
 }
@@ -280,7 +280,7 @@ fn load(config: &TlsConfig, provider: &rustls::crypto::CryptoProvider) -> Result
 }
 
 /// Reads a PEM chain and its key and checks that they belong together.
-pub fn certified_key(
+pub(crate) fn certified_key(
     cert: &Path,
     key: &Path,
     provider: &rustls::crypto::CryptoProvider,

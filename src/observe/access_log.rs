@@ -15,7 +15,7 @@ const MAX_LOGGED: usize = 256;
 /// Fields of one access-log line. Secrets (injected headers, `Authorization`) are never
 /// part of it.
 #[derive(Debug, Clone)]
-pub struct AccessRecord {
+pub(crate) struct AccessRecord {
     pub request_id: HeaderValue,
     pub client_ip: IpAddr,
     pub country: &'static str,
@@ -35,7 +35,7 @@ pub struct AccessRecord {
     pub upstream_status: Option<u16>,
     pub ttfb: Option<Duration>,
     /// Time to the first token of a streamed answer.
-    pub ttft: Option<Duration>,
+    pub(crate) ttft: Option<Duration>,
     /// Time per output token.
     pub tpot: Option<Duration>,
     /// Token counts the answer reported (output tokens also counted from stream events):
@@ -55,7 +55,7 @@ pub struct AccessRecord {
 
 impl AccessRecord {
     /// The record of a request just located; the phases fill in the rest.
-    pub fn new(client_ip: IpAddr, country: &'static str, method: http::Method, path: String) -> AccessRecord {
+    pub(crate) fn new(client_ip: IpAddr, country: &'static str, method: http::Method, path: String) -> AccessRecord {
         AccessRecord {
             request_id: HeaderValue::from_static("-"),
             client_ip,
@@ -87,7 +87,7 @@ impl AccessRecord {
 
     /// Fills the fields read from the request head; `log` false (access log off) keeps
     /// the request path free of the copies.
-    pub fn head(&mut self, version: Version, headers: &HeaderMap, authority: Option<&str>, log: bool) {
+    pub(crate) fn head(&mut self, version: Version, headers: &HeaderMap, authority: Option<&str>, log: bool) {
         self.protocol = protocol(version);
         if !log {
             return;
@@ -101,7 +101,7 @@ impl AccessRecord {
     }
 
     /// Ends the request's server span, if it has one.
-    pub fn end_trace(&mut self) {
+    pub(crate) fn end_trace(&mut self) {
         if let Some(t) = self.trace.take() {
             t.end(super::trace::ServerFields {
                 status: self.status,
@@ -114,7 +114,7 @@ impl AccessRecord {
         }
     }
 
-    pub fn emit(&self, duration: Duration, bytes_out: u64, end: &'static str) {
+    pub(crate) fn emit(&self, duration: Duration, bytes_out: u64, end: &'static str) {
         tracing::info!(
             target: "meridian::access",
             request_id = self.request_id.to_str().unwrap_or("-"),
@@ -150,7 +150,7 @@ impl AccessRecord {
 }
 
 /// The protocol as HTTP spells it in a request line.
-pub fn protocol(v: Version) -> &'static str {
+pub(crate) fn protocol(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",

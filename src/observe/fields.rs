@@ -5,14 +5,14 @@ use std::time::Duration;
 
 /// A duration in milliseconds, rounded to the microsecond (`186.458`, not
 /// `186.45799999999998`).
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     // Rounding in integer microseconds first keeps the decimal short after the division.
     let micros = d.as_nanos().saturating_add(500) / 1000;
     micros as f64 / 1000.0
 }
 
 /// A list as one comma-separated string (the JSON log writer has no arrays).
-pub fn joined<I, S>(items: I) -> String
+pub(crate) fn joined<I, S>(items: I) -> String
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,

@@ -19,47 +19,47 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub upstream_ttfb: HistogramVec,
-    pub upstream_first_token: HistogramVec,
-    pub upstream_per_token: HistogramVec,
-    pub output_tokens: IntCounterVec,
-    pub failovers: IntCounterVec,
-    pub residency_rejections: IntCounterVec,
-    pub retries: IntCounter,
-    pub endpoint_state: IntGaugeVec,
-    pub region_available: IntGaugeVec,
-    pub region_saturated: IntGaugeVec,
-    pub region_drained: IntGaugeVec,
-    pub geoip_lookups: IntCounterVec,
-    /// `geoip_lookups` resolved per result once, so a request bumps a counter without hashing labels.
-    pub geoip_results: GeoipResults,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) request_duration: HistogramVec,
+    pub(crate) upstream_ttfb: HistogramVec,
+    pub(crate) upstream_first_token: HistogramVec,
+    pub(crate) upstream_per_token: HistogramVec,
+    pub(crate) output_tokens: IntCounterVec,
+    pub(crate) failovers: IntCounterVec,
+    pub(crate) residency_rejections: IntCounterVec,
+    pub(crate) retries: IntCounter,
+    pub(crate) endpoint_state: IntGaugeVec,
+    pub(crate) region_available: IntGaugeVec,
+    pub(crate) region_saturated: IntGaugeVec,
+    pub(crate) region_drained: IntGaugeVec,
+    /// `meridian_geoip_lookups_total` resolved per result once, so a request bumps a counter
+    /// without hashing labels.
+    pub(crate) geoip_results: GeoipResults,
     /// Build time of each GeoIP database in the chain, by `database` (path or `embedded`).
-    pub geoip_database_build: IntGaugeVec,
-    pub open_connections: IntGauge,
-    pub config_reloads: IntCounterVec,
-    pub config_last_reload_success: Gauge,
-    pub tls_reloads: IntCounterVec,
-    pub ejections: IntCounterVec,
-    pub probe_duration: HistogramVec,
-    pub spillovers: IntCounterVec,
-    pub fallback_requests: IntCounterVec,
-    pub endpoint_requests: IntCounterVec,
-    pub endpoint_errors: IntCounterVec,
-    pub endpoint_ttfb: HistogramVec,
-    pub endpoint_in_flight: IntGaugeVec,
-    pub endpoint_queue_depth: GaugeVec,
-    pub endpoint_kv_cache: GaugeVec,
-    pub request_bytes: IntCounterVec,
-    pub response_bytes: IntCounterVec,
-    pub fallback_breaker_state: IntGaugeVec,
-    pub tls_certificate_expiry: GaugeVec,
-    pub admission_requests: IntCounterVec,
-    pub admission_backend_errors: IntCounterVec,
-    pub admission_backend_duration: Histogram,
-    pub admission_keys: IntGaugeVec,
-    pub admission_evictions: IntCounterVec,
+    pub(crate) geoip_database_build: IntGaugeVec,
+    pub(crate) open_connections: IntGauge,
+    pub(crate) config_reloads: IntCounterVec,
+    pub(crate) config_last_reload_success: Gauge,
+    pub(crate) tls_reloads: IntCounterVec,
+    pub(crate) ejections: IntCounterVec,
+    pub(crate) probe_duration: HistogramVec,
+    pub(crate) spillovers: IntCounterVec,
+    pub(crate) fallback_requests: IntCounterVec,
+    pub(crate) endpoint_requests: IntCounterVec,
+    pub(crate) endpoint_errors: IntCounterVec,
+    pub(crate) endpoint_ttfb: HistogramVec,
+    pub(crate) endpoint_in_flight: IntGaugeVec,
+    pub(crate) endpoint_queue_depth: GaugeVec,
+    pub(crate) endpoint_kv_cache: GaugeVec,
+    pub(crate) request_bytes: IntCounterVec,
+    pub(crate) response_bytes: IntCounterVec,
+    pub(crate) fallback_breaker_state: IntGaugeVec,
+    pub(crate) tls_certificate_expiry: GaugeVec,
+    pub(crate) admission_requests: IntCounterVec,
+    pub(crate) admission_backend_errors: IntCounterVec,
+    pub(crate) admission_backend_duration: Histogram,
+    pub(crate) admission_keys: IntGaugeVec,
+    pub(crate) admission_evictions: IntCounterVec,
 }
 
 fn float_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -244,7 +244,6 @@ impl Metrics {
                 "1 while the region is drained, by source: the config (planned, fleet-wide) or this instance's admin API.",
                 &["region", "source"],
             ),
-            geoip_lookups,
             geoip_results,
             geoip_database_build: gauge(
                 &r,
@@ -364,7 +363,7 @@ impl Metrics {
 
     /// Drops the availability series of a region that left the config. Its request counters
     /// stay: counters must not go backwards within a process.
-    pub fn forget_region(&self, region: &str) {
+    pub(crate) fn forget_region(&self, region: &str) {
         let _ = self.region_available.remove_label_values(&[region]);
         let _ = self.region_saturated.remove_label_values(&[region]);
         for source in ["config", "admin"] {
@@ -380,7 +379,7 @@ impl Default for Metrics {
 }
 
 /// The `meridian_geoip_lookups_total` counters, one per result.
-pub struct GeoipResults {
+pub(crate) struct GeoipResults {
     pub hit: IntCounter,
     pub miss: IntCounter,
     pub private: IntCounter,
@@ -389,14 +388,14 @@ pub struct GeoipResults {
 /// Per-region metric handles, resolved once per config load so requests skip label hashing.
 #[derive(Clone)]
 pub struct RegionMetrics {
-    pub requests: [prometheus::IntCounter; 5],
-    pub duration: Histogram,
-    pub ttfb: Histogram,
-    pub first_token: Histogram,
-    pub per_token: Histogram,
-    pub output_tokens: IntCounter,
-    pub bytes_in: IntCounter,
-    pub bytes_out: IntCounter,
+    pub(crate) requests: [prometheus::IntCounter; 5],
+    pub(crate) duration: Histogram,
+    pub(crate) ttfb: Histogram,
+    pub(crate) first_token: Histogram,
+    pub(crate) per_token: Histogram,
+    pub(crate) output_tokens: IntCounter,
+    pub(crate) bytes_in: IntCounter,
+    pub(crate) bytes_out: IntCounter,
 }
 
 impl RegionMetrics {
@@ -414,13 +413,13 @@ impl RegionMetrics {
         }
     }
 
-    pub fn count(&self, status: u16) {
+    pub(crate) fn count(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[i].inc();
     }
 
     /// Records an answer's first-token and per-token latency and its output tokens.
-    pub fn observe_answer(&self, l: &crate::forward::usage::Latency) {
+    pub(crate) fn observe_answer(&self, l: &crate::forward::usage::Latency) {
         if let Some(t) = l.first_token {
             self.first_token.observe(t.as_secs_f64());
         }
@@ -438,15 +437,15 @@ impl RegionMetrics {
 /// log carry: bounded by the config.
 #[derive(Clone)]
 pub struct EndpointMetrics {
-    pub requests: IntCounter,
-    pub ttfb: Histogram,
+    pub(crate) requests: IntCounter,
+    pub(crate) ttfb: Histogram,
     /// One per [`ErrorClass`], in its order.
     errors: [IntCounter; ErrorClass::ALL.len()],
 }
 
 /// Why an attempt at an endpoint failed, as `meridian_endpoint_errors_total` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// Refused, unreachable or not connected in time: nothing was sent.
     ConnectFailure,
     /// Connected, then closed before a response head.
@@ -460,7 +459,7 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 5] = [
+    pub(crate) const ALL: [ErrorClass; 5] = [
         ErrorClass::ConnectFailure,
         ErrorClass::Reset,
         ErrorClass::Timeout,
@@ -468,7 +467,7 @@ impl ErrorClass {
         ErrorClass::Status5xx,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorClass::ConnectFailure => "connect_failure",
             ErrorClass::Reset => "reset",
@@ -480,7 +479,7 @@ impl ErrorClass {
 
     /// The class of a failed attempt; `None` for the client's own body failing, which says
     /// nothing about the endpoint.
-    pub fn of(e: &UpstreamError) -> Option<ErrorClass> {
+    pub(crate) fn of(e: &UpstreamError) -> Option<ErrorClass> {
         match e.kind() {
             UpstreamErrorKind::ConnectRefused | UpstreamErrorKind::ConnectTimeout | UpstreamErrorKind::Tls => {
                 Some(ErrorClass::ConnectFailure)

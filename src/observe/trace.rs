@@ -23,20 +23,20 @@ use crate::forward::body::RequestBody;
 use crate::forward::client::{PoolSettings, Upstreams};
 
 /// The `traceparent` request header.
-pub const TRACEPARENT: http::header::HeaderName = http::header::HeaderName::from_static("traceparent");
+pub(crate) const TRACEPARENT: http::header::HeaderName = http::header::HeaderName::from_static("traceparent");
 
 /// A parsed `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceParent {
+pub(crate) struct TraceParent {
     pub trace_id: [u8; 16],
-    pub parent_id: [u8; 8],
+    pub(crate) parent_id: [u8; 8],
     pub flags: u8,
 }
 
 impl TraceParent {
     /// Reads a header value; `None` for anything W3C says to ignore (bad lengths, upper
     /// case, all-zero ids, version `ff`).
-    pub fn parse(value: &str) -> Option<TraceParent> {
+    pub(crate) fn parse(value: &str) -> Option<TraceParent> {
         let mut parts = value.trim().split('-');
         let version = parts.next()?;
         let trace = parts.next()?;
@@ -61,13 +61,13 @@ impl TraceParent {
         })
     }
 
-    pub fn trace_id_hex(&self) -> String {
+    pub(crate) fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
     }
 }
 
 /// The trace id of the client's `traceparent`, when it sent a valid one.
-pub fn client_trace_id(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn client_trace_id(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(TRACEPARENT)?.to_str().ok()?;
     TraceParent::parse(value).map(|t| t.trace_id_hex())
 }
@@ -94,7 +94,7 @@ fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -122,7 +122,7 @@ struct Tracer {
 
 /// Starts the exporter task (inside the tokio runtime) and turns tracing on for the life
 /// of the process; `[tracing]` changes need a restart.
-pub fn install(config: &TracingConfig) -> Result<(), crate::forward::client::ClientSetupError> {
+pub(crate) fn install(config: &TracingConfig) -> Result<(), crate::forward::client::ClientSetupError> {
     let settings = PoolSettings {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(90),
@@ -183,7 +183,7 @@ async fn export(mut rx: mpsc::Receiver<Span>, client: Upstreams, url: String, ho
 }
 
 /// One OTLP export request holding `spans`.
-pub fn encode(resource: &Resource, spans: Vec<Span>) -> Bytes {
+pub(crate) fn encode(resource: &Resource, spans: Vec<Span>) -> Bytes {
     let request = ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(resource.clone()),
@@ -229,7 +229,7 @@ async fn post(client: &Upstreams, url: &str, host: &str, body: Bytes) -> Result<
 /// Whether a new trace is sampled: parent-based, the client's `sampled` flag decides for
 /// its trace; otherwise the trace id, read as a number, falls under `ratio` of its range
 /// (the same id gives the same answer on every instance).
-pub fn sampled(parent: Option<&TraceParent>, trace_id: &[u8; 16], ratio: f64) -> bool {
+pub(crate) fn sampled(parent: Option<&TraceParent>, trace_id: &[u8; 16], ratio: f64) -> bool {
     if let Some(p) = parent {
         return p.flags & 1 == 1;
     }
@@ -302,11 +302,11 @@ impl From<f64> for AttributeValue {
 
 /// The trace of one request: its server span, open until the response ends.
 #[derive(Debug, Clone)]
-pub struct RequestTrace {
+pub(crate) struct RequestTrace {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     /// The client's span, when it sent a `traceparent`.
-    pub parent_id: Option<[u8; 8]>,
+    pub(crate) parent_id: Option<[u8; 8]>,
     pub sampled: bool,
     tracestate: String,
     start: SystemTime,
@@ -317,7 +317,7 @@ pub struct RequestTrace {
 impl RequestTrace {
     /// Opens the server span of a request: continues the client's trace or starts one.
     /// `None` when tracing is off.
-    pub fn start(method: &Method, path: &str, headers: &HeaderMap) -> Option<Box<RequestTrace>> {
+    pub(crate) fn start(method: &Method, path: &str, headers: &HeaderMap) -> Option<Box<RequestTrace>> {
         let tracer = TRACER.get()?;
         let parent = headers
             .get(TRACEPARENT)
@@ -342,12 +342,12 @@ impl RequestTrace {
         }))
     }
 
-    pub fn trace_id_hex(&self) -> String {
+    pub(crate) fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
     }
 
     /// Opens the client span of attempt `number` (1 for the first).
-    pub fn attempt(&self, number: u32) -> AttemptSpan {
+    pub(crate) fn attempt(&self, number: u32) -> AttemptSpan {
         AttemptSpan {
             span_id: random_id::<8>(),
             number,
@@ -357,7 +357,7 @@ impl RequestTrace {
 
     /// The `traceparent` an endpoint receives for `attempt`: this trace, the attempt's
     /// span as parent, this request's sampling decision.
-    pub fn traceparent(&self, attempt: &AttemptSpan) -> HeaderValue {
+    pub(crate) fn traceparent(&self, attempt: &AttemptSpan) -> HeaderValue {
         let flags = if self.sampled { "01" } else { "00" };
         let value = format!("00-{}-{}-{flags}", hex(&self.trace_id), hex(&attempt.span_id));
         // unwrap-ok: lowercase hex and dashes are always a valid header value
@@ -365,7 +365,7 @@ impl RequestTrace {
     }
 
     /// Closes the server span and queues it for export.
-    pub fn end(&self, fields: ServerFields<'_>) {
+    pub(crate) fn end(&self, fields: ServerFields<'_>) {
         if !self.sampled {
             return;
         }
@@ -433,7 +433,7 @@ impl RequestTrace {
 }
 
 /// What the server span reports when it ends.
-pub struct ServerFields<'a> {
+pub(crate) struct ServerFields<'a> {
     pub status: u16,
     pub country: &'static str,
     pub zone: Option<&'a str>,
@@ -444,14 +444,14 @@ pub struct ServerFields<'a> {
 
 /// The client span of one upstream attempt.
 #[derive(Debug)]
-pub struct AttemptSpan {
+pub(crate) struct AttemptSpan {
     pub span_id: [u8; 8],
     number: u32,
     start: SystemTime,
 }
 
 /// What a client span reports when it ends.
-pub struct AttemptFields<'a> {
+pub(crate) struct AttemptFields<'a> {
     pub region: &'a str,
     pub endpoint: &'a str,
     /// The response head's status, when one came.
@@ -465,7 +465,7 @@ pub struct AttemptFields<'a> {
 
 impl AttemptSpan {
     /// Closes the client span at the response head (or the failure) and queues it.
-    pub fn end(self, trace: &RequestTrace, fields: AttemptFields<'_>) {
+    pub(crate) fn end(self, trace: &RequestTrace, fields: AttemptFields<'_>) {
         if !trace.sampled {
             return;
         }

@@ -23,7 +23,7 @@ use crate::runtime::{Shared, Snapshot};
 const TICK: Duration = Duration::from_millis(100);
 
 /// Runs the prober until `shutdown` turns true.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut generation = shared.generation.subscribe();
     let mut tasks: HashMap<(String, String), JoinHandle<()>> = HashMap::new();
     let mut ticker = tokio::time::interval(TICK);
@@ -47,7 +47,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// When the first round of probes is done for every endpoint of `rt`.
-pub fn first_round_done(rt: &Snapshot) -> bool {
+pub(crate) fn first_round_done(rt: &Snapshot) -> bool {
     rt.regions
         .iter()
         .flat_map(|r| r.endpoints.iter())
@@ -110,7 +110,7 @@ async fn probe_loop(shared: Arc<Shared>, health: Arc<EndpointHealth>) {
 }
 
 /// `interval` moved by up to `±jitter` of itself; `draw` is uniform in `0..1`.
-pub fn jittered(interval: Duration, jitter: f64, draw: f64) -> Duration {
+pub(crate) fn jittered(interval: Duration, jitter: f64, draw: f64) -> Duration {
     interval.mul_f64((1.0 + jitter * (2.0 * draw - 1.0)).max(0.0))
 }
 

@@ -15,10 +15,10 @@ use crate::runtime::Snapshot;
 const MAX_LIST: usize = 1024 * 1024;
 
 /// The path of the OpenAI model list.
-pub const MODELS_PATH: &str = "/v1/models";
+pub(crate) const MODELS_PATH: &str = "/v1/models";
 
 /// The model ids of an OpenAI list answer: `{"object":"list","data":[{"id":...},...]}`.
-pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
+pub(crate) fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
     #[derive(Deserialize)]
     struct List {
         data: Vec<Model>,
@@ -35,7 +35,7 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
 }
 
 /// Reads `health`'s model list if its region discovers models, and stores it.
-pub async fn discover(rt: &Snapshot, health: &Arc<EndpointHealth>) {
+pub(crate) async fn discover(rt: &Snapshot, health: &Arc<EndpointHealth>) {
     let Some((config, endpoint)) = rt.endpoint_of(health) else {
         return;
     };

@@ -16,7 +16,7 @@ use crate::runtime::Snapshot;
 const MAX_PAGE: usize = 4 * 1024 * 1024;
 
 /// Scrapes `health`'s metrics page if its region reads one, and records the reading.
-pub async fn scrape(rt: &Snapshot, health: &Arc<EndpointHealth>) {
+pub(super) async fn scrape(rt: &Snapshot, health: &Arc<EndpointHealth>) {
     let Some((config, endpoint)) = rt.endpoint_of(health) else {
         return;
     };

@@ -44,8 +44,8 @@ pub enum Failure {
 /// One attempt made for this request and how it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tried {
-    pub target: Target,
-    pub failure: Failure,
+    pub(crate) target: Target,
+    pub(crate) failure: Failure,
 }
 
 /// Why a request is not served by its first-choice region (`meridian_failovers_total`'s
@@ -65,7 +65,7 @@ pub enum FailoverReason {
 }
 
 impl FailoverReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FailoverReason::Unhealthy => "unhealthy",
             FailoverReason::Unavailable => "unavailable",
@@ -136,13 +136,13 @@ pub trait View {
 }
 
 /// Endpoint loads of one region: on the stack up to 16 endpoints, on the heap beyond.
-pub type Loads = SmallVec<[EndpointLoad; 16]>;
+pub(crate) type Loads = SmallVec<[EndpointLoad; 16]>;
 
 /// Slow-start skips of one request: on the stack up to 4 ramping regions.
-pub type Skips = SmallVec<[RegionId; 4]>;
+pub(crate) type Skips = SmallVec<[RegionId; 4]>;
 
 /// May another attempt follow `failure`, after `attempts` attempts?
-pub fn may_retry(failure: Failure, attempts: usize, policy: &Policy<'_>) -> bool {
+pub(crate) fn may_retry(failure: Failure, attempts: usize, policy: &Policy<'_>) -> bool {
     if attempts as u64 >= u64::from(policy.max_attempts) || !policy.body_kept {
         return false;
     }
@@ -263,8 +263,7 @@ pub fn slow_start_skips(plan: &RoutePlan<'_>, ramp: impl Fn(RegionId) -> f64, mu
     let mut skips = Skips::new();
     for c in plan.candidates.iter() {
         let ramp = ramp(c.region);
-        // As `health::slow_start::admit`, written out so `route` does not import `health`.
-        if ramp < 1.0 && draw() >= ramp {
+        if !crate::health::slow_start::admit(ramp, &mut draw) {
             skips.push(c.region);
         }
     }

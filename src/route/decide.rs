@@ -21,10 +21,10 @@ pub struct RequestFacts<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutePlan<'t> {
     pub country: Option<Country>,
-    pub origin: GeoPoint,
+    pub(crate) origin: GeoPoint,
     pub zone: Option<ZoneId>,
-    pub home: Option<RegionId>,
-    pub sharded: bool,
+    pub(crate) home: Option<RegionId>,
+    pub(crate) sharded: bool,
     pub fallback: bool,
     /// Index of the `[[route]]` rule that matched, if any.
     pub rule: Option<usize>,
@@ -158,7 +158,7 @@ fn plan_with<'t>(
 
 impl<'t> RoutePlan<'t> {
     /// The same plan over borrowed candidates: what a request starts from, without a copy.
-    pub fn reborrow(&'t self) -> RoutePlan<'t> {
+    pub(crate) fn reborrow(&'t self) -> RoutePlan<'t> {
         RoutePlan {
             candidates: Cow::Borrowed(&self.candidates),
             ..*self

@@ -10,7 +10,7 @@ pub mod attempt;
 mod decide;
 pub mod models;
 pub mod residency;
-pub mod spillover;
+pub(crate) mod spillover;
 mod table;
 
 pub use decide::{

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::json_scan;
 
 /// The OpenAI-compatible paths whose JSON body names the model.
-pub const MODEL_PATHS: [&str; 4] = [
+pub(crate) const MODEL_PATHS: [&str; 4] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",

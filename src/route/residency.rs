@@ -57,12 +57,12 @@ pub struct Crossing {
     pub zone: ZoneId,
     pub countries: Vec<Country>,
     pub path: Path,
-    pub to: Destination,
+    pub(crate) to: Destination,
 }
 
 /// A `residency_exempt` rule that lets clients of `zone` reach regions outside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exemption {
+pub(crate) struct Exemption {
     pub rule: usize,
     pub zone: ZoneId,
     pub regions: Vec<RegionId>,
@@ -72,10 +72,10 @@ pub struct Exemption {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Audit {
     pub crossings: Vec<Crossing>,
-    pub exemptions: Vec<Exemption>,
+    pub(crate) exemptions: Vec<Exemption>,
     /// Allowed, but worth an operator's attention (a refusal the config implies, a setting
     /// that can never apply).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 impl Audit {
@@ -210,7 +210,7 @@ fn shown_prefix(prefix: &str) -> &str {
 }
 
 /// `route[2] /v1/chat/completions [GET] [x-workload: batch]`: what the rule matches.
-pub fn rule_label(config: &Config, rule: usize) -> String {
+pub(crate) fn rule_label(config: &Config, rule: usize) -> String {
     let Some(r) = config.routes.get(rule) else {
         return format!("route[{rule}]");
     };
@@ -226,7 +226,7 @@ pub fn rule_label(config: &Config, rule: usize) -> String {
 }
 
 /// Names regions, zones and rules for messages.
-pub struct Named<'a, T> {
+pub(crate) struct Named<'a, T> {
     pub config: &'a Config,
     pub item: &'a T,
 }

@@ -6,12 +6,12 @@ use crate::health::load::Load;
 
 /// A saturated region leaves that state once an endpoint falls below this fraction of the
 /// threshold; between it and the threshold the region keeps the state it had.
-pub const RELEASE: f64 = 0.8;
+pub(crate) const RELEASE: f64 = 0.8;
 
 /// How close an endpoint is to saturation: its reading as a fraction of the threshold, the
 /// highest over queue depth and KV cache. 1.0 or more is at or above a threshold; 0 when
 /// the reading is unknown (a missing metrics page never saturates a region).
-pub fn pressure(load: Option<Load>, t: &SpilloverConfig) -> f64 {
+pub(crate) fn pressure(load: Option<Load>, t: &SpilloverConfig) -> f64 {
     let Some(load) = load else { return 0.0 };
     let ratio = |value: f64, threshold: Option<f64>| match threshold {
         Some(th) if th > 0.0 => value / th,
@@ -22,14 +22,14 @@ pub fn pressure(load: Option<Load>, t: &SpilloverConfig) -> f64 {
 
 /// A region's pressure: that of its least pressed endpoint that may serve, since one
 /// endpoint with room is enough to keep the region's clients at home. `None` for none.
-pub fn region_pressure(endpoints: impl IntoIterator<Item = f64>) -> Option<f64> {
+pub(crate) fn region_pressure(endpoints: impl IntoIterator<Item = f64>) -> Option<f64> {
     endpoints.into_iter().reduce(f64::min)
 }
 
 /// The region's saturated state after a new reading; `Some(new)` when it changes.
 /// Entered when every serving endpoint is at or above a threshold, left when one is below
 /// [`RELEASE`] of it, or when no endpoint can serve (the region is then unavailable anyway).
-pub fn next(saturated: bool, pressure: Option<f64>) -> Option<bool> {
+pub(crate) fn next(saturated: bool, pressure: Option<f64>) -> Option<bool> {
     let now = match pressure {
         None => false,
         Some(p) if saturated => p >= RELEASE,
@@ -40,7 +40,7 @@ pub fn next(saturated: bool, pressure: Option<f64>) -> Option<bool> {
 
 /// Whether one endpoint is at or above a threshold; affinity lets such an endpoint's
 /// sessions go elsewhere while another endpoint has room.
-pub fn endpoint_saturated(load: Option<Load>, t: Option<&SpilloverConfig>) -> bool {
+pub(crate) fn endpoint_saturated(load: Option<Load>, t: Option<&SpilloverConfig>) -> bool {
     t.is_some_and(|t| pressure(load, t) >= 1.0)
 }
 

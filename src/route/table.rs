@@ -14,7 +14,7 @@ pub type ZoneId = usize;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
     pub region: RegionId,
-    pub distance_km: f64,
+    pub(crate) distance_km: f64,
     /// The region lists the client's country in `countries`.
     pub home: bool,
 }
@@ -109,14 +109,14 @@ impl RouteTable {
     }
 
     /// The precomputed plan for a country; `None` for codes outside the table.
-    pub fn country_plan(&self, country: Country) -> Option<&CountryPlan> {
+    pub(crate) fn country_plan(&self, country: Country) -> Option<&CountryPlan> {
         self.by_country.get(country.index()).and_then(Option::as_ref)
     }
 
     /// The regions a client of `country` may use, when the country is no region's home:
     /// they are ordered by distance from the client's own coordinates. `None` when the
     /// country has a home region, whose precomputed plan serves every client of it.
-    pub fn nearest_pool(&self, country: Country) -> Option<&[RegionId]> {
+    pub(crate) fn nearest_pool(&self, country: Country) -> Option<&[RegionId]> {
         self.nearest_pools
             .get(country.index())
             .map(|p| &p[..])
@@ -124,17 +124,17 @@ impl RouteTable {
     }
 
     /// The precomputed plan for clients of a subdivision a region claims as home.
-    pub fn subdivision_plan(&self, sub: Subdivision) -> Option<&CountryPlan> {
+    pub(crate) fn subdivision_plan(&self, sub: Subdivision) -> Option<&CountryPlan> {
         self.by_subdivision.iter().find(|(s, _)| *s == sub).map(|(_, p)| p)
     }
 
     /// The plan for clients that cannot be located (served as if from `default_region`).
-    pub fn unlocated_plan(&self) -> &CountryPlan {
+    pub(crate) fn unlocated_plan(&self) -> &CountryPlan {
         &self.unlocated
     }
 
     /// Candidates of route rule `rule` for a client in `zone`.
-    pub fn rule_candidates(&self, rule: usize, zone: Option<ZoneId>) -> &[Candidate] {
+    pub(crate) fn rule_candidates(&self, rule: usize, zone: Option<ZoneId>) -> &[Candidate] {
         let slot = zone.map_or(0, |z| z + 1);
         self.rules
             .get(rule)
@@ -142,11 +142,11 @@ impl RouteTable {
             .map_or(&[], Vec::as_slice)
     }
 
-    pub fn region_name(&self, region: RegionId) -> &str {
+    pub(crate) fn region_name(&self, region: RegionId) -> &str {
         self.config.regions.get(region).map_or("?", |r| r.name.as_str())
     }
 
-    pub fn zone_name(&self, zone: ZoneId) -> &str {
+    pub(crate) fn zone_name(&self, zone: ZoneId) -> &str {
         self.config.zones.get(zone).map_or("?", |z| z.name.as_str())
     }
 }
@@ -215,7 +215,7 @@ fn order_with_home(config: &Config, country: Option<Country>, origin: GeoPoint, 
 }
 
 /// Candidates ordered per request, kept inline so the hot path does not allocate.
-pub const INLINE_CANDIDATES: usize = 16;
+pub(crate) const INLINE_CANDIDATES: usize = 16;
 
 /// Up to [`INLINE_CANDIDATES`] candidates on the stack.
 #[derive(Clone, Copy)]
@@ -243,7 +243,7 @@ impl InlineCandidates {
         }
     }
 
-    pub fn as_slice(&self) -> &[Candidate] {
+    pub(crate) fn as_slice(&self) -> &[Candidate] {
         &self.items[..self.len]
     }
 }
@@ -251,7 +251,12 @@ impl InlineCandidates {
 /// The candidates of `pool` (a country with no home region) for a client at `origin`:
 /// primaries before standbys, then by great-circle distance, as [`order_candidates`]
 /// orders them; `sharded` keeps only the nearest. `None` when the pool does not fit inline.
-pub fn order_nearest(config: &Config, pool: &[RegionId], origin: GeoPoint, sharded: bool) -> Option<InlineCandidates> {
+pub(crate) fn order_nearest(
+    config: &Config,
+    pool: &[RegionId],
+    origin: GeoPoint,
+    sharded: bool,
+) -> Option<InlineCandidates> {
     if pool.len() > INLINE_CANDIDATES {
         return None;
     }

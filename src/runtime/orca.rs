@@ -21,7 +21,7 @@ impl Snapshot {
 
     /// Asks an `orca` region's endpoint for its load report, unless the client already
     /// asked for a format.
-    pub fn ask_for_load_report(&self, region: usize, headers: &mut HeaderMap) {
+    pub(crate) fn ask_for_load_report(&self, region: usize, headers: &mut HeaderMap) {
         if self.reads_orca(region) && !headers.contains_key(load::ORCA_FORMAT_HEADER) {
             headers.insert(load::ORCA_FORMAT_HEADER, HeaderValue::from_static("TEXT"));
         }
@@ -30,7 +30,7 @@ impl Snapshot {
     /// Reads the load report of an `orca` region's response into the endpoint's signals
     /// and removes it: load reports are for Meridian's balancer, not for clients (they
     /// would expose internal queue and cache numbers).
-    pub fn take_load_report(&self, region: usize, health: &EndpointHealth, headers: &mut HeaderMap) {
+    pub(crate) fn take_load_report(&self, region: usize, health: &EndpointHealth, headers: &mut HeaderMap) {
         let Some(config) = self.config.regions.get(region) else {
             return;
         };

@@ -10,7 +10,7 @@ use crate::route::RegionState;
 impl Shared {
     /// Sets the gauges read from the runtime's state, just before a scrape renders them:
     /// the request path keeps its atomics and pays nothing for these.
-    pub fn refresh_gauges(&self) {
+    pub(crate) fn refresh_gauges(&self) {
         let rt = self.snapshot();
         let m = &self.metrics;
         m.endpoint_in_flight.reset();
@@ -109,7 +109,7 @@ impl Shared {
     }
 
     /// One series per state, 1 for the current one.
-    pub fn set_endpoint_gauge(&self, health: &EndpointHealth, status: Status) {
+    pub(crate) fn set_endpoint_gauge(&self, health: &EndpointHealth, status: Status) {
         for s in Status::ALL {
             self.metrics
                 .endpoint_state
@@ -120,7 +120,7 @@ impl Shared {
 
     /// Refreshes the region and endpoint gauges from the health objects and notes regions
     /// that just came back, which starts their slow start.
-    pub fn publish_availability(&self) {
+    pub(crate) fn publish_availability(&self) {
         let rt = self.snapshot();
         for (i, r) in rt.regions.iter().enumerate() {
             // A saturated region is still up: leaving saturation is no recovery to ramp.
@@ -153,7 +153,7 @@ impl Shared {
     }
 
     /// Rebuilds the endpoint gauges after a reload, so removed endpoints disappear.
-    pub fn publish_endpoints(&self, rt: &Snapshot) {
+    pub(crate) fn publish_endpoints(&self, rt: &Snapshot) {
         self.metrics.endpoint_state.reset();
         for r in &rt.regions {
             for e in &r.endpoints {

@@ -6,7 +6,7 @@ use crate::route::spillover;
 
 impl Shared {
     /// Recomputes every region's saturated state from its serving endpoints' latest readings.
-    pub fn update_saturation(&self, rt: &Snapshot) {
+    pub(crate) fn update_saturation(&self, rt: &Snapshot) {
         for r in &rt.regions {
             let pressure = rt.config.spillover.as_ref().and_then(|t| {
                 spillover::region_pressure(
