@@ -30,6 +30,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 // Items are `pub(crate)` unless a test, bench or the binary needs them.
 #![warn(unreachable_pub)]
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod admission;

@@ -189,13 +189,16 @@ pub(crate) struct LogFile {
     pub(crate) access_log: Option<bool>,
 }
 
+/// `log.format`: how log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable on a terminal, JSON otherwise.
     #[default]
     Auto,
+    /// Human-readable lines, always.
     Text,
+    /// One JSON object per line, always.
     Json,
 }
 
@@ -261,11 +264,14 @@ pub(crate) struct DetailedEndpoint {
     pub protocol: Option<UpstreamProtocol>,
 }
 
+/// `protocol`: how Meridian talks to a region's endpoints (probes follow).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default).
     #[default]
     Http1,
+    /// HTTP/2: prior knowledge on `http://`, ALPN `h2` on `https://`.
     Http2,
 }
 
@@ -276,13 +282,21 @@ pub(crate) struct LoadFile {
     pub path: Option<String>,
 }
 
+/// `load.source`: where a region's endpoints publish their load (queue depth, running
+/// requests, KV-cache use).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadSource {
+    /// vLLM's metrics page (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, ...),
+    /// scraped after each passed probe.
     Vllm,
+    /// Text Generation Inference's metrics page (`tgi_queue_size`, `tgi_batch_current_size`).
     Tgi,
+    /// SGLang's metrics page (`sglang:num_queue_reqs`, `sglang:token_usage`, ...).
     Sglang,
+    /// ORCA load reports read from each response's `endpoint-load-metrics` header.
     Orca,
+    /// No load signal (the default): endpoints are scored on latency and in-flight requests.
     None,
 }
 

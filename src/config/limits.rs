@@ -41,6 +41,7 @@ pub struct RateLimit {
 /// One validated `[[limit]]` rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitRule {
+    /// `name`: the rule's name in metrics, logs and 429 messages (default `limit[N]`).
     pub name: String,
     pub(crate) key: LimitKey,
     pub(crate) path_prefix: Option<String>,

@@ -24,16 +24,27 @@ pub(crate) const DEFAULT_MAX_BUFFERED_ANSWER: usize = 256 * 1024;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub(crate) source: Option<PathBuf>,
+    /// `[server]`: client-facing listeners, timeouts and request limits.
     pub server: ServerConfig,
+    /// `[admin]`: the admin API listener and its bearer token.
     pub admin: AdminConfig,
+    /// `[geoip]`: how clients are located (databases, trusted proxies, unlocated clients).
     pub geoip: GeoipConfig,
+    /// `[health]`: active probes and the recovery ramp.
     pub health: HealthConfig,
+    /// `[outlier]`: passive ejection thresholds applied to real traffic.
     pub outlier: OutlierConfig,
+    /// `[retry]`: attempts per request, the retry budget and the replayable paths.
     pub retry: RetryConfig,
+    /// `[log]`: log format and whether the access log is on.
     pub log: LogConfig,
+    /// `[[region]]` tables in file order; a region's index here is its id everywhere else.
     pub regions: Vec<RegionConfig>,
+    /// `[[residency]]` zones in file order; a zone's index here is its id everywhere else.
     pub zones: Vec<ZoneConfig>,
+    /// `[[route]]` rules, tried in file order before the geographic decision.
     pub routes: Vec<RouteConfig>,
+    /// `[fallback]`: the hosted API used when no region may serve; `None` when absent.
     pub fallback: Option<FallbackConfig>,
     pub(crate) spillover: Option<SpilloverConfig>,
     pub(crate) upstream_tls: UpstreamTlsConfig,
@@ -41,6 +52,7 @@ pub struct Config {
     pub tracing: Option<TracingConfig>,
     /// `[[limit]]` rules, in file order.
     pub limit_rules: Vec<super::LimitRule>,
+    /// `[limits]`: where admission counters live (in process or Redis) and how many keys.
     pub limits: super::LimitsConfig,
     pub(crate) upstream: super::upstream::UpstreamConfig,
 }
@@ -55,9 +67,12 @@ pub struct TracingConfig {
     pub sample_ratio: f64,
 }
 
+/// `[server]`: the client-facing listeners and the limits that protect them.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// `server.listen`: the cleartext listener, HTTP/1.1 and h2c (default `0.0.0.0:8080`).
     pub listen: SocketAddr,
+    /// `server.tls_listen` with its certificates; `None` when no HTTPS listener is configured.
     pub tls: Option<TlsConfig>,
     pub(crate) proxy_protocol: bool,
     pub(crate) request_timeout: Duration,
@@ -74,14 +89,19 @@ pub struct ServerConfig {
     pub(crate) send_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) http2_max_concurrent_streams: u32,
+    /// `server.shutdown_timeout`: how long `SIGTERM` waits for in-flight requests, after the
+    /// delay (default 30s).
     pub shutdown_timeout: Duration,
+    /// `server.worker_threads`: runtime threads; `None`: one per core.
     pub worker_threads: Option<usize>,
     /// After SIGTERM, how long listeners keep serving while `/readyz` answers 503.
     pub shutdown_delay: Duration,
 }
 
+/// The HTTPS listener: `server.tls_listen`, `tls_cert`, `tls_key` and the SNI certificates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
+    /// `server.tls_listen`: the address of the HTTPS listener (ALPN `h2` and `http/1.1`).
     pub listen: SocketAddr,
     pub(crate) cert: PathBuf,
     pub(crate) key: PathBuf,
@@ -96,6 +116,8 @@ pub struct UpstreamTlsConfig {
     pub(crate) client_auth: Option<(PathBuf, PathBuf)>,
 }
 
+/// One `[[server.certificate]]`: a certificate served to clients that ask for one of `names`
+/// by SNI.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SniCertificate {
     pub(crate) names: Vec<String>,
@@ -103,14 +125,18 @@ pub struct SniCertificate {
     pub(crate) key: PathBuf,
 }
 
+/// `[admin]`: where the admin API listens and who may call its mutating endpoints.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
+    /// `admin.listen`: the admin API's address (default `127.0.0.1:9901`).
     pub listen: SocketAddr,
     /// The bearer token read from `token_env` at load; `None` disables mutating calls.
     pub token: Option<String>,
+    /// `admin.token_env`: the environment variable that `token` was read from.
     pub token_env: Option<String>,
 }
 
+/// `[geoip]`: the databases that locate clients and whose forwarded addresses are believed.
 #[derive(Debug, Clone)]
 pub struct GeoipConfig {
     /// `geoip.database`, in lookup order (resolved against the config's directory).
@@ -118,6 +144,7 @@ pub struct GeoipConfig {
     /// The embedded country database answers after the listed ones.
     pub embedded_fallback: bool,
     pub(crate) max_accuracy_radius_km: u32,
+    /// `geoip.trusted_proxies`: peers whose `X-Forwarded-For` is believed (default loopback).
     pub trusted_proxies: Vec<IpNet>,
     pub(crate) default_region: usize,
     pub(crate) unknown: UnknownPolicy,
@@ -134,28 +161,50 @@ impl GeoipConfig {
     }
 }
 
+/// `[health]`: active probes of every endpoint and the recovery ramp.
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
+    /// `health.enabled`: `false` turns active probes off; ejections then end with their
+    /// hold-down alone (default `true`).
     pub enabled: bool,
+    /// `health.path`: probed with `GET` after the endpoint's base path (default `/health`).
     pub path: String,
     pub(crate) interval: Duration,
     pub(crate) timeout: Duration,
+    /// `health.unhealthy_after`: failed probes in a row that eject an endpoint (default 3).
     pub unhealthy_after: u32,
+    /// `health.healthy_after`: passed probes in a row before an ejected endpoint returns
+    /// (default 2).
     pub healthy_after: u32,
+    /// `health.slow_start`: ramp for a returning region and probation for a returning endpoint;
+    /// zero turns it off (default 10s).
     pub slow_start: Duration,
     pub(crate) jitter: f64,
     pub(crate) degraded_below: f64,
+    /// `health.panic_mode`: serve from ejected endpoints when no candidate has one in rotation,
+    /// inside the client's zone only (default `false`).
     pub panic_mode: bool,
 }
 
+/// `[outlier]`: passive outlier detection on real traffic.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutlierConfig {
+    /// `outlier.consecutive_errors`: failures in a row that eject an endpoint; `0` turns error
+    /// counting off (default 5).
     pub consecutive_errors: u32,
     /// The first-token threshold (key `ttfb_threshold`, alias `first_token_threshold`).
     pub ttfb_threshold: Duration,
+    /// `outlier.tpot_threshold`: average time per output token above which an endpoint is
+    /// ejected (default 250ms).
     pub tpot_threshold: Duration,
+    /// `outlier.ejection_time`: shortest ejection by real traffic; doubles with each repeat
+    /// (default 30s).
     pub ejection_time: Duration,
+    /// `outlier.max_ejection_time`: cap of the doubling (default 5m, or `ejection_time` when
+    /// longer).
     pub max_ejection_time: Duration,
+    /// `outlier.max_retry_after`: cap of a `Retry-After` honoured from an endpoint's 429 or 503
+    /// (default 60s).
     pub max_retry_after: Duration,
 }
 
@@ -167,8 +216,10 @@ pub(crate) const DEFAULT_REPLAY_PATHS: [&str; 4] = [
     "/v1/responses",
 ];
 
+/// `[retry]`: how often and which requests are sent again after a failed attempt.
 #[derive(Debug, Clone)]
 pub struct RetryConfig {
+    /// `retry.max_attempts`: attempts per request, the first included (default 3).
     pub max_attempts: u32,
     pub(crate) budget_ratio: f64,
     pub(crate) budget_min_per_second: u32,
@@ -176,16 +227,21 @@ pub struct RetryConfig {
     pub(crate) replay_paths: Vec<String>,
 }
 
+/// `[log]`: the log output.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
+    /// `log.format`: text, JSON lines, or auto (text on a terminal); needs a restart to change.
     pub format: LogFormat,
     pub(crate) access_log: bool,
 }
 
+/// One `[[region]]`: a place that serves inference, with its endpoints and home clients.
 #[derive(Debug, Clone)]
 pub struct RegionConfig {
+    /// `name`: unique region name, used in routing, metrics, logs and the admin API.
     pub name: String,
     pub(crate) location: GeoPoint,
+    /// `countries`: ISO 3166-1 countries whose clients this region is home to.
     pub countries: Vec<Country>,
     /// ISO 3166-2 subdivisions whose clients are home clients here (over their country's).
     pub subdivisions: Vec<Subdivision>,
@@ -220,6 +276,7 @@ pub(crate) struct PrefixAffinity {
 /// is decided against the clock ([`crate::health::drain::decide`]), not at parse time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigDrain {
+    /// Why the region is drained, as shown in `/status` and `meridian check`.
     pub reason: String,
     pub(crate) until: Option<std::time::SystemTime>,
 }
@@ -227,11 +284,13 @@ pub struct ConfigDrain {
 /// `[[region]] health = { ... }`: what differs from `[health]` for one region.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProbeOverride {
+    /// `path`: probe path for this region's endpoints instead of `health.path`.
     pub path: Option<String>,
     pub(crate) interval: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
 }
 
+/// One endpoint of a region (or the fallback): where requests are sent and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointConfig {
     /// The URL as configured, normalised (`http://10.0.0.1:8000`); identifies the endpoint
@@ -246,26 +305,39 @@ pub struct EndpointConfig {
     pub protocol: UpstreamProtocol,
 }
 
+/// `load = { source, path }`: where a region's endpoints report their load.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadConfig {
     pub(crate) source: LoadSource,
+    /// `load.path`: the metrics page scraped for the `vllm`, `tgi` and `sglang` sources
+    /// (default `/metrics`).
     pub path: String,
 }
 
+/// One `[[residency]]` zone: countries whose clients may only be served by its regions.
 #[derive(Debug, Clone)]
 pub struct ZoneConfig {
+    /// `name`: unique zone name, named in refusals, logs and metrics.
     pub name: String,
+    /// `countries`: the countries whose clients the zone binds; each in at most one zone.
     pub countries: Vec<Country>,
+    /// `regions`: indexes into [`Config::regions`] of the only regions its clients may use.
     pub regions: Vec<usize>,
     pub(crate) failover: bool,
 }
 
+/// One `[[route]]` rule: requests it matches go to the listed regions in order, wherever the
+/// client is.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub(crate) path_prefix: String,
+    /// `regions`: indexes into [`Config::regions`], tried in this order.
     pub regions: Vec<usize>,
+    /// `residency_exempt`: zone clients may reach the listed regions outside their zone (for
+    /// paths without personal data only).
     pub residency_exempt: bool,
     pub(crate) methods: Option<Vec<Method>>,
+    /// `headers`: name and exact value pairs that must all be present for the rule to match.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// POSTs matched by this rule name their model in the body.
     pub(crate) model_from_body: bool,
@@ -289,17 +361,20 @@ impl Default for BreakerPolicy {
     }
 }
 
+/// `[fallback]`: a hosted API used when no region may serve.
 #[derive(Debug, Clone)]
 pub struct FallbackConfig {
     pub(crate) endpoint: EndpointConfig,
     /// Injected headers; values are marked sensitive and never logged.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// `zone`: index into [`Config::zones`] of a residency zone whose clients it may also serve.
     pub zone: Option<usize>,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) path_rewrite: Vec<(String, String)>,
     pub(crate) breaker: BreakerPolicy,
 }
 
+/// `[spillover]`: load thresholds past which an endpoint counts as overloaded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpilloverConfig {
     pub(crate) queue_depth: Option<f64>,
@@ -312,6 +387,7 @@ pub struct Problem {
     /// Key path, e.g. `region[2].countries[0]`; empty when the file itself is unreadable.
     pub key: String,
     pub(crate) line: Option<usize>,
+    /// What is wrong, in words meant for the person editing the file.
     pub message: String,
 }
 
@@ -319,6 +395,7 @@ pub struct Problem {
 #[derive(Debug, Clone)]
 pub struct ConfigError {
     pub(crate) file: Option<PathBuf>,
+    /// Every problem found, in the order validation met them.
     pub problems: Vec<Problem>,
 }
 
@@ -401,6 +478,7 @@ impl Config {
         }
     }
 
+    /// The index of the region called `name` in [`Config::regions`], if there is one.
     pub fn region_index(&self, name: &str) -> Option<usize> {
         self.regions.iter().position(|r| r.name == name)
     }
