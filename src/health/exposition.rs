@@ -12,47 +12,66 @@ use std::fmt::Write as _;
 /// One line of a metrics page.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Line<'a> {
+    /// An empty line, or blanks only.
     Blank,
     /// `# HELP name text` (text unescaped).
     Help {
+        /// The metric family the help text is for.
         name: Cow<'a, str>,
+        /// The help text, with `\\`, `\n` and `\"` unescaped.
         text: Cow<'a, str>,
     },
     /// `# TYPE name kind`.
     Type {
+        /// The metric family being typed.
         name: Cow<'a, str>,
+        /// Its declared type.
         kind: Kind,
     },
     /// `# UNIT name unit` (OpenMetrics).
     Unit {
+        /// The metric family the unit is for.
         name: Cow<'a, str>,
+        /// The unit as written (`seconds`, `bytes`, ...).
         unit: &'a str,
     },
     /// `# EOF` (OpenMetrics): nothing may follow.
     Eof,
     /// Any other `#` line.
     Comment,
+    /// A sample: `name{labels} value [timestamp]`.
     Sample(Sample<'a>),
 }
 
 /// The metric types of both formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A monotonically increasing total (`counter`).
     Counter,
+    /// A value that goes up and down (`gauge`).
     Gauge,
+    /// Bucketed observations (`histogram`).
     Histogram,
+    /// An OpenMetrics histogram whose buckets may go down (`gaugehistogram`).
     GaugeHistogram,
+    /// Quantiles with a sum and count (`summary`).
     Summary,
+    /// An OpenMetrics constant-1 sample carrying labels (`info`).
     Info,
+    /// An OpenMetrics set of boolean states (`stateset`).
     StateSet,
+    /// No declared type: `untyped` (Prometheus) or `unknown` (OpenMetrics).
     Untyped,
 }
 
 /// One sample line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample<'a> {
+    /// The metric name, unquoted and unescaped (it may contain `:` or, quoted, any UTF-8).
     pub name: Cow<'a, str>,
+    /// Label pairs in the order written, values unescaped.
     pub labels: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// The sample value; `+Inf`, `-Inf` and `NaN` are read too.
     pub value: f64,
     /// As written: milliseconds in the Prometheus format, seconds in OpenMetrics.
     pub timestamp: Option<f64>,
@@ -131,28 +150,42 @@ fn push_float(out: &mut String, v: f64) {
 /// What is wrong with a line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExpositionError {
+    /// The line starts with neither a metric name nor a quoted name.
     #[error("a metric name was expected")]
     NoName,
+    /// A label set holds something other than a label name where one is due.
     #[error("a label name was expected")]
     NoLabelName,
+    /// A label name is not followed by `=`.
     #[error("'=' was expected after a label name")]
     NoEquals,
+    /// A label's `=` is not followed by a double-quoted value.
     #[error("a quoted label value was expected")]
     NoLabelValue,
+    /// A quoted name or value runs to the end of the line.
     #[error("a quoted string is not closed")]
     Unterminated,
+    /// An escape other than `\\`, `\"` or `\n` in a quoted string or help text; holds the
+    /// escaped character.
     #[error("unknown escape \\{0} in a quoted string")]
     BadEscape(char),
+    /// Labels are not separated by `,` or closed by `}`.
     #[error("',' or '}}' was expected in the label set")]
     BadLabelSeparator,
+    /// One label set names the same label twice; holds the name.
     #[error("label {0:?} appears twice")]
     DuplicateLabel(String),
+    /// The line ends after the name or label set, before any value.
     #[error("a space was expected before the value")]
     NoSpace,
+    /// The value (or timestamp) is not a number; holds the text.
     #[error("{0:?} is not a number")]
     BadNumber(String),
+    /// Text where the line should end or a blank is due (after a sample, a name, a `# TYPE`
+    /// name); holds the rest of the line.
     #[error("unexpected text after the sample: {0:?}")]
     Trailing(String),
+    /// A `# TYPE` line names a type neither format knows; holds it.
     #[error("unknown metric type {0:?}")]
     BadType(String),
 }

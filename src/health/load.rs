@@ -34,12 +34,16 @@ impl LoadReport {
 /// Why a metrics page or an ORCA header gave nothing usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoadError {
+    /// A line of the metrics page does not follow the exposition format; holds the problem.
     #[error("metrics page unreadable: {0}")]
     Unreadable(String),
+    /// The page parsed but holds none of the source's metrics; holds the source's name.
     #[error("none of the {0} load metrics are on the page")]
     NoMetrics(&'static str),
+    /// An ORCA `endpoint-load-metrics` header could not be read; holds the problem.
     #[error("ORCA header not understood: {0}")]
     Orca(String),
+    /// The metrics page could not be fetched (connect, status, timeout); holds the cause.
     #[error("{0}")]
     Fetch(String),
 }
@@ -197,6 +201,7 @@ pub(crate) fn parse_orca(value: &str) -> Result<LoadReport, LoadError> {
 pub enum SignalState {
     /// Nothing read yet (or source `none`).
     Unknown,
+    /// Signals read and fresh.
     Ok,
     /// The page or header is missing or broken: treated as `none` until it comes back.
     Degraded,
@@ -205,7 +210,9 @@ pub enum SignalState {
 /// What happened to the signal state on an update, for logging once.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SignalChange {
+    /// The signals stopped being usable, and why.
     Degraded(LoadError),
+    /// The signals are usable again.
     Recovered,
 }
 

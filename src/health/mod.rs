@@ -34,6 +34,7 @@ const NEVER: u64 = u64::MAX;
 /// reloads for endpoints that stay (same region, same URL).
 #[derive(Debug)]
 pub struct EndpointHealth {
+    /// The name of the region the endpoint belongs to.
     pub region: String,
     pub(crate) url: String,
     in_flight: AtomicU32,
@@ -84,6 +85,7 @@ impl EndpointHealth {
         }
     }
 
+    /// The live state of a new endpoint of `region` at `url`: healthy, unprobed, idle.
     pub fn new(region: &str, url: &str) -> EndpointHealth {
         let now = Instant::now();
         EndpointHealth {
@@ -218,6 +220,7 @@ impl EndpointHealth {
         self.with_machine(Instant::now(), |m, now| m.state.tick(now, policy))
     }
 
+    /// The endpoint's current status in the state machine.
     pub fn status(&self) -> Status {
         self.lock().state.status
     }
@@ -310,6 +313,7 @@ pub struct EndpointSnapshot {
     pub models: Option<Vec<String>>,
     pub(crate) latency_ewma_ms: f64,
     pub(crate) in_flight: u32,
+    /// Failed requests in a row.
     pub consecutive_errors: u32,
     pub(crate) total_errors: u64,
     pub(crate) ejections: u32,
@@ -367,7 +371,9 @@ impl Default for RegionHealth {
 pub struct DrainInfo {
     /// Fingerprint of the admin token used (never the token).
     pub by: String,
+    /// The admin client's socket address.
     pub peer: String,
+    /// The reason given with the drain call (`?reason=`), if any.
     pub reason: Option<String>,
     pub(crate) since_unix: f64,
     pub(crate) until_unix: Option<f64>,

@@ -23,7 +23,9 @@ use crate::config::OutlierConfig;
 /// Thresholds the machine applies; built from `[health]` and `[outlier]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// `health.unhealthy_after`: failed probes in a row that eject an endpoint.
     pub unhealthy_after: u32,
+    /// `health.healthy_after`: passed probes in a row an ejected endpoint needs to return.
     pub healthy_after: u32,
     /// Passive outlier detection: errors, first-token and per-token latency, ejections.
     pub outlier: OutlierConfig,
@@ -42,23 +44,31 @@ const EWMA_WEIGHT: f64 = 0.1;
 /// Something that happened to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Event {
+    /// An active probe got a complete 2xx answer.
     ProbePassed {
+        /// How long the probe took; feeds the balancer's latency estimate.
         latency: Duration,
     },
+    /// An active probe failed: no complete 2xx answer within the probe timeout.
     ProbeFailed,
     /// A response head arrived from real traffic (its time feeds the balancer, not the
     /// outlier check: the answer's kind decides that once it ends, see [`Event::Answered`]).
     Response {
+        /// The response status; 5xx counts as an error against the endpoint.
         status: u16,
+        /// Request sent → response head.
         ttfb: Duration,
     },
     /// A response below 500 was relayed to its end: the endpoint works.
     Completed,
     /// The endpoint asked to be left alone (`429`/`503` with `Retry-After`).
     Shed {
+        /// How long the endpoint asked to be left alone, before the `max_retry_after` cap.
         retry_after: Duration,
     },
+    /// No response head: the connection was refused, timed out, failed TLS or broke off.
     ConnectError,
+    /// No response head within `server.request_timeout`.
     Timeout,
     /// A streamed body stopped mid-way (stall or reset).
     StreamError,
@@ -92,9 +102,11 @@ impl Answer {
     }
 }
 
+/// Where an endpoint stands in the health state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// In rotation, nothing failed recently.
     Healthy,
     /// Serving, but something failed recently.
     Suspect,
@@ -122,6 +134,7 @@ impl Status {
     }
 }
 
+/// Why an endpoint's status changed; named in logs, metrics and `/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
@@ -129,7 +142,9 @@ pub enum Reason {
     ProbeFailed,
     /// One request failed (suspect).
     RequestFailed,
+    /// `health.unhealthy_after` probes failed in a row (→ ejected).
     ProbesFailed,
+    /// `outlier.consecutive_errors` requests failed in a row (→ ejected).
     ConsecutiveErrors,
     /// First tokens (or heads of plain answers) slower than `ttfb_threshold`.
     SlowFirstByte,
@@ -141,6 +156,7 @@ pub enum Reason {
     ProbesPassed,
     /// Hold-down over, probes off (ejected → probation).
     EjectionExpired,
+    /// Probation lasted `health.slow_start` without a failure (probation → healthy).
     ProbationPassed,
 }
 
@@ -166,17 +182,22 @@ impl Reason {
 pub struct Transition {
     pub(crate) from: Status,
     pub(crate) to: Status,
+    /// Why the status changed.
     pub reason: Reason,
 }
 
+/// One endpoint's health state machine: its status and the counters that move it.
 #[derive(Debug, Clone)]
 pub struct EndpointState {
+    /// Where the endpoint stands now.
     pub status: Status,
+    /// Why it entered its current status; `None` until the first transition.
     pub reason: Option<Reason>,
     /// Time of the last transition.
     pub since: Instant,
     pub(crate) probe_failures: u32,
     pub(crate) probe_passes: u32,
+    /// Failed requests in a row; reset by a completed answer.
     pub consecutive_errors: u32,
     pub(crate) total_errors: u64,
     /// Ejections over the endpoint's life.
@@ -184,6 +205,7 @@ pub struct EndpointState {
     /// Recent ejections: each one doubles the next hold-down; decays while healthy.
     pub backoff: u32,
     calm_since: Instant,
+    /// While ejected: when the hold-down ends.
     pub ejected_until: Option<Instant>,
     pub(crate) shed_until: Option<Instant>,
     /// EWMA of the first-token signal of real traffic, seconds (see [`Answer::samples`]).
@@ -195,6 +217,7 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
+    /// A healthy endpoint with clean counters, as of `now`.
     pub fn new(now: Instant) -> EndpointState {
         EndpointState {
             status: Status::Healthy,
