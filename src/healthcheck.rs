@@ -12,15 +12,29 @@ use crate::config::file::FileConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum HealthcheckError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
-    Config { path: String, message: String },
+    Config {
+        path: String,
+        message: String,
+    },
     #[error("cannot reach the admin listener at {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("no HTTP answer from {addr}/readyz")]
-    Garbled { addr: SocketAddr },
+    Garbled {
+        addr: SocketAddr,
+    },
     #[error("not ready: {addr}/readyz answered {status}")]
-    NotReady { addr: SocketAddr, status: u16 },
+    NotReady {
+        addr: SocketAddr,
+        status: u16,
+    },
 }
 
 /// Where `meridian run -c path` serves admin, read without validating the rest of the

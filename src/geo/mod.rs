@@ -72,7 +72,10 @@ pub trait Locate: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum GeoError {
     #[error("cannot read GeoIP database {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("GeoIP database {path} is not a valid MaxMind DB file: {source}")]
     Invalid {
         path: PathBuf,

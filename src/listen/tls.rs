@@ -36,7 +36,9 @@ pub enum TlsError {
         source: rustls_pki_types::pem::Error,
     },
     #[error("{path} holds no PEM certificate")]
-    NoCertificate { path: PathBuf },
+    NoCertificate {
+        path: PathBuf,
+    },
     #[error("key {key} does not fit certificate {cert}: {source}")]
     Key {
         cert: PathBuf,

@@ -28,7 +28,14 @@ pub enum RetryClass {
 /// Where one attempt goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    Endpoint { region: RegionId, endpoint: usize },
+    /// One endpoint of one region.
+    Endpoint {
+        /// The region, an index into [`Config::regions`](crate::config::Config::regions).
+        region: RegionId,
+        /// Index of the endpoint in that region's `endpoints`, in config order.
+        endpoint: usize,
+    },
+    /// The `[fallback]` hosted API.
     Fallback,
 }
 
@@ -79,6 +86,7 @@ impl FailoverReason {
 /// Why no further attempt is made; the request is answered with the last attempt's error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
+    /// `retry.max_attempts` attempts have been made.
     MaxAttempts,
     /// The last failure may not be retried for this request.
     NotRetryable,
@@ -94,24 +102,30 @@ pub enum Attempt {
     /// Send the request to `target`; `retry` when an attempt came before (a budget token was
     /// taken); `reason` when `target` is not the first-choice region.
     Send {
+        /// Where to send it.
         target: Target,
+        /// An earlier attempt failed: this one is a retry and counts against the retry budget.
         retry: bool,
+        /// Why `target` is not the first-choice region; `None` when it is.
         reason: Option<FailoverReason>,
     },
     /// No candidate can serve: Meridian answers 503 with this.
     Refuse(NoRegion),
+    /// No further attempt; answer with the last attempt's error.
     Stop(Stop),
 }
 
 /// The request's retry policy, as plain data.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy<'a> {
+    /// `retry.max_attempts`: attempts per request, the first included.
     pub max_attempts: u32,
     /// The request may be sent again after it may have reached an endpoint (the replay rules,
     /// computed by the caller).
     pub replay: bool,
     /// The body is kept whole, so it can be sent again; a streamed body gets one attempt.
     pub body_kept: bool,
+    /// `health.panic_mode`: ejected endpoints may serve when no candidate has one in rotation.
     pub panic_mode: bool,
     /// Candidate regions in slow start that this request passes over (drawn once per request
     /// with [`slow_start_skips`]).

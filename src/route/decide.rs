@@ -12,22 +12,29 @@ use crate::geo::{Country, GeoPoint, Located};
 /// The parts of a request that route rules match on.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFacts<'a> {
+    /// The request method, for a rule's `methods`.
     pub method: &'a Method,
+    /// The request path, matched against a rule's `path_prefix` by whole segments.
     pub path: &'a str,
+    /// The request headers, for a rule's `headers`.
     pub headers: &'a HeaderMap,
 }
 
 /// Which regions may serve this request, in order, and under which rules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutePlan<'t> {
+    /// The client's country; `None` for an unlocated client.
     pub country: Option<Country>,
     pub(crate) origin: GeoPoint,
+    /// The client's residency zone, if its country is bound to one.
     pub zone: Option<ZoneId>,
     pub(crate) home: Option<RegionId>,
     pub(crate) sharded: bool,
+    /// The `[fallback]` may serve this client (its zone allows it; no rule matched, not sharded).
     pub fallback: bool,
     /// Index of the `[[route]]` rule that matched, if any.
     pub rule: Option<usize>,
+    /// Regions to try, in order (failover, retries and panic mode walk it).
     pub candidates: Cow<'t, [Candidate]>,
 }
 
@@ -37,12 +44,18 @@ pub enum Refusal {
     /// `geoip.unknown = "refuse"` and the client could not be located.
     LocationRefused,
     /// A route rule lists no region of the client's residency zone.
-    ResidencyForbidden { zone: ZoneId, rule: usize },
+    ResidencyForbidden {
+        /// The client's residency zone.
+        zone: ZoneId,
+        /// Index of the `[[route]]` rule that matched.
+        rule: usize,
+    },
 }
 
 /// How a region looks to the selection right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegionState {
+    /// Has an endpoint in rotation and is under its spillover thresholds.
     Available,
     /// Every endpoint is past a spillover threshold.
     Saturated,
@@ -55,17 +68,23 @@ pub enum RegionState {
 /// Where the next attempt goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
+    /// Send the attempt to this region.
     Region(RegionId),
+    /// Send the attempt to the `[fallback]` hosted API.
     Fallback,
+    /// Meridian answers 503 itself.
     Refuse(NoRegion),
 }
 
+/// Why no region (and no fallback) can take the request: answered with a 503.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoRegion {
     /// A residency-bound client whose zone cannot serve it.
     ResidencyUnavailable {
+        /// The client's residency zone.
         zone: ZoneId,
     },
+    /// No candidate region can serve and there is no usable fallback (`no_region_available`).
     NoRegionAvailable,
 }
 

@@ -22,7 +22,10 @@ pub(crate) const MODEL_PATHS: [&str; 4] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelRefusal {
     /// The client's residency zone has no region serving the model (some region elsewhere does).
-    NotInZone { zone: usize },
+    NotInZone {
+        /// The client's residency zone.
+        zone: usize,
+    },
     /// No candidate region serves the model.
     NotFound,
 }

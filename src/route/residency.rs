@@ -13,8 +13,11 @@ use crate::geo::Country;
 
 /// What the audit needs from a compiled table; a trait so tests can feed it broken plans.
 pub trait PlanSource {
+    /// The validated configuration the table was compiled from.
     fn config(&self) -> &Config;
+    /// The precomputed plan for clients of `country`, if the country is known.
     fn country_plan(&self, country: Country) -> Option<&CountryPlan>;
+    /// A route rule's candidates for clients of `zone` (`None`: clients of no zone).
     fn rule_candidates(&self, rule: usize, zone: Option<ZoneId>) -> &[Candidate];
 }
 
@@ -37,13 +40,17 @@ impl PlanSource for RouteTable {
 pub enum Path {
     /// The client's candidate order: failover, retries and panic mode all walk it.
     FailoverOrder,
+    /// A `[[route]]` rule, by index, lists a region outside the zone.
     RouteRule(usize),
+    /// The plan lets the `[fallback]` serve the zone's clients, though it is not tagged with
+    /// the zone.
     Fallback,
 }
 
 /// Where the crossing lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
+    /// A region outside the zone.
     Region(RegionId),
     /// The `[fallback]` endpoint, tagged with another zone or none.
     Fallback,
@@ -54,8 +61,11 @@ pub enum Destination {
 /// A path that sends clients of `zone` outside it: the config is rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Crossing {
+    /// The zone whose clients would leave it.
     pub zone: ZoneId,
+    /// The zone's countries whose clients take this path.
     pub countries: Vec<Country>,
+    /// How they would leave it.
     pub path: Path,
     pub(crate) to: Destination,
 }
@@ -71,6 +81,7 @@ pub(crate) struct Exemption {
 /// Everything the audit found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Audit {
+    /// Crossings found: any one rejects the config.
     pub crossings: Vec<Crossing>,
     pub(crate) exemptions: Vec<Exemption>,
     /// Allowed, but worth an operator's attention (a refusal the config implies, a setting
@@ -79,6 +90,7 @@ pub struct Audit {
 }
 
 impl Audit {
+    /// No crossing: the table keeps every zone's clients inside their zone.
     pub fn is_clean(&self) -> bool {
         self.crossings.is_empty()
     }

@@ -7,12 +7,15 @@ use super::decide::RoutePlan;
 use crate::config::Config;
 use crate::geo::{Country, GeoPoint, Subdivision};
 
+/// A region: an index into [`Config::regions`].
 pub type RegionId = usize;
+/// A residency zone: an index into [`Config::zones`].
 pub type ZoneId = usize;
 
 /// One region a client may be sent to, in order.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
+    /// The region to send the client to.
     pub region: RegionId,
     pub(crate) distance_km: f64,
     /// The region lists the client's country in `countries`.
@@ -27,6 +30,7 @@ pub type CountryPlan = RoutePlan<'static>;
 /// The compiled table. Built once per config; read by every request.
 #[derive(Debug)]
 pub struct RouteTable {
+    /// The configuration the table was compiled from.
     pub config: Arc<Config>,
     by_country: Vec<Option<CountryPlan>>,
     /// Per country with no home region: the regions its clients may use, to be ordered by
@@ -40,6 +44,7 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// Compiles `config` into per-country, per-subdivision and per-rule candidate orders.
     pub fn new(config: Arc<Config>) -> RouteTable {
         let mut by_country = vec![None; 26 * 26];
         let mut nearest_pools: Vec<Box<[RegionId]>> = vec![Box::default(); 26 * 26];
