@@ -25,35 +25,48 @@ use crate::route::{RegionState, RouteTable};
 
 /// One config's worth of compiled state.
 pub struct Snapshot {
+    /// The validated config this snapshot was built from.
     pub config: Arc<Config>,
+    /// Candidate orders compiled from `config`, read by every request.
     pub table: RouteTable,
+    /// The GeoIP database chain of `[geoip]` (files unchanged on disk are shared across reloads).
     pub geo: Arc<GeoDb>,
+    /// One entry per `[[region]]`, in config order: [`RegionId`](crate::route::RegionId) indexes it.
     pub regions: Vec<RegionRuntime>,
     pub(crate) policy: Policy,
     pub(crate) upstreams: Upstreams,
+    /// The `[fallback]` hosted API with its client and breaker; `None` when not configured.
     pub fallback: Option<FallbackRuntime>,
     /// `[[limit]]` rules and their counters (kept across reloads for unchanged rules).
     pub admission: Arc<crate::admission::Admission>,
 }
 
+/// A region as requests see it: its endpoints, live health and metrics.
 pub struct RegionRuntime {
+    /// The region's configured name.
     pub name: String,
     /// `x-meridian-region` value, built once.
     pub header: HeaderValue,
+    /// Drain and availability state, kept across reloads by region name.
     pub health: Arc<RegionHealth>,
     pub(crate) endpoints: Vec<EndpointRuntime>,
     pub(crate) metrics: RegionMetrics,
 }
 
+/// An endpoint as requests see it: its config, live health and metrics.
 pub struct EndpointRuntime {
+    /// The endpoint as configured (URL, weight, protocol).
     pub config: EndpointConfig,
+    /// Health state machine and load signals, kept across reloads for the same region and URL.
     pub health: Arc<EndpointHealth>,
     pub(crate) metrics: crate::observe::metrics::EndpointMetrics,
     /// Request slots, when `upstream.max_connections_per_endpoint` is set.
     pub limit: Option<Arc<crate::forward::limit::EndpointLimit>>,
 }
 
+/// The `[fallback]` hosted API as requests see it.
 pub struct FallbackRuntime {
+    /// The `[fallback]` table as configured.
     pub config: FallbackConfig,
     pub(crate) upstreams: Upstreams,
     pub(crate) header: HeaderValue,
@@ -62,15 +75,19 @@ pub struct FallbackRuntime {
     pub breaker: Arc<SharedBreaker>,
 }
 
+/// Why a config could not be compiled into a snapshot; the snapshot in force stays.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// A `geoip.database` file could not be opened or read.
     #[error(transparent)]
     Geo(#[from] GeoError),
+    /// The upstream TLS settings (`[upstream_tls]`, fallback `ca_file`) could not be loaded.
     #[error("upstream TLS: {0}")]
     Client(#[from] ClientSetupError),
     /// The compiled table would take a zone's client outside its zone.
     #[error(transparent)]
     Residency(#[from] crate::route::residency::Crossings),
+    /// The `[limits]` Redis backend could not be set up.
     #[error(transparent)]
     Admission(#[from] crate::admission::AdmissionError),
 }
@@ -88,6 +105,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Compiles `config` into the first snapshot and publishes its endpoints and availability.
     pub fn new(config: Config) -> Result<Arc<Shared>, SnapshotError> {
         let metrics = Metrics::new();
         let registry = Registry::default();

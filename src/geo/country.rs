@@ -64,6 +64,7 @@ pub struct CountryInfo {
     pub(crate) point: GeoPoint,
     /// Continent code: AF, AN, AS, EU, NA, OC or SA.
     pub continent: &'static str,
+    /// The country's English short name (`United Arab Emirates`).
     pub name: &'static str,
 }
 

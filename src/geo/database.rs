@@ -121,6 +121,7 @@ impl Database {
         &self.label
     }
 
+    /// The file the database was read from; `None` for the embedded database.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }

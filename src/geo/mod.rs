@@ -26,9 +26,13 @@ pub enum Located {
     /// A public address a database places in a country, with coordinates where it has
     /// them (and they are precise enough) and the subdivision where it gives an ISO code.
     Country {
+        /// The country the address is in.
         country: Country,
+        /// The client's coordinates, when the database has them within `max_accuracy_radius_km`.
         point: Option<GeoPoint>,
+        /// The ISO 3166-2 subdivision, when the database gives one.
         subdivision: Option<Subdivision>,
+        /// The database of the chain that answered.
         source: DatabaseId,
     },
     /// Private, loopback, link-local, reserved or documentation space: not on the map.
@@ -48,6 +52,7 @@ impl Located {
         }
     }
 
+    /// The country, for a located address.
     pub fn country(&self) -> Option<Country> {
         match self {
             Located::Country { country, .. } => Some(*country),
@@ -66,19 +71,27 @@ impl Located {
 
 /// Finds the location of an address. Implemented by [`GeoDb`]; tests may use their own.
 pub trait Locate: Send + Sync {
+    /// Where `ip` is, according to the first source that knows it.
     fn locate(&self, ip: IpAddr) -> Located;
 }
 
+/// Why the GeoIP database chain could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum GeoError {
+    /// A database file could not be read.
     #[error("cannot read GeoIP database {path}: {source}")]
     Read {
+        /// The file as configured.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A file was read but is not a MaxMind DB.
     #[error("GeoIP database {path} is not a valid MaxMind DB file: {source}")]
     Invalid {
+        /// The file as configured.
         path: PathBuf,
+        /// What the reader found wrong.
         source: maxminddb::MaxMindDbError,
     },
 }
@@ -140,6 +153,7 @@ impl GeoDb {
         &self.databases
     }
 
+    /// The database `id` names, if it is part of this chain.
     pub fn database(&self, id: DatabaseId) -> Option<&Database> {
         self.databases.get(usize::from(id.0)).map(|d| &**d)
     }

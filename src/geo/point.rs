@@ -5,7 +5,9 @@ use serde::Serialize;
 /// Latitude and longitude in degrees.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct GeoPoint {
+    /// Latitude in degrees, −90 (south) to 90 (north).
     pub lat: f64,
+    /// Longitude in degrees, −180 (west) to 180 (east).
     pub lon: f64,
 }
 

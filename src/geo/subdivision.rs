@@ -37,6 +37,7 @@ impl Subdivision {
         Subdivision::new(Country::parse(country)?, code)
     }
 
+    /// The country the subdivision belongs to (`US` for `US-CA`).
     pub fn country(&self) -> Country {
         self.country
     }
