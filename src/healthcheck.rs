@@ -11,28 +11,42 @@ use crate::config::file::FileConfig;
 /// Why the instance is not ready, or could not be asked.
 #[derive(Debug, thiserror::Error)]
 pub enum HealthcheckError {
+    /// The config file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The config file as given.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The config is not TOML, or its `admin.listen` is not an address.
     #[error("{path}: {message}")]
     Config {
+        /// The config file as given.
         path: String,
+        /// What is wrong with it.
         message: String,
     },
+    /// Connecting to the admin listener, or writing to or reading from it, failed.
     #[error("cannot reach the admin listener at {addr}: {source}")]
     Connect {
+        /// The admin address asked (a wildcard listen address is reached on loopback).
         addr: SocketAddr,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// No HTTP/1.x status line came back (an empty or garbled answer).
     #[error("no HTTP answer from {addr}/readyz")]
     Garbled {
+        /// The admin address asked.
         addr: SocketAddr,
     },
+    /// `/readyz` answered, but not 200: the first probe round is not done, or shutdown began.
     #[error("not ready: {addr}/readyz answered {status}")]
     NotReady {
+        /// The admin address asked.
         addr: SocketAddr,
+        /// The status `/readyz` answered.
         status: u16,
     },
 }

@@ -19,14 +19,19 @@ use super::usage::{Scanned, UsageScanner};
 /// Bodies up to this size are kept so a failed attempt can be replayed elsewhere.
 pub(crate) const REPLAY_LIMIT: u64 = 1 << 20;
 
+/// Why a request or response body could not be relayed to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
+    /// The request body passed `server.max_request_body` (answered 413).
     #[error("request body exceeds the limit")]
     TooLarge,
+    /// Reading the client's request body failed (the client reset or broke the connection).
     #[error("client body: {0}")]
     Client(#[source] hyper::Error),
+    /// Reading the endpoint's response body failed mid-way.
     #[error("upstream body: {0}")]
     Upstream(#[source] hyper::Error),
+    /// The endpoint sent no body bytes for `server.stall_timeout`; counts against it.
     #[error("upstream stalled for {0:?}")]
     Stalled(Duration),
     /// The client sent no body bytes for `server.body_timeout`: its fault, not the endpoint's.
@@ -131,9 +136,11 @@ impl BodySent {
 /// A request body on its way to an endpoint.
 #[derive(Debug)]
 pub enum RequestBody {
+    /// No body: the request ended with its head.
     Empty,
     /// Fully read and kept: can be sent again.
     Kept(Kept),
+    /// Over the 1 MiB replay limit: relayed as it arrives, so it can be sent only once.
     Streaming(StreamingBody),
 }
 
@@ -408,8 +415,11 @@ impl Body for RequestBody {
 /// How a streamed response ended, for the completion hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
+    /// The endpoint's body reached its end.
     Complete,
+    /// The endpoint sent nothing for `server.stall_timeout`; the stream was cut.
     Stalled,
+    /// Reading from the endpoint failed mid-way (reset, protocol error).
     UpstreamError,
     /// The client went away before the end.
     ClientGone,
@@ -418,6 +428,7 @@ pub enum StreamEnd {
 /// Called once when a response body is finished or dropped, with what the body said
 /// about itself (first-chunk time, token counts).
 pub trait Completion: Send + 'static {
+    /// Reports how the body ended, its size in bytes and what the usage scanner read.
     fn complete(self: Box<Self>, end: StreamEnd, bytes: u64, scanned: Scanned);
 }
 
@@ -437,6 +448,8 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// Relays `inner`, cutting it after `stall_timeout` of silence; `sse` marks an event stream
+    /// so a cut can close the event it left open.
     pub fn new(
         inner: Incoming,
         stall_timeout: Duration,
@@ -601,7 +614,9 @@ impl SseTail {
 
 /// What the client receives: relayed from an endpoint, or written by Meridian itself.
 pub enum ResponseBody {
+    /// An endpoint's response body, relayed frame by frame.
     Upstream(UpstreamBody),
+    /// A body Meridian wrote itself (errors, admin answers); `None` is empty.
     Local(Option<Bytes>),
 }
 

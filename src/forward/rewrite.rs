@@ -111,10 +111,13 @@ pub(crate) fn remove_meridian_headers(headers: &mut HeaderMap) {
 /// What the request rewrite needs to know about the connection and the decision.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarding<'a> {
+    /// The address of the connection's peer, appended to `X-Forwarded-For`.
     pub peer: IpAddr,
+    /// The peer is a trusted proxy: its `X-Forwarded-For`, `Forwarded` and `X-Real-IP` stay.
     pub peer_trusted: bool,
     /// "http" or "https": how the client reached Meridian.
     pub proto: &'static str,
+    /// The client's ISO country code for `x-meridian-country` (`XX` when unlocated).
     pub country: &'a str,
 }
 

@@ -146,6 +146,8 @@ pub struct IdleIo<T> {
 }
 
 impl<T> IdleIo<T> {
+    /// Wraps `inner`, held to `timeouts`; the returned [`Activity`] is for the request handler,
+    /// which marks each request it serves (a connection with one in flight is not idle).
     pub fn new(inner: T, timeouts: Timeouts) -> (IdleIo<T>, Activity) {
         let now = Instant::now();
         let activity = Activity::new(now);

@@ -52,6 +52,7 @@ pub struct Limits {
     pub(crate) idle_timeout: Duration,
     pub(crate) send_timeout: Duration,
     pub(crate) http2_max_concurrent_streams: u32,
+    /// `server.shutdown_timeout`: how long shutdown waits for in-flight requests and streams.
     pub shutdown_timeout: Duration,
     /// Every connection starts with a PROXY v1/v2 header naming the client.
     pub proxy_protocol: bool,

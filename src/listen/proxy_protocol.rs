@@ -16,16 +16,22 @@ pub(crate) const MAX_HEADER: usize = 4096;
 /// Why a connection's PROXY header was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyHeaderError {
+    /// The header starts like v1 (`PROXY `) but does not parse.
     #[error("malformed PROXY v1 header: {0}")]
     V1(#[source] v1::BinaryParseError),
+    /// The header starts with the v2 signature but does not parse.
     #[error("malformed PROXY v2 header: {0}")]
     V2(#[source] v2::ParseError),
+    /// The header would exceed 4 KiB.
     #[error("PROXY header longer than {MAX_HEADER} bytes")]
     TooLong,
+    /// No complete header within `server.header_read_timeout`.
     #[error("no complete PROXY header within {0:?}")]
     Timeout(Duration),
+    /// The peer closed the connection before its header was complete.
     #[error("connection closed before a complete PROXY header")]
     Closed,
+    /// Reading from the connection failed.
     #[error("reading the PROXY header: {0}")]
     Io(#[source] io::Error),
 }

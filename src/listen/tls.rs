@@ -30,21 +30,31 @@ pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// Why a certificate set could not be loaded; the set in force stays.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A certificate or key file could not be read or holds no valid PEM.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file that failed.
         path: PathBuf,
+        /// The PEM reader's error.
         source: rustls_pki_types::pem::Error,
     },
+    /// A certificate file holds no certificate.
     #[error("{path} holds no PEM certificate")]
     NoCertificate {
+        /// The certificate file.
         path: PathBuf,
     },
+    /// The private key does not fit the certificate (or is of an unsupported kind).
     #[error("key {key} does not fit certificate {cert}: {source}")]
     Key {
+        /// The certificate chain file.
         cert: PathBuf,
+        /// The private key file.
         key: PathBuf,
+        /// rustls' reason.
         source: rustls::Error,
     },
+    /// rustls refused the server configuration (protocol versions or crypto provider).
     #[error("TLS setup: {0}")]
     Setup(#[source] rustls::Error),
 }
