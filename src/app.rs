@@ -16,25 +16,35 @@ use crate::proxy::Proxy;
 use crate::reload::{Reloader, Trigger};
 use crate::runtime::{Shared, SnapshotError};
 
+/// Why Meridian could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The config file could not be read or failed validation.
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// The config could not be compiled (GeoIP databases, upstream TLS, residency, limits).
     #[error("{0}")]
     Snapshot(#[from] SnapshotError),
+    /// The listener's certificate or key could not be loaded.
     #[error("TLS certificates: {0}")]
     Tls(#[from] crate::listen::tls::TlsError),
+    /// A listener could not bind its address.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
+        /// The config key of the listener (`server.listen`, `admin.listen`, `server.tls_listen`).
         what: &'static str,
+        /// The address it was asked to bind.
         addr: SocketAddr,
+        /// The bind error (address in use, permission denied, ...).
         source: std::io::Error,
     },
 }
 
 /// A running Meridian: its bound addresses and a way to stop it.
 pub struct Running {
+    /// The cleartext proxy listener's bound address (the real port when configured with `:0`).
     pub listen: SocketAddr,
+    /// The admin listener's bound address.
     pub admin: SocketAddr,
     /// The HTTPS listener's address, when `server.tls_listen` is set.
     pub tls_listen: Option<SocketAddr>,

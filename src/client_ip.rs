@@ -10,6 +10,7 @@ use ipnet::IpNet;
 /// Built at compile time: a `from_static` call per request re-validates the name.
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// Whether `ip` (IPv4-mapped IPv6 read as IPv4) is in one of the `trusted` networks.
 pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     let ip = ip.to_canonical();
     trusted.iter().any(|net| net.contains(&ip))

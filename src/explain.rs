@@ -11,8 +11,10 @@ use crate::config::Config;
 use crate::geo::{GeoDb, GeoPoint, Locate, Located};
 use crate::route::{self, Decision, Refusal, RegionState, RequestFacts, RoutePlan, RouteTable};
 
+/// One candidate region of a routing decision, as `meridian route` shows it.
 #[derive(Debug, Serialize)]
 pub struct CandidateView {
+    /// The region's name.
     pub region: String,
     pub(crate) distance_km: f64,
     pub(crate) home: bool,
@@ -23,6 +25,7 @@ pub struct CandidateView {
 #[derive(Debug, Serialize)]
 pub struct RouteExplanation {
     pub(crate) ip: String,
+    /// The client's ISO country code; `None` when unlocated.
     pub country: Option<String>,
     pub(crate) location: Option<GeoPoint>,
     /// Where the location came from: "database", "country_table" or "default_region".
@@ -32,7 +35,9 @@ pub struct RouteExplanation {
     pub database: Option<String>,
     /// The ISO 3166-2 subdivision the database gives, where it gives a code.
     pub subdivision: Option<String>,
+    /// The client's residency zone, by name.
     pub zone: Option<String>,
+    /// Candidate regions in the order they would be tried.
     pub candidates: Vec<CandidateView>,
     pub(crate) chosen: Option<String>,
     /// Priority level of the chosen region: 0 for a primary, more for a standby.
@@ -41,6 +46,7 @@ pub struct RouteExplanation {
     pub sharded: bool,
     /// The `[[route]]` rule that matched the request, if any.
     pub rule: Option<RuleView>,
+    /// Whether the `[fallback]` may serve this client.
     pub fallback: FallbackView,
     pub(crate) pattern: Vec<String>,
     pub(crate) refusal: Option<String>,
@@ -51,11 +57,14 @@ pub struct RouteExplanation {
     pub(crate) without_model: Vec<String>,
 }
 
+/// The `[[route]]` rule that matched, as `meridian route` shows it.
 #[derive(Debug, Serialize)]
 pub struct RuleView {
     pub(crate) index: usize,
     pub(crate) path_prefix: String,
+    /// The rule's regions, by name, in the order tried.
     pub regions: Vec<String>,
+    /// The rule's `residency_exempt`: zone clients may leave their zone for this path.
     pub residency_exempt: bool,
 }
 
@@ -64,6 +73,7 @@ pub struct RuleView {
 pub struct FallbackView {
     pub(crate) configured: bool,
     pub(crate) eligible: bool,
+    /// Why the fallback may or may not serve, in words.
     pub reason: &'static str,
 }
 
@@ -508,6 +518,7 @@ pub fn drain_line(d: &crate::config::ConfigDrain, now: std::time::SystemTime) ->
     }
 }
 
+/// The region table for `meridian check`: patterns, priority levels and failover orders.
 pub fn render_table(table: &RouteTable) -> String {
     let config = &table.config;
     let summary = pattern_summary(table);
@@ -645,6 +656,7 @@ pub fn render_table(table: &RouteTable) -> String {
 pub struct OrderGroup {
     /// Country codes, or "unlocated".
     pub countries: Vec<String>,
+    /// The residency zone of these clients, by name.
     pub zone: Option<String>,
     pub(crate) sharded: bool,
     pub(crate) order: String,

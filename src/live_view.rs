@@ -12,7 +12,9 @@ use crate::runtime::Snapshot;
 
 /// One request's view; cheap to build per attempt.
 pub struct LiveView<'a> {
+    /// The snapshot in force when the request began.
     pub rt: &'a Snapshot,
+    /// The process-wide retry budget that retries draw tokens from.
     pub budget: &'a RetryBudget,
     /// The request's headers (affinity reads its session header).
     pub headers: &'a HeaderMap,

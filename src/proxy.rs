@@ -43,6 +43,7 @@ use crate::runtime::{Shared, Snapshot};
 pub struct ConnInfo {
     /// The peer: the TCP peer, or the address from a PROXY protocol header.
     pub peer: SocketAddr,
+    /// The connection came on the TLS listener (`X-Forwarded-Proto: https`).
     pub tls: bool,
 }
 
@@ -50,6 +51,7 @@ pub struct ConnInfo {
 #[derive(Clone)]
 pub struct Proxy {
     pub(crate) shared: Arc<Shared>,
+    /// The retry budget shared by every request (`retry.budget_ratio`, `budget_min_per_second`).
     pub budget: Arc<RetryBudget>,
 }
 
@@ -71,6 +73,7 @@ struct Sent {
 const GATEWAY_ERROR: &str = "the endpoint answered with a gateway error";
 
 impl Proxy {
+    /// A proxy serving from `shared`, with a fresh retry budget.
     pub fn new(shared: Arc<Shared>) -> Proxy {
         Proxy {
             shared,

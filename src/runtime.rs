@@ -31,7 +31,8 @@ pub struct Snapshot {
     pub table: RouteTable,
     /// The GeoIP database chain of `[geoip]` (files unchanged on disk are shared across reloads).
     pub geo: Arc<GeoDb>,
-    /// One entry per `[[region]]`, in config order: [`RegionId`](crate::route::RegionId) indexes it.
+    /// One entry per `[[region]]`, in config order; a [`RegionId`](crate::route::RegionId)
+    /// indexes it.
     pub regions: Vec<RegionRuntime>,
     pub(crate) policy: Policy,
     pub(crate) upstreams: Upstreams,

@@ -30,8 +30,11 @@ pub use rule::{KeyValue, RequestView, key_of};
 /// Which of a rule's limits refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
+    /// The rule's `requests_per_second` rate (with its `burst`) is spent.
     Requests,
+    /// The key already has the rule's `concurrent` requests in flight.
     Concurrent,
+    /// The key's `tokens_per_minute` budget is spent.
     Tokens,
     /// The shared counter store did not answer and the rule fails closed.
     Backend,
@@ -140,6 +143,7 @@ pub struct Limited {
     pub(crate) rule: String,
     pub(crate) limit: LimitKind,
     pub(crate) retry_after: Duration,
+    /// The `x-ratelimit-*` headers to put on the 429.
     pub headers: RateHeaders,
 }
 
@@ -157,7 +161,9 @@ impl Limited {
 pub enum Verdict {
     /// No rule applies.
     Unlimited,
+    /// Every matching rule admitted it; the request holds its slots until its answer ends.
     Admitted(Admitted),
+    /// A rule refused it: answered 429 with `Retry-After`.
     Limited(Limited),
 }
 
@@ -174,6 +180,7 @@ pub struct Admitted {
     /// Each counting rule's outcome and what it holds (nothing when Redis failed open).
     counted: Vec<(RuleOutcome, Option<Hold>)>,
     fleet: Option<(Arc<Fleet>, String)>,
+    /// The `x-ratelimit-*` headers to put on the answer.
     pub headers: RateHeaders,
 }
 
@@ -213,6 +220,7 @@ impl Drop for Admitted {
 /// Cannot set up admission control.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
+    /// The Redis backend of `[limits]` could not be set up.
     #[error("limits.backend.redis: {0}")]
     Redis(#[from] ::redis::RedisError),
 }

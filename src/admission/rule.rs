@@ -10,8 +10,11 @@ use crate::config::{LimitKey, LimitRule};
 /// What admission reads from a request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
+    /// The client address (after `X-Forwarded-For` from trusted proxies), for `key = "client_ip"`.
     pub client_ip: IpAddr,
+    /// The request path, for a rule's `match.path_prefix`.
     pub path: &'a str,
+    /// The request headers, for `key = "header:NAME"`.
     pub headers: &'a HeaderMap,
     /// The `model` of a JSON body kept whole, when one was sent.
     pub model: Option<&'a str>,
@@ -20,7 +23,9 @@ pub struct RequestView<'a> {
 /// A rule's key as found in a request; borrowed, hashed before anything stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyValue<'a> {
+    /// The raw value of the rule's header (`key = "header:NAME"`).
     Header(&'a [u8]),
+    /// The client address (`key = "client_ip"`).
     Ip(IpAddr),
 }
 

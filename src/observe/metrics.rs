@@ -17,6 +17,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// Every Prometheus metric Meridian exports, in one registry served at admin `/metrics`.
 pub struct Metrics {
     registry: Registry,
     pub(crate) requests: IntCounterVec,
@@ -100,6 +101,7 @@ fn histogram_with(registry: &Registry, name: &str, help: &str, labels: &[&str], 
 }
 
 impl Metrics {
+    /// Registers every metric (and sets `meridian_build_info`) in a new registry.
     pub fn new() -> Metrics {
         let r = Registry::new();
         let build_info = gauge(&r, "meridian_build_info", "Build information; always 1.", &["version"]);
@@ -399,6 +401,7 @@ pub struct RegionMetrics {
 }
 
 impl RegionMetrics {
+    /// The request counters and duration histogram of one region (the fallback is one too).
     pub fn new(m: &Metrics, region: &str) -> RegionMetrics {
         let class = |c: &str| m.requests.with_label_values(&[region, c]);
         RegionMetrics {
@@ -496,6 +499,7 @@ impl ErrorClass {
 }
 
 impl EndpointMetrics {
+    /// The per-endpoint request, first-byte time and error series of `endpoint` in `region`.
     pub fn new(m: &Metrics, region: &str, endpoint: &str) -> EndpointMetrics {
         EndpointMetrics {
             requests: m.endpoint_requests.with_label_values(&[region, endpoint]),
