@@ -1,12 +1,12 @@
 //! Cache affinity (docs/routing.md, Affinity): a session goes to the same endpoint of its region, by
-//! weighted rendezvous hashing, so the model server's prefix cache is reused [pure].
+//! weighted rendezvous hashing, so the model server's prefix cache is reused (pure).
 //!
 //! Rendezvous hashing ranks every endpoint by a hash of (session, endpoint); the session
 //! takes the best-ranked endpoint that may serve. An ejected endpoint's sessions spread over
 //! the others while every other session stays put, and they come back when it recovers.
 //! Affinity yields to health (only eligible endpoints rank), to saturation (an endpoint past
 //! a spillover threshold is passed over while another has room) and to load (bounded load:
-//! an endpoint with more than [`BOUND`] times its share of in-flight requests is passed over).
+//! an endpoint with more than `BOUND` times its share of in-flight requests is passed over).
 //!
 //! Prefix-cache affinity (docs/inference.md, "Prefix-cache affinity") needs no session: the first
 //! `prefix_bytes` of the prompt (system prompt first, then the messages' text, or the prompt

@@ -48,7 +48,7 @@ pub struct Running {
     pub admin: SocketAddr,
     /// The HTTPS listener's address, when `server.tls_listen` is set.
     pub tls_listen: Option<SocketAddr>,
-    /// The certificates in force, reloaded as a [`crate::reload::ReloadHook`].
+    /// The certificates in force, reloaded as a `crate::reload::ReloadHook`.
     pub tls: Option<Arc<TlsReloader>>,
     pub(crate) shared: Arc<Shared>,
     /// Reloads the config; register a [`crate::reload::ReloadHook`] for state kept outside it.

@@ -9,17 +9,17 @@
 //!    [`route`] (residency, route rules, candidate order; `route::attempt` plans each attempt
 //!    over a [`live_view`] of health) →
 //!    [`admission`] (`[[limit]]` rules: rate, concurrency, tokens; 429 when limited) →
-//!    [`balance`] (endpoint pick; [`affinity`] for sessions) →
+//!    `balance` (endpoint pick; [`affinity`] for sessions) →
 //!    [`forward`] (rewrite, send, stream back, bridge upgrades) →
 //!    [`health`] (observe the outcome) and [`observe`] (metrics, access log);
-//! 3. [`error`] turns anything Meridian answers itself into a status and a JSON body.
+//! 3. `error` turns anything Meridian answers itself into a status and a JSON body.
 //!
 //! [`config`] validates the TOML region map; [`runtime`] compiles it into the snapshot
-//! requests read; [`probe`] checks every endpoint beside the traffic (health probes, load
-//! scrapes, model discovery); [`reload`] swaps in a new snapshot on SIGHUP or a file change;
+//! requests read; `probe` checks every endpoint beside the traffic (health probes, load
+//! scrapes, model discovery); `reload` swaps in a new snapshot on SIGHUP or a file change;
 //! [`app`] wires it all; [`admin`] serves status, metrics and drills;
 //! [`explain`] powers `meridian check` and `meridian route`; [`demo`] is the zero-setup tour.
-//! [`path`] (path normalisation) and [`json_scan`] (a borrowed JSON walk) are leaves that
+//! `path` (path normalisation) and `json_scan` (a borrowed JSON walk) are leaves that
 //! config, routing and forwarding share.
 //!
 //! Modules depend on each other in one direction only (`tests/architecture.rs` checks it):

@@ -1,7 +1,7 @@
 //! Admission control: whether a request may go on, by the `[[limit]]` rules it meets.
 //!
-//! [`rule`] finds the rules a request meets and their keys; [`local`] counts in the process
-//! (default), [`redis`] in Redis for a fleet. Every applicable rule is checked and the
+//! `rule` finds the rules a request meets and their keys; `local` counts in the process
+//! (default), `redis` in Redis for a fleet. Every applicable rule is checked and the
 //! tightest decides: a request is admitted only when every rule admits it, and a refusal
 //! takes back what the other rules had counted. An admitted request holds an [`Admitted`]
 //! for as long as its answer: dropping it frees its concurrency slots, and the answer's

@@ -1,5 +1,5 @@
 //! Whether a region is drained: the config's fleet-wide drain and this instance's admin
-//! drain combined, decided against the clock [pure].
+//! drain combined, decided against the clock (pure).
 
 use std::time::SystemTime;
 

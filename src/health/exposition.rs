@@ -1,5 +1,5 @@
 //! A strict reader of the Prometheus text exposition format (0.0.4) and OpenMetrics 1.0 text,
-//! line by line [pure]: `:` in metric names, quoted UTF-8 names (`{"a.b"}`), escaped label
+//! line by line (pure): `:` in metric names, quoted UTF-8 names (`{"a.b"}`), escaped label
 //! values, `+Inf`/`-Inf`/`NaN`, timestamps and OpenMetrics exemplars.
 //!
 //! Only what the model servers' pages need is kept: a sample's name, labels, value and

@@ -1,4 +1,4 @@
-//! Load signals from the model servers: parsing Prometheus pages and ORCA headers [pure],
+//! Load signals from the model servers: parsing Prometheus pages and ORCA headers (pure),
 //! and the per-endpoint atomics the balancer and the spillover check read.
 //!
 //! Metrics read, per source (label sets, e.g. one per `model_name` or engine, are summed for

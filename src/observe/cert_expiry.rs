@@ -1,4 +1,4 @@
-//! When a certificate expires: `notAfter` read from its DER [pure], for the expiry gauge.
+//! When a certificate expires: `notAfter` read from its DER (pure), for the expiry gauge.
 //! Only the few DER elements in front of the validity are walked; nothing is verified.
 
 /// The certificate's `notAfter` as Unix seconds; `None` if the DER is not a certificate.

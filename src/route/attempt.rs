@@ -4,7 +4,7 @@
 //!
 //! The proxy's loop only does I/O around [`next_attempt`]: send, record the outcome in the
 //! tried list, ask again. Whether a failure may be retried is decided here, once
-//! ([`may_retry`]), from the failure's retry class and the request's replay permission.
+//! (`may_retry`), from the failure's retry class and the request's replay permission.
 
 use smallvec::SmallVec;
 

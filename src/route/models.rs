@@ -1,5 +1,5 @@
 //! Model-aware routing (docs/inference.md, "Models"): the model a request asks for, which regions serve
-//! it, and the route plan's candidates filtered to them, geo order kept [pure].
+//! it, and the route plan's candidates filtered to them, geo order kept (pure).
 
 use std::borrow::Cow;
 

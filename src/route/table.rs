@@ -24,7 +24,7 @@ pub struct Candidate {
 
 /// Everything routing needs to know about clients of one country (or unlocated clients),
 /// as the table keeps it: its own candidates, no route rule. A request borrows it
-/// ([`RoutePlan::reborrow`]).
+/// (`RoutePlan::reborrow`).
 pub type CountryPlan = RoutePlan<'static>;
 
 /// The compiled table. Built once per config; read by every request.
@@ -222,7 +222,7 @@ fn order_with_home(config: &Config, country: Option<Country>, origin: GeoPoint, 
 /// Candidates ordered per request, kept inline so the hot path does not allocate.
 pub(crate) const INLINE_CANDIDATES: usize = 16;
 
-/// Up to [`INLINE_CANDIDATES`] candidates on the stack.
+/// Up to `INLINE_CANDIDATES` candidates on the stack.
 #[derive(Clone, Copy)]
 pub struct InlineCandidates {
     len: usize,
