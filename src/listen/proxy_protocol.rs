@@ -41,8 +41,10 @@ pub enum ProxyHeaderError {
 /// unspecified families).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
-    pub(crate) len: usize,
-    pub(crate) source: Option<SocketAddr>,
+    /// Bytes the header takes at the start of the connection.
+    pub len: usize,
+    /// The client address it names; `None` for `UNKNOWN` and `LOCAL` headers.
+    pub source: Option<SocketAddr>,
 }
 
 /// Parses the start of a connection: `Ok(None)` when more bytes are needed.
