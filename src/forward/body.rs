@@ -134,14 +134,17 @@ pub enum RequestBody {
     Empty,
     /// Fully read and kept: can be sent again.
     Kept(Kept),
-    Streaming(StreamingBody),
+    /// Boxed, as the kept trailers are: hyper's client channel to each upstream connection
+    /// holds 32 requests' worth of slots (tokio's mpsc block), so every byte of this enum
+    /// costs 32 per connection.
+    Streaming(Box<StreamingBody>),
 }
 
 /// A body read to its end: the bytes and any trailers, replayable.
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
     data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl RequestBody {
@@ -248,13 +251,13 @@ pub async fn prepare(
         return Ok(RequestBody::Empty);
     }
     if declared.is_some_and(|n| n > REPLAY_LIMIT) {
-        return Ok(RequestBody::Streaming(StreamingBody::new(
+        return Ok(RequestBody::Streaming(Box::new(StreamingBody::new(
             None,
             body,
             limit,
             overflow,
             read_timeout,
-        )));
+        ))));
     }
     let mut kept = BytesMut::new();
     let mut trailers = None;
@@ -270,7 +273,7 @@ pub async fn prepare(
                     Ok(data) => data,
                     Err(frame) => {
                         // Trailers end the body; keep them for every attempt.
-                        trailers = frame.into_trailers().ok();
+                        trailers = frame.into_trailers().ok().map(Box::new);
                         continue;
                     }
                 };
@@ -280,13 +283,13 @@ pub async fn prepare(
                     return Err(BodyError::TooLarge);
                 }
                 if kept.len() as u64 > REPLAY_LIMIT {
-                    return Ok(RequestBody::Streaming(StreamingBody::new(
+                    return Ok(RequestBody::Streaming(Box::new(StreamingBody::new(
                         Some(kept.freeze()),
                         body,
                         limit,
                         overflow,
                         read_timeout,
-                    )));
+                    ))));
                 }
             }
         }
@@ -329,7 +332,7 @@ impl Body for RequestBody {
                     k.trailers = trailers;
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                (None, Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                (None, Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(*trailers)))),
                 (None, None) => Poll::Ready(None),
             },
             RequestBody::Streaming(s) => {
@@ -708,7 +711,7 @@ mod kept_tests {
         trailers.insert("grpc-timeout", http::HeaderValue::from_static("1S"));
         let body = RequestBody::Kept(Kept {
             data: Some(Bytes::from_static(b"hello")),
-            trailers: Some(trailers),
+            trailers: Some(Box::new(trailers)),
         });
         for attempt in [
             body.replay().ok_or("not replayable")?,
