@@ -16,7 +16,9 @@
 #   TLS_CONNS=50 (tls phase); BURST_CLIENTS="3000 10000", BURST_HOLD=10, BURST_AFTER=30 (burst);
 #   STREAMS="2000 9900", STREAM_EVENTS=40, STREAM_GAP_MS=250 (streams: concurrent SSE
 #   streams; each holds a client and an upstream socket in the proxy, so with the usual
-#   20,000 open-file limit 9,900 is the most that fits where 10,000 is meant).
+#   20,000 open-file limit 9,900 is the most that fits where 10,000 is meant; opening
+#   9,900 took 10-15 s here, longer than 40 events last: run that count with
+#   STREAM_EVENTS=120, and check "open mid" = N in the summary).
 #
 # All traffic goes to 127.0.0.1. Every run is bounded by DURATION; the whole default
 # `all` takes about ROUNDS x proxies x |CONNS| x (DURATION + WARMUP + 2) s plus the probes.
@@ -459,6 +461,8 @@ streams() {
             printf "%-11s %6s %8s %8s %8s %9.1f %10.1f %11.2f %10s\n", kk[1], kk[2], first[k], mid[k], ok[k], r0[k] / 1024, r1[k] / 1024, per, ratio
         }
         print "(KiB/stream: RSS growth over the streams open at the sample; complete: streams that got every event)"
+        for (i = 1; i <= n; i++) { k = order[i]; split(k, kk, SUBSEP)
+            if (mid[k] < kk[2]) printf "warning: %s N=%s: only %s streams open at the sample: the others ended first; raise STREAM_EVENTS\n", kk[1], kk[2], mid[k] }
     }' "$OUT/streams.tsv"
 }
 
