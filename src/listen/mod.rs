@@ -373,7 +373,15 @@ impl Connection {
             send: self.limits.send_timeout,
         };
         let (mut io, activity) = IdleIo::new(io, timeouts);
-        let (sniffed, end) = match sniff(&mut io).await {
+        let mut drain = self.drain;
+        let sniffed = tokio::select! {
+            biased;
+            sniffed = sniff(&mut io) => sniffed,
+            // Shutting down before the first request: nothing to finish (as hyper-util's
+            // auto connection, which cancels its version read).
+            _ = drain.changed() => return,
+        };
+        let (sniffed, end) = match sniffed {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -419,10 +427,10 @@ impl Connection {
         });
         let served = if h2 {
             let conn = self.builder.http2.serve_connection(io, service);
-            Box::pin(graceful(conn, self.drain)).await
+            Box::pin(graceful(conn, drain)).await
         } else {
             let conn = self.builder.http1.serve_connection(io, service).with_upgrades();
-            graceful(conn, self.drain).await
+            graceful(conn, drain).await
         };
         if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
