@@ -1,5 +1,7 @@
 //! A minimal, fast HTTP/1.1 upstream for load benchmarks: a fixed small body on any path,
 //! and an SSE stream on `/sse` whose first event leaves with the response head.
+//! `/sse?events=N&gap_ms=MS` sends N events MS apart instead of 3 events 5 ms apart (then
+//! `data: [DONE]`), for streams held long enough to measure memory mid-stream.
 //!
 //! Usage: `fast_upstream [ADDR]` (default 127.0.0.1:18080). One current-thread runtime, so
 //! it costs one core at most and leaves the other to the proxy under test.
@@ -47,14 +49,28 @@ mod tokio_stream {
     }
 }
 
+/// `events` and `gap_ms` from a `/sse` query, each defaulting to the short stream's.
+fn sse_shape(query: Option<&str>) -> (usize, Duration) {
+    let (mut events, mut gap) = (SSE_EVENTS, SSE_GAP);
+    for pair in query.unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("events", v)) => events = v.parse().unwrap_or(events).max(1),
+            Some(("gap_ms", v)) => gap = v.parse().map(Duration::from_millis).unwrap_or(gap),
+            _ => {}
+        }
+    }
+    (events, gap)
+}
+
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     if req.uri().path() == "/sse" {
-        let (tx, rx) = mpsc::channel(SSE_EVENTS + 1);
+        let (events, gap) = sse_shape(req.uri().query());
+        let (tx, rx) = mpsc::channel(2);
         // The first event is queued before the head is returned, so hyper writes both at once.
         let _ = tx.try_send(Bytes::from_static(b"data: {\"n\":0}\n\n"));
         tokio::spawn(async move {
-            for n in 1..SSE_EVENTS {
-                tokio::time::sleep(SSE_GAP).await;
+            for n in 1..events {
+                tokio::time::sleep(gap).await;
                 if tx.send(Bytes::from(format!("data: {{\"n\":{n}}}\n\n"))).await.is_err() {
                     return;
                 }

@@ -13,6 +13,13 @@
 //! the proxy has them all in flight at once), prints `ready N` once all are answered, holds
 //! the idle connections HOLD_SECS, then closes them all and prints `closed`.
 //!
+//! `load_probe streams ADDR COUNT EVENTS GAP_MS`: COUNT concurrent SSE streams, each
+//! `GET /sse?events=EVENTS&gap_ms=GAP_MS` on its own connection (at most 256 waiting for
+//! their first event at a time, so no accept queue overflows); prints `ready N` once every
+//! stream has its first event, `mid open N` a second later (streams still open then: the
+//! moment the caller samples memory), and `done ok N events E` at the end (streams that
+//! saw all their events and `[DONE]`).
+//!
 //! `load_probe keepalive ADDR CONNS REQUESTS`: REQUESTS keep-alive requests spread over CONNS
 //! connections (one thread each), for instruction counts where h2load is not installed;
 //! prints `requests: N ok`.
@@ -26,7 +33,7 @@ fn main() -> io::Result<()> {
     let usage = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: load_probe sse|idle|burst|keepalive ADDR COUNT [HOLD_SECS|REQUESTS]",
+            "usage: load_probe sse|idle|burst|keepalive|streams ADDR COUNT [HOLD_SECS|REQUESTS|EVENTS GAP_MS]",
         )
     };
     let mode = args.get(1).ok_or_else(usage)?;
@@ -46,8 +53,106 @@ fn main() -> io::Result<()> {
             let requests: usize = args.get(4).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
             keepalive(addr, count, requests)
         }
+        "streams" => {
+            let events: usize = args.get(4).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
+            let gap: u64 = args.get(5).and_then(|a| a.parse().ok()).ok_or_else(usage)?;
+            streams(addr, count, events, gap)
+        }
         _ => Err(usage()),
     }
+}
+
+fn streams(addr: SocketAddr, count: usize, events: usize, gap_ms: u64) -> io::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let request = format!(
+            "GET /sse?events={events}&gap_ms={gap_ms} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\nX-Forwarded-For: 81.2.69.142\r\n\r\n"
+        );
+        let request: Arc<[u8]> = Arc::from(request.into_bytes());
+        // Streams waiting for their first event; streams open (first event seen, not done).
+        let waiting = Arc::new(tokio::sync::Semaphore::new(256));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+        let started = Instant::now();
+        let mut tasks = Vec::with_capacity(count);
+        for i in 0..count {
+            let Ok(permit) = waiting.clone().acquire_owned().await else {
+                break;
+            };
+            let mut stream = match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("streams: connection {i}: {e}");
+                    break;
+                }
+            };
+            let (request, open, first_tx) = (request.clone(), open.clone(), first_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let mut permit = Some(permit);
+                let mut buf = [0u8; 2048];
+                // `data:` lines seen, with the last 4 bytes of the previous read carried over.
+                let (mut seen, mut carry, mut done) = (0usize, Vec::<u8>::with_capacity(16), false);
+                if stream.write_all(&request).await.is_err() {
+                    let _ = first_tx.send(false);
+                    return (0, false);
+                }
+                loop {
+                    let n = match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    carry.extend_from_slice(&buf[..n]);
+                    seen += carry.windows(5).filter(|w| w == b"data:").count();
+                    done |= carry.windows(6).any(|w| w == b"[DONE]");
+                    let keep = carry.len().min(5);
+                    carry.drain(..carry.len() - keep);
+                    if seen > 0 && permit.take().is_some() {
+                        open.fetch_add(1, Ordering::Relaxed);
+                        let _ = first_tx.send(true);
+                    }
+                    if done {
+                        break;
+                    }
+                }
+                if permit.is_some() {
+                    let _ = first_tx.send(false);
+                } else {
+                    open.fetch_sub(1, Ordering::Relaxed);
+                }
+                (seen, done)
+            }));
+        }
+        drop(first_tx);
+        let (mut firsts, mut failed) = (0, 0);
+        while firsts + failed < tasks.len() {
+            match first_rx.recv().await {
+                Some(true) => firsts += 1,
+                Some(false) => failed += 1,
+                None => break,
+            }
+        }
+        eprintln!("streams: {firsts} streams open in {:?}, {failed} failed", started.elapsed());
+        println!("ready {firsts}");
+        io::stdout().flush()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!("mid open {}", open.load(Ordering::Relaxed));
+        io::stdout().flush()?;
+        let (mut ok, mut total) = (0, 0);
+        for t in tasks {
+            if let Ok((seen, done)) = t.await {
+                total += seen;
+                // Every event plus `[DONE]`.
+                ok += usize::from(done && seen == events + 1);
+            }
+        }
+        println!("done ok {ok} events {total}");
+        io::stdout().flush()
+    })
 }
 
 /// A GB client behind the trusted loopback hop, as compare.sh's wrk runs send.

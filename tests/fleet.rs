@@ -182,6 +182,30 @@ async fn after_the_shutdown_delay_the_listener_closes_and_a_stream_in_flight_fin
     assert!(matches!((delay, drain), (Some(a), Some(b)) if a < b), "{logs:?}");
 }
 
+/// A client that connected and has sent nothing has no request to finish: the shutdown
+/// closes it instead of waiting for its header timeout (here longer than the test's wait).
+#[tokio::test]
+async fn a_connection_that_sent_nothing_does_not_hold_up_the_shutdown() {
+    use tokio::io::AsyncReadExt;
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("header_read_timeout = \"10m\"\nshutdown_timeout = \"10m\"\n", ""));
+    wait_ready(&proxy).await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
+    // The listener has it: an answered request on another connection comes after the accept.
+    assert_eq!(
+        call("GET", proxy.listen, "/v1/models", &[], Bytes::new()).await.status,
+        200
+    );
+    proxy.signal("TERM");
+    let (code, proxy) = wait_exit(proxy).await;
+    assert_eq!(code, Some(0), "{:?}", proxy.logs());
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(silent.read(&mut buf).await, Ok(0) | Err(_)),
+        "the silent connection stayed open"
+    );
+}
+
 // ---- fleet-wide drains in the config ----
 
 #[tokio::test]

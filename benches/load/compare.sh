@@ -4,7 +4,7 @@
 # Installs nothing. Needs wrk; uses nginx, haproxy and h2load when they are on PATH.
 #   apt-get install -y wrk nginx haproxy nghttp2-client
 #
-# Usage: benches/load/compare.sh [all|throughput|tls|burst|sse|idle|mem|scale]...
+# Usage: benches/load/compare.sh [all|throughput|tls|burst|sse|streams|idle|mem|scale]...
 # Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
 #   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
 #   MEM_SECONDS=60, SSE_PROBES=200, NO_BUILD=1 (reuse target/release), OUT=results dir,
@@ -13,7 +13,12 @@
 #   MERIDIAN_B_SED=a sed script applied to meridian-b's config (an older build may not
 #   know newer keys, e.g. '/^\[upstream\]/,/^$/d'); MERIDIAN_ENV / MERIDIAN_B_ENV=extra
 #   environment for each (e.g. MIMALLOC_PURGE_DELAY=-1);
-#   TLS_CONNS=50 (tls phase); BURST_CLIENTS="3000 10000", BURST_HOLD=10, BURST_AFTER=30 (burst).
+#   TLS_CONNS=50 (tls phase); BURST_CLIENTS="3000 10000", BURST_HOLD=10, BURST_AFTER=30 (burst);
+#   STREAMS="2000 9900", STREAM_EVENTS=40, STREAM_GAP_MS=250 (streams: concurrent SSE
+#   streams; each holds a client and an upstream socket in the proxy, so with the usual
+#   20,000 open-file limit 9,900 is the most that fits where 10,000 is meant; opening
+#   9,900 took 10-15 s here, longer than 40 events last: run that count with
+#   STREAM_EVENTS=120, and check "open mid" = N in the summary).
 #
 # All traffic goes to 127.0.0.1. Every run is bounded by DURATION; the whole default
 # `all` takes about ROUNDS x proxies x |CONNS| x (DURATION + WARMUP + 2) s plus the probes.
@@ -45,6 +50,9 @@ H2C_NGINX_PORT=18089
 BURST_CLIENTS=${BURST_CLIENTS:-"3000 10000"}
 BURST_HOLD=${BURST_HOLD:-10}
 BURST_AFTER=${BURST_AFTER:-30}
+STREAMS=${STREAMS:-"2000 9900"}
+STREAM_EVENTS=${STREAM_EVENTS:-40}
+STREAM_GAP_MS=${STREAM_GAP_MS:-250}
 # run_wrk's scheme and extra header (the tls phase sets them).
 WRK_SCHEME=http
 WRK_EXTRA=()
@@ -403,6 +411,61 @@ burst() {
     }' "$OUT/burst.tsv"
 }
 
+# Concurrent long SSE streams (an inference edge's steady state): N clients each hold one
+# stream of STREAM_EVENTS events STREAM_GAP_MS apart; RSS is read mid-stream, once every
+# stream has its first event, and divided by N.
+streams() {
+    local proxies p n rss0 rss1 out probe ready mid done
+    read -r -a proxies <<<"$(available_proxies)"
+    [ "$(ulimit -n)" -gt 19900 ] || log "open-file limit $(ulimit -n): large stream counts may not fit"
+    log "streams: ${STREAMS} concurrent SSE streams of ${STREAM_EVENTS} events ${STREAM_GAP_MS} ms apart"
+    for n in $STREAMS; do
+        for p in "${proxies[@]}"; do
+            start_proxy "$p" 1
+            sleep 2
+            rss0=$(mem_kib VmRSS "${PID[$p]}")
+            out=$RUN/streams-$p-$n.out
+            taskset -c "$LOAD_CPU" "$BIN_DIR/load_probe" streams "127.0.0.1:${PORT[$p]}" "$n" \
+                "$STREAM_EVENTS" "$STREAM_GAP_MS" >"$out" 2>"$RUN/streams-$p-$n.err" &
+            probe=$!
+            ready=""
+            for _ in $(seq 1 600); do
+                ready=$(grep -o 'ready [0-9]*' "$out" 2>/dev/null || true)
+                [ -n "$ready" ] && break
+                sleep 0.1
+            done
+            sleep 1
+            rss1=$(mem_kib VmRSS "${PID[$p]}")
+            wait "$probe" 2>/dev/null || true
+            mid=$(grep -o 'mid open [0-9]*' "$out" | awk '{print $3}')
+            done=$(grep -o 'done ok [0-9]* events [0-9]*' "$out" | awk '{print $3}')
+            stop_proxy "$p"
+            printf 'streams\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$p" "$n" "${ready#ready }" "${mid:-0}" "${done:-0}" "$rss0" "$rss1" >>"$OUT/streams.tsv"
+            log "  $p n=$n: first events ${ready#ready }, open mid-stream ${mid:-?}, complete ${done:-?}, RSS $rss0 -> $rss1 KiB"
+            # Loopback ports and the upstream's stream tasks wind down before the next proxy.
+            sleep 2
+        done
+    done
+    echo
+    echo "== streams: N concurrent SSE streams ($STREAM_EVENTS events, $STREAM_GAP_MS ms apart), RSS read mid-stream =="
+    awk -F'\t' '
+    { k = $2 SUBSEP $3; if (!(k in seen)) { seen[k] = 1; order[++n] = k }
+      first[k] = $4; mid[k] = $5; ok[k] = $6; r0[k] = $7; r1[k] = $8 }
+    END {
+        printf "%-11s %6s %8s %8s %8s %9s %10s %11s %10s\n", "proxy", "N", "started", "open mid", "complete", "idle MiB", "mid MiB", "KiB/stream", "KiB/NGINX"
+        for (i = 1; i <= n; i++) {
+            k = order[i]; split(k, kk, SUBSEP)
+            per = mid[k] > 0 ? (r1[k] - r0[k]) / mid[k] : 0
+            ng = "nginx" SUBSEP kk[2]
+            ratio = ((ng in mid) && mid[ng] > 0 && r1[ng] > r0[ng]) ? sprintf("%.2f", per / ((r1[ng] - r0[ng]) / mid[ng])) : "-"
+            printf "%-11s %6s %8s %8s %8s %9.1f %10.1f %11.2f %10s\n", kk[1], kk[2], first[k], mid[k], ok[k], r0[k] / 1024, r1[k] / 1024, per, ratio
+        }
+        print "(KiB/stream: RSS growth over the streams open at the sample; complete: streams that got every event)"
+        for (i = 1; i <= n; i++) { k = order[i]; split(k, kk, SUBSEP)
+            if (mid[k] < kk[2]) printf "warning: %s N=%s: only %s streams open at the sample: the others ended first; raise STREAM_EVENTS\n", kk[1], kk[2], mid[k] }
+    }' "$OUT/streams.tsv"
+}
+
 sse() {
     local proxies p round line
     read -r -a proxies <<<"$(available_proxies)"
@@ -509,7 +572,7 @@ main() {
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     local phases=("$@")
     [ ${#phases[@]} -eq 0 ] && phases=(all)
-    [ "${phases[0]}" = all ] && phases=(throughput tls burst sse idle mem scale)
+    [ "${phases[0]}" = all ] && phases=(throughput tls burst sse streams idle mem scale)
     build
     : >"$RESULTS"
     if have openssl; then
@@ -521,7 +584,7 @@ main() {
     log "results in $OUT; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     for phase in "${phases[@]}"; do
         case $phase in
-        throughput | tls | burst | sse | idle | mem | scale) "$phase" ;;
+        throughput | tls | burst | sse | streams | idle | mem | scale) "$phase" ;;
         *) die "unknown phase $phase" ;;
         esac
     done

@@ -140,15 +140,17 @@ pub enum RequestBody {
     Empty,
     /// Fully read and kept: can be sent again.
     Kept(Kept),
-    /// Over the 1 MiB replay limit: relayed as it arrives, so it can be sent only once.
-    Streaming(StreamingBody),
+    /// Boxed, as the kept trailers are: hyper's client channel to each upstream connection
+    /// holds 32 requests' worth of slots (tokio's mpsc block), so every byte of this enum
+    /// costs 32 per connection.
+    Streaming(Box<StreamingBody>),
 }
 
 /// A body read to its end: the bytes and any trailers, replayable.
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
     data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl RequestBody {
@@ -255,13 +257,13 @@ pub(crate) async fn prepare(
         return Ok(RequestBody::Empty);
     }
     if declared.is_some_and(|n| n > REPLAY_LIMIT) {
-        return Ok(RequestBody::Streaming(StreamingBody::new(
+        return Ok(RequestBody::Streaming(Box::new(StreamingBody::new(
             None,
             body,
             limit,
             overflow,
             read_timeout,
-        )));
+        ))));
     }
     let mut kept = BytesMut::new();
     let mut trailers = None;
@@ -277,7 +279,7 @@ pub(crate) async fn prepare(
                     Ok(data) => data,
                     Err(frame) => {
                         // Trailers end the body; keep them for every attempt.
-                        trailers = frame.into_trailers().ok();
+                        trailers = frame.into_trailers().ok().map(Box::new);
                         continue;
                     }
                 };
@@ -287,13 +289,13 @@ pub(crate) async fn prepare(
                     return Err(BodyError::TooLarge);
                 }
                 if kept.len() as u64 > REPLAY_LIMIT {
-                    return Ok(RequestBody::Streaming(StreamingBody::new(
+                    return Ok(RequestBody::Streaming(Box::new(StreamingBody::new(
                         Some(kept.freeze()),
                         body,
                         limit,
                         overflow,
                         read_timeout,
-                    )));
+                    ))));
                 }
             }
         }
@@ -336,7 +338,7 @@ impl Body for RequestBody {
                     k.trailers = trailers;
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                (None, Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                (None, Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(*trailers)))),
                 (None, None) => Poll::Ready(None),
             },
             RequestBody::Streaming(s) => {
@@ -717,7 +719,7 @@ mod kept_tests {
         trailers.insert("grpc-timeout", http::HeaderValue::from_static("1S"));
         let body = RequestBody::Kept(Kept {
             data: Some(Bytes::from_static(b"hello")),
-            trailers: Some(trailers),
+            trailers: Some(Box::new(trailers)),
         });
         for attempt in [
             body.replay().ok_or("not replayable")?,

@@ -28,11 +28,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -74,23 +77,169 @@ impl Limits {
     }
 }
 
-pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+/// hyper's HTTP/1.1 and HTTP/2 server settings for client connections.
+pub struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+/// The server settings of every client connection, from the listener's limits.
+pub fn builder(limits: &Limits) -> Builders {
+    let mut http1 = http1::Builder::new();
     // hyper's own header timer also runs between keep-alive requests (so idle connections
     // were cut at header_read_timeout); IdleIo keeps both clocks instead.
-    b.http1()
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
+        // The head's own limit: the read buffer's cap alone is not one (a head that
+        // arrives while the buffer has just grown can pass it). hyper applies the same
+        // limit to a chunked body's trailers (16 KiB without it).
+        .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
         .keep_alive(true);
-    b.http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_pending_accept_reset_streams(50)
         .max_local_error_reset_streams(100);
-    b
+    Builders { http1, http2 }
+}
+
+/// The HTTP/2 client preface (RFC 9113 §3.4): a connection that opens with it speaks h2c
+/// with prior knowledge (or h2 after ALPN), any other is HTTP/1.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes, as far as they can still be the HTTP/2 preface: 24
+/// bytes that are the preface, or fewer that stop matching it (or the peer closed first).
+/// hyper-util's auto connection does the same, but hands hyper the sniffed bytes in a read
+/// of their own, after which hyper's 8 KiB read buffer doubles to 16 KiB for the
+/// connection's life; [`Rewound`] gives them back together with what follows.
+async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> std::io::Result<([u8; 24], usize)> {
+    let mut buf = [0u8; 24];
+    let mut filled = 0;
+    while filled < buf.len() && buf[..filled] == H2_PREFACE[..filled] {
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok((buf, filled))
+}
+
+/// An IO whose first read returns the sniffed bytes followed, in the same read, by
+/// whatever the socket already holds.
+struct Rewound<I> {
+    sniffed: [u8; 24],
+    start: usize,
+    end: usize,
+    inner: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewound<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.start == this.end {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let n = (this.end - this.start).min(buf.remaining());
+        buf.put_slice(&this.sniffed[this.start..this.start + n]);
+        this.start += n;
+        if this.start == this.end && buf.remaining() > 0 {
+            // The rest of the head, if it is there; an error or nothing yet shows on the
+            // next read, which hyper makes once it has parsed what it got.
+            let mut more = buf.take(buf.remaining());
+            if let Poll::Ready(Ok(())) = Pin::new(&mut this.inner).poll_read(cx, &mut more) {
+                let got = more.filled().len();
+                // SAFETY: `more` borrows `buf`'s unfilled part; the inner read initialised
+                // and filled its first `got` bytes.
+                unsafe { buf.assume_init(got) };
+                buf.advance(got);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewound<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// hyper's connections that can finish their requests in flight and then close.
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+impl<I, B, S, E> Graceful for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self)
+    }
+}
+
+/// Runs `conn` until it ends; when the listener shuts down (or is gone), asks it to finish
+/// its requests in flight and close. The receiver is held until the connection ends:
+/// the listener's shutdown waits for every one (hyper-util's `GracefulShutdown`, which
+/// has no hook for HTTP/1 connections with upgrades outside its auto connection).
+async fn graceful<C: Graceful>(conn: C, mut drain: watch::Receiver<()>) -> hyper::Result<()> {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        biased;
+        done = conn.as_mut() => return done,
+        // A shutdown, or the listener gone: either way, no new requests.
+        _ = drain.changed() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// Serves cleartext HTTP/1.1 and h2c on `listener` until `shutdown` turns true, then
@@ -131,7 +280,8 @@ async fn accept_loop(
     let builder = Arc::new(builder(&limits));
     let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver until it ends; shutdown signals them and waits.
+    let (drain, _) = watch::channel(());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -156,7 +306,7 @@ async fn accept_loop(
             proxy: proxy.clone(),
             limits: limits.clone(),
             builder: builder.clone(),
-            watcher: graceful.watcher(),
+            drain: drain.subscribe(),
         };
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -176,7 +326,8 @@ async fn accept_loop(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+    let _ = drain.send(());
+    if tokio::time::timeout(limits.shutdown_timeout, drain.closed())
         .await
         .is_err()
     {
@@ -188,8 +339,8 @@ async fn accept_loop(
 struct Connection {
     proxy: Proxy,
     limits: Arc<Limits>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    builder: Arc<Builders>,
+    drain: watch::Receiver<()>,
 }
 
 impl Connection {
@@ -201,9 +352,12 @@ impl Connection {
     ) -> Result<(), HandshakeError> {
         // Both preludes share the header read timeout: a client that dawdles before its
         // first request is cut off just like one that dawdles inside it.
+        // Each stage is boxed: the connection's task then holds only the stage it is in,
+        // not the largest of them (11 KiB with the TLS handshake and both serve paths
+        // inline, for every plain connection's life).
         let deadline = self.limits.header_read_timeout;
         if self.limits.proxy_protocol {
-            let (source, stream) = proxy_protocol::read_header(stream, deadline).await?;
+            let (source, stream) = Box::pin(proxy_protocol::read_header(stream, deadline)).await?;
             self.secure(stream, source.unwrap_or(tcp_peer), tls).await
         } else {
             self.secure(stream, tcp_peer, tls).await
@@ -218,16 +372,16 @@ impl Connection {
         let deadline = self.limits.header_read_timeout;
         match tls {
             None => {
-                self.serve(stream, ConnInfo { peer, tls: false }).await;
+                Box::pin(self.serve(stream, ConnInfo { peer, tls: false })).await;
                 Ok(())
             }
             Some(acceptor) => {
-                let stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                let stream = match tokio::time::timeout(deadline, Box::pin(acceptor.accept(stream))).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => return Err(HandshakeError::Tls(e)),
                     Err(_) => return Err(HandshakeError::TlsTimeout(deadline)),
                 };
-                self.serve(stream, ConnInfo { peer, tls: true }).await;
+                Box::pin(self.serve(stream, ConnInfo { peer, tls: true })).await;
                 Ok(())
             }
         }
@@ -246,7 +400,29 @@ impl Connection {
             idle: self.limits.idle_timeout,
             send: self.limits.send_timeout,
         };
-        let (io, activity) = IdleIo::new(io, timeouts);
+        let (mut io, activity) = IdleIo::new(io, timeouts);
+        let mut drain = self.drain;
+        let sniffed = tokio::select! {
+            biased;
+            sniffed = sniff(&mut io) => sniffed,
+            // Shutting down before the first request: nothing to finish (as hyper-util's
+            // auto connection, which cancels its version read).
+            _ = drain.changed() => return,
+        };
+        let (sniffed, end) = match sniffed {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                return;
+            }
+        };
+        let h2 = sniffed[..end] == H2_PREFACE[..];
+        let io = TokioIo::new(Rewound {
+            sniffed,
+            start: 0,
+            end,
+            inner: io,
+        });
         let send_timeout = timeouts.send;
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
@@ -255,7 +431,9 @@ impl Connection {
             // An HTTP/2 stream's window can stay shut while the connection is busy.
             let per_stream = req.version() == http::Version::HTTP_2;
             async move {
-                let resp = proxy.handle(info, req).await;
+                // Boxed: hyper keeps a slot the size of this future for the connection's
+                // life; the request's own state (~3 KiB) is only needed while it runs.
+                let resp = Box::pin(proxy.handle(info, req)).await;
                 if resp
                     .as_ref()
                     .is_ok_and(|r| r.status() == http::StatusCode::SWITCHING_PROTOCOLS)
@@ -275,11 +453,14 @@ impl Connection {
                 })
             }
         });
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        if let Err(e) = self.watcher.watch(conn).await {
+        let served = if h2 {
+            let conn = self.builder.http2.serve_connection(io, service);
+            Box::pin(graceful(conn, drain)).await
+        } else {
+            let conn = self.builder.http1.serve_connection(io, service).with_upgrades();
+            graceful(conn, drain).await
+        };
+        if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
