@@ -179,6 +179,88 @@ pub fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) 
 /// Strings are hashed as written in the body (escapes included). `None` when the body is not
 /// a JSON object or has no prompt text.
 pub fn prefix_key(body: &[u8], limit: usize) -> Option<u64> {
+    // Bodies almost always put the parts in hashing order: hash them in the one walk. The
+    // rest (a `system` after `messages`, `messages` twice, input that walk does not follow)
+    // is located first, then hashed.
+    match prefix_key_in_order(body, limit) {
+        Some(key) => key,
+        None => prefix_key_located(body, limit),
+    }
+}
+
+/// [`prefix_key`] in one walk over the body, hashing each part as the walk passes it:
+/// `None` when that would not give [`prefix_key_located`]'s answer (parts out of hashing
+/// order, `messages` twice, malformed or odd input), so the caller falls back to it.
+/// Locating first cost a second and third pass over the messages (the whole-value skip of
+/// the top-level walk, then per-message and per-field skips while hashing); this pass reads
+/// each byte of the body once.
+fn prefix_key_in_order(body: &[u8], limit: usize) -> Option<Option<u64>> {
+    use crate::forward::json_scan::{object_walk, skip};
+    let mut h = PrefixHasher::new(limit);
+    let (mut system, mut messages, mut prompt) = (false, false, false);
+    object_walk(body, 0, |key, value| {
+        // As `prefix_key_located`: the first `system` / `instructions`, the last `messages`,
+        // the first `prompt` / `input`, hashed in that order.
+        let hash_it = match key {
+            b"system" | b"instructions" if !system => {
+                if messages || prompt {
+                    return None;
+                }
+                system = true;
+                true
+            }
+            b"messages" => {
+                if messages || prompt {
+                    return None;
+                }
+                messages = true;
+                true
+            }
+            b"prompt" | b"input" if !prompt => {
+                prompt = true;
+                true
+            }
+            _ => false,
+        };
+        if hash_it && !h.full() {
+            walk_text(body, value, &mut h, 0)
+        } else {
+            skip(body, value)
+        }
+    })?;
+    Some((h.written > 0).then(|| h.finish()))
+}
+
+/// Hashes what `text` in [`prefix_key_located`] hashes for the value at `at`, and returns the
+/// position after the value (`None`: malformed or odd input; the caller falls back). Each
+/// string is found once (`memchr`) and its first bytes hashed from that slice.
+fn walk_text(b: &[u8], at: usize, h: &mut PrefixHasher, depth: u8) -> Option<usize> {
+    use crate::forward::json_scan::{array_walk, object_walk, skip_strict, string};
+    match b.get(at)? {
+        b'"' => {
+            let (s, end) = string(b, at)?;
+            h.write(s);
+            Some(end)
+        }
+        b'[' if depth <= 2 => array_walk(b, at, |el| match b.get(el)? {
+            _ if h.full() => skip_strict(b, el),
+            b'"' => walk_text(b, el, h, depth + 1),
+            b'{' => object_walk(b, el, |k, v| {
+                if !h.full() && matches!(k, b"content" | b"text") {
+                    walk_text(b, v, h, depth + 1)
+                } else {
+                    skip_strict(b, v)
+                }
+            }),
+            _ => skip_strict(b, el),
+        }),
+        _ => skip_strict(b, at),
+    }
+}
+
+/// [`prefix_key`] by locating the parts with one walk over the top-level fields, then
+/// hashing each: right for any field order.
+fn prefix_key_located(body: &[u8], limit: usize) -> Option<u64> {
     use crate::forward::json_scan::{elements, fields, string, string_prefix};
     // One walk over the top-level fields finds where each part starts.
     let (mut system, mut messages, mut prompt) = (None, None, None);
@@ -543,6 +625,49 @@ mod tests {
                 split.write(&text[cut..]);
                 assert_eq!(split.finish(), whole.clone().finish(), "limit {limit} cut {cut}");
             }
+        }
+    }
+
+    #[test]
+    fn the_one_walk_hashes_what_locating_first_hashes() {
+        let bodies = [
+            chat("You are terse.", "q"),
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"there"}]}]}"#.to_string(),
+            r#"{"system":"sys","messages":[{"role":"user","content":"a\"b\\c"}],"max_tokens":5}"#.to_string(),
+            r#"{"instructions":"sys","input":[{"role":"user","content":"q"},"plain",7,[1,2],{"text":{"content":"deep"}}]}"#.to_string(),
+            r#" { "prompt" : [ "one" , "two" ] , "n" : null , "stop" : [ "\n" ] } "#.to_string(),
+            r#"{"messages":[{"role":"user","content":"x"}],"system":"later"}"#.to_string(),
+            r#"{"messages":[],"messages":[{"content":"second"}]}"#.to_string(),
+            r#"{"input":"q","instructions":"sys","prompt":"p"}"#.to_string(),
+            r#"{"messages":[{"content":"c","weird":tr{ue},{"content":1e5}]}"#.to_string(),
+        ];
+        let mut in_order = 0;
+        for body in &bodies {
+            let b = body.as_bytes();
+            let mut cases: Vec<Vec<u8>> = vec![b.to_vec()];
+            for i in 0..b.len() {
+                cases.push(b[..i].to_vec());
+                for c in *b"\"\\{}[],: x1" {
+                    let mut m = b.to_vec();
+                    m[i] = c;
+                    cases.push(m);
+                }
+            }
+            for case in &cases {
+                for limit in [0, 1, 3, 8, 17, 64, 4096] {
+                    let want = prefix_key_located(case, limit);
+                    if let Some(got) = prefix_key_in_order(case, limit) {
+                        in_order += 1;
+                        assert_eq!(got, want, "{} limit {limit}", String::from_utf8_lossy(case));
+                    }
+                    assert_eq!(prefix_key(case, limit), want);
+                }
+            }
+        }
+        assert!(in_order > 10_000, "the one walk took {in_order} cases");
+        // The usual shapes take the one walk.
+        for body in &bodies[..5] {
+            assert!(prefix_key_in_order(body.as_bytes(), 64).is_some(), "{body}");
         }
     }
 
