@@ -16,11 +16,12 @@
 
 /// An endpoint as affinity sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Candidate<'a> {
+pub struct Candidate {
     /// May take this request (healthy, not shed, not already tried).
     pub eligible: bool,
-    /// Stable identity: the endpoint's URL, the same in every Meridian instance.
-    pub id: &'a str,
+    /// Stable identity: [`endpoint_id`] of the endpoint's URL, the same in every Meridian
+    /// instance (computed once per config, not per request).
+    pub id: u64,
     /// Configured weight: a heavier endpoint owns proportionally more sessions.
     pub weight: f64,
     pub in_flight: u32,
@@ -36,7 +37,7 @@ pub const BOUND: f64 = 1.25;
 pub const SLACK: f64 = 2.0;
 
 /// The session's endpoint: an index into `endpoints`, `None` when none is eligible.
-pub fn pick(session: &[u8], endpoints: &[Candidate<'_>]) -> Option<usize> {
+pub fn pick(session: &[u8], endpoints: &[Candidate]) -> Option<usize> {
     let eligible: Vec<usize> = (0..endpoints.len()).filter(|&i| endpoints[i].eligible).collect();
     if eligible.is_empty() {
         return None;
@@ -93,13 +94,13 @@ pub fn for_request(
     };
     let r = rt.regions.get(region)?;
     let spill = rt.config.spillover.as_ref();
-    let candidates: Vec<Candidate<'_>> = r
+    let candidates: Vec<Candidate> = r
         .endpoints
         .iter()
         .zip(loads)
         .map(|(e, l)| Candidate {
             eligible: l.eligible,
-            id: &e.config.url,
+            id: e.affinity_id,
             weight: f64::from(e.config.weight),
             in_flight: l.in_flight,
             saturated: crate::route::spillover::endpoint_saturated(e.health.signals.current(), spill),
@@ -120,6 +121,11 @@ fn for_prefix(
     body: &[u8],
     prefix: crate::config::PrefixAffinity,
 ) -> Option<Option<usize>> {
+    // With one endpoint or none to take the request, the balancer picks what the hash would:
+    // the body need not be read.
+    if loads.iter().filter(|l| l.eligible).count() <= 1 {
+        return None;
+    }
     let key = prefix_key(body, prefix.prefix_bytes)?;
     let r = rt.regions.get(region)?;
     if r.endpoints.len() > MAX_PREFIX_ENDPOINTS {
@@ -127,7 +133,7 @@ fn for_prefix(
     }
     let mut candidates = [Candidate {
         eligible: false,
-        id: "",
+        id: 0,
         weight: 1.0,
         in_flight: 0,
         saturated: false,
@@ -135,7 +141,7 @@ fn for_prefix(
     for ((slot, e), l) in candidates.iter_mut().zip(&r.endpoints).zip(loads) {
         *slot = Candidate {
             eligible: l.eligible,
-            id: &e.config.url,
+            id: e.affinity_id,
             weight: f64::from(e.config.weight),
             in_flight: l.in_flight,
             saturated: false,
@@ -151,7 +157,7 @@ fn for_prefix(
 /// The prefix's endpoint: the best-ranked eligible endpoint whose in-flight count is within
 /// `max_load_factor` × the mean (this request included), else the best-ranked eligible one.
 /// No allocation.
-pub fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) -> Option<usize> {
+pub fn pick_prefix(key: u64, endpoints: &[Candidate], max_load_factor: f64) -> Option<usize> {
     let (mut total, mut n) = (0u64, 0u32);
     for e in endpoints.iter().filter(|e| e.eligible) {
         total += u64::from(e.in_flight);
@@ -409,9 +415,15 @@ pub fn body_field(body: &[u8], field: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// An endpoint's identity for ranking: its URL hashed. Kept in the runtime so that a pick
+/// does not hash every candidate's URL byte by byte per request.
+pub fn endpoint_id(url: &str) -> u64 {
+    mix(fnv1a(url.as_bytes()))
+}
+
 /// Weighted rendezvous score: `-weight / ln(u)` with `u` uniform in (0, 1) from the hash.
-fn rank(session: u64, e: &Candidate<'_>) -> f64 {
-    let h = mix(session ^ mix(fnv1a(e.id.as_bytes())));
+fn rank(session: u64, e: &Candidate) -> f64 {
+    let h = mix(session ^ e.id);
     // 53 random bits as a fraction, never exactly 0 or 1.
     let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     -e.weight.max(1e-9) / u.ln()
@@ -445,11 +457,11 @@ mod tests {
         "http://10.0.0.4:8000",
     ];
 
-    fn all() -> Vec<Candidate<'static>> {
+    fn all() -> Vec<Candidate> {
         URLS.iter()
-            .map(|id| Candidate {
+            .map(|url| Candidate {
                 eligible: true,
-                id,
+                id: endpoint_id(url),
                 weight: 1.0,
                 in_flight: 0,
                 saturated: false,
@@ -496,7 +508,7 @@ mod tests {
     fn yields_table() -> TestResult {
         let s = b"user-42";
         let home = pick(s, &all()).ok_or("nothing picked")?;
-        let with = |f: &dyn Fn(&mut Candidate<'static>)| {
+        let with = |f: &dyn Fn(&mut Candidate)| {
             let mut e = all();
             f(&mut e[home]);
             pick(s, &e)
