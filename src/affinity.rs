@@ -16,11 +16,12 @@
 
 /// An endpoint as affinity sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Candidate<'a> {
+pub struct Candidate {
     /// May take this request (healthy, not shed, not already tried).
     pub eligible: bool,
-    /// Stable identity: the endpoint's URL, the same in every Meridian instance.
-    pub id: &'a str,
+    /// Stable identity: [`endpoint_id`] of the endpoint's URL, the same in every Meridian
+    /// instance (computed once per config, not per request).
+    pub id: u64,
     /// Configured weight: a heavier endpoint owns proportionally more sessions.
     pub(crate) weight: f64,
     pub(crate) in_flight: u32,
@@ -36,7 +37,7 @@ pub(crate) const BOUND: f64 = 1.25;
 pub(crate) const SLACK: f64 = 2.0;
 
 /// The session's endpoint: an index into `endpoints`, `None` when none is eligible.
-pub fn pick(session: &[u8], endpoints: &[Candidate<'_>]) -> Option<usize> {
+pub fn pick(session: &[u8], endpoints: &[Candidate]) -> Option<usize> {
     let eligible: Vec<usize> = (0..endpoints.len()).filter(|&i| endpoints[i].eligible).collect();
     if eligible.is_empty() {
         return None;
@@ -93,13 +94,13 @@ pub(crate) fn for_request(
     };
     let r = rt.regions.get(region)?;
     let spill = rt.config.spillover.as_ref();
-    let candidates: Vec<Candidate<'_>> = r
+    let candidates: Vec<Candidate> = r
         .endpoints
         .iter()
         .zip(loads)
         .map(|(e, l)| Candidate {
             eligible: l.eligible,
-            id: &e.config.url,
+            id: e.affinity_id,
             weight: f64::from(e.config.weight),
             in_flight: l.in_flight,
             saturated: crate::route::spillover::endpoint_saturated(e.health.signals.current(), spill),
@@ -120,6 +121,11 @@ fn for_prefix(
     body: &[u8],
     prefix: crate::config::PrefixAffinity,
 ) -> Option<Option<usize>> {
+    // With one endpoint or none to take the request, the balancer picks what the hash would:
+    // the body need not be read.
+    if loads.iter().filter(|l| l.eligible).count() <= 1 {
+        return None;
+    }
     let key = prefix_key(body, prefix.prefix_bytes)?;
     let r = rt.regions.get(region)?;
     if r.endpoints.len() > MAX_PREFIX_ENDPOINTS {
@@ -127,7 +133,7 @@ fn for_prefix(
     }
     let mut candidates = [Candidate {
         eligible: false,
-        id: "",
+        id: 0,
         weight: 1.0,
         in_flight: 0,
         saturated: false,
@@ -135,7 +141,7 @@ fn for_prefix(
     for ((slot, e), l) in candidates.iter_mut().zip(&r.endpoints).zip(loads) {
         *slot = Candidate {
             eligible: l.eligible,
-            id: &e.config.url,
+            id: e.affinity_id,
             weight: f64::from(e.config.weight),
             in_flight: l.in_flight,
             saturated: false,
@@ -151,7 +157,7 @@ fn for_prefix(
 /// The prefix's endpoint: the best-ranked eligible endpoint whose in-flight count is within
 /// `max_load_factor` × the mean (this request included), else the best-ranked eligible one.
 /// No allocation.
-pub(crate) fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor: f64) -> Option<usize> {
+pub(crate) fn pick_prefix(key: u64, endpoints: &[Candidate], max_load_factor: f64) -> Option<usize> {
     let (mut total, mut n) = (0u64, 0u32);
     for e in endpoints.iter().filter(|e| e.eligible) {
         total += u64::from(e.in_flight);
@@ -179,6 +185,88 @@ pub(crate) fn pick_prefix(key: u64, endpoints: &[Candidate<'_>], max_load_factor
 /// Strings are hashed as written in the body (escapes included). `None` when the body is not
 /// a JSON object or has no prompt text.
 pub fn prefix_key(body: &[u8], limit: usize) -> Option<u64> {
+    // Bodies almost always put the parts in hashing order: hash them in the one walk. The
+    // rest (a `system` after `messages`, `messages` twice, input that walk does not follow)
+    // is located first, then hashed.
+    match prefix_key_in_order(body, limit) {
+        Some(key) => key,
+        None => prefix_key_located(body, limit),
+    }
+}
+
+/// [`prefix_key`] in one walk over the body, hashing each part as the walk passes it:
+/// `None` when that would not give [`prefix_key_located`]'s answer (parts out of hashing
+/// order, `messages` twice, malformed or odd input), so the caller falls back to it.
+/// Locating first cost a second and third pass over the messages (the whole-value skip of
+/// the top-level walk, then per-message and per-field skips while hashing); this pass reads
+/// each byte of the body once.
+fn prefix_key_in_order(body: &[u8], limit: usize) -> Option<Option<u64>> {
+    use crate::json_scan::{object_walk, skip};
+    let mut h = PrefixHasher::new(limit);
+    let (mut system, mut messages, mut prompt) = (false, false, false);
+    object_walk(body, 0, |key, value| {
+        // As `prefix_key_located`: the first `system` / `instructions`, the last `messages`,
+        // the first `prompt` / `input`, hashed in that order.
+        let hash_it = match key {
+            b"system" | b"instructions" if !system => {
+                if messages || prompt {
+                    return None;
+                }
+                system = true;
+                true
+            }
+            b"messages" => {
+                if messages || prompt {
+                    return None;
+                }
+                messages = true;
+                true
+            }
+            b"prompt" | b"input" if !prompt => {
+                prompt = true;
+                true
+            }
+            _ => false,
+        };
+        if hash_it && !h.full() {
+            walk_text(body, value, &mut h, 0)
+        } else {
+            skip(body, value)
+        }
+    })?;
+    Some((h.written > 0).then(|| h.finish()))
+}
+
+/// Hashes what `text` in [`prefix_key_located`] hashes for the value at `at`, and returns the
+/// position after the value (`None`: malformed or odd input; the caller falls back). Each
+/// string is found once (`memchr`) and its first bytes hashed from that slice.
+fn walk_text(b: &[u8], at: usize, h: &mut PrefixHasher, depth: u8) -> Option<usize> {
+    use crate::json_scan::{array_walk, object_walk, skip_strict, string};
+    match b.get(at)? {
+        b'"' => {
+            let (s, end) = string(b, at)?;
+            h.write(s);
+            Some(end)
+        }
+        b'[' if depth <= 2 => array_walk(b, at, |el| match b.get(el)? {
+            _ if h.full() => skip_strict(b, el),
+            b'"' => walk_text(b, el, h, depth + 1),
+            b'{' => object_walk(b, el, |k, v| {
+                if !h.full() && matches!(k, b"content" | b"text") {
+                    walk_text(b, v, h, depth + 1)
+                } else {
+                    skip_strict(b, v)
+                }
+            }),
+            _ => skip_strict(b, el),
+        }),
+        _ => skip_strict(b, at),
+    }
+}
+
+/// [`prefix_key`] by locating the parts with one walk over the top-level fields, then
+/// hashing each: right for any field order.
+fn prefix_key_located(body: &[u8], limit: usize) -> Option<u64> {
     use crate::json_scan::{elements, fields, string, string_prefix};
     // One walk over the top-level fields finds where each part starts.
     let (mut system, mut messages, mut prompt) = (None, None, None);
@@ -327,9 +415,15 @@ pub fn body_field(body: &[u8], field: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// An endpoint's identity for ranking: its URL hashed. Kept in the runtime so that a pick
+/// does not hash every candidate's URL byte by byte per request.
+pub fn endpoint_id(url: &str) -> u64 {
+    mix(fnv1a(url.as_bytes()))
+}
+
 /// Weighted rendezvous score: `-weight / ln(u)` with `u` uniform in (0, 1) from the hash.
-fn rank(session: u64, e: &Candidate<'_>) -> f64 {
-    let h = mix(session ^ mix(fnv1a(e.id.as_bytes())));
+fn rank(session: u64, e: &Candidate) -> f64 {
+    let h = mix(session ^ e.id);
     // 53 random bits as a fraction, never exactly 0 or 1.
     let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     -e.weight.max(1e-9) / u.ln()
@@ -363,11 +457,11 @@ mod tests {
         "http://10.0.0.4:8000",
     ];
 
-    fn all() -> Vec<Candidate<'static>> {
+    fn all() -> Vec<Candidate> {
         URLS.iter()
-            .map(|id| Candidate {
+            .map(|url| Candidate {
                 eligible: true,
-                id,
+                id: endpoint_id(url),
                 weight: 1.0,
                 in_flight: 0,
                 saturated: false,
@@ -414,7 +508,7 @@ mod tests {
     fn yields_table() -> TestResult {
         let s = b"user-42";
         let home = pick(s, &all()).ok_or("nothing picked")?;
-        let with = |f: &dyn Fn(&mut Candidate<'static>)| {
+        let with = |f: &dyn Fn(&mut Candidate)| {
             let mut e = all();
             f(&mut e[home]);
             pick(s, &e)
@@ -543,6 +637,49 @@ mod tests {
                 split.write(&text[cut..]);
                 assert_eq!(split.finish(), whole.clone().finish(), "limit {limit} cut {cut}");
             }
+        }
+    }
+
+    #[test]
+    fn the_one_walk_hashes_what_locating_first_hashes() {
+        let bodies = [
+            chat("You are terse.", "q"),
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"there"}]}]}"#.to_string(),
+            r#"{"system":"sys","messages":[{"role":"user","content":"a\"b\\c"}],"max_tokens":5}"#.to_string(),
+            r#"{"instructions":"sys","input":[{"role":"user","content":"q"},"plain",7,[1,2],{"text":{"content":"deep"}}]}"#.to_string(),
+            r#" { "prompt" : [ "one" , "two" ] , "n" : null , "stop" : [ "\n" ] } "#.to_string(),
+            r#"{"messages":[{"role":"user","content":"x"}],"system":"later"}"#.to_string(),
+            r#"{"messages":[],"messages":[{"content":"second"}]}"#.to_string(),
+            r#"{"input":"q","instructions":"sys","prompt":"p"}"#.to_string(),
+            r#"{"messages":[{"content":"c","weird":tr{ue},{"content":1e5}]}"#.to_string(),
+        ];
+        let mut in_order = 0;
+        for body in &bodies {
+            let b = body.as_bytes();
+            let mut cases: Vec<Vec<u8>> = vec![b.to_vec()];
+            for i in 0..b.len() {
+                cases.push(b[..i].to_vec());
+                for c in *b"\"\\{}[],: x1" {
+                    let mut m = b.to_vec();
+                    m[i] = c;
+                    cases.push(m);
+                }
+            }
+            for case in &cases {
+                for limit in [0, 1, 3, 8, 17, 64, 4096] {
+                    let want = prefix_key_located(case, limit);
+                    if let Some(got) = prefix_key_in_order(case, limit) {
+                        in_order += 1;
+                        assert_eq!(got, want, "{} limit {limit}", String::from_utf8_lossy(case));
+                    }
+                    assert_eq!(prefix_key(case, limit), want);
+                }
+            }
+        }
+        assert!(in_order > 10_000, "the one walk took {in_order} cases");
+        // The usual shapes take the one walk.
+        for body in &bodies[..5] {
+            assert!(prefix_key_in_order(body.as_bytes(), 64).is_some(), "{body}");
         }
     }
 

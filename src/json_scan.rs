@@ -141,6 +141,71 @@ pub(crate) fn elements(b: &[u8], i: usize, mut f: impl FnMut(usize) -> bool) -> 
     }
 }
 
+/// The position after the value at `i`, as [`skip`] finds it, for a value inside a container
+/// walked element by element ([`object_walk`], [`array_walk`]): `None` also for a bare word
+/// holding `{`, `[` or `"`, which is not JSON and which [`skip`] over the whole container
+/// would count as structure. So a walk that succeeds ends where that [`skip`] ends.
+pub(crate) fn skip_strict(b: &[u8], i: usize) -> Option<usize> {
+    let i = ws(b, i);
+    let end = skip(b, i)?;
+    if !matches!(b[i], b'"' | b'{' | b'[') && b[i..end].iter().any(|c| matches!(c, b'{' | b'[' | b'"')) {
+        return None;
+    }
+    Some(end)
+}
+
+/// Walks the object at `i` field by field: `f(key, value_start)` consumes the value and
+/// returns the position after it (`None` ends the walk). The position after the object;
+/// `None` on malformed input or when `f` gave up.
+pub(crate) fn object_walk<'b>(
+    b: &'b [u8],
+    i: usize,
+    mut f: impl FnMut(&'b [u8], usize) -> Option<usize>,
+) -> Option<usize> {
+    let mut i = ws(b, i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(i + 1);
+    }
+    loop {
+        let (key, next) = string(b, i)?;
+        i = ws(b, next);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = ws(b, f(key, ws(b, i + 1))?);
+        match b.get(i)? {
+            b',' => i = ws(b, i + 1),
+            b'}' => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// Walks the array at `i` element by element: `f(value_start)` consumes the element and
+/// returns the position after it. As [`object_walk`].
+pub(crate) fn array_walk(b: &[u8], i: usize, mut f: impl FnMut(usize) -> Option<usize>) -> Option<usize> {
+    let mut i = ws(b, i);
+    if b.get(i) != Some(&b'[') {
+        return None;
+    }
+    i = ws(b, i + 1);
+    if b.get(i) == Some(&b']') {
+        return Some(i + 1);
+    }
+    loop {
+        i = ws(b, f(i)?);
+        match b.get(i)? {
+            b',' => i = ws(b, i + 1),
+            b']' => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
 /// The raw string value of top-level field `name` of the object `body`.
 pub(crate) fn top_level_string<'b>(body: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
     let mut found = None;

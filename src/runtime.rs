@@ -63,6 +63,8 @@ pub struct EndpointRuntime {
     pub(crate) metrics: crate::observe::metrics::EndpointMetrics,
     /// Request slots, when `upstream.max_connections_per_endpoint` is set.
     pub limit: Option<Arc<crate::forward::limit::EndpointLimit>>,
+    /// [`crate::affinity::endpoint_id`] of the URL, for affinity's ranking.
+    pub affinity_id: u64,
 }
 
 /// The `[fallback]` hosted API as requests see it.
@@ -327,6 +329,7 @@ fn build(
                 EndpointRuntime {
                     metrics: crate::observe::metrics::EndpointMetrics::new(metrics, &r.name, &e.url),
                     limit: upstreams.endpoint_limit(&e.scheme, &e.authority),
+                    affinity_id: crate::affinity::endpoint_id(&e.url),
                     config: e.clone(),
                     health,
                 }
