@@ -14,12 +14,14 @@
 //! endpoint above `max_load_factor` × the region's mean in-flight is skipped. A session
 //! header or body field, when configured and present, wins over the prefix.
 
+use crate::balance::{fnv1a, mix};
+
 /// An endpoint as affinity sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
     /// May take this request (healthy, not shed, not already tried).
     pub eligible: bool,
-    /// Stable identity: [`endpoint_id`] of the endpoint's URL, the same in every Meridian
+    /// Stable identity: the endpoint's [`EndpointId`](crate::health::EndpointId), the same in every Meridian
     /// instance (computed once per config, not per request).
     pub id: u64,
     /// Configured weight: a heavier endpoint owns proportionally more sessions.
@@ -100,7 +102,7 @@ pub(crate) fn for_request(
         .zip(loads)
         .map(|(e, l)| Candidate {
             eligible: l.eligible,
-            id: e.affinity_id,
+            id: e.health.id.0,
             weight: f64::from(e.config.weight),
             in_flight: l.in_flight,
             saturated: crate::route::spillover::endpoint_saturated(e.health.signals.current(), spill),
@@ -141,7 +143,7 @@ fn for_prefix(
     for ((slot, e), l) in candidates.iter_mut().zip(&r.endpoints).zip(loads) {
         *slot = Candidate {
             eligible: l.eligible,
-            id: e.affinity_id,
+            id: e.health.id.0,
             weight: f64::from(e.config.weight),
             in_flight: l.in_flight,
             saturated: false,
@@ -415,12 +417,6 @@ pub fn body_field(body: &[u8], field: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
-/// An endpoint's identity for ranking: its URL hashed. Kept in the runtime so that a pick
-/// does not hash every candidate's URL byte by byte per request.
-pub fn endpoint_id(url: &str) -> u64 {
-    mix(fnv1a(url.as_bytes()))
-}
-
 /// Weighted rendezvous score: `-weight / ln(u)` with `u` uniform in (0, 1) from the hash.
 fn rank(session: u64, e: &Candidate) -> f64 {
     let h = mix(session ^ e.id);
@@ -429,25 +425,10 @@ fn rank(session: u64, e: &Candidate) -> f64 {
     -e.weight.max(1e-9) / u.ln()
 }
 
-/// FNV-1a: stable across builds and platforms, so every instance maps sessions alike.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The murmur3 finaliser: spreads FNV's weak low bits over the whole word.
-fn mix(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::fnv1a;
     use crate::test_fixtures::TestResult;
 
     const URLS: [&str; 4] = [
@@ -461,7 +442,7 @@ mod tests {
         URLS.iter()
             .map(|url| Candidate {
                 eligible: true,
-                id: endpoint_id(url),
+                id: crate::health::EndpointId::of_url(url).0,
                 weight: 1.0,
                 in_flight: 0,
                 saturated: false,

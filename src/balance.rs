@@ -80,6 +80,22 @@ pub(crate) fn pick(endpoints: &[EndpointLoad], mut draw: impl FnMut(usize) -> us
     }
 }
 
+/// FNV-1a: stable across builds and platforms, so every instance maps sessions alike.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The murmur3 finaliser: spreads FNV's weak low bits over the whole word.
+pub(crate) fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

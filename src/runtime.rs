@@ -63,8 +63,6 @@ pub struct EndpointRuntime {
     pub(crate) metrics: crate::observe::metrics::EndpointMetrics,
     /// Request slots, when `upstream.max_connections_per_endpoint` is set.
     pub limit: Option<Arc<crate::forward::limit::EndpointLimit>>,
-    /// [`crate::affinity::endpoint_id`] of the URL, for affinity's ranking.
-    pub affinity_id: u64,
 }
 
 /// The `[fallback]` hosted API as requests see it.
@@ -168,9 +166,9 @@ impl Snapshot {
         health: &Arc<EndpointHealth>,
     ) -> Option<(&crate::config::RegionConfig, &EndpointRuntime)> {
         self.regions.iter().zip(&self.config.regions).find_map(|(r, c)| {
-            r.endpoints
-                .iter()
-                .find(|e| Arc::ptr_eq(&e.health, health))
+            (c.name == health.region)
+                .then(|| r.endpoints.iter().find(|e| e.health.id == health.id))
+                .flatten()
                 .map(|e| (c, e))
         })
     }
@@ -329,7 +327,6 @@ fn build(
                 EndpointRuntime {
                     metrics: crate::observe::metrics::EndpointMetrics::new(metrics, &r.name, &e.url),
                     limit: upstreams.endpoint_limit(&e.scheme, &e.authority),
-                    affinity_id: crate::affinity::endpoint_id(&e.url),
                     config: e.clone(),
                     health,
                 }

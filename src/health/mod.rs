@@ -30,12 +30,28 @@ pub(crate) fn millis(t: Instant) -> u64 {
 /// Marks "no instant" in the atomics below.
 const NEVER: u64 = u64::MAX;
 
+/// An endpoint's identity: its URL hashed (FNV-1a, then the murmur3 finaliser), the same in
+/// every Meridian instance and across reloads. Prefix and session affinity rank endpoints by
+/// it (so every instance sends a prompt to the same endpoint); the background tasks find their
+/// endpoint in a new snapshot by it and the region's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EndpointId(pub u64);
+
+impl EndpointId {
+    /// The id of the endpoint at `url`.
+    pub fn of_url(url: &str) -> EndpointId {
+        EndpointId(crate::balance::mix(crate::balance::fnv1a(url.as_bytes())))
+    }
+}
+
 /// Live state of one endpoint, shared by requests, probes and admin. Kept across config
 /// reloads for endpoints that stay (same region, same URL).
 #[derive(Debug)]
 pub struct EndpointHealth {
     /// The name of the region the endpoint belongs to.
     pub region: String,
+    /// The endpoint's identity, from its URL.
+    pub id: EndpointId,
     pub(crate) url: String,
     in_flight: AtomicU32,
     /// Published copy of `machine.status.serving()`, so picks read atomics, not the lock.
@@ -90,6 +106,7 @@ impl EndpointHealth {
         let now = Instant::now();
         EndpointHealth {
             region: region.to_string(),
+            id: EndpointId::of_url(url),
             url: url.to_string(),
             in_flight: AtomicU32::new(0),
             serving: AtomicBool::new(true),
