@@ -10,8 +10,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use smallvec::SmallVec;
 
@@ -22,6 +22,7 @@ use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
 use crate::forward::breaker::Admission;
 use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::forward::endpoint_get::{to_endpoint, under_base};
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
@@ -894,27 +895,25 @@ fn endpoint_request(
     let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let path_and_query = match target {
         Target::Fallback => rewrite_fallback_path(rt, base, path),
+        // The client's path as parsed: no copy.
         Target::Endpoint { .. } if base.is_empty() => parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        Target::Endpoint { .. } => PathAndQuery::try_from(format!("{base}{path}"))
-            .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?,
+        Target::Endpoint { .. } => {
+            under_base(base, path).map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?
+        }
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = Some(path_and_query);
-    let uri = Uri::from_parts(uri).map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
-
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    *req.version_mut() = match upstream_protocol(upstream.protocol, &parts.headers) {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::Http2 => Version::HTTP_2,
-    };
+    let mut req = to_endpoint(
+        upstream.scheme,
+        upstream.authority,
+        path_and_query,
+        upstream_protocol(upstream.protocol, &parts.headers),
+        parts.method.clone(),
+        body,
+    )
+    .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
     *req.headers_mut() = parts.headers.clone();
     match (target, rt.fallback.as_ref()) {
         (Target::Endpoint { region, .. }, _) => rt.ask_for_load_report(region, req.headers_mut()),
