@@ -184,3 +184,24 @@ async fn unlocated_clients_can_be_refused() {
     let r = get_as(proxy.listen, ips::US, "/").await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn an_endpoint_with_a_base_path_gets_the_request_under_it_probes_too() {
+    let up = FakeUpstream::start("us-east").await.unwrap();
+    let mut config = base_config();
+    config.push_str("[health]\ninterval = \"100ms\"\n\n");
+    let endpoint = format!("{}/serving", up.url());
+    config.push_str(&region("us-east", [39.04, -77.49], &["US"], &[endpoint]));
+    let proxy = Meridian::start(&config);
+    let r = get_as(proxy.listen, ips::US, "/v1/models?limit=2").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.seen();
+    assert_eq!(seen.last().map(|s| s.path.as_str()), Some("/serving/v1/models?limit=2"));
+    // The prober's GET goes under the base path as well (a probe of /health would 404 on a
+    // real server mounted under a prefix).
+    eventually("a probe under the base path", || async {
+        up.seen().iter().any(|s| s.path == "/serving/health")
+    })
+    .await;
+    assert_eq!(up.probes(), 0, "no probe outside the base path");
+}
