@@ -70,6 +70,17 @@ struct Sent {
     health: Option<Arc<EndpointHealth>>,
 }
 
+/// What one attempt came to.
+enum Outcome {
+    /// A response head to relay (unless the planner retries a gateway status, it is final).
+    Answer(Response<Incoming>, Duration, Option<InFlight>, Sent),
+    /// The client's side failed (its body): answered at once, no other endpoint is tried.
+    ClientFault(ProxyError),
+    /// The attempt failed: how, for the planner, and the error the client gets if nothing
+    /// else answers.
+    Failed(Failure, ProxyError),
+}
+
 /// Stable text for a retried 502–504: the status itself is in the access log.
 const GATEWAY_ERROR: &str = "the endpoint answered with a gateway error";
 
@@ -291,37 +302,66 @@ impl Proxy {
             let Some(attempt_body) = body.as_ref().and_then(RequestBody::replay).or_else(|| body.take()) else {
                 break;
             };
-            let span = self.start_attempt_span(&record, tried.len(), &mut parts.headers);
-            let outcome = self.forward(rt, target, &parts, attempt_body).await;
-            let sent = self.sent(rt, target, reason, &mut record, tried.len());
-            self.observe_attempt(rt, &sent, &outcome, span, &mut record);
-            let failure = match outcome {
-                Ok((mut resp, ttfb, inflight)) => {
-                    self.observe_answer(rt, &sent, &mut resp, ttfb);
-                    let gateway = matches!(resp.status().as_u16(), 502..=504);
-                    if !(gateway && attempt::may_retry(Failure::GatewayStatus, tried.len() + 1, &policy)) {
-                        self.answered(rt, plan, &sent, ttfb, &mut record);
-                        return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
-                    }
-                    last_error = Some(ProxyError::UpstreamUnreachable {
-                        region: sent.region,
-                        reason: GATEWAY_ERROR,
-                    });
-                    Failure::GatewayStatus
+            let step = (target, reason, tried.len());
+            let failure = match self
+                .try_target(rt, step, &mut parts, attempt_body, &mut record, &policy, &overflow)
+                .await
+            {
+                Outcome::Answer(resp, ttfb, inflight, sent) => {
+                    self.answered(rt, plan, &sent, ttfb, &mut record);
+                    return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
                 }
-                Err(e) => {
-                    self.observe_error(rt, sent.health.as_deref(), &e);
-                    if let Some(client_fault) = client_fault(rt, &e, &overflow) {
-                        return Ok(self.refuse(client_fault, record, started));
-                    }
-                    last_error = Some(failed(&sent, &e, &mut record));
-                    Failure::Error(e.retry_class())
+                Outcome::ClientFault(fault) => return Ok(self.refuse(fault, record, started)),
+                Outcome::Failed(failure, error) => {
+                    last_error = Some(error);
+                    failure
                 }
             };
             tried.push(Tried { target, failure });
         }
         let err = last_error.unwrap_or(ProxyError::NoRegionAvailable { region: None });
         Ok(self.refuse(err, record, started))
+    }
+
+    /// Sends one attempt (`step`: its target, why it goes there, how many came before) and
+    /// observes what came back: an answer to relay, the client's own fault, or a failure the
+    /// planner weighs for the next attempt.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_target(
+        &self,
+        rt: &Arc<Snapshot>,
+        (target, reason, tried): (Target, Option<FailoverReason>, usize),
+        parts: &mut http::request::Parts,
+        body: RequestBody,
+        record: &mut AccessRecord,
+        policy: &Policy<'_>,
+        overflow: &AtomicBool,
+    ) -> Outcome {
+        let span = self.start_attempt_span(record, tried, &mut parts.headers);
+        let outcome = self.forward(rt, target, parts, body).await;
+        let sent = self.sent(rt, target, reason, record, tried);
+        self.observe_attempt(rt, &sent, &outcome, span, record);
+        match outcome {
+            Ok((mut resp, ttfb, inflight)) => {
+                self.observe_answer(rt, &sent, &mut resp, ttfb);
+                let gateway = matches!(resp.status().as_u16(), 502..=504);
+                if gateway && attempt::may_retry(Failure::GatewayStatus, tried + 1, policy) {
+                    let error = ProxyError::UpstreamUnreachable {
+                        region: sent.region,
+                        reason: GATEWAY_ERROR,
+                    };
+                    return Outcome::Failed(Failure::GatewayStatus, error);
+                }
+                Outcome::Answer(resp, ttfb, inflight, sent)
+            }
+            Err(e) => {
+                self.observe_error(rt, sent.health.as_deref(), &e);
+                match client_fault(rt, &e, overflow) {
+                    Some(fault) => Outcome::ClientFault(fault),
+                    None => Outcome::Failed(Failure::Error(e.retry_class()), failed(&sent, &e, record)),
+                }
+            }
+        }
     }
 
     /// Asks the planner for the next attempt: its target, or the refusal to answer with
