@@ -374,12 +374,7 @@ burst() {
             out=$RUN/burst-$p-$n.out
             taskset -c "$LOAD_CPU" "$BIN_DIR/load_probe" burst "127.0.0.1:${PORT[$p]}" "$n" "$BURST_HOLD" >"$out" &
             probe=$!
-            ready=""
-            for _ in $(seq 1 600); do
-                ready=$(grep -o 'ready [0-9]*' "$out" 2>/dev/null || true)
-                [ -n "$ready" ] && break
-                sleep 0.1
-            done
+            ready=$(wait_ready "$out" 600)
             sleep 1
             rss1=$(mem_kib VmRSS "${PID[$p]}")
             up1=$(upstream_open)
@@ -428,12 +423,7 @@ streams() {
             taskset -c "$LOAD_CPU" "$BIN_DIR/load_probe" streams "127.0.0.1:${PORT[$p]}" "$n" \
                 "$STREAM_EVENTS" "$STREAM_GAP_MS" >"$out" 2>"$RUN/streams-$p-$n.err" &
             probe=$!
-            ready=""
-            for _ in $(seq 1 600); do
-                ready=$(grep -o 'ready [0-9]*' "$out" 2>/dev/null || true)
-                [ -n "$ready" ] && break
-                sleep 0.1
-            done
+            ready=$(wait_ready "$out" 600)
             sleep 1
             rss1=$(mem_kib VmRSS "${PID[$p]}")
             wait "$probe" 2>/dev/null || true
@@ -464,6 +454,18 @@ streams() {
         for (i = 1; i <= n; i++) { k = order[i]; split(k, kk, SUBSEP)
             if (mid[k] < kk[2]) printf "warning: %s N=%s: only %s streams open at the sample: the others ended first; raise STREAM_EVENTS\n", kk[1], kk[2], mid[k] }
     }' "$OUT/streams.tsv"
+}
+
+# Prints the probe's "ready N" line once it is in FILE, polling TRIES times 0.1 s apart
+# (nothing when it never comes).
+wait_ready() {
+    local file=$1 tries=$2 ready=""
+    for _ in $(seq 1 "$tries"); do
+        ready=$(grep -o 'ready [0-9]*' "$file" 2>/dev/null || true)
+        [ -n "$ready" ] && break
+        sleep 0.1
+    done
+    echo "$ready"
 }
 
 sse() {
@@ -511,12 +513,7 @@ idle() {
         fifo=$RUN/idle-$p.out
         "$BIN_DIR/load_probe" idle "127.0.0.1:${PORT[$p]}" "$IDLE_CONNS" 15 >"$fifo" &
         probe=$!
-        ready=""
-        for _ in $(seq 1 300); do
-            ready=$(grep -o 'ready [0-9]*' "$fifo" 2>/dev/null || true)
-            [ -n "$ready" ] && break
-            sleep 0.1
-        done
+        ready=$(wait_ready "$fifo" 300)
         sleep 1
         rss1=$(mem_kib VmRSS "${PID[$p]}")
         wait "$probe" 2>/dev/null || true
