@@ -544,6 +544,11 @@ impl Validator<'_> {
         c
     }
 
+    /// `value` or its `default`, which must be greater than zero.
+    fn positive_or(&mut self, key: &str, value: Option<super::units::Duration>, default: Duration) -> Duration {
+        self.positive(key, value.map_or(default, |d| d.0))
+    }
+
     fn positive(&mut self, key: &str, d: Duration) -> Duration {
         if d.is_zero() {
             self.problem(key, None, "must be greater than zero");
@@ -705,18 +710,9 @@ impl Validator<'_> {
             listen,
             tls,
             proxy_protocol: s.proxy_protocol.unwrap_or(false),
-            request_timeout: self.positive(
-                "server.request_timeout",
-                s.request_timeout.map_or(Duration::from_secs(60), |d| d.0),
-            ),
-            stall_timeout: self.positive(
-                "server.stall_timeout",
-                s.stall_timeout.map_or(Duration::from_secs(30), |d| d.0),
-            ),
-            connect_timeout: self.positive(
-                "server.connect_timeout",
-                s.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
-            ),
+            request_timeout: self.positive_or("server.request_timeout", s.request_timeout, Duration::from_secs(60)),
+            stall_timeout: self.positive_or("server.stall_timeout", s.stall_timeout, Duration::from_secs(30)),
+            connect_timeout: self.positive_or("server.connect_timeout", s.connect_timeout, Duration::from_secs(2)),
             max_request_body: s.max_request_body.map_or(10 << 20, |b| b.0),
             max_buffered_answer: s
                 .max_buffered_answer
@@ -724,22 +720,14 @@ impl Validator<'_> {
             max_header_bytes,
             max_headers: s.max_headers.unwrap_or(100),
             max_uri_bytes: s.max_uri_bytes.map_or(8 << 10, |b| b.0) as usize,
-            header_read_timeout: self.positive(
+            header_read_timeout: self.positive_or(
                 "server.header_read_timeout",
-                s.header_read_timeout.map_or(Duration::from_secs(10), |d| d.0),
+                s.header_read_timeout,
+                Duration::from_secs(10),
             ),
-            idle_timeout: self.positive(
-                "server.idle_timeout",
-                s.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
-            ),
-            body_timeout: self.positive(
-                "server.body_timeout",
-                s.body_timeout.map_or(Duration::from_secs(30), |d| d.0),
-            ),
-            send_timeout: self.positive(
-                "server.send_timeout",
-                s.send_timeout.map_or(Duration::from_secs(60), |d| d.0),
-            ),
+            idle_timeout: self.positive_or("server.idle_timeout", s.idle_timeout, Duration::from_secs(60)),
+            body_timeout: self.positive_or("server.body_timeout", s.body_timeout, Duration::from_secs(30)),
+            send_timeout: self.positive_or("server.send_timeout", s.send_timeout, Duration::from_secs(60)),
             max_connections,
             http2_max_concurrent_streams: s.http2_max_concurrent_streams.unwrap_or(256),
             shutdown_timeout: s.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
@@ -863,8 +851,8 @@ impl Validator<'_> {
     }
 
     fn health(&mut self, h: file::HealthFile) -> HealthConfig {
-        let interval = self.positive("health.interval", h.interval.map_or(Duration::from_secs(2), |d| d.0));
-        let timeout = self.positive("health.timeout", h.timeout.map_or(Duration::from_secs(1), |d| d.0));
+        let interval = self.positive_or("health.interval", h.interval, Duration::from_secs(2));
+        let timeout = self.positive_or("health.timeout", h.timeout, Duration::from_secs(1));
         let path = h.path.unwrap_or_else(|| "/health".into());
         if !path.starts_with('/') {
             self.problem("health.path", None, "must start with '/'");
@@ -900,10 +888,7 @@ impl Validator<'_> {
     }
 
     fn outlier(&mut self, o: file::OutlierFile) -> OutlierConfig {
-        let ejection_time = self.positive(
-            "outlier.ejection_time",
-            o.ejection_time.map_or(Duration::from_secs(30), |d| d.0),
-        );
+        let ejection_time = self.positive_or("outlier.ejection_time", o.ejection_time, Duration::from_secs(30));
         let max_ejection_time = o
             .max_ejection_time
             .map_or(ejection_time.max(Duration::from_secs(300)), |d| d.0);
@@ -916,14 +901,8 @@ impl Validator<'_> {
         }
         OutlierConfig {
             consecutive_errors: o.consecutive_errors.unwrap_or(5),
-            ttfb_threshold: self.positive(
-                "outlier.ttfb_threshold",
-                o.ttfb_threshold.map_or(Duration::from_secs(2), |d| d.0),
-            ),
-            tpot_threshold: self.positive(
-                "outlier.tpot_threshold",
-                o.tpot_threshold.map_or(Duration::from_millis(250), |d| d.0),
-            ),
+            ttfb_threshold: self.positive_or("outlier.ttfb_threshold", o.ttfb_threshold, Duration::from_secs(2)),
+            tpot_threshold: self.positive_or("outlier.tpot_threshold", o.tpot_threshold, Duration::from_millis(250)),
             ejection_time,
             max_ejection_time,
             max_retry_after: o.max_retry_after.map_or(Duration::from_secs(60), |d| d.0),
@@ -1539,10 +1518,7 @@ impl Validator<'_> {
                 }
                 BreakerPolicy {
                     failures,
-                    cool_down: self.positive(
-                        "fallback.breaker.cool_down",
-                        b.cool_down.map_or(defaults.cool_down, |d| d.0),
-                    ),
+                    cool_down: self.positive_or("fallback.breaker.cool_down", b.cool_down, defaults.cool_down),
                 }
             }
             None => defaults,
