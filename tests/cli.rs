@@ -15,26 +15,8 @@ fn meridian(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-const GOOD: &str = r#"[geoip]
-default_region = "us-east"
-
-[[region]]
-name = "us-east"
-location = [39.04, -77.49]
-countries = ["US", "CA"]
-endpoints = ["http://127.0.0.1:8001"]
-
-[[region]]
-name = "uk-south"
-location = [51.51, -0.13]
-countries = ["GB"]
-endpoints = ["http://127.0.0.1:8002"]
-
-[[residency]]
-name = "uk"
-countries = ["GB"]
-regions = ["uk-south"]
-"#;
+/// Two regions and a residency zone, shared with the config's problem tests.
+const GOOD: &str = include_str!("support/two_regions.toml");
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let path = dir.path().join(name);

@@ -4,26 +4,8 @@
 
 use super::Config;
 
-const GOOD: &str = r#"[geoip]
-default_region = "us-east"
-
-[[region]]
-name = "us-east"
-location = [39.04, -77.49]
-countries = ["US", "CA"]
-endpoints = ["http://127.0.0.1:8001"]
-
-[[region]]
-name = "uk-south"
-location = [51.51, -0.13]
-countries = ["GB"]
-endpoints = ["http://127.0.0.1:8002"]
-
-[[residency]]
-name = "uk"
-countries = ["GB"]
-regions = ["uk-south"]
-"#;
+/// Two regions and a residency zone, shared with `tests/cli.rs`.
+const GOOD: &str = include_str!("../../tests/support/two_regions.toml");
 
 /// What, the edit of GOOD (from, to), key path, line (0: not judged), part of the message.
 type Case = (
