@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::route::RouteTable;
+use crate::geo::GeoPoint;
+use crate::route::{Candidate, RoutePlan, RouteTable};
 
 /// Six regions on three continents with two residency zones: `uk` (GB, served only by
 /// uk-south) and `eu` (DE and FR, served by eu-central and eu-west). us-east is the home of
@@ -110,5 +111,28 @@ impl CountingEndpoint {
 impl Drop for CountingEndpoint {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A plan over `regions` in this order (no country, no distances, no rule), in residency zone
+/// `zone` when given, with the fallback allowed when `fallback`.
+pub(crate) fn plan_over(regions: &[usize], zone: Option<usize>, fallback: bool) -> RoutePlan<'static> {
+    RoutePlan {
+        country: None,
+        origin: GeoPoint { lat: 0.0, lon: 0.0 },
+        zone,
+        home: None,
+        sharded: false,
+        fallback,
+        rule: None,
+        candidates: regions
+            .iter()
+            .map(|&region| Candidate {
+                region,
+                distance_km: 0.0,
+                home: false,
+            })
+            .collect::<Vec<_>>()
+            .into(),
     }
 }

@@ -286,14 +286,11 @@ pub fn slow_start_skips(plan: &RoutePlan<'_>, ramp: impl Fn(RegionId) -> f64, mu
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
     use std::cell::Cell;
 
     use proptest::prelude::*;
 
     use super::*;
-    use crate::geo::GeoPoint;
-    use crate::route::Candidate;
 
     /// One region as the fake view sees it.
     #[derive(Debug, Clone)]
@@ -384,23 +381,8 @@ mod tests {
 
     fn plan(regions: &[RegionId], zone: bool, fallback: bool) -> RoutePlan<'static> {
         RoutePlan {
-            country: None,
-            origin: GeoPoint { lat: 0.0, lon: 0.0 },
-            zone: zone.then_some(0),
             home: regions.first().copied(),
-            sharded: false,
-            fallback,
-            rule: None,
-            candidates: Cow::Owned(
-                regions
-                    .iter()
-                    .map(|&region| Candidate {
-                        region,
-                        distance_km: 0.0,
-                        home: false,
-                    })
-                    .collect(),
-            ),
+            ..crate::test_fixtures::plan_over(regions, zone.then_some(0), fallback)
         }
     }
 

@@ -92,8 +92,6 @@ pub fn filter_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::geo::GeoPoint;
-    use crate::route::Candidate;
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
@@ -164,27 +162,7 @@ mod tests {
         }
     }
 
-    fn plan(regions: &[usize], zone: Option<usize>, fallback: bool) -> RoutePlan<'static> {
-        RoutePlan {
-            country: None,
-            origin: GeoPoint { lat: 0.0, lon: 0.0 },
-            zone,
-            home: None,
-            sharded: false,
-            fallback,
-            rule: None,
-            candidates: Cow::Owned(
-                regions
-                    .iter()
-                    .map(|&region| Candidate {
-                        region,
-                        distance_km: 0.0,
-                        home: false,
-                    })
-                    .collect(),
-            ),
-        }
-    }
+    use crate::test_fixtures::plan_over as plan;
 
     #[test]
     fn filter_table() {

@@ -304,7 +304,6 @@ impl fmt::Display for Named<'_, Exemption> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::geo::GeoPoint;
     use std::sync::Arc;
 
     /// The shared world, refusing unlocated clients: the note about them is tested apart.
@@ -412,14 +411,8 @@ mod tests {
         let id = |n: &str| t.config.region_index(n).unwrap_or(usize::MAX);
         let (us, uk) = (id("us-east"), id("uk-south"));
         let plan = |zone: Option<ZoneId>, candidates: Vec<Candidate>, fallback: bool| CountryPlan {
-            country: None,
-            origin: GeoPoint { lat: 0.0, lon: 0.0 },
-            zone,
-            home: None,
-            sharded: false,
-            fallback,
-            rule: None,
             candidates: candidates.into(),
+            ..crate::test_fixtures::plan_over(&[], zone, fallback)
         };
         type Case = (
             &'static str,
