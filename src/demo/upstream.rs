@@ -1,6 +1,6 @@
 //! The demo's model server: one per region on loopback, answering as an OpenAI-compatible
 //! server does. `POST` answers a chat completion (JSON with `usage`, or with
-//! `"stream": true` an SSE stream whose head comes at once and whose tokens follow 40 ms
+//! `"stream": true` an SSE stream whose head comes at once and whose tokens follow, 40 ms
 //! apart, the last chunk carrying `usage`); `GET /v1/models` lists the one model `demo`;
 //! `GET /health` is 200. Tests use their own endpoint with switchable faults
 //! (`tests/support/upstream.rs`); nothing here is meant to fail.
@@ -131,7 +131,9 @@ fn completion(region: &str) -> Response<DemoBody> {
 }
 
 fn stream(region: Arc<str>) -> Response<DemoBody> {
-    let mut gap = tokio::time::interval(TOKEN_GAP);
+    // The head goes at once; the first token only after a gap, as prefill takes on a real
+    // server, then one per gap.
+    let mut gap = tokio::time::interval_at(tokio::time::Instant::now() + TOKEN_GAP, TOKEN_GAP);
     gap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let tokens = TokenStream { region, next: 0, gap };
     let mut resp = Response::new(StreamBody::new(tokens).boxed());
