@@ -21,7 +21,7 @@ use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
 use crate::forward::breaker::Admission;
-use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::forward::client::{Checkin, UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::forward::endpoint_get::{to_endpoint, under_base};
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::rewrite::{self, Forwarding};
@@ -70,10 +70,20 @@ struct Sent {
     health: Option<Arc<EndpointHealth>>,
 }
 
+/// What an answer holds until its body ends: the endpoint's in-flight count and the
+/// connection it came on, given back to the pool when the body is done with it.
+struct Held {
+    _inflight: Option<InFlight>,
+    _conn: Checkin,
+}
+
 /// What one attempt came to.
+// Answers are the common case: boxing them to shrink the rare variants would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     /// A response head to relay (unless the planner retries a gateway status, it is final).
-    Answer(Response<Incoming>, Duration, Option<InFlight>, Sent),
+    Answer(Response<Incoming>, Duration, Held, Sent),
     /// The client's side failed (its body): answered at once, no other endpoint is tried.
     ClientFault(ProxyError),
     /// The attempt failed: how, for the planner, and the error the client gets if nothing
@@ -307,9 +317,9 @@ impl Proxy {
                 .try_target(rt, step, &mut parts, attempt_body, &mut record, &policy, &overflow)
                 .await
             {
-                Outcome::Answer(resp, ttfb, inflight, sent) => {
+                Outcome::Answer(resp, ttfb, held, sent) => {
                     self.answered(rt, plan, &sent, ttfb, &mut record);
-                    return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
+                    return Ok(self.relay(rt, target, resp, record, started, (held, slot), sent.health));
                 }
                 Outcome::ClientFault(fault) => return Ok(self.refuse(fault, record, started)),
                 Outcome::Failed(failure, error) => {
@@ -342,7 +352,7 @@ impl Proxy {
         let sent = self.sent(rt, target, reason, record, tried);
         self.observe_attempt(rt, &sent, &outcome, span, record);
         match outcome {
-            Ok((mut resp, ttfb, inflight)) => {
+            Ok((mut resp, ttfb, held)) => {
                 self.observe_answer(rt, &sent, &mut resp, ttfb);
                 let gateway = matches!(resp.status().as_u16(), 502..=504);
                 if gateway && attempt::may_retry(Failure::GatewayStatus, tried + 1, policy) {
@@ -352,7 +362,7 @@ impl Proxy {
                     };
                     return Outcome::Failed(Failure::GatewayStatus, error);
                 }
-                Outcome::Answer(resp, ttfb, inflight, sent)
+                Outcome::Answer(resp, ttfb, held, sent)
             }
             Err(e) => {
                 self.observe_error(rt, sent.health.as_deref(), &e);
@@ -452,7 +462,7 @@ impl Proxy {
         &self,
         rt: &Snapshot,
         sent: &Sent,
-        outcome: &Result<(Response<Incoming>, Duration, Option<InFlight>), UpstreamError>,
+        outcome: &Result<(Response<Incoming>, Duration, Held), UpstreamError>,
         span: Option<crate::observe::trace::AttemptSpan>,
         record: &mut AccessRecord,
     ) {
@@ -569,7 +579,7 @@ impl Proxy {
         target: Target,
         parts: &http::request::Parts,
         body: RequestBody,
-    ) -> Result<(Response<Incoming>, Duration, Option<InFlight>), UpstreamError> {
+    ) -> Result<(Response<Incoming>, Duration, Held), UpstreamError> {
         let upstream = upstream_of(rt, target)?;
         let req = endpoint_request(rt, target, &upstream, parts, body)?;
         let inflight = match target {
@@ -581,8 +591,17 @@ impl Proxy {
             .pools
             .send(req, upstream.protocol, rt.config.server.request_timeout)
             .await;
+        let resp = resp.map(|(resp, conn)| {
+            (
+                resp,
+                Held {
+                    _inflight: inflight,
+                    _conn: conn,
+                },
+            )
+        });
         if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
-            let ok = resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
+            let ok = resp.as_ref().is_ok_and(|(r, _)| r.status().as_u16() < 500);
             let result = if ok { "ok" } else { "error" };
             self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
             // The client's own broken body says nothing about the fallback.
@@ -596,8 +615,8 @@ impl Proxy {
                 f.breaker.record(ok);
             }
         }
-        let resp = resp?;
-        Ok((resp, sent.elapsed(), inflight))
+        let (resp, held) = resp?;
+        Ok((resp, sent.elapsed(), held))
     }
 
     fn observe_response(&self, rt: &Snapshot, health: &EndpointHealth, resp: &Response<Incoming>, ttfb: Duration) {
@@ -619,7 +638,7 @@ impl Proxy {
         resp: Response<Incoming>,
         mut record: AccessRecord,
         started: Instant,
-        (inflight, slot): (Option<InFlight>, Option<EndpointSlot>),
+        (held, slot): (Held, Option<EndpointSlot>),
         health: Option<Arc<EndpointHealth>>,
     ) -> Response<ResponseBody> {
         let (region_header, metrics) = match target {
@@ -653,7 +672,7 @@ impl Proxy {
             started,
             sent,
             head,
-            _inflight: inflight,
+            _held: held,
             _slot: slot,
             health,
         });
@@ -747,7 +766,7 @@ struct Done {
     /// When the attempt that answered was sent, and its time to the response head.
     sent: Instant,
     head: Duration,
-    _inflight: Option<InFlight>,
+    _held: Held,
     /// The endpoint's request slot: freed when the response body ends or is dropped.
     _slot: Option<EndpointSlot>,
     health: Option<Arc<EndpointHealth>>,

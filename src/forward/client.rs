@@ -19,6 +19,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::RequestBody;
 use super::limit::{CappedConnector, ConnectionCaps, EndpointLimit};
+pub(crate) use super::pool::Checkin;
+use super::pool::{Http1Pool, Http1Settings};
 use crate::config::{EndpointLimitConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::route::attempt::RetryClass;
 
@@ -127,48 +129,56 @@ impl UpstreamError {
     }
 
     fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-        let kind = Self::kind_of(&e);
+        let kind = if e.is_connect() {
+            connect_kind(&e)
+        } else {
+            request_kind(&e)
+        };
         UpstreamError::new(kind, e)
     }
 
-    fn kind_of(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
-        if e.is_connect() {
-            return connect_kind(e);
-        }
-        let mut source = e.source();
-        while let Some(s) = source {
-            if let Some(h) = s.downcast_ref::<hyper::Error>() {
-                if h.is_body_write_aborted() || h.is_user() {
-                    // The body's own error: see whether it is ours.
-                    if let Some(b) = h.source().and_then(|s| s.downcast_ref::<super::body::BodyError>()) {
-                        return body_kind(b);
-                    }
-                }
-                if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                    return UpstreamErrorKind::ResetBeforeHead;
-                }
-                if h.is_parse() {
-                    return UpstreamErrorKind::Protocol;
-                }
-            }
-            if let Some(b) = s.downcast_ref::<super::body::BodyError>() {
-                return body_kind(b);
-            }
-            if let Some(io) = s.downcast_ref::<io::Error>() {
-                if matches!(
-                    io.kind(),
-                    io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::ConnectionAborted
-                        | io::ErrorKind::UnexpectedEof
-                ) {
-                    return UpstreamErrorKind::ResetBeforeHead;
-                }
-            }
-            source = s.source();
-        }
-        UpstreamErrorKind::Protocol
+    /// A request on an open connection failed (the pool's own HTTP/1.1 connections).
+    pub(crate) fn request(e: hyper::Error) -> UpstreamError {
+        let kind = request_kind(&e);
+        UpstreamError::new(kind, e)
     }
+}
+
+/// A failure after the connection was open, by the first cause in the chain that tells.
+fn request_kind(e: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_body_write_aborted() || h.is_user() {
+                // The body's own error: see whether it is ours.
+                if let Some(b) = h.source().and_then(|s| s.downcast_ref::<super::body::BodyError>()) {
+                    return body_kind(b);
+                }
+            }
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return UpstreamErrorKind::ResetBeforeHead;
+            }
+            if h.is_parse() {
+                return UpstreamErrorKind::Protocol;
+            }
+        }
+        if let Some(b) = s.downcast_ref::<super::body::BodyError>() {
+            return body_kind(b);
+        }
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            ) {
+                return UpstreamErrorKind::ResetBeforeHead;
+            }
+        }
+        source = s.source();
+    }
+    UpstreamErrorKind::Protocol
 }
 
 /// A connect failure by its cause: a timeout, a TLS failure, else refused/unreachable.
@@ -233,7 +243,10 @@ pub enum ClientSetupError {
 /// Connection pools to endpoints, one per protocol. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Upstreams {
-    http1: Pool,
+    /// Meridian's own pool: the proxied hot path.
+    http1: Http1Pool,
+    /// hyper-util's client: one multiplexed connection per endpoint, nothing to pool per
+    /// request.
     http2: Pool,
     /// Request slots per endpoint, when `upstream.max_connections_per_endpoint` is set.
     limits: Option<Arc<EndpointLimits>>,
@@ -262,9 +275,17 @@ impl Upstreams {
         let caps = settings
             .limit
             .map(|l| Arc::new(ConnectionCaps::new(l.max_connections, settings.connect_timeout)));
+        let mut http1_tls = (*tls).clone();
+        http1_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Upstreams {
-            http1: pool(settings, tls.clone(), false, caps.clone()),
-            http2: pool(settings, tls, true, caps),
+            http1: Http1Pool::new(Http1Settings {
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.idle_timeout,
+                keepalive: settings.keepalive,
+                tls: Arc::new(http1_tls),
+                caps: caps.clone(),
+            }),
+            http2: pool(settings, tls, caps),
             limits: settings.limit.map(|policy| {
                 Arc::new(EndpointLimits {
                     policy,
@@ -293,17 +314,14 @@ impl Upstreams {
 
     /// Sends one attempt and waits for the response head up to `timeout`, counted from
     /// when the request body has been sent: a client's slow upload is not the endpoint's
-    /// time.
+    /// time. Hold the [`Checkin`] while reading the body: dropping it gives the connection
+    /// back.
     pub(crate) async fn send(
         &self,
         req: Request<RequestBody>,
         protocol: UpstreamProtocol,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let pool = match protocol {
-            UpstreamProtocol::Http1 => &self.http1,
-            UpstreamProtocol::Http2 => &self.http2,
-        };
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
         let body_sent = req.body().sent_signal();
         let deadline = async {
             match body_sent {
@@ -311,9 +329,18 @@ impl Upstreams {
                 None => tokio::time::sleep(timeout).await,
             }
         };
+        let sent = async {
+            match protocol {
+                UpstreamProtocol::Http1 => self.http1.send(req).await,
+                UpstreamProtocol::Http2 => {
+                    let resp = self.http2.request(req).await.map_err(UpstreamError::classify)?;
+                    Ok((resp, Checkin::none()))
+                }
+            }
+        };
         tokio::select! {
             biased;
-            resp = pool.request(req) => resp.map_err(UpstreamError::classify),
+            resp = sent => resp,
             // The bound is in the config; no cause to keep.
             () = deadline => Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout)),
         }
@@ -372,37 +399,27 @@ fn tls_config(
     Ok(Arc::new(config))
 }
 
-fn pool(
-    settings: &PoolSettings,
-    tls: Arc<rustls::ClientConfig>,
-    http2: bool,
-    caps: Option<Arc<ConnectionCaps>>,
-) -> Pool {
+/// The HTTP/2 client: h2 by ALPN over TLS, prior knowledge over plain TCP.
+fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, caps: Option<Arc<ConnectionCaps>>) -> Pool {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     let http = CappedConnector::new(http, caps);
-    // The builder sets ALPN from the enabled versions: h2 for the HTTP/2 pool, http/1.1
-    // for the other, so a TLS endpoint speaks what the pool expects.
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+    // The builder sets ALPN h2 from the enabled version, so a TLS endpoint speaks HTTP/2.
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls).clone())
-        .https_or_http();
-    let connector = if http2 {
-        builder.enable_http2().wrap_connector(http)
-    } else {
-        builder.enable_http1().wrap_connector(http)
-    };
+        .https_or_http()
+        .enable_http2()
+        .wrap_connector(http);
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(settings.idle_timeout)
-        // NGINX's `keepalive N`: a burst's extra connections close as they go idle instead
-        // of staying pooled (and resident) until the idle timeout.
         .pool_max_idle_per_host(settings.keepalive)
-        .http2_only(http2);
+        .http2_only(true);
     builder.build(connector)
 }
 

@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use http::uri::Authority;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -134,16 +135,29 @@ impl ConnectionCaps {
     }
 
     fn semaphore(&self, uri: &Uri) -> Arc<Semaphore> {
-        let key = format!(
-            "{}://{}",
+        self.semaphore_of(
             uri.scheme_str().unwrap_or("http"),
-            uri.authority().map_or("", |a| a.as_str())
-        );
+            uri.authority().map_or("", |a| a.as_str()),
+        )
+    }
+
+    fn semaphore_of(&self, scheme: &str, authority: &str) -> Arc<Semaphore> {
+        let key = format!("{scheme}://{authority}");
         // Only connects come here, never a pooled request: the lock is off the hot path.
         let mut map = self.by_endpoint.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key)
             .or_insert_with(|| Arc::new(Semaphore::new(self.max)))
             .clone()
+    }
+
+    /// A connection permit of the endpoint at `authority`, waiting up to the connect timeout
+    /// for one to be freed.
+    pub(crate) async fn permit(&self, tls: bool, authority: &Authority) -> Result<OwnedSemaphorePermit, CapReached> {
+        let semaphore = self.semaphore_of(if tls { "https" } else { "http" }, authority.as_str());
+        match tokio::time::timeout(self.wait, semaphore.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) | Err(_) => Err(CapReached(self.max)),
+        }
     }
 
     /// Open connections to the endpoint of `uri` now.
@@ -152,6 +166,11 @@ impl ConnectionCaps {
         self.max - self.semaphore(uri).available_permits()
     }
 }
+
+/// No connection permit within the wait: the endpoint already has its cap of connections.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("endpoint connection limit ({0}) reached")]
+pub(crate) struct CapReached(pub usize);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -199,9 +218,7 @@ where
                     let semaphore = caps.semaphore(&uri);
                     match tokio::time::timeout(caps.wait, semaphore.acquire_owned()).await {
                         Ok(Ok(permit)) => Some(permit),
-                        Ok(Err(_)) | Err(_) => {
-                            return Err(format!("endpoint connection limit ({}) reached", caps.max).into());
-                        }
+                        Ok(Err(_)) | Err(_) => return Err(CapReached(caps.max).into()),
                     }
                 }
                 None => None,
