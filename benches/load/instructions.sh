@@ -9,7 +9,7 @@
 # Needs valgrind (apt-get install -y valgrind). Load comes from h2load when it is installed
 # (report mode) or from examples/load_probe (always in --budget mode, so CI needs nothing
 # else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget), CONNS=10,
-# CONFIG_SED.
+# CONFIG_SED, KEEP=1 (keep the callgrind dumps, e.g. for callgrind_annotate --tree=caller).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -31,7 +31,7 @@ cleanup() {
     local pid
     for pid in "${STARTED[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$RUN"
+    if [ -n "${KEEP:-}" ]; then echo "callgrind dumps kept in $RUN" >&2; else rm -rf "$RUN"; fi
 }
 trap cleanup EXIT
 
