@@ -190,13 +190,39 @@ pub fn response_headers(headers: &mut HeaderMap, region: &HeaderValue, attempts:
 
 fn ip_value(ip: IpAddr) -> HeaderValue {
     let mut buf = [0u8; 48];
-    let n = {
-        use std::io::Write;
-        let mut w = &mut buf[..];
-        let _ = write!(w, "{ip}");
-        48 - w.len()
+    let n = match ip {
+        IpAddr::V4(v4) => ipv4_text(v4, &mut buf),
+        IpAddr::V6(_) => {
+            use std::io::Write;
+            let mut w = &mut buf[..];
+            let _ = write!(w, "{ip}");
+            48 - w.len()
+        }
     };
     HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Dotted decimal into `out`, returning its length: the formatter's `Display` costs about
+/// 950 instructions a request (callgrind), this a tenth of that.
+fn ipv4_text(ip: std::net::Ipv4Addr, out: &mut [u8; 48]) -> usize {
+    let mut n = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            out[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            out[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        out[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    n
 }
 
 /// 128 random bits as 32 hex digits.
@@ -252,6 +278,34 @@ mod tests {
         assert_eq!(header(&h, "te"), Some("trailers"));
         assert_eq!(header(&h, "upgrade"), Some("websocket"));
         assert_eq!(header(&h, "connection"), Some("upgrade"));
+    }
+
+    #[test]
+    fn ipv4_text_is_dotted_decimal() {
+        let cases = [
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [10, 0, 0, 1],
+            [100, 20, 3, 0],
+            [1, 99, 109, 250],
+        ];
+        for octets in cases {
+            let ip = std::net::Ipv4Addr::from(octets);
+            let mut buf = [0u8; 48];
+            let n = ipv4_text(ip, &mut buf);
+            assert_eq!(&buf[..n], ip.to_string().as_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ipv4_text_matches_display(bits: u32) {
+            let ip = std::net::Ipv4Addr::from(bits);
+            let mut buf = [0u8; 48];
+            let n = ipv4_text(ip, &mut buf);
+            let shown = ip.to_string();
+            proptest::prop_assert_eq!(&buf[..n], shown.as_bytes());
+        }
     }
 
     #[test]
