@@ -369,6 +369,18 @@ impl Inner {
     }
 }
 
+// An idle connection holds its endpoint (`Conn::endpoint`), which holds the idle stack: a
+// cycle that only emptying the stacks breaks. A pool replaced by a reload closes its idle
+// connections here; connections in use go when their response is done (no pool to return to).
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let endpoints = self.endpoints.get_mut().unwrap_or_else(|p| p.into_inner());
+        for endpoint in endpoints.values() {
+            endpoint.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+}
+
 /// Sweeps until the pool is gone (a reload built another).
 async fn sweep(pool: Weak<Inner>, every: Duration) {
     let mut tick = tokio::time::interval(every);
@@ -434,19 +446,30 @@ mod tests {
     /// A keep-alive HTTP/1.1 endpoint on loopback that counts the connections it accepted
     /// and answers every request `200 ok`; `close_idle` closes a connection after each answer.
     async fn endpoint(close_after_answer: bool) -> std::io::Result<(SocketAddr, Arc<AtomicUsize>)> {
+        let (addr, accepted, _) = endpoint_counting_closes(close_after_answer).await?;
+        Ok((addr, accepted))
+    }
+
+    /// [`endpoint`], also counting the connections Meridian closed.
+    async fn endpoint_counting_closes(
+        close_after_answer: bool,
+    ) -> std::io::Result<(SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>)> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, closes) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let closes = closes.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
                     loop {
                         let Ok(n) = conn.read(&mut buf).await else { return };
                         if n == 0 {
+                            closes.fetch_add(1, Ordering::SeqCst);
                             return;
                         }
                         seen.extend_from_slice(&buf[..n]);
@@ -464,7 +487,7 @@ mod tests {
                 });
             }
         });
-        Ok((addr, accepted))
+        Ok((addr, accepted, closed))
     }
 
     async fn get(pool: &Http1Pool, addr: SocketAddr) -> Result<String, Box<dyn std::error::Error>> {
@@ -486,6 +509,21 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection served all five");
         assert_eq!(pool.inner.idle_count(), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_dropped_pool_closes_its_idle_connections() -> TestResult {
+        let (addr, _, closed) = endpoint_counting_closes(false).await?;
+        let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
+        assert_eq!(get(&pool, addr).await?, "ok");
+        assert_eq!(pool.inner.idle_count(), 1);
+        drop(pool);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while closed.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the idle connection outlived its pool");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(())
     }
 
