@@ -247,11 +247,26 @@ fn check(path: &std::path::Path) -> ExitCode {
             );
         }
     }
-    println!("{}: ok (GeoIP: {})", path.display(), geo.description());
-    print!("{}", meridian::explain::render_table(&table));
-    print!("{}", meridian::explain::render_models(&table.config));
-    print!("{limits}");
-    ExitCode::SUCCESS
+    let mut out = format!("{}: ok (GeoIP: {})\n", path.display(), geo.description());
+    out.push_str(&meridian::explain::render_table(&table));
+    out.push_str(&meridian::explain::render_models(&table.config));
+    out.push_str(&limits.to_string());
+    emit("check", &out)
+}
+
+/// Writes a command's whole output to stdout. A reader that stopped early (`| head`) is a
+/// normal end, as for any Unix filter: no panic, no error.
+fn emit(command: &str, text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meridian {command}: cannot write the output: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The method and headers `meridian route` should match `[[route]]` rules against.
@@ -304,17 +319,18 @@ fn route(
             }
         }
     }
-    if json {
+    let text = if json {
         match serde_json::to_string_pretty(&out) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => s + "\n",
             Err(e) => {
                 eprintln!("meridian route: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
+        let mut text = String::new();
         for (e, ip) in out.iter().zip(ips) {
-            print!("{}", meridian::explain::render_route(e));
+            text.push_str(&meridian::explain::render_route(e));
             // Admission rules this request would be counted by (the IP is the client's).
             if let Ok(client_ip) = ip.parse::<IpAddr>() {
                 let view = meridian::admission::RequestView {
@@ -324,10 +340,13 @@ fn route(
                     model,
                 };
                 for line in meridian::admission::explain(&rules, &view) {
-                    println!("  {line}");
+                    text.push_str("  ");
+                    text.push_str(&line);
+                    text.push('\n');
                 }
             }
         }
-    }
-    ExitCode::SUCCESS
+        text
+    };
+    emit("route", &text)
 }

@@ -97,6 +97,24 @@ fn check_rejects_a_corrupt_geoip_database() {
     );
 }
 
+/// `meridian route ... | head -1`: the reader goes before the output is written.
+#[test]
+fn route_into_a_closed_pipe_ends_quietly() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/meridian.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["route", "-c", example, "81.2.69.142", "8.8.8.8", "1.1.1.1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run meridian");
+    // Closed at once: the config and GeoIP database take far longer to load.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for meridian");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn route_explains_each_address() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/meridian.toml");
