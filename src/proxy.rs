@@ -19,11 +19,14 @@ use crate::admission::{self, Admitted, Limited, RequestView, Verdict};
 use crate::client_ip::{client_ip, is_trusted};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
-use crate::forward::body::{self, BodyError, Completion, RequestBody, ResponseBody, StreamEnd, UpstreamBody};
+use crate::forward::body::{
+    self, BodyError, Completion, EndpointBody, RequestBody, ResponseBody, StreamEnd, UpstreamBody,
+};
 use crate::forward::breaker::Admission;
-use crate::forward::client::{Checkin, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::forward::endpoint_get::{to_endpoint, under_base};
 use crate::forward::limit::{EndpointSlot, Full};
+use crate::forward::pool::PooledEndpoint;
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
 use crate::forward::usage::{self, Scanned, UsageScanner};
@@ -70,20 +73,10 @@ struct Sent {
     health: Option<Arc<EndpointHealth>>,
 }
 
-/// What an answer holds until its body ends: the endpoint's in-flight count and the
-/// connection it came on, given back to the pool when the body is done with it.
-struct Held {
-    _inflight: Option<InFlight>,
-    _conn: Checkin,
-}
-
 /// What one attempt came to.
-// Answers are the common case: boxing them to shrink the rare variants would cost an
-// allocation per request.
-#[allow(clippy::large_enum_variant)]
 enum Outcome {
     /// A response head to relay (unless the planner retries a gateway status, it is final).
-    Answer(Response<Incoming>, Duration, Held, Sent),
+    Answer(Response<EndpointBody>, Duration, Option<InFlight>, Sent),
     /// The client's side failed (its body): answered at once, no other endpoint is tried.
     ClientFault(ProxyError),
     /// The attempt failed: how, for the planner, and the error the client gets if nothing
@@ -317,9 +310,9 @@ impl Proxy {
                 .try_target(rt, step, &mut parts, attempt_body, &mut record, &policy, &overflow)
                 .await
             {
-                Outcome::Answer(resp, ttfb, held, sent) => {
+                Outcome::Answer(resp, ttfb, inflight, sent) => {
                     self.answered(rt, plan, &sent, ttfb, &mut record);
-                    return Ok(self.relay(rt, target, resp, record, started, (held, slot), sent.health));
+                    return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
                 }
                 Outcome::ClientFault(fault) => return Ok(self.refuse(fault, record, started)),
                 Outcome::Failed(failure, error) => {
@@ -352,7 +345,7 @@ impl Proxy {
         let sent = self.sent(rt, target, reason, record, tried);
         self.observe_attempt(rt, &sent, &outcome, span, record);
         match outcome {
-            Ok((mut resp, ttfb, held)) => {
+            Ok((mut resp, ttfb, inflight)) => {
                 self.observe_answer(rt, &sent, &mut resp, ttfb);
                 let gateway = matches!(resp.status().as_u16(), 502..=504);
                 if gateway && attempt::may_retry(Failure::GatewayStatus, tried + 1, policy) {
@@ -362,7 +355,7 @@ impl Proxy {
                     };
                     return Outcome::Failed(Failure::GatewayStatus, error);
                 }
-                Outcome::Answer(resp, ttfb, held, sent)
+                Outcome::Answer(resp, ttfb, inflight, sent)
             }
             Err(e) => {
                 self.observe_error(rt, sent.health.as_deref(), &e);
@@ -462,7 +455,7 @@ impl Proxy {
         &self,
         rt: &Snapshot,
         sent: &Sent,
-        outcome: &Result<(Response<Incoming>, Duration, Held), UpstreamError>,
+        outcome: &Result<(Response<EndpointBody>, Duration, Option<InFlight>), UpstreamError>,
         span: Option<crate::observe::trace::AttemptSpan>,
         record: &mut AccessRecord,
     ) {
@@ -532,7 +525,7 @@ impl Proxy {
 
     /// Health feedback from a response head, and the endpoint's load report (taken out of
     /// the head).
-    fn observe_answer(&self, rt: &Snapshot, sent: &Sent, resp: &mut Response<Incoming>, ttfb: Duration) {
+    fn observe_answer(&self, rt: &Snapshot, sent: &Sent, resp: &mut Response<EndpointBody>, ttfb: Duration) {
         let Some(h) = &sent.health else {
             return;
         };
@@ -579,7 +572,7 @@ impl Proxy {
         target: Target,
         parts: &http::request::Parts,
         body: RequestBody,
-    ) -> Result<(Response<Incoming>, Duration, Held), UpstreamError> {
+    ) -> Result<(Response<EndpointBody>, Duration, Option<InFlight>), UpstreamError> {
         let upstream = upstream_of(rt, target)?;
         let req = endpoint_request(rt, target, &upstream, parts, body)?;
         let inflight = match target {
@@ -589,19 +582,15 @@ impl Proxy {
         let sent = Instant::now();
         let resp = upstream
             .pools
-            .send(req, upstream.protocol, rt.config.server.request_timeout)
-            .await;
-        let resp = resp.map(|(resp, conn)| {
-            (
-                resp,
-                Held {
-                    _inflight: inflight,
-                    _conn: conn,
-                },
+            .send_via(
+                upstream.pooled,
+                req,
+                upstream.protocol,
+                rt.config.server.request_timeout,
             )
-        });
+            .await;
         if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
-            let ok = resp.as_ref().is_ok_and(|(r, _)| r.status().as_u16() < 500);
+            let ok = resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
             let result = if ok { "ok" } else { "error" };
             self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
             // The client's own broken body says nothing about the fallback.
@@ -615,11 +604,11 @@ impl Proxy {
                 f.breaker.record(ok);
             }
         }
-        let (resp, held) = resp?;
-        Ok((resp, sent.elapsed(), held))
+        let resp = resp?;
+        Ok((resp, sent.elapsed(), inflight))
     }
 
-    fn observe_response(&self, rt: &Snapshot, health: &EndpointHealth, resp: &Response<Incoming>, ttfb: Duration) {
+    fn observe_response(&self, rt: &Snapshot, health: &EndpointHealth, resp: &Response<EndpointBody>, ttfb: Duration) {
         let status = resp.status().as_u16();
         if matches!(status, 429 | 503) {
             if let Some(after) = retry_after(resp.headers()) {
@@ -635,10 +624,10 @@ impl Proxy {
         &self,
         rt: &Arc<Snapshot>,
         target: Target,
-        resp: Response<Incoming>,
+        resp: Response<EndpointBody>,
         mut record: AccessRecord,
         started: Instant,
-        (held, slot): (Held, Option<EndpointSlot>),
+        (inflight, slot): (Option<InFlight>, Option<EndpointSlot>),
         health: Option<Arc<EndpointHealth>>,
     ) -> Response<ResponseBody> {
         let (region_header, metrics) = match target {
@@ -672,7 +661,7 @@ impl Proxy {
             started,
             sent,
             head,
-            _held: held,
+            _inflight: inflight,
             _slot: slot,
             health,
         });
@@ -766,7 +755,7 @@ struct Done {
     /// When the attempt that answered was sent, and its time to the response head.
     sent: Instant,
     head: Duration,
-    _held: Held,
+    _inflight: Option<InFlight>,
     /// The endpoint's request slot: freed when the response body ends or is dropped.
     _slot: Option<EndpointSlot>,
     health: Option<Arc<EndpointHealth>>,
@@ -907,6 +896,8 @@ struct Upstream<'a> {
     base: &'a str,
     protocol: UpstreamProtocol,
     pools: &'a Upstreams,
+    /// The endpoint's idle connections, resolved with the config (none for the fallback).
+    pooled: Option<&'a PooledEndpoint>,
 }
 
 fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamError> {
@@ -919,6 +910,7 @@ fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamEr
                 base: e.config.base_path.as_str(),
                 protocol: e.config.protocol,
                 pools: &rt.upstreams,
+                pooled: e.pooled.as_ref(),
             })
         }
         Target::Fallback => {
@@ -937,6 +929,7 @@ fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamEr
                 base: f.config.endpoint.base_path.as_str(),
                 protocol: UpstreamProtocol::Http1,
                 pools: &f.upstreams,
+                pooled: None,
             })
         }
     }

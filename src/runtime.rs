@@ -63,6 +63,8 @@ pub struct EndpointRuntime {
     pub(crate) metrics: crate::observe::metrics::EndpointMetrics,
     /// Request slots, when `upstream.max_connections_per_endpoint` is set.
     pub limit: Option<Arc<crate::forward::limit::EndpointLimit>>,
+    /// Its idle HTTP/1.1 connections in this snapshot's pool.
+    pub(crate) pooled: Option<crate::forward::pool::PooledEndpoint>,
 }
 
 /// The `[fallback]` hosted API as requests see it.
@@ -327,6 +329,7 @@ fn build(
                 EndpointRuntime {
                     metrics: crate::observe::metrics::EndpointMetrics::new(metrics, &r.name, &e.url),
                     limit: upstreams.endpoint_limit(&e.scheme, &e.authority),
+                    pooled: upstreams.pooled_endpoint(&e.scheme, &e.authority),
                     config: e.clone(),
                     health,
                 }

@@ -11,6 +11,8 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+pub use super::h1::{H1Body, H1BodyError};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
@@ -30,7 +32,7 @@ pub enum BodyError {
     Client(#[source] hyper::Error),
     /// Reading the endpoint's response body failed mid-way.
     #[error("upstream body: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] EndpointBodyError),
     /// The endpoint sent no body bytes for `server.stall_timeout`; counts against it.
     #[error("upstream stalled for {0:?}")]
     Stalled(Duration),
@@ -219,6 +221,16 @@ impl RequestBody {
         match self {
             RequestBody::Kept(k) => k.data.as_deref(),
             RequestBody::Empty | RequestBody::Streaming(_) => None,
+        }
+    }
+
+    /// The whole body when it is known whole and has no trailers (none, or kept): what
+    /// Meridian's own HTTP/1.1 exchange sends in one write.
+    pub(crate) fn whole(&self) -> Option<Bytes> {
+        match self {
+            RequestBody::Empty => Some(Bytes::new()),
+            RequestBody::Kept(Kept { data, trailers: None }) => Some(data.clone().unwrap_or_default()),
+            RequestBody::Kept(_) | RequestBody::Streaming(_) => None,
         }
     }
 
@@ -434,9 +446,56 @@ pub trait Completion: Send + 'static {
     fn complete(self: Box<Self>, end: StreamEnd, bytes: u64, scanned: Scanned);
 }
 
+/// An endpoint's response body as it comes off the connection: read by Meridian's own
+/// HTTP/1.1 code, or by hyper's client (HTTP/2, and HTTP/1.1 exchanges with a streamed body
+/// or an upgrade).
+pub enum EndpointBody {
+    /// Read straight off the connection (`forward::h1`).
+    Own(H1Body),
+    /// Read by hyper's client.
+    Hyper(Incoming),
+}
+
+/// Why an endpoint's response body failed mid-way.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointBodyError {
+    /// Meridian's own HTTP/1.1 reading failed.
+    #[error(transparent)]
+    Own(#[from] H1BodyError),
+    /// hyper's client failed.
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+}
+
+impl Body for EndpointBody {
+    type Data = Bytes;
+    type Error = EndpointBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, EndpointBodyError>>> {
+        match self.get_mut() {
+            EndpointBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            EndpointBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            EndpointBody::Own(b) => b.is_end_stream(),
+            EndpointBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            EndpointBody::Own(b) => b.size_hint(),
+            EndpointBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A response body relayed from an endpoint frame by frame, never buffered.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: EndpointBody,
     stall: Pin<Box<Sleep>>,
     stall_timeout: Duration,
     sse: bool,
@@ -453,7 +512,7 @@ impl UpstreamBody {
     /// Relays `inner`, cutting it after `stall_timeout` of silence; `sse` marks an event stream
     /// so a cut can close the event it left open.
     pub fn new(
-        inner: Incoming,
+        inner: EndpointBody,
         stall_timeout: Duration,
         sse: bool,
         scanner: UsageScanner,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,10 +16,9 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::body::RequestBody;
+use super::body::{EndpointBody, RequestBody};
 use super::limit::{CappedConnector, ConnectionCaps, EndpointLimit};
-pub(crate) use super::pool::Checkin;
-use super::pool::{Http1Pool, Http1Settings};
+use super::pool::{Http1Pool, Http1Settings, PooledEndpoint};
 use crate::config::{EndpointLimitConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::route::attempt::RetryClass;
 
@@ -314,14 +312,34 @@ impl Upstreams {
 
     /// Sends one attempt and waits for the response head up to `timeout`, counted from
     /// when the request body has been sent: a client's slow upload is not the endpoint's
-    /// time. Hold the [`Checkin`] while reading the body: dropping it gives the connection
-    /// back.
+    /// time.
     pub(crate) async fn send(
         &self,
         req: Request<RequestBody>,
         protocol: UpstreamProtocol,
         timeout: Duration,
-    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+    ) -> Result<Response<EndpointBody>, UpstreamError> {
+        self.send_via(None, req, protocol, timeout).await
+    }
+
+    /// The idle HTTP/1.1 connections of the endpoint at `scheme://authority`, resolved when a
+    /// config is built so that [`Upstreams::send_via`] needs no lookup per request.
+    pub(crate) fn pooled_endpoint(
+        &self,
+        scheme: &http::uri::Scheme,
+        authority: &http::uri::Authority,
+    ) -> Option<PooledEndpoint> {
+        self.http1.endpoint_of(scheme, authority)
+    }
+
+    /// [`Upstreams::send`] through an endpoint's resolved idle stack.
+    pub(crate) async fn send_via(
+        &self,
+        via: Option<&PooledEndpoint>,
+        req: Request<RequestBody>,
+        protocol: UpstreamProtocol,
+        timeout: Duration,
+    ) -> Result<Response<EndpointBody>, UpstreamError> {
         let body_sent = req.body().sent_signal();
         let deadline = async {
             match body_sent {
@@ -331,10 +349,10 @@ impl Upstreams {
         };
         let sent = async {
             match protocol {
-                UpstreamProtocol::Http1 => self.http1.send(req).await,
+                UpstreamProtocol::Http1 => self.http1.send(req, via).await,
                 UpstreamProtocol::Http2 => {
                     let resp = self.http2.request(req).await.map_err(UpstreamError::classify)?;
-                    Ok((resp, Checkin::none()))
+                    Ok(resp.map(EndpointBody::Hyper))
                 }
             }
         };

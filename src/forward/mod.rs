@@ -1,5 +1,5 @@
 //! Forwarding one attempt to an endpoint: header rewriting (`rewrite`), bodies in flight
-//! (`body`), pooled connections (`client`, HTTP/1.1 in `pool`), upgraded connections (`upgrade`) and the
+//! (`body`), pooled connections (`client`, HTTP/1.1 in `pool` and `h1`), upgraded connections (`upgrade`) and the
 //! fallback's circuit breaker (`breaker`), and what a model answer reports about itself
 //! (`usage`).
 
@@ -7,6 +7,7 @@ pub mod body;
 pub(crate) mod breaker;
 pub(crate) mod client;
 pub(crate) mod endpoint_get;
+pub(crate) mod h1;
 pub(crate) mod inbound;
 pub(crate) mod limit;
 pub(crate) mod pool;

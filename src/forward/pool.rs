@@ -1,31 +1,34 @@
-//! Meridian's own HTTP/1.1 connection pool, on `hyper::client::conn::http1`.
+//! Meridian's own HTTP/1.1 connection pool.
 //!
-//! What hyper-util's legacy client did per request and this pool does not: a task spawned
-//! for every response to wait for its connection to become idle again, a boxed response
-//! future, and a pool key built and hashed twice. Here a connection goes back to its
-//! endpoint's stack when the response body is done with it ([`Checkin`] dropped), and is
-//! checked out newest first (LIFO: the warm connection, the cold ones expire), as NGINX's
-//! upstream `keepalive` does. At most `keepalive` idle connections are kept per endpoint;
-//! one idle longer than `idle_timeout` is closed by a sweep.
+//! Connections are plain sockets (TCP, or TLS over TCP) kept per endpoint, newest first
+//! (LIFO: the warm connection is reused and the cold ones expire), at most `keepalive` idle
+//! per endpoint, as NGINX's upstream `keepalive` does; one idle longer than `idle_timeout`
+//! is closed by a sweep. A request whose body is known whole (none, or kept for replay) is
+//! exchanged by Meridian's own HTTP/1.1 code (`h1`), and its connection comes back when the
+//! response body ends. Anything else (a streamed body, trailers, an upgrade) gets the
+//! connection handed to hyper's client for that one exchange.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::body::RequestBody;
+use super::body::{EndpointBody, RequestBody};
 use super::client::{UpstreamError, UpstreamErrorKind};
+use super::h1;
 use super::limit::ConnectionCaps;
 
 /// Which endpoint a connection belongs to.
@@ -83,11 +86,24 @@ impl PoolKey {
     }
 }
 
-/// An open connection: its request side and the endpoint it goes to.
-struct Conn {
+/// An open connection to an endpoint, with the bytes read from it and not yet used.
+pub(crate) struct Conn {
     endpoint: Arc<Endpoint>,
-    sender: SendRequest<RequestBody>,
+    pub(crate) io: EndpointIo,
+    pub(crate) read_buf: BytesMut,
+    /// The endpoint's connection cap counts this connection until it closes.
+    _permit: Option<OwnedSemaphorePermit>,
 }
+
+/// The socket under a connection: TCP, or TLS over TCP.
+pub(crate) enum EndpointIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// An endpoint's idle stack, resolved once per config (see [`Http1Pool::endpoint_of`]).
+#[derive(Clone)]
+pub(crate) struct PooledEndpoint(Arc<Endpoint>);
 
 /// One endpoint's idle connections, newest last.
 struct Endpoint {
@@ -98,7 +114,7 @@ struct Endpoint {
 
 /// A connection resting in its endpoint's stack.
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -153,37 +169,56 @@ impl Http1Pool {
         }
     }
 
-    /// Sends `req` (absolute URI) on an idle connection to its endpoint, or a new one. A
-    /// pooled connection that closed before the request went out (the endpoint's own idle
-    /// timeout won the race) is replaced by a new one, once: nothing had been sent.
+    /// The idle stack of the endpoint at `scheme://authority`, for a caller to keep (a config's
+    /// endpoint resolves it once, not per request).
+    pub(crate) fn endpoint_of(&self, scheme: &Scheme, authority: &Authority) -> Option<PooledEndpoint> {
+        let tls = match scheme {
+            s if *s == Scheme::HTTPS => true,
+            s if *s == Scheme::HTTP => false,
+            _ => return None,
+        };
+        Some(PooledEndpoint(self.endpoint(PoolKey {
+            tls,
+            authority: authority.clone(),
+        })))
+    }
+
+    /// Sends `req` (absolute URI) on an idle connection to its endpoint, or a new one; `via`:
+    /// the endpoint's idle stack when the caller resolved it (else it is looked up).
     pub(crate) async fn send(
         &self,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
-        let key = PoolKey::of(req.uri())?;
-        // HTTP/1.1 origin form: the endpoint gets the path; the authority is in `Host`.
+        via: Option<&PooledEndpoint>,
+    ) -> Result<Response<EndpointBody>, UpstreamError> {
+        let endpoint = match via {
+            // Only this pool's stacks: one resolved from a pool a reload replaced is not used.
+            Some(PooledEndpoint(e)) if std::ptr::eq(e.pool.as_ptr(), Arc::as_ptr(&self.inner)) => e.clone(),
+            _ => self.endpoint(PoolKey::of(req.uri())?),
+        };
+        let conn = match endpoint.checkout(self.inner.settings.idle_timeout) {
+            Some(conn) => conn,
+            None => self.connect(&endpoint).await?,
+        };
+        let whole = req
+            .body()
+            .whole()
+            .filter(|_| !super::upgrade::is_upgrade(req.headers()));
+        if let Some(body) = whole {
+            let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+            let host = endpoint.key.authority.as_str();
+            let resp = h1::exchange(conn, req.method(), path, req.headers(), host, body).await?;
+            return Ok(resp.map(EndpointBody::Own));
+        }
+        // HTTP/1.1 origin form for hyper: the endpoint gets the path; the authority is in `Host`.
         let path = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or(PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
-        let endpoint = self.endpoint(key);
-        let mut pooled = endpoint.checkout(self.inner.settings.idle_timeout);
-        loop {
-            let reused = pooled.is_some();
-            let mut conn = match pooled.take() {
-                Some(conn) => conn,
-                None => self.connect(&endpoint).await?,
-            };
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Checkin { conn: Some(conn) })),
-                Err(mut e) => match e.take_message() {
-                    Some(back) if reused => req = back,
-                    _ => return Err(UpstreamError::request(e.into_error())),
-                },
-            }
-        }
+        let mut sender = handshake(conn).await?;
+        let resp = sender.send_request(req).await.map_err(UpstreamError::request)?;
+        Ok(resp.map(EndpointBody::Hyper))
     }
 
     /// The endpoint's idle stack, made on first use.
@@ -201,7 +236,7 @@ impl Http1Pool {
         endpoint
     }
 
-    async fn connect(&self, endpoint: &Arc<Endpoint>) -> Result<Conn, UpstreamError> {
+    async fn connect(&self, endpoint: &Arc<Endpoint>) -> Result<Box<Conn>, UpstreamError> {
         let settings = &self.inner.settings;
         let key = &endpoint.key;
         let permit = match &settings.caps {
@@ -216,7 +251,7 @@ impl Http1Pool {
             .await
             .map_err(|_| UpstreamError::bare(UpstreamErrorKind::ConnectTimeout))?
             .map_err(|e| UpstreamError::new(UpstreamErrorKind::ConnectRefused, e))?;
-        let sender = if key.tls {
+        let io = if key.tls {
             let name = ServerName::try_from(key.host().to_string())
                 .map_err(|e| UpstreamError::new(UpstreamErrorKind::Tls, e))?;
             let tls = tokio_rustls::TlsConnector::from(settings.tls.clone());
@@ -224,15 +259,17 @@ impl Http1Pool {
                 .await
                 .map_err(|_| UpstreamError::bare(UpstreamErrorKind::ConnectTimeout))?
                 .map_err(|e| UpstreamError::new(UpstreamErrorKind::Tls, e))?;
-            handshake(stream, permit).await?
+            EndpointIo::Tls(Box::new(stream))
         } else {
-            handshake(tcp, permit).await?
+            EndpointIo::Plain(tcp)
         };
         tracing::debug!(endpoint = %key.authority, tls = key.tls, "endpoint connection opened");
-        Ok(Conn {
+        Ok(Box::new(Conn {
             endpoint: endpoint.clone(),
-            sender,
-        })
+            io,
+            read_buf: BytesMut::new(),
+            _permit: permit,
+        }))
     }
 }
 
@@ -257,18 +294,19 @@ async fn connect_one(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// The HTTP/1.1 handshake; the connection's task drives it (and any upgrade) to its end and
-/// then frees its permit of the endpoint's connection cap.
-async fn handshake<T>(io: T, permit: Option<OwnedSemaphorePermit>) -> Result<SendRequest<RequestBody>, UpstreamError>
-where
-    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
+/// Hands `conn` to hyper's client for one exchange that Meridian's own code does not make (a
+/// streamed body, trailers, an upgrade): hyper's task drives it (and any upgrade) to its
+/// end, then the connection closes and frees its permit of the endpoint's cap.
+async fn handshake(conn: Box<Conn>) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    let Conn {
+        io, _permit: permit, ..
+    } = *conn;
+    let (sender, connection) = http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
+        if let Err(e) = connection.with_upgrades().await {
             tracing::debug!(error = %e, "endpoint connection ended with an error");
         }
         drop(permit);
@@ -276,59 +314,11 @@ where
     Ok(sender)
 }
 
-/// Brings a connection back to its endpoint's idle stack when dropped: hold it for as long
-/// as the response body is read.
-pub(crate) struct Checkin {
-    conn: Option<Conn>,
-}
-
-impl Checkin {
-    /// For a response that came without a pooled HTTP/1 connection (HTTP/2 multiplexes).
-    pub(crate) fn none() -> Checkin {
-        Checkin { conn: None }
-    }
-}
-
-impl Drop for Checkin {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        if conn.sender.is_closed() {
-            return;
-        }
-        if conn.sender.is_ready() {
-            Endpoint::put(conn);
-            return;
-        }
-        // The connection is still finishing the response (its last bytes, or a body dropped
-        // unread, after which hyper closes it): back once it is ready, if it ever is.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if std::future::poll_fn(|cx| conn.sender.poll_ready(cx)).await.is_ok() {
-                    Endpoint::put(conn);
-                }
-            });
-        }
-    }
-}
-
-impl Endpoint {
-    /// The newest idle connection that is still open and fresh.
-    fn checkout(&self, idle_timeout: Duration) -> Option<Conn> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(entry) = idle.pop() {
-            if entry.conn.sender.is_ready() && !expired(entry.since, now, idle_timeout) {
-                return Some(entry.conn);
-            }
-        }
-        None
-    }
-
-    /// Keeps `conn` idle, unless its endpoint already keeps `keepalive` (or the pool is gone).
-    fn put(conn: Conn) {
-        let Some(pool) = conn.endpoint.pool.upgrade() else {
+impl Conn {
+    /// Back to its endpoint's idle stack, unless the endpoint already keeps `keepalive` (or
+    /// the pool is gone): then it closes.
+    pub(crate) fn checkin(self: Box<Self>) {
+        let Some(pool) = self.endpoint.pool.upgrade() else {
             return;
         };
         pool.sweeping.call_once(|| {
@@ -336,15 +326,78 @@ impl Endpoint {
                 runtime.spawn(sweep(Arc::downgrade(&pool), sweep_every(pool.settings.idle_timeout)));
             }
         });
-        let endpoint = conn.endpoint.clone();
+        let endpoint = self.endpoint.clone();
         let mut idle = endpoint.idle.lock().unwrap_or_else(|p| p.into_inner());
         if keep_idle(idle.len(), pool.settings.keepalive) {
             idle.push(Idle {
-                conn,
+                conn: self,
                 since: Instant::now(),
             });
         }
-        // Not kept: dropping its sender lets hyper close the connection.
+    }
+}
+
+impl AsyncRead for EndpointIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            EndpointIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for EndpointIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            EndpointIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            EndpointIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            EndpointIo::Plain(s) => s.is_write_vectored(),
+            EndpointIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            EndpointIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            EndpointIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Endpoint {
+    /// The newest idle connection that is still open and fresh.
+    fn checkout(&self, idle_timeout: Duration) -> Option<Box<Conn>> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(mut entry) = idle.pop() {
+            if !expired(entry.since, now, idle_timeout) && entry.conn.idle_and_open() {
+                return Some(entry.conn);
+            }
+        }
+        None
     }
 }
 
@@ -354,7 +407,7 @@ impl Inner {
         let endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         for endpoint in endpoints.values() {
             let mut idle = endpoint.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|e| !e.conn.sender.is_closed() && !expired(e.since, now, self.settings.idle_timeout));
+            idle.retain_mut(|e| !expired(e.since, now, self.settings.idle_timeout) && e.conn.idle_and_open());
         }
     }
 
@@ -494,9 +547,8 @@ mod tests {
         let mut req = Request::new(RequestBody::Empty);
         *req.uri_mut() = format!("http://{addr}/v1/models").parse()?;
         req.headers_mut().insert(http::header::HOST, addr.to_string().parse()?);
-        let (resp, checkin) = pool.send(req).await?;
+        let resp = pool.send(req, None).await?;
         let body = resp.into_body().collect().await?.to_bytes();
-        drop(checkin);
         Ok(String::from_utf8(body.to_vec())?)
     }
 
@@ -524,6 +576,62 @@ mod tests {
             assert!(Instant::now() < deadline, "the idle connection outlived its pool");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_resolved_endpoint_is_used_only_by_its_own_pool() -> TestResult {
+        let (addr, accepted) = endpoint(false).await?;
+        let authority: Authority = addr.to_string().parse()?;
+        let (ours, other) = (
+            Http1Pool::new(settings(4, Duration::from_secs(30))?),
+            Http1Pool::new(settings(4, Duration::from_secs(30))?),
+        );
+        let resolved = ours.endpoint_of(&Scheme::HTTP, &authority).ok_or("http is pooled")?;
+        assert!(ours.endpoint_of(&"ftp".parse()?, &authority).is_none());
+        for pool in [&ours, &ours, &other] {
+            let mut req = Request::new(RequestBody::Empty);
+            *req.uri_mut() = format!("http://{addr}/").parse()?;
+            pool.send(req, Some(&resolved)).await?.into_body().collect().await?;
+        }
+        // Ours reused its one connection; the other pool ignored a stack not its own.
+        assert_eq!((ours.inner.idle_count(), other.inner.idle_count()), (1, 1));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        Ok(())
+    }
+
+    /// An endpoint that refuses a large body at its head: it answers 413 and closes without
+    /// reading the body, as servers with an upload limit do.
+    #[tokio::test]
+    async fn an_answer_before_the_body_is_all_sent_is_the_response() -> TestResult {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                let _ = conn.write_all(answer).await;
+                // Unread body bytes make this close a reset.
+            }
+        });
+        let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
+        let mut req = Request::new(RequestBody::bytes(bytes::Bytes::from(vec![b'x'; 8 << 20])));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = format!("http://{addr}/v1/files").parse()?;
+        let resp = pool.send(req, None).await?;
+        assert_eq!(resp.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            pool.inner.idle_count(),
+            0,
+            "a connection that broke mid-request is not kept"
+        );
         Ok(())
     }
 
@@ -578,9 +686,7 @@ mod tests {
         let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
         let mut req = Request::new(RequestBody::Empty);
         *req.uri_mut() = format!("http://{addr}/").parse()?;
-        let (resp, checkin) = pool.send(req).await?;
-        drop(checkin);
-        drop(resp);
+        drop(pool.send(req, None).await?);
         // Whatever became of that connection, the next request is answered.
         assert_eq!(get(&pool, addr).await?, "ok");
         assert!(accepted.load(Ordering::SeqCst) <= 2);

@@ -212,7 +212,7 @@ async fn post(client: &Upstreams, url: &str, host: &str, body: Bytes) -> Result<
     if let Ok(h) = HeaderValue::from_str(host) {
         headers.insert(header::HOST, h);
     }
-    let (resp, _conn) = client
+    let resp = client
         .send(req, UpstreamProtocol::Http1, Duration::from_secs(10))
         .await
         .map_err(|e| e.to_string())?;

@@ -132,8 +132,7 @@ async fn probe_once(rt: &Snapshot, health: &Arc<EndpointHealth>) -> Option<Probe
     };
     let sent = rt.upstreams.send(req, endpoint.config.protocol, timeout);
     let outcome = tokio::time::timeout(timeout, async {
-        // The connection goes back to the pool once the body is read.
-        let (resp, _conn) = sent.await.map_err(|e| e.detail())?;
+        let resp = sent.await.map_err(|e| e.detail())?;
         let latency = started.elapsed();
         let status = resp.status();
         // Read the body so the connection can be reused; its content does not matter.

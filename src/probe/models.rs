@@ -45,7 +45,7 @@ pub(crate) async fn discover(rt: &Snapshot, health: &Arc<EndpointHealth>) {
     let timeout = config.probe.timeout.unwrap_or(rt.config.health.timeout);
     let reading = async {
         let req = endpoint_get(&endpoint.config, MODELS_PATH, "meridian-model-discovery")?;
-        let (resp, _conn) = rt
+        let resp = rt
             .upstreams
             .send(req, endpoint.config.protocol, timeout)
             .await

@@ -28,7 +28,7 @@ pub(super) async fn scrape(rt: &Snapshot, health: &Arc<EndpointHealth>) {
     let reading = async {
         let req =
             endpoint_get(&endpoint.config, &config.load.path, "meridian-load-scrape").map_err(LoadError::Fetch)?;
-        let (resp, _conn) = rt
+        let resp = rt
             .upstreams
             .send(req, endpoint.config.protocol, timeout)
             .await

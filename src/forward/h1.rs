@@ -1,0 +1,891 @@
+//! Meridian's own HTTP/1.1 exchange with an endpoint, for the request that is most of an
+//! inference edge's traffic: a head and a body known whole (none, or kept for replay).
+//!
+//! The request goes out in one write; the response head is parsed with `httparse`; the body
+//! is read straight off the connection by whoever reads the body (the client connection's
+//! task), with no task and no channel per upstream connection, as NGINX and Pingora do. A
+//! finished body gives its connection back to the pool itself. Streamed request bodies,
+//! trailers and upgrades still go through hyper's client (`pool`).
+//!
+//! The decisions (framing, chunk decoding, keep-alive) are pure functions over bytes, tested
+//! without sockets; [`H1Body`] only adds the reads.
+
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+
+use super::client::{UpstreamError, UpstreamErrorKind};
+use super::pool::Conn;
+
+/// The largest response head (status line and headers), and trailer section, read from an
+/// endpoint. NGINX's default is one page (`proxy_buffer_size`); model servers send a few
+/// hundred bytes.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// Headers per response head, as hyper's default.
+const MAX_HEADERS: usize = 100;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 8 * 1024;
+/// A chunk-size line longer than this is refused (extensions included).
+const MAX_CHUNK_LINE: usize = 4096;
+/// Bodies up to this size are copied behind the head, so the request is one write (and one
+/// TLS record); larger ones follow it.
+const INLINE_BODY: usize = 16 * 1024;
+
+/// Why an endpoint's response could not be read as HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    /// The status line or a header is not HTTP/1.1.
+    #[error("invalid response head")]
+    Head,
+    /// The response head passed [`MAX_HEAD`] or the header count.
+    #[error("response head too large")]
+    HeadTooLarge,
+    /// `101` to a request that asked for no upgrade.
+    #[error("unexpected 101 Switching Protocols")]
+    UnexpectedSwitch,
+    /// Content-Length values that disagree or do not parse.
+    #[error("invalid content-length")]
+    ContentLength,
+    /// A chunk size line that is not hex digits and extensions, or too long.
+    #[error("invalid chunk size line")]
+    ChunkSize,
+    /// A chunk's data not followed by CRLF.
+    #[error("invalid chunk end")]
+    ChunkEnd,
+    /// Trailers that do not parse or pass [`MAX_HEAD`].
+    #[error("invalid trailers")]
+    Trailers,
+    /// The connection closed before the body's end.
+    #[error("the connection closed before the end of the body")]
+    Incomplete,
+}
+
+/// How a response body is delimited (RFC 9112 §6.3), and where its reading stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyState {
+    /// Bytes still to read of a Content-Length body.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked(Chunk),
+    /// Read to the connection's close (no length given): the connection is not reused.
+    Close,
+    /// The body ended.
+    Done,
+}
+
+/// Where chunked decoding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Bytes still to read of the current chunk.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+}
+
+/// What one decoding step produced.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// A frame to hand on.
+    Frame(Frame<Bytes>),
+    /// The buffer holds no complete step: read more.
+    NeedMore,
+    /// The body ended.
+    End,
+}
+
+/// The body's delimitation and whether the connection may carry another request, from the
+/// request method and the response head.
+pub(crate) fn framing(
+    method: &Method,
+    status: StatusCode,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<(BodyState, bool), FramingError> {
+    let keep_alive = keeps_alive(version, headers);
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((BodyState::Done, keep_alive));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|coding| coding.trim_ascii())
+            .rfind(|coding| !coding.is_empty())
+            .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"));
+        if !chunked_last {
+            // Another coding last: only the close delimits it (RFC 9112 §6.3, rule 4).
+            return Ok((BodyState::Close, false));
+        }
+        // Content-Length beside Transfer-Encoding is ignored, and the connection is not
+        // trusted with another request (rule 3).
+        let both = headers.contains_key(header::CONTENT_LENGTH);
+        return Ok((BodyState::Chunked(Chunk::Size), keep_alive && !both));
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(part.trim_ascii()).ok_or(FramingError::ContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(FramingError::ContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    match length {
+        Some(0) => Ok((BodyState::Done, keep_alive)),
+        Some(n) => Ok((BodyState::Length(n), keep_alive)),
+        None => Ok((BodyState::Close, false)),
+    }
+}
+
+/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
+/// `Connection: keep-alive`.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &[u8]| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    };
+    match version {
+        Version::HTTP_11 => !has(b"close"),
+        _ => has(b"keep-alive"),
+    }
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits
+        .iter()
+        .try_fold(0u64, |n, &d| d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0')))
+}
+
+/// A chunk-size line without its CRLF: hex digits, then nothing or extensions.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, FramingError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    // 15 hex digits keep every size below 2^60: no overflow, and no real chunk is larger.
+    if digits == 0 || digits > 15 {
+        return Err(FramingError::ChunkSize);
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest.starts_with(b";")) {
+        return Err(FramingError::ChunkSize);
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => d - b'A' + 10,
+        };
+        n * 16 + u64::from(v)
+    }))
+}
+
+/// One step of reading a body out of `buf`; data frames share `buf`'s memory.
+pub(crate) fn decode(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, FramingError> {
+    loop {
+        match state {
+            BodyState::Done => return Ok(Step::End),
+            BodyState::Length(0) => {
+                *state = BodyState::Done;
+                return Ok(Step::End);
+            }
+            BodyState::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= take as u64;
+                if *left == 0 {
+                    *state = BodyState::Done;
+                }
+                return Ok(Step::Frame(Frame::data(buf.split_to(take).freeze())));
+            }
+            BodyState::Close => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                return Ok(Step::Frame(Frame::data(buf.split().freeze())));
+            }
+            BodyState::Chunked(chunk) => match chunk {
+                Chunk::Size => {
+                    let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
+                    let Some(lf) = memchr::memchr(b'\n', window) else {
+                        if buf.len() >= MAX_CHUNK_LINE {
+                            return Err(FramingError::ChunkSize);
+                        }
+                        return Ok(Step::NeedMore);
+                    };
+                    let line = window[..lf].strip_suffix(b"\r").ok_or(FramingError::ChunkSize)?;
+                    let size = parse_chunk_size(line)?;
+                    buf.advance(lf + 1);
+                    *chunk = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                }
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *chunk = Chunk::DataEnd;
+                    }
+                    return Ok(Step::Frame(Frame::data(buf.split_to(take).freeze())));
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(FramingError::ChunkEnd);
+                    }
+                    buf.advance(2);
+                    *chunk = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        *state = BodyState::Done;
+                        return Ok(Step::End);
+                    }
+                    let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
+                        if buf.len() > MAX_HEAD {
+                            return Err(FramingError::Trailers);
+                        }
+                        return Ok(Step::NeedMore);
+                    };
+                    let trailers = parse_trailers(&buf[..end + 4])?;
+                    buf.advance(end + 4);
+                    *state = BodyState::Done;
+                    return Ok(Step::Frame(Frame::trailers(trailers)));
+                }
+            },
+        }
+    }
+}
+
+fn parse_trailers(block: &[u8]) -> Result<HeaderMap, FramingError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let parsed = match httparse::parse_headers(block, &mut fields) {
+        Ok(httparse::Status::Complete((_, parsed))) => parsed,
+        _ => return Err(FramingError::Trailers),
+    };
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for field in parsed {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| FramingError::Trailers)?;
+        let value = HeaderValue::from_bytes(field.value).map_err(|_| FramingError::Trailers)?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// A parsed response head: the response (its body still to read) and how to read the body.
+pub(crate) struct Head {
+    pub(crate) response: Response<()>,
+    pub(crate) body: BodyState,
+    pub(crate) keep_alive: bool,
+}
+
+/// Parses a response head off the front of `buf`, skipping interim responses (`100`, `103`);
+/// `None` while the head is incomplete. Header values share the head's memory.
+pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, FramingError> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(FramingError::HeadTooLarge),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(FramingError::HeadTooLarge),
+            Err(_) => return Err(FramingError::Head),
+        };
+        let code = parsed.code.ok_or(FramingError::Head)?;
+        let status = StatusCode::from_u16(code).map_err(|_| FramingError::Head)?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(FramingError::UnexpectedSwitch);
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        // Offsets first: the head is frozen below, and values are slices of it.
+        let base = buf.as_ptr() as usize;
+        let offset = |s: &[u8]| s.as_ptr() as usize - base;
+        let spans: Vec<(Range<usize>, Range<usize>)> = parsed
+            .headers
+            .iter()
+            .map(|f| {
+                let name = offset(f.name.as_bytes());
+                let value = offset(f.value);
+                (name..name + f.name.len(), value..value + f.value.len())
+            })
+            .collect();
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, value) in spans {
+            let name = HeaderName::from_bytes(&head[name]).map_err(|_| FramingError::Head)?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| FramingError::Head)?;
+            headers.append(name, value);
+        }
+        let (body, keep_alive) = framing(method, status, version, &headers)?;
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        return Ok(Some(Head {
+            response,
+            body,
+            keep_alive,
+        }));
+    }
+}
+
+/// The request head in HTTP/1.1 wire form: `path` is the origin form; Content-Length is the
+/// known body's (none for a bodiless GET or HEAD that did not state one), Transfer-Encoding
+/// never (the body is whole); `host` is sent when the headers carry none.
+pub(crate) fn encode_head(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    host: &str,
+    body_len: usize,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + headers.len() * 32 + body.len());
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let stated = headers.contains_key(header::CONTENT_LENGTH);
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE);
+    if body_len > 0 || stated || !bodiless {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa_u64(body_len as u64).as_ref());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Decimal digits of `n` without the formatter.
+fn itoa_u64(mut n: u64) -> impl AsRef<[u8]> {
+    struct Digits([u8; 20], usize);
+    impl AsRef<[u8]> for Digits {
+        fn as_ref(&self) -> &[u8] {
+            &self.0[self.1..]
+        }
+    }
+    let mut d = Digits([0; 20], 20);
+    loop {
+        d.1 -= 1;
+        d.0[d.1] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return d;
+        }
+    }
+}
+
+/// One request on `conn`: the head (with `body` behind it when small), then the response
+/// head. The body is read later through the returned [`H1Body`], which gives the connection
+/// back when it ends.
+pub(crate) async fn exchange(
+    mut conn: Box<Conn>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    host: &str,
+    body: Bytes,
+) -> Result<Response<H1Body>, UpstreamError> {
+    let inline: &[u8] = if body.len() <= INLINE_BODY { &body } else { &[] };
+    let head = encode_head(method, path, headers, host, body.len(), inline);
+    let sent = async {
+        conn.io.write_all(&head).await?;
+        if inline.is_empty() && !body.is_empty() {
+            conn.io.write_all(&body).await?;
+        }
+        conn.io.flush().await
+    };
+    let head = match sent.await {
+        Ok(()) => read_head(&mut conn, method).await?,
+        // An endpoint may answer before the body is all sent (413, then close): that answer,
+        // if it came, is the response; the connection is not reused either way.
+        Err(e) => match read_head(&mut conn, method).await {
+            Ok(head) => Head {
+                keep_alive: false,
+                ..head
+            },
+            Err(_) => return Err(UpstreamError::new(UpstreamErrorKind::ResetBeforeHead, e)),
+        },
+    };
+    let (parts, ()) = head.response.into_parts();
+    let mut body = H1Body {
+        conn: Some(conn),
+        state: head.body,
+        keep_alive: head.keep_alive,
+    };
+    if body.state == BodyState::Done {
+        body.finish();
+    }
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Reads until a whole response head is in, skipping interim responses.
+async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, UpstreamError> {
+    loop {
+        match parse_head(&mut conn.read_buf, method) {
+            Ok(Some(head)) => return Ok(head),
+            Ok(None) => {}
+            Err(e) => return Err(UpstreamError::new(UpstreamErrorKind::Protocol, e)),
+        }
+        match std::future::poll_fn(|cx| conn.poll_fill(cx)).await {
+            Ok(0) => {
+                return Err(UpstreamError::new(
+                    UpstreamErrorKind::ResetBeforeHead,
+                    "the endpoint closed the connection before a response",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(UpstreamError::new(UpstreamErrorKind::ResetBeforeHead, e)),
+        }
+    }
+}
+
+impl Conn {
+    /// Reads more of the endpoint's bytes into the buffer; `Ok(0)` at the connection's end.
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read_buf.capacity() - self.read_buf.len() < READ_SIZE / 4 {
+            self.read_buf.reserve(READ_SIZE);
+        }
+        let spare = self.read_buf.spare_capacity_mut();
+        let mut read = ReadBuf::uninit(spare);
+        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                // SAFETY: `poll_read` initialised the first `n` spare bytes.
+                unsafe { self.read_buf.set_len(self.read_buf.len() + n) };
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// True unless the endpoint closed the idle connection or sent something unasked: a
+    /// read that would block is the only good answer. No syscall when the socket reported
+    /// nothing since the last read.
+    pub(crate) fn idle_and_open(&mut self) -> bool {
+        if !self.read_buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut read = ReadBuf::new(&mut probe);
+        Pin::new(&mut self.io).poll_read(&mut cx, &mut read).is_pending()
+    }
+}
+
+/// Why reading an endpoint's response body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1BodyError {
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The bytes are not a body of the framing the head announced.
+    #[error("{0}")]
+    Framing(#[from] FramingError),
+}
+
+/// A response body read straight off its connection; the connection goes back to its pool
+/// when the body ends cleanly, and is closed if it is dropped before.
+pub struct H1Body {
+    /// Boxed since connect: it moves between the pool and bodies as a pointer.
+    conn: Option<Box<Conn>>,
+    state: BodyState,
+    keep_alive: bool,
+}
+
+impl H1Body {
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(conn) = self.conn.take() {
+            // Bytes past the body's end would be read as the next response: not reused.
+            if self.keep_alive && conn.read_buf.is_empty() {
+                conn.checkin();
+            }
+        }
+    }
+
+    fn fail(&mut self, e: H1BodyError) -> Poll<Option<Result<Frame<Bytes>, H1BodyError>>> {
+        self.state = BodyState::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = H1BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match decode(&mut this.state, &mut conn.read_buf) {
+                Ok(Step::Frame(frame)) => {
+                    if this.state == BodyState::Done {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {}
+                Err(e) => return this.fail(e.into()),
+            }
+            match conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) if this.state == BodyState::Close => {
+                    this.keep_alive = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => return this.fail(FramingError::Incomplete.into()),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(e.into()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == BodyState::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Length(n) => SizeHint::with_exact(n),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    /// Method, status, version, headers; the framing expected.
+    type FramingCase<'a> = (
+        &'a Method,
+        StatusCode,
+        Version,
+        &'a [(&'a str, &'a str)],
+        Result<(BodyState, bool), FramingError>,
+    );
+
+    /// Bytes on the wire; the body expected.
+    type DecodeCase<'a> = (&'a [u8], Result<&'a [u8], FramingError>);
+
+    #[test]
+    fn framing_table() {
+        use BodyState::*;
+        let get = Method::GET;
+        let ok = StatusCode::OK;
+        let h11 = Version::HTTP_11;
+        let cases: &[FramingCase] = &[
+            (&get, ok, h11, &[("content-length", "12")], Ok((Length(12), true))),
+            (&get, ok, h11, &[("content-length", "0")], Ok((Done, true))),
+            (&get, ok, h11, &[("content-length", "5, 5")], Ok((Length(5), true))),
+            (
+                &get,
+                ok,
+                h11,
+                &[("content-length", "5"), ("content-length", "6")],
+                Err(FramingError::ContentLength),
+            ),
+            (
+                &get,
+                ok,
+                h11,
+                &[("content-length", "-1")],
+                Err(FramingError::ContentLength),
+            ),
+            (
+                &get,
+                ok,
+                h11,
+                &[("content-length", "")],
+                Err(FramingError::ContentLength),
+            ),
+            (
+                &get,
+                ok,
+                h11,
+                &[("transfer-encoding", "chunked")],
+                Ok((Chunked(Chunk::Size), true)),
+            ),
+            (
+                &get,
+                ok,
+                h11,
+                &[("transfer-encoding", "gzip, Chunked")],
+                Ok((Chunked(Chunk::Size), true)),
+            ),
+            (
+                &get,
+                ok,
+                h11,
+                &[("transfer-encoding", "chunked, gzip")],
+                Ok((Close, false)),
+            ),
+            // Both: Transfer-Encoding wins and the connection is not reused.
+            (
+                &get,
+                ok,
+                h11,
+                &[("transfer-encoding", "chunked"), ("content-length", "3")],
+                Ok((Chunked(Chunk::Size), false)),
+            ),
+            (&get, ok, h11, &[], Ok((Close, false))),
+            (
+                &get,
+                ok,
+                h11,
+                &[("connection", "close"), ("content-length", "2")],
+                Ok((Length(2), false)),
+            ),
+            (
+                &get,
+                ok,
+                Version::HTTP_10,
+                &[("content-length", "2")],
+                Ok((Length(2), false)),
+            ),
+            (
+                &get,
+                ok,
+                Version::HTTP_10,
+                &[("connection", "Keep-Alive"), ("content-length", "2")],
+                Ok((Length(2), true)),
+            ),
+            (&Method::HEAD, ok, h11, &[("content-length", "100")], Ok((Done, true))),
+            (&get, StatusCode::NO_CONTENT, h11, &[], Ok((Done, true))),
+            (
+                &get,
+                StatusCode::NOT_MODIFIED,
+                h11,
+                &[("content-length", "100")],
+                Ok((Done, true)),
+            ),
+        ];
+        for (method, status, version, pairs, want) in cases {
+            let got = framing(method, *status, *version, &headers(pairs));
+            assert_eq!(&got, want, "{method} {status} {version:?} {pairs:?}");
+        }
+    }
+
+    /// Feeds `wire` to the decoder in pieces of `step` bytes, as reads would deliver it.
+    fn decode_all(
+        mut state: BodyState,
+        wire: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>), FramingError> {
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        let mut fed = 0;
+        loop {
+            match decode(&mut state, &mut buf)? {
+                Step::Frame(f) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                },
+                Step::End => return Ok((data, trailers)),
+                Step::NeedMore if fed < wire.len() => {
+                    let end = (fed + step).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+                Step::NeedMore if state == BodyState::Close => return Ok((data, trailers)),
+                Step::NeedMore => return Err(FramingError::Incomplete),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_any_split() {
+        let chunked = BodyState::Chunked(Chunk::Size);
+        let cases: &[DecodeCase] = &[
+            (b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", Ok(b"hello world")),
+            (b"A;name=value\r\n0123456789\r\n0\r\n\r\n", Ok(b"0123456789")),
+            (b"a \r\n0123456789\r\n0\r\n\r\n", Ok(b"0123456789")),
+            (b"0\r\n\r\n", Ok(b"")),
+            (b"5\r\nhelloXX0\r\n\r\n", Err(FramingError::ChunkEnd)),
+            (b"5\nhello\r\n0\r\n\r\n", Err(FramingError::ChunkSize)),
+            (b"-5\r\nhello\r\n0\r\n\r\n", Err(FramingError::ChunkSize)),
+            (b"0x5\r\nhello\r\n0\r\n\r\n", Err(FramingError::ChunkSize)),
+            (b"1000000000000000\r\n", Err(FramingError::ChunkSize)),
+            (b"5\r\nhel", Err(FramingError::Incomplete)),
+        ];
+        for (wire, want) in cases {
+            for step in [1, 2, 3, 7, wire.len().max(1)] {
+                let got = decode_all(chunked, wire, step).map(|(d, _)| d);
+                let want = want.map(<[u8]>::to_vec);
+                assert_eq!(got, want, "{:?} in steps of {step}", String::from_utf8_lossy(wire));
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_trailers_become_a_trailers_frame() -> Result<(), FramingError> {
+        let wire = b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\nx-usage: 12\r\n\r\n";
+        for step in [1, 5, wire.len()] {
+            let (data, trailers) = decode_all(BodyState::Chunked(Chunk::Size), wire, step)?;
+            assert_eq!(data, b"abc");
+            let trailers = trailers.ok_or(FramingError::Trailers)?;
+            assert_eq!(trailers.get("x-usage").map(|v| v.as_bytes()), Some(&b"12"[..]));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_chunk_line_without_end_is_refused_at_its_limit() {
+        let wire = vec![b'1'; MAX_CHUNK_LINE + 10];
+        assert_eq!(
+            decode_all(BodyState::Chunked(Chunk::Size), &wire, wire.len()).err(),
+            Some(FramingError::ChunkSize)
+        );
+    }
+
+    #[test]
+    fn length_and_close_bodies() {
+        assert_eq!(
+            decode_all(BodyState::Length(5), b"hello", 2).ok().map(|(d, _)| d),
+            Some(b"hello".to_vec())
+        );
+        assert_eq!(
+            decode_all(BodyState::Length(6), b"hello", 2).err(),
+            Some(FramingError::Incomplete)
+        );
+        assert_eq!(
+            decode_all(BodyState::Close, b"to the end", 3).ok().map(|(d, _)| d),
+            Some(b"to the end".to_vec())
+        );
+        // A Length body never takes the next response's bytes.
+        let mut buf = BytesMut::from(&b"helloHTTP/1.1"[..]);
+        let mut state = BodyState::Length(5);
+        assert!(matches!(decode(&mut state, &mut buf), Ok(Step::Frame(_))));
+        assert_eq!((state, &buf[..]), (BodyState::Done, &b"HTTP/1.1"[..]));
+    }
+
+    #[test]
+    fn response_heads_parse_skip_interim_and_refuse_garbage() {
+        let get = Method::GET;
+        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\n"[..]);
+        let head = parse_head(&mut buf, &get)
+            .ok()
+            .flatten()
+            .map(|h| (h.response.status(), h.body, h.keep_alive));
+        assert_eq!(head, Some((StatusCode::OK, BodyState::Chunked(Chunk::Size), true)));
+        assert_eq!(&buf[..], b"5\r\n", "the body's bytes stay in the buffer");
+
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(matches!(parse_head(&mut partial, &get), Ok(None)));
+        let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
+        assert_eq!(parse_head(&mut garbage, &get).err(), Some(FramingError::Head));
+        let mut switch = BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..]);
+        assert_eq!(
+            parse_head(&mut switch, &get).err(),
+            Some(FramingError::UnexpectedSwitch)
+        );
+        let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
+        huge.extend_from_slice(&vec![b'x'; MAX_HEAD]);
+        assert_eq!(parse_head(&mut huge, &get).err(), Some(FramingError::HeadTooLarge));
+    }
+
+    #[test]
+    fn request_heads_state_the_known_body() {
+        let h = headers(&[
+            ("host", "api.example"),
+            ("content-length", "999"),
+            ("transfer-encoding", "chunked"),
+            ("x-request-id", "abc"),
+        ]);
+        let wire = encode_head(&Method::POST, "/v1/chat/completions", &h, "10.0.0.1:8000", 2, b"{}");
+        let text = String::from_utf8_lossy(&wire);
+        assert!(text.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"), "{text}");
+        assert!(
+            text.contains("\r\nhost: api.example\r\n") && !text.contains("10.0.0.1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\r\ncontent-length: 2\r\n") && !text.contains("999"),
+            "{text}"
+        );
+        assert!(!text.contains("transfer-encoding"), "{text}");
+        assert!(text.ends_with("\r\n\r\n{}"), "{text}");
+
+        let wire = encode_head(&Method::GET, "/health", &HeaderMap::new(), "10.0.0.1:8000", 0, b"");
+        assert_eq!(&wire[..], b"GET /health HTTP/1.1\r\nhost: 10.0.0.1:8000\r\n\r\n");
+        let wire = encode_head(&Method::POST, "/x", &HeaderMap::new(), "h", 0, b"");
+        assert!(String::from_utf8_lossy(&wire).contains("content-length: 0\r\n"));
+        for n in [0u64, 7, 10, 65_536, u64::MAX] {
+            assert_eq!(itoa_u64(n).as_ref(), n.to_string().as_bytes());
+        }
+    }
+}
