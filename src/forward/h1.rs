@@ -9,6 +9,12 @@
 //!
 //! The decisions (framing, chunk decoding, keep-alive) are pure functions over bytes, tested
 //! without sockets; [`H1Body`] only adds the reads.
+//!
+//! One difference from hyper's client: the response is read once the request is written. An
+//! endpoint that answers early and closes (413 on a large upload) is still heard, because a
+//! failed write is followed by a read; one that answers early but neither reads nor closes
+//! holds a body larger than the socket buffers (kept bodies are at most 1 MiB) until
+//! `server.request_timeout`.
 
 use std::io;
 use std::ops::Range;
@@ -43,7 +49,7 @@ pub enum FramingError {
     /// The status line or a header is not HTTP/1.1.
     #[error("invalid response head")]
     Head,
-    /// The response head passed [`MAX_HEAD`] or the header count.
+    /// The response head passed 64 KiB or 100 headers.
     #[error("response head too large")]
     HeadTooLarge,
     /// `101` to a request that asked for no upgrade.
@@ -58,7 +64,7 @@ pub enum FramingError {
     /// A chunk's data not followed by CRLF.
     #[error("invalid chunk end")]
     ChunkEnd,
-    /// Trailers that do not parse or pass [`MAX_HEAD`].
+    /// Trailers that do not parse or pass 64 KiB.
     #[error("invalid trailers")]
     Trailers,
     /// The connection closed before the body's end.
@@ -366,6 +372,24 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     }
 }
 
+/// Reads a whole response out of `wire` as Meridian reads an endpoint's (the end of `wire`
+/// is the connection's close): its status and body length, or why the bytes are not a
+/// response. For the fuzz target (`fuzz/fuzz_targets/endpoint_response.rs`) and tests.
+pub fn read_whole_response(method: &Method, wire: &[u8]) -> Result<(StatusCode, u64), FramingError> {
+    let mut buf = BytesMut::from(wire);
+    let head = parse_head(&mut buf, method)?.ok_or(FramingError::Incomplete)?;
+    let mut state = head.body;
+    let mut len = 0;
+    loop {
+        match decode(&mut state, &mut buf)? {
+            Step::Frame(frame) => len += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Step::End => return Ok((head.response.status(), len)),
+            Step::NeedMore if state == BodyState::Close => return Ok((head.response.status(), len)),
+            Step::NeedMore => return Err(FramingError::Incomplete),
+        }
+    }
+}
+
 /// The request head in HTTP/1.1 wire form: `path` is the origin form; Content-Length is the
 /// known body's (none for a bodiless GET or HEAD that did not state one), Transfer-Encoding
 /// never (the body is whole); `host` is sent when the headers carry none.
@@ -642,6 +666,9 @@ mod tests {
     /// Bytes on the wire; the body expected.
     type DecodeCase<'a> = (&'a [u8], Result<&'a [u8], FramingError>);
 
+    /// A whole response on the wire; its status and body length.
+    type ResponseCase<'a> = (&'a [u8], Result<(u16, u64), FramingError>);
+
     #[test]
     fn framing_table() {
         use BodyState::*;
@@ -788,6 +815,71 @@ mod tests {
                 let want = want.map(<[u8]>::to_vec);
                 assert_eq!(got, want, "{:?} in steps of {step}", String::from_utf8_lossy(wire));
             }
+        }
+    }
+
+    /// `data` in chunks of the given sizes (the last chunk takes the rest), then the last-chunk.
+    fn chunked(data: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        let mut rest = data;
+        for &size in sizes.iter().chain(std::iter::once(&usize::MAX)) {
+            let take = size.clamp(1, rest.len().max(1)).min(rest.len());
+            if take == 0 {
+                break;
+            }
+            wire.extend_from_slice(format!("{take:x}\r\n").as_bytes());
+            wire.extend_from_slice(&rest[..take]);
+            wire.extend_from_slice(b"\r\n");
+            rest = &rest[take..];
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        wire
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_chunking_in_any_reads_gives_back_the_data(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..2000),
+            sizes in proptest::collection::vec(1usize..300, 0..20),
+            step in 1usize..64,
+        ) {
+            let wire = chunked(&data, &sizes);
+            let got = decode_all(BodyState::Chunked(Chunk::Size), &wire, step).map(|(d, _)| d);
+            proptest::prop_assert_eq!(got, Ok(data));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(wire in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = read_whole_response(&Method::GET, &wire);
+            let mut prefixed = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            prefixed.extend_from_slice(&wire);
+            let _ = read_whole_response(&Method::GET, &prefixed);
+        }
+    }
+
+    #[test]
+    fn whole_responses_read_as_an_endpoint_sends_them() {
+        let cases: &[ResponseCase] = &[
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", Ok((200, 5))),
+            (b"HTTP/1.1 200 OK\r\n\r\nread to the close", Ok((200, 17))),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", Ok((204, 0))),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+                Ok((200, 2)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort",
+                Err(FramingError::Incomplete),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+                Err(FramingError::ContentLength),
+            ),
+            (b"HTTP/1.1 200", Err(FramingError::Incomplete)),
+        ];
+        for (wire, want) in cases {
+            let got = read_whole_response(&Method::GET, wire).map(|(s, n)| (s.as_u16(), n));
+            assert_eq!(&got, want, "{}", String::from_utf8_lossy(wire));
         }
     }
 

@@ -7,7 +7,7 @@ pub mod body;
 pub(crate) mod breaker;
 pub(crate) mod client;
 pub(crate) mod endpoint_get;
-pub(crate) mod h1;
+pub mod h1;
 pub(crate) mod inbound;
 pub(crate) mod limit;
 pub(crate) mod pool;
