@@ -35,8 +35,11 @@ use super::pool::Conn;
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// Headers per response head, as hyper's default.
 const MAX_HEADERS: usize = 100;
-/// Bytes asked of the socket per read.
-const READ_SIZE: usize = 8 * 1024;
+/// Bytes asked of the socket per read at first: a model's stream is many small events, and
+/// every open stream keeps this much; a read that fills it doubles the next, up to
+/// [`MAX_READ_SIZE`], for large bodies.
+pub(crate) const READ_SIZE: usize = 4 * 1024;
+const MAX_READ_SIZE: usize = 64 * 1024;
 /// A chunk-size line longer than this is refused (extensions included).
 const MAX_CHUNK_LINE: usize = 4096;
 /// Bodies up to this size are copied behind the head, so the request is one write (and one
@@ -495,6 +498,16 @@ pub(crate) async fn exchange(
     Ok(Response::from_parts(parts, body))
 }
 
+/// The next read's size: doubled after a read that filled what it asked for (more is
+/// waiting), up to [`MAX_READ_SIZE`].
+fn next_read_size(current: usize, asked: usize, got: usize) -> usize {
+    if got == asked && asked > 0 {
+        (current * 2).min(MAX_READ_SIZE)
+    } else {
+        current
+    }
+}
+
 /// Reads until a whole response head is in, skipping interim responses.
 async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, UpstreamError> {
     loop {
@@ -519,16 +532,18 @@ async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, UpstreamErr
 impl Conn {
     /// Reads more of the endpoint's bytes into the buffer; `Ok(0)` at the connection's end.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read_buf.capacity() - self.read_buf.len() < READ_SIZE / 4 {
-            self.read_buf.reserve(READ_SIZE);
+        if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 4 {
+            self.read_buf.reserve(self.read_size);
         }
         let spare = self.read_buf.spare_capacity_mut();
+        let asked = spare.len();
         let mut read = ReadBuf::uninit(spare);
         match Pin::new(&mut self.io).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) => {
                 let n = read.filled().len();
                 // SAFETY: `poll_read` initialised the first `n` spare bytes.
                 unsafe { self.read_buf.set_len(self.read_buf.len() + n) };
+                self.read_size = next_read_size(self.read_size, asked, n);
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -668,6 +683,19 @@ mod tests {
 
     /// A whole response on the wire; its status and body length.
     type ResponseCase<'a> = (&'a [u8], Result<(u16, u64), FramingError>);
+
+    #[test]
+    fn reads_grow_only_when_filled() {
+        let cases = [
+            (READ_SIZE, READ_SIZE, READ_SIZE, 2 * READ_SIZE),
+            (READ_SIZE, READ_SIZE, 100, READ_SIZE),
+            (MAX_READ_SIZE, MAX_READ_SIZE, MAX_READ_SIZE, MAX_READ_SIZE),
+            (READ_SIZE, 0, 0, READ_SIZE),
+        ];
+        for (current, asked, got, next) in cases {
+            assert_eq!(next_read_size(current, asked, got), next, "{current} {asked} {got}");
+        }
+    }
 
     #[test]
     fn framing_table() {

@@ -91,6 +91,8 @@ pub(crate) struct Conn {
     endpoint: Arc<Endpoint>,
     pub(crate) io: EndpointIo,
     pub(crate) read_buf: BytesMut,
+    /// Bytes to ask of the next read (`h1::poll_fill` grows it for large bodies).
+    pub(crate) read_size: usize,
     /// The endpoint's connection cap counts this connection until it closes.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -268,6 +270,7 @@ impl Http1Pool {
             endpoint: endpoint.clone(),
             io,
             read_buf: BytesMut::new(),
+            read_size: h1::READ_SIZE,
             _permit: permit,
         }))
     }
