@@ -220,15 +220,13 @@ pub(crate) fn decode(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, 
                 return Ok(Step::End);
             }
             BodyState::Length(left) => {
-                if buf.is_empty() {
+                let Some(data) = take_up_to(buf, left) else {
                     return Ok(Step::NeedMore);
-                }
-                let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                *left -= take as u64;
+                };
                 if *left == 0 {
                     *state = BodyState::Done;
                 }
-                return Ok(Step::Frame(Frame::data(buf.split_to(take).freeze())));
+                return Ok(Step::Frame(Frame::data(data)));
             }
             BodyState::Close => {
                 if buf.is_empty() {
@@ -251,15 +249,13 @@ pub(crate) fn decode(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, 
                     *chunk = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
                 }
                 Chunk::Data(left) => {
-                    if buf.is_empty() {
+                    let Some(data) = take_up_to(buf, left) else {
                         return Ok(Step::NeedMore);
-                    }
-                    let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= take as u64;
+                    };
                     if *left == 0 {
                         *chunk = Chunk::DataEnd;
                     }
-                    return Ok(Step::Frame(Frame::data(buf.split_to(take).freeze())));
+                    return Ok(Step::Frame(Frame::data(data)));
                 }
                 Chunk::DataEnd => {
                     if buf.len() < 2 {
@@ -294,6 +290,17 @@ pub(crate) fn decode(state: &mut BodyState, buf: &mut BytesMut) -> Result<Step, 
             },
         }
     }
+}
+
+/// As much of the `left` bytes still due as `buf` holds (none when it is empty), sharing its
+/// memory; `left` counts them off.
+fn take_up_to(buf: &mut BytesMut, left: &mut u64) -> Option<Bytes> {
+    if buf.is_empty() {
+        return None;
+    }
+    let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+    *left -= take as u64;
+    Some(buf.split_to(take).freeze())
 }
 
 fn parse_trailers(block: &[u8]) -> Result<HeaderMap, FramingError> {

@@ -656,7 +656,7 @@ mod tests {
         let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
         for _ in 0..3 {
             assert_eq!(get(&pool, addr).await?, "ok");
-            // Let the connection's task see the close before the next checkout.
+            // Let the reactor see the close before the next checkout.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
