@@ -328,9 +328,11 @@ async fn orca_headers_steer_traffic_and_are_asked_for() {
         "load = { source = \"orca\" }",
     );
     let proxy = Meridian::start(&config("", &regions));
-    // Both learn their report from the first responses they send.
+    // Both learn their report from the first responses they send. The requests go at once:
+    // one after another, the balancer would send each to whichever endpoint answered faster
+    // so far, and the other might never answer (nor report) before the deadline.
     eventually("both endpoints have reported", || async {
-        let _ = regions_served(&proxy, ips::US, 4).await;
+        futures_util::future::join_all((0..8).map(|_| get_as(proxy.listen, ips::US, "/v1/models"))).await;
         queue_seen(&proxy, &short.url()).await == Some(0.0) && queue_seen(&proxy, &long.url()).await == Some(30.0)
     })
     .await;
