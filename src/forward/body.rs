@@ -11,12 +11,12 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-
-pub use super::h1::{H1Body, H1BodyError};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use super::usage::{Scanned, UsageScanner};
+
+pub use super::h1::{H1Body, H1BodyError};
 
 /// Bodies up to this size are kept so a failed attempt can be replayed elsewhere.
 pub(crate) const REPLAY_LIMIT: u64 = 1 << 20;

@@ -2,9 +2,10 @@
 //! `maxqueue`, `timeout queue`), and open connections, so a burst cannot open thousands.
 //!
 //! A request takes an [`EndpointSlot`] before anything is sent and keeps it for the life of
-//! its response (dropped with the relayed body). The pool's connector takes a connection
-//! permit for the life of each TCP connection: hyper-util's pool may start a connect while a
-//! pooled connection is on its way back, and the permit keeps even that race within the cap.
+//! its response (dropped with the relayed body). Every connect, Meridian's HTTP/1.1 pool's
+//! and hyper-util's HTTP/2 connector's, takes a connection permit for the life of the TCP
+//! connection: a connect may start while a pooled connection is on its way back, and the
+//! permit keeps even that race within the cap.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use http::uri::Authority;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -134,6 +134,7 @@ impl ConnectionCaps {
         }
     }
 
+    #[cfg(test)]
     fn semaphore(&self, uri: &Uri) -> Arc<Semaphore> {
         self.semaphore_of(
             uri.scheme_str().unwrap_or("http"),
@@ -150,10 +151,10 @@ impl ConnectionCaps {
             .clone()
     }
 
-    /// A connection permit of the endpoint at `authority`, waiting up to the connect timeout
-    /// for one to be freed.
-    pub(crate) async fn permit(&self, tls: bool, authority: &Authority) -> Result<OwnedSemaphorePermit, CapReached> {
-        let semaphore = self.semaphore_of(if tls { "https" } else { "http" }, authority.as_str());
+    /// A connection permit of the endpoint at `scheme://authority`, waiting up to the connect
+    /// timeout for one to be freed.
+    pub(crate) async fn permit(&self, scheme: &str, authority: &str) -> Result<OwnedSemaphorePermit, CapReached> {
+        let semaphore = self.semaphore_of(scheme, authority);
         match tokio::time::timeout(self.wait, semaphore.acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) | Err(_) => Err(CapReached(self.max)),
@@ -215,11 +216,9 @@ where
         Box::pin(async move {
             let permit = match caps {
                 Some(caps) => {
-                    let semaphore = caps.semaphore(&uri);
-                    match tokio::time::timeout(caps.wait, semaphore.acquire_owned()).await {
-                        Ok(Ok(permit)) => Some(permit),
-                        Ok(Err(_)) | Err(_) => return Err(CapReached(caps.max).into()),
-                    }
+                    let scheme = uri.scheme_str().unwrap_or("http");
+                    let authority = uri.authority().map_or("", |a| a.as_str());
+                    Some(caps.permit(scheme, authority).await?)
                 }
                 None => None,
             };

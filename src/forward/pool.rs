@@ -243,7 +243,7 @@ impl Http1Pool {
         let key = &endpoint.key;
         let permit = match &settings.caps {
             Some(caps) => Some(
-                caps.permit(key.tls, &key.authority)
+                caps.permit(if key.tls { "https" } else { "http" }, key.authority.as_str())
                     .await
                     .map_err(|e| UpstreamError::new(UpstreamErrorKind::ConnectRefused, e))?,
             ),
