@@ -57,22 +57,34 @@ impl std::hash::Hash for PoolKey {
 }
 
 impl PoolKey {
-    fn of(uri: &Uri) -> Result<PoolKey, UpstreamError> {
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| UpstreamError::new(UpstreamErrorKind::Protocol, "request URI has no authority"))?;
-        let tls = match uri.scheme() {
-            Some(s) if *s == Scheme::HTTPS => true,
-            Some(s) if *s == Scheme::HTTP => false,
-            _ => {
-                return Err(UpstreamError::new(
-                    UpstreamErrorKind::Protocol,
-                    "request URI is not http(s)",
-                ));
-            }
+    /// The key of `scheme://authority`; `None` unless the scheme is http or https.
+    fn new(scheme: &Scheme, authority: &Authority) -> Option<PoolKey> {
+        let tls = if *scheme == Scheme::HTTPS {
+            true
+        } else if *scheme == Scheme::HTTP {
+            false
+        } else {
+            return None;
         };
-        Ok(PoolKey { tls, authority })
+        Some(PoolKey {
+            tls,
+            authority: authority.clone(),
+        })
+    }
+
+    fn of(uri: &Uri) -> Result<PoolKey, UpstreamError> {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(UpstreamError::new(
+                UpstreamErrorKind::Protocol,
+                "request URI has no scheme or authority",
+            ));
+        };
+        PoolKey::new(scheme, authority)
+            .ok_or_else(|| UpstreamError::new(UpstreamErrorKind::Protocol, "request URI is not http(s)"))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
     }
 
     fn port(&self) -> u16 {
@@ -174,15 +186,7 @@ impl Http1Pool {
     /// The idle stack of the endpoint at `scheme://authority`, for a caller to keep (a config's
     /// endpoint resolves it once, not per request).
     pub(crate) fn endpoint_of(&self, scheme: &Scheme, authority: &Authority) -> Option<PooledEndpoint> {
-        let tls = match scheme {
-            s if *s == Scheme::HTTPS => true,
-            s if *s == Scheme::HTTP => false,
-            _ => return None,
-        };
-        Some(PooledEndpoint(self.endpoint(PoolKey {
-            tls,
-            authority: authority.clone(),
-        })))
+        PoolKey::new(scheme, authority).map(|key| PooledEndpoint(self.endpoint(key)))
     }
 
     /// Sends `req` (absolute URI) on an idle connection to its endpoint, or a new one; `via`:
@@ -192,14 +196,18 @@ impl Http1Pool {
         mut req: Request<RequestBody>,
         via: Option<&PooledEndpoint>,
     ) -> Result<Response<EndpointBody>, UpstreamError> {
+        let looked_up;
         let endpoint = match via {
             // Only this pool's stacks: one resolved from a pool a reload replaced is not used.
-            Some(PooledEndpoint(e)) if std::ptr::eq(e.pool.as_ptr(), Arc::as_ptr(&self.inner)) => e.clone(),
-            _ => self.endpoint(PoolKey::of(req.uri())?),
+            Some(PooledEndpoint(e)) if std::ptr::eq(e.pool.as_ptr(), Arc::as_ptr(&self.inner)) => e,
+            _ => {
+                looked_up = self.endpoint(PoolKey::of(req.uri())?);
+                &looked_up
+            }
         };
         let conn = match endpoint.checkout(self.inner.settings.idle_timeout) {
             Some(conn) => conn,
-            None => self.connect(&endpoint).await?,
+            None => self.connect(endpoint).await?,
         };
         let whole = req
             .body()
@@ -243,7 +251,7 @@ impl Http1Pool {
         let key = &endpoint.key;
         let permit = match &settings.caps {
             Some(caps) => Some(
-                caps.permit(if key.tls { "https" } else { "http" }, key.authority.as_str())
+                caps.permit(key.scheme(), key.authority.as_str())
                     .await
                     .map_err(|e| UpstreamError::new(UpstreamErrorKind::ConnectRefused, e))?,
             ),
