@@ -34,7 +34,7 @@ use super::pool::Conn;
 /// The largest response head (status line and headers), and trailer section, read from an
 /// endpoint. NGINX's default is one page (`proxy_buffer_size`); model servers send a few
 /// hundred bytes.
-pub(crate) const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 /// Headers per response head, as hyper's default.
 const MAX_HEADERS: usize = 100;
 /// Bytes asked of the socket per read at first: a model's stream is many small events, and
