@@ -422,6 +422,16 @@ impl Inner {
         }
     }
 
+    /// Whether any idle connection still reads as open (the check a checkout makes).
+    #[cfg(test)]
+    fn any_idle_open(&self) -> bool {
+        let endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints.values().any(|e| {
+            let mut idle = e.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.iter_mut().any(|i| i.conn.idle_and_open())
+        })
+    }
+
     /// Idle connections kept now, over every endpoint.
     #[cfg(test)]
     fn idle_count(&self) -> usize {
@@ -664,8 +674,12 @@ mod tests {
         let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
         for _ in 0..3 {
             assert_eq!(get(&pool, addr).await?, "ok");
-            // Let the reactor see the close before the next checkout.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Once the reactor has seen the close, the next checkout must pass the connection by.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pool.inner.any_idle_open() {
+                assert!(Instant::now() < deadline, "the close was never seen");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
         Ok(())
