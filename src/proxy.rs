@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use smallvec::SmallVec;
 
 use crate::admission::{self, Admitted, Limited, RequestView, Verdict};
@@ -24,6 +23,7 @@ use crate::forward::body::{
 };
 use crate::forward::breaker::Admission;
 use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::forward::client_body::ClientBody;
 use crate::forward::endpoint_get::{to_endpoint, under_base};
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::pool::PooledEndpoint;
@@ -100,7 +100,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         conn: ConnInfo,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
         let rt = self.shared.snapshot();
@@ -185,7 +185,7 @@ impl Proxy {
     }
 
     /// Client IP and location; the access record started with them.
-    fn locate(&self, rt: &Snapshot, conn: ConnInfo, req: &Request<Incoming>) -> (Client, AccessRecord) {
+    fn locate(&self, rt: &Snapshot, conn: ConnInfo, req: &Request<ClientBody>) -> (Client, AccessRecord) {
         let config = &rt.config;
         let peer = conn.peer.ip().to_canonical();
         let peer_trusted = is_trusted(peer, &config.geoip.trusted_proxies);
@@ -229,7 +229,7 @@ impl Proxy {
         &self,
         rt: &'t Snapshot,
         located: Located,
-        req: &Request<Incoming>,
+        req: &Request<ClientBody>,
         record: &mut AccessRecord,
         nearest: &'t mut route::InlineCandidates,
     ) -> Result<RoutePlan<'t>, ProxyError> {
@@ -994,10 +994,10 @@ fn upstream_protocol(configured: UpstreamProtocol, headers: &http::HeaderMap) ->
 /// The request head as endpoints get it (Host, forwarding headers, request id); the client's
 /// side of an upgrade, bridged once the endpoint answers 101.
 fn prepare_head(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     fwd: &Forwarding,
     record: &mut AccessRecord,
-) -> (http::request::Parts, Incoming, Option<hyper::upgrade::OnUpgrade>) {
+) -> (http::request::Parts, ClientBody, Option<upgrade::ClientUpgrade>) {
     let (mut parts, incoming) = req.into_parts();
     if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 carries the host in :authority; HTTP/1.1 endpoints need a Host header.
@@ -1013,7 +1013,7 @@ fn prepare_head(
     // answers 101.
     let upgrade = upgrade::is_upgrade(&parts.headers);
     let client_upgrade = if upgrade {
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        upgrade::ClientUpgrade::take(&mut parts.extensions)
     } else {
         None
     };
@@ -1025,7 +1025,7 @@ fn prepare_head(
 async fn read_body(
     config: &crate::config::Config,
     parts: &http::request::Parts,
-    incoming: Incoming,
+    incoming: ClientBody,
 ) -> Result<(RequestBody, Arc<AtomicBool>), ProxyError> {
     let declared = parts
         .headers

@@ -14,6 +14,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
+use super::client_body::{ClientBody, ClientBodyError};
 use super::usage::{Scanned, UsageScanner};
 
 pub use super::h1::{H1Body, H1BodyError};
@@ -29,7 +30,7 @@ pub enum BodyError {
     TooLarge,
     /// Reading the client's request body failed (the client reset or broke the connection).
     #[error("client body: {0}")]
-    Client(#[source] hyper::Error),
+    Client(#[source] ClientBodyError),
     /// Reading the endpoint's response body failed mid-way.
     #[error("upstream body: {0}")]
     Upstream(#[source] EndpointBodyError),
@@ -169,7 +170,7 @@ impl RequestBody {
 #[derive(Debug)]
 pub struct StreamingBody {
     prefix: Option<Bytes>,
-    inner: Incoming,
+    inner: ClientBody,
     seen: u64,
     limit: u64,
     overflow: Arc<AtomicBool>,
@@ -182,7 +183,7 @@ pub struct StreamingBody {
 impl StreamingBody {
     fn new(
         prefix: Option<Bytes>,
-        inner: Incoming,
+        inner: ClientBody,
         limit: u64,
         overflow: Arc<AtomicBool>,
         read_timeout: Duration,
@@ -256,7 +257,7 @@ impl RequestBody {
 /// is set when the limit trips mid-stream, so the caller can answer 413. A client that
 /// sends nothing for `read_timeout` between two reads gets [`BodyError::ClientStalled`].
 pub(crate) async fn prepare(
-    mut body: Incoming,
+    mut body: ClientBody,
     declared: Option<u64>,
     limit: u64,
     overflow: Arc<AtomicBool>,
@@ -325,7 +326,7 @@ const LINGER_TIME: Duration = Duration::from_millis(250);
 /// Reads and discards the rest of a refused body for a short while (NGINX's lingering
 /// close): a client still sending when the connection closes would get a reset and could
 /// lose the 413 that explains why.
-async fn linger(body: &mut Incoming) {
+async fn linger(body: &mut ClientBody) {
     let _ = tokio::time::timeout(LINGER_TIME, async {
         let mut drained = 0u64;
         while let Some(Ok(frame)) = body.frame().await {

@@ -180,7 +180,7 @@ fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
+pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 {
         return None;
     }

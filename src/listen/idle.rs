@@ -266,7 +266,7 @@ fn hyper_error_status(buf: &[u8]) -> Option<u16> {
 }
 
 /// A complete HTTP/1.1 answer with Meridian's JSON error body; the connection closes.
-fn error_response(status: u16) -> Vec<u8> {
+pub(super) fn error_response(status: u16) -> Vec<u8> {
     let err = ProxyError::MalformedHead { status };
     let body = err.body();
     let reason = err.status().canonical_reason().unwrap_or("Bad Request");

@@ -1,6 +1,7 @@
 //! Client-facing listeners: accept loop, connection limits, idle and header timeouts,
 //! PROXY protocol, TLS, HTTP/1.1 + HTTP/2 (h2c or ALPN) on one port, graceful shutdown.
 
+pub mod h1;
 mod idle;
 /// Connections the kernel queues for `accept`: a burst of clients connecting at once must
 /// not overflow it while the runtime is busy, or their SYNs are dropped and each retries a
@@ -32,7 +33,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -41,6 +42,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
+use crate::forward::client_body::ClientBody;
 use crate::proxy::{ConnInfo, Proxy};
 pub use idle::{ActiveRequest, Activity, IdleIo, Timeouts};
 use proxy_protocol::ProxyHeaderError;
@@ -77,27 +79,14 @@ impl Limits {
     }
 }
 
-/// hyper's HTTP/1.1 and HTTP/2 server settings for client connections.
+/// hyper's HTTP/2 server settings for client connections (HTTP/1.1 is Meridian's own, in
+/// [`h1`]).
 pub struct Builders {
-    http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
 /// The server settings of every client connection, from the listener's limits.
 pub fn builder(limits: &Limits) -> Builders {
-    let mut http1 = http1::Builder::new();
-    // hyper's own header timer also runs between keep-alive requests (so idle connections
-    // were cut at header_read_timeout); IdleIo keeps both clocks instead.
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        // The head's own limit: the read buffer's cap alone is not one (a head that
-        // arrives while the buffer has just grown can pass it). hyper applies the same
-        // limit to a chunked body's trailers (16 KiB without it).
-        .max_header_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -105,7 +94,7 @@ pub fn builder(limits: &Limits) -> Builders {
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_pending_accept_reset_streams(50)
         .max_local_error_reset_streams(100);
-    Builders { http1, http2 }
+    Builders { http2 }
 }
 
 /// The HTTP/2 client preface (RFC 9113 §3.4): a connection that opens with it speaks h2c
@@ -197,19 +186,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewound<I> {
 /// hyper's connections that can finish their requests in flight and then close.
 trait Graceful: Future<Output = hyper::Result<()>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, B, S> Graceful for http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        http1::UpgradeableConnection::graceful_shutdown(self)
-    }
 }
 
 impl<I, B, S, E> Graceful for http2::Connection<I, S, E>
@@ -416,7 +392,11 @@ impl Connection {
                 return;
             }
         };
-        let h2 = sniffed[..end] == H2_PREFACE[..];
+        if sniffed[..end] != H2_PREFACE[..] {
+            let limits = self.limits.clone();
+            h1::serve(io, &sniffed[..end], proxy, info, activity, &limits, drain).await;
+            return;
+        }
         let io = TokioIo::new(Rewound {
             sniffed,
             start: 0,
@@ -428,39 +408,22 @@ impl Connection {
             let proxy = proxy.clone();
             let activity = activity.clone();
             let guard = activity.begin();
-            // An HTTP/2 stream's window can stay shut while the connection is busy.
-            let per_stream = req.version() == http::Version::HTTP_2;
             async move {
                 // Boxed: hyper keeps a slot the size of this future for the connection's
                 // life; the request's own state (~3 KiB) is only needed while it runs.
-                let resp = Box::pin(proxy.handle(info, req)).await;
-                if resp
-                    .as_ref()
-                    .is_ok_and(|r| r.status() == http::StatusCode::SWITCHING_PROTOCOLS)
-                {
-                    activity.upgraded();
-                }
-                // The request stays in flight until its response body is done.
+                let resp = Box::pin(proxy.handle(info, req.map(ClientBody::from))).await;
+                // The request stays in flight until its response body is done; an HTTP/2
+                // stream's window can stay shut while the connection is busy.
                 resp.map(|r| {
                     r.map(|body| Guarded {
-                        body: if per_stream {
-                            send::ClientBody::with_send_timeout(body, send_timeout)
-                        } else {
-                            send::ClientBody::Direct(body)
-                        },
+                        body: send::ClientBody::with_send_timeout(body, send_timeout),
                         _guard: guard,
                     })
                 })
             }
         });
-        let served = if h2 {
-            let conn = self.builder.http2.serve_connection(io, service);
-            Box::pin(graceful(conn, drain)).await
-        } else {
-            let conn = self.builder.http1.serve_connection(io, service).with_upgrades();
-            graceful(conn, drain).await
-        };
-        if let Err(e) = served {
+        let conn = self.builder.http2.serve_connection(io, service);
+        if let Err(e) = Box::pin(graceful(conn, drain)).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }

@@ -1,0 +1,549 @@
+//! The pure half of the HTTP/1.1 server: a request head parsed off the front of the read
+//! buffer (with RFC 9112's framing rules, as hyper applies them), and a response head
+//! written with the framing Meridian chooses. No I/O here; the table tests pin each rule.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use smallvec::SmallVec;
+
+use crate::forward::h1::{BodyState, Chunk, parse_decimal};
+
+/// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
+/// applied later, with Meridian's JSON answer.
+const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+
+/// Why a request head was refused; the connection answers with [`HeadError::status`] and
+/// closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// The request line or a header is not HTTP/1.1 (obs-fold, a space before the colon,
+    /// a bad token, a bare LF).
+    #[error("malformed request head")]
+    Malformed,
+    /// The head passed `server.max_header_bytes` or `server.max_headers`.
+    #[error("request head too large")]
+    TooLarge,
+    /// The request target passed 64 KiB.
+    #[error("request target too long")]
+    UriTooLong,
+    /// Not HTTP/1.0 or HTTP/1.1.
+    #[error("unsupported HTTP version")]
+    Version,
+    /// Content-Length values that disagree or do not parse.
+    #[error("invalid content-length")]
+    ContentLength,
+    /// Transfer-Encoding on HTTP/1.0, or with a last coding other than chunked.
+    #[error("invalid transfer-encoding")]
+    TransferEncoding,
+}
+
+impl HeadError {
+    /// The status answered (as hyper answers the same refusals).
+    pub fn status(self) -> StatusCode {
+        match self {
+            HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
+            HeadError::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            HeadError::Malformed | HeadError::ContentLength | HeadError::TransferEncoding => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// A parsed request head: the request (its body still to read) and how to read the body.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub(crate) request: Request<()>,
+    /// `Length(n)`, `Chunked` or `Done` (a request body is never delimited by the close).
+    pub(crate) body: BodyState,
+    /// The client allows another request on this connection.
+    pub(crate) keep_alive: bool,
+    /// `Expect: 100-continue`: the client waits for a `100` before it sends the body.
+    pub(crate) expect_continue: bool,
+}
+
+/// Parses a request head off the front of `buf`; `None` while it is incomplete. Header
+/// values and the target share the head's memory.
+pub(crate) fn parse_request(
+    buf: &mut BytesMut,
+    max_head: usize,
+    max_headers: usize,
+) -> Result<Option<RequestHead>, HeadError> {
+    // Uninitialised slots, as in the response parser: zeroing them costs more than parsing.
+    let mut fields: SmallVec<[MaybeUninit<httparse::Header<'_>>; 64]> =
+        smallvec::smallvec![MaybeUninit::uninit(); max_headers];
+    let mut parsed = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_request_with_uninit_headers(&mut parsed, buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) if len > max_head => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => return Err(HeadError::Version),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version) else {
+        return Err(HeadError::Malformed);
+    };
+    if target.len() > MAX_URI_LEN {
+        return Err(HeadError::UriTooLong);
+    }
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed)?;
+    let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
+    // Offsets first: the head is frozen below, and the target and values are slices of it.
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    let target = offset(target.as_bytes())..offset(target.as_bytes()) + target.len();
+    let spans: SmallVec<[(Range<usize>, Range<usize>); 24]> = parsed
+        .headers
+        .iter()
+        .map(|f| {
+            let name = offset(f.name.as_bytes());
+            let value = offset(f.value);
+            (name..name + f.name.len(), value..value + f.value.len())
+        })
+        .collect();
+    drop(fields);
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name = HeaderName::from_bytes(&head[name]).map_err(|_| HeadError::Malformed)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| HeadError::Malformed)?;
+        headers.append(name, value);
+    }
+    let framing = request_framing(version, &headers)?;
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    if framing.drop_content_length {
+        request.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    Ok(Some(RequestHead {
+        request,
+        body: framing.body,
+        keep_alive: framing.keep_alive,
+        expect_continue: framing.expect_continue,
+    }))
+}
+
+/// What the framing headers of a request decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RequestFraming {
+    body: BodyState,
+    keep_alive: bool,
+    expect_continue: bool,
+    /// Transfer-Encoding wins over Content-Length, which is not passed on.
+    drop_content_length: bool,
+}
+
+/// RFC 9112 §6.3 for requests, with hyper's choices where the RFC allows several:
+/// Transfer-Encoding must end in `chunked` (and is refused on HTTP/1.0); beside it,
+/// Content-Length is dropped and the connection closes after the response; several
+/// Content-Length values must agree; no framing header means no body.
+fn request_framing(version: Version, headers: &HeaderMap) -> Result<RequestFraming, HeadError> {
+    let has_token = |name: HeaderName, token: &[u8]| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    };
+    let mut keep_alive = if has_token(header::CONNECTION, b"close") {
+        false
+    } else {
+        version == Version::HTTP_11 || has_token(header::CONNECTION, b"keep-alive")
+    };
+    let expect_continue = version == Version::HTTP_11
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version != Version::HTTP_11 {
+            return Err(HeadError::TransferEncoding);
+        }
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|coding| coding.trim_ascii())
+            .rfind(|coding| !coding.is_empty())
+            .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"));
+        if !chunked_last {
+            return Err(HeadError::TransferEncoding);
+        }
+        let both = headers.contains_key(header::CONTENT_LENGTH);
+        keep_alive &= !both;
+        return Ok(RequestFraming {
+            body: BodyState::Chunked(Chunk::Size),
+            keep_alive,
+            expect_continue,
+            drop_content_length: both,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        // One number per field: a list ("5, 5") is refused, as hyper does.
+        let n = parse_decimal(value.as_bytes()).ok_or(HeadError::ContentLength)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(HeadError::ContentLength);
+        }
+        length = Some(n);
+    }
+    let body = match length {
+        None | Some(0) => BodyState::Done,
+        Some(n) => BodyState::Length(n),
+    };
+    Ok(RequestFraming {
+        body,
+        keep_alive,
+        expect_continue,
+        drop_content_length: false,
+    })
+}
+
+/// How a response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResponseFraming {
+    /// No body is sent (HEAD, 1xx, 204, 304); the body, if any, is dropped.
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding (HTTP/1.1 clients, length unknown).
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 clients, length unknown).
+    Close,
+}
+
+/// What the response head needs to know about its request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Exchange {
+    pub(crate) head_request: bool,
+    pub(crate) version: Version,
+    /// The request and the connection's state allow another request after this one.
+    pub(crate) keep_alive: bool,
+}
+
+/// Writes the status line and headers into `out`, with Content-Length or chunked coding
+/// chosen from the response's headers and body length (`exact`), `Connection` as the
+/// outcome needs, and `Date` unless the endpoint sent one. Returns the framing and whether
+/// the connection stays open.
+pub(crate) fn encode_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    exact: Option<u64>,
+    exchange: Exchange,
+    date: &[u8],
+) -> (ResponseFraming, bool) {
+    let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let stated = if bodiless {
+        None
+    } else {
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| parse_decimal(v.as_bytes()))
+    };
+    let framing = if bodiless || exchange.head_request || status == StatusCode::NOT_MODIFIED {
+        ResponseFraming::None
+    } else if let Some(n) = stated.or(exact) {
+        ResponseFraming::Length(n)
+    } else if exchange.version == Version::HTTP_11 {
+        ResponseFraming::Chunked
+    } else {
+        ResponseFraming::Close
+    };
+    let closes = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let keeps_framing = framing == ResponseFraming::None && !bodiless;
+    let keep_alive = exchange.keep_alive && !closes && framing != ResponseFraming::Close && !switching;
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        // Framing is this hop's own, except that HEAD and 304 answers keep the framing
+        // headers of the body they describe.
+        let framing_header = name == header::TRANSFER_ENCODING || name == header::CONTENT_LENGTH;
+        if (framing_header && !keeps_framing) || (name == header::CONNECTION && !switching) || name == "keep-alive" {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ResponseFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ResponseFraming::None | ResponseFraming::Close => {}
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !switching {
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if exchange.version == Version::HTTP_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    (framing, keep_alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(wire: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(&mut BytesMut::from(wire), 64 * 1024, 100)
+    }
+
+    #[test]
+    fn request_framing_follows_rfc_9112() {
+        use BodyState::{Chunked, Done, Length};
+        type Case = (&'static str, Result<(BodyState, bool), HeadError>);
+        let cases: [Case; 16] = [
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok((Done, true))),
+            ("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", Ok((Length(5), true))),
+            ("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", Ok((Done, true))),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                Ok((Length(5), true)),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+                Err(HeadError::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+                Err(HeadError::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                Err(HeadError::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Ok((Chunked(Chunk::Size), true)),
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Ok((Chunked(Chunk::Size), true)),
+            ),
+            // Both: chunked wins, and the connection is not trusted with another request.
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Ok((Chunked(Chunk::Size), false)),
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Err(HeadError::TransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                Err(HeadError::TransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(HeadError::TransferEncoding),
+            ),
+            ("GET / HTTP/1.0\r\n\r\n", Ok((Done, false))),
+            ("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Ok((Done, true))),
+            (
+                "GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n",
+                Ok((Done, false)),
+            ),
+        ];
+        for (wire, want) in cases {
+            let got = parse(wire).map(|h| {
+                let h = h.expect("complete");
+                (h.body, h.keep_alive)
+            });
+            assert_eq!(got, want, "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_heads_are_refused_with_hypers_statuses() {
+        let cases: [(&str, HeadError); 8] = [
+            ("GET / HTTP/1.1\r\nX-Folded: one\r\n two\r\n\r\n", HeadError::Malformed),
+            ("GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", HeadError::Malformed),
+            ("GET / HTTP/1.1\r\nContent-Length : 0\r\n\r\n", HeadError::Malformed),
+            ("GET / HTTP/1.1\r\nHost a\r\n\r\n", HeadError::Malformed),
+            ("GET / HTTP/2.0\r\n\r\n", HeadError::Version),
+            ("GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", HeadError::Malformed),
+            ("G@T / HTTP/1.1\r\n\r\n", HeadError::Malformed),
+            ("\x16\x03\x01\x02\x00\x01\x00\x01\r\n\r\n", HeadError::Malformed),
+        ];
+        for (wire, want) in cases {
+            assert_eq!(parse(wire).err(), Some(want), "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn heads_are_bounded_in_bytes_and_fields() {
+        let mut partial = BytesMut::from(format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(100)).as_str());
+        assert_eq!(parse_request(&mut partial, 64, 100).err(), Some(HeadError::TooLarge));
+        let mut small = BytesMut::from("GET / HTTP/1.1\r\nX: a");
+        assert!(
+            matches!(parse_request(&mut small, 64, 100), Ok(None)),
+            "partial, within the limit"
+        );
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: a\r\n".repeat(5));
+        assert_eq!(
+            parse_request(&mut BytesMut::from(many.as_str()), 1024, 4).err(),
+            Some(HeadError::TooLarge)
+        );
+        assert!(parse_request(&mut BytesMut::from(many.as_str()), 1024, 5).is_ok());
+    }
+
+    #[test]
+    fn the_head_is_taken_off_the_buffer_and_the_rest_left() {
+        let mut buf = BytesMut::from("\r\nPOST /v1/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}GET");
+        let head = parse_request(&mut buf, 1024, 10).unwrap().unwrap();
+        assert_eq!(head.request.method(), Method::POST);
+        assert_eq!(head.request.uri(), "/v1/chat?x=1");
+        assert_eq!(head.request.headers()["host"], "a");
+        assert_eq!(&buf[..], b"{}GET");
+        let expect = parse("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");
+        assert!(expect.unwrap().unwrap().expect_continue);
+    }
+
+    fn encode(
+        status: u16,
+        headers: &[(&str, &str)],
+        exact: Option<u64>,
+        exchange: Exchange,
+    ) -> (String, ResponseFraming, bool) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut out = Vec::new();
+        let status = StatusCode::from_u16(status).unwrap();
+        let (framing, keep) = encode_response(
+            &mut out,
+            status,
+            &map,
+            exact,
+            exchange,
+            b"Tue, 01 Dec 2026 19:00:00 GMT",
+        );
+        (String::from_utf8(out).unwrap(), framing, keep)
+    }
+
+    const GET11: Exchange = Exchange {
+        head_request: false,
+        version: Version::HTTP_11,
+        keep_alive: true,
+    };
+
+    #[test]
+    fn response_framing_is_chosen_for_the_client() {
+        use ResponseFraming::{Chunked, Close, Length, None};
+        let head10 = Exchange {
+            version: Version::HTTP_10,
+            ..GET11
+        };
+        let head_req = Exchange {
+            head_request: true,
+            ..GET11
+        };
+        let closing = Exchange {
+            keep_alive: false,
+            ..GET11
+        };
+        type Case = (
+            u16,
+            &'static [(&'static str, &'static str)],
+            Option<u64>,
+            Exchange,
+            ResponseFraming,
+            bool,
+        );
+        let cases: [Case; 9] = [
+            (200, &[("content-length", "5")], Some(5), GET11, Length(5), true),
+            (200, &[], Some(7), GET11, Length(7), true),
+            (
+                200,
+                &[("transfer-encoding", "chunked")],
+                Option::None,
+                GET11,
+                Chunked,
+                true,
+            ),
+            (200, &[], Option::None, head10, Close, false),
+            (200, &[("content-length", "5")], Option::None, head_req, None, true),
+            (204, &[("content-length", "0")], Some(0), GET11, None, true),
+            (304, &[], Option::None, GET11, None, true),
+            (200, &[("connection", "close")], Some(0), GET11, Length(0), false),
+            (200, &[], Some(1), closing, Length(1), false),
+        ];
+        for (status, headers, exact, exchange, framing, keep) in cases {
+            let (text, got, kept) = encode(status, headers, exact, exchange);
+            assert_eq!((got, kept), (framing, keep), "{status} {headers:?}: {text}");
+            assert!(
+                text.matches("content-length").count() + text.matches("transfer-encoding").count() <= 1,
+                "{text}"
+            );
+            assert_eq!(text.contains("connection: close"), !keep, "{text}");
+        }
+    }
+
+    #[test]
+    fn response_heads_keep_the_endpoints_fields_and_add_date_once() {
+        let (text, ..) = encode(
+            200,
+            &[("x-meridian-region", "us-east"), ("content-length", "2")],
+            Some(2),
+            GET11,
+        );
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nx-meridian-region: us-east\r\ncontent-length: 2\r\ndate: Tue, 01 Dec 2026 19:00:00 GMT\r\n\r\n"
+        );
+        let (text, ..) = encode(200, &[("date", "Mon, 30 Nov 2026 00:00:00 GMT")], Some(0), GET11);
+        assert_eq!(text.matches("date:").count(), 1);
+        let (text, ..) = encode(
+            101,
+            &[("connection", "upgrade"), ("upgrade", "websocket")],
+            Option::None,
+            GET11,
+        );
+        assert!(text.contains("connection: upgrade\r\nupgrade: websocket\r\n"), "{text}");
+        assert!(!text.contains("transfer-encoding"), "{text}");
+        let (text, ..) = encode(
+            200,
+            &[],
+            Some(0),
+            Exchange {
+                version: Version::HTTP_10,
+                ..GET11
+            },
+        );
+        assert!(text.contains("connection: keep-alive"), "{text}");
+    }
+}

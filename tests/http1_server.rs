@@ -1,0 +1,270 @@
+//! Meridian's own HTTP/1.1 server, over raw sockets: keep-alive and pipelining, HTTP/1.0,
+//! `Expect: 100-continue`, chunked request bodies, HEAD, and a client that goes away with
+//! its request in flight (its upstream request is cancelled).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One response read off a stream: status, head text, body (de-chunked).
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// Reads one response; `buf` keeps what was read past it. `head_only` for answers to HEAD.
+async fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> Answer {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                if status == 100 {
+                    buf.drain(..end + 4);
+                    continue;
+                }
+                let mut answer = Answer {
+                    status,
+                    head,
+                    body: Vec::new(),
+                };
+                let mut rest = buf.split_off(end + 4);
+                if head_only {
+                    *buf = rest;
+                    return answer;
+                }
+                if let Some(len) = answer.header("content-length") {
+                    let len: usize = len.parse().unwrap();
+                    while rest.len() < len {
+                        read_more(s, &mut rest).await;
+                    }
+                    answer.body = rest.drain(..len).collect();
+                } else if answer.header("transfer-encoding").as_deref() == Some("chunked") {
+                    loop {
+                        let Some(lf) = rest.windows(2).position(|w| w == b"\r\n") else {
+                            read_more(s, &mut rest).await;
+                            continue;
+                        };
+                        let size = usize::from_str_radix(std::str::from_utf8(&rest[..lf]).unwrap(), 16).unwrap();
+                        while rest.len() < lf + 2 + size + 2 {
+                            read_more(s, &mut rest).await;
+                        }
+                        answer.body.extend_from_slice(&rest[lf + 2..lf + 2 + size]);
+                        rest.drain(..lf + 2 + size + 2);
+                        if size == 0 {
+                            break;
+                        }
+                    }
+                } else {
+                    s.read_to_end(&mut rest).await.unwrap();
+                    answer.body = std::mem::take(&mut rest);
+                }
+                *buf = rest;
+                return answer;
+            }
+            read_more(s, buf).await;
+        }
+    })
+    .await
+    .expect("a response within the deadline")
+}
+
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    let n = s.read(&mut chunk).await.unwrap();
+    assert!(n > 0, "closed early; have {:?}", String::from_utf8_lossy(buf));
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+/// True when the server closes the connection (after anything still unread).
+async fn closes(s: &mut TcpStream) -> bool {
+    let mut sink = Vec::new();
+    matches!(
+        tokio::time::timeout(DEADLINE, s.read_to_end(&mut sink)).await,
+        Ok(Ok(_))
+    )
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let (up, proxy) = one_region("").await;
+    let mut s = connect(proxy.listen).await;
+    s.write_all(
+        b"GET /v1/one HTTP/1.1\r\nHost: a\r\n\r\nPOST /v1/two HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /v1/three HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        let a = read_answer(&mut s, &mut buf, false).await;
+        assert_eq!(a.status, 200, "{}", a.head);
+        assert!(a.header("date").is_some(), "a Date header: {}", a.head);
+    }
+    let paths: Vec<String> = up.seen().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/v1/one", "/v1/two", "/v1/three"]);
+    assert_eq!(&up.seen()[1].body[..], b"hello");
+    // Still open for a fourth.
+    s.write_all(b"GET /v1/four HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let a = read_answer(&mut s, &mut buf, false).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    assert!(closes(&mut s).await);
+}
+
+#[tokio::test]
+async fn http10_closes_unless_kept_alive() {
+    let (_up, proxy) = one_region("").await;
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"GET /v1/models HTTP/1.0\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let a = read_answer(&mut s, &mut buf, false).await;
+    assert_eq!(a.status, 200);
+    assert_ne!(
+        a.header("transfer-encoding").as_deref(),
+        Some("chunked"),
+        "no chunked to 1.0"
+    );
+    assert!(closes(&mut s).await, "HTTP/1.0 without keep-alive closes");
+
+    let mut s = connect(proxy.listen).await;
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET /v1/models HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let a = read_answer(&mut s, &mut buf, false).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("connection").as_deref(), Some("keep-alive"), "{}", a.head);
+    }
+}
+
+#[tokio::test]
+async fn expect_continue_gets_100_before_the_body_is_sent() {
+    let (up, proxy) = one_region("").await;
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut interim))
+        .await
+        .expect("a 100 Continue while the body is held back")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello world").await.unwrap();
+    let a = read_answer(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(&up.seen()[0].body[..], b"hello world");
+}
+
+#[tokio::test]
+async fn chunked_request_bodies_arrive_whole_in_pieces() {
+    let (up, proxy) = one_region("").await;
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"6;ext=1\r\n world\r\n0\r\n\r\n").await.unwrap();
+    let a = read_answer(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(a.status, 200);
+    let seen = &up.seen()[0];
+    assert_eq!(&seen.body[..], b"hello world");
+    assert!(seen.headers.get("transfer-encoding").is_none());
+    // A broken chunk is the client's fault: 400, and the connection closes.
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n")
+        .await
+        .unwrap();
+    let a = read_answer(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(a.status, 400, "{}", a.head);
+    assert!(closes(&mut s).await);
+    assert_eq!(up.requests(), 1);
+}
+
+#[tokio::test]
+async fn head_answers_carry_no_body() {
+    let (_up, proxy) = one_region("").await;
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"HEAD /v1/models HTTP/1.1\r\nHost: a\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head = read_answer(&mut s, &mut buf, true).await;
+    assert_eq!(head.status, 200);
+    // The next bytes are the GET's answer, not a body of the HEAD's.
+    let get = read_answer(&mut s, &mut buf, false).await;
+    assert_eq!(get.status, 200, "{}", get.head);
+}
+
+#[tokio::test]
+async fn a_client_gone_while_waiting_cancels_its_upstream_request() {
+    let (up, proxy) = one_region("").await;
+    up.set_behavior(Behavior::SlowFirstByte(Duration::from_secs(60)));
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"GET /v1/slow HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    eventually("the request reaches the endpoint", || async {
+        up.open_connections() == 1
+    })
+    .await;
+    drop(s);
+    eventually("the upstream connection is closed", || async {
+        up.open_connections() == 0
+    })
+    .await;
+
+    // Mid-stream likewise.
+    up.set_behavior(Behavior::Gated { events: 3 });
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 15\r\n\r\n{\"stream\":true}")
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    drop(s);
+    eventually("the streaming upstream connection is closed", || async {
+        up.open_connections() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_endless_request_head_is_refused_at_the_limit() {
+    let (up, proxy) = one_region("max_header_bytes = \"8KiB\"\n").await;
+    let mut s = connect(proxy.listen).await;
+    // No end of head in sight: refused once the limit is reached, not buffered on.
+    let _ = s
+        .write_all(format!("GET / HTTP/1.1\r\nX-Long: {}", "a".repeat(64 * 1024)).as_bytes())
+        .await;
+    let a = read_answer(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(a.status, 431);
+    assert!(String::from_utf8_lossy(&a.body).contains("bad_request"));
+    assert_eq!(up.requests(), 0);
+}
