@@ -72,42 +72,16 @@ pub(crate) fn parse_request(
     max_head: usize,
     max_headers: usize,
 ) -> Result<Option<RequestHead>, HeadError> {
-    // Uninitialised slots, as in the response parser: zeroing them costs more than parsing.
-    let mut fields: SmallVec<[MaybeUninit<httparse::Header<'_>>; 64]> =
-        smallvec::smallvec![MaybeUninit::uninit(); max_headers];
-    let mut parsed = httparse::Request::new(&mut []);
-    let config = httparse::ParserConfig::default();
-    let len = match config.parse_request_with_uninit_headers(&mut parsed, buf, &mut fields) {
-        Ok(httparse::Status::Complete(len)) if len > max_head => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(httparse::Error::Version) => return Err(HeadError::Version),
-        Err(_) => return Err(HeadError::Malformed),
+    let Some(Located {
+        len,
+        method,
+        version,
+        target,
+        spans,
+    }) = locate(buf, max_head, max_headers)?
+    else {
+        return Ok(None);
     };
-    let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version) else {
-        return Err(HeadError::Malformed);
-    };
-    if target.len() > MAX_URI_LEN {
-        return Err(HeadError::UriTooLong);
-    }
-    let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed)?;
-    let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
-    // Offsets first: the head is frozen below, and the target and values are slices of it.
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| s.as_ptr() as usize - base;
-    let target = offset(target.as_bytes())..offset(target.as_bytes()) + target.len();
-    let spans: SmallVec<[(Range<usize>, Range<usize>); 24]> = parsed
-        .headers
-        .iter()
-        .map(|f| {
-            let name = offset(f.name.as_bytes());
-            let value = offset(f.value);
-            (name..name + f.name.len(), value..value + f.value.len())
-        })
-        .collect();
-    drop(fields);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
     let mut headers = HeaderMap::with_capacity(spans.len());
@@ -130,6 +104,70 @@ pub(crate) fn parse_request(
         body: framing.body,
         keep_alive: framing.keep_alive,
         expect_continue: framing.expect_continue,
+    }))
+}
+
+/// Header field slots on the stack; a configuration allowing more uses the heap.
+const INLINE_FIELDS: usize = 128;
+
+/// A complete head's parts, as offsets into the buffer.
+struct Located {
+    len: usize,
+    method: Method,
+    version: Version,
+    target: Range<usize>,
+    spans: SmallVec<[(Range<usize>, Range<usize>); 24]>,
+}
+
+/// Runs `httparse` over `buf`; `None` while the head is incomplete.
+fn locate(buf: &[u8], max_head: usize, max_headers: usize) -> Result<Option<Located>, HeadError> {
+    // Uninitialised slots, as in the response parser: zeroing them costs more than parsing.
+    let mut inline = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_FIELDS];
+    let mut heap = Vec::new();
+    let fields = if max_headers <= INLINE_FIELDS {
+        &mut inline[..max_headers]
+    } else {
+        heap.resize(max_headers, MaybeUninit::uninit());
+        &mut heap[..]
+    };
+    let mut parsed = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_request_with_uninit_headers(&mut parsed, buf, fields) {
+        Ok(httparse::Status::Complete(len)) if len > max_head => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => return Err(HeadError::Version),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version) else {
+        return Err(HeadError::Malformed);
+    };
+    if target.len() > MAX_URI_LEN {
+        return Err(HeadError::UriTooLong);
+    }
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed)?;
+    let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
+    // Offsets: the head is frozen next, and the target and values become slices of it.
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    let target = offset(target.as_bytes())..offset(target.as_bytes()) + target.len();
+    let spans = parsed
+        .headers
+        .iter()
+        .map(|f| {
+            let name = offset(f.name.as_bytes());
+            let value = offset(f.value);
+            (name..name + f.name.len(), value..value + f.value.len())
+        })
+        .collect();
+    Ok(Some(Located {
+        len,
+        method,
+        version,
+        target,
+        spans,
     }))
 }
 

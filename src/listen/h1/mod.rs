@@ -259,6 +259,8 @@ where
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         let exact = body.size_hint().exact();
         let date = date::now();
+        // One allocation for the head (and the first frames behind it).
+        self.wbuf.reserve(256 + parts.headers.len() * 48);
         let (framing, keep_alive) =
             head::encode_response(&mut self.wbuf, parts.status, &parts.headers, exact, exchange, &date);
         drop(parts);
@@ -724,6 +726,8 @@ mod tests {
     #[test]
     fn the_date_is_an_imf_fixdate() {
         let date = date::now();
+        // One allocation for the head (and the first frames behind it).
+        self.wbuf.reserve(256 + parts.headers.len() * 48);
         let text = std::str::from_utf8(&date).unwrap();
         assert!(text.ends_with(" GMT"), "{text}");
         assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
