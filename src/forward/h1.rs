@@ -367,7 +367,9 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
             })
             .collect();
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
+        // Room for the fields the proxy adds (X-Meridian-Region, -Attempts, X-Request-Id):
+        // growing the map rehashes it.
+        let mut headers = HeaderMap::with_capacity(spans.len() + 3);
         for (name, value) in spans {
             let name = HeaderName::from_bytes(&head[name]).map_err(|_| FramingError::Head)?;
             let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| FramingError::Head)?;

@@ -10,7 +10,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use smallvec::SmallVec;
 
-use crate::forward::h1::{BodyState, Chunk, parse_decimal};
+use crate::forward::h1::{BodyState, Chunk, FramingError, Step, decode, parse_decimal};
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
 /// applied later, with Meridian's JSON answer.
@@ -84,7 +84,9 @@ pub(crate) fn parse_request(
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the proxy adds (X-Forwarded-*, X-Request-Id, traceparent, the
+    // country): growing the map rehashes it.
+    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_REQUEST_FIELDS);
     for (name, value) in spans {
         let name = HeaderName::from_bytes(&head[name]).map_err(|_| HeadError::Malformed)?;
         let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| HeadError::Malformed)?;
@@ -106,6 +108,9 @@ pub(crate) fn parse_request(
         expect_continue: framing.expect_continue,
     }))
 }
+
+/// Request fields the proxy may add before forwarding.
+const ADDED_REQUEST_FIELDS: usize = 6;
 
 /// Header field slots on the stack; a configuration allowing more uses the heap.
 const INLINE_FIELDS: usize = 128;
@@ -169,6 +174,37 @@ fn locate(buf: &[u8], max_head: usize, max_headers: usize) -> Result<Option<Loca
         target,
         spans,
     }))
+}
+
+/// Why bytes did not read as one whole request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The head was refused.
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    /// The body is not of the framing the head announced.
+    #[error(transparent)]
+    Body(#[from] FramingError),
+    /// The bytes end before the request does.
+    #[error("incomplete request")]
+    Incomplete,
+}
+
+/// Reads one whole request out of `wire` as the server reads a client's (head, framing,
+/// chunked body): its method and body length, or why the bytes are not a request. For the
+/// fuzz target (`fuzz/fuzz_targets/client_request.rs`) and tests.
+pub fn read_whole_request(wire: &[u8], max_head: usize, max_headers: usize) -> Result<(Method, u64), WireError> {
+    let mut buf = BytesMut::from(wire);
+    let head = parse_request(&mut buf, max_head, max_headers)?.ok_or(WireError::Incomplete)?;
+    let mut state = head.body;
+    let mut len = 0;
+    loop {
+        match decode(&mut state, &mut buf)? {
+            Step::Frame(frame) => len += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Step::End => return Ok((head.request.method().clone(), len)),
+            Step::NeedMore => return Err(WireError::Incomplete),
+        }
+    }
 }
 
 /// What the framing headers of a request decide.
@@ -436,6 +472,47 @@ mod tests {
         for (wire, want) in cases {
             assert_eq!(parse(wire).err(), Some(want), "{wire:?}");
         }
+    }
+
+    proptest::proptest! {
+        /// A head that arrives in two pieces parses as it does whole: nothing is decided on
+        /// a partial head.
+        #[test]
+        fn a_split_head_parses_as_the_whole(
+            split in 0usize..120,
+            te in proptest::bool::ANY,
+            value in "[a-zA-Z0-9 ,;=-]{0,20}",
+        ) {
+            let framing = if te { "Transfer-Encoding: chunked" } else { "Content-Length: 3" };
+            let wire = format!("POST /v1/x HTTP/1.1\r\nHost: a\r\nX-V: {value}\r\n{framing}\r\n\r\n");
+            let whole = parse(&wire).map(|h| h.map(|h| (h.body, h.keep_alive, h.request.headers().len())));
+            let split = split.min(wire.len());
+            let first = parse(&wire[..split]).map(|h| h.map(|h| (h.body, h.keep_alive, h.request.headers().len())));
+            if split < wire.len() {
+                proptest::prop_assert!(matches!(first, Ok(None)) || first.is_err() && first == whole, "{first:?}");
+            } else {
+                proptest::prop_assert_eq!(first, whole);
+            }
+        }
+
+        /// Any bytes read as a request or fail with a reason; never a panic.
+        #[test]
+        fn any_bytes_read_as_a_request_or_an_error(wire in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = read_whole_request(&wire, 256, 8);
+        }
+    }
+
+    #[test]
+    fn whole_requests_read_with_their_bodies() {
+        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(read_whole_request(chunked, 1024, 10), Ok((Method::POST, 5)));
+        let short = b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nhello";
+        assert_eq!(read_whole_request(short, 1024, 10), Err(WireError::Incomplete));
+        let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n";
+        assert_eq!(
+            read_whole_request(bad, 1024, 10),
+            Err(WireError::Body(FramingError::ChunkEnd))
+        );
     }
 
     #[test]
