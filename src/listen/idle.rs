@@ -1,7 +1,7 @@
 //! Connection-level timeouts without a task or timer per request: the header read timeout
 //! (a new connection's first request, and from the first byte of each later head), the idle
 //! timeout between requests, and the send timeout for a client that stops reading. Also
-//! gives hyper's own HTTP/1.1 error answers (400, 431, ...) Meridian's JSON body.
+//! writes the JSON answer to a request head that is refused (400, 431, ...).
 
 use std::io;
 use std::pin::Pin;
@@ -58,7 +58,7 @@ struct ActivityState {
     /// The connection was upgraded (WebSocket): idle means no bytes either way.
     upgraded: AtomicBool,
     /// The connection task, woken when the last request ends so its idle clock starts:
-    /// hyper may not poll the IO again by itself until bytes arrive.
+    /// the connection may not poll the IO again by itself until bytes arrive.
     waker: Mutex<Option<Waker>>,
 }
 
@@ -141,8 +141,6 @@ pub struct IdleIo<T> {
     last_io: Instant,
     send_timer: Pin<Box<Sleep>>,
     write_blocked: bool,
-    /// Meridian's JSON answer replacing one of hyper's empty ones, and how much is written.
-    replacement: Option<(Vec<u8>, usize)>,
 }
 
 impl<T> IdleIo<T> {
@@ -163,7 +161,6 @@ impl<T> IdleIo<T> {
             last_io: now,
             send_timer: Box::pin(tokio::time::sleep(timeouts.send)),
             write_blocked: false,
-            replacement: None,
         };
         (io, activity)
     }
@@ -235,34 +232,6 @@ impl<T> IdleIo<T> {
             self.timer.as_mut().reset(self.armed);
         }
     }
-
-    /// hyper answers a head it cannot parse itself, with an empty body; Meridian's
-    /// clients get the JSON every other refusal carries. Recognised by hyper's exact
-    /// shape: an HTTP/1.1 4xx/5xx head with `content-length: 0` while no request of this
-    /// connection reached the service.
-    fn replace_hyper_error(&mut self, buf: &[u8]) -> bool {
-        if self.protocol != Protocol::Http1 || self.activity.busy() || self.head.1 != self.activity.begun() {
-            return false;
-        }
-        match hyper_error_status(buf) {
-            Some(status) => {
-                self.replacement = Some((error_response(status), 0));
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// The status of an HTTP/1.1 error head with an empty body, as hyper writes for parse errors.
-fn hyper_error_status(buf: &[u8]) -> Option<u16> {
-    let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
-    let status: u16 = std::str::from_utf8(rest.get(..3)?).ok()?.parse().ok()?;
-    let head_only = buf.ends_with(b"\r\n\r\n");
-    let empty = buf
-        .windows(b"\r\ncontent-length: 0\r\n".len())
-        .any(|w| w.eq_ignore_ascii_case(b"\r\ncontent-length: 0\r\n"));
-    (status >= 400 && head_only && empty).then_some(status)
 }
 
 /// A complete HTTP/1.1 answer with Meridian's JSON error body; the connection closes.
@@ -328,37 +297,10 @@ impl<T: AsyncWrite + Unpin> IdleIo<T> {
             }
         }
     }
-
-    /// Writes the replacement answer; reports hyper's `len` bytes as written once done.
-    fn poll_replacement(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
-        loop {
-            let Some((out, written)) = self.replacement.as_mut() else {
-                return Poll::Ready(Ok(len));
-            };
-            if *written >= out.len() {
-                self.replacement = None;
-                return Poll::Ready(Ok(len));
-            }
-            let r = Pin::new(&mut self.inner).poll_write(cx, &out[*written..]);
-            match self.after_write(cx, r) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    if let Some((_, written)) = self.replacement.as_mut() {
-                        *written += n;
-                    }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.replacement.is_some() || self.replace_hyper_error(buf) {
-            return self.poll_replacement(cx, buf.len());
-        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.after_write(cx, r)
     }
@@ -368,13 +310,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
-        if self.replacement.is_some()
-            || (bufs.iter().filter(|b| !b.is_empty()).count() == 1 && self.replace_hyper_error(first))
-        {
-            let len = bufs.iter().map(|b| b.len()).sum();
-            return self.poll_replacement(cx, len);
-        }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.after_write(cx, r)
     }
@@ -416,26 +351,10 @@ mod tests {
     }
 
     #[test]
-    fn hyper_error_heads_recognised() {
-        let cases: &[(&[u8], Option<u16>)] = &[
-            (
-                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
-                Some(400),
-            ),
-            (
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n",
-                Some(431),
-            ),
-            (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 10\r\n\r\n", None),
-            (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", None),
-            (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n{}", None),
-            (b"0\r\n\r\n", None),
-        ];
-        for (buf, want) in cases {
-            assert_eq!(hyper_error_status(buf), *want, "{}", String::from_utf8_lossy(buf));
-        }
+    fn refusals_carry_the_json_body() {
         let out = String::from_utf8(error_response(431)).unwrap();
         assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
         assert!(out.contains("\"bad_request\""), "{out}");
+        assert!(out.contains("connection: close\r\n"), "{out}");
     }
 }

@@ -1,5 +1,6 @@
 //! Client-facing listeners: accept loop, connection limits, idle and header timeouts,
-//! PROXY protocol, TLS, HTTP/1.1 + HTTP/2 (h2c or ALPN) on one port, graceful shutdown.
+//! PROXY protocol, TLS, HTTP/1.1 (Meridian's own server, [`h1`]) + HTTP/2 (hyper's; h2c
+//! or ALPN) on one port, graceful shutdown.
 
 pub mod h1;
 mod idle;
@@ -103,9 +104,8 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads a connection's first bytes, as far as they can still be the HTTP/2 preface: 24
 /// bytes that are the preface, or fewer that stop matching it (or the peer closed first).
-/// hyper-util's auto connection does the same, but hands hyper the sniffed bytes in a read
-/// of their own, after which hyper's 8 KiB read buffer doubles to 16 KiB for the
-/// connection's life; [`Rewound`] gives them back together with what follows.
+/// HTTP/1.1 starts its read buffer with them; for HTTP/2, [`Rewound`] gives them back to
+/// hyper together with what follows.
 async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> std::io::Result<([u8; 24], usize)> {
     let mut buf = [0u8; 24];
     let mut filled = 0;
@@ -183,7 +183,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewound<I> {
     }
 }
 
-/// hyper's connections that can finish their requests in flight and then close.
+/// hyper's (HTTP/2) connections that can finish their requests in flight and then close.
 trait Graceful: Future<Output = hyper::Result<()>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
@@ -204,8 +204,8 @@ where
 
 /// Runs `conn` until it ends; when the listener shuts down (or is gone), asks it to finish
 /// its requests in flight and close. The receiver is held until the connection ends:
-/// the listener's shutdown waits for every one (hyper-util's `GracefulShutdown`, which
-/// has no hook for HTTP/1 connections with upgrades outside its auto connection).
+/// the listener's shutdown waits for every one, HTTP/1.1's included ([`h1`] watches the
+/// same receiver).
 async fn graceful<C: Graceful>(conn: C, mut drain: watch::Receiver<()>) -> hyper::Result<()> {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
