@@ -97,7 +97,7 @@ pub(super) async fn serve<I>(
     info: ConnInfo,
     activity: Activity,
     limits: &Limits,
-    mut drain: watch::Receiver<()>,
+    drain: watch::Receiver<()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -113,13 +113,17 @@ pub(super) async fn serve<I>(
         max_headers: limits.max_headers,
     };
     let peer = info.peer;
+    // One wait for the drain for the connection's life (a new one per request registered
+    // and dropped a waiter each time); `drain` itself is only looked at.
+    let mut watch = drain.clone();
+    let mut drained = std::pin::pin!(watch.changed());
     loop {
         let head = if conn.rbuf.is_empty() {
             tokio::select! {
                 biased;
                 head = conn.read_head() => head,
                 // Draining, with nothing begun: close now.
-                _ = drain.changed() => return,
+                _ = drained.as_mut() => return,
             }
         } else {
             conn.read_head().await
@@ -462,10 +466,6 @@ where
         feed: &mut Feed,
     ) -> Poll<Result<(), ConnError>> {
         loop {
-            self.poll_feed(cx, feed)?;
-            if matches!(feed, Feed::Done | Feed::Abandoned) && self.poll_client_gone(cx) {
-                return Poll::Ready(Err(ConnError::ClientGone));
-            }
             let mut waiting = false;
             while !out.finished && self.wbuf.len() - self.written < WRITE_BATCH {
                 match body.as_mut().poll_frame(cx) {
@@ -486,16 +486,29 @@ where
                 }
             }
             if self.written == self.wbuf.len() && !out.finished {
-                return Poll::Pending;
+                return self.poll_wait(cx, feed);
             }
-            ready!(self.poll_write_buffered(cx))?;
+            if self.poll_write_buffered(cx)?.is_pending() {
+                return self.poll_wait(cx, feed);
+            }
             if out.finished {
                 return Poll::Ready(Ok(()));
             }
             if waiting {
-                return Poll::Pending;
+                return self.poll_wait(cx, feed);
             }
         }
+    }
+
+    /// Before the response task waits: the request body is fed if it is asked for, and a
+    /// client that has gone away ends the wait (only then, so a response that is ready at
+    /// once costs no look at the socket).
+    fn poll_wait(&mut self, cx: &mut Context<'_>, feed: &mut Feed) -> Poll<Result<(), ConnError>> {
+        self.poll_feed(cx, feed)?;
+        if matches!(feed, Feed::Done | Feed::Abandoned) && self.poll_client_gone(cx) {
+            return Poll::Ready(Err(ConnError::ClientGone));
+        }
+        Poll::Pending
     }
 
     /// Writes and flushes what `wbuf` holds.
