@@ -131,14 +131,7 @@ pub(crate) fn framing(
         return Ok((BodyState::Done, keep_alive));
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(|coding| coding.trim_ascii())
-            .rfind(|coding| !coding.is_empty())
-            .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"));
-        if !chunked_last {
+        if !chunked_last(headers) {
             // Another coding last: only the close delimits it (RFC 9112 §6.3, rule 4).
             return Ok((BodyState::Close, false));
         }
@@ -167,17 +160,31 @@ pub(crate) fn framing(
 /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
 /// `Connection: keep-alive`.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &[u8]| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    };
     match version {
-        Version::HTTP_11 => !has(b"close"),
-        _ => has(b"keep-alive"),
+        Version::HTTP_11 => !has_token(headers, header::CONNECTION, b"close"),
+        _ => has_token(headers, header::CONNECTION, b"keep-alive"),
     }
+}
+
+/// True when a comma-separated field (`Connection`, `TE`) names `token`, in any case.
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// True when the last transfer coding is `chunked` (RFC 9112 §6.3: only then does the
+/// coding itself delimit the body).
+pub(crate) fn chunked_last(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|coding| coding.trim_ascii())
+        .rfind(|coding| !coding.is_empty())
+        .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"))
 }
 
 pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {

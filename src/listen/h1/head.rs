@@ -10,7 +10,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use smallvec::SmallVec;
 
-use crate::forward::h1::{BodyState, Chunk, FramingError, Step, decode, parse_decimal};
+use crate::forward::h1::{BodyState, Chunk, FramingError, Step, chunked_last, decode, has_token, parse_decimal};
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
 /// applied later, with Meridian's JSON answer.
@@ -222,17 +222,10 @@ struct RequestFraming {
 /// Content-Length is dropped and the connection closes after the response; several
 /// Content-Length values must agree; no framing header means no body.
 fn request_framing(version: Version, headers: &HeaderMap) -> Result<RequestFraming, HeadError> {
-    let has_token = |name: HeaderName, token: &[u8]| {
-        headers
-            .get_all(name)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    };
-    let mut keep_alive = if has_token(header::CONNECTION, b"close") {
+    let mut keep_alive = if has_token(headers, header::CONNECTION, b"close") {
         false
     } else {
-        version == Version::HTTP_11 || has_token(header::CONNECTION, b"keep-alive")
+        version == Version::HTTP_11 || has_token(headers, header::CONNECTION, b"keep-alive")
     };
     let expect_continue = version == Version::HTTP_11
         && headers
@@ -242,14 +235,7 @@ fn request_framing(version: Version, headers: &HeaderMap) -> Result<RequestFrami
         if version != Version::HTTP_11 {
             return Err(HeadError::TransferEncoding);
         }
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(|coding| coding.trim_ascii())
-            .rfind(|coding| !coding.is_empty())
-            .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"));
-        if !chunked_last {
+        if !chunked_last(headers) {
             return Err(HeadError::TransferEncoding);
         }
         let both = headers.contains_key(header::CONTENT_LENGTH);
@@ -333,11 +319,7 @@ pub(crate) fn encode_response(
     } else {
         ResponseFraming::Close
     };
-    let closes = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+    let closes = has_token(headers, header::CONNECTION, b"close");
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let keeps_framing = framing == ResponseFraming::None && !bodiless;
     let keep_alive = exchange.keep_alive && !closes && framing != ResponseFraming::Close && !switching;

@@ -30,7 +30,7 @@ use super::Limits;
 use super::idle::{Activity, error_response};
 use crate::forward::body::ResponseBody;
 use crate::forward::client_body::{ClientBody, ClientBodyError, Demand, PipeWriter, pipe};
-use crate::forward::h1::{BodyState, Step, decode};
+use crate::forward::h1::{BodyState, Step, decode, has_token};
 use crate::forward::upgrade;
 use crate::proxy::{ConnInfo, Proxy};
 use head::{Exchange, HeadError, RequestHead, ResponseFraming};
@@ -218,12 +218,7 @@ where
         let head_request = request.method() == Method::HEAD;
         let (mut parts, ()) = request.into_parts();
         // Trailers are sent to a chunked response only when the client said it takes them.
-        let takes_trailers = parts
-            .headers
-            .get_all(http::header::TE)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+        let takes_trailers = has_token(&parts.headers, http::header::TE, b"trailers");
         let mut upgrade_tx = None;
         if version == Version::HTTP_11 && upgrade::is_upgrade(&parts.headers) {
             let (tx, rx) = oneshot::channel();
