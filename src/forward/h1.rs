@@ -187,13 +187,18 @@ pub(crate) fn chunked_last(headers: &HeaderMap) -> bool {
         .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"))
 }
 
+/// A Content-Length value: decimal digits only (no sign, no spaces), any number of them as
+/// long as the value fits in a `u64` (hyper's rule).
 pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 {
+    if digits.is_empty() {
         return None;
     }
-    digits
-        .iter()
-        .try_fold(0u64, |n, &d| d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0')))
+    digits.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// A chunk-size line without its CRLF: hex digits, then nothing or extensions.

@@ -378,7 +378,7 @@ mod tests {
     fn request_framing_follows_rfc_9112() {
         use BodyState::{Chunked, Done, Length};
         type Case = (&'static str, Result<(BodyState, bool), HeadError>);
-        let cases: [Case; 16] = [
+        let cases: [Case; 18] = [
             ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok((Done, true))),
             ("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", Ok((Length(5), true))),
             ("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", Ok((Done, true))),
@@ -396,6 +396,14 @@ mod tests {
             ),
             (
                 "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                Err(HeadError::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 000000000000000000005\r\n\r\n",
+                Ok((Length(5), true)),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 18446744073709551616\r\n\r\n",
                 Err(HeadError::ContentLength),
             ),
             (
