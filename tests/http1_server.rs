@@ -274,3 +274,20 @@ async fn an_endless_request_head_is_refused_at_the_limit() {
     assert!(String::from_utf8_lossy(&a.body).contains("bad_request"));
     assert_eq!(up.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_refused_body_is_never_asked_for() {
+    let (up, proxy) = one_region("max_request_body = \"1KiB\"\n").await;
+    let mut s = connect(proxy.listen).await;
+    s.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer is the refusal itself, with no `100 Continue` before it.
+    let mut first = [0u8; 12];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut first))
+        .await
+        .expect("an answer without the body")
+        .unwrap();
+    assert_eq!(&first, b"HTTP/1.1 413");
+    assert_eq!(up.requests(), 0);
+}

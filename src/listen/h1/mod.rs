@@ -247,6 +247,10 @@ where
         .await?;
         drop(handler);
         let Ok(response) = answered;
+        if let Feed::Piped { continue_due, .. } = &mut feed {
+            // A final answer came first: a `100` now would land inside it.
+            *continue_due = false;
+        }
         let (parts, mut body) = response.into_parts();
         // Draining: this is the last response (hyper's graceful shutdown does the same).
         let draining = drain.has_changed().unwrap_or(true);
