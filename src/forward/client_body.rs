@@ -236,7 +236,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     #[tokio::test]
-    async fn frames_flow_on_demand_and_end() {
+    async fn frames_flow_on_demand_and_end() -> Result<(), ClientBodyError> {
         let (writer, reader) = pipe(Some(5));
         let body = ClientBody::Piped(reader);
         let noop = Context::from_waker(Waker::noop());
@@ -261,7 +261,8 @@ mod tests {
             }
         };
         let (collected, ()) = tokio::join!(body.collect(), feeder);
-        assert_eq!(collected.unwrap().to_bytes(), Bytes::from_static(b"abcde"));
+        assert_eq!(collected?.to_bytes(), Bytes::from_static(b"abcde"));
+        Ok(())
     }
 
     #[tokio::test]
@@ -281,12 +282,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn whole_bodies_are_one_frame() {
+    async fn whole_bodies_are_one_frame() -> Result<(), Box<dyn std::error::Error>> {
         let mut body = ClientBody::Whole(Some(Bytes::from_static(b"{}")));
         assert_eq!(body.size_hint().exact(), Some(2));
         assert!(!body.is_end_stream());
-        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "{}");
+        let frame = body.frame().await.ok_or("no frame")??;
+        assert_eq!(frame.into_data().map_err(|_| "not data")?, "{}");
         assert!(body.is_end_stream());
         assert!(ClientBody::empty().is_end_stream());
+        Ok(())
     }
 }

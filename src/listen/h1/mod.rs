@@ -698,12 +698,12 @@ mod tests {
     }
 
     #[test]
-    fn bodies_are_held_to_their_framing() {
+    fn bodies_are_held_to_their_framing() -> Result<(), ConnError> {
         let mut out = Vec::new();
         let mut chunked = Outgoing::new(ResponseFraming::Chunked, false);
-        chunked.encode(&Bytes::from_static(b"hello"), &mut out).unwrap();
-        chunked.encode(&Bytes::new(), &mut out).unwrap();
-        chunked.finish(&mut out).unwrap();
+        chunked.encode(&Bytes::from_static(b"hello"), &mut out)?;
+        chunked.encode(&Bytes::new(), &mut out)?;
+        chunked.finish(&mut out)?;
         assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
         assert!(chunked.clean);
 
@@ -712,12 +712,12 @@ mod tests {
         let mut out = Vec::new();
         let mut with = Outgoing::new(ResponseFraming::Chunked, true);
         with.trailers(&trailers, &mut out);
-        with.finish(&mut out).unwrap();
+        with.finish(&mut out)?;
         assert_eq!(out, b"0\r\ngrpc-status: 0\r\n\r\n");
         let mut out = Vec::new();
         let mut without = Outgoing::new(ResponseFraming::Chunked, false);
         without.trailers(&trailers, &mut out);
-        without.finish(&mut out).unwrap();
+        without.finish(&mut out)?;
         assert_eq!(out, b"0\r\n\r\n", "no trailers unless the client takes them");
 
         let mut out = Vec::new();
@@ -727,19 +727,21 @@ mod tests {
             "too long"
         );
         let mut short = Outgoing::new(ResponseFraming::Length(3), false);
-        short.encode(&Bytes::from_static(b"ab"), &mut out).unwrap();
+        short.encode(&Bytes::from_static(b"ab"), &mut out)?;
         assert!(short.finish(&mut out).is_err(), "too short");
 
         let mut close = Outgoing::new(ResponseFraming::Close, false);
-        close.finish(&mut Vec::new()).unwrap();
+        close.finish(&mut Vec::new())?;
         assert!(!close.clean, "a close-delimited body ends its connection");
+        Ok(())
     }
 
     #[test]
-    fn the_date_is_an_imf_fixdate() {
+    fn the_date_is_an_imf_fixdate() -> Result<(), std::str::Utf8Error> {
         let date = date::now();
-        let text = std::str::from_utf8(&date).unwrap();
+        let text = std::str::from_utf8(&date)?;
         assert!(text.ends_with(" GMT"), "{text}");
         assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
+        Ok(())
     }
 }
