@@ -330,6 +330,35 @@ fn parse_trailers(block: &[u8]) -> Result<HeaderMap, FramingError> {
     Ok(map)
 }
 
+/// Each field's name and value as offsets into `buf`, which `httparse` parsed: the head
+/// is frozen next, and the values become slices of it.
+pub(crate) type FieldSpans = SmallVec<[(Range<usize>, Range<usize>); 24]>;
+
+pub(crate) fn field_spans(buf: &[u8], fields: &[httparse::Header<'_>]) -> FieldSpans {
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    fields
+        .iter()
+        .map(|f| {
+            let name = offset(f.name.as_bytes());
+            let value = offset(f.value);
+            (name..name + f.name.len(), value..value + f.value.len())
+        })
+        .collect()
+}
+
+/// The fields at `spans` in the frozen `head`, values sharing its memory, in a map with room
+/// for `extra` more (growing it would rehash it); `None` if a name or value is invalid.
+pub(crate) fn fields_of(head: &Bytes, spans: FieldSpans, extra: usize) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + extra);
+    for (name, value) in spans {
+        let name = HeaderName::from_bytes(&head[name]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
+        headers.append(name, value);
+    }
+    Some(headers)
+}
+
 /// A parsed response head: the response (its body still to read) and how to read the body.
 pub(crate) struct Head {
     pub(crate) response: Response<()>,
@@ -366,27 +395,10 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         } else {
             Version::HTTP_10
         };
-        // Offsets first: the head is frozen below, and values are slices of it.
-        let base = buf.as_ptr() as usize;
-        let offset = |s: &[u8]| s.as_ptr() as usize - base;
-        let spans: SmallVec<[(Range<usize>, Range<usize>); 24]> = parsed
-            .headers
-            .iter()
-            .map(|f| {
-                let name = offset(f.name.as_bytes());
-                let value = offset(f.value);
-                (name..name + f.name.len(), value..value + f.value.len())
-            })
-            .collect();
+        let spans = field_spans(buf, parsed.headers);
         let head = buf.split_to(len).freeze();
-        // Room for the fields the proxy adds (X-Meridian-Region, -Attempts, X-Request-Id):
-        // growing the map rehashes it.
-        let mut headers = HeaderMap::with_capacity(spans.len() + 3);
-        for (name, value) in spans {
-            let name = HeaderName::from_bytes(&head[name]).map_err(|_| FramingError::Head)?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| FramingError::Head)?;
-            headers.append(name, value);
-        }
+        // Room for the fields the proxy adds (X-Meridian-Region, -Attempts, X-Request-Id).
+        let headers = fields_of(&head, spans, 3).ok_or(FramingError::Head)?;
         let (body, keep_alive) = framing(method, status, version, &headers)?;
         let mut response = Response::new(());
         *response.status_mut() = status;

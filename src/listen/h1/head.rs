@@ -6,11 +6,13 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use bytes::{BufMut, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version};
-use smallvec::SmallVec;
 
-use crate::forward::h1::{BodyState, Chunk, FramingError, Step, chunked_last, decode, has_token, parse_decimal};
+use crate::forward::h1::{
+    BodyState, Chunk, FieldSpans, FramingError, Step, chunked_last, decode, field_spans, fields_of, has_token,
+    parse_decimal,
+};
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
 /// applied later, with Meridian's JSON answer.
@@ -84,14 +86,8 @@ pub(crate) fn parse_request(
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
-    // Room for what the proxy adds (X-Forwarded-*, X-Request-Id, traceparent, the
-    // country): growing the map rehashes it.
-    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_REQUEST_FIELDS);
-    for (name, value) in spans {
-        let name = HeaderName::from_bytes(&head[name]).map_err(|_| HeadError::Malformed)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| HeadError::Malformed)?;
-        headers.append(name, value);
-    }
+    // Room for what the proxy adds (X-Forwarded-*, X-Request-Id, traceparent, the country).
+    let headers = fields_of(&head, spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
     let framing = request_framing(version, &headers)?;
     let mut request = Request::new(());
     *request.method_mut() = method;
@@ -121,7 +117,7 @@ struct Located {
     method: Method,
     version: Version,
     target: Range<usize>,
-    spans: SmallVec<[(Range<usize>, Range<usize>); 24]>,
+    spans: FieldSpans,
 }
 
 /// Runs `httparse` over `buf`; `None` while the head is incomplete.
@@ -155,18 +151,9 @@ fn locate(buf: &[u8], max_head: usize, max_headers: usize) -> Result<Option<Loca
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed)?;
     let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
     // Offsets: the head is frozen next, and the target and values become slices of it.
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| s.as_ptr() as usize - base;
-    let target = offset(target.as_bytes())..offset(target.as_bytes()) + target.len();
-    let spans = parsed
-        .headers
-        .iter()
-        .map(|f| {
-            let name = offset(f.name.as_bytes());
-            let value = offset(f.value);
-            (name..name + f.name.len(), value..value + f.value.len())
-        })
-        .collect();
+    let start = target.as_ptr() as usize - buf.as_ptr() as usize;
+    let target = start..start + target.len();
+    let spans = field_spans(buf, parsed.headers);
     Ok(Some(Located {
         len,
         method,
@@ -369,6 +356,7 @@ pub(crate) fn encode_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::{HeaderName, HeaderValue};
 
     fn parse(wire: &str) -> Result<Option<RequestHead>, HeadError> {
         parse_request(&mut BytesMut::from(wire), 64 * 1024, 100)
