@@ -334,6 +334,7 @@ fn parse_trailers(block: &[u8]) -> Result<HeaderMap, FramingError> {
 /// is frozen next, and the values become slices of it.
 pub(crate) type FieldSpans = SmallVec<[(Range<usize>, Range<usize>); 24]>;
 
+#[inline]
 pub(crate) fn field_spans(buf: &[u8], fields: &[httparse::Header<'_>]) -> FieldSpans {
     let base = buf.as_ptr() as usize;
     let offset = |s: &[u8]| s.as_ptr() as usize - base;
@@ -349,11 +350,12 @@ pub(crate) fn field_spans(buf: &[u8], fields: &[httparse::Header<'_>]) -> FieldS
 
 /// The fields at `spans` in the frozen `head`, values sharing its memory, in a map with room
 /// for `extra` more (growing it would rehash it); `None` if a name or value is invalid.
-pub(crate) fn fields_of(head: &Bytes, spans: FieldSpans, extra: usize) -> Option<HeaderMap> {
+#[inline]
+pub(crate) fn fields_of(head: &Bytes, spans: &[(Range<usize>, Range<usize>)], extra: usize) -> Option<HeaderMap> {
     let mut headers = HeaderMap::with_capacity(spans.len() + extra);
     for (name, value) in spans {
-        let name = HeaderName::from_bytes(&head[name]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
+        let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
         headers.append(name, value);
     }
     Some(headers)
@@ -398,7 +400,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         let spans = field_spans(buf, parsed.headers);
         let head = buf.split_to(len).freeze();
         // Room for the fields the proxy adds (X-Meridian-Region, -Attempts, X-Request-Id).
-        let headers = fields_of(&head, spans, 3).ok_or(FramingError::Head)?;
+        let headers = fields_of(&head, &spans, 3).ok_or(FramingError::Head)?;
         let (body, keep_alive) = framing(method, status, version, &headers)?;
         let mut response = Response::new(());
         *response.status_mut() = status;

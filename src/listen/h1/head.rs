@@ -87,7 +87,7 @@ pub(crate) fn parse_request(
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
     // Room for what the proxy adds (X-Forwarded-*, X-Request-Id, traceparent, the country).
-    let headers = fields_of(&head, spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
+    let headers = fields_of(&head, &spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
     let framing = request_framing(version, &headers)?;
     let mut request = Request::new(());
     *request.method_mut() = method;
