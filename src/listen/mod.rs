@@ -393,8 +393,7 @@ impl Connection {
             }
         };
         if sniffed[..end] != H2_PREFACE[..] {
-            let limits = self.limits.clone();
-            h1::serve(io, &sniffed[..end], proxy, info, activity, &limits, drain).await;
+            h1::serve(io, &sniffed[..end], proxy, info, activity, &self.limits, drain).await;
             return;
         }
         let io = TokioIo::new(Rewound {

@@ -282,7 +282,6 @@ where
         let mut out = Outgoing::new(framing, takes_trailers);
         if framing == ResponseFraming::None {
             drop(body);
-            out.finished = true;
             poll_fn(|cx| self.poll_write_buffered(cx)).await?;
         } else {
             poll_fn(|cx| self.poll_response(cx, Pin::new(&mut body), &mut out, &mut feed)).await?;
