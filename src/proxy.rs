@@ -3,6 +3,7 @@
 //! (`route::attempt::next_attempt`): it names the region and endpoint, the loop sends,
 //! records the outcome (with the error's retry class) and asks again.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::forward::breaker::Admission;
 use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::forward::client_body::ClientBody;
 use crate::forward::endpoint_get::{to_endpoint, under_base};
+use crate::forward::h1::OwnRequest;
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::pool::PooledEndpoint;
 use crate::forward::rewrite::{self, Forwarding};
@@ -574,21 +576,28 @@ impl Proxy {
         body: RequestBody,
     ) -> Result<(Response<EndpointBody>, Duration, Option<InFlight>), UpstreamError> {
         let upstream = upstream_of(rt, target)?;
-        let req = endpoint_request(rt, target, &upstream, parts, body)?;
+        let timeout = rt.config.server.request_timeout;
+        let request = match own_request(rt, target, &upstream, parts, &body)? {
+            Some((via, own)) => AttemptRequest::Own(via, own),
+            None => AttemptRequest::Built(endpoint_request(rt, target, &upstream, parts, body)?),
+        };
         let inflight = match target {
             Target::Endpoint { region, endpoint } => Some(rt.regions[region].endpoints[endpoint].health.start()),
             Target::Fallback => None,
         };
         let sent = Instant::now();
-        let resp = upstream
-            .pools
-            .send_via(
-                upstream.pooled,
-                req,
-                upstream.protocol,
-                rt.config.server.request_timeout,
-            )
-            .await;
+        let resp = match request {
+            AttemptRequest::Own(via, own) => upstream.pools.send_own(via, own, timeout).await,
+            // Boxed: hyper's paths would size the hot path's future (and its copies) too.
+            AttemptRequest::Built(req) => {
+                Box::pin(
+                    upstream
+                        .pools
+                        .send_via(upstream.pooled, req, upstream.protocol, timeout),
+                )
+                .await
+            }
+        };
         if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
             let ok = resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
             let result = if ok { "ok" } else { "error" };
@@ -933,6 +942,56 @@ fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamEr
             })
         }
     }
+}
+
+/// What one attempt sends.
+enum AttemptRequest<'a> {
+    /// Borrowed from the client's request, for Meridian's own HTTP/1.1 exchange.
+    Own(&'a PooledEndpoint, OwnRequest<'a>),
+    /// Built for hyper's clients (HTTP/2, streamed bodies, upgrades) and the fallback.
+    Built(Request<RequestBody>),
+}
+
+/// The hot path's request, when the attempt can take it: a whole body (none, or kept, with
+/// no trailers) to an HTTP/1.1 endpoint through its resolved idle stack, not an upgrade. It
+/// borrows the client's head, so it sends what [`endpoint_request`] would build (the path
+/// under the endpoint's base, the region's load-report field) without copying the headers.
+fn own_request<'a>(
+    rt: &Snapshot,
+    target: Target,
+    upstream: &Upstream<'a>,
+    parts: &'a http::request::Parts,
+    body: &RequestBody,
+) -> Result<Option<(&'a PooledEndpoint, OwnRequest<'a>)>, UpstreamError> {
+    let Target::Endpoint { region, .. } = target else {
+        return Ok(None);
+    };
+    let Some(via) = upstream.pooled.filter(|via| upstream.pools.owns(via)) else {
+        return Ok(None);
+    };
+    if upstream.protocol != UpstreamProtocol::Http1 || upgrade::is_upgrade(&parts.headers) {
+        return Ok(None);
+    }
+    let Some(whole) = body.whole() else {
+        return Ok(None);
+    };
+    let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let path = if upstream.base.is_empty() {
+        Cow::Borrowed(path)
+    } else {
+        let joined = under_base(upstream.base, path).map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
+        Cow::Owned(joined.as_str().to_owned())
+    };
+    Ok(Some((
+        via,
+        OwnRequest {
+            method: &parts.method,
+            path,
+            headers: &parts.headers,
+            extra: rt.load_report_field(region),
+            body: whole,
+        },
+    )))
 }
 
 /// The request one attempt sends: the client's, re-addressed to `upstream`.

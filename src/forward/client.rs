@@ -17,6 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::{EndpointBody, RequestBody};
+use super::h1::OwnRequest;
 use super::limit::{CappedConnector, ConnectionCaps, EndpointLimit};
 use super::pool::{Http1Pool, Http1Settings, PooledEndpoint};
 use crate::config::{EndpointLimitConfig, UpstreamProtocol, UpstreamTlsConfig};
@@ -332,6 +333,26 @@ impl Upstreams {
         self.http1.endpoint_of(scheme, authority)
     }
 
+    /// Whether [`Upstreams::send_own`] can send through `via` (it is this config's stack).
+    pub(crate) fn owns(&self, via: &PooledEndpoint) -> bool {
+        self.http1.owns(via)
+    }
+
+    /// The hot path: a whole request to an HTTP/1.1 endpoint through its resolved idle
+    /// stack, with Meridian's own exchange, borrowed from the client's request; `timeout`
+    /// bounds the wait for the response head, as in [`Upstreams::send_via`].
+    pub(crate) async fn send_own(
+        &self,
+        via: &PooledEndpoint,
+        req: OwnRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Response<EndpointBody>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.http1.send_own(via, req)).await {
+            Ok(resp) => resp,
+            Err(_) => Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout)),
+        }
+    }
+
     /// [`Upstreams::send`] through an endpoint's resolved idle stack.
     pub(crate) async fn send_via(
         &self,
@@ -350,8 +371,11 @@ impl Upstreams {
         let sent = async {
             match protocol {
                 UpstreamProtocol::Http1 => self.http1.send(req, via).await,
+                // Boxed: hyper-util's client future would size every HTTP/1.1 request's too.
                 UpstreamProtocol::Http2 => {
-                    let resp = self.http2.request(req).await.map_err(UpstreamError::classify)?;
+                    let resp = Box::pin(self.http2.request(req))
+                        .await
+                        .map_err(UpstreamError::classify)?;
                     Ok(resp.map(EndpointBody::Hyper))
                 }
             }

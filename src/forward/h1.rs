@@ -432,21 +432,30 @@ pub fn read_whole_response(method: &Method, wire: &[u8]) -> Result<(StatusCode, 
     }
 }
 
-/// The request head in HTTP/1.1 wire form: `path` is the origin form; Content-Length is the
-/// known body's (none for a bodiless GET or HEAD that did not state one), Transfer-Encoding
-/// never (the body is whole); `host` is sent when the headers carry none.
-pub(crate) fn encode_head(
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    host: &str,
-    body_len: usize,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + headers.len() * 32 + body.len());
-    out.extend_from_slice(method.as_str().as_bytes());
+/// A request as Meridian's own exchange sends it, borrowed from the client's request: no
+/// request is built and no header map copied per attempt; the wire form is the only copy.
+pub(crate) struct OwnRequest<'a> {
+    pub(crate) method: &'a Method,
+    /// The origin form (path and query) the endpoint gets.
+    pub(crate) path: std::borrow::Cow<'a, str>,
+    pub(crate) headers: &'a HeaderMap,
+    /// One field more for this endpoint (a region's load-report request), sent unless the
+    /// headers carry it.
+    pub(crate) extra: Option<(&'static str, &'static str)>,
+    /// The whole body (empty for none).
+    pub(crate) body: Bytes,
+}
+
+/// The request head in HTTP/1.1 wire form, with `inline` (the body, or nothing when it
+/// follows separately) behind it: Content-Length is the known body's (none for a bodiless
+/// GET or HEAD that did not state one), Transfer-Encoding never (the body is whole); `host`
+/// is sent when the headers carry none.
+pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Vec<u8> {
+    let headers = req.headers;
+    let mut out = Vec::with_capacity(256 + headers.len() * 32 + inline.len());
+    out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(req.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !headers.contains_key(header::HOST) {
         out.extend_from_slice(b"host: ");
@@ -463,37 +472,45 @@ pub(crate) fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let bodiless = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE);
-    if body_len > 0 || stated || !bodiless {
+    if let Some((name, value)) = req.extra.filter(|(name, _)| !headers.contains_key(*name)) {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = matches!(
+        *req.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+    );
+    if !req.body.is_empty() || stated || !bodiless {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(req.body.len()).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    out.extend_from_slice(inline);
     out
 }
 
-/// One request on `conn`: the head (with `body` behind it when small), then the response
+/// One request on `conn`: the head (with the body behind it when small), then the response
 /// head. The body is read later through the returned [`H1Body`], which gives the connection
 /// back when it ends.
 pub(crate) async fn exchange(
     mut conn: Box<Conn>,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
+    req: OwnRequest<'_>,
     host: &str,
-    body: Bytes,
 ) -> Result<Response<H1Body>, UpstreamError> {
-    let inline: &[u8] = if body.len() <= INLINE_BODY { &body } else { &[] };
-    let head = encode_head(method, path, headers, host, body.len(), inline);
+    let body = &req.body;
+    let inline: &[u8] = if body.len() <= INLINE_BODY { body } else { &[] };
+    let head = encode_head(&req, host, inline);
     let sent = async {
         conn.io.write_all(&head).await?;
         if inline.is_empty() && !body.is_empty() {
-            conn.io.write_all(&body).await?;
+            conn.io.write_all(body).await?;
         }
         conn.io.flush().await
     };
+    let method = req.method;
     let head = match sent.await {
         Ok(()) => read_head(&mut conn, method).await?,
         // An endpoint may answer before the body is all sent (413, then close): that answer,
@@ -1006,7 +1023,11 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("x-request-id", "abc"),
         ]);
-        let wire = encode_head(&Method::POST, "/v1/chat/completions", &h, "10.0.0.1:8000", 2, b"{}");
+        let wire = encode_head(
+            &own(&Method::POST, "/v1/chat/completions", &h, b"{}"),
+            "10.0.0.1:8000",
+            b"{}",
+        );
         let text = String::from_utf8_lossy(&wire);
         assert!(text.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"), "{text}");
         assert!(
@@ -1020,9 +1041,49 @@ mod tests {
         assert!(!text.contains("transfer-encoding"), "{text}");
         assert!(text.ends_with("\r\n\r\n{}"), "{text}");
 
-        let wire = encode_head(&Method::GET, "/health", &HeaderMap::new(), "10.0.0.1:8000", 0, b"");
+        let none = HeaderMap::new();
+        let wire = encode_head(&own(&Method::GET, "/health", &none, b""), "10.0.0.1:8000", b"");
         assert_eq!(&wire[..], b"GET /health HTTP/1.1\r\nhost: 10.0.0.1:8000\r\n\r\n");
-        let wire = encode_head(&Method::POST, "/x", &HeaderMap::new(), "h", 0, b"");
+        let wire = encode_head(&own(&Method::POST, "/x", &none, b""), "h", b"");
         assert!(String::from_utf8_lossy(&wire).contains("content-length: 0\r\n"));
+        // A large body follows the head: its length is stated, its bytes are not inline.
+        let wire = encode_head(&own(&Method::POST, "/x", &none, &[b'a'; 100]), "h", b"");
+        assert!(String::from_utf8_lossy(&wire).ends_with("content-length: 100\r\n\r\n"));
+    }
+
+    fn own<'a>(method: &'a Method, path: &'a str, headers: &'a HeaderMap, body: &[u8]) -> OwnRequest<'a> {
+        OwnRequest {
+            method,
+            path: path.into(),
+            headers,
+            extra: None,
+            body: Bytes::copy_from_slice(body),
+        }
+    }
+
+    #[test]
+    fn the_extra_field_is_sent_unless_the_client_sent_it() {
+        let extra = Some(("endpoint-load-metrics-format", "TEXT"));
+        let none = HeaderMap::new();
+        let wire = encode_head(
+            &OwnRequest {
+                extra,
+                ..own(&Method::GET, "/", &none, b"")
+            },
+            "h",
+            b"",
+        );
+        assert!(String::from_utf8_lossy(&wire).contains("\r\nendpoint-load-metrics-format: TEXT\r\n"));
+        let asked = headers(&[("endpoint-load-metrics-format", "JSON")]);
+        let wire = encode_head(
+            &OwnRequest {
+                extra,
+                ..own(&Method::GET, "/", &asked, b"")
+            },
+            "h",
+            b"",
+        );
+        let text = String::from_utf8_lossy(&wire);
+        assert!(text.contains("JSON") && !text.contains("TEXT"), "{text}");
     }
 }

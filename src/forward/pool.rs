@@ -28,7 +28,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{EndpointBody, RequestBody};
 use super::client::{UpstreamError, UpstreamErrorKind};
-use super::h1;
+use super::h1::{self, OwnRequest};
 use super::limit::ConnectionCaps;
 
 /// Which endpoint a connection belongs to.
@@ -193,7 +193,7 @@ impl Http1Pool {
     /// the endpoint's idle stack when the caller resolved it (else it is looked up).
     pub(crate) async fn send(
         &self,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
         via: Option<&PooledEndpoint>,
     ) -> Result<Response<EndpointBody>, UpstreamError> {
         let looked_up;
@@ -205,30 +205,58 @@ impl Http1Pool {
                 &looked_up
             }
         };
-        let conn = match endpoint.checkout(self.inner.settings.idle_timeout) {
-            Some(conn) => conn,
-            None => self.connect(endpoint).await?,
-        };
         let whole = req
             .body()
             .whole()
             .filter(|_| !super::upgrade::is_upgrade(req.headers()));
         if let Some(body) = whole {
-            let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-            let host = endpoint.key.authority.as_str();
-            let resp = h1::exchange(conn, req.method(), path, req.headers(), host, body).await?;
-            return Ok(resp.map(EndpointBody::Own));
+            let own = OwnRequest {
+                method: req.method(),
+                path: req.uri().path_and_query().map_or("/", PathAndQuery::as_str).into(),
+                headers: req.headers(),
+                extra: None,
+                body,
+            };
+            return self.exchange(endpoint, own).await;
         }
-        // HTTP/1.1 origin form for hyper: the endpoint gets the path; the authority is in `Host`.
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or(PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
-        let mut sender = handshake(conn).await?;
-        let resp = sender.send_request(req).await.map_err(UpstreamError::request)?;
-        Ok(resp.map(EndpointBody::Hyper))
+        let conn = self.conn_to(endpoint).await?;
+        Box::pin(send_by_hyper(conn, req)).await
+    }
+
+    /// Whether `via` is one of this pool's stacks (one resolved before a reload replaced the
+    /// pool is not used: [`Http1Pool::send`] looks its endpoint up again).
+    pub(crate) fn owns(&self, via: &PooledEndpoint) -> bool {
+        std::ptr::eq(via.0.pool.as_ptr(), Arc::as_ptr(&self.inner))
+    }
+
+    /// Sends `req` with Meridian's own exchange on an idle connection of `via` (one of this
+    /// pool's stacks: see [`Http1Pool::owns`]), or a new one.
+    pub(crate) async fn send_own(
+        &self,
+        via: &PooledEndpoint,
+        req: OwnRequest<'_>,
+    ) -> Result<Response<EndpointBody>, UpstreamError> {
+        self.exchange(&via.0, req).await
+    }
+
+    async fn exchange(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        req: OwnRequest<'_>,
+    ) -> Result<Response<EndpointBody>, UpstreamError> {
+        let conn = self.conn_to(endpoint).await?;
+        let resp = h1::exchange(conn, req, endpoint.key.authority.as_str()).await?;
+        Ok(resp.map(EndpointBody::Own))
+    }
+
+    /// An idle connection to `endpoint`, or a new one. The connect is boxed: inline, its
+    /// state would size every request's future (each layer above copies that size when it
+    /// starts this one), for a path a kept-alive connection rarely takes.
+    async fn conn_to(&self, endpoint: &Arc<Endpoint>) -> Result<Box<Conn>, UpstreamError> {
+        match endpoint.checkout(self.inner.settings.idle_timeout) {
+            Some(conn) => Ok(conn),
+            None => Box::pin(self.connect(endpoint)).await,
+        }
     }
 
     /// The endpoint's idle stack, made on first use.
@@ -308,6 +336,23 @@ async fn connect_one(addr: SocketAddr) -> io::Result<TcpStream> {
 /// Hands `conn` to hyper's client for one exchange that Meridian's own code does not make (a
 /// streamed body, trailers, an upgrade): hyper's task drives it (and any upgrade) to its
 /// end, then the connection closes and frees its permit of the endpoint's cap.
+/// A streamed body or an upgrade: sent by hyper's client connection on `conn`.
+async fn send_by_hyper(
+    conn: Box<Conn>,
+    mut req: Request<RequestBody>,
+) -> Result<Response<EndpointBody>, UpstreamError> {
+    // HTTP/1.1 origin form for hyper: the endpoint gets the path; the authority is in `Host`.
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or(PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+    let mut sender = handshake(conn).await?;
+    let resp = sender.send_request(req).await.map_err(UpstreamError::request)?;
+    Ok(resp.map(EndpointBody::Hyper))
+}
+
 async fn handshake(conn: Box<Conn>) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
     let Conn {
         io, _permit: permit, ..

@@ -22,9 +22,17 @@ impl Snapshot {
     /// Asks an `orca` region's endpoint for its load report, unless the client already
     /// asked for a format.
     pub(crate) fn ask_for_load_report(&self, region: usize, headers: &mut HeaderMap) {
-        if self.reads_orca(region) && !headers.contains_key(load::ORCA_FORMAT_HEADER) {
-            headers.insert(load::ORCA_FORMAT_HEADER, HeaderValue::from_static("TEXT"));
+        if let Some((name, value)) = self.load_report_field(region) {
+            if !headers.contains_key(name) {
+                headers.insert(name, HeaderValue::from_static(value));
+            }
         }
+    }
+
+    /// The field that asks an `orca` region's endpoint for its load report (sent unless
+    /// the client asked for a format); `None` for other regions.
+    pub(crate) fn load_report_field(&self, region: usize) -> Option<(&'static str, &'static str)> {
+        self.reads_orca(region).then_some((load::ORCA_FORMAT_HEADER, "TEXT"))
     }
 
     /// Reads the load report of an `orca` region's response into the endpoint's signals
