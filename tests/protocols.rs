@@ -7,6 +7,7 @@ mod support;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -301,6 +302,56 @@ async fn websocket_echo_is_routed_by_geo_and_bridged_both_ways() {
     assert_eq!(seen[0]["upgrade"], "websocket");
     assert_eq!(seen[0]["x-meridian-country"], "GB");
     assert_eq!(seen[0]["x-forwarded-for"], format!("{}, 127.0.0.1", ips::GB));
+}
+
+/// The idle timeout of a bridged WebSocket counts from the upgrade, not from the
+/// connection's earlier requests: a kept-alive connection busy for longer than the timeout
+/// before it upgrades is not closed at once.
+#[tokio::test]
+async fn an_upgrade_after_a_busy_keep_alive_connection_gets_its_whole_idle_timeout() {
+    let (us_url, _) = ws_upstream("us-east").await;
+    let (uk_url, _) = ws_upstream("uk-south").await;
+    let proxy = Meridian::start(&two_regions("idle_timeout = \"1s\"\n", &us_url, &uk_url, ""));
+    let stream = TcpStream::connect(proxy.listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    // Requests for longer than the idle timeout, never idle for as long as it.
+    let busy_until = tokio::time::Instant::now() + Duration::from_millis(1600);
+    while tokio::time::Instant::now() < busy_until {
+        let resp = sender
+            .send_request(request("GET", proxy.listen, "/v1/models", &[], Bytes::new()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let upgrade = request(
+        "GET",
+        proxy.listen,
+        "/v1/realtime",
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        Bytes::new(),
+    );
+    let resp = sender.send_request(upgrade).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    // Within the timeout of the upgrade (though past it since the connection's first read).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    let echo = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap();
+    assert!(
+        matches!(&echo, Some(Ok(m)) if *m == Message::text("us-east: still here")),
+        "the bridge was closed: {echo:?}"
+    );
 }
 
 /// A PROXY v2 header for a TCP/IPv4 client.

@@ -170,7 +170,11 @@ impl<T> IdleIo<T> {
             return Phase::Busy;
         }
         if self.activity.0.upgraded.load(Ordering::Acquire) {
-            return Phase::Idle { since: self.last_io };
+            // The upgrading request's end stands for the I/O before it: an HTTP/1.1
+            // connection tracks `last_io` only once upgraded.
+            return Phase::Idle {
+                since: self.activity.last_end().max(self.last_io),
+            };
         }
         let begun = self.activity.begun();
         match self.protocol {
@@ -185,9 +189,13 @@ impl<T> IdleIo<T> {
         }
     }
 
+    /// Whether the phase reads `last_io` (HTTP/2, and an upgraded connection's bridge): an
+    /// HTTP/1.1 request's I/O need not read the clock for it.
+    fn tracks_last_io(&self) -> bool {
+        self.protocol != Protocol::Http1 || self.activity.0.upgraded.load(Ordering::Acquire)
+    }
+
     fn on_read(&mut self, bytes: &[u8]) {
-        let now = Instant::now();
-        self.last_io = now;
         if self.protocol == Protocol::Unknown {
             self.protocol = if bytes.starts_with(b"PRI ") {
                 Protocol::Http2
@@ -195,11 +203,14 @@ impl<T> IdleIo<T> {
                 Protocol::Http1
             };
         }
+        if self.tracks_last_io() {
+            self.last_io = Instant::now();
+            return;
+        }
         let begun = self.activity.begun();
-        let upgraded = self.activity.0.upgraded.load(Ordering::Acquire);
-        if self.protocol == Protocol::Http1 && !upgraded && !self.activity.busy() && self.head.1 != begun {
+        if !self.activity.busy() && self.head.1 != begun {
             // The first byte of the next request head.
-            self.head = (now, begun);
+            self.head = (Instant::now(), begun);
         }
     }
 
@@ -213,10 +224,10 @@ impl<T> IdleIo<T> {
             }
         }
         loop {
-            let now = Instant::now();
+            // A busy connection has no deadline, and no clock read for it.
             let due = deadline(self.phase(), &self.timeouts);
             match due {
-                Some(d) if d <= now => return true,
+                Some(d) if d <= Instant::now() => return true,
                 Some(d) if d < self.armed => {
                     self.armed = d;
                     self.timer.as_mut().reset(d);
@@ -228,7 +239,7 @@ impl<T> IdleIo<T> {
             }
             // Fired early (the phase moved on): wait for the current deadline, or look
             // again later while busy.
-            self.armed = due.unwrap_or(now + self.timeouts.idle.min(self.timeouts.header_read));
+            self.armed = due.unwrap_or_else(|| Instant::now() + self.timeouts.idle.min(self.timeouts.header_read));
             self.timer.as_mut().reset(self.armed);
         }
     }
@@ -290,7 +301,7 @@ impl<T: AsyncWrite + Unpin> IdleIo<T> {
             }
             Poll::Ready(r) => {
                 self.write_blocked = false;
-                if matches!(r, Ok(n) if n > 0) {
+                if matches!(r, Ok(n) if n > 0) && self.tracks_last_io() {
                     self.last_io = Instant::now();
                 }
                 Poll::Ready(r)
