@@ -324,7 +324,7 @@ fn region_status(rt: &Snapshot, index: usize) -> RegionStatus {
         "healthy"
     };
     RegionStatus {
-        name: r.name.clone(),
+        name: r.name.to_string(),
         state,
         available,
         drained,

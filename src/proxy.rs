@@ -71,7 +71,7 @@ struct Client {
 struct Sent {
     target: Target,
     reason: Option<FailoverReason>,
-    region: String,
+    region: Arc<str>,
     health: Option<Arc<EndpointHealth>>,
 }
 
@@ -352,7 +352,7 @@ impl Proxy {
                 let gateway = matches!(resp.status().as_u16(), 502..=504);
                 if gateway && attempt::may_retry(Failure::GatewayStatus, tried + 1, policy) {
                     let error = ProxyError::UpstreamUnreachable {
-                        region: sent.region,
+                        region: sent.region.to_string(),
                         reason: GATEWAY_ERROR,
                     };
                     return Outcome::Failed(Failure::GatewayStatus, error);
@@ -403,8 +403,9 @@ impl Proxy {
             Attempt::Refuse(NoRegion::NoRegionAvailable) => Err(Some(ProxyError::NoRegionAvailable {
                 region: record
                     .region
-                    .clone()
-                    .or_else(|| plan.candidates.first().map(|c| rt.regions[c.region].name.clone())),
+                    .as_deref()
+                    .or_else(|| plan.candidates.first().map(|c| &*rt.regions[c.region].name))
+                    .map(str::to_string),
             })),
             Attempt::Stop(why) => {
                 tracing::debug!(?why, "no further attempt");
@@ -427,7 +428,7 @@ impl Proxy {
         record.endpoint = health
             .as_ref()
             .map(|h| h.url.clone())
-            .or_else(|| rt.fallback.as_ref().map(|f| f.config.endpoint.url.clone()));
+            .or_else(|| rt.fallback.as_ref().map(|f| Arc::from(f.config.endpoint.url.as_str())));
         record.attempts = before as u32 + 1;
         Sent {
             target,
@@ -514,7 +515,9 @@ impl Proxy {
         let (region, _) = self.target_names(rt, target);
         tracing::debug!(region = %region, error = %full, "attempt not sent");
         record.attempts = tried as u32 + 1;
-        ProxyError::NoRegionAvailable { region: Some(region) }
+        ProxyError::NoRegionAvailable {
+            region: Some(region.to_string()),
+        }
     }
 
     /// The attempt whose answer goes to the client: what the access log and the failover
@@ -556,13 +559,13 @@ impl Proxy {
         }
     }
 
-    fn target_names(&self, rt: &Snapshot, target: Target) -> (String, Option<Arc<EndpointHealth>>) {
+    fn target_names(&self, rt: &Snapshot, target: Target) -> (Arc<str>, Option<Arc<EndpointHealth>>) {
         match target {
             Target::Endpoint { region, endpoint } => {
                 let r = &rt.regions[region];
                 (r.name.clone(), r.endpoints.get(endpoint).map(|e| e.health.clone()))
             }
-            Target::Fallback => ("fallback".to_string(), None),
+            Target::Fallback => (Arc::from("fallback"), None),
         }
     }
 
@@ -1149,7 +1152,7 @@ fn client_fault(rt: &Snapshot, e: &UpstreamError, overflow: &AtomicBool) -> Opti
 fn failed(sent: &Sent, e: &UpstreamError, record: &mut AccessRecord) -> ProxyError {
     tracing::debug!(region = %sent.region, error = %e.detail(), "attempt failed");
     record.error_detail = Some(e.detail());
-    upstream_error(sent.region.clone(), e)
+    upstream_error(sent.region.to_string(), e)
 }
 
 /// Meridian's answer for a failed attempt: the kind's stable text, never the OS error.

@@ -44,8 +44,8 @@ pub struct Snapshot {
 
 /// A region as requests see it: its endpoints, live health and metrics.
 pub struct RegionRuntime {
-    /// The region's configured name.
-    pub name: String,
+    /// The region's configured name (shared: every request's access record names it).
+    pub name: Arc<str>,
     /// `x-meridian-region` value, built once.
     pub header: HeaderValue,
     /// Drain and availability state, kept across reloads by region name.
@@ -336,7 +336,7 @@ fn build(
             })
             .collect();
         regions.push(RegionRuntime {
-            name: r.name.clone(),
+            name: Arc::from(r.name.as_str()),
             header: HeaderValue::from_str(&r.name).unwrap_or(HeaderValue::from_static("unknown")),
             health,
             endpoints,

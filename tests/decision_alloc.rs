@@ -19,7 +19,7 @@ fn steady_state_decision_does_not_allocate() {
     let uk =
         f.rt.regions
             .iter()
-            .position(|r| r.name == "uk-south")
+            .position(|r| &*r.name == "uk-south")
             .unwrap_or_else(|| panic!("uk-south in the bench config"));
     // Warm-up: thread-locals (RNG), lazily built tables.
     for _ in 0..100 {

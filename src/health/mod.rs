@@ -11,7 +11,7 @@ pub mod slow_start;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -52,7 +52,7 @@ pub struct EndpointHealth {
     pub region: String,
     /// The endpoint's identity, from its URL.
     pub id: EndpointId,
-    pub(crate) url: String,
+    pub(crate) url: Arc<str>,
     in_flight: AtomicU32,
     /// Published copy of `machine.status.serving()`, so picks read atomics, not the lock.
     serving: AtomicBool,
@@ -91,7 +91,7 @@ impl EndpointHealth {
     /// Records a load-signal reading (a scraped page or an ORCA header) and logs a change
     /// of the signals' state once per change.
     pub(crate) fn update_signals(&self, reading: Result<load::LoadReport, load::LoadError>, ttl: Duration) {
-        let (region, endpoint) = (self.region.as_str(), self.url.as_str());
+        let (region, endpoint) = (self.region.as_str(), &*self.url);
         match self.signals.update(reading, ttl) {
             Some(load::SignalChange::Degraded(error)) => {
                 tracing::warn!(region, endpoint, %error, "load signals unavailable: balancing without them until they return")
@@ -107,7 +107,7 @@ impl EndpointHealth {
         EndpointHealth {
             region: region.to_string(),
             id: EndpointId::of_url(url),
-            url: url.to_string(),
+            url: Arc::from(url),
             in_flight: AtomicU32::new(0),
             serving: AtomicBool::new(true),
             shed_until: AtomicU64::new(0),
@@ -271,7 +271,7 @@ impl EndpointHealth {
         let m = self.lock();
         let s = &m.state;
         EndpointSnapshot {
-            url: self.url.clone(),
+            url: self.url.to_string(),
             state: s.status,
             available: s.available(now),
             reason: s.reason.map(state::Reason::as_str),

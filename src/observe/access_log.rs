@@ -3,6 +3,7 @@
 //! has none.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Version, header};
@@ -26,8 +27,8 @@ pub(crate) struct AccessRecord {
     pub protocol: &'static str,
     pub host: Option<String>,
     pub user_agent: Option<String>,
-    pub region: Option<String>,
-    pub endpoint: Option<String>,
+    pub region: Option<Arc<str>>,
+    pub endpoint: Option<Arc<str>>,
     pub attempts: u32,
     /// The status sent to the client.
     pub status: u16,

@@ -61,7 +61,7 @@ fn reconcile(shared: &Arc<Shared>, rt: &Snapshot, tasks: &mut HashMap<(String, S
     if rt.config.health.enabled {
         for r in &rt.regions {
             for e in &r.endpoints {
-                wanted.insert((r.name.clone(), e.config.url.clone()), e.health.clone());
+                wanted.insert((r.name.to_string(), e.config.url.clone()), e.health.clone());
             }
         }
     }

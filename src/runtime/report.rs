@@ -18,7 +18,7 @@ impl Shared {
         m.endpoint_kv_cache.reset();
         for r in &rt.regions {
             for e in &r.endpoints {
-                let labels = [r.name.as_str(), e.config.url.as_str()];
+                let labels = [&*r.name, e.config.url.as_str()];
                 m.endpoint_in_flight
                     .with_label_values(&labels)
                     .set(i64::from(e.health.in_flight()));
@@ -81,7 +81,7 @@ impl Shared {
     }
 
     fn report(&self, health: &EndpointHealth, t: Transition) {
-        let (region, endpoint) = (health.region.as_str(), health.url.as_str());
+        let (region, endpoint) = (health.region.as_str(), &*health.url);
         let reason = t.reason.as_str();
         match t.to {
             Status::Ejected => {
@@ -113,7 +113,7 @@ impl Shared {
         for s in Status::ALL {
             self.metrics
                 .endpoint_state
-                .with_label_values(&[&health.region, &health.url, s.as_str()])
+                .with_label_values(&[&health.region, &*health.url, s.as_str()])
                 .set(i64::from(s == status));
         }
     }
