@@ -105,13 +105,18 @@ pids_of() {
     pgrep -P "$root" 2>/dev/null || true
 }
 
-# utime + stime over the process tree, in clock ticks (fields 14 and 15 after the comm).
+# utime + stime over the process tree, in clock ticks (fields 14 and 15 after the comm);
+# `cpu_ticks PID user` counts utime alone (the user-space share of a run).
 cpu_ticks() {
     local total=0 pid fields
     for pid in $(pids_of "$1"); do
         [ -r "/proc/$pid/stat" ] || continue
         fields=$(sed 's/^.*) //' "/proc/$pid/stat")
-        total=$((total + $(echo "$fields" | awk '{print $12 + $13}')))
+        if [ "${2:-}" = user ]; then
+            total=$((total + $(echo "$fields" | awk '{print $12}')))
+        else
+            total=$((total + $(echo "$fields" | awk '{print $12 + $13}')))
+        fi
     done
     echo "$total"
 }
@@ -208,15 +213,17 @@ to_ms() {
 
 # run_wrk NAME CONNS TAG: one measured wrk run against NAME, appended to $RESULTS.
 run_wrk() {
-    local name=$1 conns=$2 tag=$3 port=${PORT[$1]} url out t0 t1 c0 c1 rps p50 p99 cpu hwm newconns
+    local name=$1 conns=$2 tag=$3 port=${PORT[$1]} url out t0 t1 u0 u1 c0 c1 rps p50 p99 cpu user hwm newconns
     [ "$WRK_SCHEME" = https ] && port=${TLS_PORT[$1]}
     url="$WRK_SCHEME://127.0.0.1:$port$PATH_UNDER_TEST"
     taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${WARMUP}s" -H "X-Forwarded-For: $XFF" "${WRK_EXTRA[@]}" "$url" >/dev/null
     c0=$(upstream_accepted)
     t0=$(cpu_ticks "${PID[$name]}")
+    u0=$(cpu_ticks "${PID[$name]}" user)
     out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency \
         -H "X-Forwarded-For: $XFF" "${WRK_EXTRA[@]}" "$url")
     t1=$(cpu_ticks "${PID[$name]}")
+    u1=$(cpu_ticks "${PID[$name]}" user)
     echo "$out" >"$RUN/wrk-$tag-$name-$conns.txt"
     sleep 1.2 # the upstream reports its accept count once a second
     c1=$(upstream_accepted)
@@ -229,10 +236,12 @@ run_wrk() {
     # CPU-seconds per 10k requests = ticks / CLK_TCK / (rps * DURATION) * 10000.
     cpu=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$rps" -v d="$DURATION" \
         'BEGIN { if (r > 0) printf "%.4f", t / hz / (r * d) * 10000; else print "nan" }')
+    # The user-space share of that CPU (the rest is the kernel's, on the proxy's behalf).
+    user=$(awk -v u=$((u1 - u0)) -v t=$((t1 - t0)) 'BEGIN { if (t > 0) printf "%.0f", 100 * u / t; else print "nan" }')
     hwm=$(mem_kib VmHWM "${PID[$name]}")
     newconns=$(( ${c1:-0} - ${c0:-0} ))
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$name" "$conns" "$rps" "$p50" "$p99" "$cpu" "$hwm" "$newconns" >>"$RESULTS"
-    log "  $tag $name c=$conns: ${rps} req/s p50 ${p50} ms p99 ${p99} ms, ${cpu} CPU-s/10k, HWM ${hwm} KiB, +${newconns} upstream conns"
+    log "  $tag $name c=$conns: ${rps} req/s p50 ${p50} ms p99 ${p99} ms, ${cpu} CPU-s/10k (${user} % user), HWM ${hwm} KiB, +${newconns} upstream conns"
 }
 
 # Medians (with min-max) per proxy and connection count, plus ratios to NGINX.
