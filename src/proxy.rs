@@ -32,7 +32,7 @@ use crate::forward::pool::PooledEndpoint;
 use crate::forward::rewrite::{self, Forwarding};
 use crate::forward::upgrade;
 use crate::forward::usage::{self, Scanned, UsageScanner};
-use crate::geo::{Locate, Located};
+use crate::geo::{Locate, LocateMemo, Located};
 use crate::health::state::Event;
 use crate::health::{EndpointHealth, InFlight};
 use crate::live_view::LiveView;
@@ -98,16 +98,18 @@ impl Proxy {
         }
     }
 
-    /// Serves one request. Never fails: every problem becomes a response.
+    /// Serves one request. Never fails: every problem becomes a response. `memo`: the
+    /// connection's last GeoIP lookup, when the listener keeps one.
     pub async fn handle(
         &self,
         conn: ConnInfo,
+        memo: Option<&LocateMemo>,
         mut req: Request<ClientBody>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
         let rt = self.shared.snapshot();
         let config = &rt.config;
-        let (client, mut record) = self.locate(&rt, conn, &req);
+        let (client, mut record) = self.locate(&rt, conn, memo, &req);
 
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > config.server.max_uri_bytes {
@@ -187,12 +189,21 @@ impl Proxy {
     }
 
     /// Client IP and location; the access record started with them.
-    fn locate(&self, rt: &Snapshot, conn: ConnInfo, req: &Request<ClientBody>) -> (Client, AccessRecord) {
+    fn locate(
+        &self,
+        rt: &Snapshot,
+        conn: ConnInfo,
+        memo: Option<&LocateMemo>,
+        req: &Request<ClientBody>,
+    ) -> (Client, AccessRecord) {
         let config = &rt.config;
         let peer = conn.peer.ip().to_canonical();
         let peer_trusted = is_trusted(peer, &config.geoip.trusted_proxies);
         let client = client_ip(peer, req.headers(), &config.geoip.trusted_proxies);
-        let located = rt.geo.locate(client);
+        let located = match memo {
+            Some(memo) => memo.locate(&rt.geo, client),
+            None => rt.geo.locate(client),
+        };
         self.count_lookup(&located);
         // Static spelling from the country table: no allocation per request.
         let country: &'static str = located.country().and_then(|c| c.info()).map_or("XX", |info| info.code);

@@ -3,6 +3,7 @@
 
 mod country;
 mod database;
+mod memo;
 mod point;
 mod record;
 mod subdivision;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 pub use country::{Country, CountryInfo};
 pub use database::Database;
+pub use memo::LocateMemo;
 pub use point::GeoPoint;
 pub use subdivision::Subdivision;
 
@@ -105,6 +107,14 @@ pub(crate) const DEFAULT_MAX_ACCURACY_RADIUS_KM: u32 = 500;
 pub struct GeoDb {
     databases: Vec<Arc<Database>>,
     max_accuracy_radius_km: f64,
+    /// Unique per chain opened (see [`LocateMemo`]).
+    id: u64,
+}
+
+/// The next [`GeoDb::id`].
+fn next_chain_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What a [`GeoDb`] is opened from (`[geoip]` in the config).
@@ -124,6 +134,7 @@ impl GeoDb {
         GeoDb {
             databases: vec![Arc::new(Database::embedded())],
             max_accuracy_radius_km: f64::from(DEFAULT_MAX_ACCURACY_RADIUS_KM),
+            id: next_chain_id(),
         }
     }
 
@@ -145,7 +156,13 @@ impl GeoDb {
         Ok(GeoDb {
             databases,
             max_accuracy_radius_km: f64::from(geoip.max_accuracy_radius_km),
+            id: next_chain_id(),
         })
+    }
+
+    /// This chain's identity: no other chain opened by the process has it.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The chain in lookup order.

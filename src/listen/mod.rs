@@ -44,6 +44,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
 use crate::forward::client_body::ClientBody;
+use crate::geo::LocateMemo;
 use crate::proxy::{ConnInfo, Proxy};
 pub use idle::{ActiveRequest, Activity, IdleIo, Timeouts};
 use proxy_protocol::ProxyHeaderError;
@@ -403,14 +404,17 @@ impl Connection {
             inner: io,
         });
         let send_timeout = timeouts.send;
+        // The streams of one connection come from one client: its last lookup is kept.
+        let memo = Arc::new(LocateMemo::default());
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
+            let memo = memo.clone();
             let activity = activity.clone();
             let guard = activity.begin();
             async move {
                 // Boxed: hyper keeps a slot the size of this future for the connection's
                 // life; the request's own state (~3 KiB) is only needed while it runs.
-                let resp = Box::pin(proxy.handle(info, req.map(ClientBody::from))).await;
+                let resp = Box::pin(proxy.handle(info, Some(&memo), req.map(ClientBody::from))).await;
                 // The request stays in flight until its response body is done; an HTTP/2
                 // stream's window can stay shut while the connection is busy.
                 resp.map(|r| {

@@ -32,6 +32,7 @@ use crate::forward::body::ResponseBody;
 use crate::forward::client_body::{ClientBody, ClientBodyError, Demand, PipeWriter, pipe};
 use crate::forward::h1::{BodyState, Step, decode, has_token};
 use crate::forward::upgrade;
+use crate::geo::LocateMemo;
 use crate::proxy::{ConnInfo, Proxy};
 use head::{Exchange, HeadError, RequestHead, ResponseFraming};
 
@@ -113,6 +114,8 @@ pub(super) async fn serve<I>(
         max_headers: limits.max_headers,
     };
     let peer = info.peer;
+    // The requests of one connection come from one client: its last lookup is kept.
+    let memo = LocateMemo::default();
     // One wait for the drain for the connection's life (a new one per request registered
     // and dropped a waiter each time); `drain` itself is only looked at.
     let mut watch = drain.clone();
@@ -141,7 +144,7 @@ pub(super) async fn serve<I>(
                 return;
             }
         };
-        match conn.exchange(head, &proxy, info, &activity, &drain).await {
+        match conn.exchange(head, &proxy, (info, &memo), &activity, &drain).await {
             Ok(Next::KeepAlive) => conn.release_idle(),
             Ok(Next::Close) => {
                 conn.close().await;
@@ -203,7 +206,7 @@ where
         &mut self,
         head: RequestHead,
         proxy: &Proxy,
-        info: ConnInfo,
+        (info, memo): (ConnInfo, &LocateMemo),
         activity: &Activity,
         drain: &watch::Receiver<()>,
     ) -> Result<Next, ConnError> {
@@ -233,7 +236,7 @@ where
         }
         // Boxed: the request's state (~3 KiB) is only needed while it runs, not for the
         // connection's life.
-        let mut handler = Box::pin(proxy.handle(info, Request::from_parts(parts, body)));
+        let mut handler = Box::pin(proxy.handle(info, Some(memo), Request::from_parts(parts, body)));
         let answered = poll_fn(|cx| {
             if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
                 return Poll::Ready(Ok(resp));
