@@ -41,20 +41,44 @@ static PROTECTED: [HeaderName; 6] = [
 pub(crate) static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub(crate) static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const TE_AT: usize = 5;
+const TRANSFER_ENCODING_AT: usize = 6;
 
-/// Removes hop-by-hop headers and any header the `Connection` header names. `Upgrade` is
-/// removed too unless the caller is bridging an upgrade (then it must travel).
-pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names first: most messages carry few or none of these, and every
-    // `remove` is a hash and a probe (the rewrite bench shows the difference).
-    let mut present = [false; HOP_BY_HOP.len()];
-    let mut upgrade = false;
+/// What one pass over a message's field names found. Most messages carry none of the
+/// fields a rewrite removes, and every `remove` or lookup is a hash and a probe (the
+/// rewrite bench shows the difference): the removals ask only for what is there.
+#[derive(Default)]
+struct Present {
+    hop_by_hop: [bool; HOP_BY_HOP.len()],
+    upgrade: bool,
+    forwarded: bool,
+    real_ip: bool,
+    meridian: bool,
+}
+
+fn scan(headers: &HeaderMap) -> Present {
+    let mut present = Present::default();
     for name in headers.keys() {
-        match HOP_BY_HOP.iter().position(|h| h == name) {
-            Some(i) => present[i] = true,
-            None => upgrade |= name == header::UPGRADE,
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present.hop_by_hop[i] = true;
+        } else if name == header::UPGRADE {
+            present.upgrade = true;
+        } else if name == FORWARDED {
+            present.forwarded = true;
+        } else if name == X_REAL_IP {
+            present.real_ip = true;
+        } else if name.as_str().starts_with("x-meridian-") {
+            present.meridian = true;
         }
     }
+    present
+}
+
+/// Removes hop-by-hop headers and any header the `Connection` header names (`scanned`: what
+/// [`scan`] found). `Upgrade` is removed too unless the caller is bridging an upgrade (then
+/// it must travel).
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, scanned: &Present) {
+    let present = scanned.hop_by_hop;
+    let upgrade = scanned.upgrade;
     // Headers listed in Connection are hop-by-hop for this message only.
     if present[CONNECTION_AT] {
         // `keep-alive` and `close` (nearly every value) name nothing left to remove, so the
@@ -93,9 +117,9 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes every `x-meridian-*` header a client sent, so none can be spoofed to an endpoint.
-pub(crate) fn remove_meridian_headers(headers: &mut HeaderMap) {
-    let spoofed = headers.keys().any(|k| k.as_str().starts_with("x-meridian-"));
+/// Removes every `x-meridian-*` header (`spoofed`: [`scan`] found one), so none can be
+/// spoofed to an endpoint or a client.
+fn remove_meridian_headers(headers: &mut HeaderMap, spoofed: bool) {
     if spoofed {
         let names: Vec<HeaderName> = headers
             .keys()
@@ -123,12 +147,17 @@ pub struct Forwarding<'a> {
 
 /// Rewrites a request's headers for an endpoint; returns the request id in force.
 pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bool) -> HeaderValue {
-    remove_hop_by_hop(headers, upgrade);
-    remove_meridian_headers(headers);
+    let present = scan(headers);
+    remove_hop_by_hop(headers, upgrade, &present);
+    remove_meridian_headers(headers, present.meridian);
     if !fwd.peer_trusted {
         // Like X-Forwarded-For, these name the client only when a trusted proxy says so.
-        headers.remove(&FORWARDED);
-        headers.remove(&X_REAL_IP);
+        if present.forwarded {
+            headers.remove(&FORWARDED);
+        }
+        if present.real_ip {
+            headers.remove(&X_REAL_IP);
+        }
     }
 
     let peer = ip_value(fwd.peer);
@@ -174,14 +203,15 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
 
 /// Rewrites a response's headers for the client.
 pub fn response_headers(headers: &mut HeaderMap, region: &HeaderValue, attempts: u32, upgrade: bool) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let present = scan(headers);
+    if present.hop_by_hop[TRANSFER_ENCODING_AT] {
         // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and the body was read
         // chunked; relayed with the stale length, a client would keep a prefix of it.
         headers.remove(header::CONTENT_LENGTH);
     }
-    remove_hop_by_hop(headers, upgrade);
+    remove_hop_by_hop(headers, upgrade, &present);
     // Only Meridian speaks for Meridian: an endpoint cannot fake a region or attempt count.
-    remove_meridian_headers(headers);
+    remove_meridian_headers(headers, present.meridian);
     headers.insert(&X_MERIDIAN_REGION, region.clone());
     if attempts > 1 {
         headers.insert(&X_MERIDIAN_ATTEMPTS, HeaderValue::from(attempts));
@@ -269,12 +299,14 @@ mod tests {
             ("proxy-authorization", "Basic abc"),
             ("content-type", "application/json"),
         ]);
-        remove_hop_by_hop(&mut h, false);
+        let present = scan(&h);
+        remove_hop_by_hop(&mut h, false, &present);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["content-type"]);
 
         let mut h = headers(&[("te", "trailers"), ("connection", "upgrade"), ("upgrade", "websocket")]);
-        remove_hop_by_hop(&mut h, true);
+        let present = scan(&h);
+        remove_hop_by_hop(&mut h, true, &present);
         assert_eq!(header(&h, "te"), Some("trailers"));
         assert_eq!(header(&h, "upgrade"), Some("websocket"));
         assert_eq!(header(&h, "connection"), Some("upgrade"));
