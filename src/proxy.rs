@@ -100,55 +100,60 @@ impl Proxy {
 
     /// Serves one request. Never fails: every problem becomes a response. `memo`: the
     /// connection's last GeoIP lookup, when the listener keeps one.
-    pub async fn handle(
+    ///
+    /// An `async` block for the reason [`Proxy::attempts`] is one.
+    #[allow(clippy::manual_async_fn)] // why: the state size, above
+    pub fn handle(
         &self,
         conn: ConnInfo,
         memo: Option<&LocateMemo>,
         mut req: Request<ClientBody>,
-    ) -> Result<Response<ResponseBody>, Infallible> {
-        let started = Instant::now();
-        let rt = self.shared.snapshot();
-        let config = &rt.config;
-        let (client, mut record) = self.locate(&rt, conn, memo, &req);
+    ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
+        async move {
+            let started = Instant::now();
+            let rt = self.shared.snapshot();
+            let config = &rt.config;
+            let (client, mut record) = self.locate(&rt, conn, memo, &req);
 
-        let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
-        if uri_len > config.server.max_uri_bytes {
-            let limit = config.server.max_uri_bytes;
-            return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
-        }
-        // Method, Host and the normalised path: what rules, residency and the endpoint see.
-        if let Err(err) = crate::forward::inbound::admit(&mut req) {
-            return Ok(self.refuse(err, record, started));
-        }
-        // Room for a per-client candidate order (city coordinates), so it is not allocated.
-        let mut nearest = route::InlineCandidates::new();
-        let plan = match self.route(&rt, client.located, &req, &mut record, &mut nearest) {
-            Ok(plan) => plan,
-            Err(err) => return Ok(self.refuse(err, record, started)),
-        };
-        let (parts, incoming, client_upgrade) = prepare_head(req, &client.fwd, &mut record);
-        let (body, overflow) = match read_body(config, &parts, incoming).await {
-            Ok(read) => read,
-            Err(err) => return Ok(self.refuse(err, record, started)),
-        };
-        record.bytes_in = body.len_hint();
-        // Model-aware routing: candidates filtered to the regions serving the body's model.
-        let mut plan = plan;
-        if let Err(err) = filter_by_model(rt.as_ref(), &mut plan, &parts, &body) {
-            return Ok(self.refuse(err, record, started));
-        }
-        // Admission control: a limited request is answered here and reaches no endpoint.
-        let admitted = match self.admit(&rt, record.client_ip, &parts, &body).await {
-            Ok(admitted) => admitted,
-            Err(limited) => return Ok(self.rate_limited(limited, record, started)),
-        };
-        self.budget.record_request();
+            let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+            if uri_len > config.server.max_uri_bytes {
+                let limit = config.server.max_uri_bytes;
+                return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
+            }
+            // Method, Host and the normalised path: what rules, residency and the endpoint see.
+            if let Err(err) = crate::forward::inbound::admit(&mut req) {
+                return Ok(self.refuse(err, record, started));
+            }
+            // Room for a per-client candidate order (city coordinates), so it is not allocated.
+            let mut nearest = route::InlineCandidates::new();
+            let plan = match self.route(&rt, client.located, &req, &mut record, &mut nearest) {
+                Ok(plan) => plan,
+                Err(err) => return Ok(self.refuse(err, record, started)),
+            };
+            let (parts, incoming, client_upgrade) = prepare_head(req, &client.fwd, &mut record);
+            let (body, overflow) = match read_body(config, &parts, incoming).await {
+                Ok(read) => read,
+                Err(err) => return Ok(self.refuse(err, record, started)),
+            };
+            record.bytes_in = body.len_hint();
+            // Model-aware routing: candidates filtered to the regions serving the body's model.
+            let mut plan = plan;
+            if let Err(err) = filter_by_model(rt.as_ref(), &mut plan, &parts, &body) {
+                return Ok(self.refuse(err, record, started));
+            }
+            // Admission control: a limited request is answered here and reaches no endpoint.
+            let admitted = match self.admit(&rt, record.client_ip, &parts, &body).await {
+                Ok(admitted) => admitted,
+                Err(limited) => return Ok(self.rate_limited(limited, record, started)),
+            };
+            self.budget.record_request();
 
-        // Boxed: the attempt loop's state is most of this future, and hyper keeps one
-        // request future's worth of memory per connection for the connection's life.
-        // Allocated per request instead, an idle keep-alive connection stays small.
-        let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
-        resp.map(|r| upgrade::bridge(admission::attach(r, admitted), client_upgrade))
+            // Boxed: the attempt loop's state is most of this future, and hyper keeps one
+            // request future's worth of memory per connection for the connection's life.
+            // Allocated per request instead, an idle keep-alive connection stays small.
+            let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
+            resp.map(|r| upgrade::bridge(admission::attach(r, admitted), client_upgrade))
+        }
     }
 
     /// The `[[limit]]` rules' decision; `Err` when one refuses the request.
@@ -278,8 +283,12 @@ impl Proxy {
     }
 
     /// The I/O loop around the planner: plan, send, record the outcome, plan again.
-    #[allow(clippy::too_many_arguments)]
-    async fn attempts(
+    ///
+    /// An `async` block rather than an `async fn`: an `async fn` keeps each argument twice in
+    /// its state (as passed, and as the body's binding), which for the request's parts and
+    /// access record is 750 bytes more to allocate and copy per request (`-Zprint-type-sizes`).
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)] // why: the state size, above
+    fn attempts(
         &self,
         rt: &Arc<Snapshot>,
         plan: &RoutePlan<'_>,
@@ -288,55 +297,57 @@ impl Proxy {
         overflow: Arc<AtomicBool>,
         mut record: AccessRecord,
         started: Instant,
-    ) -> Result<Response<ResponseBody>, Infallible> {
-        let skips = slow_start_skips(rt, plan);
-        let policy = attempt_policy(rt, &parts, &body, &skips);
-        let mut tried: SmallVec<[Tried; 4]> = SmallVec::new();
-        let mut body = Some(body);
-        let mut last_error: Option<ProxyError> = None;
-        loop {
-            let kept = body.as_ref().and_then(RequestBody::kept);
-            let (target, reason) = match self.plan_next(rt, plan, &tried, &policy, &parts.headers, kept, &record) {
-                Ok(next) => next,
-                Err(refusal) => {
-                    last_error = refusal.or(last_error);
+    ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
+        async move {
+            let skips = slow_start_skips(rt, plan);
+            let policy = attempt_policy(rt, &parts, &body, &skips);
+            let mut tried: SmallVec<[Tried; 4]> = SmallVec::new();
+            let mut body = Some(body);
+            let mut last_error: Option<ProxyError> = None;
+            loop {
+                let kept = body.as_ref().and_then(RequestBody::kept);
+                let (target, reason) = match self.plan_next(rt, plan, &tried, &policy, &parts.headers, kept, &record) {
+                    Ok(next) => next,
+                    Err(refusal) => {
+                        last_error = refusal.or(last_error);
+                        break;
+                    }
+                };
+                // Past the endpoint's connection cap and wait queue nothing is sent: the attempt
+                // moves on like a refused connect, and the endpoint's health is not touched.
+                let slot = match enter_endpoint(rt, target).await {
+                    Ok(slot) => slot,
+                    Err(full) => {
+                        last_error = Some(self.not_sent(rt, target, &full, &mut record, tried.len()));
+                        let failure = Failure::Error(RetryClass::NothingSent);
+                        tried.push(Tried { target, failure });
+                        continue;
+                    }
+                };
+                // A kept body is sent again; a streamed one has this attempt only.
+                let Some(attempt_body) = body.as_ref().and_then(RequestBody::replay).or_else(|| body.take()) else {
                     break;
-                }
-            };
-            // Past the endpoint's connection cap and wait queue nothing is sent: the attempt
-            // moves on like a refused connect, and the endpoint's health is not touched.
-            let slot = match enter_endpoint(rt, target).await {
-                Ok(slot) => slot,
-                Err(full) => {
-                    last_error = Some(self.not_sent(rt, target, &full, &mut record, tried.len()));
-                    let failure = Failure::Error(RetryClass::NothingSent);
-                    tried.push(Tried { target, failure });
-                    continue;
-                }
-            };
-            // A kept body is sent again; a streamed one has this attempt only.
-            let Some(attempt_body) = body.as_ref().and_then(RequestBody::replay).or_else(|| body.take()) else {
-                break;
-            };
-            let step = (target, reason, tried.len());
-            let failure = match self
-                .try_target(rt, step, &mut parts, attempt_body, &mut record, &policy, &overflow)
-                .await
-            {
-                Outcome::Answer(resp, ttfb, inflight, sent) => {
-                    self.answered(rt, plan, &sent, ttfb, &mut record);
-                    return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
-                }
-                Outcome::ClientFault(fault) => return Ok(self.refuse(fault, record, started)),
-                Outcome::Failed(failure, error) => {
-                    last_error = Some(error);
-                    failure
-                }
-            };
-            tried.push(Tried { target, failure });
+                };
+                let step = (target, reason, tried.len());
+                let failure = match self
+                    .try_target(rt, step, &mut parts, attempt_body, &mut record, &policy, &overflow)
+                    .await
+                {
+                    Outcome::Answer(resp, ttfb, inflight, sent) => {
+                        self.answered(rt, plan, &sent, ttfb, &mut record);
+                        return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
+                    }
+                    Outcome::ClientFault(fault) => return Ok(self.refuse(fault, record, started)),
+                    Outcome::Failed(failure, error) => {
+                        last_error = Some(error);
+                        failure
+                    }
+                };
+                tried.push(Tried { target, failure });
+            }
+            let err = last_error.unwrap_or(ProxyError::NoRegionAvailable { region: None });
+            Ok(self.refuse(err, record, started))
         }
-        let err = last_error.unwrap_or(ProxyError::NoRegionAvailable { region: None });
-        Ok(self.refuse(err, record, started))
     }
 
     /// Sends one attempt (`step`: its target, why it goes there, how many came before) and
@@ -593,7 +604,7 @@ impl Proxy {
         let timeout = rt.config.server.request_timeout;
         let request = match own_request(rt, target, &upstream, parts, &body)? {
             Some((via, own)) => AttemptRequest::Own(via, own),
-            None => AttemptRequest::Built(endpoint_request(rt, target, &upstream, parts, body)?),
+            None => AttemptRequest::Built(Box::new(endpoint_request(rt, target, &upstream, parts, body)?)),
         };
         let inflight = match target {
             Target::Endpoint { region, endpoint } => Some(rt.regions[region].endpoints[endpoint].health.start()),
@@ -607,7 +618,7 @@ impl Proxy {
                 Box::pin(
                     upstream
                         .pools
-                        .send_via(upstream.pooled, req, upstream.protocol, timeout),
+                        .send_via(upstream.pooled, *req, upstream.protocol, timeout),
                 )
                 .await
             }
@@ -962,8 +973,9 @@ fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamEr
 enum AttemptRequest<'a> {
     /// Borrowed from the client's request, for Meridian's own HTTP/1.1 exchange.
     Own(&'a PooledEndpoint, OwnRequest<'a>),
-    /// Built for hyper's clients (HTTP/2, streamed bodies, upgrades) and the fallback.
-    Built(Request<RequestBody>),
+    /// Built for hyper's clients (HTTP/2, streamed bodies, upgrades) and the fallback; boxed,
+    /// as it would double the hot path's share of the attempt's state.
+    Built(Box<Request<RequestBody>>),
 }
 
 /// The hot path's request, when the attempt can take it: a whole body (none, or kept, with

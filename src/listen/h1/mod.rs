@@ -201,100 +201,104 @@ where
         }
     }
 
-    /// One request and its response.
-    async fn exchange(
+    /// One request and its response. An `async` block rather than an `async fn`, which would
+    /// keep the head twice in its state (see `Proxy::attempts`).
+    #[allow(clippy::manual_async_fn)] // why: the state size, above
+    fn exchange(
         &mut self,
         head: RequestHead,
         proxy: &Proxy,
         (info, memo): (ConnInfo, &LocateMemo),
         activity: &Activity,
         drain: &watch::Receiver<()>,
-    ) -> Result<Next, ConnError> {
-        let guard = activity.begin();
-        let RequestHead {
-            request,
-            body,
-            keep_alive,
-            expect_continue,
-        } = head;
-        let version = request.version();
-        let head_request = request.method() == Method::HEAD;
-        let (mut parts, ()) = request.into_parts();
-        // Trailers are sent to a chunked response only when the client said it takes them.
-        let takes_trailers = has_token(&parts.headers, http::header::TE, b"trailers");
-        let mut upgrade_tx = None;
-        if version == Version::HTTP_11 && upgrade::is_upgrade(&parts.headers) {
-            let (tx, rx) = oneshot::channel();
-            parts.extensions.insert(upgrade::OnClientUpgrade::new(rx));
-            upgrade_tx = Some(tx);
-        }
-        let (body, mut feed) = self.request_body(body, expect_continue);
-        if self.rbuf.is_empty() {
-            // The head and body share the buffer's memory until the request is done with
-            // them; the connection's own handle need not keep it for a long stream.
-            self.rbuf = BytesMut::new();
-        }
-        // Boxed: the request's state (~3 KiB) is only needed while it runs, not for the
-        // connection's life.
-        let mut handler = Box::pin(proxy.handle(info, Some(memo), Request::from_parts(parts, body)));
-        let answered = poll_fn(|cx| {
-            if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
-                return Poll::Ready(Ok(resp));
+    ) -> impl Future<Output = Result<Next, ConnError>> {
+        async move {
+            let guard = activity.begin();
+            let RequestHead {
+                request,
+                body,
+                keep_alive,
+                expect_continue,
+            } = head;
+            let version = request.version();
+            let head_request = request.method() == Method::HEAD;
+            let (mut parts, ()) = request.into_parts();
+            // Trailers are sent to a chunked response only when the client said it takes them.
+            let takes_trailers = has_token(&parts.headers, http::header::TE, b"trailers");
+            let mut upgrade_tx = None;
+            if version == Version::HTTP_11 && upgrade::is_upgrade(&parts.headers) {
+                let (tx, rx) = oneshot::channel();
+                parts.extensions.insert(upgrade::OnClientUpgrade::new(rx));
+                upgrade_tx = Some(tx);
             }
-            self.poll_feed(cx, &mut feed)?;
-            if matches!(feed, Feed::Done | Feed::Abandoned) && self.poll_client_gone(cx) {
-                return Poll::Ready(Err(ConnError::ClientGone));
+            let (body, mut feed) = self.request_body(body, expect_continue);
+            if self.rbuf.is_empty() {
+                // The head and body share the buffer's memory until the request is done with
+                // them; the connection's own handle need not keep it for a long stream.
+                self.rbuf = BytesMut::new();
             }
-            Poll::Pending
-        })
-        .await?;
-        drop(handler);
-        let Ok(response) = answered;
-        if let Feed::Piped { continue_due, .. } = &mut feed {
-            // A final answer came first: a `100` now would land inside it.
-            *continue_due = false;
-        }
-        let (parts, mut body) = response.into_parts();
-        // Draining: this is the last response (hyper's graceful shutdown does the same).
-        let draining = drain.has_changed().unwrap_or(true);
-        let exchange = Exchange {
-            head_request,
-            version,
-            keep_alive: keep_alive && !draining && matches!(feed, Feed::Done),
-        };
-        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let exact = body.size_hint().exact();
-        let date = date::now();
-        // One allocation for the head (and the first frames behind it).
-        self.wbuf.reserve(256 + parts.headers.len() * 48);
-        let (framing, keep_alive) =
-            head::encode_response(&mut self.wbuf, parts.status, &parts.headers, exact, exchange, &date);
-        drop(parts);
-        if switching {
-            poll_fn(|cx| self.poll_write_buffered(cx)).await?;
-            drop(body);
-            let Some(tx) = upgrade_tx else {
-                // `101` to a request that asked for none: nothing to switch to.
-                return Ok(Next::Close);
+            // Boxed: the request's state (~3 KiB) is only needed while it runs, not for the
+            // connection's life.
+            let mut handler = Box::pin(proxy.handle(info, Some(memo), Request::from_parts(parts, body)));
+            let answered = poll_fn(|cx| {
+                if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(resp));
+                }
+                self.poll_feed(cx, &mut feed)?;
+                if matches!(feed, Feed::Done | Feed::Abandoned) && self.poll_client_gone(cx) {
+                    return Poll::Ready(Err(ConnError::ClientGone));
+                }
+                Poll::Pending
+            })
+            .await?;
+            drop(handler);
+            let Ok(response) = answered;
+            if let Feed::Piped { continue_due, .. } = &mut feed {
+                // A final answer came first: a `100` now would land inside it.
+                *continue_due = false;
+            }
+            let (parts, mut body) = response.into_parts();
+            // Draining: this is the last response (hyper's graceful shutdown does the same).
+            let draining = drain.has_changed().unwrap_or(true);
+            let exchange = Exchange {
+                head_request,
+                version,
+                keep_alive: keep_alive && !draining && matches!(feed, Feed::Done),
             };
-            activity.upgraded();
+            let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+            let exact = body.size_hint().exact();
+            let date = date::now();
+            // One allocation for the head (and the first frames behind it).
+            self.wbuf.reserve(256 + parts.headers.len() * 48);
+            let (framing, keep_alive) =
+                head::encode_response(&mut self.wbuf, parts.status, &parts.headers, exact, exchange, &date);
+            drop(parts);
+            if switching {
+                poll_fn(|cx| self.poll_write_buffered(cx)).await?;
+                drop(body);
+                let Some(tx) = upgrade_tx else {
+                    // `101` to a request that asked for none: nothing to switch to.
+                    return Ok(Next::Close);
+                };
+                activity.upgraded();
+                drop(guard);
+                return Ok(Next::Upgrade(tx));
+            }
+            drop(upgrade_tx);
+            let mut out = Outgoing::new(framing, takes_trailers);
+            if framing == ResponseFraming::None {
+                drop(body);
+                poll_fn(|cx| self.poll_write_buffered(cx)).await?;
+            } else {
+                poll_fn(|cx| self.poll_response(cx, Pin::new(&mut body), &mut out, &mut feed)).await?;
+                drop(body);
+            }
             drop(guard);
-            return Ok(Next::Upgrade(tx));
-        }
-        drop(upgrade_tx);
-        let mut out = Outgoing::new(framing, takes_trailers);
-        if framing == ResponseFraming::None {
-            drop(body);
-            poll_fn(|cx| self.poll_write_buffered(cx)).await?;
-        } else {
-            poll_fn(|cx| self.poll_response(cx, Pin::new(&mut body), &mut out, &mut feed)).await?;
-            drop(body);
-        }
-        drop(guard);
-        if keep_alive && out.clean && self.finish_feed(&mut feed) {
-            Ok(Next::KeepAlive)
-        } else {
-            Ok(Next::Close)
+            if keep_alive && out.clean && self.finish_feed(&mut feed) {
+                Ok(Next::KeepAlive)
+            } else {
+                Ok(Next::Close)
+            }
         }
     }
 
