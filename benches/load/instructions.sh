@@ -9,7 +9,8 @@
 # Needs valgrind (apt-get install -y valgrind). Load comes from h2load when it is installed
 # (report mode) or from examples/load_probe (always in --budget mode, so CI needs nothing
 # else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget), CONNS=10,
-# CONFIG_SED, KEEP=1 (keep the callgrind dumps, e.g. for callgrind_annotate --tree=caller).
+# CONFIG_SED, KEEP=1 (keep the callgrind dumps, e.g. for callgrind_annotate --tree=caller),
+# SDK_HEADERS=1 (h2load only: the fields the openai Python SDK sends with each request).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,6 +24,17 @@ fi
 REQUESTS=${REQUESTS:-$([ -n "$BUDGET" ] && echo 2000 || echo 5000)}
 WARMUP=${WARMUP:-$([ -n "$BUDGET" ] && echo 300 || echo 500)}
 XFF=${XFF:-81.2.69.142}
+HEADERS=(-H "X-Forwarded-For: $XFF")
+if [ -n "${SDK_HEADERS:-}" ]; then
+    # As openai-python 1.x sends them (its user agent, x-stainless-* platform fields).
+    for h in "User-Agent: OpenAI/Python 1.109.1" "Accept: application/json" \
+        "Content-Type: application/json" "Authorization: Bearer sk-test" \
+        "X-Stainless-Lang: python" "X-Stainless-Package-Version: 1.109.1" "X-Stainless-OS: Linux" \
+        "X-Stainless-Arch: x64" "X-Stainless-Runtime: CPython" "X-Stainless-Runtime-Version: 3.11.2" \
+        "X-Stainless-Async: false" "X-Stainless-Retry-Count: 0" "X-Stainless-Read-Timeout: 600"; do
+        HEADERS+=(-H "$h")
+    done
+fi
 CONNS=${CONNS:-10}
 EXAMPLES=${EXAMPLES:-$(dirname "$1")/examples}
 RUN=$(mktemp -d /tmp/meridian-ir.XXXXXX)
@@ -47,7 +59,7 @@ wait_port() {
 
 load() {
     if [ -z "$BUDGET" ] && command -v h2load >/dev/null 2>&1; then
-        h2load --h1 -n "$1" -c "$CONNS" -t 1 -H "X-Forwarded-For: $XFF" http://127.0.0.1:18081/v1/models |
+        h2load --h1 -n "$1" -c "$CONNS" -t 1 "${HEADERS[@]}" http://127.0.0.1:18081/v1/models |
             grep -E '^requests:' >&2
     else
         # The same request shape as compare.sh's wrk runs: GET /v1/models from a GB client.

@@ -354,11 +354,129 @@ pub(crate) fn field_spans(buf: &[u8], fields: &[httparse::Header<'_>]) -> FieldS
 pub(crate) fn fields_of(head: &Bytes, spans: &[(Range<usize>, Range<usize>)], extra: usize) -> Option<HeaderMap> {
     let mut headers = HeaderMap::with_capacity(spans.len() + extra);
     for (name, value) in spans {
-        let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
+        let name = &head[name.clone()];
+        let name = match known_custom_name(name) {
+            Some(known) => known.clone(),
+            None => HeaderName::from_bytes(name).ok()?,
+        };
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
         headers.append(name, value);
     }
     Some(headers)
+}
+
+/// A field name model clients and servers send that the `http` crate has no constant for, as
+/// a static name (`None` for any other): `HeaderName::from_bytes` copies every custom name to
+/// the heap, and an SDK's request carries a dozen (`x-stainless-*`, `openai-*`, tracing),
+/// an API's answer its `x-ratelimit-*`. Looked up by length first, so a miss costs one
+/// `match`.
+fn known_custom_name(name: &[u8]) -> Option<&'static HeaderName> {
+    let candidates: &'static [HeaderName] = match name.len() {
+        9 => {
+            static NAMES: [HeaderName; 2] = [
+                HeaderName::from_static("x-api-key"),
+                HeaderName::from_static("x-real-ip"),
+            ];
+            &NAMES
+        }
+        10 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("tracestate")];
+            &NAMES
+        }
+        11 => {
+            static NAMES: [HeaderName; 2] = [
+                HeaderName::from_static("openai-beta"),
+                HeaderName::from_static("traceparent"),
+            ];
+            &NAMES
+        }
+        12 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("x-request-id")];
+            &NAMES
+        }
+        14 => {
+            static NAMES: [HeaderName; 3] = [
+                HeaderName::from_static("openai-project"),
+                HeaderName::from_static("openai-version"),
+                HeaderName::from_static("x-stainless-os"),
+            ];
+            &NAMES
+        }
+        15 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("x-forwarded-for")];
+            &NAMES
+        }
+        16 => {
+            static NAMES: [HeaderName; 3] = [
+                HeaderName::from_static("x-forwarded-host"),
+                HeaderName::from_static("x-stainless-arch"),
+                HeaderName::from_static("x-stainless-lang"),
+            ];
+            &NAMES
+        }
+        17 => {
+            static NAMES: [HeaderName; 3] = [
+                HeaderName::from_static("anthropic-version"),
+                HeaderName::from_static("x-forwarded-proto"),
+                HeaderName::from_static("x-stainless-async"),
+            ];
+            &NAMES
+        }
+        19 => {
+            static NAMES: [HeaderName; 3] = [
+                HeaderName::from_static("openai-organization"),
+                HeaderName::from_static("x-stainless-runtime"),
+                HeaderName::from_static("x-stainless-timeout"),
+            ];
+            &NAMES
+        }
+        20 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("openai-processing-ms")];
+            &NAMES
+        }
+        21 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("endpoint-load-metrics")];
+            &NAMES
+        }
+        23 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("x-stainless-retry-count")];
+            &NAMES
+        }
+        24 => {
+            static NAMES: [HeaderName; 3] = [
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
+                HeaderName::from_static("x-stainless-read-timeout"),
+            ];
+            &NAMES
+        }
+        26 => {
+            static NAMES: [HeaderName; 2] = [
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+            ];
+            &NAMES
+        }
+        27 => {
+            static NAMES: [HeaderName; 2] = [
+                HeaderName::from_static("x-stainless-package-version"),
+                HeaderName::from_static("x-stainless-runtime-version"),
+            ];
+            &NAMES
+        }
+        28 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("x-ratelimit-remaining-tokens")];
+            &NAMES
+        }
+        30 => {
+            static NAMES: [HeaderName; 1] = [HeaderName::from_static("x-ratelimit-remaining-requests")];
+            &NAMES
+        }
+        _ => return None,
+    };
+    candidates
+        .iter()
+        .find(|known| known.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// A parsed response head: the response (its body still to read) and how to read the body.
@@ -694,6 +812,7 @@ impl Body for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::TestResult;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -1013,6 +1132,30 @@ mod tests {
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
         huge.extend_from_slice(&vec![b'x'; MAX_HEAD]);
         assert_eq!(parse_head(&mut huge, &get).err(), Some(FramingError::HeadTooLarge));
+    }
+
+    #[test]
+    fn known_custom_names_are_what_parsing_them_gives() -> TestResult {
+        for name in [
+            "x-forwarded-for",
+            "X-Stainless-Package-Version",
+            "OpenAI-Organization",
+            "traceparent",
+            "x-ratelimit-remaining-requests",
+            "Endpoint-Load-Metrics",
+        ] {
+            let known = known_custom_name(name.as_bytes()).ok_or(name)?;
+            assert_eq!(*known, HeaderName::from_bytes(name.as_bytes())?, "{name}");
+        }
+        for other in ["x-custom", "x-forwarded-fox", "user-agent", "", "x-stainless-"] {
+            assert!(known_custom_name(other.as_bytes()).is_none(), "{other}");
+        }
+        // In a parsed head too: the name as `http` would spell it, the value as sent.
+        let head = Bytes::from_static(b"X-Request-ID: abc\r\nX-Custom: 1\r\n");
+        let fields = fields_of(&head, &[(0..12, 14..17), (19..27, 29..30)], 0).ok_or("invalid")?;
+        assert_eq!(fields["x-request-id"], "abc");
+        assert_eq!(fields["x-custom"], "1");
+        Ok(())
     }
 
     #[test]
