@@ -101,7 +101,8 @@ impl Proxy {
     /// Serves one request. Never fails: every problem becomes a response. `memo`: the
     /// connection's last GeoIP lookup, when the listener keeps one.
     ///
-    /// An `async` block for the reason [`Proxy::attempts`] is one.
+    /// An `async` block rather than an `async fn`, which would keep the request twice in
+    /// its state.
     #[allow(clippy::manual_async_fn)] // why: the state size, above
     pub fn handle(
         &self,
