@@ -83,10 +83,19 @@ unsafe impl std::alloc::GlobalAlloc for Mimalloc {
     }
 }
 
-/// Freed memory goes back to the OS as soon as mimalloc finds a page empty, instead of 10 ms
-/// later at the next allocator call: an idle proxy makes no such call, so a burst's memory
-/// stayed resident (BENCHMARKS.md, "Allocator retention"). `MIMALLOC_PURGE_DELAY` in the
+/// How long mimalloc keeps a page a busy thread freed before giving it back to the OS. With
+/// no delay, a page that emptied between two requests went back at once and the next request
+/// faulted it in again: 0.62 page faults and 0.05 `madvise` calls a request, about 1.7 µs of
+/// CPU in the kernel out of ~18 (BENCHMARKS.md, "Issue 13, sixth part"). At 100 ms a busy
+/// proxy reuses its pages and faults 0.007 times a request. `MIMALLOC_PURGE_DELAY` in the
 /// environment still wins.
+#[cfg(feature = "mimalloc")]
+const PURGE_DELAY_MS: std::os::raw::c_long = 100;
+
+/// How often an idle runtime thread forces mimalloc to purge what it freed (`collect_idle`).
+#[cfg(feature = "mimalloc")]
+const IDLE_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[cfg(feature = "mimalloc")]
 fn tune_allocator() {
     /// `mi_option_purge_delay` in mimalloc.h (the same index in mimalloc 2 and 3).
@@ -94,8 +103,33 @@ fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: mi_option_set is not thread safe; this runs first thing in main, before
         // any other thread exists.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS) };
     }
+}
+
+/// A delayed purge happens only inside a later allocator call on the thread that freed the
+/// page, and an idle proxy makes few: without this a burst's memory stayed resident after
+/// its clients left. Called when a runtime thread runs out of work (the runtime's park hook)
+/// and by a once-a-second tick, so an idle process gets here too; forces a purge at most
+/// once per `IDLE_PURGE_EVERY` per thread, so a loaded thread that parks thousands of times a
+/// second pays one clock read a park.
+#[cfg(feature = "mimalloc")]
+fn collect_idle() {
+    use std::cell::Cell;
+    use std::time::Instant;
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    LAST.with(|last| {
+        if last.get().is_some_and(|t| now.duration_since(t) < IDLE_PURGE_EVERY) {
+            return;
+        }
+        last.set(Some(now));
+        // SAFETY: mi_collect may be called from any thread at any time; it touches only this
+        // thread's heap and the shared arenas, under mimalloc's own synchronisation.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+    });
 }
 
 #[derive(Parser)]
@@ -227,6 +261,8 @@ fn serve(workers: Option<usize>, fut: impl std::future::Future<Output = Result<(
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
+    #[cfg(feature = "mimalloc")]
+    builder.on_thread_park(collect_idle);
     if let Some(n) = workers.filter(|&n| n > 1) {
         builder.worker_threads(n);
     }
@@ -237,6 +273,17 @@ fn serve(workers: Option<usize>, fut: impl std::future::Future<Output = Result<(
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(feature = "mimalloc")]
+    runtime.spawn(async {
+        // A thread with no timers and no traffic never parks again after a burst; this tick
+        // wakes one a second so the purge above still comes.
+        let mut tick = tokio::time::interval(IDLE_PURGE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            collect_idle();
+        }
+    });
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
