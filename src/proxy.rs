@@ -823,10 +823,10 @@ impl Completion for Done {
                 StreamEnd::Complete | StreamEnd::ClientGone => None,
             };
             if let Some(event) = event {
-                self.shared.observe(&self.runtime, h, event);
+                self.shared.observe_at(&self.runtime, h, event, now);
             }
             if let Some(answer) = usage::answer(end, ok, &scanned, &latency, self.sent, now) {
-                self.shared.observe(&self.runtime, h, Event::Answered(answer));
+                self.shared.observe_at(&self.runtime, h, Event::Answered(answer), now);
             }
         }
         self.record.end_trace();

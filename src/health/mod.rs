@@ -193,7 +193,7 @@ impl EndpointHealth {
         self.observe_at(event, policy, Instant::now())
     }
 
-    /// [`Self::observe`] at `now`, so tests control the clock.
+    /// [`Self::observe`] at `now`: a time the caller already read, or one a test controls.
     pub(crate) fn observe_at(&self, event: Event, policy: &Policy, now: Instant) -> Option<Transition> {
         self.with_machine(now, |m, now| {
             match event {
@@ -398,15 +398,21 @@ pub struct DrainInfo {
 
 impl RegionHealth {
     pub(crate) fn is_drained(&self) -> bool {
-        self.is_drained_at(Instant::now())
+        self.drained_with(Instant::now)
     }
 
     /// [`Self::is_drained`] at `now`, so tests control the clock.
     pub(crate) fn is_drained_at(&self, now: Instant) -> bool {
+        self.drained_with(|| now)
+    }
+
+    /// The clock is read only for a drain with an end: every request asks this of its
+    /// regions, and almost none is drained.
+    fn drained_with(&self, now: impl FnOnce() -> Instant) -> bool {
         match self.drained_until.load(Ordering::Acquire) {
             0 => false,
             NEVER => true,
-            until => millis(now) < until,
+            until => millis(now()) < until,
         }
     }
 

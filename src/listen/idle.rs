@@ -224,18 +224,23 @@ impl<T> IdleIo<T> {
             }
         }
         loop {
-            // A busy connection has no deadline, and no clock read for it.
+            // A busy connection has no deadline. A deadline at or after the armed timer
+            // needs no clock read: the timer says when it may have passed (a keep-alive
+            // connection's deadlines only move later, so this is the usual case).
             let due = deadline(self.phase(), &self.timeouts);
-            match due {
-                Some(d) if d <= Instant::now() => return true,
-                Some(d) if d < self.armed => {
-                    self.armed = d;
-                    self.timer.as_mut().reset(d);
+            if let Some(d) = due.filter(|&d| d < self.armed) {
+                if d <= Instant::now() {
+                    return true;
                 }
-                _ => {}
+                self.armed = d;
+                self.timer.as_mut().reset(d);
             }
             if self.timer.as_mut().poll(cx).is_pending() {
                 return false;
+            }
+            // The timer fired, so `armed` has passed, and with it any deadline up to it.
+            if due.is_some_and(|d| d <= self.armed) {
+                return true;
             }
             // Fired early (the phase moved on): wait for the current deadline, or look
             // again later while busy.

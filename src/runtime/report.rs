@@ -44,7 +44,18 @@ impl Shared {
 
     /// Feeds a real-traffic event to an endpoint and reports any transition.
     pub fn observe(&self, rt: &Snapshot, health: &EndpointHealth, event: Event) -> Option<Transition> {
-        let t = health.observe(event, &rt.policy);
+        self.observe_at(rt, health, event, std::time::Instant::now())
+    }
+
+    /// [`Self::observe`] at `now`, a time the caller has already read.
+    pub(crate) fn observe_at(
+        &self,
+        rt: &Snapshot,
+        health: &EndpointHealth,
+        event: Event,
+        now: std::time::Instant,
+    ) -> Option<Transition> {
+        let t = health.observe_at(event, &rt.policy, now);
         if let Some(t) = t {
             self.report(health, t);
         }
