@@ -276,7 +276,9 @@ fn serve(workers: Option<usize>, fut: impl std::future::Future<Output = Result<(
     #[cfg(feature = "mimalloc")]
     runtime.spawn(async {
         // A thread with no timers and no traffic never parks again after a burst; this tick
-        // wakes one a second so the purge above still comes.
+        // wakes one a second so the purge above still comes. With several workers it wakes
+        // one of them: another that went idle right after a burst keeps what it freed in its
+        // last second until something wakes it (BENCHMARKS.md, sixth part).
         let mut tick = tokio::time::interval(IDLE_PURGE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
