@@ -126,8 +126,9 @@ fn collect_idle() {
             return;
         }
         last.set(Some(now));
-        // SAFETY: mi_collect may be called from any thread at any time; it touches only this
-        // thread's heap and the shared arenas, under mimalloc's own synchronisation.
+        // SAFETY: mi_collect may be called from any thread at any time: it works on this
+        // thread's heap, and on shared state (arenas, abandoned segments) only under
+        // mimalloc's own synchronisation.
         unsafe { libmimalloc_sys::mi_collect(true) };
     });
 }
