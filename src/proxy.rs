@@ -75,16 +75,33 @@ struct Sent {
     health: Option<Arc<EndpointHealth>>,
 }
 
+/// When an attempt was sent and when its response head came: one clock read each, shared
+/// by the time to first byte, the health event, the access record and the token latencies.
+#[derive(Clone, Copy)]
+struct HeadTiming {
+    sent: Instant,
+    head: Instant,
+}
+
+impl HeadTiming {
+    fn ttfb(self) -> Duration {
+        self.head.saturating_duration_since(self.sent)
+    }
+}
+
 /// What one attempt came to.
 enum Outcome {
     /// A response head to relay (unless the planner retries a gateway status, it is final).
-    Answer(Response<EndpointBody>, Duration, Option<InFlight>, Sent),
+    Answer(Response<EndpointBody>, HeadTiming, Option<InFlight>, Sent),
     /// The client's side failed (its body): answered at once, no other endpoint is tried.
     ClientFault(ProxyError),
     /// The attempt failed: how, for the planner, and the error the client gets if nothing
     /// else answers.
     Failed(Failure, ProxyError),
 }
+
+/// "Never" as a deadline (tokio's `Instant::far_future` is 30 years too).
+const FAR_FUTURE: Duration = Duration::from_secs(86400 * 365 * 30);
 
 /// Stable text for a retried 502–504: the status itself is in the access log.
 const GATEWAY_ERROR: &str = "the endpoint answered with a gateway error";
@@ -334,9 +351,10 @@ impl Proxy {
                     .try_target(rt, step, &mut parts, attempt_body, &mut record, &policy, &overflow)
                     .await
                 {
-                    Outcome::Answer(resp, ttfb, inflight, sent) => {
-                        self.answered(rt, plan, &sent, ttfb, &mut record);
-                        return Ok(self.relay(rt, target, resp, record, started, (inflight, slot), sent.health));
+                    Outcome::Answer(resp, timing, inflight, sent) => {
+                        self.answered(rt, plan, &sent, timing.ttfb(), &mut record);
+                        let relayed = (timing.sent, inflight, slot);
+                        return Ok(self.relay(rt, target, resp, record, started, relayed, sent.health));
                     }
                     Outcome::ClientFault(fault) => return Ok(self.refuse(fault, record, started)),
                     Outcome::Failed(failure, error) => {
@@ -370,8 +388,8 @@ impl Proxy {
         let sent = self.sent(rt, target, reason, record, tried);
         self.observe_attempt(rt, &sent, &outcome, span, record);
         match outcome {
-            Ok((mut resp, ttfb, inflight)) => {
-                self.observe_answer(rt, &sent, &mut resp, ttfb);
+            Ok((mut resp, timing, inflight)) => {
+                self.observe_answer(rt, &sent, &mut resp, timing);
                 let gateway = matches!(resp.status().as_u16(), 502..=504);
                 if gateway && attempt::may_retry(Failure::GatewayStatus, tried + 1, policy) {
                     let error = ProxyError::UpstreamUnreachable {
@@ -380,7 +398,7 @@ impl Proxy {
                     };
                     return Outcome::Failed(Failure::GatewayStatus, error);
                 }
-                Outcome::Answer(resp, ttfb, inflight, sent)
+                Outcome::Answer(resp, timing, inflight, sent)
             }
             Err(e) => {
                 self.observe_error(rt, sent.health.as_deref(), &e);
@@ -481,14 +499,17 @@ impl Proxy {
         &self,
         rt: &Snapshot,
         sent: &Sent,
-        outcome: &Result<(Response<EndpointBody>, Duration, Option<InFlight>), UpstreamError>,
+        outcome: &Result<(Response<EndpointBody>, HeadTiming, Option<InFlight>), UpstreamError>,
         span: Option<crate::observe::trace::AttemptSpan>,
         record: &mut AccessRecord,
     ) {
         if let Target::Endpoint { region, endpoint } = sent.target {
             if let Some(e) = rt.regions.get(region).and_then(|r| r.endpoints.get(endpoint)) {
-                e.metrics
-                    .attempt(outcome.as_ref().map(|(resp, ttfb, _)| (resp.status().as_u16(), *ttfb)));
+                e.metrics.attempt(
+                    outcome
+                        .as_ref()
+                        .map(|(resp, timing, _)| (resp.status().as_u16(), timing.ttfb())),
+                );
             }
         }
         record.upstream_status = outcome.as_ref().ok().map(|(resp, _, _)| resp.status().as_u16());
@@ -504,7 +525,7 @@ impl Proxy {
                     status: record.upstream_status,
                     error: outcome.as_ref().err().map(|e| e.kind().as_str().to_string()),
                     failover_reason: sent.reason.map(FailoverReason::as_str),
-                    ttfb: outcome.as_ref().ok().map(|(_, ttfb, _)| *ttfb),
+                    ttfb: outcome.as_ref().ok().map(|(_, timing, _)| timing.ttfb()),
                 },
             );
         }
@@ -553,11 +574,11 @@ impl Proxy {
 
     /// Health feedback from a response head, and the endpoint's load report (taken out of
     /// the head).
-    fn observe_answer(&self, rt: &Snapshot, sent: &Sent, resp: &mut Response<EndpointBody>, ttfb: Duration) {
+    fn observe_answer(&self, rt: &Snapshot, sent: &Sent, resp: &mut Response<EndpointBody>, timing: HeadTiming) {
         let Some(h) = &sent.health else {
             return;
         };
-        self.observe_response(rt, h, resp, ttfb);
+        self.observe_response(rt, h, resp, timing);
         if let Target::Endpoint { region, .. } = sent.target {
             rt.take_load_report(region, h, resp.headers_mut());
         }
@@ -600,7 +621,7 @@ impl Proxy {
         target: Target,
         parts: &http::request::Parts,
         body: RequestBody,
-    ) -> Result<(Response<EndpointBody>, Duration, Option<InFlight>), UpstreamError> {
+    ) -> Result<(Response<EndpointBody>, HeadTiming, Option<InFlight>), UpstreamError> {
         let upstream = upstream_of(rt, target)?;
         let timeout = rt.config.server.request_timeout;
         let request = match own_request(rt, target, &upstream, parts, &body)? {
@@ -613,7 +634,12 @@ impl Proxy {
         };
         let sent = Instant::now();
         let resp = match request {
-            AttemptRequest::Own(via, own) => upstream.pools.send_own(via, own, timeout).await,
+            AttemptRequest::Own(via, own) => {
+                // Clamped as tokio's own `timeout` does: a huge configured timeout must not
+                // overflow the deadline.
+                let deadline = sent + timeout.min(FAR_FUTURE);
+                upstream.pools.send_own(via, own, deadline).await
+            }
             // Boxed: hyper's paths would size the hot path's future (and its copies) too.
             AttemptRequest::Built(req) => {
                 Box::pin(
@@ -640,18 +666,28 @@ impl Proxy {
             }
         }
         let resp = resp?;
-        Ok((resp, sent.elapsed(), inflight))
+        let head = Instant::now();
+        Ok((resp, HeadTiming { sent, head }, inflight))
     }
 
-    fn observe_response(&self, rt: &Snapshot, health: &EndpointHealth, resp: &Response<EndpointBody>, ttfb: Duration) {
+    fn observe_response(
+        &self,
+        rt: &Snapshot,
+        health: &EndpointHealth,
+        resp: &Response<EndpointBody>,
+        timing: HeadTiming,
+    ) {
         let status = resp.status().as_u16();
         if matches!(status, 429 | 503) {
             if let Some(after) = retry_after(resp.headers()) {
-                self.shared.observe(rt, health, Event::Shed { retry_after: after });
+                self.shared
+                    .observe_at(rt, health, Event::Shed { retry_after: after }, timing.head);
                 return;
             }
         }
-        self.shared.observe(rt, health, Event::Response { status, ttfb });
+        let ttfb = timing.ttfb();
+        self.shared
+            .observe_at(rt, health, Event::Response { status, ttfb }, timing.head);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -662,7 +698,7 @@ impl Proxy {
         resp: Response<EndpointBody>,
         mut record: AccessRecord,
         started: Instant,
-        (inflight, slot): (Option<InFlight>, Option<EndpointSlot>),
+        (sent, inflight, slot): (Instant, Option<InFlight>, Option<EndpointSlot>),
         health: Option<Arc<EndpointHealth>>,
     ) -> Response<ResponseBody> {
         let (region_header, metrics) = match target {
@@ -685,9 +721,8 @@ impl Proxy {
             hyper::body::Body::is_end_stream(&incoming),
             rt.config.server.max_buffered_answer,
         );
-        // The attempt's send time, from its head time: TTFT and TPOT count from there.
+        // TTFT and TPOT count from the attempt's send time.
         let head = record.ttfb.unwrap_or_default();
-        let sent = Instant::now().checked_sub(head).unwrap_or(started);
         let done = Box::new(Done {
             shared: self.shared.clone(),
             runtime: rt.clone(),
@@ -784,7 +819,7 @@ impl Proxy {
 struct Done {
     shared: Arc<Shared>,
     runtime: Arc<Snapshot>,
-    metrics: RegionMetrics,
+    metrics: Arc<RegionMetrics>,
     record: AccessRecord,
     started: Instant,
     /// When the attempt that answered was sent, and its time to the response head.

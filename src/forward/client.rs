@@ -339,15 +339,16 @@ impl Upstreams {
     }
 
     /// The hot path: a whole request to an HTTP/1.1 endpoint through its resolved idle
-    /// stack, with Meridian's own exchange, borrowed from the client's request; `timeout`
-    /// bounds the wait for the response head, as in [`Upstreams::send_via`].
+    /// stack, with Meridian's own exchange, borrowed from the client's request; the response
+    /// head is due by `deadline` (the send time plus the request timeout, as in
+    /// [`Upstreams::send_via`]; the caller has read the clock already).
     pub(crate) async fn send_own(
         &self,
         via: &PooledEndpoint,
         req: OwnRequest<'_>,
-        timeout: Duration,
+        deadline: std::time::Instant,
     ) -> Result<Response<EndpointBody>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.http1.send_own(via, req)).await {
+        match tokio::time::timeout_at(deadline.into(), self.http1.send_own(via, req)).await {
             Ok(resp) => resp,
             Err(_) => Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout)),
         }
