@@ -153,7 +153,7 @@ fn locate(buf: &[u8], max_head: usize, max_headers: usize) -> Result<Option<Loca
     // Offsets: the head is frozen next, and the target and values become slices of it.
     let start = target.as_ptr() as usize - buf.as_ptr() as usize;
     let target = start..start + target.len();
-    let spans = field_spans(buf, parsed.headers);
+    let spans = field_spans(buf, parsed.headers).ok_or(HeadError::TooLarge)?;
     Ok(Some(Located {
         len,
         method,
