@@ -53,21 +53,34 @@ struct Present {
     forwarded: bool,
     real_ip: bool,
     meridian: bool,
+    /// The fields the request rewrite appends to or keeps: known from this one pass, not
+    /// looked up again (`Connection` cannot name them away, they are `PROTECTED`).
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    request_id: bool,
 }
 
 fn scan(headers: &HeaderMap) -> Present {
     let mut present = Present::default();
+    // One `match` on the name's text (lengths first, then one comparison) rather than a
+    // `HeaderName` comparison against each list entry in turn: this runs for every field
+    // of every request and response.
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present.hop_by_hop[i] = true;
-        } else if name == header::UPGRADE {
-            present.upgrade = true;
-        } else if name == FORWARDED {
-            present.forwarded = true;
-        } else if name == X_REAL_IP {
-            present.real_ip = true;
-        } else if name.as_str().starts_with("x-meridian-") {
-            present.meridian = true;
+        match name.as_str() {
+            "connection" => present.hop_by_hop[CONNECTION_AT] = true,
+            "keep-alive" => present.hop_by_hop[1] = true,
+            "proxy-connection" => present.hop_by_hop[2] = true,
+            "proxy-authenticate" => present.hop_by_hop[3] = true,
+            "proxy-authorization" => present.hop_by_hop[4] = true,
+            "te" => present.hop_by_hop[TE_AT] = true,
+            "transfer-encoding" => present.hop_by_hop[TRANSFER_ENCODING_AT] = true,
+            "upgrade" => present.upgrade = true,
+            "forwarded" => present.forwarded = true,
+            "x-real-ip" => present.real_ip = true,
+            "x-forwarded-for" => present.forwarded_for = true,
+            "x-forwarded-proto" => present.forwarded_proto = true,
+            "x-request-id" => present.request_id = true,
+            other => present.meridian |= other.starts_with("x-meridian-"),
         }
     }
     present
@@ -161,7 +174,7 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
     }
 
     let peer = ip_value(fwd.peer);
-    if fwd.peer_trusted && headers.contains_key(&X_FORWARDED_FOR) {
+    if fwd.peer_trusted && present.forwarded_for {
         // One comma-joined line: the chain as received with the peer appended.
         let mut chain = Vec::with_capacity(64);
         for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -179,11 +192,16 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
         headers.insert(&X_FORWARDED_FOR, peer);
     }
 
-    if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+    if !(fwd.peer_trusted && present.forwarded_proto) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
     }
 
-    let request_id = match headers.get(&X_REQUEST_ID) {
+    let sent_id = if present.request_id {
+        headers.get(&X_REQUEST_ID)
+    } else {
+        None
+    };
+    let request_id = match sent_id {
         Some(id) if !id.is_empty() && id.len() <= 200 => id.clone(),
         _ => {
             let id = new_request_id();
@@ -281,6 +299,39 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn the_scan_finds_each_hop_by_hop_field_at_its_own_place() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            let found = scan(&h).hop_by_hop;
+            let expected: Vec<bool> = (0..HOP_BY_HOP.len()).map(|j| j == i).collect();
+            assert_eq!(found.to_vec(), expected, "{name}");
+        }
+        let found = scan(&headers(&[
+            ("Upgrade", "websocket"),
+            ("Forwarded", "for=1.2.3.4"),
+            ("X-Real-IP", "1.2.3.4"),
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Request-Id", "abc"),
+            ("X-Meridian-Region", "spoofed"),
+        ]));
+        let flags = [
+            found.upgrade,
+            found.forwarded,
+            found.real_ip,
+            found.forwarded_for,
+            found.forwarded_proto,
+            found.request_id,
+            found.meridian,
+        ];
+        assert_eq!(flags, [true; 7]);
+        assert_eq!(found.hop_by_hop, [false; HOP_BY_HOP.len()]);
+        let none = scan(&headers(&[("Content-Type", "text/plain"), ("X-Meridian", "not ours")]));
+        assert!(!none.meridian && !none.request_id && !none.upgrade);
     }
 
     fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
