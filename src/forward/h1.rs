@@ -503,9 +503,13 @@ fn known_custom_name(name: &[u8]) -> Option<&'static HeaderName> {
         }
         _ => return None,
     };
-    candidates
-        .iter()
-        .find(|known| known.as_str().as_bytes().eq_ignore_ascii_case(name))
+    // The last byte first: it tells most same-length names apart (and a standard name from
+    // them) before the whole case-insensitive comparison.
+    let last = name.last()?.to_ascii_lowercase();
+    candidates.iter().find(|known| {
+        let known = known.as_str().as_bytes();
+        known.last() == Some(&last) && known.eq_ignore_ascii_case(name)
+    })
 }
 
 /// A parsed response head: the response (its body still to read) and how to read the body.
