@@ -281,8 +281,10 @@ pub(crate) fn new_request_id() -> HeaderValue {
     for (i, b) in out.iter_mut().enumerate() {
         *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+    // Hex digits are always a valid header value. Owned by a shared `Bytes` from the start:
+    // the id goes to the endpoint and to the access record, and cloning a copied one would
+    // allocate its shared form on the first clone.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(out)).unwrap_or(HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
