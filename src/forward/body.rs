@@ -497,7 +497,10 @@ impl Body for EndpointBody {
 /// A response body relayed from an endpoint frame by frame, never buffered.
 pub struct UpstreamBody {
     inner: EndpointBody,
-    stall: Pin<Box<Sleep>>,
+    /// Armed the first time the endpoint has nothing to give, so an answer that comes whole
+    /// (most non-streamed ones) never allocates, registers or cancels a timer; after that,
+    /// pushed back by each frame.
+    stall: Option<Pin<Box<Sleep>>>,
     stall_timeout: Duration,
     sse: bool,
     /// Where the SSE stream stands, so a cut can close the line and event it left open.
@@ -521,7 +524,7 @@ impl UpstreamBody {
     ) -> UpstreamBody {
         UpstreamBody {
             inner,
-            stall: Box::pin(tokio::time::sleep(stall_timeout)),
+            stall: None,
             stall_timeout,
             sse,
             sse_tail: SseTail::default(),
@@ -593,20 +596,20 @@ impl Body for UpstreamBody {
                 if this.inner.is_end_stream() {
                     // A sized body may not be polled again once its last byte is out.
                     this.finish(StreamEnd::Complete);
-                } else {
-                    let deadline = Instant::now() + this.stall_timeout;
-                    this.stall.as_mut().reset(deadline);
+                } else if let Some(stall) = this.stall.as_mut() {
+                    stall.as_mut().reset(Instant::now() + this.stall_timeout);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => this.fail(StreamEnd::UpstreamError, BodyError::Upstream(e)),
-            Poll::Pending => match this.stall.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let timeout = this.stall_timeout;
-                    this.fail(StreamEnd::Stalled, BodyError::Stalled(timeout))
+            Poll::Pending => {
+                let timeout = this.stall_timeout;
+                let stall = this.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match stall.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.fail(StreamEnd::Stalled, BodyError::Stalled(timeout)),
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending => Poll::Pending,
-            },
+            }
         }
     }
 
