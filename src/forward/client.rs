@@ -348,10 +348,8 @@ impl Upstreams {
         req: OwnRequest<'_>,
         deadline: std::time::Instant,
     ) -> Result<Response<EndpointBody>, UpstreamError> {
-        match tokio::time::timeout_at(deadline.into(), self.http1.send_own(via, req)).await {
-            Ok(resp) => resp,
-            Err(_) => Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout)),
-        }
+        // The pool's own exchange keeps the deadline on the connection's timer.
+        self.http1.send_own(via, req, deadline).await
     }
 
     /// [`Upstreams::send`] through an endpoint's resolved idle stack.

@@ -643,37 +643,71 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
     out
 }
 
+/// A connection's response-head deadline: one timer for the connection's life, not one
+/// per request. Registering and cancelling a timer in tokio's wheel for every request (the
+/// usual `timeout`) takes the driver's lock twice; this one stays armed across requests and
+/// is moved only when it fires before the current request's due time (requests of one
+/// config share one timeout, so due times only grow: about once per timeout a connection)
+/// or when a due time precedes it (a reload shortened the timeout).
+#[derive(Default)]
+pub(crate) struct HeadDeadline {
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Where `timer` is set.
+    armed: Option<tokio::time::Instant>,
+}
+
+impl HeadDeadline {
+    /// Ready once `due` has passed; registers the task's waker otherwise.
+    pub(crate) fn poll_due(&mut self, due: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        let armed = self.armed.get_or_insert(due);
+        if *armed > due {
+            timer.as_mut().reset(due);
+            *armed = due;
+        }
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired at `armed`: the request is late if that was its own due time (or later).
+            if due <= *armed {
+                return Poll::Ready(());
+            }
+            // Set for an earlier request: now for this one (polled again, it registers).
+            timer.as_mut().reset(due);
+            *armed = due;
+        }
+    }
+}
+
 /// One request on `conn`: the head (with the body behind it when small), then the response
-/// head. The body is read later through the returned [`H1Body`], which gives the connection
-/// back when it ends.
+/// head, which is due by `deadline` (`None`: the caller keeps its own). The body is read
+/// later through the returned [`H1Body`], which gives the connection back when it ends.
 pub(crate) async fn exchange(
     mut conn: Box<Conn>,
     req: OwnRequest<'_>,
     host: &str,
+    deadline: Option<std::time::Instant>,
 ) -> Result<Response<H1Body>, UpstreamError> {
-    let body = &req.body;
-    let inline: &[u8] = if body.len() <= INLINE_BODY { body } else { &[] };
-    let head = encode_head(&req, host, inline);
-    let sent = async {
-        conn.io.write_all(&head).await?;
-        if inline.is_empty() && !body.is_empty() {
-            conn.io.write_all(body).await?;
-        }
-        conn.io.flush().await
+    let mut timer = std::mem::take(&mut conn.head_deadline);
+    let head = {
+        let mut answer = std::pin::pin!(send_and_read_head(&mut conn, &req, host));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(head) = answer.as_mut().poll(cx) {
+                return Poll::Ready(head);
+            }
+            match deadline {
+                Some(due) => timer
+                    .poll_due(due.into(), cx)
+                    .map(|()| Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout))),
+                None => Poll::Pending,
+            }
+        })
+        .await?
     };
-    let method = req.method;
-    let head = match sent.await {
-        Ok(()) => read_head(&mut conn, method).await?,
-        // An endpoint may answer before the body is all sent (413, then close): that answer,
-        // if it came, is the response; the connection is not reused either way.
-        Err(e) => match read_head(&mut conn, method).await {
-            Ok(head) => Head {
-                keep_alive: false,
-                ..head
-            },
-            Err(_) => return Err(UpstreamError::new(UpstreamErrorKind::ResetBeforeHead, e)),
-        },
-    };
+    conn.head_deadline = timer;
     let (parts, ()) = head.response.into_parts();
     let mut body = H1Body {
         conn: Some(conn),
@@ -684,6 +718,33 @@ pub(crate) async fn exchange(
         body.finish();
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// Writes the request and reads the response head.
+async fn send_and_read_head(conn: &mut Conn, req: &OwnRequest<'_>, host: &str) -> Result<Head, UpstreamError> {
+    let body = &req.body;
+    let inline: &[u8] = if body.len() <= INLINE_BODY { body } else { &[] };
+    let head = encode_head(req, host, inline);
+    let sent = async {
+        conn.io.write_all(&head).await?;
+        if inline.is_empty() && !body.is_empty() {
+            conn.io.write_all(body).await?;
+        }
+        conn.io.flush().await
+    };
+    let method = req.method;
+    match sent.await {
+        Ok(()) => read_head(conn, method).await,
+        // An endpoint may answer before the body is all sent (413, then close): that answer,
+        // if it came, is the response; the connection is not reused either way.
+        Err(e) => match read_head(conn, method).await {
+            Ok(head) => Ok(Head {
+                keep_alive: false,
+                ..head
+            }),
+            Err(_) => Err(UpstreamError::new(UpstreamErrorKind::ResetBeforeHead, e)),
+        },
+    }
 }
 
 /// The next read's size: doubled after a read that filled what it asked for (more is
@@ -846,6 +907,50 @@ impl Body for H1Body {
 mod tests {
     use super::*;
     use crate::test_fixtures::TestResult;
+
+    /// Polls the deadline once, as a request's exchange does while it waits.
+    async fn poll_once(d: &mut HeadDeadline, due: tokio::time::Instant) -> Poll<()> {
+        std::future::poll_fn(|cx| Poll::Ready(d.poll_due(due, cx))).await
+    }
+
+    #[tokio::test]
+    async fn a_head_deadline_fires_at_its_due_time() {
+        let mut d = HeadDeadline::default();
+        let due = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+        let fired = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            std::future::poll_fn(|cx| d.poll_due(due, cx)),
+        )
+        .await;
+        assert!(fired.is_ok(), "never fired");
+        assert!(tokio::time::Instant::now() >= due);
+    }
+
+    #[tokio::test]
+    async fn a_timer_armed_for_an_earlier_request_does_not_end_a_later_one() {
+        let mut d = HeadDeadline::default();
+        let now = tokio::time::Instant::now();
+        // The first request's due time passes while the timer stays armed for it...
+        assert!(
+            poll_once(&mut d, now + std::time::Duration::from_millis(10))
+                .await
+                .is_pending()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        // ...and the next request on the connection, due in an hour, is not late.
+        let later = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+        assert!(poll_once(&mut d, later).await.is_pending());
+        assert_eq!(d.armed, Some(later), "re-armed for the request waiting now");
+        // A due time before the armed one (a reload shortened the timeout) moves it back.
+        let past = tokio::time::Instant::now();
+        let fired = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            std::future::poll_fn(|cx| d.poll_due(past, cx)),
+        )
+        .await;
+        assert!(fired.is_ok(), "the earlier due time was not kept");
+        assert_eq!(d.armed, Some(past));
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

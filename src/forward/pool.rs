@@ -105,6 +105,8 @@ pub(crate) struct Conn {
     pub(crate) read_buf: BytesMut,
     /// Bytes to ask of the next read (`h1::poll_fill` grows it for large bodies).
     pub(crate) read_size: usize,
+    /// The response-head timer, kept armed across this connection's requests.
+    pub(crate) head_deadline: h1::HeadDeadline,
     /// The endpoint's connection cap counts this connection until it closes.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -217,9 +219,10 @@ impl Http1Pool {
                 extra: None,
                 body,
             };
-            return self.exchange(endpoint, own).await;
+            // `send_via` keeps the head deadline around this call.
+            return self.exchange(endpoint, own, None).await;
         }
-        let conn = self.conn_to(endpoint).await?;
+        let conn = self.conn_to(endpoint, None).await?;
         Box::pin(send_by_hyper(conn, req)).await
     }
 
@@ -230,32 +233,44 @@ impl Http1Pool {
     }
 
     /// Sends `req` with Meridian's own exchange on an idle connection of `via` (one of this
-    /// pool's stacks: see [`Http1Pool::owns`]), or a new one.
+    /// pool's stacks: see [`Http1Pool::owns`]), or a new one; the response head is due by
+    /// `deadline` (a `HeadTimeout` error after it).
     pub(crate) async fn send_own(
         &self,
         via: &PooledEndpoint,
         req: OwnRequest<'_>,
+        deadline: std::time::Instant,
     ) -> Result<Response<EndpointBody>, UpstreamError> {
-        self.exchange(&via.0, req).await
+        self.exchange(&via.0, req, Some(deadline)).await
     }
 
     async fn exchange(
         &self,
         endpoint: &Arc<Endpoint>,
         req: OwnRequest<'_>,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Response<EndpointBody>, UpstreamError> {
-        let conn = self.conn_to(endpoint).await?;
-        let resp = h1::exchange(conn, req, endpoint.key.authority.as_str()).await?;
+        let conn = self.conn_to(endpoint, deadline).await?;
+        let resp = h1::exchange(conn, req, endpoint.key.authority.as_str(), deadline).await?;
         Ok(resp.map(EndpointBody::Own))
     }
 
-    /// An idle connection to `endpoint`, or a new one. The connect is boxed: inline, its
-    /// state would size every request's future (each layer above copies that size when it
-    /// starts this one), for a path a kept-alive connection rarely takes.
-    async fn conn_to(&self, endpoint: &Arc<Endpoint>) -> Result<Box<Conn>, UpstreamError> {
-        match endpoint.checkout(self.inner.settings.idle_timeout) {
-            Some(conn) => Ok(conn),
-            None => Box::pin(self.connect(endpoint)).await,
+    /// An idle connection to `endpoint`, or a new one, opened by `deadline` if one is given
+    /// (the request's head deadline counts the connect too). The connect is boxed: inline,
+    /// its state would size every request's future (each layer above copies that size when
+    /// it starts this one), for a path a kept-alive connection rarely takes; a checkout
+    /// needs no timer at all.
+    async fn conn_to(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Box<Conn>, UpstreamError> {
+        match (endpoint.checkout(self.inner.settings.idle_timeout), deadline) {
+            (Some(conn), _) => Ok(conn),
+            (None, None) => Box::pin(self.connect(endpoint)).await,
+            (None, Some(due)) => Box::pin(tokio::time::timeout_at(due.into(), self.connect(endpoint)))
+                .await
+                .unwrap_or_else(|_| Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout))),
         }
     }
 
@@ -307,6 +322,7 @@ impl Http1Pool {
             io,
             read_buf: BytesMut::new(),
             read_size: h1::READ_SIZE,
+            head_deadline: h1::HeadDeadline::default(),
             _permit: permit,
         }))
     }
