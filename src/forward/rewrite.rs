@@ -64,16 +64,21 @@ fn scan(headers: &HeaderMap) -> Present {
     let mut present = Present::default();
     // One `match` on the name's text (lengths first, then one comparison) rather than a
     // `HeaderName` comparison against each list entry in turn: this runs for every field
-    // of every request and response.
+    // of every request and response. Only a hop-by-hop name goes on to find its place in
+    // the list.
     for name in headers.keys() {
         match name.as_str() {
-            "connection" => present.hop_by_hop[CONNECTION_AT] = true,
-            "keep-alive" => present.hop_by_hop[1] = true,
-            "proxy-connection" => present.hop_by_hop[2] = true,
-            "proxy-authenticate" => present.hop_by_hop[3] = true,
-            "proxy-authorization" => present.hop_by_hop[4] = true,
-            "te" => present.hop_by_hop[TE_AT] = true,
-            "transfer-encoding" => present.hop_by_hop[TRANSFER_ENCODING_AT] = true,
+            hop @ ("connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "transfer-encoding") => {
+                if let Some(i) = HOP_BY_HOP.iter().position(|h| h.as_str() == hop) {
+                    present.hop_by_hop[i] = true;
+                }
+            }
             "upgrade" => present.upgrade = true,
             "forwarded" => present.forwarded = true,
             "x-real-ip" => present.real_ip = true,
