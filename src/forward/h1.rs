@@ -384,11 +384,8 @@ pub(crate) fn fields_of(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Opti
             Some(known) => known.clone(),
             None => HeaderName::from_bytes(name).ok()?,
         };
-        let value = span.value();
-        if value.end > head.len() {
-            return None;
-        }
-        let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
+        let value = head.get(span.value())?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(value)).ok()?;
         headers.append(name, value);
     }
     Some(headers)
