@@ -715,12 +715,12 @@ impl Proxy {
         }
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         rewrite::response_headers(&mut parts.headers, region_header, record.attempts, switching);
-        let sse = body::is_sse(&parts.headers);
         let scanner = UsageScanner::for_response(
             &parts.headers,
             hyper::body::Body::is_end_stream(&incoming),
             rt.config.server.max_buffered_answer,
         );
+        let sse = scanner.is_sse();
         // TTFT and TPOT count from the attempt's send time.
         let head = record.ttfb.unwrap_or_default();
         let done = Box::new(Done {

@@ -717,14 +717,12 @@ impl Body for ResponseBody {
     }
 }
 
-/// True for `text/event-stream` responses.
-pub(crate) fn is_sse(headers: &HeaderMap) -> bool {
-    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
-        // Compared in place: this runs on every response, so no lowercased copy.
-        const SSE: &[u8] = b"text/event-stream";
-        let v = v.as_bytes().trim_ascii_start();
-        v.len() >= SSE.len() && v[..SSE.len()].eq_ignore_ascii_case(SSE)
-    })
+/// True for a `text/event-stream` Content-Type value.
+pub(crate) fn is_sse_type(value: &[u8]) -> bool {
+    // Compared in place: this runs on every response, so no lowercased copy.
+    const SSE: &[u8] = b"text/event-stream";
+    let v = value.trim_ascii_start();
+    v.len() >= SSE.len() && v[..SSE.len()].eq_ignore_ascii_case(SSE)
 }
 
 #[cfg(test)]

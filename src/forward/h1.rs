@@ -168,10 +168,13 @@ fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
 
 /// True when a comma-separated field (`Connection`, `TE`) names `token`, in any case.
 pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+    headers.get_all(name).iter().any(|v| has_token_in(v.as_bytes(), token))
+}
+
+/// True when the comma-separated field value lists `token` (ASCII case-insensitive).
+pub(crate) fn has_token_in(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
@@ -605,22 +608,32 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(host.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let stated = headers.contains_key(header::CONTENT_LENGTH);
+    let fields_at = out.len();
+    // One pass writes the fields and notes what decides the rest: a lookup in the map is a
+    // hash and a probe, and this runs for every request.
+    let (mut hosted, mut stated, mut has_extra) = (false, false, false);
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH {
+            stated = true;
             continue;
         }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        hosted |= name == header::HOST;
+        has_extra |= req.extra.is_some_and(|(extra, _)| name == extra);
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if let Some((name, value)) = req.extra.filter(|(name, _)| !headers.contains_key(*name)) {
+    if !hosted {
+        // First, as user agents send it (RFC 9110 §7.2); rare: HTTP/2 requests carry their
+        // authority to here as a Host field already.
+        let line = [b"host: ", host.as_bytes(), b"\r\n"].concat();
+        out.splice(fields_at..fields_at, line);
+    }
+    if let Some((name, value)) = req.extra.filter(|_| !has_extra) {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -1326,6 +1339,13 @@ mod tests {
         let none = HeaderMap::new();
         let wire = encode_head(&own(&Method::GET, "/health", &none, b""), "10.0.0.1:8000", b"");
         assert_eq!(&wire[..], b"GET /health HTTP/1.1\r\nhost: 10.0.0.1:8000\r\n\r\n");
+        // Without a Host field, the endpoint's authority goes first, before the others.
+        let hostless = headers(&[("accept", "*/*"), ("x-request-id", "abc")]);
+        let wire = encode_head(&own(&Method::GET, "/", &hostless, b""), "10.0.0.1:8000", b"");
+        assert_eq!(
+            &wire[..],
+            b"GET / HTTP/1.1\r\nhost: 10.0.0.1:8000\r\naccept: */*\r\nx-request-id: abc\r\n\r\n"
+        );
         let wire = encode_head(&own(&Method::POST, "/x", &none, b""), "h", b"");
         assert!(String::from_utf8_lossy(&wire).contains("content-length: 0\r\n"));
         // A large body follows the head: its length is stated, its bytes are not inline.

@@ -80,9 +80,11 @@ impl UsageScanner {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let sse = crate::forward::body::is_sse(headers);
-        let json = headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
-            let v = v.as_bytes().trim_ascii_start();
+        // One lookup for both media types: this runs on every response.
+        let content_type = headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes());
+        let sse = content_type.is_some_and(crate::forward::body::is_sse_type);
+        let json = content_type.is_some_and(|v| {
+            let v = v.trim_ascii_start();
             const JSON: &[u8] = b"application/json";
             v.len() >= JSON.len() && v[..JSON.len()].eq_ignore_ascii_case(JSON)
         });
@@ -122,6 +124,11 @@ impl UsageScanner {
 
     pub fn kind(&self) -> AnswerKind {
         self.kind
+    }
+
+    /// The response is a `text/event-stream`.
+    pub(crate) fn is_sse(&self) -> bool {
+        self.format == Format::Sse
     }
 
     /// True until the first non-empty chunk: the caller reads the clock only then.

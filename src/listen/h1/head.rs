@@ -11,7 +11,7 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::forward::h1::{
     BodyState, Chunk, FieldSpans, FramingError, Step, chunked_last, decode, field_spans, fields_of, has_token,
-    parse_decimal,
+    has_token_in, parse_decimal,
 };
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
@@ -290,14 +290,53 @@ pub(crate) fn encode_response(
     date: &[u8],
 ) -> (ResponseFraming, bool) {
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT;
-    let stated = if bodiless {
-        None
-    } else {
-        headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| parse_decimal(v.as_bytes()))
-    };
-    let framing = if bodiless || exchange.head_request || status == StatusCode::NOT_MODIFIED {
+    let no_body = bodiless || exchange.head_request || status == StatusCode::NOT_MODIFIED;
+    // HEAD and 304 answers keep the framing headers of the body they describe.
+    let keeps_framing = no_body && !bodiless;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // One pass writes the fields and notes the few the framing depends on: every lookup
+    // in the map is a hash and a probe, and this runs for every response.
+    let mut stated = None;
+    let mut stated_seen = false;
+    let mut closes = false;
+    let mut dated = false;
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            // The first value, as `HeaderMap::get` would give.
+            if !stated_seen {
+                stated_seen = true;
+                stated = parse_decimal(value.as_bytes());
+            }
+            if !keeps_framing {
+                continue;
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            if !keeps_framing {
+                continue;
+            }
+        } else if name == header::CONNECTION {
+            closes |= has_token_in(value.as_bytes(), b"close");
+            if !switching {
+                continue;
+            }
+        } else if name == "keep-alive" {
+            continue;
+        } else if name == header::DATE {
+            dated = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let stated = if bodiless { None } else { stated };
+    let framing = if no_body {
         ResponseFraming::None
     } else if let Some(n) = stated.or(exact) {
         ResponseFraming::Length(n)
@@ -306,28 +345,7 @@ pub(crate) fn encode_response(
     } else {
         ResponseFraming::Close
     };
-    let closes = has_token(headers, header::CONNECTION, b"close");
-    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    let keeps_framing = framing == ResponseFraming::None && !bodiless;
     let keep_alive = exchange.keep_alive && !closes && framing != ResponseFraming::Close && !switching;
-
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        // Framing is this hop's own, except that HEAD and 304 answers keep the framing
-        // headers of the body they describe.
-        let framing_header = name == header::TRANSFER_ENCODING || name == header::CONTENT_LENGTH;
-        if (framing_header && !keeps_framing) || (name == header::CONNECTION && !switching) || name == "keep-alive" {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
     match framing {
         ResponseFraming::Length(n) => {
             out.extend_from_slice(b"content-length: ");
@@ -337,7 +355,7 @@ pub(crate) fn encode_response(
         ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         ResponseFraming::None | ResponseFraming::Close => {}
     }
-    if !headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(date);
         out.extend_from_slice(b"\r\n");
@@ -574,8 +592,26 @@ mod tests {
             ResponseFraming,
             bool,
         );
-        let cases: [Case; 9] = [
+        let cases: [Case; 12] = [
             (200, &[("content-length", "5")], Some(5), GET11, Length(5), true),
+            // The endpoint's stated length wins over what the body reports, the first of two.
+            (
+                200,
+                &[("content-length", "9"), ("content-length", "4")],
+                Some(5),
+                GET11,
+                Length(9),
+                true,
+            ),
+            (
+                200,
+                &[("connection", "keep-alive, Close")],
+                Some(0),
+                GET11,
+                Length(0),
+                false,
+            ),
+            (200, &[("connection", "keep-alive")], Option::None, GET11, Chunked, true),
             (200, &[], Some(7), GET11, Length(7), true),
             (
                 200,
