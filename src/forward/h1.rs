@@ -120,9 +120,9 @@ pub(crate) fn framing(
     method: &Method,
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    (headers, present): (&HeaderMap, FramingFields),
 ) -> Result<(BodyState, bool), FramingError> {
-    let keep_alive = keeps_alive(version, headers);
+    let keep_alive = keeps_alive(version, headers, present.connection);
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -130,18 +130,19 @@ pub(crate) fn framing(
     {
         return Ok((BodyState::Done, keep_alive));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if present.transfer_encoding {
         if !chunked_last(headers) {
             // Another coding last: only the close delimits it (RFC 9112 §6.3, rule 4).
             return Ok((BodyState::Close, false));
         }
         // Content-Length beside Transfer-Encoding is ignored, and the connection is not
         // trusted with another request (rule 3).
-        let both = headers.contains_key(header::CONTENT_LENGTH);
+        let both = present.content_length;
         return Ok((BodyState::Chunked(Chunk::Size), keep_alive && !both));
     }
     let mut length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    let lengths = present.content_length.then(|| headers.get_all(header::CONTENT_LENGTH));
+    for value in lengths.iter().flatten() {
         for part in value.as_bytes().split(|&b| b == b',') {
             let n = parse_decimal(part.trim_ascii()).ok_or(FramingError::ContentLength)?;
             if length.is_some_and(|l| l != n) {
@@ -159,10 +160,10 @@ pub(crate) fn framing(
 
 /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
 /// `Connection: keep-alive`.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+fn keeps_alive(version: Version, headers: &HeaderMap, connection: bool) -> bool {
     match version {
-        Version::HTTP_11 => !has_token(headers, header::CONNECTION, b"close"),
-        _ => has_token(headers, header::CONNECTION, b"keep-alive"),
+        Version::HTTP_11 => !(connection && has_token(headers, header::CONNECTION, b"close")),
+        _ => connection && has_token(headers, header::CONNECTION, b"keep-alive"),
     }
 }
 
@@ -379,19 +380,61 @@ pub(crate) fn field_spans(buf: &[u8], fields: &[httparse::Header<'_>]) -> Option
 /// The fields at `spans` in the frozen `head`, values sharing its memory, in a map with room
 /// for `extra` more (growing it would rehash it); `None` if a name or value is invalid.
 #[inline]
-pub(crate) fn fields_of(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Option<HeaderMap> {
+pub(crate) fn fields_of(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Option<(HeaderMap, FramingFields)> {
     let mut headers = HeaderMap::with_capacity(spans.len() + extra);
+    let mut framing = FramingFields::default();
     for span in spans {
         let name = head.get(span.name())?;
         let name = match known_custom_name(name) {
             Some(known) => known.clone(),
-            None => HeaderName::from_bytes(name).ok()?,
+            None => {
+                // The framing fields are standard names, never among the known custom ones.
+                let name = HeaderName::from_bytes(name).ok()?;
+                framing.note(&name);
+                name
+            }
         };
         let value = head.get(span.value())?;
         let value = HeaderValue::from_maybe_shared(head.slice_ref(value)).ok()?;
         headers.append(name, value);
     }
-    Some(headers)
+    Some((headers, framing))
+}
+
+/// Which of the fields that frame a message its head carries, noted as the head's fields
+/// are taken in: the framing then looks up only what is there (a map lookup is a hash and
+/// a probe, and most heads carry no `Connection`, `Transfer-Encoding` or `Expect`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FramingFields {
+    pub(crate) connection: bool,
+    pub(crate) transfer_encoding: bool,
+    pub(crate) content_length: bool,
+    pub(crate) expect: bool,
+}
+
+impl FramingFields {
+    /// Of a map built elsewhere (the tests' tables).
+    #[cfg(test)]
+    pub(crate) fn of(headers: &HeaderMap) -> FramingFields {
+        FramingFields {
+            connection: headers.contains_key(header::CONNECTION),
+            transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
+            content_length: headers.contains_key(header::CONTENT_LENGTH),
+            expect: headers.contains_key(header::EXPECT),
+        }
+    }
+
+    fn note(&mut self, name: &HeaderName) {
+        if name == header::CONNECTION {
+            self.connection = true;
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == header::CONTENT_LENGTH {
+            self.content_length = true;
+        } else if name == header::EXPECT {
+            self.expect = true;
+        }
+    }
 }
 
 /// A field name model clients and servers send that the `http` crate has no constant for, as
@@ -551,8 +594,8 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         let spans = field_spans(buf, parsed.headers).ok_or(FramingError::HeadTooLarge)?;
         let head = buf.split_to(len).freeze();
         // Room for the fields the proxy adds (X-Meridian-Region, -Attempts, X-Request-Id).
-        let headers = fields_of(&head, &spans, 3).ok_or(FramingError::Head)?;
-        let (body, keep_alive) = framing(method, status, version, &headers)?;
+        let (headers, present) = fields_of(&head, &spans, 3).ok_or(FramingError::Head)?;
+        let (body, keep_alive) = framing(method, status, version, (&headers, present))?;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -1094,7 +1137,8 @@ mod tests {
             ),
         ];
         for (method, status, version, pairs, want) in cases {
-            let got = framing(method, *status, *version, &headers(pairs));
+            let map = headers(pairs);
+            let got = framing(method, *status, *version, (&map, FramingFields::of(&map)));
             assert_eq!(&got, want, "{method} {status} {version:?} {pairs:?}");
         }
     }
@@ -1301,9 +1345,33 @@ mod tests {
         // In a parsed head too: the name as `http` would spell it, the value as sent.
         let head = Bytes::from_static(b"X-Request-ID: abc\r\nX-Custom: 1\r\n");
         let span = |name: [u32; 2], value: [u32; 2]| FieldSpan { name, value };
-        let fields = fields_of(&head, &[span([0, 12], [14, 17]), span([19, 27], [29, 30])], 0).ok_or("invalid")?;
+        let (fields, _) = fields_of(&head, &[span([0, 12], [14, 17]), span([19, 27], [29, 30])], 0).ok_or("invalid")?;
         assert_eq!(fields["x-request-id"], "abc");
         assert_eq!(fields["x-custom"], "1");
+        // The framing fields it notes are the ones the map holds, whatever their case.
+        let head = Bytes::from_static(
+            b"Connection: close\r\nTRANSFER-encoding: chunked\r\ncontent-length: 1\r\nExpect: 100-continue\r\nHost: a\r\n",
+        );
+        let mut at = 0;
+        let spans: Vec<FieldSpan> = head
+            .split_inclusive(|&b| b == b'\n')
+            .map(|line| {
+                let colon = line.iter().position(|&b| b == b':').unwrap_or(0) as u32;
+                let (start, len) = (at, line.len() as u32);
+                at += len;
+                span([start, start + colon], [start + colon + 2, start + len - 2])
+            })
+            .collect();
+        for n in 0..=spans.len() {
+            let (map, noted) = fields_of(&head, &spans[..n], 0).ok_or("invalid")?;
+            assert_eq!(noted, FramingFields::of(&map), "the first {n} fields");
+        }
+        let (map, noted) = fields_of(&head, &spans, 0).ok_or("invalid")?;
+        assert_eq!(map["host"], "a");
+        assert!(noted.connection && noted.transfer_encoding && noted.content_length && noted.expect);
+        for name in ["connection", "transfer-encoding", "content-length", "expect"] {
+            assert!(known_custom_name(name.as_bytes()).is_none(), "{name}");
+        }
         // A span past the head's end is refused, not a panic.
         assert!(fields_of(&head, &[span([0, 12], [14, 99])], 0).is_none());
         assert!(fields_of(&head, &[span([0, 99], [14, 17])], 0).is_none());

@@ -10,8 +10,8 @@ use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::forward::h1::{
-    BodyState, Chunk, FieldSpans, FramingError, Step, chunked_last, decode, field_spans, fields_of, has_token,
-    has_token_in, parse_decimal,
+    BodyState, Chunk, FieldSpans, FramingError, FramingFields, Step, chunked_last, decode, field_spans, fields_of,
+    has_token, has_token_in, parse_decimal,
 };
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
@@ -87,8 +87,8 @@ pub(crate) fn parse_request(
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
     // Room for what the proxy adds (X-Forwarded-*, X-Request-Id, traceparent, the country).
-    let headers = fields_of(&head, &spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
-    let framing = request_framing(version, &headers)?;
+    let (headers, present) = fields_of(&head, &spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
+    let framing = request_framing(version, &headers, present)?;
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -208,24 +208,27 @@ struct RequestFraming {
 /// Transfer-Encoding must end in `chunked` (and is refused on HTTP/1.0); beside it,
 /// Content-Length is dropped and the connection closes after the response; several
 /// Content-Length values must agree; no framing header means no body.
-fn request_framing(version: Version, headers: &HeaderMap) -> Result<RequestFraming, HeadError> {
-    let mut keep_alive = if has_token(headers, header::CONNECTION, b"close") {
+/// `present`: which framing fields the head carries (the others are not looked up).
+fn request_framing(version: Version, headers: &HeaderMap, present: FramingFields) -> Result<RequestFraming, HeadError> {
+    let connection = |token: &[u8]| present.connection && has_token(headers, header::CONNECTION, token);
+    let mut keep_alive = if connection(b"close") {
         false
     } else {
-        version == Version::HTTP_11 || has_token(headers, header::CONNECTION, b"keep-alive")
+        version == Version::HTTP_11 || connection(b"keep-alive")
     };
     let expect_continue = version == Version::HTTP_11
+        && present.expect
         && headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if present.transfer_encoding {
         if version != Version::HTTP_11 {
             return Err(HeadError::TransferEncoding);
         }
         if !chunked_last(headers) {
             return Err(HeadError::TransferEncoding);
         }
-        let both = headers.contains_key(header::CONTENT_LENGTH);
+        let both = present.content_length;
         keep_alive &= !both;
         return Ok(RequestFraming {
             body: BodyState::Chunked(Chunk::Size),
@@ -235,7 +238,8 @@ fn request_framing(version: Version, headers: &HeaderMap) -> Result<RequestFrami
         });
     }
     let mut length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    let lengths = present.content_length.then(|| headers.get_all(header::CONTENT_LENGTH));
+    for value in lengths.iter().flatten() {
         // One number per field: a list ("5, 5") is refused, as hyper does.
         let n = parse_decimal(value.as_bytes()).ok_or(HeadError::ContentLength)?;
         if length.is_some_and(|l| l != n) {
