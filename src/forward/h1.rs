@@ -385,10 +385,10 @@ pub(crate) fn fields_of(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Opti
     let mut framing = FramingFields::default();
     for span in spans {
         let name = head.get(span.name())?;
-        let name = match known_custom_name(name) {
+        let name = match known_name(name) {
             Some(known) => known.clone(),
             None => {
-                // The framing fields are standard names, never among the known custom ones.
+                // The framing fields are never among the known names.
                 let name = HeaderName::from_bytes(name).ok()?;
                 framing.note(&name);
                 name
@@ -437,13 +437,31 @@ impl FramingFields {
     }
 }
 
-/// A field name model clients and servers send that the `http` crate has no constant for, as
-/// a static name (`None` for any other): `HeaderName::from_bytes` copies every custom name to
-/// the heap, and an SDK's request carries a dozen (`x-stainless-*`, `openai-*`, tracing),
-/// an API's answer its `x-ratelimit-*`. Looked up by length first, so a miss costs one
-/// `match`.
-fn known_custom_name(name: &[u8]) -> Option<&'static HeaderName> {
+/// A field name clients, model servers and APIs commonly send, as a static name (`None` for
+/// any other, and for the names that frame a message: those go through
+/// `HeaderName::from_bytes` and are noted). `HeaderName::from_bytes` copies every custom
+/// name to the heap, and an SDK's request carries a dozen (`x-stainless-*`, `openai-*`,
+/// tracing), an API's answer its `x-ratelimit-*`; for a standard name it lowercases into a
+/// scratch buffer and matches on that. Here a name is looked up by length first, so a miss
+/// costs one `match`, then compared a word at a time (`name` is a token, as httparse checked).
+fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
     let candidates: &'static [HeaderName] = match name.len() {
+        4 => {
+            static NAMES: [HeaderName; 4] = [header::HOST, header::DATE, header::VARY, header::ETAG];
+            &NAMES
+        }
+        6 => {
+            static NAMES: [HeaderName; 4] = [header::ACCEPT, header::SERVER, header::ORIGIN, header::COOKIE];
+            &NAMES
+        }
+        7 => {
+            static NAMES: [HeaderName; 1] = [header::REFERER];
+            &NAMES
+        }
+        8 => {
+            static NAMES: [HeaderName; 1] = [header::LOCATION];
+            &NAMES
+        }
         9 => {
             static NAMES: [HeaderName; 2] = [
                 HeaderName::from_static("x-api-key"),
@@ -452,18 +470,27 @@ fn known_custom_name(name: &[u8]) -> Option<&'static HeaderName> {
             &NAMES
         }
         10 => {
-            static NAMES: [HeaderName; 1] = [HeaderName::from_static("tracestate")];
+            static NAMES: [HeaderName; 3] = [
+                header::USER_AGENT,
+                HeaderName::from_static("tracestate"),
+                header::SET_COOKIE,
+            ];
             &NAMES
         }
         11 => {
-            static NAMES: [HeaderName; 2] = [
+            static NAMES: [HeaderName; 3] = [
                 HeaderName::from_static("openai-beta"),
                 HeaderName::from_static("traceparent"),
+                header::RETRY_AFTER,
             ];
             &NAMES
         }
         12 => {
-            static NAMES: [HeaderName; 1] = [HeaderName::from_static("x-request-id")];
+            static NAMES: [HeaderName; 2] = [header::CONTENT_TYPE, HeaderName::from_static("x-request-id")];
+            &NAMES
+        }
+        13 => {
+            static NAMES: [HeaderName; 3] = [header::AUTHORIZATION, header::CACHE_CONTROL, header::LAST_MODIFIED];
             &NAMES
         }
         14 => {
@@ -475,30 +502,35 @@ fn known_custom_name(name: &[u8]) -> Option<&'static HeaderName> {
             &NAMES
         }
         15 => {
-            static NAMES: [HeaderName; 1] = [HeaderName::from_static("x-forwarded-for")];
+            static NAMES: [HeaderName; 3] = [
+                HeaderName::from_static("x-forwarded-for"),
+                header::ACCEPT_ENCODING,
+                header::ACCEPT_LANGUAGE,
+            ];
             &NAMES
         }
         16 => {
-            static NAMES: [HeaderName; 3] = [
-                HeaderName::from_static("x-forwarded-host"),
+            static NAMES: [HeaderName; 4] = [
                 HeaderName::from_static("x-stainless-arch"),
                 HeaderName::from_static("x-stainless-lang"),
+                HeaderName::from_static("x-forwarded-host"),
+                header::CONTENT_ENCODING,
             ];
             &NAMES
         }
         17 => {
             static NAMES: [HeaderName; 3] = [
-                HeaderName::from_static("anthropic-version"),
-                HeaderName::from_static("x-forwarded-proto"),
                 HeaderName::from_static("x-stainless-async"),
+                HeaderName::from_static("x-forwarded-proto"),
+                HeaderName::from_static("anthropic-version"),
             ];
             &NAMES
         }
         19 => {
             static NAMES: [HeaderName; 3] = [
-                HeaderName::from_static("openai-organization"),
                 HeaderName::from_static("x-stainless-runtime"),
                 HeaderName::from_static("x-stainless-timeout"),
+                HeaderName::from_static("openai-organization"),
             ];
             &NAMES
         }
@@ -516,9 +548,9 @@ fn known_custom_name(name: &[u8]) -> Option<&'static HeaderName> {
         }
         24 => {
             static NAMES: [HeaderName; 3] = [
+                HeaderName::from_static("x-stainless-read-timeout"),
                 HeaderName::from_static("x-ratelimit-limit-tokens"),
                 HeaderName::from_static("x-ratelimit-reset-tokens"),
-                HeaderName::from_static("x-stainless-read-timeout"),
             ];
             &NAMES
         }
@@ -546,13 +578,31 @@ fn known_custom_name(name: &[u8]) -> Option<&'static HeaderName> {
         }
         _ => return None,
     };
-    // The last byte first: it tells most same-length names apart (and a standard name from
-    // them) before the whole case-insensitive comparison.
-    let last = name.last()?.to_ascii_lowercase();
-    candidates.iter().find(|known| {
-        let known = known.as_str().as_bytes();
-        known.last() == Some(&last) && known.eq_ignore_ascii_case(name)
-    })
+    candidates
+        .iter()
+        .find(|known| token_is(name, known.as_str().as_bytes()))
+}
+
+/// True when the token `name` is `lower` (a name of lowercase letters, digits and `-`) in
+/// any case. For token bytes (RFC 9110 §5.6.2), OR-ing 0x20 lowercases a letter, leaves a
+/// digit or `-` as it is, and turns no other token byte into one of those (digits and `-`
+/// come only from control bytes): so eight bytes compare in one step.
+fn token_is(name: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = u64::from_ne_bytes([0x20; 8]);
+    if name.len() != lower.len() {
+        return false;
+    }
+    let (words, tail) = (name.chunks_exact(8), lower.chunks_exact(8));
+    let (name_tail, lower_tail) = (words.remainder(), tail.remainder());
+    for (a, b) in words.zip(tail) {
+        let (Ok(a), Ok(b)) = (<[u8; 8]>::try_from(a), <[u8; 8]>::try_from(b)) else {
+            return false;
+        };
+        if u64::from_ne_bytes(a) | CASE != u64::from_ne_bytes(b) {
+            return false;
+        }
+    }
+    name_tail.iter().zip(lower_tail).all(|(a, b)| a | 0x20 == *b)
 }
 
 /// A parsed response head: the response (its body still to read) and how to read the body.
@@ -1327,21 +1377,71 @@ mod tests {
     }
 
     #[test]
-    fn known_custom_names_are_what_parsing_them_gives() -> TestResult {
-        for name in [
+    fn known_names_are_what_parsing_them_gives() -> TestResult {
+        let names = [
+            "host",
+            "date",
+            "accept",
+            "user-agent",
+            "content-type",
+            "authorization",
+            "accept-encoding",
             "x-forwarded-for",
-            "X-Stainless-Package-Version",
-            "OpenAI-Organization",
+            "x-stainless-package-version",
+            "x-stainless-runtime-version",
+            "x-stainless-read-timeout",
+            "openai-organization",
             "traceparent",
             "x-ratelimit-remaining-requests",
-            "Endpoint-Load-Metrics",
-        ] {
-            let known = known_custom_name(name.as_bytes()).ok_or(name)?;
-            assert_eq!(*known, HeaderName::from_bytes(name.as_bytes())?, "{name}");
+            "endpoint-load-metrics",
+        ];
+        for lower in names {
+            let title: String = lower
+                .split('-')
+                .map(|w| w[..1].to_ascii_uppercase() + &w[1..])
+                .collect::<Vec<_>>()
+                .join("-");
+            for name in [lower.to_string(), lower.to_ascii_uppercase(), title] {
+                let known = known_name(name.as_bytes()).ok_or(name.clone())?;
+                assert_eq!(*known, HeaderName::from_bytes(name.as_bytes())?, "{name}");
+            }
+            // One byte off, anywhere, is another name.
+            for at in 0..lower.len() {
+                for other in [b'_', b'^', b'~', b'.', b'0'] {
+                    let mut near = lower.as_bytes().to_vec();
+                    if near[at] == other {
+                        continue;
+                    }
+                    near[at] = other;
+                    assert!(known_name(&near).is_none(), "{}", String::from_utf8_lossy(&near));
+                }
+            }
         }
-        for other in ["x-custom", "x-forwarded-fox", "user-agent", "", "x-stainless-"] {
-            assert!(known_custom_name(other.as_bytes()).is_none(), "{other}");
+        for other in ["x-custom", "x-forwarded-fox", "x_forwarded_for", "", "x-stainless-"] {
+            assert!(known_name(other.as_bytes()).is_none(), "{other}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn or_ing_the_case_bit_matches_a_token_only_to_its_own_letters() {
+        // RFC 9110 §5.6.2 tchar: the bytes a parsed name can hold.
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        let known = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+        for b in (0..=u8::MAX).filter(|&b| tchar(b)) {
+            for k in (0..=u8::MAX).filter(|&k| known(k)) {
+                assert_eq!(token_is(&[b], &[k]), b.eq_ignore_ascii_case(&k), "{b:#x} {k:#x}");
+                // The same through the word-at-a-time path.
+                let (mut name, mut lower) = (*b"abcdefgh-", *b"abcdefgh-");
+                name[3] = b;
+                lower[3] = k;
+                assert_eq!(token_is(&name, &lower), b.eq_ignore_ascii_case(&k), "{b:#x} {k:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn parsed_fields_share_the_head() -> TestResult {
         // In a parsed head too: the name as `http` would spell it, the value as sent.
         let head = Bytes::from_static(b"X-Request-ID: abc\r\nX-Custom: 1\r\n");
         let span = |name: [u32; 2], value: [u32; 2]| FieldSpan { name, value };
@@ -1370,7 +1470,7 @@ mod tests {
         assert_eq!(map["host"], "a");
         assert!(noted.connection && noted.transfer_encoding && noted.content_length && noted.expect);
         for name in ["connection", "transfer-encoding", "content-length", "expect"] {
-            assert!(known_custom_name(name.as_bytes()).is_none(), "{name}");
+            assert!(known_name(name.as_bytes()).is_none(), "{name}");
         }
         // A span past the head's end is refused, not a panic.
         assert!(fields_of(&head, &[span([0, 12], [14, 99])], 0).is_none());
