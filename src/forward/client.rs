@@ -342,14 +342,14 @@ impl Upstreams {
     /// stack, with Meridian's own exchange, borrowed from the client's request; the response
     /// head is due by `deadline` (the send time plus the request timeout, as in
     /// [`Upstreams::send_via`]; the caller has read the clock already).
-    pub(crate) async fn send_own(
-        &self,
-        via: &PooledEndpoint,
-        req: OwnRequest<'_>,
+    pub(crate) fn send_own<'a>(
+        &'a self,
+        via: &'a PooledEndpoint,
+        req: OwnRequest<'a>,
         deadline: std::time::Instant,
-    ) -> Result<Response<EndpointBody>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<EndpointBody>, UpstreamError>> + Send + 'a {
         // The pool's own exchange keeps the deadline on the connection's timer.
-        self.http1.send_own(via, req, deadline).await
+        self.http1.send_own(via, req, deadline)
     }
 
     /// [`Upstreams::send`] through an endpoint's resolved idle stack.

@@ -394,8 +394,12 @@ pub(crate) fn fields_of(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Opti
                 name
             }
         };
-        let value = head.get(span.value())?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(value)).ok()?;
+        // Checked here, as `Bytes::slice` would panic on a span outside the head.
+        let value = span.value();
+        if value.start > value.end || value.end > head.len() {
+            return None;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
         headers.append(name, value);
     }
     Some((headers, framing))

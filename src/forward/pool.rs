@@ -235,13 +235,18 @@ impl Http1Pool {
     /// Sends `req` with Meridian's own exchange on an idle connection of `via` (one of this
     /// pool's stacks: see [`Http1Pool::owns`]), or a new one; the response head is due by
     /// `deadline` (a `HeadTimeout` error after it).
-    pub(crate) async fn send_own(
-        &self,
-        via: &PooledEndpoint,
-        req: OwnRequest<'_>,
+    ///
+    /// Not an `async fn`: a layer of its own would hold the request once more and copy the
+    /// exchange's state into its own when it starts (as would [`Upstreams::send_own`]'s).
+    ///
+    /// [`Upstreams::send_own`]: super::client::Upstreams::send_own
+    pub(crate) fn send_own<'a>(
+        &'a self,
+        via: &'a PooledEndpoint,
+        req: OwnRequest<'a>,
         deadline: std::time::Instant,
-    ) -> Result<Response<EndpointBody>, UpstreamError> {
-        self.exchange(&via.0, req, Some(deadline)).await
+    ) -> impl Future<Output = Result<Response<EndpointBody>, UpstreamError>> + Send + 'a {
+        self.exchange(&via.0, req, Some(deadline))
     }
 
     async fn exchange(
