@@ -306,17 +306,13 @@ pub(crate) fn encode_response(
     out.extend_from_slice(b"\r\n");
     // One pass writes the fields and notes the few the framing depends on: every lookup
     // in the map is a hash and a probe, and this runs for every response.
-    let mut stated = None;
-    let mut stated_seen = false;
+    let mut stated: Option<Option<u64>> = None;
     let mut closes = false;
     let mut dated = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH {
             // The first value, as `HeaderMap::get` would give.
-            if !stated_seen {
-                stated_seen = true;
-                stated = parse_decimal(value.as_bytes());
-            }
+            stated.get_or_insert_with(|| parse_decimal(value.as_bytes()));
             if !keeps_framing {
                 continue;
             }
@@ -339,7 +335,7 @@ pub(crate) fn encode_response(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let stated = if bodiless { None } else { stated };
+    let stated = if bodiless { None } else { stated.flatten() };
     let framing = if no_body {
         ResponseFraming::None
     } else if let Some(n) = stated.or(exact) {
