@@ -10,7 +10,9 @@
 # (report mode) or from examples/load_probe (always in --budget mode, so CI needs nothing
 # else). REQUESTS=5000 (2000 with --budget), WARMUP=500 (300 with --budget), CONNS=10,
 # CONFIG_SED, KEEP=1 (keep the callgrind dumps, e.g. for callgrind_annotate --tree=caller),
-# SDK_HEADERS=1 (h2load only: the fields the openai Python SDK sends with each request).
+# SDK_HEADERS=1 (h2load only: the fields the openai Python SDK sends with each request),
+# H2C=1 (h2load only: HTTP/2 with prior knowledge, 10 streams per connection, instead of
+# HTTP/1.1).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -59,7 +61,9 @@ wait_port() {
 
 load() {
     if [ -z "$BUDGET" ] && command -v h2load >/dev/null 2>&1; then
-        h2load --h1 -n "$1" -c "$CONNS" -t 1 "${HEADERS[@]}" http://127.0.0.1:18081/v1/models |
+        local mode=(--h1)
+        [ -n "${H2C:-}" ] && mode=(-m 10)
+        h2load "${mode[@]}" -n "$1" -c "$CONNS" -t 1 "${HEADERS[@]}" http://127.0.0.1:18081/v1/models |
             grep -E '^requests:' >&2
     else
         # The same request shape as compare.sh's wrk runs: GET /v1/models from a GB client.
