@@ -589,16 +589,16 @@ fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
 
 /// True when the token `name` is `lower` (a name of lowercase letters, digits and `-`) in
 /// any case. For token bytes (RFC 9110 §5.6.2), OR-ing 0x20 lowercases a letter, leaves a
-/// digit or `-` as it is, and turns no other token byte into one of those (digits and `-`
-/// come only from control bytes): so eight bytes compare in one step.
+/// digit or `-` as it is, and turns no other token byte into one of those (only control
+/// bytes become digits or `-`): so eight bytes compare in one step.
 fn token_is(name: &[u8], lower: &[u8]) -> bool {
     const CASE: u64 = u64::from_ne_bytes([0x20; 8]);
     if name.len() != lower.len() {
         return false;
     }
-    let (words, tail) = (name.chunks_exact(8), lower.chunks_exact(8));
-    let (name_tail, lower_tail) = (words.remainder(), tail.remainder());
-    for (a, b) in words.zip(tail) {
+    let (name_words, lower_words) = (name.chunks_exact(8), lower.chunks_exact(8));
+    let (name_tail, lower_tail) = (name_words.remainder(), lower_words.remainder());
+    for (a, b) in name_words.zip(lower_words) {
         let (Ok(a), Ok(b)) = (<[u8; 8]>::try_from(a), <[u8; 8]>::try_from(b)) else {
             return false;
         };
