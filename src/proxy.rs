@@ -139,17 +139,18 @@ impl Proxy {
                 return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
             }
             // Method, Host and the normalised path: what rules, residency and the endpoint see.
-            if let Err(err) = crate::forward::inbound::admit(&mut req) {
-                return Ok(self.refuse(err, record, started));
-            }
+            let has_host = match crate::forward::inbound::admit(&mut req) {
+                Ok(has_host) => has_host,
+                Err(err) => return Ok(self.refuse(err, record, started)),
+            };
             // Room for a per-client candidate order (city coordinates), so it is not allocated.
             let mut nearest = route::InlineCandidates::new();
             let plan = match self.route(&rt, client.located, &req, &mut record, &mut nearest) {
                 Ok(plan) => plan,
                 Err(err) => return Ok(self.refuse(err, record, started)),
             };
-            let (parts, incoming, client_upgrade) = prepare_head(req, &client.fwd, &mut record);
-            let (body, overflow) = match read_body(config, &parts, incoming).await {
+            let (parts, incoming, client_upgrade) = prepare_head(req, has_host, &client.fwd, &mut record);
+            let (body, overflow) = match read_body(config, incoming).await {
                 Ok(read) => read,
                 Err(err) => return Ok(self.refuse(err, record, started)),
             };
@@ -719,6 +720,7 @@ impl Proxy {
         rewrite::response_headers(&mut parts.headers, region_header, record.attempts, switching);
         let scanner = UsageScanner::for_response(
             &parts.headers,
+            hyper::body::Body::size_hint(&incoming).exact(),
             hyper::body::Body::is_end_stream(&incoming),
             rt.config.server.max_buffered_answer,
         );
@@ -1118,11 +1120,12 @@ fn upstream_protocol(configured: UpstreamProtocol, headers: &http::HeaderMap) ->
 /// side of an upgrade, bridged once the endpoint answers 101.
 fn prepare_head(
     req: Request<ClientBody>,
+    has_host: bool,
     fwd: &Forwarding,
     record: &mut AccessRecord,
 ) -> (http::request::Parts, ClientBody, Option<upgrade::ClientUpgrade>) {
     let (mut parts, incoming) = req.into_parts();
-    if !parts.headers.contains_key(header::HOST) {
+    if !has_host {
         // HTTP/2 carries the host in :authority; HTTP/1.1 endpoints need a Host header.
         if let Some(host) = parts
             .uri
@@ -1134,7 +1137,9 @@ fn prepare_head(
     }
     // WebSocket and other upgrades: routed like any request, bridged once the endpoint
     // answers 101.
-    let upgrade = upgrade::is_upgrade(&parts.headers);
+    // Only a request whose server left a way to take its connection over can be an upgrade:
+    // Meridian's HTTP/1.1 server does so only for one, so most requests skip the lookups.
+    let upgrade = !parts.extensions.is_empty() && upgrade::is_upgrade(&parts.headers);
     let client_upgrade = if upgrade {
         upgrade::ClientUpgrade::take(&mut parts.extensions)
     } else {
@@ -1147,14 +1152,11 @@ fn prepare_head(
 /// The request body: kept whole for replay when small enough, else streamed.
 async fn read_body(
     config: &crate::config::Config,
-    parts: &http::request::Parts,
     incoming: ClientBody,
 ) -> Result<(RequestBody, Arc<AtomicBool>), ProxyError> {
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // The length the head declared, as the server that read the head took it: not looked
+    // up again in the map.
+    let declared = hyper::body::Body::size_hint(&incoming).exact();
     let overflow = Arc::new(AtomicBool::new(false));
     let limit = config.server.max_request_body;
     let body_timeout = config.server.body_timeout;

@@ -405,15 +405,18 @@ pub(crate) fn fields_of(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Opti
     Some((headers, framing))
 }
 
-/// Which of the fields that frame a message its head carries, noted as the head's fields
-/// are taken in: the framing then looks up only what is there (a map lookup is a hash and
-/// a probe, and most heads carry no `Connection`, `Transfer-Encoding` or `Expect`).
+/// Which of the fields that frame a message (or this hop of it) its head carries, noted as
+/// the head's fields are taken in: the framing then looks up only what is there (a map
+/// lookup is a hash and a probe, and most heads carry no `Connection`, `Transfer-Encoding`,
+/// `Expect`, `Upgrade` or `TE`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FramingFields {
     pub(crate) connection: bool,
     pub(crate) transfer_encoding: bool,
     pub(crate) content_length: bool,
     pub(crate) expect: bool,
+    pub(crate) upgrade: bool,
+    pub(crate) te: bool,
 }
 
 impl FramingFields {
@@ -425,6 +428,8 @@ impl FramingFields {
             transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
             content_length: headers.contains_key(header::CONTENT_LENGTH),
             expect: headers.contains_key(header::EXPECT),
+            upgrade: headers.contains_key(header::UPGRADE),
+            te: headers.contains_key(header::TE),
         }
     }
 
@@ -437,6 +442,10 @@ impl FramingFields {
             self.content_length = true;
         } else if name == header::EXPECT {
             self.expect = true;
+        } else if name == header::UPGRADE {
+            self.upgrade = true;
+        } else if name == header::TE {
+            self.te = true;
         }
     }
 }
@@ -1454,7 +1463,7 @@ mod tests {
         assert_eq!(fields["x-custom"], "1");
         // The framing fields it notes are the ones the map holds, whatever their case.
         let head = Bytes::from_static(
-            b"Connection: close\r\nTRANSFER-encoding: chunked\r\ncontent-length: 1\r\nExpect: 100-continue\r\nHost: a\r\n",
+            b"Connection: close\r\nTRANSFER-encoding: chunked\r\ncontent-length: 1\r\nExpect: 100-continue\r\nHost: a\r\nUPGRADE: websocket\r\nte: trailers\r\n",
         );
         let mut at = 0;
         let spans: Vec<FieldSpan> = head

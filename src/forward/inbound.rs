@@ -8,8 +8,10 @@ use crate::error::ProxyError;
 use crate::path::{self, PathError};
 
 /// Admits a request head, rewriting it in place: the path normalised (original query kept),
-/// and for HTTP/1.1 an absolute-form authority made the `Host` (RFC 9112 §3.2.2).
-pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+/// and for HTTP/1.1 an absolute-form authority made the `Host` (RFC 9112 §3.2.2). `Ok`:
+/// whether the head now carries a `Host` field (an HTTP/2 request may carry only
+/// `:authority`), so the forwarding need not look again.
+pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<bool, ProxyError> {
     if req.method() == Method::CONNECT {
         // A tunnel would bypass routing and residency altogether.
         return Err(ProxyError::MethodNotAllowed);
@@ -19,6 +21,7 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
+    let mut has_host = first_host.is_some();
     if let Some(authority) = req.uri().authority() {
         match req.version() {
             // h2: `host`, when sent, must name what `:authority` names (RFC 9113 §8.3.1).
@@ -31,13 +34,14 @@ pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
                 let host = HeaderValue::from_str(authority.as_str())
                     .map_err(|_| ProxyError::BadRequest("the request target's authority is not a valid Host"))?;
                 req.headers_mut().insert(header::HOST, host);
+                has_host = true;
             }
         }
     }
     if let Some(uri) = normalised_uri(req.uri())? {
         *req.uri_mut() = uri;
     }
-    Ok(())
+    Ok(has_host)
 }
 
 /// The URI with its path normalised, or `None` when it is already normal.
@@ -140,10 +144,12 @@ mod tests {
         ];
         for (method, uri, version, hosts, want) in cases {
             let mut r = req(method, uri, *version, hosts);
-            let got = admit(&mut r).map(|()| {
+            let got = admit(&mut r).map(|has_host| {
+                let host = r.headers().get("host").map(|h| h.to_str().unwrap().to_string());
+                assert_eq!(has_host, host.is_some(), "{method} {uri} {hosts:?}");
                 (
                     r.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-                    r.headers().get("host").map(|h| h.to_str().unwrap().to_string()),
+                    host,
                 )
             });
             let want = want.clone().map(|(p, h)| (p.to_string(), h.map(str::to_string)));

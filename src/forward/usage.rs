@@ -74,12 +74,10 @@ pub struct Scanned {
 }
 
 impl UsageScanner {
-    /// A scanner for a response with these headers; `cap` is `max_buffered_answer`.
-    pub(crate) fn for_response(headers: &HeaderMap, end_stream: bool, cap: usize) -> UsageScanner {
-        let length = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+    /// A scanner for a response with these headers; `length`: its body's declared length, as
+    /// the body's framing has it (not looked up again: this runs on every response); `cap`
+    /// is `max_buffered_answer`.
+    pub(crate) fn for_response(headers: &HeaderMap, length: Option<u64>, end_stream: bool, cap: usize) -> UsageScanner {
         // One lookup for both media types: this runs on every response.
         let content_type = headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes());
         let sse = content_type.is_some_and(crate::forward::body::is_sse_type);
@@ -393,7 +391,11 @@ mod tests {
     /// Feeds `body` in pieces of `split` bytes (0: whole).
     fn scan(h: &[(&'static str, &'static str)], body: &str, split: usize, cap: usize) -> Scanned {
         let t0 = Instant::now();
-        let mut s = UsageScanner::for_response(&headers(h), false, cap);
+        let length = h
+            .iter()
+            .find(|(name, _)| *name == "content-length")
+            .and_then(|(_, v)| v.parse().ok());
+        let mut s = UsageScanner::for_response(&headers(h), length, false, cap);
         let bytes = body.as_bytes();
         let pieces: Vec<&[u8]> = if split == 0 {
             vec![bytes]
@@ -550,7 +552,7 @@ mod tests {
     #[test]
     fn first_chunk_time_is_the_first_non_empty_chunk() {
         let t0 = Instant::now();
-        let mut s = UsageScanner::for_response(&headers(SSE), false, MAX_BUFFERED_ANSWER);
+        let mut s = UsageScanner::for_response(&headers(SSE), None, false, MAX_BUFFERED_ANSWER);
         s.feed(b"", || t0);
         assert!(s.waiting_for_first_chunk());
         s.feed(b"data: {}\n\n", || t0 + Duration::from_secs(1));
@@ -572,7 +574,7 @@ mod tests {
     #[test]
     fn a_stream_never_keeps_more_than_a_line() {
         let t0 = Instant::now();
-        let mut s = UsageScanner::for_response(&headers(SSE), false, MAX_BUFFERED_ANSWER);
+        let mut s = UsageScanner::for_response(&headers(SSE), None, false, MAX_BUFFERED_ANSWER);
         for _ in 0..1000 {
             s.feed(VLLM_STREAM.as_bytes(), || t0);
         }

@@ -65,6 +65,10 @@ pub(crate) struct RequestHead {
     pub(crate) keep_alive: bool,
     /// `Expect: 100-continue`: the client waits for a `100` before it sends the body.
     pub(crate) expect_continue: bool,
+    /// An HTTP/1.1 upgrade (`Upgrade` with the `upgrade` token in `Connection`).
+    pub(crate) upgrade: bool,
+    /// `TE: trailers`: a chunked response may end with trailers.
+    pub(crate) takes_trailers: bool,
 }
 
 /// Parses a request head off the front of `buf`; `None` while it is incomplete. Header
@@ -89,6 +93,12 @@ pub(crate) fn parse_request(
     // Room for what the proxy adds (X-Forwarded-*, X-Request-Id, traceparent, the country).
     let (headers, present) = fields_of(&head, &spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
     let framing = request_framing(version, &headers, present)?;
+    // Both asked of the noted fields first: most requests carry neither.
+    let upgrade = version == Version::HTTP_11
+        && present.upgrade
+        && present.connection
+        && crate::forward::upgrade::is_upgrade(&headers);
+    let takes_trailers = present.te && has_token(&headers, header::TE, b"trailers");
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -102,6 +112,8 @@ pub(crate) fn parse_request(
         body: framing.body,
         keep_alive: framing.keep_alive,
         expect_continue: framing.expect_continue,
+        upgrade,
+        takes_trailers,
     }))
 }
 

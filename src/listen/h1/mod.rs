@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, StatusCode, Version};
+use http::{Method, Request, StatusCode};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{oneshot, watch};
@@ -30,7 +30,7 @@ use super::Limits;
 use super::idle::{Activity, error_response};
 use crate::forward::body::ResponseBody;
 use crate::forward::client_body::{ClientBody, ClientBodyError, Demand, PipeWriter, pipe};
-use crate::forward::h1::{BodyState, Step, decode, has_token};
+use crate::forward::h1::{BodyState, Step, decode};
 use crate::forward::upgrade;
 use crate::geo::LocateMemo;
 use crate::proxy::{ConnInfo, Proxy};
@@ -219,14 +219,16 @@ where
                 body,
                 keep_alive,
                 expect_continue,
+                upgrade,
+                takes_trailers,
             } = head;
             let version = request.version();
             let head_request = request.method() == Method::HEAD;
             let (mut parts, ()) = request.into_parts();
-            // Trailers are sent to a chunked response only when the client said it takes them.
-            let takes_trailers = has_token(&parts.headers, http::header::TE, b"trailers");
+            // Trailers are sent to a chunked response only when the client said it takes them
+            // (`takes_trailers`).
             let mut upgrade_tx = None;
-            if version == Version::HTTP_11 && upgrade::is_upgrade(&parts.headers) {
+            if upgrade {
                 let (tx, rx) = oneshot::channel();
                 parts.extensions.insert(upgrade::OnClientUpgrade::new(rx));
                 upgrade_tx = Some(tx);
