@@ -27,7 +27,7 @@ fn local(c: &mut Criterion) {
     let req = RequestView {
         client_ip: client,
         path: "/v1/chat/completions",
-        headers: &headers,
+        headers: meridian::forward::rewrite::SentFields::client_only(&headers),
         model: None,
     };
     // A rate the bench never reaches, so every check admits (and is dropped at once).

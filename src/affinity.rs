@@ -73,7 +73,7 @@ pub(crate) fn for_request(
     rt: &crate::runtime::Snapshot,
     region: usize,
     loads: &[crate::balance::EndpointLoad],
-    headers: &http::HeaderMap,
+    headers: crate::forward::rewrite::SentFields<'_>,
     body: Option<&[u8]>,
 ) -> Option<Option<usize>> {
     let config = rt.config.regions.get(region)?;

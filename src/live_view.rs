@@ -2,8 +2,6 @@
 //! session (affinity) and the retry budget. Used by the proxy, the decision bench and the
 //! no-allocation test, so all three run the same code.
 
-use http::HeaderMap;
-
 use crate::balance::EndpointLoad;
 use crate::retry::RetryBudget;
 use crate::route::RegionState;
@@ -17,7 +15,7 @@ pub struct LiveView<'a> {
     /// The process-wide retry budget that retries draw tokens from.
     pub budget: &'a RetryBudget,
     /// The request's headers (affinity reads its session header).
-    pub headers: &'a HeaderMap,
+    pub headers: crate::forward::rewrite::SentFields<'a>,
     /// The request body when it was kept whole (affinity may read a JSON field from it).
     pub body: Option<&'a [u8]>,
 }

@@ -451,7 +451,7 @@ fn route(
                 let view = meridian::admission::RequestView {
                     client_ip,
                     path: request_path,
-                    headers,
+                    headers: meridian::forward::rewrite::SentFields::client_only(headers),
                     model,
                 };
                 for line in meridian::admission::explain(&rules, &view) {

@@ -29,7 +29,7 @@ use crate::forward::endpoint_get::{to_endpoint, under_base};
 use crate::forward::h1::OwnRequest;
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::pool::PooledEndpoint;
-use crate::forward::rewrite::{self, Forwarding};
+use crate::forward::rewrite::{self, AddedFields, Forwarding, SentFields};
 use crate::forward::upgrade;
 use crate::forward::usage::{self, Scanned, UsageScanner};
 use crate::geo::{Locate, LocateMemo, Located};
@@ -149,7 +149,7 @@ impl Proxy {
                 Ok(plan) => plan,
                 Err(err) => return Ok(self.refuse(err, record, started)),
             };
-            let (parts, incoming, client_upgrade) = prepare_head(req, has_host, &client.fwd, &mut record);
+            let (parts, added, incoming, client_upgrade) = prepare_head(req, has_host, &client.fwd, &mut record);
             let (body, overflow) = match read_body(config, incoming).await {
                 Ok(read) => read,
                 Err(err) => return Ok(self.refuse(err, record, started)),
@@ -161,7 +161,11 @@ impl Proxy {
                 return Ok(self.refuse(err, record, started));
             }
             // Admission control: a limited request is answered here and reaches no endpoint.
-            let admitted = match self.admit(&rt, record.client_ip, &parts, &body).await {
+            let sent_fields = SentFields {
+                client: &parts.headers,
+                added: Some(&added),
+            };
+            let admitted = match self.admit(&rt, record.client_ip, &parts, sent_fields, &body).await {
                 Ok(admitted) => admitted,
                 Err(limited) => return Ok(self.rate_limited(limited, record, started)),
             };
@@ -170,7 +174,8 @@ impl Proxy {
             // Boxed: the attempt loop's state is most of this future, and hyper keeps one
             // request future's worth of memory per connection for the connection's life.
             // Allocated per request instead, an idle keep-alive connection stays small.
-            let resp = Box::pin(self.attempts(&rt, &plan, parts, body, overflow, record, started)).await;
+            let head = SentHead { parts, added };
+            let resp = Box::pin(self.attempts(&rt, &plan, head, body, overflow, record, started)).await;
             resp.map(|r| upgrade::bridge(admission::attach(r, admitted), client_upgrade))
         }
     }
@@ -181,6 +186,7 @@ impl Proxy {
         rt: &Snapshot,
         client: IpAddr,
         parts: &http::request::Parts,
+        headers: SentFields<'_>,
         body: &RequestBody,
     ) -> Result<Option<Admitted>, Limited> {
         if rt.admission.is_empty() {
@@ -195,7 +201,7 @@ impl Proxy {
         let view = RequestView {
             client_ip: client,
             path: parts.uri.path(),
-            headers: &parts.headers,
+            headers,
             model,
         };
         match rt.admission.admit(&view).await {
@@ -313,13 +319,14 @@ impl Proxy {
         &self,
         rt: &Arc<Snapshot>,
         plan: &RoutePlan<'_>,
-        mut parts: http::request::Parts,
+        head: SentHead,
         body: RequestBody,
         overflow: Arc<AtomicBool>,
         mut record: Box<AccessRecord>,
         started: Instant,
     ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
         async move {
+            let SentHead { mut parts, added } = head;
             let skips = slow_start_skips(rt, plan);
             let policy = attempt_policy(rt, &parts, &body, &skips);
             let mut tried: SmallVec<[Tried; 4]> = SmallVec::new();
@@ -327,7 +334,11 @@ impl Proxy {
             let mut last_error: Option<ProxyError> = None;
             loop {
                 let kept = body.as_ref().and_then(RequestBody::kept);
-                let (target, reason) = match self.plan_next(rt, plan, &tried, &policy, &parts.headers, kept, &record) {
+                let sent_fields = SentFields {
+                    client: &parts.headers,
+                    added: Some(&added),
+                };
+                let (target, reason) = match self.plan_next(rt, plan, &tried, &policy, sent_fields, kept, &record) {
                     Ok(next) => next,
                     Err(refusal) => {
                         last_error = refusal.or(last_error);
@@ -351,7 +362,15 @@ impl Proxy {
                 };
                 let step = (target, reason, tried.len());
                 let failure = match self
-                    .try_target(rt, step, &mut parts, attempt_body, &mut record, &policy, &overflow)
+                    .try_target(
+                        rt,
+                        step,
+                        (&mut parts, &added),
+                        attempt_body,
+                        &mut record,
+                        &policy,
+                        &overflow,
+                    )
                     .await
                 {
                     Outcome::Answer(resp, timing, inflight, sent) => {
@@ -380,14 +399,14 @@ impl Proxy {
         &self,
         rt: &Arc<Snapshot>,
         (target, reason, tried): (Target, Option<FailoverReason>, usize),
-        parts: &mut http::request::Parts,
+        (parts, added): (&mut http::request::Parts, &AddedFields),
         body: RequestBody,
         record: &mut AccessRecord,
         policy: &Policy<'_>,
         overflow: &AtomicBool,
     ) -> Outcome {
         let span = self.start_attempt_span(record, tried, &mut parts.headers);
-        let outcome = self.forward(rt, target, parts, body).await;
+        let outcome = self.forward(rt, target, (parts, added), body).await;
         let sent = self.sent(rt, target, reason, record, tried);
         self.observe_attempt(rt, &sent, &outcome, span, record);
         match outcome {
@@ -422,7 +441,7 @@ impl Proxy {
         plan: &RoutePlan<'_>,
         tried: &[Tried],
         policy: &Policy<'_>,
-        headers: &http::HeaderMap,
+        headers: SentFields<'_>,
         body: Option<&[u8]>,
         record: &AccessRecord,
     ) -> Result<(Target, Option<FailoverReason>), Option<ProxyError>> {
@@ -622,14 +641,14 @@ impl Proxy {
         &self,
         rt: &Snapshot,
         target: Target,
-        parts: &http::request::Parts,
+        (parts, added): (&http::request::Parts, &AddedFields),
         body: RequestBody,
     ) -> Result<(Response<EndpointBody>, HeadTiming, Option<InFlight>), UpstreamError> {
         let upstream = upstream_of(rt, target)?;
         let timeout = rt.config.server.request_timeout;
-        let request = match own_request(rt, target, &upstream, parts, &body)? {
+        let request = match own_request(rt, target, &upstream, (parts, added), &body)? {
             Some((via, own)) => AttemptRequest::Own(via, own),
-            None => AttemptRequest::Built(Box::new(endpoint_request(rt, target, &upstream, parts, body)?)),
+            None => AttemptRequest::Built(Box::new(endpoint_request(rt, target, &upstream, (parts, added), body)?)),
         };
         let inflight = match target {
             Target::Endpoint { region, endpoint } => Some(rt.regions[region].endpoints[endpoint].health.start()),
@@ -1009,6 +1028,13 @@ fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamEr
     }
 }
 
+/// The client's request head as its endpoints get it: the rewritten fields, and beside
+/// them the ones Meridian adds.
+struct SentHead {
+    parts: http::request::Parts,
+    added: AddedFields,
+}
+
 /// What one attempt sends.
 enum AttemptRequest<'a> {
     /// Borrowed from the client's request, for Meridian's own HTTP/1.1 exchange.
@@ -1026,7 +1052,7 @@ fn own_request<'a>(
     rt: &Snapshot,
     target: Target,
     upstream: &Upstream<'a>,
-    parts: &'a http::request::Parts,
+    (parts, added): (&'a http::request::Parts, &'a AddedFields),
     body: &RequestBody,
 ) -> Result<Option<(&'a PooledEndpoint, OwnRequest<'a>)>, UpstreamError> {
     let Target::Endpoint { region, .. } = target else {
@@ -1055,6 +1081,7 @@ fn own_request<'a>(
             path,
             headers: &parts.headers,
             extra: rt.load_report_field(region),
+            added: Some(added),
             body: whole,
         },
     )))
@@ -1065,7 +1092,7 @@ fn endpoint_request(
     rt: &Snapshot,
     target: Target,
     upstream: &Upstream<'_>,
-    parts: &http::request::Parts,
+    (parts, added): (&http::request::Parts, &AddedFields),
     body: RequestBody,
 ) -> Result<Request<RequestBody>, UpstreamError> {
     let base = upstream.base;
@@ -1092,6 +1119,7 @@ fn endpoint_request(
     )
     .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
     *req.headers_mut() = parts.headers.clone();
+    added.apply(req.headers_mut());
     match (target, rt.fallback.as_ref()) {
         (Target::Endpoint { region, .. }, _) => rt.ask_for_load_report(region, req.headers_mut()),
         (Target::Fallback, Some(f)) => {
@@ -1116,14 +1144,20 @@ fn upstream_protocol(configured: UpstreamProtocol, headers: &http::HeaderMap) ->
     }
 }
 
-/// The request head as endpoints get it (Host, forwarding headers, request id); the client's
-/// side of an upgrade, bridged once the endpoint answers 101.
+/// The request head as endpoints get it (Host, hop-by-hop fields gone) with the fields
+/// Meridian adds beside it (forwarding fields, request id); the client's side of an
+/// upgrade, bridged once the endpoint answers 101.
 fn prepare_head(
     req: Request<ClientBody>,
     has_host: bool,
     fwd: &Forwarding,
     record: &mut AccessRecord,
-) -> (http::request::Parts, ClientBody, Option<upgrade::ClientUpgrade>) {
+) -> (
+    http::request::Parts,
+    AddedFields,
+    ClientBody,
+    Option<upgrade::ClientUpgrade>,
+) {
     let (mut parts, incoming) = req.into_parts();
     if !has_host {
         // HTTP/2 carries the host in :authority; HTTP/1.1 endpoints need a Host header.
@@ -1145,8 +1179,9 @@ fn prepare_head(
     } else {
         None
     };
-    record.request_id = rewrite::request_headers(&mut parts.headers, fwd, upgrade);
-    (parts, incoming, client_upgrade)
+    let (request_id, added) = rewrite::request_fields(&mut parts.headers, fwd, upgrade);
+    record.request_id = request_id;
+    (parts, added, incoming, client_upgrade)
 }
 
 /// The request body: kept whole for replay when small enough, else streamed.

@@ -75,7 +75,7 @@ impl Fixture {
         LiveView {
             rt: &self.rt,
             budget: &self.budget,
-            headers: &self.headers,
+            headers: meridian::forward::rewrite::SentFields::client_only(&self.headers),
             body: None,
         }
     }

@@ -540,7 +540,7 @@ mod tests {
         RequestView {
             client_ip: ip.parse::<IpAddr>().unwrap_or_else(|e| panic!("{ip}: {e}")),
             path: "/v1/chat/completions",
-            headers,
+            headers: crate::forward::rewrite::SentFields::client_only(headers),
             model: None,
         }
     }

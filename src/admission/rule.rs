@@ -3,8 +3,6 @@
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 
-use http::HeaderMap;
-
 use crate::config::{LimitKey, LimitRule};
 
 /// What admission reads from a request.
@@ -15,7 +13,8 @@ pub struct RequestView<'a> {
     /// The request path, for a rule's `match.path_prefix`.
     pub path: &'a str,
     /// The request headers, for `key = "header:NAME"`.
-    pub headers: &'a HeaderMap,
+    /// The request's fields as its endpoint will get them.
+    pub headers: crate::forward::rewrite::SentFields<'a>,
     /// The `model` of a JSON body kept whole, when one was sent.
     pub model: Option<&'a str>,
 }
@@ -93,14 +92,14 @@ mod tests {
 
     #[test]
     fn keys_and_matches() -> crate::test_fixtures::TestResult {
-        let mut headers = HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
         headers.insert("authorization", "Bearer k1".parse()?);
         headers.insert("x-empty", "".parse()?);
         let ip: IpAddr = "203.0.113.7".parse()?;
         let req = RequestView {
             client_ip: ip,
             path: "/v1/chat/completions",
-            headers: &headers,
+            headers: crate::forward::rewrite::SentFields::client_only(&headers),
             model: Some("llama"),
         };
         let auth = LimitKey::Header("authorization".parse()?);

@@ -699,6 +699,9 @@ pub(crate) struct OwnRequest<'a> {
     /// One field more for this endpoint (a region's load-report request), sent unless the
     /// headers carry it.
     pub(crate) extra: Option<(&'static str, &'static str)>,
+    /// The fields Meridian adds to a client's request, sent in place of the client's fields
+    /// they supersede.
+    pub(crate) added: Option<&'a crate::forward::rewrite::AddedFields>,
     /// The whole body (empty for none).
     pub(crate) body: Bytes,
 }
@@ -726,8 +729,17 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
         if name == header::TRANSFER_ENCODING {
             continue;
         }
+        if req.added.is_some_and(|added| added.supersedes(name)) {
+            continue;
+        }
         hosted |= name == header::HOST;
         has_extra |= req.extra.is_some_and(|(extra, _)| name == extra);
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in req.added.into_iter().flat_map(|added| added.iter()) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -1540,8 +1552,95 @@ mod tests {
             path: path.into(),
             headers,
             extra: None,
+            added: None,
             body: Bytes::copy_from_slice(body),
         }
+    }
+
+    /// The fields of an encoded head, sorted (their order is not the point).
+    fn sorted_fields(wire: &[u8]) -> Vec<String> {
+        let text = String::from_utf8_lossy(wire);
+        let mut fields: Vec<String> = text
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        fields.sort();
+        fields
+    }
+
+    #[test]
+    fn the_added_fields_go_out_in_place_of_what_they_supersede() -> TestResult {
+        use crate::forward::rewrite::{Forwarding, request_fields, request_headers};
+        let cases: &[(bool, &[(&str, &str)])] = &[
+            (
+                false,
+                &[
+                    ("host", "a"),
+                    ("x-forwarded-for", "6.6.6.6"),
+                    ("x-forwarded-proto", "https"),
+                ],
+            ),
+            (
+                true,
+                &[
+                    ("host", "a"),
+                    ("x-forwarded-for", "81.2.69.142"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                ],
+            ),
+            (
+                true,
+                &[("host", "a"), ("x-forwarded-proto", "https"), ("x-request-id", "abc")],
+            ),
+            (
+                false,
+                &[("host", "a"), ("x-request-id", ""), ("x-meridian-country", "US")],
+            ),
+            (false, &[("x-request-id", &*"x".repeat(201)), ("accept", "*/*")]),
+        ];
+        for (trusted, fields) in cases {
+            let fwd = Forwarding {
+                peer: "127.0.0.1".parse()?,
+                peer_trusted: *trusted,
+                proto: "http",
+                country: "GB",
+            };
+            let mut kept = headers(fields);
+            let (id, added) = request_fields(&mut kept, &fwd, false);
+            let split = encode_head(
+                &OwnRequest {
+                    added: Some(&added),
+                    ..own(&Method::GET, "/", &kept, b"")
+                },
+                "h",
+                b"",
+            );
+            // The same request rewritten into one map, as hyper's clients get it.
+            let mut whole = headers(fields);
+            let whole_id = request_headers(&mut whole, &fwd, false);
+            let whole_wire = encode_head(&own(&Method::GET, "/", &whole, b""), "h", b"");
+            // Request ids are made afresh each time: compare them apart.
+            let strip = |fields: Vec<String>| -> Vec<String> {
+                fields
+                    .into_iter()
+                    .filter(|f| !f.starts_with("x-request-id: "))
+                    .collect()
+            };
+            let (split, whole_wire) = (sorted_fields(&split), sorted_fields(&whole_wire));
+            assert_eq!(strip(split.clone()), strip(whole_wire.clone()), "{fields:?}");
+            let ids = |f: &[String]| f.iter().filter(|f| f.starts_with("x-request-id: ")).count();
+            assert_eq!((ids(&split), ids(&whole_wire)), (1, 1), "{fields:?}");
+            assert!(split.contains(&format!("x-request-id: {}", id.to_str()?)), "{fields:?}");
+            assert_eq!(
+                id == whole_id,
+                fields
+                    .iter()
+                    .any(|(n, v)| *n == "x-request-id" && !v.is_empty() && v.len() <= 200)
+            );
+        }
+        Ok(())
     }
 
     #[test]

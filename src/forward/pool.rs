@@ -217,6 +217,7 @@ impl Http1Pool {
                 path: req.uri().path_and_query().map_or("/", PathAndQuery::as_str).into(),
                 headers: req.headers(),
                 extra: None,
+                added: None,
                 body,
             };
             // `send_via` keeps the head deadline around this call.

@@ -163,8 +163,100 @@ pub struct Forwarding<'a> {
     pub country: &'a str,
 }
 
-/// Rewrites a request's headers for an endpoint; returns the request id in force.
+/// The fields Meridian adds to a request for its endpoint. They are kept beside the client's
+/// map, not put into it: an insert is a hash and a probe (and `X-Forwarded-For` a removal
+/// too), four for every request, while the encoder writes them for the cost of the bytes.
+/// Whatever hands the request on sends them in place of the client's fields they supersede
+/// ([`AddedFields::apply`] for a map, the HTTP/1.1 encoder as it writes), and what reads
+/// the request as its endpoint will see it asks [`SentFields`].
+#[derive(Debug, Clone)]
+pub struct AddedFields {
+    /// `X-Forwarded-For`: a trusted peer's chain with the peer appended, else the peer.
+    /// Supersedes every `X-Forwarded-For` the client sent.
+    pub forwarded_for: HeaderValue,
+    /// `X-Forwarded-Proto`, unless a trusted peer sent its own.
+    pub forwarded_proto: Option<HeaderValue>,
+    /// `X-Request-Id` when Meridian made one: the client sent none, or one unfit to keep
+    /// (empty, over 200 bytes), which it supersedes.
+    pub request_id: Option<HeaderValue>,
+    /// `x-meridian-country` (any the client sent is gone with the other `x-meridian-*`).
+    pub country: HeaderValue,
+}
+
+impl AddedFields {
+    /// The added value of `name`, when Meridian adds one.
+    pub fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        match name.as_str() {
+            "x-forwarded-for" => Some(&self.forwarded_for),
+            "x-forwarded-proto" => self.forwarded_proto.as_ref(),
+            "x-request-id" => self.request_id.as_ref(),
+            "x-meridian-country" => Some(&self.country),
+            _ => None,
+        }
+    }
+
+    /// The client's fields called `name` are not sent: an added one takes their place.
+    pub fn supersedes(&self, name: &HeaderName) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Each added field, in the order they are sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
+        [
+            (&X_FORWARDED_FOR, Some(&self.forwarded_for)),
+            (&X_FORWARDED_PROTO, self.forwarded_proto.as_ref()),
+            (&X_REQUEST_ID, self.request_id.as_ref()),
+            (&X_MERIDIAN_COUNTRY, Some(&self.country)),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name, v)))
+    }
+
+    /// Puts the added fields into `headers` in place of the client's (a request built for
+    /// hyper's clients).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.iter() {
+            headers.insert(name, value.clone());
+        }
+    }
+}
+
+/// A request's fields as its endpoint will see them: the client's (rewritten) with
+/// Meridian's additions in place of what they supersede. For what reads a request after
+/// the rewrite (rate-limit keys, session affinity): a client cannot set what Meridian sets.
+#[derive(Debug, Clone, Copy)]
+pub struct SentFields<'a> {
+    /// The client's fields, rewritten.
+    pub client: &'a HeaderMap,
+    /// What Meridian adds to them (`None`: nothing, or not yet).
+    pub added: Option<&'a AddedFields>,
+}
+
+impl<'a> SentFields<'a> {
+    /// Fields not rewritten yet, or with nothing added (tests, tools).
+    pub fn client_only(client: &'a HeaderMap) -> SentFields<'a> {
+        SentFields { client, added: None }
+    }
+
+    /// The first value of `name`, as sent.
+    pub fn get(&self, name: &HeaderName) -> Option<&'a HeaderValue> {
+        // Each superseded field has its added value: nothing falls through to what it replaced.
+        self.added.and_then(|a| a.get(name)).or_else(|| self.client.get(name))
+    }
+}
+
+/// Rewrites a request's headers for an endpoint in place: the request id in force, the
+/// map as [`request_fields`] leaves it with the added fields applied. For tests and tools;
+/// the proxy keeps the added fields apart.
 pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bool) -> HeaderValue {
+    let (request_id, added) = request_fields(headers, fwd, upgrade);
+    added.apply(headers);
+    request_id
+}
+
+/// Rewrites a request's headers for an endpoint: hop-by-hop and spoofed fields removed from
+/// `headers`, the fields Meridian adds returned apart, with the request id in force.
+pub fn request_fields(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bool) -> (HeaderValue, AddedFields) {
     let present = scan(headers);
     remove_hop_by_hop(headers, upgrade, &present);
     remove_meridian_headers(headers, present.meridian);
@@ -179,7 +271,7 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
     }
 
     let peer = ip_value(fwd.peer);
-    if fwd.peer_trusted && present.forwarded_for {
+    let forwarded_for = if fwd.peer_trusted && present.forwarded_for {
         // One comma-joined line: the chain as received with the peer appended.
         let mut chain = Vec::with_capacity(64);
         for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -191,27 +283,27 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
         chain.extend_from_slice(b", ");
         chain.extend_from_slice(peer.as_bytes());
         // The buffer becomes the value's storage: validated, not copied again.
-        let value = HeaderValue::from_maybe_shared(Bytes::from(chain)).unwrap_or(peer);
-        headers.insert(&X_FORWARDED_FOR, value);
+        HeaderValue::from_maybe_shared(Bytes::from(chain)).unwrap_or(peer)
     } else {
-        headers.insert(&X_FORWARDED_FOR, peer);
-    }
+        peer
+    };
 
-    if !(fwd.peer_trusted && present.forwarded_proto) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
-    }
+    let forwarded_proto = if fwd.peer_trusted && present.forwarded_proto {
+        None
+    } else {
+        Some(HeaderValue::from_static(fwd.proto))
+    };
 
     let sent_id = if present.request_id {
         headers.get(&X_REQUEST_ID)
     } else {
         None
     };
-    let request_id = match sent_id {
-        Some(id) if !id.is_empty() && id.len() <= 200 => id.clone(),
+    let (request_id, made_id) = match sent_id {
+        Some(id) if !id.is_empty() && id.len() <= 200 => (id.clone(), None),
         _ => {
             let id = new_request_id();
-            headers.insert(&X_REQUEST_ID, id.clone());
-            id
+            (id.clone(), Some(id))
         }
     };
     // The country table's own spelling is static: the value points at it, nothing is copied.
@@ -220,8 +312,13 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
         .and_then(|info| HeaderValue::from_maybe_shared(Bytes::from_static(info.code.as_bytes())).ok())
         .or_else(|| HeaderValue::from_str(fwd.country).ok())
         .unwrap_or(HeaderValue::from_static("XX"));
-    headers.insert(&X_MERIDIAN_COUNTRY, country);
-    request_id
+    let added = AddedFields {
+        forwarded_for,
+        forwarded_proto,
+        request_id: made_id,
+        country,
+    };
+    (request_id, added)
 }
 
 /// Rewrites a response's headers for the client.
