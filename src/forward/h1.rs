@@ -386,9 +386,13 @@ pub(crate) fn fields_of(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Opti
     for span in spans {
         let name = head.get(span.name())?;
         let name = match known_name(name) {
-            Some(known) => known.clone(),
+            Some(known) => {
+                if FramingFields::LENGTHS & (1 << name.len()) != 0 {
+                    framing.note(known);
+                }
+                known.clone()
+            }
             None => {
-                // The framing fields are never among the known names.
                 let name = HeaderName::from_bytes(name).ok()?;
                 framing.note(&name);
                 name
@@ -420,6 +424,10 @@ pub(crate) struct FramingFields {
 }
 
 impl FramingFields {
+    /// The lengths of the framing fields' names, as bits: only a name of one of these
+    /// lengths is compared with them (`known_name` returns names of at most 30 bytes).
+    const LENGTHS: u32 = 1 << 2 | 1 << 6 | 1 << 7 | 1 << 10 | 1 << 14 | 1 << 17;
+
     /// Of a map built elsewhere (the tests' tables).
     #[cfg(test)]
     pub(crate) fn of(headers: &HeaderMap) -> FramingFields {
@@ -451,24 +459,33 @@ impl FramingFields {
 }
 
 /// A field name clients, model servers and APIs commonly send, as a static name (`None` for
-/// any other, and for the names that frame a message: those go through
-/// `HeaderName::from_bytes` and are noted). `HeaderName::from_bytes` copies every custom
+/// any other). `HeaderName::from_bytes` copies every custom
 /// name to the heap, and an SDK's request carries a dozen (`x-stainless-*`, `openai-*`,
 /// tracing), an API's answer its `x-ratelimit-*`; for a standard name it lowercases into a
 /// scratch buffer and matches on that. Here a name is looked up by length first, so a miss
 /// costs one `match`, then compared a word at a time (`name` is a token, as httparse checked).
 fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
     let candidates: &'static [HeaderName] = match name.len() {
+        2 => {
+            static NAMES: [HeaderName; 1] = [header::TE];
+            &NAMES
+        }
         4 => {
             static NAMES: [HeaderName; 4] = [header::HOST, header::DATE, header::VARY, header::ETAG];
             &NAMES
         }
         6 => {
-            static NAMES: [HeaderName; 4] = [header::ACCEPT, header::SERVER, header::ORIGIN, header::COOKIE];
+            static NAMES: [HeaderName; 5] = [
+                header::ACCEPT,
+                header::SERVER,
+                header::ORIGIN,
+                header::COOKIE,
+                header::EXPECT,
+            ];
             &NAMES
         }
         7 => {
-            static NAMES: [HeaderName; 1] = [header::REFERER];
+            static NAMES: [HeaderName; 2] = [header::REFERER, header::UPGRADE];
             &NAMES
         }
         8 => {
@@ -483,8 +500,9 @@ fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
             &NAMES
         }
         10 => {
-            static NAMES: [HeaderName; 3] = [
+            static NAMES: [HeaderName; 4] = [
                 header::USER_AGENT,
+                header::CONNECTION,
                 HeaderName::from_static("tracestate"),
                 header::SET_COOKIE,
             ];
@@ -507,7 +525,8 @@ fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
             &NAMES
         }
         14 => {
-            static NAMES: [HeaderName; 3] = [
+            static NAMES: [HeaderName; 4] = [
+                header::CONTENT_LENGTH,
                 HeaderName::from_static("openai-project"),
                 HeaderName::from_static("openai-version"),
                 HeaderName::from_static("x-stainless-os"),
@@ -532,7 +551,8 @@ fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
             &NAMES
         }
         17 => {
-            static NAMES: [HeaderName; 3] = [
+            static NAMES: [HeaderName; 4] = [
+                header::TRANSFER_ENCODING,
                 HeaderName::from_static("x-stainless-async"),
                 HeaderName::from_static("x-forwarded-proto"),
                 HeaderName::from_static("anthropic-version"),
@@ -1419,6 +1439,12 @@ mod tests {
             "traceparent",
             "x-ratelimit-remaining-requests",
             "endpoint-load-metrics",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "expect",
+            "upgrade",
+            "te",
         ];
         for lower in names {
             let title: String = lower
@@ -1494,8 +1520,18 @@ mod tests {
         let (map, noted) = fields_of(&head, &spans, 0).ok_or("invalid")?;
         assert_eq!(map["host"], "a");
         assert!(noted.connection && noted.transfer_encoding && noted.content_length && noted.expect);
-        for name in ["connection", "transfer-encoding", "content-length", "expect"] {
-            assert!(known_name(name.as_bytes()).is_none(), "{name}");
+        assert!(noted.upgrade && noted.te);
+        // Known names, noted through the length filter: each framing name's length is in it.
+        for name in [
+            "connection",
+            "transfer-encoding",
+            "content-length",
+            "expect",
+            "upgrade",
+            "te",
+        ] {
+            assert!(known_name(name.as_bytes()).is_some(), "{name}");
+            assert_ne!(FramingFields::LENGTHS & (1 << name.len()), 0, "{name}");
         }
         // A span past the head's end is refused, not a panic.
         assert!(fields_of(&head, &[span([0, 12], [14, 99])], 0).is_none());

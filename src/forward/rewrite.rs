@@ -272,9 +272,12 @@ pub fn request_fields(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bo
 
     let peer = ip_value(fwd.peer);
     let forwarded_for = if fwd.peer_trusted && present.forwarded_for {
-        // One comma-joined line: the chain as received with the peer appended.
-        let mut chain = Vec::with_capacity(64);
-        for v in headers.get_all(&X_FORWARDED_FOR) {
+        // One comma-joined line: the chain as received with the peer appended. Sized
+        // exactly, so the buffer becomes the value's storage without another allocation.
+        let received = headers.get_all(&X_FORWARDED_FOR);
+        let len = received.iter().map(|v| v.len() + 2).sum::<usize>() + peer.len();
+        let mut chain = Vec::with_capacity(len);
+        for v in received {
             if !chain.is_empty() {
                 chain.extend_from_slice(b", ");
             }
