@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
 use super::client::{UpstreamError, UpstreamErrorKind};
 use super::pool::Conn;
+use super::rewrite::X_FORWARDED_FOR;
 
 /// The largest response head (status line and headers), and trailer section, read from an
 /// endpoint. NGINX's default is one page (`proxy_buffer_size`); model servers send a few
@@ -741,15 +742,32 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
     // One pass writes the fields and notes what decides the rest: a lookup in the map is a
     // hash and a probe, and this runs for every request.
     let (mut hosted, mut stated, mut has_extra) = (false, false, false);
+    // A trusted peer's X-Forwarded-For chain is written as it comes (its values follow each
+    // other in the map), the peer appended where it ends.
+    let (mut chain_open, mut chained) = (false, false);
     for (name, value) in headers {
+        if let Some(added) = req.added {
+            if name == X_FORWARDED_FOR {
+                if added.appends {
+                    out.extend_from_slice(if chain_open { b", " } else { b"x-forwarded-for: " });
+                    out.extend_from_slice(value.as_bytes());
+                    chain_open = true;
+                }
+                continue;
+            }
+            if chain_open {
+                end_chain(&mut out, &added.peer);
+                (chain_open, chained) = (false, true);
+            }
+            if added.supersedes(name) {
+                continue;
+            }
+        }
         if name == header::CONTENT_LENGTH {
             stated = true;
             continue;
         }
         if name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        if req.added.is_some_and(|added| added.supersedes(name)) {
             continue;
         }
         hosted |= name == header::HOST;
@@ -759,11 +777,20 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    for (name, value) in req.added.into_iter().flat_map(|added| added.iter()) {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    if let Some(added) = req.added {
+        if chain_open {
+            end_chain(&mut out, &added.peer);
+        } else if !chained {
+            out.extend_from_slice(b"x-forwarded-for: ");
+            out.extend_from_slice(added.peer.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        for (name, value) in added.others() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if !hosted {
         // First, as user agents send it (RFC 9110 §7.2); rare: HTTP/2 requests carry their
@@ -789,6 +816,13 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(inline);
     out
+}
+
+/// Ends an `X-Forwarded-For` line written from a trusted peer's chain: the peer appended.
+fn end_chain(out: &mut Vec<u8>, peer: &HeaderValue) {
+    out.extend_from_slice(b", ");
+    out.extend_from_slice(peer.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A connection's response-head deadline: one timer for the connection's life, not one

@@ -2,6 +2,7 @@
 //! `x-meridian-*` headers (docs/routing.md, Headers).
 
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -165,15 +166,21 @@ pub struct Forwarding<'a> {
 
 /// The fields Meridian adds to a request for its endpoint. They are kept beside the client's
 /// map, not put into it: an insert is a hash and a probe (and `X-Forwarded-For` a removal
-/// too), four for every request, while the encoder writes them for the cost of the bytes.
-/// Whatever hands the request on sends them in place of the client's fields they supersede
-/// ([`AddedFields::apply`] for a map, the HTTP/1.1 encoder as it writes), and what reads
-/// the request as its endpoint will see it asks [`SentFields`].
+/// too), four for every request, while the encoder writes them for the cost of the bytes;
+/// a trusted peer's `X-Forwarded-For` chain is written as the encoder meets it, with the
+/// peer appended, not joined into a new value first. Whatever hands the request on sends
+/// them in place of the client's fields they supersede ([`AddedFields::apply`] for a map,
+/// the HTTP/1.1 encoder as it writes), and what reads the request as its endpoint will see
+/// it asks [`SentFields`].
 #[derive(Debug, Clone)]
 pub struct AddedFields {
-    /// `X-Forwarded-For`: a trusted peer's chain with the peer appended, else the peer.
-    /// Supersedes every `X-Forwarded-For` the client sent.
-    pub forwarded_for: HeaderValue,
+    /// The peer's address: the last hop of `X-Forwarded-For`.
+    pub peer: HeaderValue,
+    /// A trusted peer sent `X-Forwarded-For`: the peer is appended to that chain. Else
+    /// `X-Forwarded-For` is the peer alone, in place of any the client sent.
+    pub appends: bool,
+    /// The chain with the peer appended as one value, made when asked for as one.
+    joined: OnceLock<HeaderValue>,
     /// `X-Forwarded-Proto`, unless a trusted peer sent its own.
     pub forwarded_proto: Option<HeaderValue>,
     /// `X-Request-Id` when Meridian made one: the client sent none, or one unfit to keep
@@ -184,10 +191,22 @@ pub struct AddedFields {
 }
 
 impl AddedFields {
-    /// The added value of `name`, when Meridian adds one.
-    pub fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+    /// The client's fields called `name` are not sent as they came: an added one takes
+    /// their place (`X-Forwarded-For`: the chain they hold, with the peer appended).
+    pub fn supersedes(&self, name: &HeaderName) -> bool {
         match name.as_str() {
-            "x-forwarded-for" => Some(&self.forwarded_for),
+            "x-forwarded-for" | "x-meridian-country" => true,
+            "x-forwarded-proto" => self.forwarded_proto.is_some(),
+            "x-request-id" => self.request_id.is_some(),
+            _ => false,
+        }
+    }
+
+    /// The value of `name` as sent, when Meridian sets it; `client`: the client's fields
+    /// (where a chain the peer is appended to comes from).
+    pub fn value<'s>(&'s self, name: &HeaderName, client: &HeaderMap) -> Option<&'s HeaderValue> {
+        match name.as_str() {
+            "x-forwarded-for" => Some(self.forwarded_for(client)),
             "x-forwarded-proto" => self.forwarded_proto.as_ref(),
             "x-request-id" => self.request_id.as_ref(),
             "x-meridian-country" => Some(&self.country),
@@ -195,15 +214,29 @@ impl AddedFields {
         }
     }
 
-    /// The client's fields called `name` are not sent: an added one takes their place.
-    pub fn supersedes(&self, name: &HeaderName) -> bool {
-        self.get(name).is_some()
+    /// `X-Forwarded-For` as one value: the client's chain joined, with the peer appended.
+    fn forwarded_for(&self, client: &HeaderMap) -> &HeaderValue {
+        if !self.appends {
+            return &self.peer;
+        }
+        self.joined.get_or_init(|| {
+            let received = client.get_all(&X_FORWARDED_FOR);
+            let len = received.iter().map(|v| v.len() + 2).sum::<usize>() + self.peer.len();
+            // Sized exactly: the buffer becomes the value's storage, not copied again.
+            let mut chain = Vec::with_capacity(len);
+            for v in received {
+                chain.extend_from_slice(v.as_bytes());
+                chain.extend_from_slice(b", ");
+            }
+            chain.extend_from_slice(self.peer.as_bytes());
+            HeaderValue::from_maybe_shared(Bytes::from(chain)).unwrap_or_else(|_| self.peer.clone())
+        })
     }
 
-    /// Each added field, in the order they are sent.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
+    /// The added fields other than `X-Forwarded-For` (which the encoder writes where it
+    /// meets the client's chain), in the order they are sent.
+    pub fn others(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
         [
-            (&X_FORWARDED_FOR, Some(&self.forwarded_for)),
             (&X_FORWARDED_PROTO, self.forwarded_proto.as_ref()),
             (&X_REQUEST_ID, self.request_id.as_ref()),
             (&X_MERIDIAN_COUNTRY, Some(&self.country)),
@@ -215,7 +248,9 @@ impl AddedFields {
     /// Puts the added fields into `headers` in place of the client's (a request built for
     /// hyper's clients).
     pub fn apply(&self, headers: &mut HeaderMap) {
-        for (name, value) in self.iter() {
+        let forwarded_for = self.forwarded_for(headers).clone();
+        headers.insert(&X_FORWARDED_FOR, forwarded_for);
+        for (name, value) in self.others() {
             headers.insert(name, value.clone());
         }
     }
@@ -241,7 +276,9 @@ impl<'a> SentFields<'a> {
     /// The first value of `name`, as sent.
     pub fn get(&self, name: &HeaderName) -> Option<&'a HeaderValue> {
         // Each superseded field has its added value: nothing falls through to what it replaced.
-        self.added.and_then(|a| a.get(name)).or_else(|| self.client.get(name))
+        self.added
+            .and_then(|a| a.value(name, self.client))
+            .or_else(|| self.client.get(name))
     }
 }
 
@@ -271,25 +308,7 @@ pub fn request_fields(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bo
     }
 
     let peer = ip_value(fwd.peer);
-    let forwarded_for = if fwd.peer_trusted && present.forwarded_for {
-        // One comma-joined line: the chain as received with the peer appended. Sized
-        // exactly, so the buffer becomes the value's storage without another allocation.
-        let received = headers.get_all(&X_FORWARDED_FOR);
-        let len = received.iter().map(|v| v.len() + 2).sum::<usize>() + peer.len();
-        let mut chain = Vec::with_capacity(len);
-        for v in received {
-            if !chain.is_empty() {
-                chain.extend_from_slice(b", ");
-            }
-            chain.extend_from_slice(v.as_bytes());
-        }
-        chain.extend_from_slice(b", ");
-        chain.extend_from_slice(peer.as_bytes());
-        // The buffer becomes the value's storage: validated, not copied again.
-        HeaderValue::from_maybe_shared(Bytes::from(chain)).unwrap_or(peer)
-    } else {
-        peer
-    };
+    let appends = fwd.peer_trusted && present.forwarded_for;
 
     let forwarded_proto = if fwd.peer_trusted && present.forwarded_proto {
         None
@@ -316,7 +335,9 @@ pub fn request_fields(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bo
         .or_else(|| HeaderValue::from_str(fwd.country).ok())
         .unwrap_or(HeaderValue::from_static("XX"));
     let added = AddedFields {
-        forwarded_for,
+        peer,
+        appends,
+        joined: OnceLock::new(),
         forwarded_proto,
         request_id: made_id,
         country,
@@ -553,6 +574,60 @@ mod tests {
         };
         assert_eq!(request_headers(&mut h, &fwd, false), "abc-123");
         assert_eq!(header(&h, "x-forwarded-for"), Some("::1"));
+        Ok(())
+    }
+
+    #[test]
+    fn sent_fields_read_what_the_endpoint_gets() -> TestResult {
+        let cases: &[(bool, &[(&str, &str)])] = &[
+            (
+                false,
+                &[
+                    ("x-forwarded-for", "6.6.6.6"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-other", "1"),
+                ],
+            ),
+            (
+                true,
+                &[
+                    ("x-forwarded-for", "81.2.69.142"),
+                    ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+                ],
+            ),
+            (true, &[("x-forwarded-proto", "https"), ("x-request-id", "abc")]),
+            (false, &[("x-meridian-country", "US"), ("x-request-id", "kept")]),
+        ];
+        for (trusted, input) in cases {
+            let fwd = Forwarding {
+                peer: "127.0.0.1".parse()?,
+                peer_trusted: *trusted,
+                proto: "http",
+                country: "GB",
+            };
+            let mut kept = headers(input);
+            let (_, added) = request_fields(&mut kept, &fwd, false);
+            let mut whole = headers(input);
+            request_headers(&mut whole, &fwd, false);
+            let sent = SentFields {
+                client: &kept,
+                added: Some(&added),
+            };
+            for name in [
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-meridian-country",
+                "x-other",
+                "host",
+            ] {
+                let name = HeaderName::from_static(name);
+                assert_eq!(sent.get(&name), whole.get(&name), "{input:?} {name}");
+            }
+            let client_id = input.iter().find(|(n, _)| *n == "x-request-id").map(|(_, v)| *v);
+            if let Some(id) = client_id {
+                assert_eq!(sent.get(&X_REQUEST_ID).map(HeaderValue::as_bytes), Some(id.as_bytes()));
+            }
+        }
         Ok(())
     }
 
