@@ -171,11 +171,9 @@ impl Proxy {
             };
             self.budget.record_request();
 
-            // Boxed: the attempt loop's state is most of this future, and hyper keeps one
-            // request future's worth of memory per connection for the connection's life.
-            // Allocated per request instead, an idle keep-alive connection stays small.
+            // Not boxed apart: both servers box this whole future per request already.
             let head = SentHead { parts, added };
-            let resp = Box::pin(self.attempts(&rt, &plan, head, body, overflow, record, started)).await;
+            let resp = self.attempts(&rt, &plan, head, body, overflow, record, started).await;
             resp.map(|r| upgrade::bridge(admission::attach(r, admitted), client_upgrade))
         }
     }
