@@ -174,7 +174,11 @@ impl Proxy {
             // Not boxed apart: both servers box this whole future per request already.
             let head = SentHead { parts, added };
             let resp = self.attempts(&rt, &plan, head, body, overflow, record, started).await;
-            resp.map(|r| upgrade::bridge(admission::attach(r, admitted), client_upgrade))
+            // Most answers are neither limited nor an upgrade: not moved through either.
+            resp.map(|r| match (admitted, client_upgrade) {
+                (None, None) => r,
+                (admitted, client_upgrade) => upgrade::bridge(admission::attach(r, admitted), client_upgrade),
+            })
         }
     }
 
@@ -1059,7 +1063,7 @@ fn own_request<'a>(
     let Some(via) = upstream.pooled.filter(|via| upstream.pools.owns(via)) else {
         return Ok(None);
     };
-    if upstream.protocol != UpstreamProtocol::Http1 || upgrade::is_upgrade(&parts.headers) {
+    if upstream.protocol != UpstreamProtocol::Http1 || added.upgrade {
         return Ok(None);
     }
     let Some(whole) = body.whole() else {
@@ -1111,7 +1115,7 @@ fn endpoint_request(
         upstream.scheme,
         upstream.authority,
         path_and_query,
-        upstream_protocol(upstream.protocol, &parts.headers),
+        upstream_protocol(upstream.protocol, added.upgrade),
         parts.method.clone(),
         body,
     )
@@ -1134,12 +1138,8 @@ fn endpoint_request(
 }
 
 /// Upgrades exist only in HTTP/1.1, whatever the region speaks otherwise.
-fn upstream_protocol(configured: UpstreamProtocol, headers: &http::HeaderMap) -> UpstreamProtocol {
-    if upgrade::is_upgrade(headers) {
-        UpstreamProtocol::Http1
-    } else {
-        configured
-    }
+fn upstream_protocol(configured: UpstreamProtocol, upgrade: bool) -> UpstreamProtocol {
+    if upgrade { UpstreamProtocol::Http1 } else { configured }
 }
 
 /// The request head as endpoints get it (Host, hop-by-hop fields gone) with the fields

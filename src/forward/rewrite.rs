@@ -188,6 +188,9 @@ pub struct AddedFields {
     pub request_id: Option<HeaderValue>,
     /// `x-meridian-country` (any the client sent is gone with the other `x-meridian-*`).
     pub country: HeaderValue,
+    /// The request asks to switch protocols: its `Upgrade` travels, with `Connection:
+    /// upgrade`, and only over HTTP/1.1.
+    pub upgrade: bool,
 }
 
 impl AddedFields {
@@ -341,6 +344,7 @@ pub fn request_fields(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bo
         forwarded_proto,
         request_id: made_id,
         country,
+        upgrade,
     };
     (request_id, added)
 }
