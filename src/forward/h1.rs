@@ -460,11 +460,11 @@ impl FramingFields {
 }
 
 /// A field name clients, model servers and APIs commonly send, as a static name (`None` for
-/// any other). `HeaderName::from_bytes` copies every custom
-/// name to the heap, and an SDK's request carries a dozen (`x-stainless-*`, `openai-*`,
-/// tracing), an API's answer its `x-ratelimit-*`; for a standard name it lowercases into a
-/// scratch buffer and matches on that. Here a name is looked up by length first, so a miss
-/// costs one `match`, then compared a word at a time (`name` is a token, as httparse checked).
+/// any other). `HeaderName::from_bytes` copies every custom name to the heap, and an SDK's
+/// request carries a dozen (`x-stainless-*`, `openai-*`, tracing), an API's answer its
+/// `x-ratelimit-*`; for a standard name it lowercases into a scratch buffer and matches on
+/// that. Here a name is looked up by length first, so a miss costs one `match`, then
+/// compared a word at a time (`name` is a token, as httparse checked).
 fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
     let candidates: &'static [HeaderName] = match name.len() {
         2 => {

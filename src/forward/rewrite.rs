@@ -165,8 +165,8 @@ pub struct Forwarding<'a> {
 }
 
 /// The fields Meridian adds to a request for its endpoint. They are kept beside the client's
-/// map, not put into it: an insert is a hash and a probe (and `X-Forwarded-For` a removal
-/// too), four for every request, while the encoder writes them for the cost of the bytes;
+/// map, not put into it: an insert is a hash and a probe, four for every request, while the
+/// encoder writes them for the cost of their bytes;
 /// a trusted peer's `X-Forwarded-For` chain is written as the encoder meets it, with the
 /// peer appended, not joined into a new value first. Whatever hands the request on sends
 /// them in place of the client's fields they supersede ([`AddedFields::apply`] for a map,
