@@ -291,3 +291,34 @@ async fn a_refused_body_is_never_asked_for() {
     assert_eq!(&first, b"HTTP/1.1 413");
     assert_eq!(up.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_request_refused_before_its_body_is_read_gets_its_answer_while_still_sending() {
+    let (up, proxy) = one_region("").await;
+    let (mut rd, mut wr) = connect(proxy.listen).await.into_split();
+    // Refused at admission (two Host fields), before the body is asked for; the body is far
+    // larger than the socket buffers, so the client is still sending when the answer comes.
+    const BODY: usize = 4 << 20;
+    let sender = tokio::spawn(async move {
+        let head = format!("POST /v1/chat HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: {BODY}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        wr.write_all(&vec![b'x'; BODY]).await?;
+        wr.shutdown().await
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, rd.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends")
+        .expect("the answer, then the end of the stream: no reset");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Closed with the body unread, the socket would have reset the sender's writes.
+    sender
+        .await
+        .unwrap()
+        .expect("the whole body was taken while the connection closed");
+    assert_eq!(up.requests(), 0);
+}

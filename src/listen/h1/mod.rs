@@ -43,6 +43,9 @@ const MAX_READ_SIZE: usize = 64 * 1024;
 /// Response bytes gathered before they are written: small frames that are ready together
 /// go out in one write (one TLS record), a large body in writes of about this size.
 const WRITE_BATCH: usize = 16 * 1024;
+/// A lingering close's bounds: the bytes read and dropped, and the time it may take.
+const LINGER_BYTES: usize = 16 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 /// The interim answer to `Expect: 100-continue`.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -146,8 +149,8 @@ pub(super) async fn serve<I>(
         };
         match conn.exchange(head, &proxy, (info, &memo), &activity, &drain).await {
             Ok(Next::KeepAlive) => conn.release_idle(),
-            Ok(Next::Close) => {
-                conn.close().await;
+            Ok(Next::Close { linger }) => {
+                conn.close(linger).await;
                 return;
             }
             Ok(Next::Upgrade(bridge)) => {
@@ -166,7 +169,10 @@ pub(super) async fn serve<I>(
 /// What follows a response on its connection.
 enum Next {
     KeepAlive,
-    Close,
+    /// `linger`: the client may still be sending (its request's body was not all read).
+    Close {
+        linger: bool,
+    },
     /// The `101` is written: the connection goes to the bridge.
     Upgrade(oneshot::Sender<upgrade::Upgraded>),
 }
@@ -280,7 +286,7 @@ where
                 drop(body);
                 let Some(tx) = upgrade_tx else {
                     // `101` to a request that asked for none: nothing to switch to.
-                    return Ok(Next::Close);
+                    return Ok(Next::Close { linger: false });
                 };
                 activity.upgraded();
                 drop(guard);
@@ -296,10 +302,11 @@ where
                 drop(body);
             }
             drop(guard);
-            if keep_alive && out.clean && self.finish_feed(&mut feed) {
+            let body_read = self.finish_feed(&mut feed);
+            if keep_alive && out.clean && body_read {
                 Ok(Next::KeepAlive)
             } else {
-                Ok(Next::Close)
+                Ok(Next::Close { linger: !body_read })
             }
         }
     }
@@ -547,13 +554,34 @@ where
         self.wbuf = error_response(e.status().as_u16());
         self.written = 0;
         if poll_fn(|cx| self.poll_write_buffered(cx)).await.is_ok() {
-            self.close().await;
+            // The rest of a refused head may still be coming.
+            self.close(true).await;
         }
     }
 
-    /// Closes the connection after its last response (TLS: with a close_notify).
-    async fn close(&mut self) {
+    /// Closes the connection after its last response (TLS: with a close_notify). With
+    /// `linger`, what the client still sends is then read and dropped until it closes too,
+    /// for a bounded while (NGINX's lingering close): closed with unread bytes, the socket
+    /// would answer with a reset, and a client still sending the body of a request answered
+    /// early (refused before its body was read) would see a failed write and may never read
+    /// the answer.
+    async fn close(&mut self, linger: bool) {
         let _ = poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
+        if !linger || self.read_closed {
+            return;
+        }
+        let mut drained = 0;
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            let mut sink = [0u8; 8 * 1024];
+            while drained <= LINGER_BYTES {
+                let mut read = ReadBuf::new(&mut sink);
+                match poll_fn(|cx| Pin::new(&mut self.io).poll_read(cx, &mut read)).await {
+                    Ok(()) if !read.filled().is_empty() => drained += read.filled().len(),
+                    _ => break,
+                }
+            }
+        })
+        .await;
     }
 }
 
