@@ -90,7 +90,7 @@ pub(crate) fn parse_request(
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
-    // Room for what the proxy adds (X-Forwarded-*, X-Request-Id, traceparent, the country).
+    // Room for the fields the proxy may still put into the map (see ADDED_REQUEST_FIELDS).
     let (headers, present) = fields_of(&head, &spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
     let framing = request_framing(version, &headers, present)?;
     // Both asked of the noted fields first: most requests carry neither.
@@ -117,8 +117,10 @@ pub(crate) fn parse_request(
     }))
 }
 
-/// Request fields the proxy may add before forwarding.
-const ADDED_REQUEST_FIELDS: usize = 6;
+/// Request fields the proxy may put into the map before forwarding: `traceparent` when it
+/// traces, `Host` from an absolute-form target. The forwarding fields it adds are written
+/// by the encoder, not put into the map (`rewrite::AddedFields`).
+const ADDED_REQUEST_FIELDS: usize = 2;
 
 /// Header field slots on the stack; a configuration allowing more uses the heap.
 const INLINE_FIELDS: usize = 128;
