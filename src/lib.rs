@@ -23,7 +23,7 @@
 //! config, routing and forwarding share.
 //!
 //! Modules depend on each other in one direction only (`tests/architecture.rs` checks it):
-//! leaves (`geo`, `path`, `json_scan`, `balance`) → `config` → `health` → `route` →
+//! leaves (`clock`, `geo`, `path`, `json_scan`, `balance`) → `config` → `health` → `route` →
 //! `forward` → `observe` → `admission` → `runtime` → `probe`, `proxy` → `listen` → `app`.
 
 // No panics outside tests: a provably safe site carries a scoped allow and a `why:`.
@@ -38,6 +38,7 @@ pub mod affinity;
 pub mod app;
 mod balance;
 pub mod client_ip;
+pub mod clock;
 pub mod config;
 pub mod demo;
 mod error;

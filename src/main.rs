@@ -112,7 +112,7 @@ fn tune_allocator() {
 /// its clients left. Called when a runtime thread runs out of work (the runtime's park hook)
 /// and by a once-a-second tick, so an idle process gets here too; forces a purge at most
 /// once per `IDLE_PURGE_EVERY` per thread, so a loaded thread that parks thousands of times a
-/// second pays one clock read a park.
+/// second pays one coarse clock read a park.
 #[cfg(feature = "mimalloc")]
 fn collect_idle() {
     use std::cell::Cell;
@@ -120,7 +120,7 @@ fn collect_idle() {
     thread_local! {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
     }
-    let now = Instant::now();
+    let now = meridian::clock::coarse();
     LAST.with(|last| {
         if last.get().is_some_and(|t| now.duration_since(t) < IDLE_PURGE_EVERY) {
             return;

@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::client_body::{ClientBody, ClientBodyError};
 use super::usage::{Scanned, UsageScanner};
+use crate::clock;
 
 pub use super::h1::{H1Body, H1BodyError};
 
@@ -392,7 +393,7 @@ impl Body for RequestBody {
                         if s.inner.is_end_stream() {
                             s.sent.mark();
                         } else {
-                            let next = Instant::now() + s.read_timeout;
+                            let next = Instant::from(clock::coarse()) + s.read_timeout;
                             s.read_deadline.as_mut().reset(next);
                         }
                         Poll::Ready(Some(Ok(frame)))
@@ -597,7 +598,9 @@ impl Body for UpstreamBody {
                     // A sized body may not be polled again once its last byte is out.
                     this.finish(StreamEnd::Complete);
                 } else if let Some(stall) = this.stall.as_mut() {
-                    stall.as_mut().reset(Instant::now() + this.stall_timeout);
+                    stall
+                        .as_mut()
+                        .reset(Instant::from(clock::coarse()) + this.stall_timeout);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

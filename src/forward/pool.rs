@@ -30,6 +30,7 @@ use super::body::{EndpointBody, RequestBody};
 use super::client::{UpstreamError, UpstreamErrorKind};
 use super::h1::{self, OwnRequest};
 use super::limit::ConnectionCaps;
+use crate::clock;
 
 /// Which endpoint a connection belongs to.
 #[derive(Debug, Clone)]
@@ -409,7 +410,7 @@ impl Conn {
         if keep_idle(idle.len(), pool.settings.keepalive) {
             idle.push(Idle {
                 conn: self,
-                since: Instant::now(),
+                since: clock::coarse(),
             });
         }
     }
@@ -468,7 +469,7 @@ impl AsyncWrite for EndpointIo {
 impl Endpoint {
     /// The newest idle connection that is still open and fresh.
     fn checkout(&self, idle_timeout: Duration) -> Option<Box<Conn>> {
-        let now = Instant::now();
+        let now = clock::coarse();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(mut entry) = idle.pop() {
             if !expired(entry.since, now, idle_timeout) && entry.conn.idle_and_open() {
@@ -531,7 +532,7 @@ async fn sweep(pool: Weak<Inner>, every: Duration) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        pool.sweep(Instant::now());
+        pool.sweep(clock::coarse());
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::clock;
 use crate::error::ProxyError;
 
 /// The timeouts a connection is held to.
@@ -103,7 +104,7 @@ impl Activity {
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        let since = Instant::now().saturating_duration_since(self.0.opened);
+        let since = Instant::from(clock::coarse()).saturating_duration_since(self.0.opened);
         let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
         self.0.last_end.fetch_max(nanos, Ordering::AcqRel);
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -204,13 +205,13 @@ impl<T> IdleIo<T> {
             };
         }
         if self.tracks_last_io() {
-            self.last_io = Instant::now();
+            self.last_io = Instant::from(clock::coarse());
             return;
         }
         let begun = self.activity.begun();
         if !self.activity.busy() && self.head.1 != begun {
             // The first byte of the next request head.
-            self.head = (Instant::now(), begun);
+            self.head = (Instant::from(clock::coarse()), begun);
         }
     }
 
@@ -296,7 +297,7 @@ impl<T: AsyncWrite + Unpin> IdleIo<T> {
             Poll::Pending => {
                 if !self.write_blocked {
                     self.write_blocked = true;
-                    let due = Instant::now() + self.timeouts.send;
+                    let due = Instant::from(clock::coarse()) + self.timeouts.send;
                     self.send_timer.as_mut().reset(due);
                 }
                 if self.send_timer.as_mut().poll(cx).is_ready() {
@@ -307,7 +308,7 @@ impl<T: AsyncWrite + Unpin> IdleIo<T> {
             Poll::Ready(r) => {
                 self.write_blocked = false;
                 if matches!(r, Ok(n) if n > 0) && self.tracks_last_io() {
-                    self.last_io = Instant::now();
+                    self.last_io = Instant::from(clock::coarse());
                 }
                 Poll::Ready(r)
             }

@@ -691,7 +691,9 @@ fn chunk_size(len: usize, buf: &mut [u8; 16]) -> &[u8] {
 /// The `Date` header value, formatted once a second per thread.
 mod date {
     use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use crate::clock;
 
     pub(super) const LEN: usize = 29;
 
@@ -700,12 +702,11 @@ mod date {
     }
 
     pub(super) fn now() -> [u8; LEN] {
-        let now = SystemTime::now();
-        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let secs = clock::unix_secs();
         CACHED.with(|cached| {
             let mut cached = cached.borrow_mut();
             if cached.0 != secs {
-                let text = httpdate::fmt_http_date(now);
+                let text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs));
                 if text.len() == LEN {
                     cached.1.copy_from_slice(text.as_bytes());
                     cached.0 = secs;
