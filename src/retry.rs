@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use http::{HeaderMap, HeaderName, Method};
 
+use crate::clock;
 use crate::route::path_matches;
 
 /// A client's promise that the endpoint deduplicates (the draft IETF header).
@@ -76,13 +77,14 @@ impl RetryBudget {
     }
 
     pub(crate) fn record_request(&self) {
-        self.roll(Instant::now());
+        // Windows of seconds: the coarse clock is enough (and cheaper on every request).
+        self.roll(clock::coarse());
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if there is one left.
     pub(crate) fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
-        self.roll(Instant::now());
+        self.roll(clock::coarse());
         let base = self
             .requests
             .load(Ordering::Relaxed)

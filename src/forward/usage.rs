@@ -135,12 +135,13 @@ impl UsageScanner {
         self.first_chunk.is_none()
     }
 
-    /// Reads one body chunk; `now` is asked for only on the first non-empty chunk.
+    /// Reads one body chunk; `now` is asked for only on a streamed answer's first non-empty
+    /// chunk (a whole answer's first chunk time is never measured: [`measure`]).
     pub fn feed(&mut self, chunk: &[u8], now: impl FnOnce() -> Instant) {
         if chunk.is_empty() {
             return;
         }
-        if self.first_chunk.is_none() {
+        if self.kind == AnswerKind::Streamed && self.first_chunk.is_none() {
             self.first_chunk = Some(now());
         }
         match self.format {
@@ -545,7 +546,8 @@ mod tests {
             assert_eq!(s.kind, kind, "{name}");
             assert_eq!(s.usage, usage, "{name}");
             assert_eq!(s.output_tokens, out, "{name}");
-            assert!(s.first_chunk.is_some(), "{name}");
+            // The clock is read for a streamed answer's first chunk only.
+            assert_eq!(s.first_chunk.is_some(), kind == AnswerKind::Streamed, "{name}");
         }
     }
 
