@@ -177,7 +177,12 @@ impl Proxy {
             // Most answers are neither limited nor an upgrade: not moved through either.
             resp.map(|r| match (admitted, client_upgrade) {
                 (None, None) => r,
-                (admitted, client_upgrade) => upgrade::bridge(admission::attach(r, admitted), client_upgrade),
+                (admitted, client_upgrade) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    let (r, held) = admission::attach_session(r, admitted);
+                    upgrade::bridge(r, client_upgrade, held)
+                }
+                // A refused upgrade is an ordinary answer.
+                (admitted, _) => admission::attach(r, admitted),
             })
         }
     }

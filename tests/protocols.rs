@@ -304,6 +304,61 @@ async fn websocket_echo_is_routed_by_geo_and_bridged_both_ways() {
     assert_eq!(seen[0]["x-forwarded-for"], format!("{}, 127.0.0.1", ips::GB));
 }
 
+/// A concurrency limit counts open WebSocket sessions: the admission is held until the
+/// bridged connection closes, not released with the empty body of the `101`.
+#[tokio::test]
+async fn a_websocket_session_holds_its_concurrency_slot_until_it_closes() {
+    let (us_url, _) = ws_upstream("us-east").await;
+    let (uk_url, _) = ws_upstream("uk-south").await;
+    let limit = "[[limit]]\nname = \"tenant\"\nkey = \"header:x-tenant\"\nconcurrent = 1\n";
+    let proxy = Meridian::start(&two_regions("", &us_url, &uk_url, limit));
+    let tenant = [("x-tenant", "acme"), ("x-forwarded-for", ips::US)];
+
+    let mut req = format!("ws://{}/v1/realtime", proxy.listen)
+        .into_client_request()
+        .unwrap();
+    for (k, v) in tenant {
+        req.headers_mut().insert(k, v.parse().unwrap());
+    }
+    let stream = TcpStream::connect(proxy.listen).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    let echo = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo, Message::text("us-east: hello"));
+
+    // The open session holds the tenant's only slot.
+    let refused = call("GET", proxy.listen, "/v1/models", &tenant, Bytes::new()).await;
+    assert_eq!(refused.status, 429, "{}", String::from_utf8_lossy(&refused.body));
+    let other = call(
+        "GET",
+        proxy.listen,
+        "/v1/models",
+        &[("x-tenant", "globex")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(other.status, 200, "another tenant has its own slot");
+
+    // Closed, the session frees it.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let again = call("GET", proxy.listen, "/v1/models", &tenant, Bytes::new()).await;
+        if again.status == 200 {
+            break;
+        }
+        assert_eq!(again.status, 429);
+        assert!(tokio::time::Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The idle timeout of a bridged WebSocket counts from the upgrade, not from the
 /// connection's earlier requests: a kept-alive connection busy for longer than the timeout
 /// before it upgrades is not closed at once.

@@ -451,6 +451,19 @@ pub(crate) fn attach(mut resp: Response<ResponseBody>, admitted: Option<Admitted
     resp
 }
 
+/// Puts the rate headers on a `101` and hands back the admission, for the bridge to hold
+/// until the upgraded session (a WebSocket) closes: a concurrency limit then counts open
+/// sessions, where the empty `101` body would free the slot at once.
+pub(crate) fn attach_session(
+    mut resp: Response<ResponseBody>,
+    admitted: Option<Admitted>,
+) -> (Response<ResponseBody>, Option<Admitted>) {
+    if let Some(admitted) = &admitted {
+        admitted.headers.apply(resp.headers_mut());
+    }
+    (resp, admitted)
+}
+
 /// The rules as `meridian check` prints them.
 pub fn describe(rules: &[LimitRule], limits: &LimitsConfig) -> String {
     let mut out = String::new();

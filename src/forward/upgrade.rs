@@ -118,8 +118,14 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Starts the bridge when the endpoint switched protocols; any other answer is returned
-/// unchanged (a refused upgrade is an ordinary response).
-pub(crate) fn bridge<B>(mut resp: Response<B>, client: Option<ClientUpgrade>) -> Response<B> {
+/// unchanged (a refused upgrade is an ordinary response). `held` lives as long as the
+/// bridged connection: what it holds (an admission's concurrency slots) is released when
+/// the session closes, not when the `101` is sent.
+pub(crate) fn bridge<B, H: Send + 'static>(
+    mut resp: Response<B>,
+    client: Option<ClientUpgrade>,
+    held: H,
+) -> Response<B> {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }
@@ -150,6 +156,7 @@ pub(crate) fn bridge<B>(mut resp: Response<B>, client: Option<ClientUpgrade>) ->
             Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded connection closed"),
             Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
         }
+        drop(held);
     });
     resp
 }
