@@ -84,11 +84,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_addr = config.admin.listen;
     let limits = Limits::from_config(&config.server);
     let tls_config = config.server.tls.clone();
-    // Tracing is set at start only: `[tracing]` changes need a restart.
-    if let Some(t) = &config.tracing {
-        if let Err(error) = crate::observe::trace::install(t) {
-            tracing::error!(%error, "tracing not started");
-        }
+    // Reloads put `[tracing]` changes in force too (`reload::Reloader`).
+    if let Err(error) = crate::observe::trace::configure(config.tracing.as_ref()) {
+        tracing::error!(%error, "tracing not started");
     }
     let shared = Shared::new(config)?;
     shared.metrics.config_reloads.with_label_values(&["success"]).inc();

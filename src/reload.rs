@@ -202,15 +202,21 @@ impl Reloader {
         let boot = self.boot.clone();
         // Reading, validating and (for a new GeoIP file) loading a database is blocking
         // work: keep it off the request workers.
-        tokio::task::spawn_blocking(move || {
+        let reloaded = tokio::task::spawn_blocking(move || {
             let config = Config::load(&path)?;
             let restart_needed = restart_needed(&boot, &config);
             let previous = shared.snapshot();
             let runtime = shared.build(config, Some(&previous))?;
             shared.install(runtime);
-            Ok(Reloaded { restart_needed })
+            Ok::<_, ReloadError>(Reloaded { restart_needed })
         })
-        .await?
+        .await??;
+        // On the runtime: a new exporter is a task. A collector client that cannot be built
+        // leaves tracing as it was; the rest of the config is in force.
+        if let Err(error) = crate::observe::trace::configure(self.shared.snapshot().config.tracing.as_ref()) {
+            tracing::error!(%error, "tracing config not applied");
+        }
+        Ok(reloaded)
     }
 
     /// Watches the config file and the hooks' files until `shutdown`, reloading on change.

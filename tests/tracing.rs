@@ -288,3 +288,46 @@ async fn without_tracing_nothing_is_exported_and_the_client_traceparent_passes_t
     assert!(collector.posts.lock().unwrap().is_empty());
     assert!(!proxy.logs().iter().any(|l| l.contains("tracing on")));
 }
+
+/// `[tracing]` follows the config file: a reload that adds it starts a trace per request
+/// (exported, and continued to the endpoint), one that removes it stops both, and the
+/// process keeps serving throughout.
+#[tokio::test]
+async fn a_reload_turns_tracing_on_and_off() {
+    let collector = Collector::start().await;
+    let (off, us, _) = config("").await;
+    let proxy = Meridian::start(&off);
+    let traced = |n: usize| us.seen().get(n).is_some_and(|r| r.headers.contains_key("traceparent"));
+    let r = get_as(proxy.listen, ips::US, "/v1/models").await;
+    assert_eq!(r.status, 200);
+    assert!(!traced(0), "tracing is off at start");
+
+    let tracing = format!(
+        "[tracing]\notlp_endpoint = \"http://{}\"\nservice_name = \"edge-test\"\n\n",
+        collector.addr
+    );
+    let on = off.replace(
+        "[health]\nenabled = false\n\n",
+        &format!("[health]\nenabled = false\n\n{tracing}"),
+    );
+    assert_ne!(on, off);
+    std::fs::write(&proxy.config_path, &on).unwrap();
+    proxy.signal("HUP");
+    eventually("a request traced after the reload", || async {
+        let r = get_as(proxy.listen, ips::US, "/v1/models").await;
+        assert_eq!(r.status, 200);
+        traced(us.seen().len() - 1)
+    })
+    .await;
+    eventually("its spans exported", || async { !collector.spans().is_empty() }).await;
+
+    std::fs::write(&proxy.config_path, &off).unwrap();
+    proxy.signal("HUP");
+    eventually("tracing off after the second reload", || async {
+        let r = get_as(proxy.listen, ips::US, "/v1/models").await;
+        assert_eq!(r.status, 200);
+        !traced(us.seen().len() - 1)
+    })
+    .await;
+    assert!(proxy.logs().iter().any(|l| l.contains("tracing off")));
+}

@@ -2,12 +2,16 @@
 //! sent to the endpoint) [pure parts], a server span per request and a client span per
 //! upstream attempt, exported as OTLP/HTTP protobuf by one background task.
 //!
-//! Off unless `[tracing] otlp_endpoint` is set; off, a request pays one atomic load.
+//! Off unless `[tracing] otlp_endpoint` is set; off, a request pays one atomic load. A
+//! reload that adds, changes or removes `[tracing]` applies to requests that start after it.
 //! Spans are built as `opentelemetry-proto` messages and posted through Meridian's own
 //! pooled hyper client, so the build gains no HTTP stack of its own.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, header};
@@ -112,17 +116,32 @@ const BATCH: usize = 512;
 /// How long a batch waits to fill before it is sent.
 const LINGER: Duration = Duration::from_millis(200);
 
-/// The process's tracer, installed at start when `[tracing]` is configured.
-static TRACER: OnceLock<Tracer> = OnceLock::new();
+/// The tracer in force: `None` while `[tracing]` is absent. Replaced on reload; spans
+/// begun under the one before go to whichever is in force when they end.
+static TRACER: ArcSwapOption<Tracer> = ArcSwapOption::const_empty();
+/// Whether [`TRACER`] holds one: read first, so a request with tracing off pays one
+/// atomic load.
+static ON: AtomicBool = AtomicBool::new(false);
 
 struct Tracer {
-    sample_ratio: f64,
+    config: TracingConfig,
     spans: mpsc::Sender<Span>,
 }
 
-/// Starts the exporter task (inside the tokio runtime) and turns tracing on for the life
-/// of the process; `[tracing]` changes need a restart.
-pub(crate) fn install(config: &TracingConfig) -> Result<(), crate::forward::client::ClientSetupError> {
+/// Puts `config` in force, at start and on every reload: a new or changed `[tracing]`
+/// starts a new exporter task (the one before sends what it holds and ends with its last
+/// sender), an unchanged one keeps the exporter running, `None` turns tracing off.
+pub(crate) fn configure(config: Option<&TracingConfig>) -> Result<(), crate::forward::client::ClientSetupError> {
+    let Some(config) = config else {
+        if TRACER.swap(None).is_some() {
+            ON.store(false, Ordering::Release);
+            tracing::info!("tracing off");
+        }
+        return Ok(());
+    };
+    if TRACER.load().as_ref().is_some_and(|t| t.config == *config) {
+        return Ok(());
+    }
     let settings = PoolSettings {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(90),
@@ -140,16 +159,13 @@ pub(crate) fn install(config: &TracingConfig) -> Result<(), crate::forward::clie
         ],
         ..Default::default()
     };
-    if TRACER
-        .set(Tracer {
-            sample_ratio: config.sample_ratio,
-            spans: tx,
-        })
-        .is_ok()
-    {
-        tokio::spawn(export(rx, client, url, config.endpoint.authority.to_string(), resource));
-        tracing::info!(endpoint = %config.endpoint.url, sample_ratio = config.sample_ratio, "tracing on: OTLP/HTTP export");
-    }
+    tokio::spawn(export(rx, client, url, config.endpoint.authority.to_string(), resource));
+    TRACER.store(Some(Arc::new(Tracer {
+        config: config.clone(),
+        spans: tx,
+    })));
+    ON.store(true, Ordering::Release);
+    tracing::info!(endpoint = %config.endpoint.url, sample_ratio = config.sample_ratio, "tracing on: OTLP/HTTP export");
     Ok(())
 }
 
@@ -318,7 +334,10 @@ impl RequestTrace {
     /// Opens the server span of a request: continues the client's trace or starts one.
     /// `None` when tracing is off.
     pub(crate) fn start(method: &Method, path: &str, headers: &HeaderMap) -> Option<Box<RequestTrace>> {
-        let tracer = TRACER.get()?;
+        if !ON.load(Ordering::Acquire) {
+            return None;
+        }
+        let sample_ratio = TRACER.load().as_ref()?.config.sample_ratio;
         let parent = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
@@ -334,7 +353,7 @@ impl RequestTrace {
             trace_id,
             span_id: random_id::<8>(),
             parent_id: parent.map(|p| p.parent_id),
-            sampled: sampled(parent.as_ref(), &trace_id, tracer.sample_ratio),
+            sampled: sampled(parent.as_ref(), &trace_id, sample_ratio),
             tracestate,
             start: SystemTime::now(),
             method: method.as_str().to_string(),
@@ -409,7 +428,8 @@ impl RequestTrace {
         attributes: Vec<KeyValue>,
         code: status::StatusCode,
     ) {
-        let Some(tracer) = TRACER.get() else { return };
+        let tracer = TRACER.load();
+        let Some(tracer) = tracer.as_ref() else { return };
         let span = Span {
             trace_id: self.trace_id.to_vec(),
             span_id: span_id.to_vec(),
