@@ -322,3 +322,39 @@ async fn a_request_refused_before_its_body_is_read_gets_its_answer_while_still_s
         .expect("the whole body was taken while the connection closed");
     assert_eq!(up.requests(), 0);
 }
+
+/// A drain closes a keep-alive connection after its request in flight; bytes the client
+/// pipelined behind it are read and dropped (lingering close) rather than left unread, which
+/// would reset the connection under the client's writes and the answer it is owed.
+#[tokio::test]
+async fn a_drain_with_pipelined_bytes_buffered_closes_without_a_reset() {
+    let (up, proxy) = one_region("").await;
+    up.set_behavior(Behavior::SlowFirstByte(Duration::from_millis(500)));
+    let (mut rd, mut wr) = connect(proxy.listen).await.into_split();
+    const BODY: usize = 4 << 20;
+    let sender = tokio::spawn(async move {
+        let pipelined = format!(
+            "GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n\
+             POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: {BODY}\r\n\r\n"
+        );
+        wr.write_all(pipelined.as_bytes()).await?;
+        wr.write_all(&vec![b'x'; BODY]).await?;
+        wr.shutdown().await
+    });
+    // The first request is at the endpoint: drain now, so its answer is the last.
+    eventually("the first request upstream", || async { up.requests() >= 1 }).await;
+    proxy.signal("TERM");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, rd.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends")
+        .expect("the answer, then the end of the stream: no reset");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    sender
+        .await
+        .unwrap()
+        .expect("the pipelined bytes were taken while the connection closed");
+    assert_eq!(up.requests(), 1, "nothing after the drain's last answer");
+}

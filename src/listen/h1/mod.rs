@@ -306,7 +306,12 @@ where
             if keep_alive && out.clean && body_read {
                 Ok(Next::KeepAlive)
             } else {
-                Ok(Next::Close { linger: !body_read })
+                // Linger when the client may still be sending: its body was not all read, or
+                // it pipelined more behind this request (NGINX's `lingering_close on` looks at
+                // its buffer the same way).
+                Ok(Next::Close {
+                    linger: !body_read || !self.rbuf.is_empty(),
+                })
             }
         }
     }
