@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
-
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, header};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
