@@ -4,7 +4,8 @@
 # Installs nothing. Needs wrk; uses nginx, haproxy and h2load when they are on PATH.
 #   apt-get install -y wrk nginx haproxy nghttp2-client
 #
-# Usage: benches/load/compare.sh [all|throughput|tls|burst|sse|streams|idle|mem|scale]...
+# Usage: benches/load/compare.sh [all|throughput|h2c|tls|burst|sse|streams|idle|mem|scale]...
+#   (throughput runs h2c after it when h2load is installed)
 # Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
 #   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
 #   MEM_SECONDS=60, SSE_PROBES=200, NO_BUILD=1 (reuse target/release), OUT=results dir,
@@ -249,6 +250,7 @@ summarise() {
     local tag=$1
     echo
     echo "== $tag: medians of $ROUNDS runs (min-max); wrk $DURATION s each, XFF $XFF =="
+    [ "$tag" = h2c ] && echo "(h2load -c50 -m10: its mean and max time per request in the p50 and p99 columns)"
     awk -F'\t' -v tag="$tag" '
     function med(key,   n, i, j, t, a) {
         n = cnt[key]; for (i = 1; i <= n; i++) a[i] = val[key, i]
@@ -316,23 +318,53 @@ throughput() {
             for p in "${proxies[@]}"; do run_wrk "$p" "$c" throughput; done
         done
     done
-    if have h2load; then
-        # Meridian's listener speaks h2c with prior knowledge; NGINX's on H2C_PORT.
-        local h2port
-        for p in "${proxies[@]}"; do
-            case $p in
-            meridian | meridian-b) h2port=${PORT[$p]} ;;
-            nginx) h2port=$H2C_NGINX_PORT ;;
-            *) continue ;;
-            esac
-            log "h2load (h2c prior knowledge) $p: 50 clients x 10 streams"
-            taskset -c "$LOAD_CPU" h2load -n 200000 -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" \
-                "http://127.0.0.1:$h2port$PATH_UNDER_TEST" 2>&1 |
-                grep -E '^(finished in|requests:|status codes:)' | sed "s/^/  h2load $p: /" >&2 || true
-        done
-    fi
     for p in "${proxies[@]}"; do stop_proxy "$p"; done
     summarise throughput
+    have h2load && h2c
+}
+
+# h2c with prior knowledge (Meridian's listener speaks it; NGINX's on H2C_NGINX_PORT), 50
+# clients x 10 streams: requests per second and per proxy CPU-second, ROUNDS interleaved
+# runs of DURATION seconds each, as the HTTP/1.1 phase.
+h2c() {
+    local proxies=() p round
+    for p in $(available_proxies); do
+        case $p in meridian | meridian-b | nginx) proxies+=("$p") ;; esac
+    done
+    log "h2c: ${proxies[*]}; h2load -c50 -m10, ${DURATION} s runs"
+    for p in "${proxies[@]}"; do start_proxy "$p" 1; done
+    for round in $(seq 1 "$ROUNDS"); do
+        for p in "${proxies[@]}"; do run_h2load "$p"; done
+    done
+    for p in "${proxies[@]}"; do stop_proxy "$p"; done
+    summarise h2c
+}
+
+# run_h2load NAME: one measured h2load run against NAME, appended to $RESULTS (tag h2c;
+# h2load reports no percentiles, so the p50 and p99 columns hold its mean and max).
+run_h2load() {
+    local name=$1 port out t0 t1 rps mean max cpu hwm
+    case $name in nginx) port=$H2C_NGINX_PORT ;; *) port=${PORT[$name]} ;; esac
+    local url="http://127.0.0.1:$port$PATH_UNDER_TEST"
+    taskset -c "$LOAD_CPU" h2load -D "$WARMUP" -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" "$url" >/dev/null 2>&1 || true
+    t0=$(cpu_ticks "${PID[$name]}")
+    out=$(taskset -c "$LOAD_CPU" h2load -D "$DURATION" -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" "$url" 2>&1 || true)
+    t1=$(cpu_ticks "${PID[$name]}")
+    echo "$out" >"$RUN/h2load-$name.txt"
+    # "finished in 10.00s, 41234.50 req/s, ..." and "time for request: min max mean sd ...".
+    rps=$(echo "$out" | awk '/^finished in/ {gsub(",", "", $4); print $4}')
+    mean=$(echo "$out" | awk '/^time for request:/ {print $6}' | to_ms)
+    max=$(echo "$out" | awk '/^time for request:/ {print $5}' | to_ms)
+    local failed
+    failed=$(echo "$out" | awk '/^requests:/ {print $10 + $12 + $14}')
+    [ "${failed:-0}" != 0 ] && log "  h2c $name: $failed requests failed, errored or timed out"
+    # h2load -D counts requests over DURATION; the CPU ticks cover the same window (the
+    # connections' setup is in it too, as wrk's are).
+    cpu=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="${rps:-0}" -v d="$DURATION" \
+        'BEGIN { if (r > 0) printf "%.4f", t / hz / (r * d) * 10000; else print "nan" }')
+    hwm=$(mem_kib VmHWM "${PID[$name]}")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' h2c "$name" 50x10 "${rps:-0}" "${mean:-0}" "${max:-0}" "$cpu" "$hwm" 0 >>"$RESULTS"
+    log "  h2c $name: ${rps} req/s, mean ${mean} ms, max ${max} ms, ${cpu} CPU-s/10k"
 }
 
 # Keep-alive HTTPS requests per CPU-second, and full handshakes per CPU-second (every
@@ -590,7 +622,7 @@ main() {
     log "results in $OUT; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     for phase in "${phases[@]}"; do
         case $phase in
-        throughput | tls | burst | sse | streams | idle | mem | scale) "$phase" ;;
+        throughput | h2c | tls | burst | sse | streams | idle | mem | scale) "$phase" ;;
         *) die "unknown phase $phase" ;;
         esac
     done
