@@ -216,6 +216,11 @@ async fn secrets_never_reach_status_metrics_or_logs() {
         status.contains("fallback") && status.contains("secret check"),
         "{status}"
     );
+    // The log arrives through a pipe: wait for the last call's line before reading it all.
+    eventually("the failing fallback attempt in the log", || async {
+        proxy.logs().iter().any(|l| l.contains("attempt failed"))
+    })
+    .await;
     let logs = proxy.logs();
     assert!(logs.len() > 5, "debug logs were captured");
     assert!(logs.iter().any(|l| l.contains("region drained by admin")));
