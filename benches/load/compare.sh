@@ -320,7 +320,7 @@ throughput() {
     done
     for p in "${proxies[@]}"; do stop_proxy "$p"; done
     summarise throughput
-    have h2load && h2c
+    if have h2load; then h2c; fi
 }
 
 # h2c with prior knowledge (Meridian's listener speaks it; NGINX's on H2C_NGINX_PORT), 50
