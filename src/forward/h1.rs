@@ -10,11 +10,9 @@
 //! The decisions (framing, chunk decoding, keep-alive) are pure functions over bytes, tested
 //! without sockets; [`H1Body`] only adds the reads.
 //!
-//! One difference from hyper's client: the response is read once the request is written. An
-//! endpoint that answers early and closes (413 on a large upload) is still heard, because a
-//! failed write is followed by a read; one that answers early but neither reads nor closes
-//! holds a body larger than the socket buffers (kept bodies are at most 1 MiB) until
-//! `server.request_timeout`.
+//! An endpoint may answer before it has read the whole request (413 on a large upload): while
+//! a write waits, the connection is read too, and an answer that comes then is the response,
+//! whether the endpoint then closes, or neither reads nor closes.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -26,7 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use hyper::body::{Body, Frame, SizeHint};
 use smallvec::SmallVec;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::client::{UpstreamError, UpstreamErrorKind};
 use super::pool::Conn;
@@ -907,25 +905,76 @@ async fn send_and_read_head(conn: &mut Conn, req: &OwnRequest<'_>, host: &str) -
     let body = &req.body;
     let inline: &[u8] = if body.len() <= INLINE_BODY { body } else { &[] };
     let head = encode_head(req, host, inline);
-    let sent = async {
-        conn.io.write_all(&head).await?;
-        if inline.is_empty() && !body.is_empty() {
-            conn.io.write_all(body).await?;
-        }
-        conn.io.flush().await
-    };
     let method = req.method;
-    match sent.await {
-        Ok(()) => read_head(conn, method).await,
+    let mut unsent: [&[u8]; 2] = [&head, if inline.is_empty() { body } else { &[] }];
+    match std::future::poll_fn(|cx| poll_send(conn, &mut unsent, method, cx)).await {
+        Ok(Sent::All) => read_head(conn, method).await,
+        // The rest of the request was never sent: the connection cannot carry another.
+        Ok(Sent::Answered(head)) => Ok(Head {
+            keep_alive: false,
+            ..head
+        }),
+        Err(SendError::Head(e)) => Err(UpstreamError::new(UpstreamErrorKind::Protocol, e)),
         // An endpoint may answer before the body is all sent (413, then close): that answer,
         // if it came, is the response; the connection is not reused either way.
-        Err(e) => match read_head(conn, method).await {
+        Err(SendError::Io(e)) => match read_head(conn, method).await {
             Ok(head) => Ok(Head {
                 keep_alive: false,
                 ..head
             }),
             Err(_) => Err(UpstreamError::new(UpstreamErrorKind::ResetBeforeHead, e)),
         },
+    }
+}
+
+/// How a request's write ended.
+enum Sent {
+    /// Every byte is written; the response comes next.
+    All,
+    /// The endpoint answered while the request was still going out.
+    Answered(Head),
+}
+
+enum SendError {
+    Io(io::Error),
+    Head(FramingError),
+}
+
+/// Writes what is left of `unsent`. While the endpoint does not take more, what it sends is
+/// read: a server that refuses a body answers before reading it, and may then neither
+/// read nor close (RFC 9112 §9.5: the client watches for that answer and stops sending).
+/// The common request goes out in one write and never reads here.
+fn poll_send(
+    conn: &mut Conn,
+    unsent: &mut [&[u8]; 2],
+    method: &Method,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Sent, SendError>> {
+    loop {
+        let Some(next) = unsent.iter_mut().find(|part| !part.is_empty()) else {
+            return Pin::new(&mut conn.io)
+                .poll_flush(cx)
+                .map(|flushed| flushed.map(|()| Sent::All).map_err(SendError::Io));
+        };
+        match Pin::new(&mut conn.io).poll_write(cx, next) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(SendError::Io(io::ErrorKind::WriteZero.into()))),
+            Poll::Ready(Ok(n)) => *next = &next[n..],
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Io(e))),
+            Poll::Pending => loop {
+                match conn.poll_fill(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(SendError::Io(io::ErrorKind::UnexpectedEof.into())));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Io(e))),
+                    Poll::Ready(Ok(_)) => match parse_head(&mut conn.read_buf, method) {
+                        Ok(Some(head)) => return Poll::Ready(Ok(Sent::Answered(head))),
+                        Ok(None) => {}
+                        Err(e) => return Poll::Ready(Err(SendError::Head(e))),
+                    },
+                }
+            },
+        }
     }
 }
 

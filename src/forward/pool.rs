@@ -724,6 +724,50 @@ mod tests {
         Ok(())
     }
 
+    /// An endpoint that answers at the head and then neither reads the body nor closes (a
+    /// server whose handler does not consume refused uploads): the answer is the response at
+    /// once, not after the request's timeout.
+    #[tokio::test]
+    async fn an_answer_from_an_endpoint_that_stops_reading_is_the_response() -> TestResult {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\n\r\ntoo big";
+                let _ = conn.write_all(answer).await;
+                // Held open and unread until the test ends.
+                let _ = held_tx.send(conn);
+            }
+        });
+        let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
+        let mut req = Request::new(RequestBody::bytes(bytes::Bytes::from(vec![b'x'; 8 << 20])));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = format!("http://{addr}/v1/files").parse()?;
+        // No head deadline here: without the read during the write this never ends.
+        let resp = tokio::time::timeout(Duration::from_secs(30), pool.send(req, None))
+            .await
+            .map_err(|_| "the answer was not read while the body was going out")??;
+        assert_eq!(resp.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        let body = resp.into_body().collect().await?.to_bytes();
+        assert_eq!(&body[..], b"too big");
+        assert_eq!(
+            pool.inner.idle_count(),
+            0,
+            "a half-sent request's connection is not kept"
+        );
+        assert!(held.recv().await.is_some(), "the endpoint still holds its end");
+        Ok(())
+    }
+
     #[tokio::test]
     async fn keepalive_zero_keeps_nothing_idle() -> TestResult {
         let (addr, accepted) = endpoint(false).await?;
