@@ -12,7 +12,8 @@
 # CONFIG_SED, KEEP=1 (keep the callgrind dumps, e.g. for callgrind_annotate --tree=caller),
 # SDK_HEADERS=1 (h2load only: the fields the openai Python SDK sends with each request),
 # H2C=1 (h2load only: HTTP/2 with prior knowledge, 10 streams per connection, instead of
-# HTTP/1.1).
+# HTTP/1.1), NGINX=1 (report mode: count NGINX too, one worker with benches/load/nginx.conf,
+# under the same load: the yardstick for the per-request figure).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -59,19 +60,53 @@ wait_port() {
     exit 1
 }
 
+# load REQUESTS [PORT]: Meridian listens on 18081, NGINX on 18082 (h2c: 18089).
 load() {
+    local port=${2:-18081}
     if [ -z "$BUDGET" ] && command -v h2load >/dev/null 2>&1; then
         local mode=(--h1)
-        [ -n "${H2C:-}" ] && mode=(-m 10)
-        h2load "${mode[@]}" -n "$1" -c "$CONNS" -t 1 "${HEADERS[@]}" http://127.0.0.1:18081/v1/models |
+        if [ -n "${H2C:-}" ]; then
+            mode=(-m 10)
+            [ "$port" = 18082 ] && port=18089
+        fi
+        h2load "${mode[@]}" -n "$1" -c "$CONNS" -t 1 "${HEADERS[@]}" "http://127.0.0.1:$port/v1/models" |
             grep -E '^requests:' >&2
     else
         # The same request shape as compare.sh's wrk runs: GET /v1/models from a GB client.
-        "$EXAMPLES/load_probe" keepalive 127.0.0.1:18081 "$CONNS" "$1" >&2
+        "$EXAMPLES/load_probe" keepalive "127.0.0.1:$port" "$CONNS" "$1" >&2
     fi
 }
 
-for port in 18080 18081 18091; do
+# count NAME PID OUT PORT: the instructions per request of the process PID runs under
+# callgrind (dumping to OUT), after a warm-up; prints the top functions in report mode.
+count() {
+    local name=$1 pid=$2 out=$3 port=$4
+    wait_port "$port"
+    load "$WARMUP" "$port" # connections, pools and lazy statics: not part of the steady state
+    callgrind_control -z "$pid" >/dev/null
+    load "$REQUESTS" "$port"
+    callgrind_control -d "$pid" >/dev/null
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    local dump total per
+    dump=$(ls -t "$out"* | grep -v "^$out$" | head -1)
+    total=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
+    [ -n "$total" ] || total=$(grep -m1 '^totals:' "$dump" | awk '{print $2}')
+    per=$((total / REQUESTS))
+    echo "$name: $per instructions per request ($REQUESTS requests, $CONNS connections)"
+    if [ -n "$BUDGET" ]; then
+        if [ "$per" -gt "$BUDGET" ]; then
+            echo "over the budget of $BUDGET instructions per request (BENCHMARKS.md: what it guards)" >&2
+            exit 1
+        fi
+        echo "within the budget of $BUDGET ($((per * 100 / BUDGET)) % of it)"
+        return
+    fi
+    callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | sed -n '1,/^-- Auto/p' | grep -E '^ *[0-9,]+ ' |
+        head -"${TOP:-25}" | sed 's/^/    /' || true # head closes the pipe early
+}
+
+for port in 18080 18081 18091 ${NGINX:+18082 18089}; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "port $port is taken (a benchmark running?)" >&2
         exit 1
@@ -88,28 +123,17 @@ for bin in "$@"; do
     valgrind_log=$RUN/valgrind.$(basename "$bin").log
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run -c "$RUN/meridian.toml" \
         2>"$valgrind_log" &
-    pid=$!
-    STARTED+=($pid)
-    wait_port 18081
-    load "$WARMUP" # connections, pools and lazy statics: not part of the steady state
-    callgrind_control -z "$pid" >/dev/null
-    load "$REQUESTS"
-    callgrind_control -d "$pid" >/dev/null
-    kill "$pid"
-    wait "$pid" 2>/dev/null || true
-    dump=$(ls -t "$out"* | grep -v "^$out$" | head -1)
-    total=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
-    [ -n "$total" ] || total=$(grep -m1 '^totals:' "$dump" | awk '{print $2}')
-    per=$((total / REQUESTS))
-    echo "$(basename "$bin"): $per instructions per request ($REQUESTS requests, $CONNS connections)"
-    if [ -n "$BUDGET" ]; then
-        if [ "$per" -gt "$BUDGET" ]; then
-            echo "over the budget of $BUDGET instructions per request (BENCHMARKS.md: what it guards)" >&2
-            exit 1
-        fi
-        echo "within the budget of $BUDGET ($((per * 100 / BUDGET)) % of it)"
-        continue
-    fi
-    callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | sed -n '1,/^-- Auto/p' | grep -E '^ *[0-9,]+ ' |
-        head -"${TOP:-25}" | sed 's/^/    /' || true # head closes the pipe early
+    STARTED+=($!)
+    count "$(basename "$bin")" "$!" "$out" 18081
 done
+
+if [ -n "${NGINX:-}" ] && [ -z "$BUDGET" ]; then
+    mkdir -p "$RUN/nginx/tmp"
+    cp "$ROOT/benches/load/nginx.conf" "$RUN/nginx/"
+    : >"$RUN/nginx/tls.conf"
+    out=$RUN/callgrind.nginx.out
+    valgrind --tool=callgrind --callgrind-out-file="$out" nginx -p "$RUN/nginx/" -c nginx.conf \
+        -g 'daemon off; master_process off;' 2>"$RUN/valgrind.nginx.log" &
+    STARTED+=($!)
+    count nginx "$!" "$out" 18082
+fi
