@@ -935,8 +935,11 @@ enum Sent {
     Answered(Head),
 }
 
+/// Why a request's write ended before its response head.
 enum SendError {
+    /// The connection failed (or the endpoint closed it); an answer may still be buffered.
     Io(io::Error),
+    /// The endpoint answered with something that is not an HTTP/1.1 response head.
     Head(FramingError),
 }
 
