@@ -27,29 +27,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-    local i
-    for i in $(seq 1 600); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.2
-    done
-    echo "nothing on port $1" >&2
-    exit 1
-}
-
-for port in 18080 18081 18082 18089 18091; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is taken (a benchmark running?)" >&2
-        exit 1
-    fi
-done
-"$EXAMPLES/fast_upstream" 127.0.0.1:18080 2>"$RUN/upstream.log" &
-STARTED+=($!)
-wait_port 18080
-sed -e "s/^worker_threads = .*/worker_threads = 1/" "$ROOT/benches/load/meridian.toml" >"$RUN/meridian.toml"
-mkdir -p "$RUN/nginx/tmp"
-cp "$ROOT/benches/load/nginx.conf" "$RUN/nginx/"
-: >"$RUN/nginx/tls.conf"
+# shellcheck source=benches/load/valgrind_common.sh
+. "$ROOT/benches/load/valgrind_common.sh"
+ports_free 18080 18081 18082 18089 18091
+start_upstream
+write_configs
 
 # measure NAME CONNS REQUESTS: one run under cachegrind; leaves its summary line in $RUN.
 measure() {

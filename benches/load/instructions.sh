@@ -49,16 +49,8 @@ cleanup() {
     if [ -n "${KEEP:-}" ]; then echo "callgrind dumps kept in $RUN" >&2; else rm -rf "$RUN"; fi
 }
 trap cleanup EXIT
-
-wait_port() {
-    local i
-    for i in $(seq 1 1200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing on port $1" >&2
-    exit 1
-}
+# shellcheck source=benches/load/valgrind_common.sh
+. "$ROOT/benches/load/valgrind_common.sh"
 
 # load REQUESTS [PORT]: Meridian listens on 18081, NGINX on 18082 (h2c: 18089).
 load() {
@@ -106,17 +98,9 @@ count() {
         head -"${TOP:-25}" | sed 's/^/    /' || true # head closes the pipe early
 }
 
-for port in 18080 18081 18091 ${NGINX:+18082 18089}; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is taken (a benchmark running?)" >&2
-        exit 1
-    fi
-done
-"${FAST_UPSTREAM:-$EXAMPLES/fast_upstream}" 127.0.0.1:18080 2>"$RUN/upstream.log" &
-STARTED+=($!)
-wait_port 18080
-# CONFIG_SED: a sed script for the config, e.g. '/^\[upstream\]/,$d' for an older build.
-sed -e "s/^worker_threads = .*/worker_threads = 1/" -e "${CONFIG_SED:-}" "$ROOT/benches/load/meridian.toml" >"$RUN/meridian.toml"
+ports_free 18080 18081 18091 ${NGINX:+18082 18089}
+start_upstream
+write_configs
 
 for bin in "$@"; do
     out=$RUN/callgrind.$(basename "$bin").out
@@ -128,9 +112,6 @@ for bin in "$@"; do
 done
 
 if [ -n "${NGINX:-}" ] && [ -z "$BUDGET" ]; then
-    mkdir -p "$RUN/nginx/tmp"
-    cp "$ROOT/benches/load/nginx.conf" "$RUN/nginx/"
-    : >"$RUN/nginx/tls.conf"
     out=$RUN/callgrind.nginx.out
     valgrind --tool=callgrind --callgrind-out-file="$out" nginx -p "$RUN/nginx/" -c nginx.conf \
         -g 'daemon off; master_process off;' 2>"$RUN/valgrind.nginx.log" &

@@ -689,12 +689,17 @@ mod tests {
         Ok(())
     }
 
-    /// An endpoint that refuses a large body at its head: it answers 413 and closes without
-    /// reading the body, as servers with an upload limit do.
-    #[tokio::test]
-    async fn an_answer_before_the_body_is_all_sent_is_the_response() -> TestResult {
+    /// An endpoint that answers every request with `answer` as soon as its head is in,
+    /// reading none of its body, as servers with an upload limit do. With `hold`, each
+    /// connection is then kept open, unread, on the returned channel (a handler that does not
+    /// consume refused uploads); without, it is closed (unread bytes make that a reset).
+    async fn answering_at_the_head(
+        answer: &'static [u8],
+        hold: bool,
+    ) -> std::io::Result<(SocketAddr, tokio::sync::mpsc::UnboundedReceiver<TcpStream>)> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let (held_tx, held) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 let mut buf = vec![0u8; 4096];
@@ -705,16 +710,29 @@ mod tests {
                         Ok(n) => seen.extend_from_slice(&buf[..n]),
                     }
                 }
-                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
                 let _ = conn.write_all(answer).await;
-                // Unread body bytes make this close a reset.
+                if hold {
+                    let _ = held_tx.send(conn);
+                }
             }
         });
-        let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
+        Ok((addr, held))
+    }
+
+    fn large_upload(addr: SocketAddr) -> Result<Request<RequestBody>, Box<dyn std::error::Error>> {
         let mut req = Request::new(RequestBody::bytes(bytes::Bytes::from(vec![b'x'; 8 << 20])));
         *req.method_mut() = http::Method::POST;
         *req.uri_mut() = format!("http://{addr}/v1/files").parse()?;
-        let resp = pool.send(req, None).await?;
+        Ok(req)
+    }
+
+    /// The endpoint answers 413 and closes.
+    #[tokio::test]
+    async fn an_answer_before_the_body_is_all_sent_is_the_response() -> TestResult {
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (addr, _) = answering_at_the_head(answer, false).await?;
+        let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
+        let resp = pool.send(large_upload(addr)?, None).await?;
         assert_eq!(resp.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
             pool.inner.idle_count(),
@@ -724,36 +742,15 @@ mod tests {
         Ok(())
     }
 
-    /// An endpoint that answers at the head and then neither reads the body nor closes (a
-    /// server whose handler does not consume refused uploads): the answer is the response at
-    /// once, not after the request's timeout.
+    /// The endpoint answers 413 and then neither reads the body nor closes: the answer is the
+    /// response at once, not after the request's timeout.
     #[tokio::test]
     async fn an_answer_from_an_endpoint_that_stops_reading_is_the_response() -> TestResult {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\n\r\ntoo big";
-                let _ = conn.write_all(answer).await;
-                // Held open and unread until the test ends.
-                let _ = held_tx.send(conn);
-            }
-        });
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\n\r\ntoo big";
+        let (addr, mut held) = answering_at_the_head(answer, true).await?;
         let pool = Http1Pool::new(settings(4, Duration::from_secs(30))?);
-        let mut req = Request::new(RequestBody::bytes(bytes::Bytes::from(vec![b'x'; 8 << 20])));
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = format!("http://{addr}/v1/files").parse()?;
         // No head deadline here: without the read during the write this never ends.
-        let resp = tokio::time::timeout(Duration::from_secs(30), pool.send(req, None))
+        let resp = tokio::time::timeout(Duration::from_secs(30), pool.send(large_upload(addr)?, None))
             .await
             .map_err(|_| "the answer was not read while the body was going out")??;
         assert_eq!(resp.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
