@@ -4,7 +4,7 @@
 # Installs nothing. Needs wrk; uses nginx, haproxy and h2load when they are on PATH.
 #   apt-get install -y wrk nginx haproxy nghttp2-client
 #
-# Usage: benches/load/compare.sh [all|throughput|h2c|tls|burst|sse|streams|idle|mem|scale]...
+# Usage: benches/load/compare.sh [all|throughput|h2c|syscalls|tls|burst|sse|streams|idle|mem|scale]...
 #   (throughput runs h2c after it when h2load is installed)
 # Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
 #   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
@@ -367,6 +367,43 @@ run_h2load() {
     log "  h2c $name: ${rps} req/s, mean ${mean} ms, max ${max} ms, ${cpu} CPU-s/10k"
 }
 
+# Syscalls per request (perf's raw_syscalls:sys_enter tracepoint over the proxy's process
+# tree) during a DURATION-second h2load run of 50 connections, HTTP/1.1 and then h2c with
+# 10 streams each: the kernel crossings a request costs, which is most of its CPU.
+syscalls() {
+    have perf || die "syscalls: perf is not installed (apt-get install -y linux-perf)"
+    have h2load || die "syscalls: h2load is not installed (apt-get install -y nghttp2-client)"
+    local proxies=() p mode port out pids count requests
+    for p in $(available_proxies); do
+        case $p in meridian | meridian-b | nginx) proxies+=("$p") ;; esac
+    done
+    log "syscalls: ${proxies[*]}; h2load -c50 (HTTP/1.1, then h2c -m10), ${DURATION} s runs"
+    for p in "${proxies[@]}"; do
+        start_proxy "$p" 1
+        for mode in h1 h2c; do
+            local args=(--h1)
+            port=${PORT[$p]}
+            if [ "$mode" = h2c ]; then
+                args=(-m 10)
+                [ "$p" = nginx ] && port=$H2C_NGINX_PORT
+            fi
+            local url="http://127.0.0.1:$port$PATH_UNDER_TEST"
+            taskset -c "$LOAD_CPU" h2load "${args[@]}" -D "$WARMUP" -c 50 -t 1 -H "X-Forwarded-For: $XFF" "$url" >/dev/null 2>&1 || true
+            pids=$(pids_of "${PID[$p]}" | paste -sd, -)
+            perf stat -e raw_syscalls:sys_enter -p "$pids" -o "$RUN/perf-$p-$mode.txt" &
+            local perf_pid=$!
+            out=$(taskset -c "$LOAD_CPU" h2load "${args[@]}" -D "$DURATION" -c 50 -t 1 -H "X-Forwarded-For: $XFF" "$url" 2>&1 || true)
+            kill -INT "$perf_pid" 2>/dev/null || true
+            wait "$perf_pid" 2>/dev/null || true
+            count=$(awk '/raw_syscalls:sys_enter/ {gsub(",", "", $1); print $1}' "$RUN/perf-$p-$mode.txt")
+            requests=$(echo "$out" | awk '/^requests:/ {print $8}')
+            log "  syscalls $p $mode: ${requests:-0} requests, ${count:-0} syscalls, $(awk -v s="${count:-0}" -v n="${requests:-0}" \
+                'BEGIN { if (n > 0) printf "%.2f", s / n; else print "nan" }') per request"
+        done
+        stop_proxy "$p"
+    done
+}
+
 # Keep-alive HTTPS requests per CPU-second, and full handshakes per CPU-second (every
 # request on a new connection: `Connection: close`; wrk does not resume sessions and NGINX
 # has tickets and its session cache off), for Meridian and NGINX.
@@ -622,7 +659,7 @@ main() {
     log "results in $OUT; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     for phase in "${phases[@]}"; do
         case $phase in
-        throughput | h2c | tls | burst | sse | streams | idle | mem | scale) "$phase" ;;
+        throughput | h2c | syscalls | tls | burst | sse | streams | idle | mem | scale) "$phase" ;;
         *) die "unknown phase $phase" ;;
         esac
     done
