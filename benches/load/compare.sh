@@ -241,7 +241,7 @@ run_wrk() {
     user=$(awk -v u=$((u1 - u0)) -v t=$((t1 - t0)) 'BEGIN { if (t > 0) printf "%.0f", 100 * u / t; else print "nan" }')
     hwm=$(mem_kib VmHWM "${PID[$name]}")
     newconns=$(( ${c1:-0} - ${c0:-0} ))
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$name" "$conns" "$rps" "$p50" "$p99" "$cpu" "$hwm" "$newconns" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$name" "$conns" "$rps" "$p50" "$p99" "$cpu" "$hwm" "$newconns" "$user" >>"$RESULTS"
     log "  $tag $name c=$conns: ${rps} req/s p50 ${p50} ms p99 ${p99} ms, ${cpu} CPU-s/10k (${user} % user), HWM ${hwm} KiB, +${newconns} upstream conns"
 }
 
@@ -263,6 +263,8 @@ summarise() {
         k = $2 SUBSEP $3; if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
         add(k SUBSEP "rps", $4); add(k SUBSEP "p50", $5); add(k SUBSEP "p99", $6)
         add(k SUBSEP "cpu", $7); add(k SUBSEP "hwm", $8); add(k SUBSEP "conn", $9)
+        # µs of CPU per request in user space and in the kernel (CPU-s/10k x 100 = µs).
+        if ($10 != "" && $10 != "nan") { add(k SUBSEP "usr", $7 * $10); add(k SUBSEP "sys", $7 * (100 - $10)) }
     }
     END {
         for (i = 1; i <= nk; i++) {
@@ -289,6 +291,29 @@ summarise() {
         }
         print "(req/s range in thousands; CPU % is the proxy'"'"'s share of one core; req/CPU-s is NGINX CPU-s per"
         print " request over this proxy'"'"'s: above 1 is cheaper than NGINX)"
+        # Paired: the ratio within each round (the proxies ran back to back in it), then the
+        # median of those. Drift between rounds (neighbours on a shared host) cancels in a
+        # pair, where it widens the per-proxy medians above.
+        printf "\n%-11s %5s %24s %24s %14s %14s\n", "paired", "conns", "req/CPU-s vs NGINX", "p99/NGINX", "user us/req", "kernel us/req"
+        for (i = 1; i <= nk; i++) {
+            k = order[i]; split(k, kk, SUBSEP); name = kk[1]; c = kk[2]
+            ng = "nginx" SUBSEP c
+            cr = pr = "-"
+            if (name != "nginx" && cnt[ng SUBSEP "cpu"] == cnt[k SUBSEP "cpu"]) {
+                n = cnt[k SUBSEP "cpu"]
+                for (r = 1; r <= n; r++) {
+                    val["pc", r] = val[k SUBSEP "cpu", r] > 0 ? val[ng SUBSEP "cpu", r] / val[k SUBSEP "cpu", r] : 0
+                    val["pp", r] = val[ng SUBSEP "p99", r] > 0 ? val[k SUBSEP "p99", r] / val[ng SUBSEP "p99", r] : 0
+                }
+                cnt["pc"] = cnt["pp"] = n
+                m = med("pc"); cr = sprintf("%.2f (%.2f-%.2f)", m, lo["pc"], hi["pc"])
+                m = med("pp"); pr = sprintf("%.2f (%.2f-%.2f)", m, lo["pp"], hi["pp"])
+            }
+            us = cnt[k SUBSEP "usr"] ? sprintf("%.2f", med(k SUBSEP "usr")) : "-"
+            ks = cnt[k SUBSEP "sys"] ? sprintf("%.2f", med(k SUBSEP "sys")) : "-"
+            printf "%-11s %5s %24s %24s %14s %14s\n", name, c, cr, pr, us, ks
+        }
+        print "(medians of the per-round ratios, min-max; user and kernel: the proxy'"'"'s CPU per request, split)"
     }' "$RESULTS"
 }
 
@@ -343,13 +368,15 @@ h2c() {
 # run_h2load NAME: one measured h2load run against NAME, appended to $RESULTS (tag h2c;
 # h2load reports no percentiles, so the p50 and p99 columns hold its mean and max).
 run_h2load() {
-    local name=$1 port out t0 t1 rps mean max cpu hwm
+    local name=$1 port out t0 t1 u0 u1 rps mean max cpu user hwm
     case $name in nginx) port=$H2C_NGINX_PORT ;; *) port=${PORT[$name]} ;; esac
     local url="http://127.0.0.1:$port$PATH_UNDER_TEST"
     taskset -c "$LOAD_CPU" h2load -D "$WARMUP" -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" "$url" >/dev/null 2>&1 || true
     t0=$(cpu_ticks "${PID[$name]}")
+    u0=$(cpu_ticks "${PID[$name]}" user)
     out=$(taskset -c "$LOAD_CPU" h2load -D "$DURATION" -c 50 -m 10 -t 1 -H "X-Forwarded-For: $XFF" "$url" 2>&1 || true)
     t1=$(cpu_ticks "${PID[$name]}")
+    u1=$(cpu_ticks "${PID[$name]}" user)
     echo "$out" >"$RUN/h2load-$name.txt"
     # "finished in 10.00s, 41234.50 req/s, ..." and "time for request: min max mean sd ...".
     rps=$(echo "$out" | awk '/^finished in/ {gsub(",", "", $4); print $4}')
@@ -362,9 +389,10 @@ run_h2load() {
     # connections' setup is in it too, as wrk's are).
     cpu=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="${rps:-0}" -v d="$DURATION" \
         'BEGIN { if (r > 0) printf "%.4f", t / hz / (r * d) * 10000; else print "nan" }')
+    user=$(awk -v u=$((u1 - u0)) -v t=$((t1 - t0)) 'BEGIN { if (t > 0) printf "%.0f", 100 * u / t; else print "nan" }')
     hwm=$(mem_kib VmHWM "${PID[$name]}")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' h2c "$name" 50x10 "${rps:-0}" "${mean:-0}" "${max:-0}" "$cpu" "$hwm" 0 >>"$RESULTS"
-    log "  h2c $name: ${rps} req/s, mean ${mean} ms, max ${max} ms, ${cpu} CPU-s/10k"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' h2c "$name" 50x10 "${rps:-0}" "${mean:-0}" "${max:-0}" "$cpu" "$hwm" 0 "$user" >>"$RESULTS"
+    log "  h2c $name: ${rps} req/s, mean ${mean} ms, max ${max} ms, ${cpu} CPU-s/10k (${user} % user)"
 }
 
 # Syscalls per request (perf's raw_syscalls:sys_enter tracepoint over the proxy's process
