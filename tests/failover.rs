@@ -87,7 +87,7 @@ fn steady_traffic(proxy: &Meridian, workers: usize, stop: Arc<AtomicBool>) -> Ve
                         ("x-forwarded-for", ips::US),
                         ("content-type", "application/octet-stream"),
                     ];
-                    let method = if (i + w) % 2 == 0 { "GET" } else { "POST" };
+                    let method = if (i + w).is_multiple_of(2) { "GET" } else { "POST" };
                     let r = if method == "GET" {
                         call("GET", target, "/v1/models", &xff, Bytes::new()).await
                     } else {

@@ -475,7 +475,7 @@ fn flapped_down(state: &State) -> bool {
         return false;
     };
     let elapsed = lock(&state.behavior_since).elapsed();
-    period.is_zero() || (elapsed.as_nanos() / period.as_nanos()) % 2 == 0
+    period.is_zero() || (elapsed.as_nanos() / period.as_nanos()).is_multiple_of(2)
 }
 
 fn completion(name: &str, body: &Bytes) -> Response<FakeBody> {

@@ -247,7 +247,7 @@ where
             }
             // Boxed: the request's state (~3 KiB) is only needed while it runs, not for the
             // connection's life.
-            let mut handler = Box::pin(proxy.handle(info, Some(memo), Request::from_parts(parts, body)));
+            let mut handler = super::pin_in_place(|| proxy.handle(info, Some(memo), Request::from_parts(parts, body)));
             let answered = poll_fn(|cx| {
                 if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
                     return Poll::Ready(Ok(resp));
