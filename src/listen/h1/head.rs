@@ -78,13 +78,14 @@ pub(crate) fn parse_request(
     max_head: usize,
     max_headers: usize,
 ) -> Result<Option<RequestHead>, HeadError> {
+    // Filled by `locate` where it stands: a returned span array was copied at every step.
+    let mut spans = FieldSpans::new();
     let Some(Located {
         len,
         method,
         version,
         target,
-        spans,
-    }) = locate(buf, max_head, max_headers)?
+    }) = locate(buf, max_head, max_headers, &mut spans)?
     else {
         return Ok(None);
     };
@@ -125,17 +126,22 @@ const ADDED_REQUEST_FIELDS: usize = 2;
 /// Header field slots on the stack; a configuration allowing more uses the heap.
 const INLINE_FIELDS: usize = 128;
 
-/// A complete head's parts, as offsets into the buffer.
+/// A complete head's parts, as offsets into the buffer (its fields' in `locate`'s `spans`).
 struct Located {
     len: usize,
     method: Method,
     version: Version,
     target: Range<usize>,
-    spans: FieldSpans,
 }
 
-/// Runs `httparse` over `buf`; `None` while the head is incomplete.
-fn locate(buf: &[u8], max_head: usize, max_headers: usize) -> Result<Option<Located>, HeadError> {
+/// Runs `httparse` over `buf`, the fields' offsets into `spans`; `None` while the head is
+/// incomplete.
+fn locate(
+    buf: &[u8],
+    max_head: usize,
+    max_headers: usize,
+    spans: &mut FieldSpans,
+) -> Result<Option<Located>, HeadError> {
     // Uninitialised slots, as in the response parser: zeroing them costs more than parsing.
     let mut inline = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_FIELDS];
     let mut heap = Vec::new();
@@ -167,13 +173,12 @@ fn locate(buf: &[u8], max_head: usize, max_headers: usize) -> Result<Option<Loca
     // Offsets: the head is frozen next, and the target and values become slices of it.
     let start = target.as_ptr() as usize - buf.as_ptr() as usize;
     let target = start..start + target.len();
-    let spans = field_spans(buf, parsed.headers).ok_or(HeadError::TooLarge)?;
+    field_spans(buf, parsed.headers, spans).ok_or(HeadError::TooLarge)?;
     Ok(Some(Located {
         len,
         method,
         version,
         target,
-        spans,
     }))
 }
 
