@@ -245,8 +245,8 @@ where
                 // them; the connection's own handle need not keep it for a long stream.
                 self.rbuf = BytesMut::new();
             }
-            // Boxed: the request's state (~3 KiB) is only needed while it runs, not for the
-            // connection's life.
+            // Boxed: the request's state (~4 KiB) is only needed while it runs, not for the
+            // connection's life. Built in its box, not copied there (`pin_in_place`).
             let mut handler = super::pin_in_place(|| proxy.handle(info, Some(memo), Request::from_parts(parts, body)));
             let answered = poll_fn(|cx| {
                 if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
