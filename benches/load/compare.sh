@@ -212,6 +212,19 @@ to_ms() {
     }'
 }
 
+# cpu_per_10k TICKS RPS: CPU-seconds per 10k requests of a DURATION-long run,
+# ticks / CLK_TCK / (rps * DURATION) * 10000.
+cpu_per_10k() {
+    awk -v t="$1" -v hz="$CLK_TCK" -v r="$2" -v d="$DURATION" \
+        'BEGIN { if (r > 0) printf "%.4f", t / hz / (r * d) * 10000; else print "nan" }'
+}
+
+# user_share USER_TICKS ALL_TICKS: the user-space share of the proxy's CPU, in % (the rest
+# is the kernel's, on its behalf).
+user_share() {
+    awk -v u="$1" -v t="$2" 'BEGIN { if (t > 0) printf "%.0f", 100 * u / t; else print "nan" }'
+}
+
 # run_wrk NAME CONNS TAG: one measured wrk run against NAME, appended to $RESULTS.
 run_wrk() {
     local name=$1 conns=$2 tag=$3 port=${PORT[$1]} url out t0 t1 u0 u1 c0 c1 rps p50 p99 cpu user hwm newconns
@@ -234,11 +247,8 @@ run_wrk() {
     local errors
     errors=$(echo "$out" | awk '/Non-2xx|Socket errors/ {printf "%s ", $0}')
     [ -n "$errors" ] && log "  $name c=$conns: $errors"
-    # CPU-seconds per 10k requests = ticks / CLK_TCK / (rps * DURATION) * 10000.
-    cpu=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="$rps" -v d="$DURATION" \
-        'BEGIN { if (r > 0) printf "%.4f", t / hz / (r * d) * 10000; else print "nan" }')
-    # The user-space share of that CPU (the rest is the kernel's, on the proxy's behalf).
-    user=$(awk -v u=$((u1 - u0)) -v t=$((t1 - t0)) 'BEGIN { if (t > 0) printf "%.0f", 100 * u / t; else print "nan" }')
+    cpu=$(cpu_per_10k $((t1 - t0)) "$rps")
+    user=$(user_share $((u1 - u0)) $((t1 - t0)))
     hwm=$(mem_kib VmHWM "${PID[$name]}")
     newconns=$(( ${c1:-0} - ${c0:-0} ))
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$name" "$conns" "$rps" "$p50" "$p99" "$cpu" "$hwm" "$newconns" "$user" >>"$RESULTS"
@@ -387,9 +397,8 @@ run_h2load() {
     [ "${failed:-0}" != 0 ] && log "  h2c $name: $failed requests failed, errored or timed out"
     # h2load -D counts requests over DURATION; the CPU ticks cover the same window (the
     # connections' setup is in it too, as wrk's are).
-    cpu=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v r="${rps:-0}" -v d="$DURATION" \
-        'BEGIN { if (r > 0) printf "%.4f", t / hz / (r * d) * 10000; else print "nan" }')
-    user=$(awk -v u=$((u1 - u0)) -v t=$((t1 - t0)) 'BEGIN { if (t > 0) printf "%.0f", 100 * u / t; else print "nan" }')
+    cpu=$(cpu_per_10k $((t1 - t0)) "${rps:-0}")
+    user=$(user_share $((u1 - u0)) $((t1 - t0)))
     hwm=$(mem_kib VmHWM "${PID[$name]}")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' h2c "$name" 50x10 "${rps:-0}" "${mean:-0}" "${max:-0}" "$cpu" "$hwm" 0 "$user" >>"$RESULTS"
     log "  h2c $name: ${rps} req/s, mean ${mean} ms, max ${max} ms, ${cpu} CPU-s/10k (${user} % user)"
