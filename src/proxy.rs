@@ -612,7 +612,10 @@ impl Proxy {
         };
         self.observe_response(rt, h, resp, timing);
         if let Target::Endpoint { region, .. } = sent.target {
-            rt.take_load_report(region, h, resp.headers_mut());
+            rt.take_load_report(region, h, |name| match resp.body_mut().fields_mut() {
+                Some(fields) => fields.take(name),
+                None => resp.headers_mut().remove(name),
+            });
         }
     }
 
@@ -711,7 +714,11 @@ impl Proxy {
     ) {
         let status = resp.status().as_u16();
         if matches!(status, 429 | 503) {
-            if let Some(after) = retry_after(resp.headers()) {
+            let value = match resp.body().fields() {
+                Some(fields) => fields.get("retry-after"),
+                None => resp.headers().get(header::RETRY_AFTER).map(HeaderValue::as_bytes),
+            };
+            if let Some(after) = value.and_then(retry_after) {
                 self.shared
                     .observe_at(rt, health, Event::Shed { retry_after: after }, timing.head);
                 return;
@@ -740,19 +747,34 @@ impl Proxy {
                 None => return ProxyError::NoRegionAvailable { region: None }.response(rt.config.health.interval),
             },
         };
-        let (mut parts, incoming) = resp.into_parts();
+        let (mut parts, mut incoming) = resp.into_parts();
         record.status = parts.status.as_u16();
         if let Some(ttfb) = record.ttfb {
             metrics.ttfb.observe(ttfb.as_secs_f64());
         }
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        rewrite::response_headers(&mut parts.headers, region_header, record.attempts, switching);
-        let scanner = UsageScanner::for_response(
-            &parts.headers,
-            hyper::body::Body::size_hint(&incoming).exact(),
-            hyper::body::Body::is_end_stream(&incoming),
-            rt.config.server.max_buffered_answer,
-        );
+        if switching {
+            // A `101`'s rewrite keeps `Upgrade` and sets `Connection`: the map's.
+            if let Some(fields) = incoming.take_fields() {
+                fields.append_to(&mut parts.headers);
+            }
+        }
+        let length = hyper::body::Body::size_hint(&incoming).exact();
+        let end_stream = hyper::body::Body::is_end_stream(&incoming);
+        // The endpoint's fields are in the map (hyper's client), or still over the head's
+        // bytes (Meridian's own HTTP/1.1 reading): rewritten where they are.
+        let content_type = match incoming.fields_mut() {
+            Some(fields) => {
+                rewrite::response_fields(fields, region_header, record.attempts);
+                fields.get("content-type")
+            }
+            None => {
+                rewrite::response_headers(&mut parts.headers, region_header, record.attempts, switching);
+                parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes)
+            }
+        };
+        let scanner =
+            UsageScanner::for_response(content_type, length, end_stream, rt.config.server.max_buffered_answer);
         let sse = scanner.is_sse();
         // TTFT and TPOT count from the attempt's send time.
         let head = record.ttfb.unwrap_or_default();
@@ -977,8 +999,9 @@ fn rewrite_fallback_path(rt: &Snapshot, base: &str, path: &str) -> PathAndQuery 
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from model servers and ignored).
-fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+/// A `Retry-After` value in seconds (an HTTP date is not taken).
+fn retry_after(value: &[u8]) -> Option<Duration> {
+    let secs: u64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(secs))
 }
 

@@ -652,8 +652,7 @@ mod tests {
                 inner: Box::new(Probe(seen.clone())),
                 admitted: held,
             });
-            let scanned =
-                crate::forward::usage::UsageScanner::for_response(&http::HeaderMap::new(), Some(0), true, 0).finish();
+            let scanned = crate::forward::usage::UsageScanner::for_response(None, Some(0), true, 0).finish();
             c.complete(end, 0, scanned);
             assert_eq!(
                 *seen.lock().map_err(|e| e.to_string())?,

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use super::client_body::{ClientBody, ClientBodyError};
+use super::endpoint_fields::EndpointFields;
 use super::usage::{Scanned, UsageScanner};
 use crate::clock;
 
@@ -458,6 +459,33 @@ pub enum EndpointBody {
     Hyper(Incoming),
 }
 
+impl EndpointBody {
+    /// The response's fields when they are still the head's bytes (Meridian's own HTTP/1.1
+    /// reading), not in the response's map: see [`EndpointFields`].
+    pub(crate) fn fields(&self) -> Option<&EndpointFields> {
+        match self {
+            EndpointBody::Own(b) => b.fields(),
+            EndpointBody::Hyper(_) => None,
+        }
+    }
+
+    /// As [`Self::fields`], to rewrite them.
+    pub(crate) fn fields_mut(&mut self) -> Option<&mut EndpointFields> {
+        match self {
+            EndpointBody::Own(b) => b.fields_mut(),
+            EndpointBody::Hyper(_) => None,
+        }
+    }
+
+    /// Takes the response's fields out for writing (or mapping): see [`Self::fields_mut`].
+    pub(crate) fn take_fields(&mut self) -> Option<Box<EndpointFields>> {
+        match self {
+            EndpointBody::Own(b) => b.take_fields(),
+            EndpointBody::Hyper(_) => None,
+        }
+    }
+}
+
 /// Why an endpoint's response body failed mid-way.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointBodyError {
@@ -681,11 +709,23 @@ impl SseTail {
 }
 
 /// What the client receives: relayed from an endpoint, or written by Meridian itself.
+#[allow(clippy::large_enum_variant)] // why: nearly every response relays; boxing would allocate for each
 pub enum ResponseBody {
     /// An endpoint's response body, relayed frame by frame.
     Upstream(UpstreamBody),
     /// A body Meridian wrote itself (errors, admin answers); `None` is empty.
     Local(Option<Bytes>),
+}
+
+impl ResponseBody {
+    /// An endpoint's fields not yet in the response's map, taken out to be written after
+    /// the map's own fields' place (or appended to the map): see [`EndpointFields`].
+    pub(crate) fn take_endpoint_fields(&mut self) -> Option<Box<EndpointFields>> {
+        match self {
+            ResponseBody::Upstream(u) => u.inner.take_fields(),
+            ResponseBody::Local(_) => None,
+        }
+    }
 }
 
 impl From<Bytes> for ResponseBody {

@@ -27,6 +27,7 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::client::{UpstreamError, UpstreamErrorKind};
+use super::endpoint_fields::EndpointFields;
 use super::pool::Conn;
 use super::rewrite::X_FORWARDED_FOR;
 
@@ -113,13 +114,24 @@ pub(crate) enum Step {
     End,
 }
 
+/// A head's fields as the framing reads them: every value of one name, in order.
+pub(crate) trait FieldValues {
+    fn values_of<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl FieldValues for HeaderMap {
+    fn values_of<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
+    }
+}
+
 /// The body's delimitation and whether the connection may carry another request, from the
 /// request method and the response head.
-pub(crate) fn framing(
+pub(crate) fn framing<F: FieldValues + ?Sized>(
     method: &Method,
     status: StatusCode,
     version: Version,
-    (headers, present): (&HeaderMap, FramingFields),
+    (headers, present): (&F, FramingFields),
 ) -> Result<(BodyState, bool), FramingError> {
     let keep_alive = keeps_alive(version, headers, present.connection);
     if *method == Method::HEAD
@@ -140,9 +152,11 @@ pub(crate) fn framing(
         return Ok((BodyState::Chunked(Chunk::Size), keep_alive && !both));
     }
     let mut length: Option<u64> = None;
-    let lengths = present.content_length.then(|| headers.get_all(header::CONTENT_LENGTH));
-    for value in lengths.iter().flatten() {
-        for part in value.as_bytes().split(|&b| b == b',') {
+    let lengths = present
+        .content_length
+        .then(|| headers.values_of(&header::CONTENT_LENGTH));
+    for value in lengths.into_iter().flatten() {
+        for part in value.split(|&b| b == b',') {
             let n = parse_decimal(part.trim_ascii()).ok_or(FramingError::ContentLength)?;
             if length.is_some_and(|l| l != n) {
                 return Err(FramingError::ContentLength);
@@ -159,7 +173,7 @@ pub(crate) fn framing(
 
 /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
 /// `Connection: keep-alive`.
-fn keeps_alive(version: Version, headers: &HeaderMap, connection: bool) -> bool {
+fn keeps_alive<F: FieldValues + ?Sized>(version: Version, headers: &F, connection: bool) -> bool {
     match version {
         Version::HTTP_11 => !(connection && has_token(headers, header::CONNECTION, b"close")),
         _ => connection && has_token(headers, header::CONNECTION, b"keep-alive"),
@@ -167,8 +181,8 @@ fn keeps_alive(version: Version, headers: &HeaderMap, connection: bool) -> bool 
 }
 
 /// True when a comma-separated field (`Connection`, `TE`) names `token`, in any case.
-pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|v| has_token_in(v.as_bytes(), token))
+pub(crate) fn has_token<F: FieldValues + ?Sized>(headers: &F, name: HeaderName, token: &[u8]) -> bool {
+    headers.values_of(&name).any(|v| has_token_in(v, token))
 }
 
 /// True when the comma-separated field value lists `token` (ASCII case-insensitive).
@@ -180,13 +194,13 @@ pub(crate) fn has_token_in(value: &[u8], token: &[u8]) -> bool {
 
 /// True when the last transfer coding is `chunked` (RFC 9112 §6.3: only then does the
 /// coding itself delimit the body).
-pub(crate) fn chunked_last(headers: &HeaderMap) -> bool {
+pub(crate) fn chunked_last<F: FieldValues + ?Sized>(headers: &F) -> bool {
     headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .values_of(&header::TRANSFER_ENCODING)
+        .flat_map(|v| v.split(|&b| b == b','))
         .map(|coding| coding.trim_ascii())
-        .rfind(|coding| !coding.is_empty())
+        .filter(|coding| !coding.is_empty())
+        .last()
         .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"))
 }
 
@@ -347,11 +361,11 @@ pub(crate) struct FieldSpan {
 }
 
 impl FieldSpan {
-    fn name(self) -> Range<usize> {
+    pub(crate) fn name(self) -> Range<usize> {
         self.name[0] as usize..self.name[1] as usize
     }
 
-    fn value(self) -> Range<usize> {
+    pub(crate) fn value(self) -> Range<usize> {
         self.value[0] as usize..self.value[1] as usize
     }
 }
@@ -628,7 +642,7 @@ fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
 /// any case. For token bytes (RFC 9110 §5.6.2), OR-ing 0x20 lowercases a letter, leaves a
 /// digit or `-` as it is, and turns no other token byte into one of those (only control
 /// bytes become digits or `-`): so eight bytes compare in one step.
-fn token_is(name: &[u8], lower: &[u8]) -> bool {
+pub(crate) fn token_is(name: &[u8], lower: &[u8]) -> bool {
     const CASE: u64 = u64::from_ne_bytes([0x20; 8]);
     if name.len() != lower.len() {
         return false;
@@ -646,9 +660,11 @@ fn token_is(name: &[u8], lower: &[u8]) -> bool {
     name_tail.iter().zip(lower_tail).all(|(a, b)| a | 0x20 == *b)
 }
 
-/// A parsed response head: the response (its body still to read) and how to read the body.
+/// A parsed response head: the response (its body still to read; its fields in `fields`,
+/// not in the response's map) and how to read the body.
 pub(crate) struct Head {
     pub(crate) response: Response<()>,
+    pub(crate) fields: Box<EndpointFields>,
     pub(crate) body: BodyState,
     pub(crate) keep_alive: bool,
 }
@@ -682,18 +698,17 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         } else {
             Version::HTTP_10
         };
-        let mut spans = FieldSpans::new();
-        field_spans(buf, parsed.headers, &mut spans).ok_or(FramingError::HeadTooLarge)?;
+        let mut fields = EndpointFields::boxed();
+        field_spans(buf, parsed.headers, fields.spans_mut()).ok_or(FramingError::HeadTooLarge)?;
         let head = buf.split_to(len).freeze();
-        // Room for the fields the proxy adds (X-Meridian-Region, -Attempts, X-Request-Id).
-        let (headers, present) = fields_of(&head, &spans, 3).ok_or(FramingError::Head)?;
-        let (body, keep_alive) = framing(method, status, version, (&headers, present))?;
+        let present = fields.take_in(head).ok_or(FramingError::Head)?;
+        let (body, keep_alive) = framing(method, status, version, (&*fields, present))?;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
-        *response.headers_mut() = headers;
         return Ok(Some(Head {
             response,
+            fields,
             body,
             keep_alive,
         }));
@@ -903,6 +918,7 @@ pub(crate) async fn exchange(
         conn: Some(conn),
         state: head.body,
         keep_alive: head.keep_alive,
+        fields: Some(head.fields),
     };
     if body.state == BodyState::Done {
         body.finish();
@@ -1076,9 +1092,23 @@ pub struct H1Body {
     conn: Option<Box<Conn>>,
     state: BodyState,
     keep_alive: bool,
+    /// The response's fields, until the client's connection writes (or maps) them.
+    fields: Option<Box<EndpointFields>>,
 }
 
 impl H1Body {
+    pub(crate) fn fields(&self) -> Option<&EndpointFields> {
+        self.fields.as_deref()
+    }
+
+    pub(crate) fn fields_mut(&mut self) -> Option<&mut EndpointFields> {
+        self.fields.as_deref_mut()
+    }
+
+    pub(crate) fn take_fields(&mut self) -> Option<Box<EndpointFields>> {
+        self.fields.take()
+    }
+
     fn finish(&mut self) {
         self.state = BodyState::Done;
         if let Some(conn) = self.conn.take() {

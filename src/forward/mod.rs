@@ -7,6 +7,7 @@ pub mod body;
 pub(crate) mod breaker;
 pub(crate) mod client;
 pub mod client_body;
+pub(crate) mod endpoint_fields;
 pub(crate) mod endpoint_get;
 pub mod h1;
 pub(crate) mod inbound;

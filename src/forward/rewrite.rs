@@ -7,6 +7,9 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::endpoint_fields::{EndpointFields, FieldMask};
+use super::h1::token_is;
+
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -364,6 +367,46 @@ pub fn response_headers(headers: &mut HeaderMap, region: &HeaderValue, attempts:
     if attempts > 1 {
         headers.insert(&X_MERIDIAN_ATTEMPTS, HeaderValue::from(attempts));
     }
+}
+
+/// [`response_headers`] for fields still over their head's bytes: the same fields dropped,
+/// the same added (a test holds the two to each other). Not for a `101`: Meridian's own
+/// HTTP/1.1 reading refuses one (upgrades go through hyper), so `Upgrade` is always dropped.
+pub(crate) fn response_fields(fields: &mut EndpointFields, region: &HeaderValue, attempts: u32) {
+    let seen = fields.seen();
+    let attempts = (attempts > 1).then(|| HeaderValue::from(attempts));
+    if seen.nothing_to_remove() {
+        // The usual answer: nothing to look at twice.
+        fields.add(false, region.clone(), attempts);
+        return;
+    }
+    let framing = seen.framing;
+    let te_trailers = framing.te && fields.get("te").is_some_and(|v| v.eq_ignore_ascii_case(b"trailers"));
+    // Names the `Connection` field lists are hop-by-hop for this message only (values that
+    // are not visible ASCII are skipped, as `HeaderValue::to_str` skips them above).
+    let named_by_connection = |name: &[u8]| {
+        framing.connection
+            && !PROTECTED.iter().any(|p| token_is(name, p.as_str().as_bytes()))
+            && fields
+                .values("connection")
+                .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+                .flat_map(|v| v.split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|token| !token.eq_ignore_ascii_case(b"close"))
+                .any(|token| token.eq_ignore_ascii_case(name))
+    };
+    let mut dropped: FieldMask = 0;
+    for (i, name, _) in fields.fields() {
+        let hop = HOP_BY_HOP.iter().any(|h| token_is(name, h.as_str().as_bytes())) || token_is(name, b"upgrade");
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (see `response_headers`).
+        let stale_length = framing.transfer_encoding && token_is(name, b"content-length");
+        let meridian = seen.meridian && name.len() >= 11 && name[..11].eq_ignore_ascii_case(b"x-meridian-");
+        if hop || stale_length || meridian || named_by_connection(name) {
+            dropped |= 1 << i;
+        }
+    }
+    fields.drop_fields(dropped);
+    fields.add(te_trailers, region.clone(), attempts);
 }
 
 fn ip_value(ip: IpAddr) -> HeaderValue {

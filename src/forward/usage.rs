@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
 use serde::Deserialize;
 
 use super::body::StreamEnd;
@@ -74,12 +73,15 @@ pub struct Scanned {
 }
 
 impl UsageScanner {
-    /// A scanner for a response with these headers; `length`: its body's declared length, as
+    /// A scanner for a response with this `Content-Type`; `length`: its body's declared length, as
     /// the body's framing has it (not looked up again: this runs on every response); `cap`
     /// is `max_buffered_answer`.
-    pub(crate) fn for_response(headers: &HeaderMap, length: Option<u64>, end_stream: bool, cap: usize) -> UsageScanner {
-        // One lookup for both media types: this runs on every response.
-        let content_type = headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes());
+    pub(crate) fn for_response(
+        content_type: Option<&[u8]>,
+        length: Option<u64>,
+        end_stream: bool,
+        cap: usize,
+    ) -> UsageScanner {
         let sse = content_type.is_some_and(crate::forward::body::is_sse_type);
         let json = content_type.is_some_and(|v| {
             let v = v.trim_ascii_start();
@@ -356,12 +358,12 @@ mod tests {
     use super::*;
     use crate::config::DEFAULT_MAX_BUFFERED_ANSWER as MAX_BUFFERED_ANSWER;
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, http::HeaderValue::from_static(v));
-        }
-        h
+    /// The `Content-Type` among `pairs`, as a response's fields give it.
+    fn content_type(pairs: &[(&'static str, &'static str)]) -> Option<&'static [u8]> {
+        pairs
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+            .map(|(_, value)| value.as_bytes())
     }
 
     const SSE: &[(&str, &str)] = &[("content-type", "text/event-stream; charset=utf-8")];
@@ -396,7 +398,7 @@ mod tests {
             .iter()
             .find(|(name, _)| *name == "content-length")
             .and_then(|(_, v)| v.parse().ok());
-        let mut s = UsageScanner::for_response(&headers(h), length, false, cap);
+        let mut s = UsageScanner::for_response(content_type(h), length, false, cap);
         let bytes = body.as_bytes();
         let pieces: Vec<&[u8]> = if split == 0 {
             vec![bytes]
@@ -554,7 +556,7 @@ mod tests {
     #[test]
     fn first_chunk_time_is_the_first_non_empty_chunk() {
         let t0 = Instant::now();
-        let mut s = UsageScanner::for_response(&headers(SSE), None, false, MAX_BUFFERED_ANSWER);
+        let mut s = UsageScanner::for_response(content_type(SSE), None, false, MAX_BUFFERED_ANSWER);
         s.feed(b"", || t0);
         assert!(s.waiting_for_first_chunk());
         s.feed(b"data: {}\n\n", || t0 + Duration::from_secs(1));
@@ -576,7 +578,7 @@ mod tests {
     #[test]
     fn a_stream_never_keeps_more_than_a_line() {
         let t0 = Instant::now();
-        let mut s = UsageScanner::for_response(&headers(SSE), None, false, MAX_BUFFERED_ANSWER);
+        let mut s = UsageScanner::for_response(content_type(SSE), None, false, MAX_BUFFERED_ANSWER);
         for _ in 0..1000 {
             s.feed(VLLM_STREAM.as_bytes(), || t0);
         }

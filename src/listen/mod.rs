@@ -418,10 +418,16 @@ impl Connection {
                 // The request stays in flight until its response body is done; an HTTP/2
                 // stream's window can stay shut while the connection is busy.
                 resp.map(|r| {
-                    r.map(|body| Guarded {
+                    let (mut parts, mut body) = r.into_parts();
+                    // hyper's HTTP/2 server writes the map: an endpoint's fields go into it.
+                    if let Some(fields) = body.take_endpoint_fields() {
+                        fields.append_to(&mut parts.headers);
+                    }
+                    let body = Guarded {
                         body: send::ClientBody::with_send_timeout(body, send_timeout),
                         _guard: guard,
-                    })
+                    };
+                    http::Response::from_parts(parts, body)
                 })
             }
         });

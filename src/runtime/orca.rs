@@ -37,15 +37,21 @@ impl Snapshot {
 
     /// Reads the load report of an `orca` region's response into the endpoint's signals
     /// and removes it: load reports are for Meridian's balancer, not for clients (they
-    /// would expose internal queue and cache numbers).
-    pub(crate) fn take_load_report(&self, region: usize, health: &EndpointHealth, headers: &mut HeaderMap) {
+    /// would expose internal queue and cache numbers). `take` removes a field from the
+    /// response and returns its first value.
+    pub(crate) fn take_load_report(
+        &self,
+        region: usize,
+        health: &EndpointHealth,
+        take: impl FnOnce(&str) -> Option<HeaderValue>,
+    ) {
         let Some(config) = self.config.regions.get(region) else {
             return;
         };
         if config.load.source != LoadSource::Orca {
             return;
         }
-        let Some(value) = headers.remove(load::ORCA_HEADER) else {
+        let Some(value) = take(load::ORCA_HEADER) else {
             return;
         };
         let reading = value

@@ -9,9 +9,10 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version};
 
+use crate::forward::endpoint_fields::EndpointFields;
 use crate::forward::h1::{
     BodyState, Chunk, FieldSpans, FramingError, FramingFields, Step, chunked_last, decode, field_spans, fields_of,
-    has_token, has_token_in, parse_decimal,
+    has_token, has_token_in, parse_decimal, token_is,
 };
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
@@ -300,14 +301,15 @@ pub(crate) struct Exchange {
     pub(crate) keep_alive: bool,
 }
 
-/// Writes the status line and headers into `out`, with Content-Length or chunked coding
-/// chosen from the response's headers and body length (`exact`), `Connection` as the
+/// Writes the status line and fields into `out`, with Content-Length or chunked coding
+/// chosen from the response's fields and body length (`exact`), `Connection` as the
 /// outcome needs, and `Date` unless the endpoint sent one. Returns the framing and whether
-/// the connection stays open.
+/// the connection stays open. The fields: an endpoint's still over its head's bytes
+/// (`forward::endpoint_fields`; names written lowercase, as a map has them), then the map's.
 pub(crate) fn encode_response(
     out: &mut Vec<u8>,
     status: StatusCode,
-    headers: &HeaderMap,
+    (endpoint, headers): (Option<&EndpointFields>, &HeaderMap),
     exact: Option<u64>,
     exchange: Exchange,
     date: &[u8],
@@ -324,36 +326,53 @@ pub(crate) fn encode_response(
     out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
     // One pass writes the fields and notes the few the framing depends on: every lookup
-    // in the map is a hash and a probe, and this runs for every response.
-    let mut stated: Option<Option<u64>> = None;
-    let mut closes = false;
-    let mut dated = false;
+    // in a map is a hash and a probe, and this runs for every response.
+    let mut noted = Noted {
+        keeps_framing,
+        switching,
+        stated: None,
+        closes: false,
+        dated: false,
+    };
+    if let Some(fields) = endpoint {
+        for (i, name, value) in fields.fields() {
+            // Only a name `note` marked is looked at: most are written straight out.
+            if fields.is_special(i) && !noted.sends(Special::of(name), value) {
+                continue;
+            }
+            let start = out.len();
+            out.extend_from_slice(name);
+            out[start..].make_ascii_lowercase();
+            write_value(out, value);
+        }
+        for (name, value) in fields.added() {
+            out.extend_from_slice(name);
+            write_value(out, value);
+        }
+    }
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH {
-            // The first value, as `HeaderMap::get` would give.
-            stated.get_or_insert_with(|| parse_decimal(value.as_bytes()));
-            if !keeps_framing {
-                continue;
-            }
+        let special = if name == header::CONTENT_LENGTH {
+            Special::ContentLength
         } else if name == header::TRANSFER_ENCODING {
-            if !keeps_framing {
-                continue;
-            }
+            Special::TransferEncoding
         } else if name == header::CONNECTION {
-            closes |= has_token_in(value.as_bytes(), b"close");
-            if !switching {
-                continue;
-            }
+            Special::Connection
         } else if name == "keep-alive" {
-            continue;
+            Special::KeepAlive
         } else if name == header::DATE {
-            dated = true;
+            Special::Date
+        } else {
+            Special::None
+        };
+        if special != Special::None && !noted.sends(special, value.as_bytes()) {
+            continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_value(out, value.as_bytes());
     }
+    let Noted {
+        stated, closes, dated, ..
+    } = noted;
     let stated = if bodiless { None } else { stated.flatten() };
     let framing = if no_body {
         ResponseFraming::None
@@ -388,6 +407,72 @@ pub(crate) fn encode_response(
     }
     out.extend_from_slice(b"\r\n");
     (framing, keep_alive)
+}
+
+/// `": value\r\n"` after a field's name.
+#[inline]
+fn write_value(out: &mut Vec<u8>, value: &[u8]) {
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The fields the response head's framing looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Special {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    Date,
+    None,
+}
+
+impl Special {
+    /// Of a name in any case (an endpoint's, as it sent it).
+    fn of(name: &[u8]) -> Special {
+        match name.len() {
+            4 if token_is(name, b"date") => Special::Date,
+            10 if token_is(name, b"connection") => Special::Connection,
+            10 if token_is(name, b"keep-alive") => Special::KeepAlive,
+            14 if token_is(name, b"content-length") => Special::ContentLength,
+            17 if token_is(name, b"transfer-encoding") => Special::TransferEncoding,
+            _ => Special::None,
+        }
+    }
+}
+
+/// What the fields written so far said of the framing.
+struct Noted {
+    keeps_framing: bool,
+    switching: bool,
+    /// The first `Content-Length`, as `HeaderMap::get` would give.
+    stated: Option<Option<u64>>,
+    closes: bool,
+    dated: bool,
+}
+
+impl Noted {
+    /// Notes a field; whether it is sent on.
+    fn sends(&mut self, special: Special, value: &[u8]) -> bool {
+        match special {
+            Special::ContentLength => {
+                self.stated.get_or_insert_with(|| parse_decimal(value));
+                self.keeps_framing
+            }
+            Special::TransferEncoding => self.keeps_framing,
+            Special::Connection => {
+                self.closes |= has_token_in(value, b"close");
+                self.switching
+            }
+            Special::KeepAlive => false,
+            Special::Date => {
+                self.dated = true;
+                true
+            }
+            Special::None => true,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -563,23 +648,54 @@ mod tests {
         exact: Option<u64>,
         exchange: Exchange,
     ) -> (String, ResponseFraming, bool) {
-        let mut map = HeaderMap::new();
-        for (k, v) in headers {
-            map.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        let mut out = Vec::new();
         let Ok(status) = StatusCode::from_u16(status) else {
             panic!("{status} is not a status");
         };
-        let (framing, keep) = encode_response(
-            &mut out,
+        let mut map = HeaderMap::new();
+        let mut block = Vec::new();
+        for (name, value) in headers {
+            map.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+            block.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        block.extend_from_slice(b"\r\n");
+        let endpoint = EndpointFields::of_block(&block);
+        let date = b"Tue, 01 Dec 2026 19:00:00 GMT";
+        let (mut mapped, mut raw) = (Vec::new(), Vec::new());
+        let (framing, keep) = encode_response(&mut mapped, status, (None, &map), exact, exchange, date);
+        // An endpoint's fields over their head's bytes make the same head.
+        let same = encode_response(
+            &mut raw,
             status,
-            &map,
+            (Some(&endpoint), &HeaderMap::new()),
             exact,
             exchange,
-            b"Tue, 01 Dec 2026 19:00:00 GMT",
+            date,
         );
-        (String::from_utf8_lossy(&out).into_owned(), framing, keep)
+        assert_eq!(String::from_utf8_lossy(&raw), String::from_utf8_lossy(&mapped));
+        assert_eq!(same, (framing, keep));
+        (String::from_utf8_lossy(&mapped).into_owned(), framing, keep)
+    }
+
+    #[test]
+    fn an_endpoints_names_are_written_lowercase() {
+        let endpoint =
+            EndpointFields::of_block(b"Content-Type: text/plain\r\nX-Mixed-Case: A\r\nCONTENT-LENGTH: 2\r\n\r\n");
+        let mut out = Vec::new();
+        let status = StatusCode::OK;
+        let date = b"Tue, 01 Dec 2026 19:00:00 GMT";
+        let (framing, _) = encode_response(
+            &mut out,
+            status,
+            (Some(&endpoint), &HeaderMap::new()),
+            None,
+            GET11,
+            date,
+        );
+        assert_eq!(framing, ResponseFraming::Length(2));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-mixed-case: A\r\ncontent-length: 2\r\ndate: Tue, 01 Dec 2026 19:00:00 GMT\r\n\r\n"
+        );
     }
 
     const GET11: Exchange = Exchange {

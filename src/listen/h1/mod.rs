@@ -276,10 +276,16 @@ where
             let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
             let exact = body.size_hint().exact();
             let date = date::now();
+            // An endpoint's fields still over its head's bytes come first (as they would in
+            // the map), then what the map holds.
+            let endpoint = body.take_endpoint_fields();
+            let endpoint_len = endpoint.as_ref().map_or(0, |f| f.head_len());
             // One allocation for the head (and the first frames behind it).
-            self.wbuf.reserve(256 + parts.headers.len() * 48);
+            self.wbuf.reserve(256 + endpoint_len + parts.headers.len() * 48);
+            let fields = (endpoint.as_deref(), &parts.headers);
             let (framing, keep_alive) =
-                head::encode_response(&mut self.wbuf, parts.status, &parts.headers, exact, exchange, &date);
+                head::encode_response(&mut self.wbuf, parts.status, fields, exact, exchange, &date);
+            drop(endpoint);
             drop(parts);
             if switching {
                 poll_fn(|cx| self.poll_write_buffered(cx)).await?;
