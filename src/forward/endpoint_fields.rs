@@ -17,8 +17,28 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::h1::{FieldSpans, FieldValues, FramingFields, token_is};
 
-/// One bit a field: an endpoint's head has at most `forward::h1::MAX_HEADERS` (100).
-pub(crate) type FieldMask = u128;
+/// One bit a field: an endpoint's head has at most `forward::h1::MAX_HEADERS` (100). Two
+/// words rather than a `u128`, which would align the box to 16 bytes (mimalloc's slower
+/// aligned path).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FieldMask([u64; 2]);
+
+impl FieldMask {
+    const BITS: usize = 128;
+
+    /// Sets bit `i` (< 128).
+    pub(crate) fn set(&mut self, i: usize) {
+        self.0[(i >> 6) & 1] |= 1 << (i & 63);
+    }
+
+    fn has(self, i: usize) -> bool {
+        self.0[(i >> 6) & 1] & (1 << (i & 63)) != 0
+    }
+
+    fn union(self, other: FieldMask) -> FieldMask {
+        FieldMask([self.0[0] | other.0[0], self.0[1] | other.0[1]])
+    }
+}
 
 /// An endpoint's response fields over its head's bytes.
 #[derive(Debug)]
@@ -70,8 +90,8 @@ impl EndpointFields {
         Box::new(EndpointFields {
             head: Bytes::new(),
             spans: FieldSpans::new(),
-            dropped: 0,
-            special: 0,
+            dropped: FieldMask::default(),
+            special: FieldMask::default(),
             seen: Seen::default(),
             added: Added::default(),
         })
@@ -100,18 +120,18 @@ impl EndpointFields {
     /// accepted) lie in; returns which framing fields are there, or `None` if a span lies
     /// outside the head or there are more fields than a head may have.
     pub(crate) fn take_in(&mut self, head: Bytes) -> Option<FramingFields> {
-        if self.spans.len() > FieldMask::BITS as usize {
+        if self.spans.len() > FieldMask::BITS {
             return None;
         }
         let mut seen = Seen::default();
-        let mut special: FieldMask = 0;
+        let mut special = FieldMask::default();
         for (i, span) in self.spans.iter().enumerate() {
             let (name, value) = (span.name(), span.value());
             if name.start > name.end || name.end > head.len() || value.start > value.end || value.end > head.len() {
                 return None;
             }
             if note(&mut seen, &head[name]) {
-                special |= 1 << i;
+                special.set(i);
             }
         }
         self.head = head;
@@ -123,7 +143,7 @@ impl EndpointFields {
     /// Whether field `i` is one the client's head is framed by (`Content-Length`,
     /// `Transfer-Encoding`, `Connection`, `Keep-Alive`) or `Date`.
     pub(crate) fn is_special(&self, i: usize) -> bool {
-        self.special & (1 << i) != 0
+        self.special.has(i)
     }
 
     pub(crate) fn seen(&self) -> Seen {
@@ -135,29 +155,38 @@ impl EndpointFields {
         self.head.len()
     }
 
-    /// Field `i`'s name (as sent: any case) and value.
-    fn field(&self, i: usize) -> (&[u8], &[u8]) {
-        let span = self.spans[i];
-        (&self.head[span.name()], &self.head[span.value()])
-    }
-
-    fn is_dropped(&self, i: usize) -> bool {
-        self.dropped & (1 << i) != 0
-    }
-
     /// The relayed fields, in order: index, name as sent, value.
     pub(crate) fn fields(&self) -> impl Iterator<Item = (usize, &[u8], &[u8])> {
-        (0..self.spans.len()).filter(|&i| !self.is_dropped(i)).map(|i| {
-            let (name, value) = self.field(i);
-            (i, name, value)
-        })
+        let (head, dropped) = (&self.head[..], self.dropped);
+        // The spans lie in the head (`take_in` checked): `get` never misses.
+        self.spans
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| !dropped.has(*i))
+            .map(move |(i, span)| {
+                let name = head.get(span.name()).unwrap_or_default();
+                (i, name, head.get(span.value()).unwrap_or_default())
+            })
+    }
+
+    /// The relayed fields named `lower` (a lowercase name): index and value. Lengths are
+    /// compared first, from the spans.
+    fn named<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = (usize, &'a [u8])> + 'a {
+        let (head, dropped) = (&self.head[..], self.dropped);
+        self.spans
+            .iter()
+            .enumerate()
+            .filter(move |(i, span)| {
+                span.name().len() == lower.len()
+                    && !dropped.has(*i)
+                    && token_is(head.get(span.name()).unwrap_or_default(), lower.as_bytes())
+            })
+            .map(move |(i, span)| (i, head.get(span.value()).unwrap_or_default()))
     }
 
     /// Every relayed value of `lower` (a lowercase name), in order.
     pub(crate) fn values<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.fields()
-            .filter(move |(_, name, _)| token_is(name, lower.as_bytes()))
-            .map(|(_, _, value)| value)
+        self.named(lower).map(|(_, value)| value)
     }
 
     /// The first relayed value of `lower`, as `HeaderMap::get` gives.
@@ -165,29 +194,23 @@ impl EndpointFields {
         self.values(lower).next()
     }
 
-    /// Stops relaying field `i`.
-    pub(crate) fn drop_field(&mut self, i: usize) {
-        self.dropped |= 1 << i;
-    }
-
     /// Stops relaying the fields whose bits `mask` sets.
     pub(crate) fn drop_fields(&mut self, mask: FieldMask) {
-        self.dropped |= mask;
+        self.dropped = self.dropped.union(mask);
     }
 
     /// Takes `lower` out of what is relayed; its first value, as `HeaderMap::remove` gives.
     pub(crate) fn take(&mut self, lower: &str) -> Option<HeaderValue> {
+        let mut taken = FieldMask::default();
         let mut first = None;
-        for i in 0..self.spans.len() {
-            if self.is_dropped(i) || !token_is(self.field(i).0, lower.as_bytes()) {
-                continue;
-            }
+        for (i, value) in self.named(lower) {
             if first.is_none() {
-                first = HeaderValue::from_maybe_shared(self.head.slice(self.spans[i].value())).ok();
+                first = Some(HeaderValue::from_maybe_shared(self.head.slice_ref(value)).ok());
             }
-            self.drop_field(i);
+            taken.set(i);
         }
-        first
+        self.drop_fields(taken);
+        first.flatten()
     }
 
     /// What the rewrite adds: `te: trailers` kept, the region that answered, the attempts

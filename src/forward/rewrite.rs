@@ -395,14 +395,14 @@ pub(crate) fn response_fields(fields: &mut EndpointFields, region: &HeaderValue,
                 .filter(|token| !token.eq_ignore_ascii_case(b"close"))
                 .any(|token| token.eq_ignore_ascii_case(name))
     };
-    let mut dropped: FieldMask = 0;
+    let mut dropped = FieldMask::default();
     for (i, name, _) in fields.fields() {
         let hop = HOP_BY_HOP.iter().any(|h| token_is(name, h.as_str().as_bytes())) || token_is(name, b"upgrade");
         // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (see `response_headers`).
         let stale_length = framing.transfer_encoding && token_is(name, b"content-length");
         let meridian = seen.meridian && name.len() >= 11 && name[..11].eq_ignore_ascii_case(b"x-meridian-");
         if hop || stale_length || meridian || named_by_connection(name) {
-            dropped |= 1 << i;
+            dropped.set(i);
         }
     }
     fields.drop_fields(dropped);
