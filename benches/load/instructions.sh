@@ -13,7 +13,8 @@
 # SDK_HEADERS=1 (h2load only: the fields the openai Python SDK sends with each request),
 # H2C=1 (h2load only: HTTP/2 with prior knowledge, 10 streams per connection, instead of
 # HTTP/1.1), NGINX=1 (report mode: count NGINX too, one worker with benches/load/nginx.conf,
-# under the same load: the yardstick for the per-request figure).
+# under the same load: the yardstick for the per-request figure), CALLGRIND_ARGS (more
+# callgrind options for Meridian, e.g. --dump-instr=yes to find the call sites of memcpy).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -105,7 +106,8 @@ write_configs
 for bin in "$@"; do
     out=$RUN/callgrind.$(basename "$bin").out
     valgrind_log=$RUN/valgrind.$(basename "$bin").log
-    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run -c "$RUN/meridian.toml" \
+    # shellcheck disable=SC2086 # CALLGRIND_ARGS is a list of options
+    RUST_LOG=warn valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" "$bin" run -c "$RUN/meridian.toml" \
         2>"$valgrind_log" &
     STARTED+=($!)
     count "$(basename "$bin")" "$!" "$out" 18081
