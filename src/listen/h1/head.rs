@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version};
 
-use crate::forward::endpoint_fields::EndpointFields;
+use crate::forward::endpoint_fields::{EndpointFields, shadowed};
 use crate::forward::h1::{
     BodyState, Chunk, FieldSpans, FramingError, FramingFields, Step, chunked_last, decode, field_spans, fields_of,
     has_token, has_token_in, parse_decimal, token_is,
@@ -337,7 +337,7 @@ pub(crate) fn encode_response(
     if let Some(fields) = endpoint {
         for (i, name, value) in fields.fields() {
             // Only a name `note` marked is looked at: most are written straight out.
-            if fields.is_special(i) && !noted.sends(Special::of(name), value) {
+            if fields.is_special(i) && !noted.sends(Special::of(name), value) || shadowed(headers, name) {
                 continue;
             }
             let start = out.len();
@@ -674,6 +674,25 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&raw), String::from_utf8_lossy(&mapped));
         assert_eq!(same, (framing, keep));
         (String::from_utf8_lossy(&mapped).into_owned(), framing, keep)
+    }
+
+    #[test]
+    fn a_field_set_on_the_map_replaces_the_endpoints() {
+        let endpoint = EndpointFields::of_block(b"X-RateLimit-Remaining-Requests: 99\r\nContent-Length: 0\r\n\r\n");
+        let mut map = HeaderMap::new();
+        map.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("4"));
+        let mut out = Vec::new();
+        let date = b"Tue, 01 Dec 2026 19:00:00 GMT";
+        encode_response(&mut out, StatusCode::OK, (Some(&endpoint), &map), None, GET11, date);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("x-ratelimit-remaining-requests: 4\r\n"), "{text}");
+        assert!(!text.contains("99"), "{text}");
+
+        let mut mapped = map.clone();
+        endpoint.append_to(&mut mapped);
+        assert_eq!(mapped.get_all("x-ratelimit-remaining-requests").iter().count(), 1);
+        assert_eq!(mapped["x-ratelimit-remaining-requests"], "4");
+        assert_eq!(mapped["content-length"], "0");
     }
 
     #[test]
