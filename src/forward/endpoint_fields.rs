@@ -257,17 +257,25 @@ impl EndpointFields {
 
     /// Appends what is relayed to `map` (for the HTTP/2 server, and a `101`'s rewrite).
     pub(crate) fn append_to(self, map: &mut HeaderMap) {
-        let kept: FieldSpans = self
-            .fields()
-            .filter(|(_, name, _)| !shadowed(map, name))
-            .map(|(i, _, _)| self.spans[i])
-            .collect();
         // As the HTTP/1.1 reading built its map before (known names static, values sharing
-        // the head): `None` only for spans outside the head, which `take_in` refused.
-        if let Some((mut fields, _)) = fields_of(&self.head, &kept, map.len() + 3) {
-            // The map's own fields (set after the endpoint's: admission's rate fields) follow.
-            fields.extend(std::mem::take(map));
-            *map = fields;
+        // the head); `fields_of` misses only for spans outside the head, which `take_in`
+        // refused.
+        if self.dropped == FieldMask::default() && map.is_empty() {
+            // The usual answer: every field goes, into an empty map.
+            if let Some((fields, _)) = fields_of(&self.head, &self.spans, 3) {
+                *map = fields;
+            }
+        } else {
+            let kept: FieldSpans = self
+                .fields()
+                .filter(|(_, name, _)| !shadowed(map, name))
+                .map(|(i, _, _)| self.spans[i])
+                .collect();
+            if let Some((mut fields, _)) = fields_of(&self.head, &kept, map.len() + 3) {
+                // The map's own fields (set after the endpoint's: admission's) follow.
+                fields.extend(std::mem::take(map));
+                *map = fields;
+            }
         }
         let Added {
             te_trailers,

@@ -417,17 +417,15 @@ impl Connection {
                 let resp = pin_in_place(|| proxy.handle(info, Some(&memo), req.map(ClientBody::from))).await;
                 // The request stays in flight until its response body is done; an HTTP/2
                 // stream's window can stay shut while the connection is busy.
-                resp.map(|r| {
-                    let (mut parts, mut body) = r.into_parts();
+                resp.map(|mut r| {
                     // hyper's HTTP/2 server writes the map: an endpoint's fields go into it.
-                    if let Some(fields) = body.take_endpoint_fields() {
-                        fields.append_to(&mut parts.headers);
+                    if let Some(fields) = r.body_mut().take_endpoint_fields() {
+                        fields.append_to(r.headers_mut());
                     }
-                    let body = Guarded {
+                    r.map(|body| Guarded {
                         body: send::ClientBody::with_send_timeout(body, send_timeout),
                         _guard: guard,
-                    };
-                    http::Response::from_parts(parts, body)
+                    })
                 })
             }
         });
