@@ -478,6 +478,24 @@ mod tests {
         h
     }
 
+    /// The endpoint-fields rewrite skips its pass when the head's first look found nothing
+    /// to remove: every name it removes must be one that look notices, in any case.
+    #[test]
+    fn every_field_the_response_rewrite_removes_is_noticed_when_the_head_is_taken_in() {
+        let names =
+            HOP_BY_HOP
+                .iter()
+                .map(HeaderName::as_str)
+                .chain(["upgrade", "x-meridian-region", "x-meridian-anything"]);
+        for name in names {
+            for written in [name.to_string(), name.to_ascii_uppercase()] {
+                let block = format!("{written}: v\r\ncontent-length: 0\r\n\r\n");
+                let fields = EndpointFields::of_block(block.as_bytes());
+                assert!(!fields.seen().nothing_to_remove(), "{written}");
+            }
+        }
+    }
+
     #[test]
     fn the_scan_finds_each_hop_by_hop_field_at_its_own_place() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
