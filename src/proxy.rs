@@ -999,7 +999,6 @@ fn rewrite_fallback_path(rt: &Snapshot, base: &str, path: &str) -> PathAndQuery 
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from model servers and ignored).
-/// A `Retry-After` value in seconds (an HTTP date is not taken).
 fn retry_after(value: &[u8]) -> Option<Duration> {
     let secs: u64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(secs))

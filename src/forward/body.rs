@@ -718,8 +718,8 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
-    /// An endpoint's fields not yet in the response's map, taken out to be written after
-    /// the map's own fields' place (or appended to the map): see [`EndpointFields`].
+    /// An endpoint's fields not in the response's map, taken out to be written ahead of the
+    /// map's fields (or appended to the map): see [`EndpointFields`].
     pub(crate) fn take_endpoint_fields(&mut self) -> Option<Box<EndpointFields>> {
         match self {
             ResponseBody::Upstream(u) => u.inner.take_fields(),
