@@ -81,7 +81,7 @@ pub(crate) fn for_request(
         .affinity_header
         .as_ref()
         .and_then(|h| headers.get(h))
-        .map(|v| std::borrow::Cow::Borrowed(v.as_bytes()));
+        .map(std::borrow::Cow::Borrowed);
     let from_body = || {
         body.zip(config.affinity_body_field.as_deref())
             .and_then(|(b, f)| body_field(b, f))

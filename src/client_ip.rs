@@ -3,9 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderMap;
-use http::header::{GetAll, HeaderName, HeaderValue};
+use http::header::HeaderName;
 use ipnet::IpNet;
+
+use crate::forward::request_fields::{RequestFields, visible};
 
 /// Built at compile time: a `from_static` call per request re-validates the name.
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -22,18 +23,18 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 /// walked right to left, skipping trusted hops; the first untrusted hop is the client. If
 /// every hop is trusted, the left-most is. An unparseable hop ends the walk at the last
 /// good one: whatever is left of it was written by someone we cannot vouch for.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn client_ip<'a>(peer: IpAddr, headers: impl Into<RequestFields<'a>>, trusted: &[IpNet]) -> IpAddr {
     let peer = peer.to_canonical();
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    walk(peer, headers.get_all(&X_FORWARDED_FOR), trusted)
+    walk(peer, headers.into().values(&X_FORWARDED_FOR), trusted)
 }
 
-fn walk(peer: IpAddr, values: GetAll<'_, HeaderValue>, trusted: &[IpNet]) -> IpAddr {
+fn walk<'a>(peer: IpAddr, values: impl DoubleEndedIterator<Item = &'a [u8]>, trusted: &[IpNet]) -> IpAddr {
     let mut last = peer;
-    for value in values.iter().rev() {
-        let Ok(text) = value.to_str() else { return last };
+    for value in values.rev() {
+        let Some(text) = visible(value) else { return last };
         for hop in text.rsplit(',') {
             let hop = hop.trim();
             if hop.is_empty() {
@@ -68,6 +69,8 @@ pub fn parse_hop(hop: &str) -> Option<IpAddr> {
 mod tests {
     use super::*;
     use crate::test_fixtures::TestResult;
+    use http::HeaderMap;
+    use http::header::HeaderValue;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().unwrap()).collect()

@@ -27,8 +27,10 @@ use crate::forward::client::{UpstreamError, UpstreamErrorKind, Upstreams};
 use crate::forward::client_body::ClientBody;
 use crate::forward::endpoint_get::{to_endpoint, under_base};
 use crate::forward::h1::OwnRequest;
+use crate::forward::head_fields::HeadFields;
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::pool::PooledEndpoint;
+use crate::forward::request_fields::RequestFields;
 use crate::forward::rewrite::{self, AddedFields, Forwarding, SentFields};
 use crate::forward::upgrade;
 use crate::forward::usage::{self, Scanned, UsageScanner};
@@ -116,22 +118,24 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every problem becomes a response. `memo`: the
-    /// connection's last GeoIP lookup, when the listener keeps one.
+    /// connection's last GeoIP lookup, when the listener keeps one; `listed`: the request's
+    /// fields over its head's bytes, when the server kept them so (its map holds the rest).
     ///
     /// An `async` block rather than an `async fn`, which would keep the request twice in
     /// its state.
     #[allow(clippy::manual_async_fn)] // why: the state size, above
-    pub fn handle(
+    pub(crate) fn handle(
         &self,
         conn: ConnInfo,
         memo: Option<&LocateMemo>,
         mut req: Request<ClientBody>,
+        mut listed: Option<Box<HeadFields>>,
     ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
         async move {
             let started = Instant::now();
             let rt = self.shared.snapshot();
             let config = &rt.config;
-            let (client, mut record) = self.locate(&rt, conn, memo, &req);
+            let (client, mut record) = self.locate(&rt, conn, memo, &req, listed.as_deref());
 
             let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
             if uri_len > config.server.max_uri_bytes {
@@ -139,17 +143,24 @@ impl Proxy {
                 return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
             }
             // Method, Host and the normalised path: what rules, residency and the endpoint see.
-            let has_host = match crate::forward::inbound::admit(&mut req) {
+            let has_host = match crate::forward::inbound::admit(&mut req, listed.as_deref()) {
                 Ok(has_host) => has_host,
                 Err(err) => return Ok(self.refuse(err, record, started)),
             };
             // Room for a per-client candidate order (city coordinates), so it is not allocated.
             let mut nearest = route::InlineCandidates::new();
-            let plan = match self.route(&rt, client.located, &req, &mut record, &mut nearest) {
+            let plan = match self.route(
+                &rt,
+                client.located,
+                (&req, listed.as_deref()),
+                &mut record,
+                &mut nearest,
+            ) {
                 Ok(plan) => plan,
                 Err(err) => return Ok(self.refuse(err, record, started)),
             };
-            let (parts, added, incoming, client_upgrade) = prepare_head(req, has_host, &client.fwd, &mut record);
+            let (parts, added, incoming, client_upgrade) =
+                prepare_head((req, listed.as_deref_mut()), has_host, &client.fwd, &mut record);
             let (body, overflow) = match read_body(config, incoming).await {
                 Ok(read) => read,
                 Err(err) => return Ok(self.refuse(err, record, started)),
@@ -162,7 +173,7 @@ impl Proxy {
             }
             // Admission control: a limited request is answered here and reaches no endpoint.
             let sent_fields = SentFields {
-                client: &parts.headers,
+                client: RequestFields::new(listed.as_deref(), &parts.headers),
                 added: Some(&added),
             };
             let admitted = match self.admit(&rt, record.client_ip, &parts, sent_fields, &body).await {
@@ -172,7 +183,7 @@ impl Proxy {
             self.budget.record_request();
 
             // Not boxed apart: both servers box this whole future per request already.
-            let head = SentHead { parts, added };
+            let head = SentHead { parts, listed, added };
             let resp = self.attempts(&rt, &plan, head, body, overflow, record, started).await;
             // Most answers are neither limited nor an upgrade: not moved through either.
             resp.map(|r| match (admitted, client_upgrade) {
@@ -232,11 +243,13 @@ impl Proxy {
         conn: ConnInfo,
         memo: Option<&LocateMemo>,
         req: &Request<ClientBody>,
+        listed: Option<&HeadFields>,
     ) -> (Client, Box<AccessRecord>) {
         let config = &rt.config;
+        let fields = RequestFields::new(listed, req.headers());
         let peer = conn.peer.ip().to_canonical();
         let peer_trusted = is_trusted(peer, &config.geoip.trusted_proxies);
-        let client = client_ip(peer, req.headers(), &config.geoip.trusted_proxies);
+        let client = client_ip(peer, fields, &config.geoip.trusted_proxies);
         let located = match memo {
             Some(memo) => memo.locate(&rt.geo, client),
             None => rt.geo.locate(client),
@@ -256,15 +269,15 @@ impl Proxy {
         // observe: access-log fields of the request head, and the client's trace.
         record.head(
             req.version(),
-            req.headers(),
+            fields,
             req.uri().authority().map(|a| a.as_str()),
             config.log.access_log,
         );
         // observe: the request's server span when tracing is on; the log's trace id.
-        record.trace = crate::observe::trace::RequestTrace::start(req.method(), req.uri().path(), req.headers());
+        record.trace = crate::observe::trace::RequestTrace::start(req.method(), req.uri().path(), fields);
         record.trace_id = match &record.trace {
             Some(t) => Some(t.trace_id_hex()),
-            None if config.log.access_log => crate::observe::trace::client_trace_id(req.headers()),
+            None if config.log.access_log => crate::observe::trace::client_trace_id(fields),
             None => None,
         };
         let fwd = Forwarding {
@@ -281,14 +294,15 @@ impl Proxy {
         &self,
         rt: &'t Snapshot,
         located: Located,
-        req: &Request<ClientBody>,
+        (req, listed): (&Request<ClientBody>, Option<&HeadFields>),
         record: &mut AccessRecord,
         nearest: &'t mut route::InlineCandidates,
     ) -> Result<RoutePlan<'t>, ProxyError> {
+        let fields = RequestFields::new(listed, req.headers());
         let facts = RequestFacts {
             method: req.method(),
             path: req.uri().path(),
-            headers: req.headers(),
+            headers: &fields,
         };
         match route::plan_in(&rt.table, located, &facts, nearest) {
             Ok(plan) => {
@@ -298,10 +312,8 @@ impl Proxy {
             Err(refusal) => {
                 // Refused before the headers are rewritten: the client's id, or a new one the
                 // answer carries, so the log line can be found from either side.
-                record.request_id = req
-                    .headers()
-                    .get(&rewrite::X_REQUEST_ID)
-                    .cloned()
+                record.request_id = fields
+                    .get_value(&rewrite::X_REQUEST_ID)
                     .unwrap_or_else(rewrite::new_request_id);
                 Err(match refusal {
                     Refusal::LocationRefused => ProxyError::LocationRefused,
@@ -335,17 +347,21 @@ impl Proxy {
         // Taken apart before the block: inside it, the parts and the added fields would
         // each be kept twice in its state (as captured, and as the binding), 440 bytes that
         // every layer above copies when it starts this future.
-        let SentHead { mut parts, added } = head;
+        let SentHead {
+            mut parts,
+            listed,
+            added,
+        } = head;
         async move {
             let skips = slow_start_skips(rt, plan);
-            let policy = attempt_policy(rt, &parts, &body, &skips);
+            let policy = attempt_policy(rt, (&parts, listed.as_deref()), &body, &skips);
             let mut tried: SmallVec<[Tried; 4]> = SmallVec::new();
             let mut body = Some(body);
             let mut last_error: Option<ProxyError> = None;
             loop {
                 let kept = body.as_ref().and_then(RequestBody::kept);
                 let sent_fields = SentFields {
-                    client: &parts.headers,
+                    client: RequestFields::new(listed.as_deref(), &parts.headers),
                     added: Some(&added),
                 };
                 let (target, reason) = match self.plan_next(rt, plan, &tried, &policy, sent_fields, kept, &record) {
@@ -375,7 +391,7 @@ impl Proxy {
                     .try_target(
                         rt,
                         step,
-                        (&mut parts, &added),
+                        (&mut parts, listed.as_deref(), &added),
                         attempt_body,
                         &mut record,
                         &policy,
@@ -409,14 +425,15 @@ impl Proxy {
         &self,
         rt: &Arc<Snapshot>,
         (target, reason, tried): (Target, Option<FailoverReason>, usize),
-        (parts, added): (&mut http::request::Parts, &AddedFields),
+        (parts, listed, added): (&mut http::request::Parts, Option<&HeadFields>, &AddedFields),
         body: RequestBody,
         record: &mut AccessRecord,
         policy: &Policy<'_>,
         overflow: &AtomicBool,
     ) -> Outcome {
         let span = self.start_attempt_span(record, tried, &mut parts.headers);
-        let outcome = self.forward(rt, target, (parts, added), body).await;
+        let head = HeadView { parts, listed, added };
+        let outcome = self.forward(rt, target, head, body).await;
         let sent = self.sent(rt, target, reason, record, tried);
         self.observe_attempt(rt, &sent, &outcome, span, record);
         match outcome {
@@ -654,14 +671,14 @@ impl Proxy {
         &self,
         rt: &Snapshot,
         target: Target,
-        (parts, added): (&http::request::Parts, &AddedFields),
+        head: HeadView<'_>,
         body: RequestBody,
     ) -> Result<(Response<EndpointBody>, HeadTiming, Option<InFlight>), UpstreamError> {
         let upstream = upstream_of(rt, target)?;
         let timeout = rt.config.server.request_timeout;
-        let request = match own_request(rt, target, &upstream, (parts, added), &body)? {
+        let request = match own_request(rt, target, &upstream, head, &body)? {
             Some((via, own)) => AttemptRequest::Own(via, own),
-            None => AttemptRequest::Built(Box::new(endpoint_request(rt, target, &upstream, (parts, added), body)?)),
+            None => AttemptRequest::Built(Box::new(endpoint_request(rt, target, &upstream, head, body)?)),
         };
         let inflight = match target {
             Target::Endpoint { region, endpoint } => Some(rt.regions[region].endpoints[endpoint].health.start()),
@@ -1064,7 +1081,23 @@ fn upstream_of(rt: &Snapshot, target: Target) -> Result<Upstream<'_>, UpstreamEr
 /// them the ones Meridian adds.
 struct SentHead {
     parts: http::request::Parts,
+    /// The client's fields over its head's bytes (HTTP/1.1), shadowed by `parts`' map.
+    listed: Option<Box<HeadFields>>,
     added: AddedFields,
+}
+
+/// One attempt's look at the client's head: its parts, its listed fields, what Meridian adds.
+#[derive(Clone, Copy)]
+struct HeadView<'a> {
+    parts: &'a http::request::Parts,
+    listed: Option<&'a HeadFields>,
+    added: &'a AddedFields,
+}
+
+impl<'a> HeadView<'a> {
+    fn fields(self) -> RequestFields<'a> {
+        RequestFields::new(self.listed, &self.parts.headers)
+    }
 }
 
 /// What one attempt sends.
@@ -1084,9 +1117,10 @@ fn own_request<'a>(
     rt: &Snapshot,
     target: Target,
     upstream: &Upstream<'a>,
-    (parts, added): (&'a http::request::Parts, &'a AddedFields),
+    head: HeadView<'a>,
     body: &RequestBody,
 ) -> Result<Option<(&'a PooledEndpoint, OwnRequest<'a>)>, UpstreamError> {
+    let HeadView { parts, added, .. } = head;
     let Target::Endpoint { region, .. } = target else {
         return Ok(None);
     };
@@ -1111,7 +1145,7 @@ fn own_request<'a>(
         OwnRequest {
             method: &parts.method,
             path,
-            headers: &parts.headers,
+            headers: head.fields(),
             extra: rt.load_report_field(region),
             added: Some(added),
             body: whole,
@@ -1124,9 +1158,10 @@ fn endpoint_request(
     rt: &Snapshot,
     target: Target,
     upstream: &Upstream<'_>,
-    (parts, added): (&http::request::Parts, &AddedFields),
+    head: HeadView<'_>,
     body: RequestBody,
 ) -> Result<Request<RequestBody>, UpstreamError> {
+    let HeadView { parts, added, .. } = head;
     let base = upstream.base;
     let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let path_and_query = match target {
@@ -1150,7 +1185,7 @@ fn endpoint_request(
         body,
     )
     .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = head.fields().to_map(4);
     added.apply(req.headers_mut());
     match (target, rt.fallback.as_ref()) {
         (Target::Endpoint { region, .. }, _) => rt.ask_for_load_report(region, req.headers_mut()),
@@ -1176,7 +1211,7 @@ fn upstream_protocol(configured: UpstreamProtocol, upgrade: bool) -> UpstreamPro
 /// Meridian adds beside it (forwarding fields, request id); the client's side of an
 /// upgrade, bridged once the endpoint answers 101.
 fn prepare_head(
-    req: Request<ClientBody>,
+    (req, listed): (Request<ClientBody>, Option<&mut HeadFields>),
     has_host: bool,
     fwd: &Forwarding,
     record: &mut AccessRecord,
@@ -1201,13 +1236,14 @@ fn prepare_head(
     // answers 101.
     // Only a request whose server left a way to take its connection over can be an upgrade:
     // Meridian's HTTP/1.1 server does so only for one, so most requests skip the lookups.
-    let upgrade = !parts.extensions.is_empty() && upgrade::is_upgrade(&parts.headers);
+    let upgrade =
+        !parts.extensions.is_empty() && upgrade::is_upgrade(RequestFields::new(listed.as_deref(), &parts.headers));
     let client_upgrade = if upgrade {
         upgrade::ClientUpgrade::take(&mut parts.extensions)
     } else {
         None
     };
-    let (request_id, added) = rewrite::request_fields(&mut parts.headers, fwd, upgrade);
+    let (request_id, added) = rewrite::rewrite_request((&mut parts.headers, listed), fwd, upgrade);
     record.request_id = request_id;
     (parts, added, incoming, client_upgrade)
 }
@@ -1236,7 +1272,7 @@ async fn read_body(
 /// The retry policy of one request, as data for the planner.
 fn attempt_policy<'a>(
     rt: &Snapshot,
-    parts: &http::request::Parts,
+    (parts, listed): (&http::request::Parts, Option<&HeadFields>),
     body: &RequestBody,
     skips: &'a [usize],
 ) -> Policy<'a> {
@@ -1245,7 +1281,7 @@ fn attempt_policy<'a>(
         // The one place the replay rules (docs/security.md) are applied.
         replay: crate::retry::may_replay(
             &parts.method,
-            &parts.headers,
+            RequestFields::new(listed, &parts.headers),
             parts.uri.path(),
             &rt.config.retry.replay_paths,
         ),

@@ -5,9 +5,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderName, Method};
 
 use crate::clock;
+use crate::forward::request_fields::RequestFields;
 use crate::route::path_matches;
 
 /// A client's promise that the endpoint deduplicates (the draft IETF header).
@@ -18,7 +19,7 @@ pub(crate) static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempot
 /// safe to replay (`[retry] replay_paths`, matched on whole segments of the normalised
 /// path). A failure before anything was sent (connect) is always retryable: see
 /// `UpstreamError::retryable`.
-pub(crate) fn may_replay(method: &Method, headers: &HeaderMap, path: &str, replay_paths: &[String]) -> bool {
+pub(crate) fn may_replay(method: &Method, headers: RequestFields<'_>, path: &str, replay_paths: &[String]) -> bool {
     is_idempotent(method)
         || headers.get(&IDEMPOTENCY_KEY).is_some_and(|v| !v.is_empty())
         || replay_paths.iter().any(|p| path_matches(p, path))
@@ -97,6 +98,7 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn replay_table() {
@@ -128,9 +130,13 @@ mod tests {
             (Method::POST, &key(""), "/v1/files", false),
         ];
         for (method, headers, path, want) in cases {
-            assert_eq!(may_replay(method, headers, path, &paths), *want, "{method} {path}");
+            assert_eq!(
+                may_replay(method, (*headers).into(), path, &paths),
+                *want,
+                "{method} {path}"
+            );
         }
-        assert!(!may_replay(&Method::POST, &none, "/v1/chat/completions", &[]));
+        assert!(!may_replay(&Method::POST, (&none).into(), "/v1/chat/completions", &[]));
     }
 
     #[test]

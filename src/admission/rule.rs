@@ -44,7 +44,7 @@ pub fn key_of<'a>(rule: &LimitRule, req: &RequestView<'a>) -> Option<KeyValue<'a
     match &rule.key {
         LimitKey::ClientIp => Some(KeyValue::Ip(req.client_ip)),
         LimitKey::Header(name) => {
-            let value = req.headers.get(name)?.as_bytes();
+            let value = req.headers.get(name)?;
             (!value.is_empty()).then_some(KeyValue::Header(value))
         }
     }

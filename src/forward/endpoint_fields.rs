@@ -17,38 +17,14 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::h1::{FieldSpans, FieldValues, FramingFields, fields_of, token_is};
-
-/// One bit a field: an endpoint's head has at most `forward::h1::MAX_HEADERS` (100). Two
-/// words rather than a `u128`, which would align the box to 16 bytes (mimalloc's slower
-/// aligned path).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FieldMask([u64; 2]);
-
-impl FieldMask {
-    const BITS: usize = 128;
-
-    /// Sets bit `i` (< 128).
-    pub(crate) fn set(&mut self, i: usize) {
-        self.0[(i >> 6) & 1] |= 1 << (i & 63);
-    }
-
-    fn has(self, i: usize) -> bool {
-        self.0[(i >> 6) & 1] & (1 << (i & 63)) != 0
-    }
-
-    fn union(self, other: FieldMask) -> FieldMask {
-        FieldMask([self.0[0] | other.0[0], self.0[1] | other.0[1]])
-    }
-}
+use super::h1::{FieldSpans, FieldValues, FramingFields, token_is};
+use super::head_fields::HeadFields;
+pub(crate) use super::head_fields::{FieldMask, shadowed};
 
 /// An endpoint's response fields over its head's bytes.
 #[derive(Debug)]
 pub(crate) struct EndpointFields {
-    head: Bytes,
-    spans: FieldSpans,
-    /// Bit `i`: field `i` is not relayed.
-    dropped: FieldMask,
+    list: HeadFields,
     /// Bit `i`: field `i` is one whose name the client's head writer looks at.
     special: FieldMask,
     /// What one pass over the names found, so the rewrite looks only for what is there.
@@ -94,9 +70,7 @@ impl EndpointFields {
         Box::write(
             Box::new_uninit(),
             EndpointFields {
-                head: Bytes::new(),
-                spans: FieldSpans::new(),
-                dropped: FieldMask::default(),
+                list: HeadFields::new(),
                 special: FieldMask::default(),
                 seen: Seen::default(),
                 added: Added::default(),
@@ -120,28 +94,23 @@ impl EndpointFields {
 
     /// Where `h1::field_spans` writes the fields' spans in the head to come.
     pub(crate) fn spans_mut(&mut self) -> &mut FieldSpans {
-        &mut self.spans
+        self.list.spans_mut()
     }
 
     /// Takes in the frozen `head` the spans (from `h1::field_spans`: fields httparse
     /// accepted) lie in; returns which framing fields are there, or `None` if a span lies
     /// outside the head or there are more fields than a head may have.
     pub(crate) fn take_in(&mut self, head: Bytes) -> Option<FramingFields> {
-        if self.spans.len() > FieldMask::BITS {
-            return None;
-        }
         let mut seen = Seen::default();
         let mut special = FieldMask::default();
-        for (i, span) in self.spans.iter().enumerate() {
-            let (name, value) = (span.name(), span.value());
-            if name.start > name.end || name.end > head.len() || value.start > value.end || value.end > head.len() {
-                return None;
-            }
-            if note(&mut seen, &head[name]) {
+        let taken = self.list.take_in(head, |i, name| {
+            if note(&mut seen, name) {
                 special.set(i);
             }
+        });
+        if !taken {
+            return None;
         }
-        self.head = head;
         self.special = special;
         self.seen = seen;
         Some(seen.framing)
@@ -159,65 +128,32 @@ impl EndpointFields {
 
     /// The head's bytes, for sizing what is written from them.
     pub(crate) fn head_len(&self) -> usize {
-        self.head.len()
+        self.list.head_len()
     }
 
     /// The relayed fields, in order: index, name as sent, value.
     pub(crate) fn fields(&self) -> impl Iterator<Item = (usize, &[u8], &[u8])> {
-        let (head, dropped) = (&self.head[..], self.dropped);
-        // The spans lie in the head (`take_in` checked): `get` never misses.
-        self.spans
-            .iter()
-            .enumerate()
-            .filter(move |(i, _)| !dropped.has(*i))
-            .map(move |(i, span)| {
-                let name = head.get(span.name()).unwrap_or_default();
-                (i, name, head.get(span.value()).unwrap_or_default())
-            })
-    }
-
-    /// The relayed fields named `lower` (a lowercase name): index and value. Lengths are
-    /// compared first, from the spans.
-    fn named<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = (usize, &'a [u8])> + 'a {
-        let (head, dropped) = (&self.head[..], self.dropped);
-        self.spans
-            .iter()
-            .enumerate()
-            .filter(move |(i, span)| {
-                span.name().len() == lower.len()
-                    && !dropped.has(*i)
-                    && token_is(head.get(span.name()).unwrap_or_default(), lower.as_bytes())
-            })
-            .map(move |(i, span)| (i, head.get(span.value()).unwrap_or_default()))
+        self.list.fields()
     }
 
     /// Every relayed value of `lower` (a lowercase name), in order.
     pub(crate) fn values<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.named(lower).map(|(_, value)| value)
+        self.list.values(lower)
     }
 
     /// The first relayed value of `lower`, as `HeaderMap::get` gives.
     pub(crate) fn get<'a>(&'a self, lower: &'a str) -> Option<&'a [u8]> {
-        self.values(lower).next()
+        self.list.get(lower)
     }
 
     /// Stops relaying the fields whose bits `mask` sets.
     pub(crate) fn drop_fields(&mut self, mask: FieldMask) {
-        self.dropped = self.dropped.union(mask);
+        self.list.drop_fields(mask);
     }
 
     /// Takes `lower` out of what is relayed; its first value, as `HeaderMap::remove` gives.
     pub(crate) fn take(&mut self, lower: &str) -> Option<HeaderValue> {
-        let mut taken = FieldMask::default();
-        let mut first = None;
-        for (i, value) in self.named(lower) {
-            if first.is_none() {
-                first = Some(HeaderValue::from_maybe_shared(self.head.slice_ref(value)).ok());
-            }
-            taken.set(i);
-        }
-        self.drop_fields(taken);
-        first.flatten()
+        self.list.take(lower)
     }
 
     /// What the rewrite adds: `te: trailers` kept, the region that answered, the attempts
@@ -258,24 +194,11 @@ impl EndpointFields {
     /// Appends what is relayed to `map` (for the HTTP/2 server, and a `101`'s rewrite).
     pub(crate) fn append_to(self, map: &mut HeaderMap) {
         // As the HTTP/1.1 reading built its map before (known names static, values sharing
-        // the head); `fields_of` misses only for spans outside the head, which `take_in`
-        // refused.
-        if self.dropped == FieldMask::default() && map.is_empty() {
-            // The usual answer: every field goes, into an empty map.
-            if let Some((fields, _)) = fields_of(&self.head, &self.spans, 3) {
-                *map = fields;
-            }
-        } else {
-            let kept: FieldSpans = self
-                .fields()
-                .filter(|(_, name, _)| !shadowed(map, name))
-                .map(|(i, _, _)| self.spans[i])
-                .collect();
-            if let Some((mut fields, _)) = fields_of(&self.head, &kept, map.len() + 3) {
-                // The map's own fields (set after the endpoint's: admission's) follow.
-                fields.extend(std::mem::take(map));
-                *map = fields;
-            }
+        // the head). The map's own fields (set after the endpoint's: admission's) follow
+        // and replace the endpoint's of their names.
+        if let Some(mut fields) = self.list.to_map(map.len() + 3, |name| shadowed(map, name)) {
+            fields.extend(std::mem::take(map));
+            *map = fields;
         }
         let Added {
             te_trailers,
@@ -292,13 +215,6 @@ impl EndpointFields {
             map.insert(&super::rewrite::X_MERIDIAN_ATTEMPTS, attempts);
         }
     }
-}
-
-/// Whether the response's map holds `name` (any case), which then stands in for the
-/// endpoint's field of that name: whatever sets a field on the response after the rewrite
-/// (admission's rate fields) replaces the endpoint's, as an insert into one map did.
-pub(crate) fn shadowed(map: &HeaderMap, name: &[u8]) -> bool {
-    !map.is_empty() && std::str::from_utf8(name).is_ok_and(|name| map.contains_key(name))
 }
 
 impl FieldValues for EndpointFields {

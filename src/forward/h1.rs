@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::client::{UpstreamError, UpstreamErrorKind};
 use super::endpoint_fields::EndpointFields;
 use super::pool::Conn;
+use super::request_fields::RequestFields;
 use super::rewrite::X_FORWARDED_FOR;
 
 /// The largest response head (status line and headers), and trailer section, read from an
@@ -117,6 +118,12 @@ pub(crate) enum Step {
 /// A head's fields as the framing reads them: every value of one name, in order.
 pub(crate) trait FieldValues {
     fn values_of<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl FieldValues for super::head_fields::HeadFields {
+    fn values_of<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.values(name.as_str())
+    }
 }
 
 impl FieldValues for HeaderMap {
@@ -463,6 +470,23 @@ impl FramingFields {
         }
     }
 
+    /// Notes a name as sent (any case), by its length first.
+    pub(crate) fn note_sent(&mut self, name: &[u8]) {
+        if FramingFields::LENGTHS & (1 << name.len().min(31)) == 0 {
+            return;
+        }
+        let is = |lower: &[u8]| token_is(name, lower);
+        match name.len() {
+            2 => self.te |= is(b"te"),
+            6 => self.expect |= is(b"expect"),
+            7 => self.upgrade |= is(b"upgrade"),
+            10 => self.connection |= is(b"connection"),
+            14 => self.content_length |= is(b"content-length"),
+            17 => self.transfer_encoding |= is(b"transfer-encoding"),
+            _ => {}
+        }
+    }
+
     fn note(&mut self, name: &HeaderName) {
         if name == header::CONNECTION {
             self.connection = true;
@@ -739,7 +763,7 @@ pub(crate) struct OwnRequest<'a> {
     pub(crate) method: &'a Method,
     /// The origin form (path and query) the endpoint gets.
     pub(crate) path: std::borrow::Cow<'a, str>,
-    pub(crate) headers: &'a HeaderMap,
+    pub(crate) headers: RequestFields<'a>,
     /// One field more for this endpoint (a region's load-report request), sent unless the
     /// headers carry it.
     pub(crate) extra: Option<(&'static str, &'static str)>,
@@ -762,48 +786,54 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
     out.extend_from_slice(req.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let fields_at = out.len();
-    // One pass writes the fields and notes what decides the rest: a lookup in the map is a
-    // hash and a probe, and this runs for every request.
+    // One pass writes the fields and notes what decides the rest: names are told apart by
+    // their lengths first, and this runs for every request.
     let (mut hosted, mut stated, mut has_extra) = (false, false, false);
-    // A trusted peer's X-Forwarded-For chain is written as it comes (its values follow each
-    // other in the map), the peer appended where it ends.
-    let (mut chain_open, mut chained) = (false, false);
-    for (name, value) in headers {
+    // A trusted peer's X-Forwarded-For chain is written where its first value stands, every
+    // value of it joined there, the peer appended.
+    let mut chained = false;
+    let extra = req.extra.map(|(name, _)| name.as_bytes());
+    for (name, value) in headers.iter() {
+        let known = SentName::of(name);
         if let Some(added) = req.added {
-            if name == X_FORWARDED_FOR {
-                if added.appends {
-                    out.extend_from_slice(if chain_open { b", " } else { b"x-forwarded-for: " });
-                    out.extend_from_slice(value.as_bytes());
-                    chain_open = true;
+            if known == SentName::XForwardedFor {
+                if added.appends && !chained {
+                    out.extend_from_slice(b"x-forwarded-for: ");
+                    for (i, value) in headers.values(&X_FORWARDED_FOR).enumerate() {
+                        if i > 0 {
+                            out.extend_from_slice(b", ");
+                        }
+                        out.extend_from_slice(value);
+                    }
+                    end_chain(&mut out, &added.peer);
+                    chained = true;
                 }
                 continue;
             }
-            if chain_open {
-                end_chain(&mut out, &added.peer);
-                (chain_open, chained) = (false, true);
-            }
-            if added.supersedes(name) {
+            if known.superseded_by(added) {
                 continue;
             }
         }
-        if name == header::CONTENT_LENGTH {
-            stated = true;
-            continue;
+        match known {
+            SentName::ContentLength => {
+                stated = true;
+                continue;
+            }
+            SentName::TransferEncoding => continue,
+            SentName::Host => hosted = true,
+            _ => {}
         }
-        if name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        hosted |= name == header::HOST;
-        has_extra |= req.extra.is_some_and(|(extra, _)| name == extra);
-        out.extend_from_slice(name.as_str().as_bytes());
+        has_extra |= extra.is_some_and(|extra| name.eq_ignore_ascii_case(extra));
+        let start = out.len();
+        out.extend_from_slice(name);
+        // As a map would have them (and hyper wrote them): lowercase.
+        out[start..].make_ascii_lowercase();
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     if let Some(added) = req.added {
-        if chain_open {
-            end_chain(&mut out, &added.peer);
-        } else if !chained {
+        if !chained {
             out.extend_from_slice(b"x-forwarded-for: ");
             out.extend_from_slice(added.peer.as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -839,6 +869,46 @@ pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Ve
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(inline);
     out
+}
+
+/// The request fields the endpoint's head writer treats apart, told from their names (any
+/// case) by length first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SentName {
+    Host,
+    ContentLength,
+    TransferEncoding,
+    XForwardedFor,
+    XForwardedProto,
+    XRequestId,
+    XMeridianCountry,
+    Other,
+}
+
+impl SentName {
+    fn of(name: &[u8]) -> SentName {
+        let is = |lower: &[u8]| name.eq_ignore_ascii_case(lower);
+        match name.len() {
+            4 if is(b"host") => SentName::Host,
+            12 if is(b"x-request-id") => SentName::XRequestId,
+            14 if is(b"content-length") => SentName::ContentLength,
+            15 if is(b"x-forwarded-for") => SentName::XForwardedFor,
+            17 if is(b"transfer-encoding") => SentName::TransferEncoding,
+            17 if is(b"x-forwarded-proto") => SentName::XForwardedProto,
+            18 if is(b"x-meridian-country") => SentName::XMeridianCountry,
+            _ => SentName::Other,
+        }
+    }
+
+    /// As [`AddedFields::supersedes`](crate::forward::rewrite::AddedFields::supersedes).
+    fn superseded_by(self, added: &crate::forward::rewrite::AddedFields) -> bool {
+        match self {
+            SentName::XForwardedFor | SentName::XMeridianCountry => true,
+            SentName::XForwardedProto => added.forwarded_proto.is_some(),
+            SentName::XRequestId => added.request_id.is_some(),
+            _ => false,
+        }
+    }
 }
 
 /// Ends an `X-Forwarded-For` line written from a trusted peer's chain: the peer appended.
@@ -1712,7 +1782,7 @@ mod tests {
         OwnRequest {
             method,
             path: path.into(),
-            headers,
+            headers: headers.into(),
             extra: None,
             added: None,
             body: Bytes::copy_from_slice(body),

@@ -5,32 +5,42 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
 use crate::error::ProxyError;
+use crate::forward::head_fields::HeadFields;
+use crate::forward::request_fields::RequestFields;
 use crate::path::{self, PathError};
 
 /// Admits a request head, rewriting it in place: the path normalised (original query kept),
 /// and for HTTP/1.1 an absolute-form authority made the `Host` (RFC 9112 §3.2.2). `Ok`:
 /// whether the head now carries a `Host` field (an HTTP/2 request may carry only
 /// `:authority`), so the forwarding need not look again.
-pub(crate) fn admit<B>(req: &mut Request<B>) -> Result<bool, ProxyError> {
+/// `listed`: the request's fields over its head's bytes, when its server kept them so.
+pub(crate) fn admit<B>(req: &mut Request<B>, listed: Option<&HeadFields>) -> Result<bool, ProxyError> {
     if req.method() == Method::CONNECT {
         // A tunnel would bypass routing and residency altogether.
         return Err(ProxyError::MethodNotAllowed);
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let first_host = hosts.next().cloned();
-    if hosts.next().is_some() {
-        return Err(ProxyError::BadRequest("more than one Host header"));
-    }
-    let mut has_host = first_host.is_some();
+    let (mut has_host, host_differs) = {
+        let mut hosts = RequestFields::new(listed, req.headers()).values(&header::HOST);
+        let first_host = hosts.next();
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Host header"));
+        }
+        let differs = req
+            .uri()
+            .authority()
+            .is_some_and(|a| first_host.is_some_and(|h| !h.eq_ignore_ascii_case(a.as_str().as_bytes())));
+        (first_host.is_some(), differs)
+    };
     if let Some(authority) = req.uri().authority() {
         match req.version() {
             // h2: `host`, when sent, must name what `:authority` names (RFC 9113 §8.3.1).
             Version::HTTP_2 | Version::HTTP_3 => {
-                if first_host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes())) {
+                if host_differs {
                     return Err(ProxyError::BadRequest("host differs from :authority"));
                 }
             }
             _ => {
+                // In the map, which stands in for a listed `Host`.
                 let host = HeaderValue::from_str(authority.as_str())
                     .map_err(|_| ProxyError::BadRequest("the request target's authority is not a valid Host"))?;
                 req.headers_mut().insert(header::HOST, host);
@@ -144,7 +154,7 @@ mod tests {
         ];
         for (method, uri, version, hosts, want) in cases {
             let mut r = req(method, uri, *version, hosts);
-            let got = admit(&mut r).map(|has_host| {
+            let got = admit(&mut r, None).map(|has_host| {
                 let host = r.headers().get("host").map(|h| h.to_str().unwrap().to_string());
                 assert_eq!(has_host, host.is_some(), "{method} {uri} {hosts:?}");
                 (

@@ -211,12 +211,12 @@ impl Http1Pool {
         let whole = req
             .body()
             .whole()
-            .filter(|_| !super::upgrade::is_upgrade(req.headers()));
+            .filter(|_| !super::upgrade::is_upgrade(req.headers().into()));
         if let Some(body) = whole {
             let own = OwnRequest {
                 method: req.method(),
                 path: req.uri().path_and_query().map_or("/", PathAndQuery::as_str).into(),
-                headers: req.headers(),
+                headers: req.headers().into(),
                 extra: None,
                 added: None,
                 body,

@@ -7,8 +7,11 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::endpoint_fields::{EndpointFields, FieldMask};
+use super::endpoint_fields::EndpointFields;
 use super::h1::token_is;
+use super::head_fields::FieldMask;
+use super::head_fields::HeadFields;
+use super::request_fields::{RequestFields, visible};
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -66,12 +69,48 @@ struct Present {
 
 fn scan(headers: &HeaderMap) -> Present {
     let mut present = Present::default();
-    // One `match` on the name's text (lengths first, then one comparison) rather than a
-    // `HeaderName` comparison against each list entry in turn: this runs for every field
-    // of every request and response. Only a hop-by-hop name goes on to find its place in
-    // the list.
     for name in headers.keys() {
-        match name.as_str() {
+        present.note(name.as_str());
+    }
+    present
+}
+
+/// [`scan`] over a request's fields, its listed ones too (names in any case).
+fn scan_request(headers: &HeaderMap, listed: Option<&HeadFields>) -> Present {
+    let mut present = scan(headers);
+    for (_, name, _) in listed.into_iter().flat_map(HeadFields::fields) {
+        // The longest name `note` matches whole is 19 bytes; beyond that only the
+        // `x-meridian-` prefix matters.
+        let mut lower = [0u8; 24];
+        let name = match lower.get_mut(..name.len()) {
+            Some(lower) => {
+                lower.copy_from_slice(name);
+                lower.make_ascii_lowercase();
+                &*lower
+            }
+            None => {
+                present.meridian |= name[..X_MERIDIAN_PREFIX.len()].eq_ignore_ascii_case(X_MERIDIAN_PREFIX);
+                continue;
+            }
+        };
+        // httparse admits only token bytes in a name: always text.
+        if let Ok(name) = std::str::from_utf8(name) {
+            present.note(name);
+        }
+    }
+    present
+}
+
+const X_MERIDIAN_PREFIX: &[u8] = b"x-meridian-";
+
+impl Present {
+    /// Notes one (lowercase) name. One `match` on the name's text (lengths first, then one
+    /// comparison) rather than a `HeaderName` comparison against each list entry in turn:
+    /// this runs for every field of every request and response. Only a hop-by-hop name
+    /// goes on to find its place in the list.
+    fn note(&mut self, name: &str) {
+        let present = self;
+        match name {
             hop @ ("connection"
             | "keep-alive"
             | "proxy-connection"
@@ -92,23 +131,36 @@ fn scan(headers: &HeaderMap) -> Present {
             other => present.meridian |= other.starts_with("x-meridian-"),
         }
     }
-    present
+}
+
+/// Removes `name` from the map and the listed fields.
+fn remove(headers: &mut HeaderMap, listed: &mut Option<&mut HeadFields>, name: &HeaderName) {
+    if !headers.is_empty() {
+        headers.remove(name);
+    }
+    if let Some(listed) = listed {
+        listed.take(name.as_str());
+    }
 }
 
 /// Removes hop-by-hop headers and any header the `Connection` header names (`scanned`: what
 /// [`scan`] found). `Upgrade` is removed too unless the caller is bridging an upgrade (then
 /// it must travel).
-fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, scanned: &Present) {
+fn remove_hop_by_hop(
+    headers: &mut HeaderMap,
+    mut listed: Option<&mut HeadFields>,
+    keep_upgrade: bool,
+    scanned: &Present,
+) {
     let present = scanned.hop_by_hop;
     let upgrade = scanned.upgrade;
     // Headers listed in Connection are hop-by-hop for this message only.
     if present[CONNECTION_AT] {
         // `keep-alive` and `close` (nearly every value) name nothing left to remove, so the
         // usual case collects nothing and allocates nothing.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        let named: Vec<HeaderName> = RequestFields::new(listed.as_deref(), headers)
+            .values(&header::CONNECTION)
+            .filter_map(visible)
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|name| !name.eq_ignore_ascii_case("close"))
@@ -118,16 +170,16 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, scanned: &Pres
             .filter(|name| !(keep_upgrade && name == header::UPGRADE))
             .collect();
         for name in named {
-            headers.remove(name);
+            remove(headers, &mut listed, &name);
         }
     }
     // gRPC needs `te: trailers` end to end; any other TE value is hop-by-hop.
     let te_trailers = present[TE_AT]
-        && headers
-            .get(header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        && RequestFields::new(listed.as_deref(), headers)
+            .get(&header::TE)
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"trailers"));
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
-        headers.remove(name);
+        remove(headers, &mut listed, name);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -135,13 +187,13 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, scanned: &Pres
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else if upgrade {
-        headers.remove(header::UPGRADE);
+        remove(headers, &mut listed, &header::UPGRADE);
     }
 }
 
 /// Removes every `x-meridian-*` header (`spoofed`: [`scan`] found one), so none can be
 /// spoofed to an endpoint or a client.
-fn remove_meridian_headers(headers: &mut HeaderMap, spoofed: bool) {
+fn remove_meridian_headers(headers: &mut HeaderMap, listed: Option<&mut HeadFields>, spoofed: bool) {
     if spoofed {
         let names: Vec<HeaderName> = headers
             .keys()
@@ -150,6 +202,17 @@ fn remove_meridian_headers(headers: &mut HeaderMap, spoofed: bool) {
             .collect();
         for name in names {
             headers.remove(name);
+        }
+        if let Some(listed) = listed {
+            let mut dropped = FieldMask::default();
+            for (i, name, _) in listed.fields() {
+                if name.len() >= X_MERIDIAN_PREFIX.len()
+                    && name[..X_MERIDIAN_PREFIX.len()].eq_ignore_ascii_case(X_MERIDIAN_PREFIX)
+                {
+                    dropped.set(i);
+                }
+            }
+            listed.drop_fields(dropped);
         }
     }
 }
@@ -210,7 +273,7 @@ impl AddedFields {
 
     /// The value of `name` as sent, when Meridian sets it; `client`: the client's fields
     /// (where a chain the peer is appended to comes from).
-    pub fn value<'s>(&'s self, name: &HeaderName, client: &HeaderMap) -> Option<&'s HeaderValue> {
+    pub fn value<'s>(&'s self, name: &HeaderName, client: RequestFields<'_>) -> Option<&'s HeaderValue> {
         match name.as_str() {
             "x-forwarded-for" => Some(self.forwarded_for(client)),
             "x-forwarded-proto" => self.forwarded_proto.as_ref(),
@@ -221,17 +284,16 @@ impl AddedFields {
     }
 
     /// `X-Forwarded-For` as one value: the client's chain joined, with the peer appended.
-    fn forwarded_for(&self, client: &HeaderMap) -> &HeaderValue {
+    fn forwarded_for(&self, client: RequestFields<'_>) -> &HeaderValue {
         if !self.appends {
             return &self.peer;
         }
         self.joined.get_or_init(|| {
-            let received = client.get_all(&X_FORWARDED_FOR);
-            let len = received.iter().map(|v| v.len() + 2).sum::<usize>() + self.peer.len();
+            let len = client.values(&X_FORWARDED_FOR).map(|v| v.len() + 2).sum::<usize>() + self.peer.len();
             // Sized exactly: the buffer becomes the value's storage, not copied again.
             let mut chain = Vec::with_capacity(len);
-            for v in received {
-                chain.extend_from_slice(v.as_bytes());
+            for v in client.values(&X_FORWARDED_FOR) {
+                chain.extend_from_slice(v);
                 chain.extend_from_slice(b", ");
             }
             chain.extend_from_slice(self.peer.as_bytes());
@@ -254,7 +316,7 @@ impl AddedFields {
     /// Puts the added fields into `headers` in place of the client's (a request built for
     /// hyper's clients).
     pub fn apply(&self, headers: &mut HeaderMap) {
-        let forwarded_for = self.forwarded_for(headers).clone();
+        let forwarded_for = self.forwarded_for((&*headers).into()).clone();
         headers.insert(&X_FORWARDED_FOR, forwarded_for);
         for (name, value) in self.others() {
             headers.insert(name, value.clone());
@@ -268,7 +330,7 @@ impl AddedFields {
 #[derive(Debug, Clone, Copy)]
 pub struct SentFields<'a> {
     /// The client's fields, rewritten.
-    pub client: &'a HeaderMap,
+    pub client: RequestFields<'a>,
     /// What Meridian adds to them (`None`: nothing, or not yet).
     pub added: Option<&'a AddedFields>,
 }
@@ -276,14 +338,18 @@ pub struct SentFields<'a> {
 impl<'a> SentFields<'a> {
     /// Fields not rewritten yet, or with nothing added (tests, tools).
     pub fn client_only(client: &'a HeaderMap) -> SentFields<'a> {
-        SentFields { client, added: None }
+        SentFields {
+            client: client.into(),
+            added: None,
+        }
     }
 
     /// The first value of `name`, as sent.
-    pub fn get(&self, name: &HeaderName) -> Option<&'a HeaderValue> {
+    pub fn get(&self, name: &HeaderName) -> Option<&'a [u8]> {
         // Each superseded field has its added value: nothing falls through to what it replaced.
         self.added
             .and_then(|a| a.value(name, self.client))
+            .map(HeaderValue::as_bytes)
             .or_else(|| self.client.get(name))
     }
 }
@@ -300,16 +366,27 @@ pub fn request_headers(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: b
 /// Rewrites a request's headers for an endpoint: hop-by-hop and spoofed fields removed from
 /// `headers`, the fields Meridian adds returned apart, with the request id in force.
 pub fn request_fields(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bool) -> (HeaderValue, AddedFields) {
-    let present = scan(headers);
-    remove_hop_by_hop(headers, upgrade, &present);
-    remove_meridian_headers(headers, present.meridian);
+    rewrite_request((headers, None), fwd, upgrade)
+}
+
+/// [`request_fields`] over a request's map and its listed fields (Meridian's HTTP/1.1
+/// reading keeps a client's fields over its head's bytes): what is removed is removed from
+/// both, what is set goes into the map.
+pub(crate) fn rewrite_request(
+    (headers, mut listed): (&mut HeaderMap, Option<&mut HeadFields>),
+    fwd: &Forwarding<'_>,
+    upgrade: bool,
+) -> (HeaderValue, AddedFields) {
+    let present = scan_request(headers, listed.as_deref());
+    remove_hop_by_hop(headers, listed.as_deref_mut(), upgrade, &present);
+    remove_meridian_headers(headers, listed.as_deref_mut(), present.meridian);
     if !fwd.peer_trusted {
         // Like X-Forwarded-For, these name the client only when a trusted proxy says so.
         if present.forwarded {
-            headers.remove(&FORWARDED);
+            remove(headers, &mut listed, &FORWARDED);
         }
         if present.real_ip {
-            headers.remove(&X_REAL_IP);
+            remove(headers, &mut listed, &X_REAL_IP);
         }
     }
 
@@ -323,12 +400,12 @@ pub fn request_fields(headers: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: bo
     };
 
     let sent_id = if present.request_id {
-        headers.get(&X_REQUEST_ID)
+        RequestFields::new(listed.as_deref(), headers).get_value(&X_REQUEST_ID)
     } else {
         None
     };
     let (request_id, made_id) = match sent_id {
-        Some(id) if !id.is_empty() && id.len() <= 200 => (id.clone(), None),
+        Some(id) if !id.is_empty() && id.len() <= 200 => (id, None),
         _ => {
             let id = new_request_id();
             (id.clone(), Some(id))
@@ -360,9 +437,9 @@ pub fn response_headers(headers: &mut HeaderMap, region: &HeaderValue, attempts:
         // chunked; relayed with the stale length, a client would keep a prefix of it.
         headers.remove(header::CONTENT_LENGTH);
     }
-    remove_hop_by_hop(headers, upgrade, &present);
+    remove_hop_by_hop(headers, None, upgrade, &present);
     // Only Meridian speaks for Meridian: an endpoint cannot fake a region or attempt count.
-    remove_meridian_headers(headers, present.meridian);
+    remove_meridian_headers(headers, None, present.meridian);
     headers.insert(&X_MERIDIAN_REGION, region.clone());
     if attempts > 1 {
         headers.insert(&X_MERIDIAN_ATTEMPTS, HeaderValue::from(attempts));
@@ -546,13 +623,13 @@ mod tests {
             ("content-type", "application/json"),
         ]);
         let present = scan(&h);
-        remove_hop_by_hop(&mut h, false, &present);
+        remove_hop_by_hop(&mut h, None, false, &present);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["content-type"]);
 
         let mut h = headers(&[("te", "trailers"), ("connection", "upgrade"), ("upgrade", "websocket")]);
         let present = scan(&h);
-        remove_hop_by_hop(&mut h, true, &present);
+        remove_hop_by_hop(&mut h, None, true, &present);
         assert_eq!(header(&h, "te"), Some("trailers"));
         assert_eq!(header(&h, "upgrade"), Some("websocket"));
         assert_eq!(header(&h, "connection"), Some("upgrade"));
@@ -675,7 +752,7 @@ mod tests {
             let mut whole = headers(input);
             request_headers(&mut whole, &fwd, false);
             let sent = SentFields {
-                client: &kept,
+                client: (&kept).into(),
                 added: Some(&added),
             };
             for name in [
@@ -686,11 +763,15 @@ mod tests {
                 "host",
             ] {
                 let name = HeaderName::from_static(name);
-                assert_eq!(sent.get(&name), whole.get(&name), "{input:?} {name}");
+                assert_eq!(
+                    sent.get(&name),
+                    whole.get(&name).map(HeaderValue::as_bytes),
+                    "{input:?} {name}"
+                );
             }
             let client_id = input.iter().find(|(n, _)| *n == "x-request-id").map(|(_, v)| *v);
             if let Some(id) = client_id {
-                assert_eq!(sent.get(&X_REQUEST_ID).map(HeaderValue::as_bytes), Some(id.as_bytes()));
+                assert_eq!(sent.get(&X_REQUEST_ID), Some(id.as_bytes()));
             }
         }
         Ok(())

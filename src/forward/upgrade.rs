@@ -8,12 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::header::{self, HeaderMap};
+use http::header;
 use http::{Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
+
+use super::request_fields::{RequestFields, visible};
 
 /// A client connection that can be bridged.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -104,15 +106,13 @@ impl ClientUpgrade {
 /// token in `Connection`. HTTP/2 forbids both, so this only ever holds for HTTP/1.1.
 /// `Upgrade: h2c` is not bridged: it concerns this hop only (and RFC 9113 retired it), so
 /// it is stripped like any hop-by-hop header and the request served as HTTP/1.1.
-pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: RequestFields<'_>) -> bool {
     headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
+        .get_str(&header::UPGRADE)
         .is_some_and(|v| !v.trim().eq_ignore_ascii_case("h2c"))
         && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+            .values(&header::CONNECTION)
+            .filter_map(visible)
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
@@ -164,6 +164,7 @@ pub(crate) fn bridge<B, H: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn upgrade_requests_need_both_headers() {
@@ -188,7 +189,7 @@ mod tests {
             for (k, v) in pairs {
                 h.append(http::HeaderName::from_static(k), http::HeaderValue::from_static(v));
             }
-            assert_eq!(is_upgrade(&h), want, "{pairs:?}");
+            assert_eq!(is_upgrade((&h).into()), want, "{pairs:?}");
         }
     }
 }

@@ -414,7 +414,7 @@ impl Connection {
             async move {
                 // Boxed: hyper keeps a slot the size of this future for the connection's
                 // life; the request's own state (~4 KiB) is only needed while it runs.
-                let resp = pin_in_place(|| proxy.handle(info, Some(&memo), req.map(ClientBody::from))).await;
+                let resp = pin_in_place(|| proxy.handle(info, Some(&memo), req.map(ClientBody::from), None)).await;
                 // The request stays in flight until its response body is done; an HTTP/2
                 // stream's window can stay shut while the connection is busy.
                 resp.map(|mut r| {

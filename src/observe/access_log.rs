@@ -6,9 +6,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Version, header};
+use http::{HeaderValue, Version, header};
 
 use super::fields::ms;
+use crate::forward::request_fields::RequestFields;
 
 /// Client-supplied strings are cut to this many bytes in the log.
 const MAX_LOGGED: usize = 256;
@@ -88,17 +89,17 @@ impl AccessRecord {
 
     /// Fills the fields read from the request head; `log` false (access log off) keeps
     /// the request path free of the copies.
-    pub(crate) fn head(&mut self, version: Version, headers: &HeaderMap, authority: Option<&str>, log: bool) {
+    pub(crate) fn head(&mut self, version: Version, headers: RequestFields<'_>, authority: Option<&str>, log: bool) {
         self.protocol = protocol(version);
         if !log {
             return;
         }
-        let text = |v: &HeaderValue| v.to_str().ok().map(|s| cut(s).to_string());
+        let text = |v: &str| cut(v).to_string();
         self.host = headers
-            .get(header::HOST)
-            .and_then(text)
+            .get_str(&header::HOST)
+            .map(text)
             .or_else(|| authority.map(|a| cut(a).to_string()));
-        self.user_agent = headers.get(header::USER_AGENT).and_then(text);
+        self.user_agent = headers.get_str(&header::USER_AGENT).map(text);
     }
 
     /// Ends the request's server span, if it has one.

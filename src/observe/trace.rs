@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, header};
+use http::{HeaderValue, Method, Request, header};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -24,9 +24,11 @@ use tokio::sync::mpsc;
 use crate::config::{TracingConfig, UpstreamProtocol};
 use crate::forward::body::RequestBody;
 use crate::forward::client::{PoolSettings, Upstreams};
+use crate::forward::request_fields::RequestFields;
 
 /// The `traceparent` request header.
 pub(crate) const TRACEPARENT: http::header::HeaderName = http::header::HeaderName::from_static("traceparent");
+const TRACESTATE: http::header::HeaderName = http::header::HeaderName::from_static("tracestate");
 
 /// A parsed `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +72,8 @@ impl TraceParent {
 }
 
 /// The trace id of the client's `traceparent`, when it sent a valid one.
-pub(crate) fn client_trace_id(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(TRACEPARENT)?.to_str().ok()?;
+pub(crate) fn client_trace_id(headers: RequestFields<'_>) -> Option<String> {
+    let value = headers.get_str(&TRACEPARENT)?;
     TraceParent::parse(value).map(|t| t.trace_id_hex())
 }
 
@@ -332,19 +334,15 @@ pub(crate) struct RequestTrace {
 impl RequestTrace {
     /// Opens the server span of a request: continues the client's trace or starts one.
     /// `None` when tracing is off.
-    pub(crate) fn start(method: &Method, path: &str, headers: &HeaderMap) -> Option<Box<RequestTrace>> {
+    pub(crate) fn start(method: &Method, path: &str, headers: RequestFields<'_>) -> Option<Box<RequestTrace>> {
         if !ON.load(Ordering::Acquire) {
             return None;
         }
         let sample_ratio = TRACER.load().as_ref()?.config.sample_ratio;
-        let parent = headers
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
+        let parent = headers.get_str(&TRACEPARENT).and_then(TraceParent::parse);
         let trace_id = parent.map_or_else(random_id::<16>, |p| p.trace_id);
         let tracestate = headers
-            .get("tracestate")
-            .and_then(|v| v.to_str().ok())
+            .get_str(&TRACESTATE)
             .filter(|_| parent.is_some())
             .unwrap_or("")
             .to_string();

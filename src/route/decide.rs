@@ -3,21 +3,43 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 
 use super::table::{Candidate, InlineCandidates, RegionId, RouteTable, ZoneId, order_nearest};
 use crate::config::UnknownPolicy;
 use crate::geo::{Country, GeoPoint, Located};
 
 /// The parts of a request that route rules match on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct RequestFacts<'a> {
     /// The request method, for a rule's `methods`.
     pub method: &'a Method,
     /// The request path, matched against a rule's `path_prefix` by whole segments.
     pub path: &'a str,
     /// The request headers, for a rule's `headers`.
-    pub headers: &'a HeaderMap,
+    pub headers: &'a dyn FieldLookup,
+}
+
+impl std::fmt::Debug for RequestFacts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestFacts")
+            .field("method", self.method)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request's fields as the rules read them: a map, or the proxy's view of a head's
+/// fields (`forward::request_fields`), which the decision does not depend on.
+pub trait FieldLookup {
+    /// The first value of `name`.
+    fn first(&self, name: &HeaderName) -> Option<&[u8]>;
+}
+
+impl FieldLookup for HeaderMap {
+    fn first(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(http::HeaderValue::as_bytes)
+    }
 }
 
 /// Which regions may serve this request, in order, and under which rules.
@@ -192,7 +214,7 @@ fn matching_rule(table: &RouteTable, req: &RequestFacts<'_>) -> Option<usize> {
             && rule
                 .headers
                 .iter()
-                .all(|(name, value)| req.headers.get(name) == Some(value))
+                .all(|(name, value)| req.headers.first(name) == Some(value.as_bytes()))
     })
 }
 

@@ -14,6 +14,6 @@ pub(crate) mod spillover;
 mod table;
 
 pub use decide::{
-    Decision, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, path_matches, plan, plan_in, select,
+    Decision, FieldLookup, NoRegion, Refusal, RegionState, RequestFacts, RoutePlan, path_matches, plan, plan_in, select,
 };
 pub use table::{Candidate, CountryPlan, InlineCandidates, RegionId, RouteTable, ZoneId, order_candidates};

@@ -11,9 +11,11 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::forward::endpoint_fields::{EndpointFields, shadowed};
 use crate::forward::h1::{
-    BodyState, Chunk, FieldSpans, FramingError, FramingFields, Step, chunked_last, decode, field_spans, fields_of,
-    has_token, has_token_in, parse_decimal, token_is,
+    BodyState, Chunk, FieldSpans, FieldValues, FramingError, FramingFields, Step, chunked_last, decode, field_spans,
+    fields_of, has_token, has_token_in, parse_decimal, token_is,
 };
+use crate::forward::head_fields::{FieldMask, HeadFields};
+use crate::forward::request_fields::RequestFields;
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
 /// applied later, with Meridian's JSON answer.
@@ -59,7 +61,11 @@ impl HeadError {
 /// A parsed request head: the request (its body still to read) and how to read the body.
 #[derive(Debug)]
 pub(crate) struct RequestHead {
+    /// The request; its map is empty when its fields are `fields`.
     pub(crate) request: Request<()>,
+    /// The request's fields over its head's bytes (`forward::request_fields`); `None` for a
+    /// head of more fields than a list marks (they are in the request's map then).
+    pub(crate) fields: Option<Box<HeadFields>>,
     /// `Length(n)`, `Chunked` or `Done` (a request body is never delimited by the close).
     pub(crate) body: BodyState,
     /// The client allows another request on this connection.
@@ -72,45 +78,74 @@ pub(crate) struct RequestHead {
     pub(crate) takes_trailers: bool,
 }
 
-/// Parses a request head off the front of `buf`; `None` while it is incomplete. Header
-/// values and the target share the head's memory.
+impl RequestHead {
+    /// The request's fields, listed or in its map.
+    #[cfg(test)]
+    pub(crate) fn fields(&self) -> RequestFields<'_> {
+        RequestFields::new(self.fields.as_deref(), self.request.headers())
+    }
+}
+
+/// Parses a request head off the front of `buf`; `None` while it is incomplete. The fields
+/// and the target share the head's memory.
 pub(crate) fn parse_request(
     buf: &mut BytesMut,
     max_head: usize,
     max_headers: usize,
 ) -> Result<Option<RequestHead>, HeadError> {
-    // Filled by `locate` where it stands: a returned span array was copied at every step.
-    let mut spans = FieldSpans::new();
+    // Filled by `locate` where they will live: the spans are 400 bytes inline.
+    let mut fields = Box::new(HeadFields::new());
     let Some(Located {
         len,
         method,
         version,
         target,
-    }) = locate(buf, max_head, max_headers, &mut spans)?
+    }) = locate(buf, max_head, max_headers, fields.spans_mut())?
     else {
         return Ok(None);
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
-    // Room for the fields the proxy may still put into the map (see ADDED_REQUEST_FIELDS).
-    let (headers, present) = fields_of(&head, &spans, ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
-    let framing = request_framing(version, &headers, present)?;
+    let mut present = FramingFields::default();
+    let mut map = HeaderMap::new();
+    let listed = if fields.spans_mut().len() <= FieldMask::BITS {
+        if !fields.take_in(head, |_, name| present.note_sent(name)) {
+            return Err(HeadError::Malformed);
+        }
+        Some(fields)
+    } else {
+        // More fields than a list marks (a configuration allowing over 128): a map.
+        let (headers, noted) =
+            fields_of(&head, fields.spans_mut(), ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
+        (map, present) = (headers, noted);
+        None
+    };
+    let mut listed = listed;
+    let framing = match listed.as_deref() {
+        Some(fields) => request_framing(version, fields, present)?,
+        None => request_framing(version, &map, present)?,
+    };
+    let view = RequestFields::new(listed.as_deref(), &map);
     // Both asked of the noted fields first: most requests carry neither.
     let upgrade = version == Version::HTTP_11
         && present.upgrade
         && present.connection
-        && crate::forward::upgrade::is_upgrade(&headers);
-    let takes_trailers = present.te && has_token(&headers, header::TE, b"trailers");
+        && crate::forward::upgrade::is_upgrade(view);
+    let takes_trailers = present.te && view.values(&header::TE).any(|v| has_token_in(v, b"trailers"));
+    if framing.drop_content_length {
+        map.remove(header::CONTENT_LENGTH);
+        if let Some(fields) = listed.as_deref_mut() {
+            fields.take("content-length");
+        }
+    }
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
-    *request.headers_mut() = headers;
-    if framing.drop_content_length {
-        request.headers_mut().remove(header::CONTENT_LENGTH);
-    }
+    *request.headers_mut() = map;
     Ok(Some(RequestHead {
         request,
+        fields: listed,
         body: framing.body,
         keep_alive: framing.keep_alive,
         expect_continue: framing.expect_continue,
@@ -229,7 +264,11 @@ struct RequestFraming {
 /// Content-Length is dropped and the connection closes after the response; several
 /// Content-Length values must agree; no framing header means no body.
 /// `present`: which framing fields the head carries (the others are not looked up).
-fn request_framing(version: Version, headers: &HeaderMap, present: FramingFields) -> Result<RequestFraming, HeadError> {
+fn request_framing<F: FieldValues + ?Sized>(
+    version: Version,
+    headers: &F,
+    present: FramingFields,
+) -> Result<RequestFraming, HeadError> {
     let connection = |token: &[u8]| present.connection && has_token(headers, header::CONNECTION, token);
     let mut keep_alive = if connection(b"close") {
         false
@@ -239,8 +278,9 @@ fn request_framing(version: Version, headers: &HeaderMap, present: FramingFields
     let expect_continue = version == Version::HTTP_11
         && present.expect
         && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            .values_of(&header::EXPECT)
+            .next()
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     if present.transfer_encoding {
         if version != Version::HTTP_11 {
             return Err(HeadError::TransferEncoding);
@@ -258,10 +298,12 @@ fn request_framing(version: Version, headers: &HeaderMap, present: FramingFields
         });
     }
     let mut length: Option<u64> = None;
-    let lengths = present.content_length.then(|| headers.get_all(header::CONTENT_LENGTH));
-    for value in lengths.iter().flatten() {
+    let lengths = present
+        .content_length
+        .then(|| headers.values_of(&header::CONTENT_LENGTH));
+    for value in lengths.into_iter().flatten() {
         // One number per field: a list ("5, 5") is refused, as hyper does.
-        let n = parse_decimal(value.as_bytes()).ok_or(HeadError::ContentLength)?;
+        let n = parse_decimal(value).ok_or(HeadError::ContentLength)?;
         if length.is_some_and(|l| l != n) {
             return Err(HeadError::ContentLength);
         }
@@ -582,9 +624,9 @@ mod tests {
         ) {
             let framing = if te { "Transfer-Encoding: chunked" } else { "Content-Length: 3" };
             let wire = format!("POST /v1/x HTTP/1.1\r\nHost: a\r\nX-V: {value}\r\n{framing}\r\n\r\n");
-            let whole = parse(&wire).map(|h| h.map(|h| (h.body, h.keep_alive, h.request.headers().len())));
+            let whole = parse(&wire).map(|h| h.map(|h| (h.body, h.keep_alive, h.fields().len())));
             let split = split.min(wire.len());
-            let first = parse(&wire[..split]).map(|h| h.map(|h| (h.body, h.keep_alive, h.request.headers().len())));
+            let first = parse(&wire[..split]).map(|h| h.map(|h| (h.body, h.keep_alive, h.fields().len())));
             if split < wire.len() {
                 proptest::prop_assert!(matches!(first, Ok(None)) || first.is_err() && first == whole, "{first:?}");
             } else {
@@ -629,13 +671,33 @@ mod tests {
         assert!(parse_request(&mut BytesMut::from(many.as_str()), 1024, 5).is_ok());
     }
 
+    /// Listed up to 128 fields, in the map beyond (a configuration may allow more); the
+    /// same fields either way, and a `Content-Length` beside chunked coding gone from both.
+    #[test]
+    fn fields_are_listed_or_mapped_and_framing_fields_dropped() -> Result<(), Box<dyn std::error::Error>> {
+        for count in [3, 128, 129, 200] {
+            let fields: String = (0..count).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
+            let wire = format!("POST / HTTP/1.1\r\n{fields}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
+            let head = parse_request(&mut BytesMut::from(wire.as_str()), 64 * 1024, 300)?.ok_or("incomplete")?;
+            assert_eq!(head.fields.is_some(), count + 2 <= 128, "{count} fields");
+            let f = head.fields();
+            assert_eq!(f.len(), count + 1, "{count} fields");
+            assert_eq!(f.get(&header::CONTENT_LENGTH), None, "{count} fields");
+            assert_eq!(f.get(&header::TRANSFER_ENCODING), Some(&b"chunked"[..]));
+            let last = HeaderName::from_bytes(format!("x-f{}", count - 1).as_bytes())?;
+            assert_eq!(f.get(&last), Some(format!("v{}", count - 1).as_bytes()));
+            assert!(!head.keep_alive, "both framing fields: the connection closes");
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_head_is_taken_off_the_buffer_and_the_rest_left() -> Result<(), Box<dyn std::error::Error>> {
         let mut buf = BytesMut::from("\r\nPOST /v1/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}GET");
         let head = parse_request(&mut buf, 1024, 10)?.ok_or("incomplete")?;
         assert_eq!(head.request.method(), Method::POST);
         assert_eq!(head.request.uri(), "/v1/chat?x=1");
-        assert_eq!(head.request.headers()["host"], "a");
+        assert_eq!(head.fields().get(&header::HOST), Some(&b"a"[..]));
         assert_eq!(&buf[..], b"{}GET");
         let expect = parse("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");
         assert!(expect?.ok_or("incomplete")?.expect_continue);

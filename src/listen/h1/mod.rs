@@ -154,6 +154,7 @@ pub(super) async fn serve<I>(
             let guard = activity.begin();
             let RequestHead {
                 request,
+                fields,
                 body,
                 keep_alive,
                 expect_continue,
@@ -179,7 +180,8 @@ pub(super) async fn serve<I>(
             }
             // Boxed: the request's state (~4 KiB) is only needed while it runs, not for the
             // connection's life. Built in its box, not copied there (`pin_in_place`).
-            let mut handler = super::pin_in_place(|| proxy.handle(info, Some(&memo), Request::from_parts(parts, body)));
+            let mut handler =
+                super::pin_in_place(|| proxy.handle(info, Some(&memo), Request::from_parts(parts, body), fields));
             let answered = poll_fn(|cx| {
                 if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
                     return Poll::Ready(Ok(resp));
