@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::client::{UpstreamError, UpstreamErrorKind};
 use super::endpoint_fields::EndpointFields;
 use super::pool::Conn;
-use super::request_fields::RequestFields;
+use super::request_fields::{RequestFields, shadowed};
 use super::rewrite::X_FORWARDED_FOR;
 
 /// The largest response head (status line and headers), and trailer section, read from an
@@ -159,16 +159,17 @@ pub(crate) fn framing<F: FieldValues + ?Sized>(
         return Ok((BodyState::Chunked(Chunk::Size), keep_alive && !both));
     }
     let mut length: Option<u64> = None;
-    let lengths = present
-        .content_length
-        .then(|| headers.values_of(&header::CONTENT_LENGTH));
-    for value in lengths.into_iter().flatten() {
-        for part in value.split(|&b| b == b',') {
-            let n = parse_decimal(part.trim_ascii()).ok_or(FramingError::ContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(FramingError::ContentLength);
+    // Looked up only when there: a loop over an `Option` (`flatten`) stayed a call of its
+    // own (callgrind).
+    if present.content_length {
+        for value in headers.values_of(&header::CONTENT_LENGTH) {
+            for part in value.split(|&b| b == b',') {
+                let n = parse_decimal(part.trim_ascii()).ok_or(FramingError::ContentLength)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(FramingError::ContentLength);
+                }
+                length = Some(n);
             }
-            length = Some(n);
         }
     }
     match length {
@@ -370,6 +371,10 @@ pub(crate) struct FieldSpan {
 impl FieldSpan {
     pub(crate) fn name(self) -> Range<usize> {
         self.name[0] as usize..self.name[1] as usize
+    }
+
+    pub(crate) fn name_len(self) -> usize {
+        self.name[1].wrapping_sub(self.name[0]) as usize
     }
 
     pub(crate) fn value(self) -> Range<usize> {
@@ -780,58 +785,44 @@ pub(crate) struct OwnRequest<'a> {
 /// is sent when the headers carry none.
 pub(crate) fn encode_head(req: &OwnRequest<'_>, host: &str, inline: &[u8]) -> Vec<u8> {
     let headers = req.headers;
-    let mut out = Vec::with_capacity(256 + headers.len() * 32 + inline.len());
+    let raw = headers.listed_head();
+    let mut out = Vec::with_capacity(256 + raw.len() + headers.len() * 16 + inline.len());
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let fields_at = out.len();
-    // One pass writes the fields and notes what decides the rest: names are told apart by
-    // their lengths first, and this runs for every request.
-    let (mut hosted, mut stated, mut has_extra) = (false, false, false);
-    // A trusted peer's X-Forwarded-For chain is written where its first value stands, every
-    // value of it joined there, the peer appended.
-    let mut chained = false;
-    let extra = req.extra.map(|(name, _)| name.as_bytes());
-    for (name, value) in headers.iter() {
-        let known = SentName::of(name);
-        if let Some(added) = req.added {
-            if known == SentName::XForwardedFor {
-                if added.appends && !chained {
-                    out.extend_from_slice(b"x-forwarded-for: ");
-                    for (i, value) in headers.values(&X_FORWARDED_FOR).enumerate() {
-                        if i > 0 {
-                            out.extend_from_slice(b", ");
-                        }
-                        out.extend_from_slice(value);
-                    }
-                    end_chain(&mut out, &added.peer);
-                    chained = true;
-                }
-                continue;
-            }
-            if known.superseded_by(added) {
-                continue;
+    let mut w = FieldWriter {
+        out,
+        raw,
+        run: 0..0,
+        req,
+        hosted: false,
+        stated: false,
+        has_extra: false,
+        chained: false,
+    };
+    let (listed, map) = headers.sources();
+    if let Some(listed) = listed {
+        let shadowing = !map.is_empty();
+        for (name, value, line) in listed.lines() {
+            if !(shadowing && shadowed(map, name)) {
+                w.field(name, value, line);
             }
         }
-        match known {
-            SentName::ContentLength => {
-                stated = true;
-                continue;
-            }
-            SentName::TransferEncoding => continue,
-            SentName::Host => hosted = true,
-            _ => {}
-        }
-        has_extra |= extra.is_some_and(|extra| name.eq_ignore_ascii_case(extra));
-        let start = out.len();
-        out.extend_from_slice(name);
-        // As a map would have them (and hyper wrote them): lowercase.
-        out[start..].make_ascii_lowercase();
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
     }
+    for (name, value) in map {
+        w.field(name.as_str().as_bytes(), value.as_bytes(), None);
+    }
+    w.flush();
+    let FieldWriter {
+        mut out,
+        hosted,
+        stated,
+        has_extra,
+        chained,
+        ..
+    } = w;
     if let Some(added) = req.added {
         if !chained {
             out.extend_from_slice(b"x-forwarded-for: ");
@@ -908,6 +899,88 @@ impl SentName {
             SentName::XRequestId => added.request_id.is_some(),
             _ => false,
         }
+    }
+}
+
+/// [`encode_head`]'s pass over the client's fields: one pass writes them and notes what
+/// decides the rest (names are told apart by their lengths first: this runs for every
+/// field of every request).
+struct FieldWriter<'r, 'a> {
+    out: Vec<u8>,
+    /// The client's head, where its listed fields lie.
+    raw: &'a [u8],
+    /// Fields passed on as they came lie in the head as consecutive lines: a run of them
+    /// is copied at once (names as the client sent them, as NGINX passes them).
+    run: Range<usize>,
+    req: &'r OwnRequest<'a>,
+    hosted: bool,
+    stated: bool,
+    has_extra: bool,
+    /// A trusted peer's X-Forwarded-For chain is written where its first value stands,
+    /// every value of it joined there, the peer appended.
+    chained: bool,
+}
+
+impl FieldWriter<'_, '_> {
+    /// One field; `line`: where its whole line lies in the client's head, if it does.
+    fn field(&mut self, name: &[u8], value: &[u8], line: Option<Range<usize>>) {
+        let known = SentName::of(name);
+        let passed = match (known, self.req.added) {
+            (SentName::XForwardedFor, Some(added)) => {
+                if added.appends && !self.chained {
+                    self.flush();
+                    let out = &mut self.out;
+                    out.extend_from_slice(b"x-forwarded-for: ");
+                    for (i, value) in self.req.headers.values(&X_FORWARDED_FOR).enumerate() {
+                        if i > 0 {
+                            out.extend_from_slice(b", ");
+                        }
+                        out.extend_from_slice(value);
+                    }
+                    end_chain(out, &added.peer);
+                    self.chained = true;
+                }
+                false
+            }
+            (known, Some(added)) if known.superseded_by(added) => false,
+            (SentName::ContentLength, _) => {
+                self.stated = true;
+                false
+            }
+            (SentName::TransferEncoding, _) => false,
+            (known, _) => {
+                self.hosted |= known == SentName::Host;
+                if let Some((extra, _)) = self.req.extra {
+                    self.has_extra |= extra.len() == name.len() && name.eq_ignore_ascii_case(extra.as_bytes());
+                }
+                true
+            }
+        };
+        match line {
+            Some(line) if passed && line.start == self.run.end && !self.run.is_empty() => self.run.end = line.end,
+            Some(line) if passed => {
+                self.flush();
+                self.run = line;
+            }
+            _ => {
+                self.flush();
+                if passed {
+                    let out = &mut self.out;
+                    out.extend_from_slice(name);
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+    }
+
+    /// Writes the run of whole lines of the client's head, and empties it.
+    fn flush(&mut self) {
+        if let Some(lines) = self.raw.get(self.run.clone()) {
+            self.out.extend_from_slice(lines);
+        }
+        self.run = 0..0;
     }
 }
 

@@ -5,6 +5,8 @@
 //! everything Meridian does with most fields (pass them on). NGINX and Pingora keep fields
 //! the same way: a list over the received bytes.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 
@@ -41,6 +43,9 @@ pub(crate) struct HeadFields {
     spans: FieldSpans,
     /// Bit `i`: field `i` is not passed on.
     dropped: FieldMask,
+    /// Bit `n` (63 for longer): a field's name is `n` bytes long. Most lookups are for a
+    /// name the head does not carry, and miss here without a look at any field.
+    lengths: u64,
 }
 
 impl HeadFields {
@@ -49,6 +54,7 @@ impl HeadFields {
             head: Bytes::new(),
             spans: FieldSpans::new(),
             dropped: FieldMask::default(),
+            lengths: 0,
         }
     }
 
@@ -64,14 +70,17 @@ impl HeadFields {
         if self.spans.len() > FieldMask::BITS {
             return false;
         }
+        let mut lengths = 0;
         for (i, span) in self.spans.iter().enumerate() {
             let (name, value) = (span.name(), span.value());
             if name.start > name.end || name.end > head.len() || value.start > value.end || value.end > head.len() {
                 return false;
             }
+            lengths |= length_bit(name.len());
             each(i, &head[name]);
         }
         self.head = head;
+        self.lengths = lengths;
         true
     }
 
@@ -99,24 +108,37 @@ impl HeadFields {
             })
     }
 
-    /// The fields passed on named `name` (any case; lengths are compared first, from the
-    /// spans): index and value.
-    pub(crate) fn named<'a, 'n>(
-        &'a self,
-        name: &'n str,
-    ) -> impl DoubleEndedIterator<Item = (usize, &'a [u8])> + use<'a, 'n> {
-        let (head, dropped) = (&self.head[..], self.dropped);
-        self.spans
-            .iter()
-            .enumerate()
-            .filter(move |(i, span)| {
-                span.name().len() == name.len()
-                    && !dropped.has(*i)
-                    && head
-                        .get(span.name())
-                        .is_some_and(|sent| sent.eq_ignore_ascii_case(name.as_bytes()))
-            })
-            .map(move |(i, span)| (i, head.get(span.value()).unwrap_or_default()))
+    /// Shows `each` the name of every field passed on, as sent.
+    pub(crate) fn each_name(&self, mut each: impl FnMut(&[u8])) {
+        for (i, span) in self.spans.iter().enumerate() {
+            if !self.dropped.has(i) {
+                each(self.head.get(span.name()).unwrap_or_default());
+            }
+        }
+    }
+
+    /// The head's bytes.
+    pub(crate) fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The fields passed on, in order: name as sent, value, and where the field's whole
+    /// line lies in the head when it lies there as Meridian writes one (`name: value\r\n`),
+    /// so a writer can copy runs of lines at once.
+    pub(crate) fn lines(&self) -> Lines<'_> {
+        Lines { fields: self, next: 0 }
+    }
+
+    /// The fields passed on named `name` (a lowercase name, sent in any case; lengths are
+    /// compared first, from the spans): index and value.
+    pub(crate) fn named<'a, 'n>(&'a self, name: &'n str) -> Named<'a, 'n> {
+        let carried = self.lengths & length_bit(name.len()) != 0;
+        Named {
+            fields: self,
+            name: name.as_bytes(),
+            front: 0,
+            back: if carried { self.spans.len() } else { 0 },
+        }
     }
 
     /// Every value of `name` passed on, in order.
@@ -178,6 +200,180 @@ impl HeadFields {
             &kept
         };
         fields_of(&self.head, spans, extra).map(|(map, _)| map)
+    }
+}
+
+/// [`HeadFields::lines`]: written out rather than built of iterator adapters, which the
+/// compiler left as calls of their own on the request path (callgrind).
+pub(crate) struct Lines<'a> {
+    fields: &'a HeadFields,
+    next: usize,
+}
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = (&'a [u8], &'a [u8], Option<Range<usize>>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let f = self.fields;
+        while let Some(span) = f.spans.get(self.next) {
+            let i = self.next;
+            self.next += 1;
+            if f.dropped.has(i) {
+                continue;
+            }
+            let (name, value) = (span.name(), span.value());
+            let head = &f.head[..];
+            let line = (value.start == name.end + 2
+                && head.get(name.end..value.start) == Some(b": ")
+                && head.get(value.end..value.end + 2) == Some(b"\r\n"))
+            .then(|| name.start..value.end + 2);
+            return Some((
+                head.get(name).unwrap_or_default(),
+                head.get(value).unwrap_or_default(),
+                line,
+            ));
+        }
+        None
+    }
+}
+
+/// [`HeadFields::named`], written out for the same reason as [`Lines`].
+pub(crate) struct Named<'a, 'n> {
+    fields: &'a HeadFields,
+    name: &'n [u8],
+    /// The spans not yet looked at: `front..back`.
+    front: usize,
+    back: usize,
+}
+
+impl<'a> Named<'a, '_> {
+    /// Field `i`'s value when it is passed on and named so. The length and the mask are
+    /// looked at here, inlined into the loop; the names only when those allow.
+    #[inline]
+    fn at(&self, i: usize) -> Option<&'a [u8]> {
+        let f = self.fields;
+        let span = f.spans.get(i)?;
+        if span.name_len() != self.name.len() || f.dropped.has(i) {
+            return None;
+        }
+        self.named_so(*span)
+    }
+
+    #[inline(never)]
+    fn named_so(&self, span: FieldSpan) -> Option<&'a [u8]> {
+        let head = &self.fields.head[..];
+        if !same_name(head.get(span.name())?, self.name) {
+            return None;
+        }
+        head.get(span.value())
+    }
+}
+
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
+}
+
+/// Whether a name as sent is `lower` (a lowercase name) in any case: eight bytes at a
+/// time, the sent word's ASCII capitals lowered (std's `eq_ignore_ascii_case` goes a byte at
+/// a time, lowering both sides).
+fn same_name(sent: &[u8], lower: &[u8]) -> bool {
+    /// Sets 0x20 in each byte that is `A`..=`Z`: a byte's low seven bits plus 0x3f carry
+    /// into its top bit from `A` up, plus 0x25 from past `Z` up; non-ASCII bytes are left.
+    fn lowered(x: u64) -> u64 {
+        const TOP: u64 = 0x8080_8080_8080_8080;
+        let low = x & !TOP;
+        let from_a = low + 0x3f3f_3f3f_3f3f_3f3f;
+        let past_z = low + 0x2525_2525_2525_2525;
+        x | ((from_a & !past_z & !x & TOP) >> 2)
+    }
+    fn word(bytes: &[u8], at: usize) -> u64 {
+        bytes
+            .get(at..at + 8)
+            .and_then(|w| w.try_into().ok())
+            .map_or(u64::MAX, u64::from_le_bytes)
+    }
+    let n = sent.len();
+    if n != lower.len() {
+        return false;
+    }
+    if n < 8 {
+        let pack = |s: &[u8]| s.iter().fold(0u64, |w, &b| w << 8 | u64::from(b));
+        return lowered(pack(sent)) == pack(lower);
+    }
+    // Whole words, then the last eight bytes (overlapping the last word when `n` is not a
+    // multiple of eight).
+    let mut at = 0;
+    while at + 8 < n {
+        if lowered(word(sent, at)) != word(lower, at) {
+            return false;
+        }
+        at += 8;
+    }
+    lowered(word(sent, n - 8)) == word(lower, n - 8)
+}
+
+impl<'a> Iterator for Named<'a, '_> {
+    type Item = (usize, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.front < self.back {
+            let i = self.front;
+            self.front += 1;
+            if let Some(value) = self.at(i) {
+                return Some((i, value));
+            }
+        }
+        None
+    }
+}
+
+impl DoubleEndedIterator for Named<'_, '_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        while self.front < self.back {
+            self.back -= 1;
+            if let Some(value) = self.at(self.back) {
+                return Some((self.back, value));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_same_in_any_case_and_only_then() {
+        let names: Vec<Vec<u8>> = (0..=255u8)
+            .flat_map(|b| {
+                [
+                    vec![b],
+                    vec![b'x', b'-', b, b'a', b'b', b'c', b'd', b'e', b'f', b'Z', b],
+                ]
+            })
+            .collect();
+        for a in &names {
+            for b in names.iter().filter(|b| b.len() == a.len()) {
+                let lower = b.to_ascii_lowercase();
+                let want = a.eq_ignore_ascii_case(b);
+                assert_eq!(same_name(a, &lower), want, "{} {}", a.escape_ascii(), b.escape_ascii());
+            }
+        }
+        assert!(same_name(b"X-Forwarded-For", b"x-forwarded-for"));
+        assert!(same_name(
+            b"X-Stainless-Runtime-Version",
+            b"x-stainless-runtime-version"
+        ));
+        assert!(!same_name(
+            b"X-Stainless-Runtime-Versiom",
+            b"x-stainless-runtime-version"
+        ));
+        assert!(!same_name(
+            b"Y-Stainless-Runtime-Version",
+            b"x-stainless-runtime-version"
+        ));
+        assert!(!same_name(b"x^y", b"x~y") && !same_name(b"x_y", b"x\x7fy"));
     }
 }
 

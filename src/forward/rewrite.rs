@@ -33,6 +33,10 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 const CONNECTION_AT: usize = 0;
+const KEEP_ALIVE_AT: usize = 1;
+const PROXY_CONNECTION_AT: usize = 2;
+const PROXY_AUTHENTICATE_AT: usize = 3;
+const PROXY_AUTHORIZATION_AT: usize = 4;
 
 /// Headers a peer's `Connection` header cannot remove: Meridian sets or relies on them,
 /// so naming them there would strip what the endpoint or client must see.
@@ -53,7 +57,7 @@ const TRANSFER_ENCODING_AT: usize = 6;
 /// What one pass over a message's field names found. Most messages carry none of the
 /// fields a rewrite removes, and every `remove` or lookup is a hash and a probe (the
 /// rewrite bench shows the difference): the removals ask only for what is there.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Present {
     hop_by_hop: [bool; HOP_BY_HOP.len()],
     upgrade: bool,
@@ -78,25 +82,8 @@ fn scan(headers: &HeaderMap) -> Present {
 /// [`scan`] over a request's fields, its listed ones too (names in any case).
 fn scan_request(headers: &HeaderMap, listed: Option<&HeadFields>) -> Present {
     let mut present = scan(headers);
-    for (_, name, _) in listed.into_iter().flat_map(HeadFields::fields) {
-        // The longest name `note` matches whole is 19 bytes; beyond that only the
-        // `x-meridian-` prefix matters.
-        let mut lower = [0u8; 24];
-        let name = match lower.get_mut(..name.len()) {
-            Some(lower) => {
-                lower.copy_from_slice(name);
-                lower.make_ascii_lowercase();
-                &*lower
-            }
-            None => {
-                present.meridian |= name[..X_MERIDIAN_PREFIX.len()].eq_ignore_ascii_case(X_MERIDIAN_PREFIX);
-                continue;
-            }
-        };
-        // httparse admits only token bytes in a name: always text.
-        if let Ok(name) = std::str::from_utf8(name) {
-            present.note(name);
-        }
+    if let Some(listed) = listed {
+        listed.each_name(|name| present.note_sent(name));
     }
     present
 }
@@ -104,6 +91,30 @@ fn scan_request(headers: &HeaderMap, listed: Option<&HeadFields>) -> Present {
 const X_MERIDIAN_PREFIX: &[u8] = b"x-meridian-";
 
 impl Present {
+    /// Notes one name as sent (any case): its length picks the one name it can be, so most
+    /// names cost a `match` and no comparison.
+    fn note_sent(&mut self, name: &[u8]) {
+        let is = |lower: &[u8]| token_is(name, lower);
+        match name.len() {
+            2 if is(b"te") => self.hop_by_hop[TE_AT] = true,
+            7 if is(b"upgrade") => self.upgrade = true,
+            9 if is(b"forwarded") => self.forwarded = true,
+            9 if is(b"x-real-ip") => self.real_ip = true,
+            10 if is(b"connection") => self.hop_by_hop[CONNECTION_AT] = true,
+            10 if is(b"keep-alive") => self.hop_by_hop[KEEP_ALIVE_AT] = true,
+            12 if is(b"x-request-id") => self.request_id = true,
+            15 if is(b"x-forwarded-for") => self.forwarded_for = true,
+            16 if is(b"proxy-connection") => self.hop_by_hop[PROXY_CONNECTION_AT] = true,
+            17 if is(b"transfer-encoding") => self.hop_by_hop[TRANSFER_ENCODING_AT] = true,
+            17 if is(b"x-forwarded-proto") => self.forwarded_proto = true,
+            18 if is(b"proxy-authenticate") => self.hop_by_hop[PROXY_AUTHENTICATE_AT] = true,
+            19 if is(b"proxy-authorization") => self.hop_by_hop[PROXY_AUTHORIZATION_AT] = true,
+            _ => {}
+        }
+        let prefix = X_MERIDIAN_PREFIX.len();
+        self.meridian |= name.len() >= prefix && name[..prefix].eq_ignore_ascii_case(X_MERIDIAN_PREFIX);
+    }
+
     /// Notes one (lowercase) name. One `match` on the name's text (lengths first, then one
     /// comparison) rather than a `HeaderName` comparison against each list entry in turn:
     /// this runs for every field of every request and response. Only a hop-by-hop name
@@ -557,6 +568,51 @@ mod tests {
 
     /// The endpoint-fields rewrite skips its pass when the head's first look found nothing
     /// to remove: every name it removes must be one that look notices, in any case.
+    #[test]
+    fn names_as_sent_are_noted_as_their_lowercase() {
+        for (at, name) in [
+            (CONNECTION_AT, "connection"),
+            (KEEP_ALIVE_AT, "keep-alive"),
+            (PROXY_CONNECTION_AT, "proxy-connection"),
+            (PROXY_AUTHENTICATE_AT, "proxy-authenticate"),
+            (PROXY_AUTHORIZATION_AT, "proxy-authorization"),
+            (TE_AT, "te"),
+            (TRANSFER_ENCODING_AT, "transfer-encoding"),
+        ] {
+            assert_eq!(HOP_BY_HOP[at], name);
+        }
+        let names = HOP_BY_HOP.iter().map(HeaderName::as_str).chain([
+            "upgrade",
+            "forwarded",
+            "x-real-ip",
+            "x-request-id",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-meridian-region",
+            "x-meridian-",
+            "x-meridians",
+            "x-meridian-a-rather-long-field-name",
+            "content-type",
+            "user-agent",
+            "x-stainless-runtime",
+            "x-real-ips",
+        ]);
+        for name in names {
+            let mut want = Present::default();
+            want.note(name);
+            let mixed: String = name
+                .chars()
+                .enumerate()
+                .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
+                .collect();
+            for sent in [name.to_string(), name.to_ascii_uppercase(), mixed] {
+                let mut got = Present::default();
+                got.note_sent(sent.as_bytes());
+                assert_eq!(got, want, "{sent}");
+            }
+        }
+    }
+
     #[test]
     fn every_field_the_response_rewrite_removes_is_noticed_when_the_head_is_taken_in() {
         let names =

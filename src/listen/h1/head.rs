@@ -298,16 +298,15 @@ fn request_framing<F: FieldValues + ?Sized>(
         });
     }
     let mut length: Option<u64> = None;
-    let lengths = present
-        .content_length
-        .then(|| headers.values_of(&header::CONTENT_LENGTH));
-    for value in lengths.into_iter().flatten() {
-        // One number per field: a list ("5, 5") is refused, as hyper does.
-        let n = parse_decimal(value).ok_or(HeadError::ContentLength)?;
-        if length.is_some_and(|l| l != n) {
-            return Err(HeadError::ContentLength);
+    if present.content_length {
+        for value in headers.values_of(&header::CONTENT_LENGTH) {
+            // One number per field: a list ("5, 5") is refused, as hyper does.
+            let n = parse_decimal(value).ok_or(HeadError::ContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::ContentLength);
+            }
+            length = Some(n);
         }
-        length = Some(n);
     }
     let body = match length {
         None | Some(0) => BodyState::Done,
