@@ -339,6 +339,13 @@ impl DoubleEndedIterator for Named<'_, '_> {
     }
 }
 
+/// Whether `map` holds `name` (any case), which then stands in for a listed field of that
+/// name: whatever sets a field on the message's map after its head was read replaces the
+/// head's, as an insert into one map did.
+pub(crate) fn shadowed(map: &HeaderMap, name: &[u8]) -> bool {
+    !map.is_empty() && std::str::from_utf8(name).is_ok_and(|name| map.contains_key(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,11 +382,4 @@ mod tests {
         ));
         assert!(!same_name(b"x^y", b"x~y") && !same_name(b"x_y", b"x\x7fy"));
     }
-}
-
-/// Whether `map` holds `name` (any case), which then stands in for a listed field of that
-/// name: whatever sets a field on the message's map after its head was read replaces the
-/// head's, as an insert into one map did.
-pub(crate) fn shadowed(map: &HeaderMap, name: &[u8]) -> bool {
-    !map.is_empty() && std::str::from_utf8(name).is_ok_and(|name| map.contains_key(name))
 }
