@@ -136,3 +136,16 @@ pub(crate) fn plan_over(regions: &[usize], zone: Option<usize>, fallback: bool) 
             .into(),
     }
 }
+
+/// Parsed fields into a map, as hyper (and Meridian's HTTP/1.1 reading before it kept
+/// fields over the head) gives them: the yardstick for the listed-field paths.
+pub(crate) fn map_of(fields: &[httparse::Header<'_>]) -> Result<http::HeaderMap, Box<dyn std::error::Error>> {
+    let mut map = http::HeaderMap::new();
+    for f in fields {
+        map.append(
+            http::HeaderName::from_bytes(f.name.as_bytes())?,
+            http::HeaderValue::from_bytes(f.value)?,
+        );
+    }
+    Ok(map)
+}

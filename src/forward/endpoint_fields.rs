@@ -313,14 +313,7 @@ mod tests {
         let mut fields = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut fields);
         response.parse(wire)?;
-        let mut map = HeaderMap::new();
-        for f in response.headers.iter() {
-            map.append(
-                HeaderName::from_bytes(f.name.as_bytes())?,
-                HeaderValue::from_bytes(f.value)?,
-            );
-        }
-        Ok(map)
+        crate::test_fixtures::map_of(response.headers)
     }
 
     fn sorted<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<(String, Vec<u8>)> {

@@ -1,7 +1,7 @@
 //! A client's request fields as everything after the listener reads them.
 //!
 //! Meridian's HTTP/1.1 server keeps a request's fields as spans over its head's bytes
-//! ([`HeadFields`]) rather than building a `HeaderMap` for them: for the openai SDK's
+//! (`forward::head_fields`) rather than building a `HeaderMap` for them: for the openai SDK's
 //! request (17 fields) the map's inserts, hashes and drop were ~3,800 of 37,000
 //! instructions (callgrind, fifteenth part of issue 13), and most fields are only passed
 //! on. The request's own map still exists: HTTP/2 requests arrive in it, and whatever
@@ -254,14 +254,7 @@ mod tests {
         let mut fields = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut fields);
         request.parse(wire)?;
-        let mut map = HeaderMap::new();
-        for f in request.headers.iter() {
-            map.append(
-                HeaderName::from_bytes(f.name.as_bytes())?,
-                HeaderValue::from_bytes(f.value)?,
-            );
-        }
-        Ok(map)
+        crate::test_fixtures::map_of(request.headers)
     }
 
     /// The head an endpoint gets, its lines sorted (a map regroups same-named fields), the
