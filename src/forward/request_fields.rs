@@ -71,11 +71,6 @@ impl<'a> RequestFields<'a> {
         }
     }
 
-    /// Whether any field is called `name`.
-    pub fn contains(self, name: &HeaderName) -> bool {
-        self.get(name).is_some()
-    }
-
     /// Every field, in order: the listed ones the map does not stand in for (names as the
     /// client sent them), then the map's (names lowercase).
     pub fn iter(self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
