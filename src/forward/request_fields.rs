@@ -73,7 +73,8 @@ impl<'a> RequestFields<'a> {
 
     /// Every field, in order: the listed ones the map does not stand in for (names as the
     /// client sent them), then the map's (names lowercase).
-    pub fn iter(self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+    #[cfg(test)]
+    pub(crate) fn iter(self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
         let map = self.map;
         let listed = self.listed.into_iter().flat_map(move |l| {
             l.fields()

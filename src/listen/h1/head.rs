@@ -108,7 +108,7 @@ pub(crate) fn parse_request(
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
     let mut present = FramingFields::default();
     let mut map = HeaderMap::new();
-    let listed = if fields.spans_mut().len() <= FieldMask::BITS {
+    let mut listed = if fields.spans_mut().len() <= FieldMask::BITS {
         if !fields.take_in(head, |_, name| present.note_sent(name)) {
             return Err(HeadError::Malformed);
         }
@@ -120,7 +120,6 @@ pub(crate) fn parse_request(
         (map, present) = (headers, noted);
         None
     };
-    let mut listed = listed;
     let framing = match listed.as_deref() {
         Some(fields) => request_framing(version, fields, present)?,
         None => request_framing(version, &map, present)?,
