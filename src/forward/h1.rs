@@ -891,7 +891,8 @@ impl SentName {
         }
     }
 
-    /// As [`AddedFields::supersedes`](crate::forward::rewrite::AddedFields::supersedes).
+    /// The client's fields of this name are not sent as they came: an added one takes their
+    /// place (`X-Forwarded-For`: the chain they hold, with the peer appended).
     fn superseded_by(self, added: &crate::forward::rewrite::AddedFields) -> bool {
         match self {
             SentName::XForwardedFor | SentName::XMeridianCountry => true,

@@ -169,6 +169,15 @@ impl HeadFields {
         self.dropped = self.dropped.union(mask);
     }
 
+    /// Stops passing on the fields named `name` (a lowercase name).
+    pub(crate) fn drop_named(&mut self, name: &str) {
+        let mut dropped = FieldMask::default();
+        for (i, _) in self.named(name) {
+            dropped.set(i);
+        }
+        self.drop_fields(dropped);
+    }
+
     /// Takes `name` out of what is passed on; its first value, as `HeaderMap::remove` gives.
     pub(crate) fn take(&mut self, name: &str) -> Option<HeaderValue> {
         let mut taken = FieldMask::default();

@@ -88,7 +88,11 @@ fn scan_request(headers: &HeaderMap, listed: Option<&HeadFields>) -> Present {
     present
 }
 
-const X_MERIDIAN_PREFIX: &[u8] = b"x-meridian-";
+/// An `x-meridian-*` name as sent (any case): only Meridian speaks for Meridian.
+fn is_meridian(name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"x-meridian-";
+    name.get(..PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+}
 
 impl Present {
     /// Notes one name as sent (any case): its length picks the one name it can be, so most
@@ -111,8 +115,7 @@ impl Present {
             19 if is(b"proxy-authorization") => self.hop_by_hop[PROXY_AUTHORIZATION_AT] = true,
             _ => {}
         }
-        let prefix = X_MERIDIAN_PREFIX.len();
-        self.meridian |= name.len() >= prefix && name[..prefix].eq_ignore_ascii_case(X_MERIDIAN_PREFIX);
+        self.meridian |= is_meridian(name);
     }
 
     /// Notes one (lowercase) name. One `match` on the name's text (lengths first, then one
@@ -150,7 +153,7 @@ fn remove(headers: &mut HeaderMap, listed: &mut Option<&mut HeadFields>, name: &
         headers.remove(name);
     }
     if let Some(listed) = listed {
-        listed.take(name.as_str());
+        listed.drop_named(name.as_str());
     }
 }
 
@@ -217,9 +220,7 @@ fn remove_meridian_headers(headers: &mut HeaderMap, listed: Option<&mut HeadFiel
         if let Some(listed) = listed {
             let mut dropped = FieldMask::default();
             for (i, name, _) in listed.fields() {
-                if name.len() >= X_MERIDIAN_PREFIX.len()
-                    && name[..X_MERIDIAN_PREFIX.len()].eq_ignore_ascii_case(X_MERIDIAN_PREFIX)
-                {
+                if is_meridian(name) {
                     dropped.set(i);
                 }
             }
@@ -271,17 +272,6 @@ pub struct AddedFields {
 }
 
 impl AddedFields {
-    /// The client's fields called `name` are not sent as they came: an added one takes
-    /// their place (`X-Forwarded-For`: the chain they hold, with the peer appended).
-    pub fn supersedes(&self, name: &HeaderName) -> bool {
-        match name.as_str() {
-            "x-forwarded-for" | "x-meridian-country" => true,
-            "x-forwarded-proto" => self.forwarded_proto.is_some(),
-            "x-request-id" => self.request_id.is_some(),
-            _ => false,
-        }
-    }
-
     /// The value of `name` as sent, when Meridian sets it; `client`: the client's fields
     /// (where a chain the peer is appended to comes from).
     pub fn value<'s>(&'s self, name: &HeaderName, client: RequestFields<'_>) -> Option<&'s HeaderValue> {

@@ -134,7 +134,7 @@ pub(crate) fn parse_request(
     if framing.drop_content_length {
         map.remove(header::CONTENT_LENGTH);
         if let Some(fields) = listed.as_deref_mut() {
-            fields.take("content-length");
+            fields.drop_named("content-length");
         }
     }
     let mut request = Request::new(());
