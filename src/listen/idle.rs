@@ -64,7 +64,12 @@ struct ActivityState {
 }
 
 /// Held while a request and its response body are in flight.
-pub struct ActiveRequest(Arc<ActivityState>);
+pub struct ActiveRequest {
+    state: Arc<ActivityState>,
+    /// Wake the connection task when this was the last request in flight. Not needed when
+    /// that task itself ends the request and reads next ([`ActiveRequest::end_in_reader`]).
+    wake: bool,
+}
 
 impl Activity {
     fn new(opened: Instant) -> Activity {
@@ -81,7 +86,10 @@ impl Activity {
     pub(crate) fn begin(&self) -> ActiveRequest {
         self.0.begun.fetch_add(1, Ordering::AcqRel);
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
-        ActiveRequest(self.0.clone())
+        ActiveRequest {
+            state: self.0.clone(),
+            wake: true,
+        }
     }
 
     /// After a `101`: HTTP is over, bytes are bridged.
@@ -102,13 +110,23 @@ impl Activity {
     }
 }
 
+impl ActiveRequest {
+    /// Ends the request from the task that reads the connection and goes on to read it:
+    /// that read arms the idle deadline, so the task need not be woken for it (the wake
+    /// cost an extra poll of the connection per request: callgrind, ~600 instructions).
+    pub(crate) fn end_in_reader(mut self) {
+        self.wake = false;
+    }
+}
+
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        let since = Instant::from(clock::coarse()).saturating_duration_since(self.0.opened);
+        let state = &self.state;
+        let since = Instant::from(clock::coarse()).saturating_duration_since(state.opened);
         let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
-        self.0.last_end.fetch_max(nanos, Ordering::AcqRel);
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let waker = self.0.waker.lock().ok().and_then(|mut w| w.take());
+        state.last_end.fetch_max(nanos, Ordering::AcqRel);
+        if state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.wake {
+            let waker = state.waker.lock().ok().and_then(|mut w| w.take());
             if let Some(w) = waker {
                 w.wake();
             }
@@ -365,6 +383,40 @@ mod tests {
             deadline(Phase::Idle { since: at }, &t),
             Some(at + Duration::from_secs(60))
         );
+    }
+
+    /// Counts its wakes.
+    struct Wakes(AtomicU32);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn the_last_request_ending_elsewhere_wakes_the_connection_and_in_its_reader_does_not() {
+        let activity = Activity::new(Instant::now());
+        let wakes = Arc::new(Wakes(AtomicU32::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let register = || *activity.0.waker.lock().unwrap() = Some(waker.clone());
+
+        // Two in flight (HTTP/2 streams): only the last one's end wakes.
+        register();
+        let (first, second) = (activity.begin(), activity.begin());
+        drop(first);
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        assert!(activity.busy());
+        drop(second);
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert!(!activity.busy());
+
+        // Ended by the task that reads next: counted, not woken.
+        register();
+        activity.begin().end_in_reader();
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert!(!activity.busy());
+        assert_eq!(activity.begun(), 3);
     }
 
     #[test]

@@ -251,7 +251,9 @@ pub(super) async fn serve<I>(
                 }
                 drop(body);
             }
-            drop(guard);
+            // This task reads next (the next head, or the lingering close), which arms the
+            // idle deadline.
+            guard.end_in_reader();
             let body_read = conn.finish_feed(&mut feed);
             if keep_alive && out.clean && body_read {
                 Ok(Next::KeepAlive)
