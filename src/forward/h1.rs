@@ -1211,10 +1211,7 @@ impl Conn {
         if !self.read_buf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut probe = [0u8; 1];
-        let mut read = ReadBuf::new(&mut probe);
-        Pin::new(&mut self.io).poll_read(&mut cx, &mut read).is_pending()
+        self.io.reads_nothing()
     }
 }
 
