@@ -556,3 +556,48 @@ async fn malformed_or_missing_proxy_headers_close_the_connection() {
     assert_eq!(r.status, 200);
     assert_eq!(r.region(), Some("us-east"));
 }
+
+/// A response streaming for longer than the idle timeout is not idleness, over HTTP/1.1 and
+/// HTTP/2 alike; once the last one ends, the connection is idle and closed after the timeout.
+#[tokio::test]
+async fn a_stream_outlasts_the_idle_timeout_and_the_connection_closes_once_idle() {
+    let up = FakeUpstream::start("us-east").await.unwrap();
+    up.set_behavior(Behavior::Stream {
+        events: 6,
+        gap: Duration::from_millis(150),
+    });
+    let proxy = Meridian::start(&two_regions("idle_timeout = \"400ms\"\n", &up.url(), &up.url(), ""));
+    let events = |body: &[u8]| String::from_utf8_lossy(body).matches("data: ").count();
+
+    // HTTP/2 (h2c): the connection's task ends when the server closes it.
+    let stream = TcpStream::connect(proxy.listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = sender
+        .send_request(chat_request(proxy.listen, &[], r#"{"stream":true}"#))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(events(&body), 7, "HTTP/2 stream cut: {body:?}");
+    let closed = tokio::time::timeout(DEADLINE, conn).await;
+    assert!(closed.is_ok(), "idle HTTP/2 connection still open");
+
+    // HTTP/1.1, raw: the whole chunked stream, then the server's close.
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    let body = r#"{"stream":true}"#;
+    let head = format!(
+        "POST {CHAT_PATH} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "idle HTTP/1.1 connection still open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(events(&got), 7, "HTTP/1.1 stream cut: {text}");
+    assert!(text.ends_with("0\r\n\r\n"), "stream not ended cleanly: {text}");
+}

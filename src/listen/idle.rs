@@ -145,8 +145,8 @@ enum Protocol {
 /// An IO wrapper whose reads fail with `TimedOut` when the connection outstays its phase's
 /// deadline, and whose writes fail when the client takes no bytes for the send timeout.
 ///
-/// The read timer moves only when it fires or when an earlier deadline appears, so a busy
-/// connection costs a clock read per I/O, not a timer-wheel update.
+/// The read timer moves only when it fires or when an earlier deadline appears, and is not
+/// polled while a request is in flight, so a busy connection costs no timer-wheel update.
 pub struct IdleIo<T> {
     inner: T,
     timeouts: Timeouts,
@@ -242,29 +242,32 @@ impl<T> IdleIo<T> {
                 _ => *w = Some(cx.waker().clone()),
             }
         }
+        // A busy connection has no deadline, and needs no timer: the end of its last request
+        // wakes this task (or is this task, in HTTP/1.1), and that poll arms the timer.
+        let Some(due) = deadline(self.phase(), &self.timeouts) else {
+            return false;
+        };
         loop {
-            // A busy connection has no deadline. A deadline at or after the armed timer
-            // needs no clock read: the timer says when it may have passed (a keep-alive
-            // connection's deadlines only move later, so this is the usual case).
-            let due = deadline(self.phase(), &self.timeouts);
-            if let Some(d) = due.filter(|&d| d < self.armed) {
-                if d <= Instant::now() {
+            // A deadline at or after the armed timer needs no clock read: the timer says when
+            // it may have passed (a keep-alive connection's deadlines only move later, so this
+            // is the usual case).
+            if due < self.armed {
+                if due <= Instant::now() {
                     return true;
                 }
-                self.armed = d;
-                self.timer.as_mut().reset(d);
+                self.armed = due;
+                self.timer.as_mut().reset(due);
             }
             if self.timer.as_mut().poll(cx).is_pending() {
                 return false;
             }
             // The timer fired, so `armed` has passed, and with it any deadline up to it.
-            if due.is_some_and(|d| d <= self.armed) {
+            if due <= self.armed {
                 return true;
             }
-            // Fired early (the phase moved on): wait for the current deadline, or look
-            // again later while busy.
-            self.armed = due.unwrap_or_else(|| Instant::now() + self.timeouts.idle.min(self.timeouts.header_read));
-            self.timer.as_mut().reset(self.armed);
+            // Fired early (the phase moved on): wait for the current deadline.
+            self.armed = due;
+            self.timer.as_mut().reset(due);
         }
     }
 }
