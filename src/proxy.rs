@@ -83,11 +83,17 @@ struct Sent {
 struct HeadTiming {
     sent: Instant,
     head: Instant,
+    /// `head - sent`, worked out once for its three readers.
+    ttfb: Duration,
 }
 
 impl HeadTiming {
-    fn ttfb(self) -> Duration {
-        self.head.saturating_duration_since(self.sent)
+    fn new(sent: Instant, head: Instant) -> HeadTiming {
+        HeadTiming {
+            sent,
+            head,
+            ttfb: head.saturating_duration_since(sent),
+        }
     }
 }
 
@@ -400,7 +406,7 @@ impl Proxy {
                     .await
                 {
                     Outcome::Answer(resp, timing, inflight, sent) => {
-                        self.answered(rt, plan, &sent, timing.ttfb(), &mut record);
+                        self.answered(rt, plan, &sent, timing.ttfb, &mut record);
                         let relayed = (timing.sent, inflight, slot);
                         return Ok(self.relay(rt, target, resp, record, started, relayed, sent.health));
                     }
@@ -557,7 +563,7 @@ impl Proxy {
                 e.metrics.attempt(
                     outcome
                         .as_ref()
-                        .map(|(resp, timing, _)| (resp.status().as_u16(), timing.ttfb())),
+                        .map(|(resp, timing, _)| (resp.status().as_u16(), timing.ttfb)),
                 );
             }
         }
@@ -574,7 +580,7 @@ impl Proxy {
                     status: record.upstream_status,
                     error: outcome.as_ref().err().map(|e| e.kind().as_str().to_string()),
                     failover_reason: sent.reason.map(FailoverReason::as_str),
-                    ttfb: outcome.as_ref().ok().map(|(_, timing, _)| timing.ttfb()),
+                    ttfb: outcome.as_ref().ok().map(|(_, timing, _)| timing.ttfb),
                 },
             );
         }
@@ -719,7 +725,7 @@ impl Proxy {
         }
         let resp = resp?;
         let head = Instant::now();
-        Ok((resp, HeadTiming { sent, head }, inflight))
+        Ok((resp, HeadTiming::new(sent, head), inflight))
     }
 
     fn observe_response(
@@ -741,7 +747,7 @@ impl Proxy {
                 return;
             }
         }
-        let ttfb = timing.ttfb();
+        let ttfb = timing.ttfb;
         self.shared
             .observe_at(rt, health, Event::Response { status, ttfb }, timing.head);
     }
@@ -929,12 +935,8 @@ impl Completion for Done {
                 StreamEnd::Complete if self.record.status < 500 => Some(Event::Completed),
                 StreamEnd::Complete | StreamEnd::ClientGone => None,
             };
-            if let Some(event) = event {
-                self.shared.observe_at(&self.runtime, h, event, now);
-            }
-            if let Some(answer) = usage::answer(end, ok, &scanned, &latency, self.sent, now) {
-                self.shared.observe_at(&self.runtime, h, Event::Answered(answer), now);
-            }
+            let answered = usage::answer(end, ok, &scanned, &latency, self.sent, now).map(Event::Answered);
+            self.shared.observe_each_at(&self.runtime, h, [event, answered], now);
         }
         self.record.end_trace();
         if self.runtime.config.log.access_log {

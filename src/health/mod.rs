@@ -195,21 +195,44 @@ impl EndpointHealth {
 
     /// [`Self::observe`] at `now`: a time the caller already read, or one a test controls.
     pub(crate) fn observe_at(&self, event: Event, policy: &Policy, now: Instant) -> Option<Transition> {
+        self.with_machine(now, |m, now| Self::apply(m, event, policy, now))
+    }
+
+    /// [`Self::observe_at`] for the events one answer ends with, in order, under one lock
+    /// (one lock and one publication where each event took its own); each event may make
+    /// its own transition.
+    pub(crate) fn observe_each_at<const N: usize>(
+        &self,
+        events: [Option<Event>; N],
+        policy: &Policy,
+        now: Instant,
+    ) -> [Option<Transition>; N] {
+        let mut made = [None; N];
         self.with_machine(now, |m, now| {
-            match event {
-                Event::ProbePassed { latency } => m.latency.observe(latency, now),
-                Event::Response { ttfb, .. } => m.latency.observe(ttfb, now),
-                // A streamed answer's head comes at once: its first token is what the
-                // balancer should steer by.
-                Event::Answered(a) if a.streamed => {
-                    if let Some(first) = a.first_token {
-                        m.latency.observe(first, now)
-                    }
+            for (event, t) in events.into_iter().zip(made.iter_mut()) {
+                if let Some(event) = event {
+                    *t = Self::apply(m, event, policy, now);
                 }
-                _ => {}
             }
-            m.state.observe(event, now, policy)
-        })
+            made.iter().rev().find_map(|t| *t)
+        });
+        made
+    }
+
+    fn apply(m: &mut Machine, event: Event, policy: &Policy, now: Instant) -> Option<Transition> {
+        match event {
+            Event::ProbePassed { latency } => m.latency.observe(latency, now),
+            Event::Response { ttfb, .. } => m.latency.observe(ttfb, now),
+            // A streamed answer's head comes at once: its first token is what the
+            // balancer should steer by.
+            Event::Answered(a) if a.streamed => {
+                if let Some(first) = a.first_token {
+                    m.latency.observe(first, now)
+                }
+            }
+            _ => {}
+        }
+        m.state.observe(event, now, policy)
     }
 
     /// Records an active probe's outcome for `/status`, then feeds it to the machine.
@@ -566,6 +589,60 @@ mod tests {
         let ramp = r.ramp(window);
         assert!((slow_start::FLOOR..0.2).contains(&ramp), "{ramp}");
         assert_eq!(r.ramp(Duration::ZERO), 1.0);
+    }
+
+    /// The events an answer ends with, applied under one lock, leave the endpoint as the
+    /// same events fed one by one do, with the same transitions.
+    #[test]
+    fn events_under_one_lock_match_the_same_events_one_by_one() {
+        let p = Policy {
+            unhealthy_after: 1,
+            healthy_after: 1,
+            outlier: crate::config::OutlierConfig {
+                consecutive_errors: 2,
+                ttfb_threshold: Duration::from_millis(100),
+                tpot_threshold: Duration::from_millis(50),
+                ejection_time: Duration::from_secs(60),
+                max_ejection_time: Duration::from_secs(60),
+                max_retry_after: Duration::from_secs(1),
+            },
+            probation: Duration::from_secs(10),
+            probes: true,
+        };
+        let slow = |streamed| {
+            Event::Answered(state::Answer {
+                streamed,
+                head: Duration::from_millis(1),
+                first_token: Some(Duration::from_millis(900)),
+                per_token: Some(Duration::from_millis(400)),
+            })
+        };
+        // (history before, the events of the answer)
+        let cases: [(&[Event], [Option<Event>; 2]); 5] = [
+            (&[], [Some(Event::Completed), Some(slow(true))]),
+            (&[Event::StreamError], [Some(Event::Completed), None]),
+            (&[Event::StreamError], [Some(Event::StreamError), Some(slow(false))]),
+            (&[], [None, None]),
+            (&[Event::ConnectError], [None, Some(slow(true))]),
+        ];
+        for (before, events) in cases {
+            let start = Instant::now();
+            let (one_by_one, batched) = (EndpointHealth::new("r", "u"), EndpointHealth::new("r", "u"));
+            for h in [&one_by_one, &batched] {
+                for e in before {
+                    h.observe_at(*e, &p, start);
+                }
+            }
+            let at = start + Duration::from_millis(5);
+            let expected = events.map(|e| e.and_then(|e| one_by_one.observe_at(e, &p, at)));
+            assert_eq!(batched.observe_each_at(events, &p, at), expected, "{events:?}");
+            assert_eq!(batched.status(), one_by_one.status(), "{events:?}");
+            assert_eq!(
+                batched.latency.load(Ordering::Relaxed),
+                one_by_one.latency.load(Ordering::Relaxed),
+                "{events:?}"
+            );
+        }
     }
 
     #[test]

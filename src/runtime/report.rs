@@ -62,6 +62,19 @@ impl Shared {
         t
     }
 
+    /// [`Self::observe_at`] for several events in order, under the endpoint's one lock.
+    pub(crate) fn observe_each_at<const N: usize>(
+        &self,
+        rt: &Snapshot,
+        health: &EndpointHealth,
+        events: [Option<Event>; N],
+        now: std::time::Instant,
+    ) {
+        for t in health.observe_each_at(events, &rt.policy, now).into_iter().flatten() {
+            self.report(health, t);
+        }
+    }
+
     /// Feeds an active probe's result to an endpoint and reports any transition.
     pub fn probed(&self, rt: &Snapshot, health: &EndpointHealth, result: ProbeResult) -> Option<Transition> {
         self.metrics
