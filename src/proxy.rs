@@ -98,6 +98,9 @@ impl HeadTiming {
 }
 
 /// What one attempt came to.
+// why: an answer is the usual outcome; boxing it would allocate once per request to shrink a
+// value that lives for one match.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     /// A response head to relay (unless the planner retries a gateway status, it is final).
     Answer(Response<EndpointBody>, HeadTiming, Option<InFlight>, Sent),
