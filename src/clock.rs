@@ -14,18 +14,34 @@ use std::time::Instant;
 /// mixes with fine readings: for deadlines and idle stamps measured in seconds.
 #[cfg(target_os = "linux")]
 pub fn coarse() -> Instant {
+    use std::cell::Cell;
     use std::sync::OnceLock;
     use std::time::Duration;
 
+    // The coarse clock moves once a tick, and a request reads it about five times: within a
+    // tick the thread's last mapping onto `Instant` is reused (the mapping, an `Instant`
+    // addition std does not inline, cost more than the reading: ~35 of ~70 instructions).
+    thread_local! {
+        static LAST: Cell<Option<(libc::time_t, libc::c_long, Instant)>> = const { Cell::new(None) };
+    }
+    let ts = raw(libc::CLOCK_MONOTONIC_COARSE);
+    if let Some((sec, nsec, at)) = LAST.get()
+        && sec == ts.tv_sec
+        && nsec == ts.tv_nsec
+    {
+        return at;
+    }
     // `Instant` is `CLOCK_MONOTONIC` on Linux, and the coarse clock counts the same time:
     // one fine reading taken beside a raw one maps every later coarse reading onto `Instant`.
     static BASE: OnceLock<(Instant, Duration)> = OnceLock::new();
     let (base, base_raw) = *BASE.get_or_init(|| {
         let at = Instant::now();
-        (at, read(libc::CLOCK_MONOTONIC))
+        (at, duration(raw(libc::CLOCK_MONOTONIC)))
     });
     // A coarse reading in the tick the base was taken in may be behind it: the base then.
-    base + read(libc::CLOCK_MONOTONIC_COARSE).saturating_sub(base_raw)
+    let at = base + duration(ts).saturating_sub(base_raw);
+    LAST.set(Some((ts.tv_sec, ts.tv_nsec, at)));
+    at
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -36,7 +52,7 @@ pub fn coarse() -> Instant {
 /// Seconds since the Unix epoch, to within one kernel tick: for the `Date` field.
 #[cfg(target_os = "linux")]
 pub fn unix_secs() -> u64 {
-    read(libc::CLOCK_REALTIME_COARSE).as_secs()
+    u64::try_from(raw(libc::CLOCK_REALTIME_COARSE).tv_sec).unwrap_or(0)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -46,11 +62,16 @@ pub fn unix_secs() -> u64 {
 }
 
 #[cfg(target_os = "linux")]
-fn read(clock: libc::clockid_t) -> std::time::Duration {
+fn raw(clock: libc::clockid_t) -> libc::timespec {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; the clock ids are constants this kernel
     // has had since 2.6.32, so the call cannot fail (it would leave `ts` at zero).
     unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts
+}
+
+#[cfg(target_os = "linux")]
+fn duration(ts: libc::timespec) -> std::time::Duration {
     std::time::Duration::new(
         u64::try_from(ts.tv_sec).unwrap_or(0),
         u32::try_from(ts.tv_nsec).unwrap_or(0),
