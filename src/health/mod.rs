@@ -591,23 +591,38 @@ mod tests {
         assert_eq!(r.ramp(Duration::ZERO), 1.0);
     }
 
+    /// One probe or one error ejects; Retry-After capped at 30 ms.
+    fn strict_policy() -> Policy {
+        Policy {
+            unhealthy_after: 1,
+            healthy_after: 1,
+            outlier: crate::config::OutlierConfig {
+                consecutive_errors: 1,
+                ttfb_threshold: Duration::from_secs(1),
+                tpot_threshold: Duration::from_millis(250),
+                ejection_time: Duration::from_secs(60),
+                max_ejection_time: Duration::from_secs(60),
+                max_retry_after: Duration::from_millis(30),
+            },
+            probation: Duration::from_secs(10),
+            probes: true,
+        }
+    }
+
     /// The events an answer ends with, applied under one lock, leave the endpoint as the
     /// same events fed one by one do, with the same transitions.
     #[test]
     fn events_under_one_lock_match_the_same_events_one_by_one() {
+        let strict = strict_policy();
         let p = Policy {
-            unhealthy_after: 1,
-            healthy_after: 1,
             outlier: crate::config::OutlierConfig {
                 consecutive_errors: 2,
                 ttfb_threshold: Duration::from_millis(100),
                 tpot_threshold: Duration::from_millis(50),
-                ejection_time: Duration::from_secs(60),
-                max_ejection_time: Duration::from_secs(60),
                 max_retry_after: Duration::from_secs(1),
+                ..strict.outlier
             },
-            probation: Duration::from_secs(10),
-            probes: true,
+            ..strict
         };
         let slow = |streamed| {
             Event::Answered(state::Answer {
@@ -648,20 +663,7 @@ mod tests {
     #[test]
     fn shedding_and_ejection_are_read_without_the_lock() {
         let h = EndpointHealth::new("r", "http://127.0.0.1:1");
-        let p = Policy {
-            unhealthy_after: 1,
-            healthy_after: 1,
-            outlier: crate::config::OutlierConfig {
-                consecutive_errors: 1,
-                ttfb_threshold: Duration::from_secs(1),
-                tpot_threshold: Duration::from_millis(250),
-                ejection_time: Duration::from_secs(60),
-                max_ejection_time: Duration::from_secs(60),
-                max_retry_after: Duration::from_millis(30),
-            },
-            probation: Duration::from_secs(10),
-            probes: true,
-        };
+        let p = strict_policy();
         let start = Instant::now();
         h.observe_at(
             Event::Shed {
