@@ -236,7 +236,11 @@ impl<T> IdleIo<T> {
     /// True once the phase's deadline has passed; otherwise the timer is armed for the
     /// next possible expiry and registered with `cx`.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Ok(mut w) = self.activity.0.waker.lock() {
+        // Only HTTP/2's requests end in tasks of their own: an HTTP/1.1 connection's end in
+        // the task that reads it (`ActiveRequest::end_in_reader`), which needs no wake.
+        if self.protocol != Protocol::Http1
+            && let Ok(mut w) = self.activity.0.waker.lock()
+        {
             match w.as_ref() {
                 Some(old) if old.will_wake(cx.waker()) => {}
                 _ => *w = Some(cx.waker().clone()),
