@@ -58,8 +58,9 @@ struct ActivityState {
     last_end: AtomicU64,
     /// The connection was upgraded (WebSocket): idle means no bytes either way.
     upgraded: AtomicBool,
-    /// The connection task, woken when the last request ends so its idle clock starts:
-    /// the connection may not poll the IO again by itself until bytes arrive.
+    /// The HTTP/2 connection's task, woken when its last stream ends so its idle clock
+    /// starts: the connection may not poll the IO again by itself until bytes arrive. (An
+    /// HTTP/1.1 connection's requests end in its own task, which reads next.)
     waker: Mutex<Option<Waker>>,
 }
 
