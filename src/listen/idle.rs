@@ -113,8 +113,10 @@ impl Activity {
 
 impl ActiveRequest {
     /// Ends the request from the task that reads the connection and goes on to read it:
-    /// that read arms the idle deadline, so the task need not be woken for it (the wake
-    /// cost an extra poll of the connection per request: callgrind, ~600 instructions).
+    /// that read arms the idle deadline, so the task need not be woken for it. (The wake
+    /// cost an extra poll of the connection per request, ~600 instructions; since an
+    /// HTTP/1.1 connection no longer registers its task in `expired`, this only spares the
+    /// lock that would find the slot empty.)
     pub(crate) fn end_in_reader(mut self) {
         self.wake = false;
     }
