@@ -360,3 +360,29 @@ async fn a_drain_with_pipelined_bytes_buffered_closes_without_a_reset() {
         .expect("the pipelined bytes were taken while the connection closed");
     assert_eq!(up.requests(), 1, "nothing after the drain's last answer");
 }
+
+/// A drain closes a keep-alive connection that waits for its next request at once: it has
+/// nothing in flight, so neither its idle timeout nor the shutdown timeout is waited for, and
+/// it can still use its connection right up to the drain.
+#[tokio::test]
+async fn a_drain_closes_an_idle_keep_alive_connection_at_once() {
+    let (_up, mut proxy) = one_region("shutdown_timeout = \"10m\"\nidle_timeout = \"10m\"\n").await;
+    let mut s = connect(proxy.listen).await;
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_answer(&mut s, &mut buf, false).await;
+        assert_eq!(answer.status, 200, "{}", answer.head);
+        assert_eq!(answer.header("connection"), None, "{}", answer.head);
+    }
+    proxy.signal("TERM");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+    assert!(matches!(ended, Ok(Ok(0))), "closed without a byte: {ended:?} {rest:?}");
+    let code = tokio::task::spawn_blocking(move || proxy.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}

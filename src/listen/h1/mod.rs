@@ -120,16 +120,22 @@ pub(super) async fn serve<I>(
     // The requests of one connection come from one client: its last lookup is kept.
     let memo = LocateMemo::default();
     // One wait for the drain for the connection's life (a new one per request registered
-    // and dropped a waiter each time); `drain` itself is only looked at.
+    // and dropped a waiter each time), polled once: from then on the drain wakes this task,
+    // and a look at `drain`'s version says whether it did (polling the registered wait again
+    // for every request cost ~160 instructions).
     let mut watch = drain.clone();
     let mut drained = std::pin::pin!(watch.changed());
+    if poll_fn(|cx| Poll::Ready(drained.as_mut().poll(cx).is_ready())).await {
+        return;
+    }
+    let draining = || drain.has_changed().unwrap_or(true);
     loop {
         let head = if conn.rbuf.is_empty() {
             tokio::select! {
                 biased;
                 head = conn.read_head() => head,
                 // Draining, with nothing begun: close now.
-                _ = drained.as_mut() => return,
+                () = poll_fn(|_| if draining() { Poll::Ready(()) } else { Poll::Pending }) => return,
             }
         } else {
             conn.read_head().await
@@ -212,11 +218,10 @@ pub(super) async fn serve<I>(
                 *continue_due = false;
             }
             // Draining: this is the last response (hyper's graceful shutdown does the same).
-            let draining = drain.has_changed().unwrap_or(true);
             let exchange = Exchange {
                 head_request,
                 version,
-                keep_alive: keep_alive && !draining && matches!(feed, Feed::Done),
+                keep_alive: keep_alive && !draining() && matches!(feed, Feed::Done),
             };
             let status = response.status();
             let switching = status == StatusCode::SWITCHING_PROTOCOLS;
