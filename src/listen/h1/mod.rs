@@ -267,8 +267,8 @@ pub(super) async fn serve<I>(
                 drop(answer);
             }
             // This task reads next (the next head, or the lingering close), which arms the
-            // idle deadline.
-            guard.end_in_reader();
+            // idle deadline: it registered no waker for the end (`IdleIo::expired`).
+            drop(guard);
             let body_read = conn.finish_feed(&mut feed);
             if keep_alive && out.clean && body_read {
                 Ok(Next::KeepAlive)
