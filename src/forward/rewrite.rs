@@ -526,18 +526,32 @@ fn ipv4_text(ip: std::net::Ipv4Addr, out: &mut [u8; 48]) -> usize {
 
 /// 128 random bits as 32 hex digits.
 pub(crate) fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let id = fastrand::u128(..);
     let mut out = [0u8; 32];
-    // A byte at a time: two digits per step, no 128-bit shifts.
-    let bytes = fastrand::u128(..).to_be_bytes();
-    for (digits, b) in out.chunks_exact_mut(2).zip(bytes) {
-        digits[0] = HEX[usize::from(b >> 4)];
-        digits[1] = HEX[usize::from(b & 0xf)];
-    }
+    out[..16].copy_from_slice(&hex_digits((id >> 64) as u64));
+    out[16..].copy_from_slice(&hex_digits(id as u64));
     // Hex digits are always a valid header value. Owned by a shared `Bytes` from the start:
     // the id goes to the endpoint and to the access record, and cloning a copied one would
     // allocate its shared form on the first clone.
     HeaderValue::from_maybe_shared(Bytes::from_owner(out)).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// `x`'s sixteen lowercase hex digits, most significant first, worked out in one 128-bit
+/// word rather than a table look-up a digit (~25 instructions against ~110 for an id).
+fn hex_digits(x: u64) -> [u8; 16] {
+    const fn each_byte(b: u8) -> u128 {
+        u128::from_ne_bytes([b; 16])
+    }
+    // Spread the digits apart, halving the group each step, until each nibble has a byte.
+    let mut v = u128::from(x);
+    v = (v | v << 32) & 0x0000_0000_ffff_ffff_0000_0000_ffff_ffff;
+    v = (v | v << 16) & 0x0000_ffff_0000_ffff_0000_ffff_0000_ffff;
+    v = (v | v << 8) & 0x00ff_00ff_00ff_00ff_00ff_00ff_00ff_00ff;
+    v = (v | v << 4) & each_byte(0x0f);
+    // A byte is 10..=15 exactly when adding 6 carries into its high nibble (never further:
+    // 15 + 6 < 256); those skip from after `9` to `a`.
+    let letters = ((v + each_byte(6)) >> 4) & each_byte(1);
+    (v + each_byte(b'0') + letters * u128::from(b'a' - b'9' - 1)).to_be_bytes()
 }
 
 #[cfg(test)]
@@ -889,6 +903,20 @@ mod tests {
             let id = new_request_id();
             fastrand::seed(seed);
             assert_eq!(id, format!("{:032x}", fastrand::u128(..)).as_str());
+        }
+    }
+
+    #[test]
+    fn hex_digits_match_the_formatter() {
+        let mut cases = vec![0, 1, 9, 10, 15, 16, 0xa5, u64::MAX, u64::MAX - 1, 0x0123_4567_89ab_cdef];
+        cases.extend((0..16).map(|d| 0x1111_1111_1111_1111 * d));
+        cases.extend((0..1000).map(|_| fastrand::u64(..)));
+        for x in cases {
+            assert_eq!(
+                std::str::from_utf8(&hex_digits(x)).unwrap(),
+                format!("{x:016x}"),
+                "{x:#x}"
+            );
         }
     }
 }
