@@ -35,7 +35,7 @@ fn walk<'a>(peer: IpAddr, values: impl DoubleEndedIterator<Item = &'a [u8]>, tru
     let mut last = peer;
     for value in values.rev() {
         let Some(text) = visible(value) else { return last };
-        for hop in text.rsplit(',') {
+        for hop in right_to_left(text) {
             let hop = hop.trim();
             if hop.is_empty() {
                 continue;
@@ -48,6 +48,26 @@ fn walk<'a>(peer: IpAddr, values: impl DoubleEndedIterator<Item = &'a [u8]>, tru
         }
     }
     last
+}
+
+/// `text`'s comma-separated items, right to left. Not `rsplit(',')`: the usual value is one
+/// short hop, and the searcher's `memrchr` set-up cost more than scanning its bytes (~170
+/// instructions against ~50).
+fn right_to_left(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.bytes().rposition(|b| b == b',') {
+            Some(at) => {
+                rest = Some(&text[..at]);
+                Some(&text[at + 1..])
+            }
+            None => {
+                rest = None;
+                Some(text)
+            }
+        }
+    })
 }
 
 /// An address as proxies write it: `1.2.3.4`, `2001:db8::1`, `[2001:db8::1]`, with or
@@ -68,6 +88,24 @@ pub fn parse_hop(hop: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn items_right_to_left_as_rsplit_gives_them() {
+        for text in [
+            "",
+            "a",
+            ",",
+            "a,",
+            ",a",
+            "a,b",
+            "1.2.3.4, 5.6.7.8,,9.9.9.9",
+            "é,ü",
+            ",,",
+        ] {
+            let want: Vec<&str> = text.rsplit(',').collect();
+            assert_eq!(right_to_left(text).collect::<Vec<_>>(), want, "{text:?}");
+        }
+    }
     use crate::test_fixtures::TestResult;
     use http::HeaderMap;
     use http::header::HeaderValue;
