@@ -236,8 +236,11 @@ pub(super) async fn serve<I>(
             let fields = (endpoint.as_deref(), response.headers());
             let (framing, keep_alive) = head::encode_response(&mut conn.wbuf, status, fields, exact, exchange, &date);
             drop(endpoint);
-            // The head is written: a long stream keeps only its body.
-            drop(std::mem::take(response.headers_mut()));
+            // The head is written: a long stream keeps only its body. (A map that never held
+            // a field, as when the endpoint's are all listed, has nothing to give back.)
+            if response.headers().capacity() > 0 {
+                drop(std::mem::take(response.headers_mut()));
+            }
             response.extensions_mut().clear();
             if switching {
                 if let Err(e) = poll_fn(|cx| conn.poll_write_buffered(cx)).await {
