@@ -323,6 +323,26 @@ impl EndpointState {
 
     /// Moves the status as far as the counters and the clock say; returns the last reason.
     fn settle(&mut self, now: Instant, p: &Policy) -> Option<Reason> {
+        if self.at_rest(p) {
+            return None;
+        }
+        self.settle_all(now, p)
+    }
+
+    /// Nothing can move: healthy, nothing counted against the endpoint, no backoff left to
+    /// decay. Every answer settles (two or three times a request) and this is the usual
+    /// state; the full walk cost ~100 instructions to find nothing.
+    fn at_rest(&self, p: &Policy) -> bool {
+        self.status == Status::Healthy
+            && self.backoff == 0
+            && self.probe_failures == 0
+            && self.consecutive_errors == 0
+            && p.unhealthy_after > 0
+            && self.slow(p).is_none()
+    }
+
+    /// [`Self::settle`] without the short cut.
+    fn settle_all(&mut self, now: Instant, p: &Policy) -> Option<Reason> {
         let mut last = None;
         // At most ejected → probation → healthy in one step (a zero probation).
         for _ in 0..3 {
@@ -451,6 +471,42 @@ fn fold(ewma: &mut f64, samples: &mut u32, sample: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The short cut finds nothing to do exactly where the full walk changes nothing.
+    #[test]
+    fn an_endpoint_at_rest_settles_as_the_full_walk_does() {
+        let t0 = Instant::now();
+        let mut p = policy();
+        let mut at_rest = 0;
+        for status in [Status::Healthy, Status::Suspect, Status::Probation, Status::Ejected] {
+            for probe_failures in [0, 1, 3] {
+                for consecutive_errors in [0, 1, 4] {
+                    for backoff in [0, 1] {
+                        for ewma in [0.0, 0.4, 0.6] {
+                            for unhealthy_after in [0, 3] {
+                                p.unhealthy_after = unhealthy_after;
+                                let mut s = EndpointState::new(t0);
+                                s.status = status;
+                                s.probe_failures = probe_failures;
+                                s.consecutive_errors = consecutive_errors;
+                                s.backoff = backoff;
+                                (s.ttfb_ewma, s.ttfb_samples) = (ewma, TTFB_MIN_SAMPLES);
+                                let now = t0 + Duration::from_secs(20);
+                                let (mut short, mut full) = (s.clone(), s.clone());
+                                let case = format!(
+                                    "{status:?} {probe_failures} {consecutive_errors} {backoff} {ewma} {unhealthy_after}"
+                                );
+                                assert_eq!(short.settle(now, &p), full.settle_all(now, &p), "{case}");
+                                assert_eq!(format!("{short:?}"), format!("{full:?}"), "{case}");
+                                at_rest += usize::from(s.at_rest(&p));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(at_rest > 0, "the short cut was taken");
+    }
 
     fn policy() -> Policy {
         Policy {
