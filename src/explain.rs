@@ -458,7 +458,7 @@ pub(crate) fn pattern_summary(table: &RouteTable) -> PatternSummary {
         .zones
         .iter()
         .filter(|z| !z.failover)
-        .map(|z| z.name.clone())
+        .map(|z| z.name.to_string())
         .collect();
     let mut patterns = Vec::new();
     patterns.push(if levels.len() > 1 {

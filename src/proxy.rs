@@ -318,7 +318,7 @@ impl Proxy {
         };
         match route::plan_in(&rt.table, located, &facts, nearest) {
             Ok(plan) => {
-                record.zone = plan.zone.map(|z| rt.table.zone_name(z).to_string());
+                record.zone = plan.zone.and_then(|z| rt.table.zone_name_shared(z));
                 Ok(plan)
             }
             Err(refusal) => {
@@ -332,7 +332,7 @@ impl Proxy {
                     Refusal::ResidencyForbidden { zone, .. } => {
                         let zone = self.residency_rejection(rt, zone, "route_rule");
                         // The refused client's zone, in the access log too.
-                        record.zone = Some(zone.clone());
+                        record.zone = Some(zone.as_str().into());
                         ProxyError::ResidencyForbidden { zone }
                     }
                 })

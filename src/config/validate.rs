@@ -318,7 +318,7 @@ pub struct LoadConfig {
 #[derive(Debug, Clone)]
 pub struct ZoneConfig {
     /// `name`: unique zone name, named in refusals, logs and metrics.
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// `countries`: the countries whose clients the zone binds; each in at most one zone.
     pub countries: Vec<Country>,
     /// `regions`: indexes into [`Config::regions`] of the only regions its clients may use.
@@ -1330,7 +1330,7 @@ impl Validator<'_> {
                 );
             }
             out.push(ZoneConfig {
-                name,
+                name: name.into(),
                 countries,
                 regions,
                 failover: z.failover.unwrap_or(true),
@@ -1472,7 +1472,7 @@ impl Validator<'_> {
             }
         }
         let zone = match &f.zone {
-            Some(z) => match zones.iter().position(|x| &x.name == z.get_ref()) {
+            Some(z) => match zones.iter().position(|x| *x.name == **z.get_ref()) {
                 Some(i) => Some(i),
                 None => {
                     self.problem(

@@ -21,7 +21,8 @@ pub(crate) struct AccessRecord {
     pub request_id: HeaderValue,
     pub client_ip: IpAddr,
     pub country: &'static str,
-    pub zone: Option<String>,
+    /// Shared with the configuration: a clone per request, not a copy.
+    pub zone: Option<std::sync::Arc<str>>,
     pub method: http::Method,
     pub path: String,
     /// `HTTP/1.1`, `HTTP/2`, ...

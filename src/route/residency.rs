@@ -247,7 +247,7 @@ impl fmt::Display for Named<'_, Crossing> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let config = self.config;
         let c = self.item;
-        let zone = config.zones.get(c.zone).map_or("?", |z| z.name.as_str());
+        let zone = config.zones.get(c.zone).map_or("?", |z| &*z.name);
         let countries: Vec<String> = c.countries.iter().map(|c| c.to_string()).collect();
         let region = |r: RegionId| config.regions.get(r).map_or("?", |r| r.name.as_str());
         let path = match c.path {
@@ -286,7 +286,7 @@ impl fmt::Display for Named<'_, Exemption> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let config = self.config;
         let e = self.item;
-        let zone = config.zones.get(e.zone).map_or("?", |z| z.name.as_str());
+        let zone = config.zones.get(e.zone).map_or("?", |z| &*z.name);
         let regions: Vec<&str> = e
             .regions
             .iter()

@@ -152,7 +152,12 @@ impl RouteTable {
     }
 
     pub(crate) fn zone_name(&self, zone: ZoneId) -> &str {
-        self.config.zones.get(zone).map_or("?", |z| z.name.as_str())
+        self.config.zones.get(zone).map_or("?", |z| &*z.name)
+    }
+
+    /// [`Self::zone_name`], shared: for a record that outlives the borrow.
+    pub(crate) fn zone_name_shared(&self, zone: ZoneId) -> Option<std::sync::Arc<str>> {
+        self.config.zones.get(zone).map(|z| z.name.clone())
     }
 }
 
