@@ -132,6 +132,27 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     assert!(closes(&mut s).await);
 }
 
+/// A head that arrives in pieces is answered once it is whole, and so is the shorter one
+/// behind it on the same connection (what was parsed of the first is forgotten).
+#[tokio::test]
+async fn a_head_arriving_in_pieces_is_answered_once_whole() {
+    let (up, proxy) = one_region("").await;
+    let mut s = connect(proxy.listen).await;
+    s.set_nodelay(true).unwrap();
+    let mut buf = Vec::new();
+    for (path, long) in [("/v1/models", 300), ("/v1/models?second", 10)] {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: a\r\nX-Long: {}\r\n\r\n", "x".repeat(long));
+        for piece in head.as_bytes().chunks(37) {
+            s.write_all(piece).await.unwrap();
+            // Apart, so the server reads (and tries to parse) each piece on its own.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let answer = read_answer(&mut s, &mut buf, false).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.head);
+    }
+    assert_eq!(up.requests(), 2);
+}
+
 #[tokio::test]
 async fn http10_closes_unless_kept_alive() {
     let (_up, proxy) = one_region("").await;

@@ -81,6 +81,8 @@ enum Feed {
 struct Conn<I> {
     io: I,
     rbuf: BytesMut,
+    /// How much of `rbuf` was an incomplete head when last parsed (0: none was).
+    partial_head: usize,
     read_size: usize,
     /// The client closed its side (or the read failed).
     read_closed: bool,
@@ -108,6 +110,7 @@ pub(super) async fn serve<I>(
     let mut conn = Conn {
         io,
         rbuf: BytesMut::from(prefix),
+        partial_head: 0,
         read_size: READ_SIZE,
         read_closed: false,
         wbuf: Vec::new(),
@@ -130,25 +133,23 @@ pub(super) async fn serve<I>(
     }
     let draining = || drain.has_changed().unwrap_or(true);
     loop {
-        let head = if conn.rbuf.is_empty() {
-            tokio::select! {
-                biased;
-                head = conn.read_head() => head,
-                // Draining, with nothing begun: close now.
-                () = poll_fn(|_| if draining() { Poll::Ready(()) } else { Poll::Pending }) => return,
-            }
-        } else {
-            conn.read_head().await
-        };
+        conn.read_size = READ_SIZE;
+        let head = poll_fn(|cx| match conn.poll_head(cx) {
+            // Draining, with nothing begun: close now.
+            Poll::Pending if conn.rbuf.is_empty() && draining() => Poll::Ready(None),
+            polled => polled.map(Some),
+        })
+        .await;
         let head = match head {
-            Ok(Some(head)) => head,
-            Ok(None) => return,
-            Err(Refusal::Head(e)) => {
+            None => return,
+            Some(Ok(Some(head))) => head,
+            Some(Ok(None)) => return,
+            Some(Err(Refusal::Head(e))) => {
                 tracing::debug!(%peer, error = %e, "request head refused");
                 conn.refuse(e).await;
                 return;
             }
-            Err(Refusal::Io(e)) => {
+            Some(Err(Refusal::Io(e))) => {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
                 return;
             }
@@ -325,21 +326,26 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     /// Reads until a whole head is in; `None` when the client closed between requests (or
-    /// in the middle of a head, which gets no answer either).
-    async fn read_head(&mut self) -> Result<Option<RequestHead>, Refusal> {
-        self.read_size = READ_SIZE;
+    /// in the middle of a head, which gets no answer either). A poll function, not an
+    /// `async fn`: that future was built, then copied twice into the connection's, for
+    /// every request.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RequestHead>, Refusal>> {
         loop {
-            if !self.rbuf.is_empty() {
+            // An incomplete head is parsed again only once more bytes are in.
+            if self.rbuf.len() > self.partial_head {
                 match head::parse_request(&mut self.rbuf, self.max_head, self.max_headers) {
-                    Ok(Some(head)) => return Ok(Some(head)),
-                    Ok(None) => {}
-                    Err(e) => return Err(Refusal::Head(e)),
+                    Ok(Some(head)) => {
+                        self.partial_head = 0;
+                        return Poll::Ready(Ok(Some(head)));
+                    }
+                    Ok(None) => self.partial_head = self.rbuf.len(),
+                    Err(e) => return Poll::Ready(Err(Refusal::Head(e))),
                 }
             }
-            match poll_fn(|cx| self.poll_fill(cx)).await {
-                Ok(0) => return Ok(None),
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => return Poll::Ready(Ok(None)),
                 Ok(_) => {}
-                Err(e) => return Err(Refusal::Io(e)),
+                Err(e) => return Poll::Ready(Err(Refusal::Io(e))),
             }
         }
     }
