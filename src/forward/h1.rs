@@ -878,7 +878,8 @@ enum SentName {
 
 impl SentName {
     fn of(name: &[u8]) -> SentName {
-        let is = |lower: &[u8]| name.eq_ignore_ascii_case(lower);
+        // Eight bytes a step (`token_is`), not a byte a step: this runs for every field.
+        let is = |lower: &[u8]| token_is(name, lower);
         match name.len() {
             4 if is(b"host") => SentName::Host,
             12 if is(b"x-request-id") => SentName::XRequestId,
@@ -952,7 +953,7 @@ impl FieldWriter<'_, '_> {
             (known, _) => {
                 self.hosted |= known == SentName::Host;
                 if let Some((extra, _)) = self.req.extra {
-                    self.has_extra |= extra.len() == name.len() && name.eq_ignore_ascii_case(extra.as_bytes());
+                    self.has_extra |= token_is(name, extra.as_bytes());
                 }
                 true
             }
