@@ -25,7 +25,17 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 /// good one: whatever is left of it was written by someone we cannot vouch for.
 pub fn client_ip<'a>(peer: IpAddr, headers: impl Into<RequestFields<'a>>, trusted: &[IpNet]) -> IpAddr {
     let peer = peer.to_canonical();
-    if !is_trusted(peer, trusted) {
+    client_ip_with(peer, is_trusted(peer, trusted), headers, trusted)
+}
+
+/// [`client_ip`] for a canonical `peer` whose trust the caller already looked up.
+pub fn client_ip_with<'a>(
+    peer: IpAddr,
+    peer_trusted: bool,
+    headers: impl Into<RequestFields<'a>>,
+    trusted: &[IpNet],
+) -> IpAddr {
+    if !peer_trusted {
         return peer;
     }
     walk(peer, headers.into().values(&X_FORWARDED_FOR), trusted)

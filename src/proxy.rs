@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode};
 use smallvec::SmallVec;
 
 use crate::admission::{self, Admitted, Limited, RequestView, Verdict};
-use crate::client_ip::{client_ip, is_trusted};
+use crate::client_ip::{client_ip_with, is_trusted};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::forward::body::{
@@ -261,7 +261,7 @@ impl Proxy {
         let fields = RequestFields::new(listed, req.headers());
         let peer = conn.peer.ip().to_canonical();
         let peer_trusted = is_trusted(peer, &config.geoip.trusted_proxies);
-        let client = client_ip(peer, fields, &config.geoip.trusted_proxies);
+        let client = client_ip_with(peer, peer_trusted, fields, &config.geoip.trusted_proxies);
         let located = match memo {
             Some(memo) => memo.locate(&rt.geo, client),
             None => rt.geo.locate(client),
