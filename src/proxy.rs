@@ -352,7 +352,7 @@ impl Proxy {
         plan: &RoutePlan<'_>,
         head: SentHead,
         body: RequestBody,
-        overflow: Arc<AtomicBool>,
+        overflow: Option<Arc<AtomicBool>>,
         mut record: Box<AccessRecord>,
         started: Instant,
     ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
@@ -407,7 +407,7 @@ impl Proxy {
                         attempt_body,
                         &mut record,
                         &policy,
-                        &overflow,
+                        overflow.as_deref(),
                     )
                     .await
                 {
@@ -441,7 +441,7 @@ impl Proxy {
         body: RequestBody,
         record: &mut AccessRecord,
         policy: &Policy<'_>,
-        overflow: &AtomicBool,
+        overflow: Option<&AtomicBool>,
     ) -> Outcome {
         let span = self.start_attempt_span(record, tried, &mut parts.headers);
         let head = HeadView { parts, listed, added };
@@ -1260,15 +1260,14 @@ fn prepare_head(
 async fn read_body(
     config: &crate::config::Config,
     incoming: ClientBody,
-) -> Result<(RequestBody, Arc<AtomicBool>), ProxyError> {
+) -> Result<(RequestBody, Option<Arc<AtomicBool>>), ProxyError> {
     // The length the head declared, as the server that read the head took it: not looked
     // up again in the map.
     let declared = hyper::body::Body::size_hint(&incoming).exact();
-    let overflow = Arc::new(AtomicBool::new(false));
     let limit = config.server.max_request_body;
     let body_timeout = config.server.body_timeout;
-    match body::prepare(incoming, declared, limit, overflow.clone(), body_timeout).await {
-        Ok(b) => Ok((b, overflow)),
+    match body::prepare(incoming, declared, limit, body_timeout).await {
+        Ok(prepared) => Ok(prepared),
         Err(BodyError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
         Err(BodyError::ClientStalled(_)) => Err(ProxyError::BodyTimeout),
         Err(BodyError::Client(_) | BodyError::Upstream(_) | BodyError::Stalled(_) | BodyError::SendTimeout(_)) => {
@@ -1309,8 +1308,8 @@ fn slow_start_skips(rt: &Snapshot, plan: &RoutePlan<'_>) -> Skips {
 
 /// An attempt that failed on the client's side: its body was too large or stalled. Answered
 /// as such, never retried elsewhere and never held against the endpoint.
-fn client_fault(rt: &Snapshot, e: &UpstreamError, overflow: &AtomicBool) -> Option<ProxyError> {
-    if overflow.load(std::sync::atomic::Ordering::Acquire) {
+fn client_fault(rt: &Snapshot, e: &UpstreamError, overflow: Option<&AtomicBool>) -> Option<ProxyError> {
+    if overflow.is_some_and(|o| o.load(std::sync::atomic::Ordering::Acquire)) {
         let limit = rt.config.server.max_request_body;
         return Some(ProxyError::BodyTooLarge { limit });
     }

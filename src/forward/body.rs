@@ -255,30 +255,29 @@ impl RequestBody {
 }
 
 /// Reads the start of a client body: keeps it whole when it ends within [`REPLAY_LIMIT`],
-/// otherwise returns a streaming body that fails once `limit` bytes are passed. `overflow`
-/// is set when the limit trips mid-stream, so the caller can answer 413. A client that
-/// sends nothing for `read_timeout` between two reads gets [`BodyError::ClientStalled`].
+/// otherwise returns a streaming body that fails once `limit` bytes are passed, with a flag
+/// set when the limit trips mid-stream, so the caller can answer 413 (a body kept whole has
+/// none: it cannot trip). A client that sends nothing for `read_timeout` between two reads
+/// gets [`BodyError::ClientStalled`].
 pub(crate) async fn prepare(
     mut body: ClientBody,
     declared: Option<u64>,
     limit: u64,
-    overflow: Arc<AtomicBool>,
     read_timeout: Duration,
-) -> Result<RequestBody, BodyError> {
+) -> Result<(RequestBody, Option<Arc<AtomicBool>>), BodyError> {
+    let streaming = |prefix, body| {
+        let overflow = Arc::new(AtomicBool::new(false));
+        let streamed = StreamingBody::new(prefix, body, limit, overflow.clone(), read_timeout);
+        (RequestBody::Streaming(Box::new(streamed)), Some(overflow))
+    };
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge);
     }
     if body.is_end_stream() {
-        return Ok(RequestBody::Empty);
+        return Ok((RequestBody::Empty, None));
     }
     if declared.is_some_and(|n| n > REPLAY_LIMIT) {
-        return Ok(RequestBody::Streaming(Box::new(StreamingBody::new(
-            None,
-            body,
-            limit,
-            overflow,
-            read_timeout,
-        ))));
+        return Ok(streaming(None, body));
     }
     let mut kept = BytesMut::new();
     let mut trailers = None;
@@ -304,21 +303,16 @@ pub(crate) async fn prepare(
                     return Err(BodyError::TooLarge);
                 }
                 if kept.len() as u64 > REPLAY_LIMIT {
-                    return Ok(RequestBody::Streaming(Box::new(StreamingBody::new(
-                        Some(kept.freeze()),
-                        body,
-                        limit,
-                        overflow,
-                        read_timeout,
-                    ))));
+                    return Ok(streaming(Some(kept.freeze()), body));
                 }
             }
         }
     }
-    Ok(RequestBody::Kept(Kept {
+    let kept = RequestBody::Kept(Kept {
         data: (!kept.is_empty()).then(|| kept.freeze()),
         trailers,
-    }))
+    });
+    Ok((kept, None))
 }
 
 /// How much of a refused body is read and thrown away, and for how long, before the 413.
