@@ -52,22 +52,24 @@ pub(crate) fn normalise(path: &str) -> Result<Cow<'_, str>, PathError> {
 }
 
 /// True when `normalise` would return the path unchanged: no `%`, no empty, `.` or `..`
-/// segment. The common case, checked in one pass over the bytes without allocating.
+/// segment. The common case, checked in one pass over the bytes without allocating, with
+/// no look-ahead (matching the rest of the path after each `/` cost ~17 instructions a byte).
 fn is_normal(path: &str) -> bool {
-    let bytes = path.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
+    // The segment being read: its length, and how many of its bytes are dots.
+    let (mut len, mut dots) = (0usize, 0usize);
+    // A segment that is empty, `.` or `..` needs normalising (an empty last one is a
+    // trailing slash, which does not).
+    let odd = |len: usize, dots: usize| len == dots && dots <= 2;
+    for &b in path.as_bytes().iter().skip(1) {
         match b {
             b'%' => return false,
-            // The segment after this slash: empty (but for a final trailing slash), `.` or
-            // `..` needs normalising.
-            b'/' => match &bytes[i + 1..] {
-                [b'/', ..] | [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..] => return false,
-                _ => {}
-            },
-            _ => {}
+            b'/' if odd(len, dots) => return false,
+            b'/' => (len, dots) = (0, 0),
+            b'.' => (len, dots) = (len + 1, dots + 1),
+            _ => len += 1,
         }
     }
-    true
+    len == 0 || !odd(len, dots)
 }
 
 /// Decodes `%XX` where XX is an unreserved character (RFC 3986 §2.3) or `/`; every other
@@ -115,6 +117,37 @@ mod tests {
     use super::*;
     use crate::route::path_matches;
     use proptest::prelude::*;
+
+    /// Every path of up to seven bytes from `/ . a %` is judged as by looking ahead after
+    /// each slash (the rule written out).
+    #[test]
+    fn normal_paths_are_told_as_the_rule_says() {
+        fn by_the_rule(path: &str) -> bool {
+            let bytes = path.as_bytes();
+            bytes.iter().enumerate().all(|(i, &b)| match b {
+                b'%' => false,
+                b'/' => !matches!(
+                    &bytes[i + 1..],
+                    [b'/', ..] | [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..]
+                ),
+                _ => true,
+            })
+        }
+        let alphabet = ['/', '.', 'a', '%'];
+        let mut paths = vec![String::from("/")];
+        for _ in 0..6 {
+            let longer: Vec<String> = paths
+                .iter()
+                .filter(|p| p.len() == paths.last().map_or(0, String::len))
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            paths.extend(longer);
+        }
+        assert!(paths.len() > 5000);
+        for p in &paths {
+            assert_eq!(is_normal(p), by_the_rule(p), "{p:?}");
+        }
+    }
 
     #[test]
     fn table() {
