@@ -7,6 +7,8 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -380,6 +382,32 @@ async fn a_drain_with_pipelined_bytes_buffered_closes_without_a_reset() {
         .unwrap()
         .expect("the pipelined bytes were taken while the connection closed");
     assert_eq!(up.requests(), 1, "nothing after the drain's last answer");
+}
+
+/// A drain lets a request head that had begun arriving finish: the request is answered,
+/// and the connection then closes.
+#[tokio::test]
+async fn a_drain_answers_a_head_that_had_begun_arriving_then_closes() {
+    let (up, proxy) = one_region("shutdown_timeout = \"10m\"\n").await;
+    let mut s = connect(proxy.listen).await;
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nHo").await.unwrap();
+    // Read by the proxy before the drain: nothing shows it, so give it a moment (this orders
+    // the events; nothing is timed).
+    wait_ready(&proxy).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("TERM");
+    eventually("draining", || async {
+        call("GET", proxy.admin, "/readyz", &[], Bytes::new()).await.status == 503
+    })
+    .await;
+    s.write_all(b"st: a\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let answer = read_answer(&mut s, &mut buf, false).await;
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    assert_eq!(answer.header("connection").as_deref(), Some("close"), "{}", answer.head);
+    assert!(closes(&mut s).await, "closed after its answer");
+    assert_eq!(up.requests(), 1);
 }
 
 /// A drain closes a keep-alive connection that waits for its next request at once: it has
