@@ -482,6 +482,11 @@ impl Config {
     pub fn region_index(&self, name: &str) -> Option<usize> {
         self.regions.iter().position(|r| r.name == name)
     }
+
+    /// The index of the residency zone called `name` in [`Config::zones`], if there is one.
+    pub fn zone_index(&self, name: &str) -> Option<usize> {
+        self.zones.iter().position(|z| &*z.name == name)
+    }
 }
 
 /// Every lookup may walk the whole chain: a handful of files is the intended use.

@@ -518,12 +518,7 @@ mod tests {
                 }
             }
         };
-        let uk = t
-            .config
-            .zones
-            .iter()
-            .position(|z| &*z.name == "uk")
-            .ok_or("no zone uk")?;
+        let uk = t.config.zone_index("uk").ok_or("no zone uk")?;
         let cases: [(&str, &'static [&'static str], Decision); 6] = [
             ("US", &[], Decision::Region(region("us-east"))),
             ("US", &["us-east"], Decision::Region(region("us-west"))),
@@ -592,7 +587,7 @@ mod tests {
     fn sharding_keeps_clients_home() -> TestResult {
         let t = table("").config.as_ref().clone();
         let mut c = t;
-        let eu = c.zones.iter().position(|z| &*z.name == "eu").ok_or("no zone eu")?;
+        let eu = c.zone_index("eu").ok_or("no zone eu")?;
         c.zones[eu].failover = false;
         let us = c.region_index("us-east").ok_or("no region us-east")?;
         c.regions[us].failover = false;
@@ -668,18 +663,8 @@ mod tests {
             "#,
         );
         let h = HeaderMap::new();
-        let eu = t
-            .config
-            .zones
-            .iter()
-            .position(|z| &*z.name == "eu")
-            .ok_or("no zone eu")?;
-        let uk = t
-            .config
-            .zones
-            .iter()
-            .position(|z| &*z.name == "uk")
-            .ok_or("no zone uk")?;
+        let eu = t.config.zone_index("eu").ok_or("no zone eu")?;
+        let uk = t.config.zone_index("uk").ok_or("no zone uk")?;
         type Want = Result<&'static [&'static str], Refusal>;
         let cases: [(&str, &str, Want); 9] = [
             ("AU", "/v1/fine_tuning", Ok(&["us-east"])),
