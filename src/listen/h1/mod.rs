@@ -141,9 +141,9 @@ pub(super) async fn serve<I>(
         })
         .await;
         let head = match head {
-            None => return,
+            // Draining with nothing begun, or the client closed between requests.
+            None | Some(Ok(None)) => return,
             Some(Ok(Some(head))) => head,
-            Some(Ok(None)) => return,
             Some(Err(Refusal::Head(e))) => {
                 tracing::debug!(%peer, error = %e, "request head refused");
                 conn.refuse(e).await;
