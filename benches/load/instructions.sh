@@ -14,7 +14,9 @@
 # H2C=1 (h2load only: HTTP/2 with prior knowledge, 10 streams per connection, instead of
 # HTTP/1.1), NGINX=1 (report mode: count NGINX too, one worker with benches/load/nginx.conf,
 # under the same load: the yardstick for the per-request figure), CALLGRIND_ARGS (more
-# callgrind options for Meridian, e.g. --dump-instr=yes to find the call sites of memcpy).
+# callgrind options, for Meridian and NGINX alike: --dump-instr=yes to find the call sites
+# of memcpy, or --cache-sim=yes --D1=32768,8,64 --LL=1048576,8,64 to count misses of a
+# core's L1 and L2 as the connection count grows).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -115,7 +117,8 @@ done
 
 if [ -n "${NGINX:-}" ] && [ -z "$BUDGET" ]; then
     out=$RUN/callgrind.nginx.out
-    valgrind --tool=callgrind --callgrind-out-file="$out" nginx -p "$RUN/nginx/" -c nginx.conf \
+    # shellcheck disable=SC2086 # CALLGRIND_ARGS is a list of options
+    valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" nginx -p "$RUN/nginx/" -c nginx.conf \
         -g 'daemon off; master_process off;' 2>"$RUN/valgrind.nginx.log" &
     STARTED+=($!)
     count nginx "$!" "$out" 18082

@@ -23,6 +23,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 pub mod proxy_protocol;
+mod recycle;
 mod send;
 pub mod tls;
 
@@ -48,6 +49,7 @@ use crate::geo::LocateMemo;
 use crate::proxy::{ConnInfo, Proxy};
 pub use idle::{ActiveRequest, Activity, IdleIo, Timeouts};
 use proxy_protocol::ProxyHeaderError;
+use recycle::Recycled;
 
 /// Limits applied to every client connection.
 #[derive(Debug, Clone)]
@@ -414,7 +416,8 @@ impl Connection {
             async move {
                 // Boxed: hyper keeps a slot the size of this future for the connection's
                 // life; the request's own state (~4 KiB) is only needed while it runs.
-                let resp = pin_in_place(|| proxy.handle(info, Some(&memo), req.map(ClientBody::from), None)).await;
+                let resp =
+                    Recycled::pin_in_place(|| proxy.handle(info, Some(&memo), req.map(ClientBody::from), None)).await;
                 // The request stays in flight until its response body is done; an HTTP/2
                 // stream's window can stay shut while the connection is busy.
                 resp.map(|mut r| {
@@ -461,12 +464,4 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
     }
-}
-
-/// A boxed future built where it lives: the allocation first, then the future written into
-/// it. `Box::pin(make())` builds the request's future (about 4 KiB, most of it states that do
-/// not exist yet) on the stack and copies all of it to the heap: ~400 instructions a request.
-#[inline(always)]
-pub(crate) fn pin_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
-    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }

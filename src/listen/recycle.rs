@@ -1,0 +1,209 @@
+//! A request's future in an allocation the worker used last.
+//!
+//! Each request's future (~4 KiB) lives on the heap while the request runs. From the
+//! allocator (mimalloc), a block of that size takes its generic path both ways: ~400
+//! instructions to allocate and ~100 to free at 256 connections. The worker keeps the
+//! blocks its requests freed, up to [`KEPT_BYTES`], and hands out the most recently freed
+//! first (the warmest; NGINX keeps its request pools' memory per connection the same way).
+//! A thread's blocks go back to the allocator when it exits.
+
+use std::alloc::{self, Layout};
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::ptr::NonNull;
+
+/// What a thread keeps: a block for each request of a busy worker (256 at the request
+/// future's size). Requests end and begin in runs of a hundred and more at 256 connections
+/// (one event loop turn answers many, the next reads many new heads): with 16 kept, 84 %
+/// of requests still went to the allocator. Bounded, so a burst of 10,000 clients leaves
+/// no more than this behind.
+const KEPT_BYTES: usize = 1 << 20;
+
+/// The thread's freed blocks, the most recent last, and their bytes.
+struct Spare {
+    blocks: Vec<(NonNull<u8>, Layout)>,
+    bytes: usize,
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        for (block, layout) in self.blocks.drain(..) {
+            // SAFETY: every block was allocated by the global allocator with its layout.
+            unsafe { alloc::dealloc(block.as_ptr(), layout) };
+        }
+    }
+}
+
+thread_local! {
+    static SPARE: RefCell<Spare> = const {
+        RefCell::new(Spare {
+            blocks: Vec::new(),
+            bytes: 0,
+        })
+    };
+}
+
+/// A block of `layout`: the thread's most recently freed one if it kept one.
+fn take(layout: Layout) -> NonNull<u8> {
+    let kept = SPARE
+        .try_with(|s| {
+            let mut s = s.borrow_mut();
+            match s.blocks.last() {
+                Some(&(block, l)) if l == layout => {
+                    s.blocks.pop();
+                    s.bytes -= layout.size();
+                    Some(block)
+                }
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten();
+    kept.unwrap_or_else(|| {
+        // SAFETY: the layout is not zero-sized (`Recycled::new` boxes those no other way).
+        let block = unsafe { alloc::alloc(layout) };
+        NonNull::new(block).unwrap_or_else(|| alloc::handle_alloc_error(layout))
+    })
+}
+
+/// Gives a block back: kept for the next request, or freed when the thread keeps enough
+/// (or is exiting).
+fn give(block: NonNull<u8>, layout: Layout) {
+    let kept = SPARE.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.bytes + layout.size() <= KEPT_BYTES {
+            s.blocks.push((block, layout));
+            s.bytes += layout.size();
+            true
+        } else {
+            false
+        }
+    });
+    if kept != Ok(true) {
+        // SAFETY: allocated by the global allocator with this layout (`take`).
+        unsafe { alloc::dealloc(block.as_ptr(), layout) };
+    }
+}
+
+/// An owned `F` in a block from the thread's spares (as `Box<F>`; pinned, a future).
+pub(crate) struct Recycled<F> {
+    value: NonNull<F>,
+    _owns: PhantomData<F>,
+}
+
+// SAFETY: `Recycled` owns its `F` as a `Box` would; the block itself is plain memory any
+// thread may give back.
+unsafe impl<F: Send> Send for Recycled<F> {}
+// SAFETY: as above; `&Recycled<F>` gives no access to `F`.
+unsafe impl<F: Sync> Sync for Recycled<F> {}
+
+impl<F> Recycled<F> {
+    /// Builds the value where it will live: the block first, then `make`'s result written
+    /// into it (`Box::pin(make())` would build the ~4 KiB future on the stack and copy all
+    /// of it, most of it states that do not exist yet: ~400 instructions a request).
+    #[inline(always)]
+    pub(crate) fn pin_in_place(make: impl FnOnce() -> F) -> Pin<Recycled<F>> {
+        const { assert!(size_of::<F>() > 0, "a zero-sized value needs no block") };
+        let value = take(Layout::new::<F>()).cast::<F>();
+        // SAFETY: the block is sized and aligned for `F`, and not shared.
+        unsafe { value.as_ptr().write(make()) };
+        let recycled = Recycled {
+            value,
+            _owns: PhantomData,
+        };
+        // SAFETY: the value never moves out of its block: it is dropped in place.
+        unsafe { Pin::new_unchecked(recycled) }
+    }
+}
+
+impl<F> std::ops::Deref for Recycled<F> {
+    type Target = F;
+
+    fn deref(&self) -> &F {
+        // SAFETY: written in `pin_in_place`, alive until `drop`.
+        unsafe { self.value.as_ref() }
+    }
+}
+
+impl<F> std::ops::DerefMut for Recycled<F> {
+    fn deref_mut(&mut self) -> &mut F {
+        // SAFETY: as `deref`; `Pin<Recycled<F>>` hands out `&mut F` only for an `Unpin` F.
+        unsafe { self.value.as_mut() }
+    }
+}
+
+impl<F> Drop for Recycled<F> {
+    fn drop(&mut self) {
+        // SAFETY: the value was written in `pin_in_place` and is dropped only here.
+        unsafe { self.value.as_ptr().drop_in_place() };
+        give(self.value.cast(), Layout::new::<F>());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    struct Counted(Rc<std::cell::Cell<usize>>, [u64; 64]);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    fn kept() -> usize {
+        SPARE.with(|s| s.borrow().blocks.len())
+    }
+
+    #[test]
+    fn the_last_freed_block_is_the_next_one_used() {
+        let drops = Rc::new(std::cell::Cell::new(0));
+        let first = Recycled::pin_in_place(|| Counted(drops.clone(), [1; 64]));
+        let at = std::ptr::from_ref::<Counted>(&first) as usize;
+        drop(first);
+        assert_eq!(drops.get(), 1, "the value is dropped once, with its holder");
+        assert_eq!(kept(), 1, "its block is kept");
+        let second = Recycled::pin_in_place(|| Counted(drops.clone(), [2; 64]));
+        assert_eq!(
+            std::ptr::from_ref::<Counted>(&second) as usize,
+            at,
+            "the warm block is reused"
+        );
+        assert_eq!(kept(), 0);
+        assert_eq!(second.1[63], 2);
+        drop(second);
+        assert_eq!(drops.get(), 2);
+    }
+
+    #[test]
+    fn a_thread_keeps_a_bounded_number_of_blocks() {
+        let drops = Rc::new(std::cell::Cell::new(0));
+        let fits = KEPT_BYTES / size_of::<Counted>();
+        let live: Vec<_> = (0..fits + 5)
+            .map(|_| Recycled::pin_in_place(|| Counted(drops.clone(), [0; 64])))
+            .collect();
+        drop(live);
+        assert_eq!(drops.get(), fits + 5);
+        assert_eq!(kept(), fits, "the rest went back to the allocator");
+        assert!(SPARE.with(|s| s.borrow().bytes) <= KEPT_BYTES);
+    }
+
+    #[test]
+    fn blocks_of_another_layout_are_not_handed_out() {
+        let small = Recycled::pin_in_place(|| 7u8);
+        drop(small);
+        let big = Recycled::pin_in_place(|| [9u64; 32]);
+        assert_eq!(big[31], 9);
+        assert!(kept() >= 1, "the small block stays kept for its own size");
+    }
+
+    #[tokio::test]
+    async fn a_recycled_future_runs_to_its_output() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiting = Recycled::pin_in_place(|| async move { rx.await.unwrap_or(0) + 1 });
+        tx.send(41).unwrap_or_default();
+        assert_eq!(waiting.await, 42);
+    }
+}
