@@ -1,11 +1,11 @@
-//! A request's future in an allocation the worker used last.
+//! A request's future in a block the worker's earlier requests freed.
 //!
-//! Each request's future (~4 KiB) lives on the heap while the request runs. From the
-//! allocator (mimalloc), a block of that size takes its generic path both ways: ~400
-//! instructions to allocate and ~100 to free at 256 connections. The worker keeps the
-//! blocks its requests freed, up to [`KEPT_BYTES`], and hands out the most recently freed
-//! first (the warmest; NGINX keeps its request pools' memory per connection the same way).
-//! A thread's blocks go back to the allocator when it exits.
+//! Each request's future (~3.8 KiB) lives on the heap while the request runs. From the
+//! allocator (mimalloc), a block of that size takes its generic path: ~400 instructions to
+//! allocate at 256 connections, where its free lists of that size run dry. The worker keeps
+//! the blocks its requests freed, up to [`KEPT_BYTES`], and hands out the most recently
+//! freed first (the likeliest still in cache). A thread's blocks go back to the allocator
+//! when it exits.
 
 use std::alloc::{self, Layout};
 use std::cell::RefCell;
@@ -13,11 +13,11 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::ptr::NonNull;
 
-/// What a thread keeps: a block for each request of a busy worker (256 at the request
-/// future's size). Requests end and begin in runs of a hundred and more at 256 connections
-/// (one event loop turn answers many, the next reads many new heads): with 16 kept, 84 %
-/// of requests still went to the allocator. Bounded, so a burst of 10,000 clients leaves
-/// no more than this behind.
+/// What a thread keeps: a block for each request of a busy worker (about 270 at the
+/// request future's size). Requests end and begin in runs of a hundred and more at 256
+/// connections (one event loop turn answers many, the next reads many new heads): with 16
+/// kept, 84 % of requests still went to the allocator. Bounded, so a burst of 10,000
+/// clients leaves no more than this behind.
 const KEPT_BYTES: usize = 1 << 20;
 
 /// The thread's freed blocks, the most recent last, and their bytes.
