@@ -187,7 +187,7 @@ pub(super) async fn serve<I>(
                 conn.rbuf = BytesMut::new();
             }
             // On the heap: the request's state (~4 KiB) is only needed while it runs, not for
-            // the connection's life. Built in place, in the worker's warmest spare block.
+            // the connection's life. Built in place, in a block an earlier request freed.
             let mut handler =
                 Recycled::pin_in_place(|| proxy.handle(info, Some(&memo), Request::from_parts(parts, body), fields));
             // The answer is moved once, out of the handler, and read in place after that:
