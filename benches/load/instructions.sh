@@ -12,8 +12,9 @@
 # CONFIG_SED, KEEP=1 (keep the callgrind dumps, e.g. for callgrind_annotate --tree=caller),
 # SDK_HEADERS=1 (h2load only: the fields the openai Python SDK sends with each request),
 # H2C=1 (h2load only: HTTP/2 with prior knowledge, 10 streams per connection, instead of
-# HTTP/1.1), NGINX=1 (report mode: count NGINX too, one worker with benches/load/nginx.conf,
-# under the same load: the yardstick for the per-request figure), CALLGRIND_ARGS (more
+# HTTP/1.1), BODY=file (h2load only: POST the file's bytes as each request's body),
+# NGINX=1 (report mode: count NGINX too, one worker with benches/load/nginx.conf, under the
+# same load: the yardstick for the per-request figure), CALLGRIND_ARGS (more
 # callgrind options, for Meridian and NGINX alike: --dump-instr=yes to find the call sites
 # of memcpy, or --cache-sim=yes --D1=32768,8,64 --LL=1048576,8,64 to count misses of a
 # core's L1 and L2 as the connection count grows).
@@ -64,6 +65,7 @@ load() {
             mode=(-m 10)
             [ "$port" = 18082 ] && port=18089
         fi
+        if [ -n "${BODY:-}" ]; then mode+=(-d "$BODY"); fi
         h2load "${mode[@]}" -n "$1" -c "$CONNS" -t 1 "${HEADERS[@]}" "http://127.0.0.1:$port/v1/models" |
             grep -E '^requests:' >&2
     else
