@@ -16,8 +16,8 @@
 # NGINX=1 (report mode: count NGINX too, one worker with benches/load/nginx.conf, under the
 # same load: the yardstick for the per-request figure), CALLGRIND_ARGS (more
 # callgrind options, for Meridian and NGINX alike: --dump-instr=yes to find the call sites
-# of memcpy, or --cache-sim=yes --D1=32768,8,64 --LL=1048576,8,64 to count misses of a
-# core's L1 and L2 as the connection count grows).
+# of memcpy, or --cache-sim=yes --D1=32768,8,64 --LL=1048576,8,64 to attribute the misses
+# of a core's L1 and L2 to functions; cache_misses.sh counts the totals).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
