@@ -392,8 +392,9 @@ async fn a_drain_answers_a_head_that_had_begun_arriving_then_closes() {
     let mut s = connect(proxy.listen).await;
     s.set_nodelay(true).unwrap();
     s.write_all(b"GET /v1/models HTTP/1.1\r\nHo").await.unwrap();
-    // Read by the proxy before the drain: nothing shows it, so give it a moment (this orders
-    // the events; nothing is timed).
+    // Most likely read by the proxy before the drain (nothing shows it, so give it a
+    // moment); if not, the bytes are in its socket and the wake-up the drain causes reads
+    // them before it looks at the drain. Nothing is timed.
     wait_ready(&proxy).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.signal("TERM");
