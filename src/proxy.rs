@@ -47,7 +47,12 @@ use crate::route::{self, NoRegion, Refusal, RequestFacts, RoutePlan};
 use crate::runtime::{Shared, Snapshot};
 
 /// What the listener knows about the connection a request came on.
+///
+/// Aligned to 8: a request's future lays out its 4-aligned arguments after everything it
+/// keeps across its awaits, ~1.1 KiB past the others, and building the future copied all
+/// that span (callgrind: ~140 instructions and 18 cache lines written a request).
 #[derive(Debug, Clone, Copy)]
+#[repr(align(8))]
 pub struct ConnInfo {
     /// The peer: the TCP peer, or the address from a PROXY protocol header.
     pub peer: SocketAddr,

@@ -105,16 +105,50 @@ impl<F> Recycled<F> {
     /// of it, most of it states that do not exist yet: ~400 instructions a request).
     #[inline(always)]
     pub(crate) fn pin_in_place(make: impl FnOnce() -> F) -> Pin<Recycled<F>> {
+        Slot::take().pin(make())
+    }
+}
+
+/// A block taken for an `F` that is not built yet. Taken before the value's parts are
+/// gathered, the block's look-up is not a call between their moves and the write: across
+/// an opaque call the compiler keeps each part in a copy of its own on the stack.
+pub(crate) struct Slot<F> {
+    block: NonNull<F>,
+    _for: PhantomData<F>,
+}
+
+// SAFETY: the slot holds no `F`, only plain memory any thread may give back.
+unsafe impl<F> Send for Slot<F> {}
+
+impl<F> Slot<F> {
+    /// A block for an `F`: the thread's most recently freed one of its layout, if kept.
+    pub(crate) fn take() -> Slot<F> {
         const { assert!(size_of::<F>() > 0, "a zero-sized value needs no block") };
-        let value = take(Layout::new::<F>()).cast::<F>();
+        Slot {
+            block: take(Layout::new::<F>()).cast::<F>(),
+            _for: PhantomData,
+        }
+    }
+
+    /// Writes `value` into the block and pins it there.
+    #[inline(always)]
+    pub(crate) fn pin(self, value: F) -> Pin<Recycled<F>> {
+        let value_at = std::mem::ManuallyDrop::new(self).block;
         // SAFETY: the block is sized and aligned for `F`, and not shared.
-        unsafe { value.as_ptr().write(make()) };
+        unsafe { value_at.as_ptr().write(value) };
         let recycled = Recycled {
-            value,
+            value: value_at,
             _owns: PhantomData,
         };
         // SAFETY: the value never moves out of its block: it is dropped in place.
         unsafe { Pin::new_unchecked(recycled) }
+    }
+}
+
+impl<F> Drop for Slot<F> {
+    fn drop(&mut self) {
+        // Never written: only the block goes back.
+        give(self.block.cast(), Layout::new::<F>());
     }
 }
 
@@ -198,6 +232,17 @@ mod tests {
         let big = Recycled::pin_in_place(|| [9u64; 32]);
         assert_eq!(big[31], 9);
         assert_eq!(kept(), 1, "the small block stays kept for its own size");
+    }
+
+    #[test]
+    fn a_slot_never_written_gives_its_block_back() {
+        let slot = Slot::<[u64; 16]>::take();
+        let at = slot.block.as_ptr() as usize;
+        drop(slot);
+        assert_eq!(kept(), 1, "the unused block is kept");
+        let value = Slot::take().pin([3u64; 16]);
+        assert_eq!(std::ptr::from_ref::<[u64; 16]>(&value) as usize, at, "and used next");
+        assert_eq!(value[15], 3);
     }
 
     #[tokio::test]
