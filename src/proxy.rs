@@ -282,7 +282,11 @@ impl Proxy {
         };
         // Boxed: the record travels through every phase and into the body's completion; a
         // pointer moves where 432 bytes were copied at each step (and sized two futures).
-        let mut record = Box::new(AccessRecord::new(client, country, req.method().clone(), path));
+        // Allocated before it is built, so it is built in place (`Box::new` copied it).
+        let mut record = Box::write(
+            Box::new_uninit(),
+            AccessRecord::new(client, country, req.method().clone(), path),
+        );
         // observe: access-log fields of the request head, and the client's trace.
         record.head(
             req.version(),
@@ -812,18 +816,21 @@ impl Proxy {
         let sse = scanner.is_sse();
         // TTFT and TPOT count from the attempt's send time.
         let head = record.ttfb.unwrap_or_default();
-        let done = Box::new(Done {
-            shared: self.shared.clone(),
-            runtime: rt.clone(),
-            metrics,
-            record,
-            started,
-            sent,
-            head,
-            _inflight: inflight,
-            _slot: slot,
-            health,
-        });
+        let done = Box::write(
+            Box::new_uninit(),
+            Done {
+                shared: self.shared.clone(),
+                runtime: rt.clone(),
+                metrics,
+                record,
+                started,
+                sent,
+                head,
+                _inflight: inflight,
+                _slot: slot,
+                health,
+            },
+        );
         let body = UpstreamBody::new(incoming, rt.config.server.stall_timeout, sse, scanner, done);
         Response::from_parts(parts, ResponseBody::Upstream(body))
     }
