@@ -117,9 +117,6 @@ pub(crate) struct Slot<F> {
     _for: PhantomData<F>,
 }
 
-// SAFETY: the slot holds no `F`, only plain memory any thread may give back.
-unsafe impl<F> Send for Slot<F> {}
-
 impl<F> Slot<F> {
     /// A block for an `F`: the thread's most recently freed one of its layout, if kept.
     pub(crate) fn take() -> Slot<F> {
