@@ -424,6 +424,29 @@ async fn response_framing_is_never_silently_truncated() {
     let short = raw(proxy.listen, b"GET /short HTTP/1.1\r\nHost: api\r\n\r\n").await;
     assert_eq!(short.header("content-length").as_deref(), Some("10"));
     assert!(short.closed && short.body.len() < 10, "a short body looked complete");
+
+    // HTTP/2: the stream ends in an error, whether the cut came with the head or after it.
+    let stream = TcpStream::connect(proxy.listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{}/short", proxy.listen))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(DEADLINE, http_body_util::BodyExt::collect(resp.into_body()))
+        .await
+        .unwrap();
+    assert!(body.is_err(), "a short body looked complete over HTTP/2: {body:?}");
 }
 
 /// Item 7: `header_read_timeout` for a silent new connection and a half-sent head;

@@ -416,20 +416,24 @@ impl Connection {
             async move {
                 // Boxed: hyper keeps a slot the size of this future for the connection's
                 // life; the request's own state (~4 KiB) is only needed while it runs.
-                let resp =
+                let Ok(mut resp) =
                     Recycled::pin_in_place(|| proxy.handle(info, Some(&memo), req.map(ClientBody::from), None)).await;
+                // hyper's HTTP/2 server writes the map: an endpoint's fields go into it.
+                if let Some(fields) = resp.body_mut().take_endpoint_fields() {
+                    fields.append_to(resp.headers_mut());
+                }
+                let (head, mut body) = resp.into_parts();
+                // What of the body is in hand goes with the head (see `send`).
+                let ready =
+                    std::future::poll_fn(|cx| Poll::Ready(hyper::body::Body::poll_frame(Pin::new(&mut body), cx)))
+                        .await;
                 // The request stays in flight until its response body is done; an HTTP/2
                 // stream's window can stay shut while the connection is busy.
-                resp.map(|mut r| {
-                    // hyper's HTTP/2 server writes the map: an endpoint's fields go into it.
-                    if let Some(fields) = r.body_mut().take_endpoint_fields() {
-                        fields.append_to(r.headers_mut());
-                    }
-                    r.map(|body| Guarded {
-                        body: send::ClientBody::with_send_timeout(body, send_timeout),
-                        _guard: guard,
-                    })
-                })
+                let body = Guarded {
+                    body: send::ClientBody::with_send_timeout(body, ready, send_timeout),
+                    _guard: guard,
+                };
+                Ok::<_, std::convert::Infallible>(http::Response::from_parts(head, body))
             }
         });
         let conn = self.builder.http2.serve_connection(io, service);
