@@ -411,13 +411,13 @@ impl Connection {
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
             let memo = memo.clone();
-            let activity = activity.clone();
             let guard = activity.begin();
-            async move {
-                // Boxed: hyper keeps a slot the size of this future for the connection's
-                // life; the request's own state (~4 KiB) is only needed while it runs.
-                let Ok(mut resp) =
-                    Recycled::pin_in_place(|| proxy.handle(info, Some(&memo), req.map(ClientBody::from), None)).await;
+            // All of the stream's work in one block from the spares, built in place: hyper
+            // keeps the future it is given (in the stream's task, for the stream's life,
+            // moved a few times as the task is spawned), so that is a pointer, not the
+            // request and its ~4 KiB of state.
+            Recycled::pin_in_place(|| async move {
+                let Ok(mut resp) = proxy.handle(info, Some(&memo), req.map(ClientBody::from), None).await;
                 // hyper's HTTP/2 server writes the map: an endpoint's fields go into it.
                 if let Some(fields) = resp.body_mut().take_endpoint_fields() {
                     fields.append_to(resp.headers_mut());
@@ -434,7 +434,7 @@ impl Connection {
                     _guard: guard,
                 };
                 Ok::<_, std::convert::Infallible>(http::Response::from_parts(head, body))
-            }
+            })
         });
         let conn = self.builder.http2.serve_connection(io, service);
         if let Err(e) = Box::pin(graceful(conn, drain)).await {
