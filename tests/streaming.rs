@@ -159,3 +159,47 @@ async fn h2c_prior_knowledge_is_served() {
     assert_eq!(seen[0].headers["host"], proxy.listen.to_string());
     let _ = Duration::ZERO;
 }
+
+/// An HTTP/2 answer with no body (here a `HEAD`'s) ends as complete, and one whose body
+/// came whole with its head arrives whole: neither waits on a pump for the client.
+#[tokio::test]
+async fn h2c_answers_in_hand_are_sent_and_logged_complete() {
+    let (_up, proxy) = one_region("").await;
+    let stream = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for method in ["HEAD", "GET"] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/v1/models", proxy.listen))
+            .header("x-request-id", format!("h2-{method}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tokio::time::timeout(DEADLINE, sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{method}");
+        let length = resp.headers().get("content-length").cloned();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if method == "GET" {
+            assert!(!body.is_empty());
+            assert_eq!(
+                length.as_ref().map(|l| l.to_str().unwrap()),
+                Some(body.len().to_string().as_str())
+            );
+        } else {
+            assert!(body.is_empty());
+        }
+        let id = format!("\"request_id\":\"h2-{method}\"");
+        eventually(&format!("{method} logged complete"), || async {
+            proxy
+                .logs()
+                .iter()
+                .any(|l| l.contains(&id) && l.contains("\"end\":\"complete\""))
+        })
+        .await;
+    }
+}
