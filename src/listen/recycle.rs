@@ -7,6 +7,10 @@
 //! freed first. (Not for warmth: at 256 connections a block freed a hundred requests
 //! earlier misses the cache as often as the allocator's.) A thread's blocks go back to the
 //! allocator when it exits.
+//!
+//! Blocks are kept per layout: an HTTP/1.1 request's handler and an HTTP/2 stream's whole
+//! future differ in size, and a worker serving both would otherwise find the other kind on
+//! top of one stack and go to the allocator for every request.
 
 use std::alloc::{self, Layout};
 use std::cell::RefCell;
@@ -21,17 +25,28 @@ use std::ptr::NonNull;
 /// clients leaves no more than this behind.
 const KEPT_BYTES: usize = 1 << 20;
 
-/// The thread's freed blocks, the most recent last, and their bytes.
+/// Layouts kept apart at most: the kinds of future that use blocks, with room to spare.
+const KINDS: usize = 4;
+
+/// One layout's freed blocks, the most recent last.
+struct Kind {
+    layout: Layout,
+    blocks: Vec<NonNull<u8>>,
+}
+
+/// The thread's freed blocks by layout, and their bytes.
 struct Spare {
-    blocks: Vec<(NonNull<u8>, Layout)>,
+    kinds: Vec<Kind>,
     bytes: usize,
 }
 
 impl Drop for Spare {
     fn drop(&mut self) {
-        for (block, layout) in self.blocks.drain(..) {
-            // SAFETY: every block was allocated by the global allocator with its layout.
-            unsafe { alloc::dealloc(block.as_ptr(), layout) };
+        for kind in self.kinds.drain(..) {
+            for block in kind.blocks {
+                // SAFETY: every block was allocated by the global allocator with its layout.
+                unsafe { alloc::dealloc(block.as_ptr(), kind.layout) };
+            }
         }
     }
 }
@@ -39,30 +54,25 @@ impl Drop for Spare {
 thread_local! {
     static SPARE: RefCell<Spare> = const {
         RefCell::new(Spare {
-            blocks: Vec::new(),
+            kinds: Vec::new(),
             bytes: 0,
         })
     };
 }
 
-/// A block of `layout`: the thread's most recently freed one if it kept one.
+/// A block of `layout`: the thread's most recently freed one of that layout, if it kept one.
 fn take(layout: Layout) -> NonNull<u8> {
     let kept = SPARE
         .try_with(|s| {
             let mut s = s.borrow_mut();
-            match s.blocks.last() {
-                Some(&(block, l)) if l == layout => {
-                    s.blocks.pop();
-                    s.bytes -= layout.size();
-                    Some(block)
-                }
-                _ => None,
-            }
+            let block = s.kinds.iter_mut().find(|k| k.layout == layout)?.blocks.pop()?;
+            s.bytes -= layout.size();
+            Some(block)
         })
         .ok()
         .flatten();
     kept.unwrap_or_else(|| {
-        // SAFETY: the layout is not zero-sized (`Recycled::pin_in_place` refuses those).
+        // SAFETY: the layout is not zero-sized (`Slot::take` refuses those).
         let block = unsafe { alloc::alloc(layout) };
         NonNull::new(block).unwrap_or_else(|| alloc::handle_alloc_error(layout))
     })
@@ -72,14 +82,25 @@ fn take(layout: Layout) -> NonNull<u8> {
 /// (or is exiting).
 fn give(block: NonNull<u8>, layout: Layout) {
     let kept = SPARE.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.bytes + layout.size() <= KEPT_BYTES {
-            s.blocks.push((block, layout));
-            s.bytes += layout.size();
-            true
-        } else {
-            false
+        let s = &mut *s.borrow_mut();
+        if s.bytes + layout.size() > KEPT_BYTES {
+            return false;
         }
+        let kind = match s.kinds.iter().position(|k| k.layout == layout) {
+            Some(at) => &mut s.kinds[at],
+            None if s.kinds.len() < KINDS => {
+                s.kinds.push(Kind {
+                    layout,
+                    blocks: Vec::new(),
+                });
+                let last = s.kinds.len() - 1;
+                &mut s.kinds[last]
+            }
+            None => return false,
+        };
+        kind.blocks.push(block);
+        s.bytes += layout.size();
+        true
     });
     if kept != Ok(true) {
         // SAFETY: allocated by the global allocator with this layout (`take`).
@@ -186,7 +207,7 @@ mod tests {
     }
 
     fn kept() -> usize {
-        SPARE.with(|s| s.borrow().blocks.len())
+        SPARE.with(|s| s.borrow().kinds.iter().map(|k| k.blocks.len()).sum())
     }
 
     #[test]
@@ -229,6 +250,22 @@ mod tests {
         let big = Recycled::pin_in_place(|| [9u64; 32]);
         assert_eq!(big[31], 9);
         assert_eq!(kept(), 1, "the small block stays kept for its own size");
+    }
+
+    #[test]
+    fn each_layout_gets_its_own_last_freed_block() {
+        let small = Recycled::pin_in_place(|| [1u64; 8]);
+        let big = Recycled::pin_in_place(|| [2u64; 32]);
+        let small_at = std::ptr::from_ref::<[u64; 8]>(&small) as usize;
+        let big_at = std::ptr::from_ref::<[u64; 32]>(&big) as usize;
+        // The big block is freed last: a small request must still find the small one.
+        drop(small);
+        drop(big);
+        let small = Recycled::pin_in_place(|| [3u64; 8]);
+        assert_eq!(std::ptr::from_ref::<[u64; 8]>(&small) as usize, small_at);
+        let big = Recycled::pin_in_place(|| [4u64; 32]);
+        assert_eq!(std::ptr::from_ref::<[u64; 32]>(&big) as usize, big_at);
+        assert_eq!(kept(), 0);
     }
 
     #[test]
