@@ -53,7 +53,6 @@ impl ClientBody {
     /// The body an HTTP/2 stream is sent, given what of it was `ready` when its head was
     /// (polled once in the stream's task): all of it, or a pump for the rest.
     pub(crate) fn with_send_timeout(body: ResponseBody, ready: Polled, timeout: Duration) -> ClientBody {
-        let hint = body.size_hint();
         let first = match ready {
             Poll::Ready(None) => return ClientBody::Held(None),
             Poll::Ready(Some(Err(e))) => return ClientBody::Held(Some(Err(e))),
@@ -63,6 +62,12 @@ impl ClientBody {
             Poll::Ready(Some(Ok(frame))) => Some(frame),
             Poll::Pending => None,
         };
+        // The whole body's size, as hyper writes it into a `content-length` the head lacks:
+        // what is left plus the frame in hand.
+        let hint = with_first(
+            body.size_hint(),
+            first.as_ref().and_then(Frame::data_ref).map_or(0, Bytes::len),
+        );
         let (tx, frames) = mpsc::channel(1);
         let abandoned = Arc::new(AtomicBool::new(false));
         let flag = abandoned.clone();
@@ -100,6 +105,17 @@ impl ClientBody {
             hint,
         })
     }
+}
+
+/// `rest` with `first` more bytes.
+fn with_first(rest: SizeHint, first: usize) -> SizeHint {
+    let first = first as u64;
+    let mut hint = SizeHint::new();
+    hint.set_lower(rest.lower().saturating_add(first));
+    if let Some(upper) = rest.upper() {
+        hint.set_upper(upper.saturating_add(first));
+    }
+    hint
 }
 
 impl Body for ClientBody {
@@ -182,7 +198,8 @@ mod tests {
         for (ready, body, held, bytes, failed) in cases {
             let body = ClientBody::with_send_timeout(body, ready, Duration::from_secs(5));
             assert_eq!(matches!(body, ClientBody::Held(_)), held, "{bytes:?}");
-            if held && !failed {
+            if !failed {
+                // The whole body's size, the frame read ahead included.
                 assert_eq!(body.size_hint().exact(), Some(bytes.len() as u64), "{bytes:?}");
             }
             let (got, error) = collected(body).await;
