@@ -445,7 +445,7 @@ async fn stalled_stream_ends_with_an_sse_error_and_counts_against_the_endpoint()
         let body = String::from_utf8_lossy(&body);
         assert!(body.starts_with("data: "), "{body}");
         assert!(
-            body.contains("event: error\ndata: {\"error\":\"upstream_stalled\""),
+            body.contains("event: error\ndata: {\"error\":{") && body.contains("\"code\":\"upstream_timeout\""),
             "{body}"
         );
         eventually("the stall is counted", || async {

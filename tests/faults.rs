@@ -494,7 +494,7 @@ async fn stream_cut_mid_response_ends_cleanly_and_later_requests_go_elsewhere() 
             "relayed part, then the error event: {o:?}"
         );
         assert!(
-            o.body.contains("event: error") && o.body.contains("upstream_stream_error"),
+            o.body.contains("event: error") && o.body.contains("\"code\":\"upstream_unreachable\""),
             "{o:?}"
         );
     }

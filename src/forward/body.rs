@@ -579,11 +579,23 @@ impl UpstreamBody {
     fn fail(&mut self, end: StreamEnd, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.finish(end);
         if self.sse {
-            let reason = match end {
-                StreamEnd::Stalled => "upstream_stalled",
-                _ => "upstream_stream_error",
+            // The OpenAI shape of Meridian's other errors, so the SDKs raise `APIError` with
+            // this message and code (they read `error` as an object); codes from the same
+            // closed list. The OS error behind a broken stream goes to the log, not here.
+            tracing::debug!(%error, "stream cut");
+            let (code, message) = match error {
+                BodyError::Stalled(after) => (
+                    "upstream_timeout",
+                    format!("the endpoint sent nothing for {after:?}; the stream was cut"),
+                ),
+                _ => (
+                    "upstream_unreachable",
+                    "the endpoint's stream broke off before its end".to_string(),
+                ),
             };
-            let data = serde_json::json!({"error": reason, "message": error.to_string()});
+            let data = serde_json::json!({
+                "error": {"message": message, "type": "server_error", "code": code, "param": null}
+            });
             // The closer first: the client's parser dispatches whatever the endpoint left
             // half-sent on its own, instead of merging it into this event.
             let event = format!("{}event: error\ndata: {data}\n\n", self.sse_tail.closer());

@@ -7,7 +7,8 @@ SDK that:
   - a streamed chat completion arrives token by token and whole;
   - a non-streamed completion reports its usage;
   - a residency refusal reads as e.code == "residency_unavailable";
-  - a missing model reads as e.code == "model_not_found".
+  - a missing model reads as e.code == "model_not_found";
+  - a stream the model server drops mid-way raises APIError with Meridian's code.
 
 Usage: openai_client.py [path/to/meridian]   (default: $MERIDIAN_BIN or target/debug/meridian)
 Exit status 0 when every check passes.
@@ -70,6 +71,14 @@ class FakeModel(BaseHTTPRequestHandler):
                 self.wfile.flush()
 
             time.sleep(0.05)
+            if request.get("messages", [{}])[-1].get("content") == "cut":
+                # Two tokens, then the connection drops without the final chunk: a crashed worker.
+                for token in TOKENS[:2]:
+                    event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": created,
+                           "model": request.get("model"),
+                           "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
+                self.close_connection = True
+                return
             for i, token in enumerate(TOKENS):
                 delta = {"content": token} if i else {"role": "assistant", "content": token}
                 event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": created,
@@ -225,11 +234,26 @@ def run_checks(listen):
             return
         raise AssertionError("a missing model was served")
 
+    def cut_stream():
+        stream = client(listen, US).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "cut"}], stream=True)
+        pieces = []
+        try:
+            for chunk in stream:
+                pieces.extend(c.delta.content or "" for c in chunk.choices)
+        except openai.APIError as e:
+            assert e.code == "upstream_unreachable", f"e.code = {e.code!r}, body = {e.body!r}"
+            assert "broke off" in e.message, e.message
+            assert "".join(pieces) == "".join(TOKENS[:2]), pieces
+            return
+        raise AssertionError(f"a cut stream read as complete: {pieces}")
+
     check("streamed chat completion through Meridian", streamed)
+    check("a stream cut mid-way raises APIError with Meridian's code", cut_stream)
     check("whole chat completion with usage", whole)
     check("residency refusal reads as e.code == 'residency_unavailable'", residency)
     check("missing model reads as e.code == 'model_not_found'", missing_model)
-    print(f"openai {openai.__version__}: {4 - len(failures)} of 4 checks passed")
+    print(f"openai {openai.__version__}: {5 - len(failures)} of 5 checks passed")
     return 1 if failures else 0
 
 
