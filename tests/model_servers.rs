@@ -345,7 +345,8 @@ async fn a_slow_first_token_behind_an_instant_head_moves_traffic_to_the_next_reg
 #[tokio::test]
 async fn a_slow_stream_with_a_fast_first_token_stays() {
     let (proxy, east, _west) = two_regions("ttfb_threshold = \"300ms\"").await;
-    // 10 tokens 100 ms apart: a second per answer, first token at once, 100 ms per token.
+    // 10 tokens 100 ms apart: a second per answer, first token at once, 900 ms after it
+    // spread over 10 tokens (the SPEC's TPOT): 90 ms a token.
     east.set_pace(Pace::new(5, 100, 10));
     let body = chat_body("m", true, "sys", "hi");
     for _ in 0..2 {
@@ -354,7 +355,7 @@ async fn a_slow_stream_with_a_fast_first_token_stays() {
     }
     let e = endpoint_state(&proxy, &east.url()).await;
     assert_eq!(e["state"], "healthy", "{e}");
-    assert!(e["tpot_ewma_ms"].as_f64().unwrap() >= 90.0, "{e}");
+    assert!(e["tpot_ewma_ms"].as_f64().unwrap() >= 85.0, "{e}");
     assert!(e["ttfb_ewma_ms"].as_f64().unwrap() < 300.0, "{e}");
     // The access log: output tokens from the usage chunk, TTFT and TPOT.
     let field = |v: &serde_json::Value, k: &str| v.get("fields").unwrap_or(v)[k].clone();
@@ -368,7 +369,7 @@ async fn a_slow_stream_with_a_fast_first_token_stays() {
     eventually("an access log line with output_tokens", || async { access().is_some() }).await;
     let line = access().unwrap();
     assert!(field(&line, "ttft_ms").as_f64().unwrap() < 300.0, "{line}");
-    assert!(field(&line, "tpot_ms").as_f64().unwrap() >= 90.0, "{line}");
+    assert!(field(&line, "tpot_ms").as_f64().unwrap() >= 85.0, "{line}");
     assert_eq!(field(&line, "prompt_tokens"), 12, "{line}");
 }
 

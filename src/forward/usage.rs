@@ -304,9 +304,12 @@ pub(crate) fn measure(scanned: &Scanned, sent: Instant, head: Duration, end: Ins
     let per_token = match (scanned.kind, scanned.output_tokens) {
         (_, None | Some(0)) => None,
         (AnswerKind::Streamed, Some(n)) => match (scanned.first_chunk, n) {
-            // One token: no time between tokens to measure.
+            // One token: nothing after it to measure (the SPEC's formula would give ~0 and
+            // pull the endpoint's average down).
             (_, 1) | (None, _) => None,
-            (Some(first), n) => Some(end.saturating_duration_since(first) / (n - 1).min(u64::from(u32::MAX)) as u32),
+            // The SPEC's (end − first token) / output tokens: a short stream's gaps are
+            // spread over all its tokens, so two slow-ish tokens do not read as one slow one.
+            (Some(first), n) => Some(end.saturating_duration_since(first) / n.min(u64::from(u32::MAX)) as u32),
         },
         (AnswerKind::Whole, Some(n)) => Some(total / n.min(u64::from(u32::MAX)) as u32),
     };
@@ -649,12 +652,20 @@ mod tests {
         // (name, scanned, head, end, first_token, per_token)
         let cases = [
             (
-                "stream: TTFT and (end-first)/(n-1)",
-                scanned(Streamed, Some(1000), Some(101)),
+                "stream: TTFT and (end-first)/n",
+                scanned(Streamed, Some(1000), Some(100)),
                 5,
                 2000,
                 Some(1000),
                 Some(10),
+            ),
+            (
+                "stream of two tokens 350 ms apart: 175 ms a token",
+                scanned(Streamed, Some(100), Some(2)),
+                5,
+                450,
+                Some(100),
+                Some(175),
             ),
             (
                 "stream of one token: no TPOT",
