@@ -56,6 +56,13 @@ pub(crate) trait ReloadHook: Send + Sync {
         Vec::new()
     }
 
+    /// Vets what a new config names before it is put in force (its certificates load): an
+    /// error rejects the whole reload, so the config in force is always one a restart
+    /// would accept, never new routes beside the old certificates.
+    fn vet(&self, _config: &Config) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Runs after every reload attempt with the runtime now in force: the new one, or the
     /// old one when the config was rejected (files it names may still have changed).
     fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger);
@@ -69,6 +76,9 @@ pub(crate) enum ReloadError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Snapshot(#[from] SnapshotError),
+    /// A hook's files for the new config are unusable (see [`ReloadHook::vet`]).
+    #[error("{0}")]
+    Hook(String),
     #[error("the reload task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -200,10 +210,14 @@ impl Reloader {
         let path = self.path.clone().ok_or(ReloadError::NoSource)?;
         let shared = self.shared.clone();
         let boot = self.boot.clone();
+        let hooks: Vec<_> = lock(&self.hooks).clone();
         // Reading, validating and (for a new GeoIP file) loading a database is blocking
         // work: keep it off the request workers.
         let reloaded = tokio::task::spawn_blocking(move || {
             let config = Config::load(&path)?;
+            for hook in &hooks {
+                hook.vet(&config).map_err(ReloadError::Hook)?;
+            }
             let restart_needed = restart_needed(&boot, &config);
             let previous = shared.snapshot();
             let runtime = shared.build(config, Some(&previous))?;

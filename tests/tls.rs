@@ -207,6 +207,40 @@ async fn a_broken_certificate_on_reload_keeps_the_old_one() {
     assert_eq!(sender.send(get("/still")).await.unwrap().status(), 200);
 }
 
+/// A reload whose new config names a certificate that cannot be read is rejected whole:
+/// its other changes (here a new default region) do not go into force beside the old
+/// certificates, so the config in force is always one a restart would accept.
+#[tokio::test]
+async fn a_reload_naming_a_missing_certificate_is_rejected_whole() {
+    let (t, old) = start("", |_, _| String::new()).await;
+    let west = FakeUpstream::start("us-west").await.unwrap();
+    let config = std::fs::read_to_string(&t.proxy.config_path).unwrap();
+    let missing = t.dir.path().join("missing.pem");
+    let changed = config
+        .replace(
+            &format!("tls_cert = {:?}", t.dir.path().join("default.pem")),
+            &format!("tls_cert = {missing:?}"),
+        )
+        .replace("default_region = \"us-east\"", "default_region = \"us-west\"")
+        + &region("us-west", [37.77, -122.42], &[], &[west.url()]);
+    assert_ne!(changed, config, "the test rewrites the certificate path");
+    std::fs::write(&t.proxy.config_path, changed).unwrap();
+    t.proxy.signal("HUP");
+    eventually("the reload is rejected", || async {
+        t.proxy
+            .logs()
+            .iter()
+            .any(|l| l.contains("config reload rejected") && l.contains("missing.pem"))
+    })
+    .await;
+    // Still the old config: a private client goes to the old default region, over the
+    // old certificate.
+    let reply = get_as(t.proxy.listen, "10.0.0.1", "/x").await;
+    assert_eq!(reply.region(), Some("us-east"));
+    assert_eq!(cert_for(&t, "localhost").await, Some(old.der.clone()));
+    assert!(!t.proxy.logs().iter().any(|l| l.contains("config reloaded")));
+}
+
 #[tokio::test]
 async fn tls_12_and_13_are_both_accepted() {
     let (t, _) = start("", |_, _| String::new()).await;

@@ -232,6 +232,15 @@ impl ReloadHook for TlsReloader {
             .unwrap_or_default()
     }
 
+    fn vet(&self, config: &crate::config::Config) -> Result<(), String> {
+        match &config.server.tls {
+            Some(tls) => load(tls, &self.provider)
+                .map(drop)
+                .map_err(|e| format!("TLS certificates: {e}")),
+            None => Ok(()),
+        }
+    }
+
     fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger) {
         // Without `tls_listen` now the listener still runs until a restart: keep its set.
         let Some(config) = runtime.config.server.tls.as_ref() else {
