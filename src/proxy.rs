@@ -558,7 +558,8 @@ impl Proxy {
         headers: &mut http::HeaderMap,
     ) -> Option<crate::observe::trace::AttemptSpan> {
         let trace = record.trace.as_ref()?;
-        let span = trace.attempt(attempt as u32);
+        // Numbered from 1, as the access log's `attempts` counts them.
+        let span = trace.attempt(attempt as u32 + 1);
         headers.insert(crate::observe::trace::TRACEPARENT, trace.traceparent(&span));
         Some(span)
     }

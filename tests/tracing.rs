@@ -160,6 +160,12 @@ async fn spans_are_exported_and_the_trace_continues_to_the_endpoint() {
         Some(Value::IntValue(n)) => n,
         other => panic!("attempt number: {other:?}"),
     });
+    let numbers: Vec<_> = clients.iter().map(|s| attr(s, "meridian.attempt")).collect();
+    assert_eq!(
+        numbers,
+        [Some(Value::IntValue(1)), Some(Value::IntValue(2))],
+        "attempts count from 1, as the access log's"
+    );
     let server = servers[0];
 
     // The client's trace is continued: same trace id, its span the server span's parent.
