@@ -204,6 +204,13 @@ impl ProxyError {
         *resp.status_mut() = self.status();
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::MethodNotAllowed = self {
+            // RFC 9110 §15.5.6: a 405 lists what is allowed; only CONNECT is refused.
+            resp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
         if let ProxyError::RateLimited { retry_after, .. } = self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
@@ -225,6 +232,17 @@ pub(crate) fn retry_after_secs(d: Duration) -> u64 {
 mod tests {
     use super::*;
     use crate::test_fixtures::TestResult;
+
+    #[test]
+    fn a_refused_method_says_what_is_allowed() {
+        let resp: Response<Bytes> = ProxyError::MethodNotAllowed.response(Duration::from_secs(1));
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let allow = resp.headers().get(header::ALLOW).and_then(|v| v.to_str().ok());
+        assert!(
+            allow.is_some_and(|a| a.contains("GET") && !a.contains("CONNECT")),
+            "{allow:?}"
+        );
+    }
 
     #[test]
     fn rate_limited_answers_say_when_to_retry() {

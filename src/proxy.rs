@@ -511,12 +511,9 @@ impl Proxy {
             Attempt::Refuse(NoRegion::ResidencyUnavailable { zone }) => Err(Some(ProxyError::ResidencyUnavailable {
                 zone: self.residency_rejection(rt, zone, "unavailable"),
             })),
+            // `region` only where one was tried (SPEC): a request nothing was sent for names none.
             Attempt::Refuse(NoRegion::NoRegionAvailable) => Err(Some(ProxyError::NoRegionAvailable {
-                region: record
-                    .region
-                    .as_deref()
-                    .or_else(|| plan.candidates.first().map(|c| &*rt.regions[c.region].name))
-                    .map(str::to_string),
+                region: record.region.as_deref().map(str::to_string),
             })),
             Attempt::Stop(why) => {
                 tracing::debug!(?why, "no further attempt");

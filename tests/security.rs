@@ -585,6 +585,11 @@ async fn host_and_method_are_checked() {
     )
     .await;
     assert_eq!(connect.status(), 405, "{}", connect.head);
+    assert!(
+        connect.head.to_ascii_lowercase().contains("\r\nallow: get"),
+        "a 405 says what is allowed: {}",
+        connect.head
+    );
     assert_eq!(code(&connect.json()).as_deref(), Some("bad_request"));
     assert_eq!(up.requests(), before, "CONNECT reached the endpoint");
 }
