@@ -485,6 +485,50 @@ async fn proxy_protocol_headers_set_the_client_address() {
     );
 }
 
+/// A v1 header that arrives in two TCP segments, cut at any byte, is read whole: the
+/// connection is served and located by the header's address.
+#[tokio::test]
+async fn a_proxy_v1_header_split_across_reads_is_served() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let proxy = Meridian::start(&two_regions("proxy_protocol = true\n", &us.url(), &uk.url(), ""));
+    let target = proxy.listen;
+    let headers = [
+        (
+            format!("PROXY TCP4 {} 127.0.0.1 5555 {}\r\n", ips::GB, target.port()),
+            "uk-south",
+        ),
+        // An address the database does not place: the default region.
+        (
+            format!("PROXY TCP6 2001:db8::1 ::1 4000 {}\r\n", target.port()),
+            "us-east",
+        ),
+    ];
+    for (header, region) in &headers {
+        for cut in 1..header.len() {
+            let mut stream = TcpStream::connect(target).await.unwrap();
+            stream.write_all(&header.as_bytes()[..cut]).await.unwrap();
+            // Long enough for the proxy to read the first part on its own.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            stream.write_all(&header.as_bytes()[cut..]).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let resp = sender
+                .send_request(request("GET", target, "/v1/models", &[], Bytes::new()))
+                .await
+                .unwrap_or_else(|e| panic!("cut at {cut} of {header:?}: {e}"));
+            assert_eq!(resp.status(), 200, "cut at {cut} of {header:?}");
+            assert_eq!(
+                resp.headers()["x-meridian-region"],
+                *region,
+                "cut at {cut} of {header:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn proxy_protocol_applies_to_the_tls_listener_too() {
     let us = FakeUpstream::start("us-east").await.unwrap();

@@ -47,14 +47,32 @@ pub struct Header {
     pub source: Option<SocketAddr>,
 }
 
+/// The longest v1 header, CRLF included (PROXY protocol spec, section 2.1).
+const V1_MAX: usize = 107;
+
 /// Parses the start of a connection: `Ok(None)` when more bytes are needed.
 pub fn parse(buf: &[u8]) -> Result<Option<Header>, ProxyHeaderError> {
-    let result = HeaderResult::parse(buf);
+    // A v1 header is one text line, judged only once the line is whole: ppp takes a line
+    // cut inside a field (`... 5555 ` before the destination port) for a malformed one.
+    let v1_line = buf.starts_with(b"PROXY");
+    let input = if v1_line {
+        match buf.iter().take(V1_MAX).position(|&b| b == b'\n') {
+            Some(end) => &buf[..=end],
+            None if buf.len() >= V1_MAX => {
+                return Err(ProxyHeaderError::V1(v1::ParseError::HeaderTooLong.into()));
+            }
+            None => return Ok(None),
+        }
+    } else {
+        buf
+    };
+    let result = HeaderResult::parse(input);
     if result.is_incomplete() {
-        return if buf.len() >= MAX_HEADER {
-            Err(ProxyHeaderError::TooLong)
-        } else {
-            Ok(None)
+        return match result {
+            // A whole line that still lacks a part is malformed, not short.
+            HeaderResult::V1(Err(e)) if v1_line => Err(ProxyHeaderError::V1(e)),
+            _ if buf.len() >= MAX_HEADER => Err(ProxyHeaderError::TooLong),
+            _ => Ok(None),
         };
     }
     match result {
@@ -212,11 +230,34 @@ mod tests {
     }
 
     #[test]
+    fn a_v1_header_cut_anywhere_asks_for_more() -> TestResult {
+        let headers: [&[u8]; 4] = [
+            b"PROXY TCP4 81.2.69.142 127.0.0.1 5555 23082\r\n",
+            b"PROXY TCP6 2001:db8::1 ::1 4000 443\r\n",
+            b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n",
+            b"PROXY UNKNOWN\r\n",
+        ];
+        for header in headers {
+            for cut in 0..header.len() {
+                let part = &header[..cut];
+                assert_eq!(parse(part)?, None, "{:?}", String::from_utf8_lossy(part));
+            }
+            let whole = parse(header)?.ok_or("whole header")?;
+            assert_eq!(whole.len, header.len());
+        }
+        Ok(())
+    }
+
+    #[test]
     fn garbage_is_refused() {
         let bad_v2_command = v2(0x7, 0x11, &[0; 12], b"");
         let too_long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 200]].concat();
-        let cases: [&[u8]; 6] = [
+        let cases: [&[u8]; 9] = [
             b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+            // Whole lines that lack a part, or end without CR.
+            b"PROXY TCP4 81.2.69.142\r\n",
+            b"PROXY TCP4 81.2.69.142 127.0.0.1 5555 \r\n",
+            b"PROXY TCP4 81.2.69.142 127.0.0.1 5555 8080\n",
             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
             b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n",
             b"PROXY TCP4 999.2.3.4 5.6.7.8 1 2\r\n",
