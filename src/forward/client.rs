@@ -8,22 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::{EndpointBody, RequestBody};
 use super::h1::OwnRequest;
+use super::h2::Http2Pool;
 use super::limit::{CappedConnector, ConnectionCaps, EndpointLimit};
 use super::pool::{Http1Pool, Http1Settings, PooledEndpoint};
 use crate::config::{EndpointLimitConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::route::attempt::RetryClass;
-
-type Pool = Client<HttpsConnector<CappedConnector<HttpConnector>>, RequestBody>;
 
 /// The cause kept under an [`UpstreamError`]: the original error object, for the log.
 pub(crate) type Source = Box<dyn std::error::Error + Send + Sync>;
@@ -127,16 +123,8 @@ impl UpstreamError {
         error_chain(self)
     }
 
-    fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-        let kind = if e.is_connect() {
-            connect_kind(&e)
-        } else {
-            request_kind(&e)
-        };
-        UpstreamError::new(kind, e)
-    }
-
-    /// A request on an open connection failed (the pool's own HTTP/1.1 connections).
+    /// A request on an open connection failed (the pool's own HTTP/1.1 connections, and
+    /// HTTP/2's).
     pub(crate) fn request(e: hyper::Error) -> UpstreamError {
         let kind = request_kind(&e);
         UpstreamError::new(kind, e)
@@ -181,7 +169,7 @@ fn request_kind(e: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
 }
 
 /// A connect failure by its cause: a timeout, a TLS failure, else refused/unreachable.
-fn connect_kind(e: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
+pub(super) fn connect_kind(e: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
     let mut source = e.source();
     while let Some(s) = source {
         if s.is::<rustls::Error>() {
@@ -244,9 +232,8 @@ pub enum ClientSetupError {
 pub(crate) struct Upstreams {
     /// Meridian's own pool: the proxied hot path.
     http1: Http1Pool,
-    /// hyper-util's client: one multiplexed connection per endpoint, nothing to pool per
-    /// request.
-    http2: Pool,
+    /// One multiplexed connection per endpoint, nothing to pool per request.
+    http2: Arc<Http2Pool>,
     /// Request slots per endpoint, when `upstream.max_connections_per_endpoint` is set.
     limits: Option<Arc<EndpointLimits>>,
 }
@@ -284,7 +271,7 @@ impl Upstreams {
                 tls: Arc::new(http1_tls),
                 caps: caps.clone(),
             }),
-            http2: pool(settings, tls, caps),
+            http2: Arc::new(Http2Pool::new(connector(settings, tls, caps), settings.idle_timeout)),
             limits: settings.limit.map(|policy| {
                 Arc::new(EndpointLimits {
                     policy,
@@ -372,9 +359,7 @@ impl Upstreams {
                 UpstreamProtocol::Http1 => self.http1.send(req, via).await,
                 // Boxed: hyper-util's client future would size every HTTP/1.1 request's too.
                 UpstreamProtocol::Http2 => {
-                    let resp = Box::pin(self.http2.request(req))
-                        .await
-                        .map_err(UpstreamError::classify)?;
+                    let resp = Box::pin(self.http2.request(req)).await?;
                     Ok(resp.map(EndpointBody::Hyper))
                 }
             }
@@ -440,8 +425,12 @@ fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// The HTTP/2 client: h2 by ALPN over TLS, prior knowledge over plain TCP.
-fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, caps: Option<Arc<ConnectionCaps>>) -> Pool {
+/// The HTTP/2 connector: h2 by ALPN over TLS, prior knowledge over plain TCP.
+fn connector(
+    settings: &PoolSettings,
+    tls: Arc<rustls::ClientConfig>,
+    caps: Option<Arc<ConnectionCaps>>,
+) -> super::h2::Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -449,19 +438,11 @@ fn pool(settings: &PoolSettings, tls: Arc<rustls::ClientConfig>, caps: Option<Ar
     http.set_keepalive(Some(Duration::from_secs(60)));
     let http = CappedConnector::new(http, caps);
     // The builder sets ALPN h2 from the enabled version, so a TLS endpoint speaks HTTP/2.
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls).clone())
         .https_or_http()
         .enable_http2()
-        .wrap_connector(http);
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(settings.idle_timeout)
-        .pool_max_idle_per_host(settings.keepalive)
-        .http2_only(true);
-    builder.build(connector)
+        .wrap_connector(http)
 }
 
 #[cfg(test)]

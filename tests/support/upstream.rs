@@ -65,6 +65,8 @@ pub struct Seen {
     pub version: http::Version,
     pub method: Method,
     pub path: String,
+    /// The request target's authority: HTTP/2's `:authority` (none in HTTP/1.1's origin form).
+    pub authority: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -393,6 +395,7 @@ async fn handle(
         version: parts.version,
         method: parts.method.clone(),
         path: parts.uri.path_and_query().map_or(path.clone(), |p| p.to_string()),
+        authority: parts.uri.authority().map(|a| a.to_string()),
         headers: parts.headers.clone(),
         body: body.clone(),
     });
