@@ -645,3 +645,175 @@ async fn a_stream_outlasts_the_idle_timeout_and_the_connection_closes_once_idle(
     assert_eq!(events(&got), 7, "HTTP/1.1 stream cut: {text}");
     assert!(text.ends_with("0\r\n\r\n"), "stream not ended cleanly: {text}");
 }
+
+/// Sends `req` over a new h2c connection and collects the reply (an error if the stream or
+/// its body fails: a HEAD answer with content fails in the client's h2 layer).
+async fn h2c_call(target: SocketAddr, req: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+    let mut sender = h2c(target).await;
+    let resp = sender.send_request(req).await?;
+    let (parts, body) = resp.into_parts();
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await?.to_bytes(),
+    })
+}
+
+fn h2_request(method: &str, target: SocketAddr, path: &str, headers: &[(String, String)]) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(format!("http://{target}{path}"));
+    for (k, v) in headers {
+        b = b.header(k.as_str(), v.as_str());
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// `server.max_headers` holds over HTTP/2 as over HTTP/1.1: the same 431 answer, and the
+/// endpoint never sees the request. `:authority` counts as the Host line it stands for.
+#[tokio::test]
+async fn http2_requests_with_too_many_header_fields_get_431() {
+    let (up, proxy) = one_region("max_headers = 10\n").await;
+    let fields = |n: usize| (0..n).map(|i| (format!("x-f{i}"), "v".to_string())).collect::<Vec<_>>();
+
+    let ok = h2c_call(proxy.listen, h2_request("GET", proxy.listen, "/v1/models", &fields(9)))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200, "authority + 9 fields are 10");
+    assert_eq!(up.requests(), 1);
+
+    let refused = h2c_call(proxy.listen, h2_request("GET", proxy.listen, "/v1/models", &fields(10)))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 431, "{}", refused.text());
+    assert_eq!(refused.header("content-type"), Some("application/json"));
+    assert_eq!(refused.json()["error"]["code"], "bad_request");
+    assert_eq!(up.requests(), 1, "a refused request reached the endpoint");
+
+    // The same answer HTTP/1.1 gives for Host and 10 more fields.
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    let head: String = fields(10).iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    s.write_all(format!("GET /v1/models HTTP/1.1\r\nhost: a\r\n{head}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(body).unwrap(), refused.json());
+    assert_eq!(up.requests(), 1);
+}
+
+/// Answers to HEAD carry no content over HTTP/2, Meridian's own as an endpoint's, and the
+/// same fields as over HTTP/1.1 (an endpoint's length; none for Meridian's own).
+#[tokio::test]
+async fn head_answers_over_http2_carry_no_content() {
+    let up = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let drained = "drain = { reason = \"test\" }\n";
+    let config = two_regions("max_uri_bytes = 64\n", &up.url(), &uk.url(), "").replacen(
+        "countries = [\"GB\"]\n",
+        &format!("countries = [\"GB\"]\n{drained}"),
+        1,
+    );
+    let proxy = Meridian::start(&config);
+    let gb = [("x-forwarded-for".to_string(), ips::GB.to_string())];
+    let long = format!("/v1/{}", "x".repeat(80));
+    // (path, request fields, status)
+    type Case<'a> = (&'a str, &'a [(String, String)], u16);
+    let cases: [Case; 3] = [
+        ("/a/../../x", &[], 400),
+        (&long, &[], 414),
+        // uk-south is drained: its zone's client gets a 503.
+        ("/v1/models", &gb, 503),
+    ];
+    for (path, headers, status) in cases {
+        let get = h2c_call(proxy.listen, h2_request("GET", proxy.listen, path, headers))
+            .await
+            .unwrap();
+        assert_eq!(get.status, status, "GET {path}: {}", get.text());
+        assert!(!get.body.is_empty());
+        let head = h2c_call(proxy.listen, h2_request("HEAD", proxy.listen, path, headers))
+            .await
+            .unwrap_or_else(|e| panic!("HEAD {path}: {e}"));
+        assert_eq!(head.status, status, "HEAD {path}");
+        assert!(head.body.is_empty(), "HEAD {path}: {:?}", head.body);
+        assert_eq!(head.header("content-type"), Some("application/json"), "HEAD {path}");
+        // HTTP/1.1 says the same.
+        let xff = headers.first().map_or("127.0.0.1", |h| h.1.as_str());
+        let h1 = call("HEAD", proxy.listen, path, &[("x-forwarded-for", xff)], Bytes::new()).await;
+        assert_eq!(h1.status, status);
+        assert_eq!(
+            h1.header("content-length"),
+            head.header("content-length"),
+            "HEAD {path} over HTTP/1.1"
+        );
+    }
+    assert_eq!(up.requests() + uk.requests(), 0);
+
+    // An endpoint's answer to HEAD is relayed with its length and no content.
+    let get = h2c_call(proxy.listen, h2_request("GET", proxy.listen, "/v1/models", &[]))
+        .await
+        .unwrap();
+    let head = h2c_call(proxy.listen, h2_request("HEAD", proxy.listen, "/v1/models", &[]))
+        .await
+        .unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.region(), Some("us-east"));
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), Some(get.body.len().to_string().as_str()));
+    assert_eq!(up.seen().last().map(|s| s.method.clone()), Some(http::Method::HEAD));
+}
+
+/// An HTTP/2 endpoint gets one authority: the client's Host in `:authority`, no `host`
+/// field beside it (RFC 9113 §8.3.1); its health probes name the endpoint itself.
+#[tokio::test]
+async fn http2_endpoints_get_the_host_as_authority_and_no_host_field() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let config = two_regions("", &us.url(), &uk.url(), "")
+        .replace(
+            "countries = [\"GB\"]\nendpoints",
+            "countries = [\"GB\"]\nprotocol = \"http2\"\nendpoints",
+        )
+        .replacen("[[region]]", "[health]\ninterval = \"100ms\"\n\n[[region]]", 1);
+    let proxy = Meridian::start(&config);
+
+    // HTTP/1.1 client with its own Host.
+    // Origin form: an absolute-form target's authority would replace the Host.
+    let req = Request::builder()
+        .uri("/v1/models")
+        .header("host", "api.example.com")
+        .header("x-forwarded-for", ips::GB)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send_from("127.0.0.1".parse().unwrap(), proxy.listen, req).await;
+    assert_eq!(resp.status(), 200);
+    // h2c client: its :authority.
+    let req = Request::builder()
+        .uri("http://api.example.eu:8443/v1/models")
+        .header("x-forwarded-for", ips::GB)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = h2c_call(proxy.listen, req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.region(), Some("uk-south"));
+
+    let seen = uk.seen();
+    assert_eq!(seen.len(), 2);
+    for (s, want) in seen.iter().zip(["api.example.com", "api.example.eu:8443"]) {
+        assert_eq!(s.version, http::Version::HTTP_2);
+        assert_eq!(s.authority.as_deref(), Some(want));
+        assert!(
+            s.headers.get("host").is_none(),
+            "host beside :authority: {:?}",
+            s.headers
+        );
+    }
+    // The probes still pass over HTTP/2: the endpoint is never ejected.
+    let probes = uk.probes();
+    eventually("more probes", || async { uk.probes() >= probes + 3 }).await;
+    assert_eq!(endpoint_status(&proxy, &uk.url()).await["state"], "healthy");
+}

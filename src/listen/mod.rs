@@ -43,7 +43,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use http::header;
+
 use crate::config::ServerConfig;
+use crate::error::ProxyError;
+use crate::forward::body::ResponseBody;
 use crate::forward::client_body::ClientBody;
 use crate::geo::LocateMemo;
 use crate::proxy::{ConnInfo, Proxy};
@@ -406,6 +410,7 @@ impl Connection {
             inner: io,
         });
         let send_timeout = timeouts.send;
+        let max_headers = self.limits.max_headers;
         // The streams of one connection come from one client: its last lookup is kept.
         let memo = Arc::new(LocateMemo::default());
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -417,7 +422,18 @@ impl Connection {
             // moved a few times as the task is spawned), so that is a pointer, not the
             // request and its ~4 KiB of state.
             Recycled::pin_in_place(|| async move {
-                let Ok(mut resp) = proxy.handle(info, Some(&memo), req.map(ClientBody::from), None).await;
+                let head_request = req.method() == http::Method::HEAD;
+                let mut resp = if too_many_fields(&req, max_headers) {
+                    // As HTTP/1.1 refuses such a head: never routed, never forwarded.
+                    tracing::debug!(%peer, limit = max_headers, "HTTP/2 request with too many header fields");
+                    ProxyError::MalformedHead { status: 431 }.response(Duration::ZERO)
+                } else {
+                    let Ok(resp) = proxy.handle(info, Some(&memo), req.map(ClientBody::from), None).await;
+                    resp
+                };
+                if head_request {
+                    without_content(&mut resp);
+                }
                 // hyper's HTTP/2 server writes the map: an endpoint's fields go into it.
                 if let Some(fields) = resp.body_mut().take_endpoint_fields() {
                     fields.append_to(resp.headers_mut());
@@ -440,6 +456,34 @@ impl Connection {
         if let Err(e) = Box::pin(graceful(conn, drain)).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// Whether an HTTP/2 request carries more header fields than `server.max_headers`, counted
+/// as HTTP/1.1 counts its head's lines: `:authority` stands for the Host field when there is
+/// none, and cookie crumbs (RFC 9113 §8.2.3) are the one `cookie` line they would be joined
+/// into. hyper enforces only the header list's size in bytes.
+fn too_many_fields<B>(req: &http::Request<B>, max_headers: usize) -> bool {
+    let headers = req.headers();
+    let mut fields = headers.len();
+    if fields < max_headers {
+        // The adjustments below add at most one.
+        return false;
+    }
+    let crumbs = headers.get_all(header::COOKIE).iter().count();
+    fields -= crumbs.saturating_sub(1);
+    if req.uri().authority().is_some() && !headers.contains_key(header::HOST) {
+        fields += 1;
+    }
+    fields > max_headers
+}
+
+/// A HEAD answer carries no content (RFC 9110 §9.3.2), and hyper's HTTP/2 server sends
+/// whatever body it is given. Meridian's own answers lose their body and state no length,
+/// as HTTP/1.1 writes them; an endpoint's answer to HEAD has no body (its length stands).
+fn without_content(resp: &mut http::Response<ResponseBody>) {
+    if let ResponseBody::Local(body) = resp.body_mut() {
+        *body = None;
     }
 }
 
@@ -467,5 +511,68 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::TestResult;
+    use bytes::Bytes;
+    use http::HeaderValue;
+
+    /// Has `:authority`, the fields (name, how many), too many with `max_headers = 4`.
+    type Case = (bool, &'static [(&'static str, usize)], bool);
+
+    fn h2_request(authority: bool, fields: &[(&str, usize)]) -> Result<http::Request<()>, http::Error> {
+        let uri = if authority {
+            "http://api.example/v1/models"
+        } else {
+            "/v1/models"
+        };
+        let mut req = http::Request::builder().uri(uri);
+        for (name, count) in fields {
+            for i in 0..*count {
+                req = req.header(*name, format!("v{i}"));
+            }
+        }
+        req.body(())
+    }
+
+    #[test]
+    fn http2_fields_are_counted_as_http1_would_count_them() -> TestResult {
+        let cases: &[Case] = &[
+            (true, &[("x-a", 3)], false),
+            // :authority is the Host line HTTP/1.1 would count.
+            (true, &[("x-a", 4)], true),
+            (false, &[("x-a", 4)], false),
+            (true, &[("host", 1), ("x-a", 3)], false),
+            (true, &[("x-a", 5)], true),
+            (false, &[("x-a", 5)], true),
+            // Cookie crumbs are one line.
+            (true, &[("cookie", 6), ("x-a", 2)], false),
+            (true, &[("cookie", 6), ("x-a", 3)], true),
+        ];
+        for (authority, fields, want) in cases {
+            let req = h2_request(*authority, fields)?;
+            assert_eq!(too_many_fields(&req, 4), *want, "{authority} {fields:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn head_answers_lose_their_own_content() {
+        let mut own: http::Response<ResponseBody> = ProxyError::BadRequest("x").response(Duration::ZERO);
+        without_content(&mut own);
+        assert!(hyper::body::Body::is_end_stream(own.body()));
+        // hyper's HTTP/2 server writes a length only for a body it is to send.
+        assert!(own.headers().get(header::CONTENT_LENGTH).is_none());
+        let mut stated = http::Response::new(ResponseBody::Local(Some(Bytes::from_static(b"abc"))));
+        stated
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        without_content(&mut stated);
+        assert!(hyper::body::Body::is_end_stream(stated.body()));
+        assert_eq!(stated.headers()[header::CONTENT_LENGTH], "3");
     }
 }
