@@ -704,3 +704,31 @@ async fn admin_listener_is_bounded() {
         "connection past the admin cap was served: {n:?}"
     );
 }
+
+/// An endpoint's response head is held to 64 KiB (docs/configuration.md) even when it
+/// arrives whole in one write: the attempt fails, and the client gets `502` (a GET would be
+/// retried, then `503` with no endpoint left).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_head_above_64_kib_in_one_write_fails_the_attempt() {
+    let (url, seen) = raw_upstream(|mut s, _| async move {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+            "v".repeat(100_000)
+        );
+        let _ = s.write_all(head.as_bytes()).await;
+        let _ = s.flush().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    })
+    .await;
+    let proxy = Meridian::start(&one_region("", &url));
+    // Not replayable (docs/routing.md, Retries): the failed attempt's own answer, `502`.
+    let r = raw(
+        proxy.listen,
+        b"POST /v1/files HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(r.status(), 502, "{} {}", r.head, String::from_utf8_lossy(&r.body));
+    assert_eq!(code(&r.json()).as_deref(), Some("upstream_unreachable"), "{}", r.head);
+    assert!(!r.head.contains("x-big"), "the oversized head was relayed");
+    assert!(seen.load(Ordering::SeqCst) >= 1, "the endpoint was never asked");
+}

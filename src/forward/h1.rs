@@ -707,6 +707,8 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         let mut parsed = httparse::Response::new(&mut []);
         let config = httparse::ParserConfig::default();
         let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+            // Whole in one read or not, a head is held to the same bound.
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(FramingError::HeadTooLarge),
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(FramingError::HeadTooLarge),
             Ok(httparse::Status::Partial) => return Ok(None),
@@ -1687,6 +1689,18 @@ mod tests {
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
         huge.extend_from_slice(&vec![b'x'; MAX_HEAD]);
         assert_eq!(parse_head(&mut huge, &get).err(), Some(FramingError::HeadTooLarge));
+        // A head that arrives whole is held to the bound too: one byte over, refused; at it,
+        // read.
+        let frame = "HTTP/1.1 200 OK\r\nx-big: \r\ncontent-length: 0\r\n\r\n";
+        for (pad, refused) in [
+            (100_000, true),
+            (MAX_HEAD - frame.len() + 1, true),
+            (MAX_HEAD - frame.len(), false),
+        ] {
+            let wire = frame.replace("x-big: ", &format!("x-big: {}", "v".repeat(pad)));
+            let got = parse_head(&mut BytesMut::from(wire.as_str()), &get);
+            assert_eq!(got.err() == Some(FramingError::HeadTooLarge), refused, "{pad}");
+        }
     }
 
     #[test]
