@@ -164,3 +164,50 @@ async fn garbage_instead_of_http_is_refused_without_harm() {
     assert_eq!(get_as(proxy.listen, ips::US, "/").await.status, 200);
     assert!(!proxy.logs().iter().any(|l| l.contains("panicked")));
 }
+
+/// Sends raw bytes; the answer, if the server then closed the connection within `DEADLINE`.
+async fn answer_then_close(addr: SocketAddr, bytes: &[u8]) -> Option<String> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    match tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await {
+        Ok(Ok(_)) => Some(String::from_utf8_lossy(&out).into_owned()),
+        _ => None,
+    }
+}
+
+/// The body of a Meridian answer: the JSON error's `code`.
+fn error_code(resp: &str) -> Option<String> {
+    let body = resp.split_once("\r\n\r\n")?.1;
+    let json: serde_json::Value = serde_json::from_str(body).ok()?;
+    json["error"]["code"].as_str().map(str::to_string)
+}
+
+/// A bare LF ends no line of a request head: `400 bad_request`, the connection closed, and
+/// nothing forwarded, as for obs-fold (docs/protocols.md, "Malformed requests").
+#[tokio::test]
+async fn bare_lf_line_ends_are_refused() {
+    let (up, proxy) = one_region("").await;
+    let cases: [&[u8]; 4] = [
+        b"GET /echo HTTP/1.1\nHost: a\nX-A: b\n\n",
+        b"GET /echo HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\n",
+        b"GET /echo HTTP/1.0\nX-A: b\r\n\r\n",
+    ];
+    for bytes in cases {
+        let name = String::from_utf8_lossy(bytes);
+        let resp = answer_then_close(proxy.listen, bytes)
+            .await
+            .unwrap_or_else(|| panic!("{name:?}: the connection stayed open"));
+        assert_eq!(status_of(&resp), 400, "{name:?}: {resp}");
+        assert_eq!(error_code(&resp).as_deref(), Some("bad_request"), "{name:?}: {resp}");
+    }
+    assert!(up.seen().is_empty(), "a bare-LF request was forwarded");
+    // The same head with CRLFs is served.
+    let resp = raw(
+        proxy.listen,
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nX-A: b\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+}

@@ -11,8 +11,8 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::forward::endpoint_fields::{EndpointFields, shadowed};
 use crate::forward::h1::{
-    BodyState, Chunk, FieldSpans, FieldValues, FramingError, FramingFields, Step, chunked_last, decode, field_spans,
-    fields_of, has_token, has_token_in, parse_decimal, token_is,
+    BodyState, Chunk, FieldSpan, FieldSpans, FieldValues, FramingError, FramingFields, Step, chunked_last, decode,
+    field_spans, fields_of, has_token, has_token_in, parse_decimal, token_is,
 };
 use crate::forward::head_fields::{FieldMask, HeadFields};
 use crate::forward::request_fields::RequestFields;
@@ -212,12 +212,25 @@ fn locate(
     let start = target.as_ptr() as usize - buf.as_ptr() as usize;
     let target = start..start + target.len();
     field_spans(buf, parsed.headers, spans).ok_or(HeadError::TooLarge)?;
+    if !lines_end_in_crlf(buf, len, spans) {
+        return Err(HeadError::Malformed);
+    }
     Ok(Some(Located {
         len,
         method,
         version,
         target,
     }))
+}
+
+/// Whether every line of the complete head `buf[..len]` ends in CRLF. httparse also takes a
+/// bare LF (RFC 9112 §2.2 lets a recipient); Meridian refuses it, as it refuses obs-fold.
+/// Only the ends of lines are looked at, found without a scan: each field's line starts
+/// at its name, which httparse found after an LF, and the head ends with an empty line.
+fn lines_end_in_crlf(buf: &[u8], len: usize, spans: &[FieldSpan]) -> bool {
+    // The byte two before a line's start: the CR of the line before it.
+    let cr_before = |start: usize| start.checked_sub(2).and_then(|i| buf.get(i)) == Some(&b'\r');
+    spans.iter().all(|span| cr_before(span.name().start)) && cr_before(len) && len.checked_sub(2).is_some_and(cr_before)
 }
 
 /// Why bytes did not read as one whole request.
@@ -611,6 +624,29 @@ mod tests {
         ];
         for (wire, want) in cases {
             assert_eq!(parse(wire).err(), Some(want), "{wire:?}");
+        }
+    }
+
+    /// Every line of a head ends in CRLF: a bare LF anywhere in it is refused, as obs-fold.
+    #[test]
+    fn bare_lfs_are_refused() {
+        let cases: [(&str, Result<(), HeadError>); 10] = [
+            ("GET /echo HTTP/1.1\nHost: a\nX-A: b\n\n", Err(HeadError::Malformed)),
+            (
+                "GET /echo HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\n",
+                Err(HeadError::Malformed),
+            ),
+            ("GET /echo HTTP/1.1\nHost: a\r\n\r\n", Err(HeadError::Malformed)),
+            ("GET / HTTP/1.1\r\nHost: a\r\n\n", Err(HeadError::Malformed)),
+            ("GET / HTTP/1.1\r\nHost: a\n\r\n", Err(HeadError::Malformed)),
+            ("GET / HTTP/1.0\n\n", Err(HeadError::Malformed)),
+            ("GET / HTTP/1.0\r\n\n", Err(HeadError::Malformed)),
+            ("GET / HTTP/1.0\n\r\n", Err(HeadError::Malformed)),
+            ("GET / HTTP/1.0\r\n\r\n", Ok(())),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\r\n", Ok(())),
+        ];
+        for (wire, want) in cases {
+            assert_eq!(parse(wire).map(|h| assert!(h.is_some(), "{wire:?}")), want, "{wire:?}");
         }
     }
 
