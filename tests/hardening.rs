@@ -211,3 +211,97 @@ async fn bare_lf_line_ends_are_refused() {
     .await;
     assert_eq!(status_of(&resp), 200, "{resp}");
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request names its host, in a valid `Host` or an
+/// absolute-form target; `400` otherwise, before any endpoint sees it. HTTP/1.0 needs none.
+#[tokio::test]
+async fn http11_requests_need_a_valid_host() {
+    let (up, proxy) = one_region("").await;
+    let refused: [&[u8]; 5] = [
+        b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a/b?c\r\nConnection: close\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: user@evil.example\r\nConnection: close\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a:b\r\nConnection: close\r\n\r\n",
+    ];
+    for bytes in refused {
+        let name = String::from_utf8_lossy(bytes);
+        let resp = answer_then_close(proxy.listen, bytes)
+            .await
+            .unwrap_or_else(|| panic!("{name:?}: the connection stayed open"));
+        assert_eq!(status_of(&resp), 400, "{name:?}: {resp}");
+        assert_eq!(error_code(&resp).as_deref(), Some("bad_request"), "{name:?}: {resp}");
+    }
+    assert!(up.seen().is_empty(), "a request without a valid Host was forwarded");
+    let served: [(&[u8], &str); 4] = [
+        (b"GET /echo HTTP/1.0\r\n\r\n", ""),
+        (
+            b"GET /echo HTTP/1.1\r\nHost: api.example:8080\r\nConnection: close\r\n\r\n",
+            "api.example:8080",
+        ),
+        (
+            b"GET /echo HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+            "[::1]:8080",
+        ),
+        (
+            b"GET http://abs.example/echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "abs.example",
+        ),
+    ];
+    for (bytes, _) in served {
+        let resp = raw(proxy.listen, bytes).await;
+        assert_eq!(status_of(&resp), 200, "{:?}: {resp}", String::from_utf8_lossy(bytes));
+    }
+    let hosts: Vec<String> = up
+        .seen()
+        .iter()
+        .filter_map(|s| {
+            s.headers
+                .get("host")
+                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        })
+        .collect();
+    for (_, host) in served.iter().filter(|(_, h)| !h.is_empty()) {
+        assert!(hosts.iter().any(|h| h == host), "{host} not forwarded: {hosts:?}");
+    }
+}
+
+/// Only origin-form, absolute-form and (for OPTIONS) `*` targets are requests to forward:
+/// an authority-form target on another method than CONNECT, `*` on another than OPTIONS,
+/// and an absolute-form target with userinfo (which would reach the endpoint as its Host)
+/// get `400`. CONNECT stays `405`.
+#[tokio::test]
+async fn targets_in_the_wrong_form_or_with_userinfo_are_refused() {
+    let (up, proxy) = one_region("").await;
+    let refused: [&[u8]; 6] = [
+        b"GET http://alice:secret@foo.example/echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET http://alice:secret@foo.example/echo HTTP/1.1\r\nHost: foo.example\r\nConnection: close\r\n\r\n",
+        b"GET http://alice@foo.example/echo HTTP/1.0\r\n\r\n",
+        b"GET echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"POST www.example.com:443 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ];
+    for bytes in refused {
+        let name = String::from_utf8_lossy(bytes);
+        let resp = answer_then_close(proxy.listen, bytes)
+            .await
+            .unwrap_or_else(|| panic!("{name:?}: the connection stayed open"));
+        assert_eq!(status_of(&resp), 400, "{name:?}: {resp}");
+        assert_eq!(error_code(&resp).as_deref(), Some("bad_request"), "{name:?}: {resp}");
+    }
+    let connect = raw(
+        proxy.listen,
+        b"CONNECT www.example.com:443 HTTP/1.1\r\nHost: www.example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&connect), 405, "{connect}");
+    assert!(up.seen().is_empty(), "a refused target was forwarded");
+    // A server-wide OPTIONS is not refused here.
+    let options = raw(
+        proxy.listen,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_ne!(status_of(&options), 400, "{options}");
+    assert_ne!(status_of(&options), 0, "{options}");
+}

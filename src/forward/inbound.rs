@@ -25,13 +25,22 @@ pub(crate) fn admit<B>(req: &mut Request<B>, listed: Option<&HeadFields>) -> Res
         if hosts.next().is_some() {
             return Err(ProxyError::BadRequest("more than one Host header"));
         }
-        let differs = req
-            .uri()
-            .authority()
-            .is_some_and(|a| first_host.is_some_and(|h| !h.eq_ignore_ascii_case(a.as_str().as_bytes())));
+        let authority = req.uri().authority();
+        // The field is judged only when it is the host: an absolute-form target's
+        // authority replaces it (RFC 9112 §3.2.2), and `:authority` must match it.
+        if authority.is_none() && first_host.is_some_and(|h| !is_host(h)) {
+            return Err(ProxyError::BadRequest("invalid Host header"));
+        }
+        let differs =
+            authority.is_some_and(|a| first_host.is_some_and(|h| !h.eq_ignore_ascii_case(a.as_str().as_bytes())));
         (first_host.is_some(), differs)
     };
     if let Some(authority) = req.uri().authority() {
+        // Userinfo above all: it would reach the endpoint as its `Host` (RFC 9110 §4.2.4
+        // deprecates it in http(s) URIs; RFC 9113 §8.3.1 forbids it in `:authority`).
+        if !is_host(authority.as_str().as_bytes()) {
+            return Err(ProxyError::BadRequest("invalid authority in the request target"));
+        }
         match req.version() {
             // h2: `host`, when sent, must name what `:authority` names (RFC 9113 §8.3.1).
             Version::HTTP_2 | Version::HTTP_3 => {
@@ -52,6 +61,83 @@ pub(crate) fn admit<B>(req: &mut Request<B>, listed: Option<&HeadFields>) -> Res
         *req.uri_mut() = uri;
     }
     Ok(has_host)
+}
+
+/// Whether `v` is a `Host` value (RFC 9110 §7.2): `uri-host [":" port]`, the host a
+/// reg-name, an IPv4 address or a bracketed IP literal, the port digits; no userinfo, no
+/// whitespace, no `/`, `?`, `#` or `@`. One pass over the bytes (a few dozen, per request).
+pub(crate) fn is_host(v: &[u8]) -> bool {
+    let port = if let Some(literal) = v.strip_prefix(b"[") {
+        let Some(close) = memchr::memchr(b']', literal) else {
+            return false;
+        };
+        if !is_ip_literal(&literal[..close]) {
+            return false;
+        }
+        match &literal[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => port,
+            _ => return false,
+        }
+    } else {
+        // An IPv4 address is a reg-name too.
+        let mut i = 0;
+        while let Some(&b) = v.get(i) {
+            match REG_NAME[usize::from(b)] {
+                Byte::Name => i += 1,
+                Byte::Percent if v.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => i += 3,
+                Byte::Colon => break,
+                Byte::Percent | Byte::Other => return false,
+            }
+        }
+        v.get(i + 1..).unwrap_or_default()
+    };
+    port.iter().all(u8::is_ascii_digit)
+}
+
+/// What a byte may be in a reg-name (RFC 3986 §3.2.2): unreserved or a sub-delim, the start
+/// of a percent-encoding, the colon before the port, or nothing allowed.
+#[derive(Clone, Copy)]
+enum Byte {
+    Name,
+    Percent,
+    Colon,
+    Other,
+}
+
+const REG_NAME: [Byte; 256] = {
+    let mut table = [Byte::Other; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+            )
+        {
+            table[b] = Byte::Name;
+        }
+        b += 1;
+    }
+    table[b'%' as usize] = Byte::Percent;
+    table[b':' as usize] = Byte::Colon;
+    table
+};
+
+/// The inside of `[...]`: an IPv6 address, or IPvFuture (`v` HEXDIG+ `.` then unreserved,
+/// sub-delims or `:`).
+fn is_ip_literal(v: &[u8]) -> bool {
+    if let [b'v' | b'V', rest @ ..] = v {
+        let digits = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+        return match rest.get(digits..) {
+            Some([b'.', tail @ ..]) if digits > 0 && !tail.is_empty() => tail
+                .iter()
+                .all(|&b| b == b':' || matches!(REG_NAME[usize::from(b)], Byte::Name)),
+            _ => false,
+        };
+    }
+    std::str::from_utf8(v).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// The URI with its path normalised, or `None` when it is already normal.
@@ -144,6 +230,57 @@ mod tests {
                 Ok(("/v1/x", Some("api.example"))),
             ),
             ("GET", "http://api.example/v1/x", v2, &[], Ok(("/v1/x", None))),
+            ("GET", "/", v11, &["[::1]:8080"], Ok(("/", Some("[::1]:8080")))),
+            (
+                "GET",
+                "/",
+                v11,
+                &["a b"],
+                Err(ProxyError::BadRequest("invalid Host header")),
+            ),
+            (
+                "GET",
+                "/",
+                v11,
+                &["a/b?c"],
+                Err(ProxyError::BadRequest("invalid Host header")),
+            ),
+            (
+                "GET",
+                "/",
+                v11,
+                &["user@evil.example"],
+                Err(ProxyError::BadRequest("invalid Host header")),
+            ),
+            (
+                "GET",
+                "/",
+                v2,
+                &["a b"],
+                Err(ProxyError::BadRequest("invalid Host header")),
+            ),
+            // An absolute-form target's authority replaces the field, whatever it holds.
+            (
+                "GET",
+                "http://real.example/x",
+                v11,
+                &["a b"],
+                Ok(("/x", Some("real.example"))),
+            ),
+            (
+                "GET",
+                "http://alice:secret@foo.example/echo",
+                v11,
+                &[],
+                Err(ProxyError::BadRequest("invalid authority in the request target")),
+            ),
+            (
+                "GET",
+                "http://alice@api.example/v1/x",
+                v2,
+                &[],
+                Err(ProxyError::BadRequest("invalid authority in the request target")),
+            ),
             (
                 "GET",
                 "http://api.example/v1/x",
@@ -164,6 +301,48 @@ mod tests {
             });
             let want = want.clone().map(|(p, h)| (p.to_string(), h.map(str::to_string)));
             assert_eq!(got, want, "{method} {uri}");
+        }
+    }
+
+    #[test]
+    fn host_values_follow_the_authority_syntax() {
+        let cases: &[(&str, bool)] = &[
+            ("api.example.com", true),
+            ("api.example.com:8080", true),
+            ("127.0.0.1:18081", true),
+            ("localhost", true),
+            ("xn--bcher-kva.example", true),
+            ("a%2Db", true),
+            ("a_b~c!$&'()*+,;=", true),
+            ("a:", true),
+            ("", true),
+            ("[::1]", true),
+            ("[2001:db8::1]:443", true),
+            ("[v1.fe80::a+en1]", true),
+            ("a b", false),
+            ("a\tb", false),
+            ("a/b?c", false),
+            ("a#b", false),
+            ("a?b", false),
+            ("user@evil.example", false),
+            ("alice:secret@foo.example", false),
+            ("a:b", false),
+            ("a:80:80", false),
+            ("a:8o", false),
+            ("a%2", false),
+            ("a%zz", false),
+            ("a\"b", false),
+            ("é.example", false),
+            ("[::1", false),
+            ("[::g]", false),
+            ("[::1]x", false),
+            ("[::1]:x", false),
+            ("[v1.]", false),
+            ("[vz.a]", false),
+            ("::1", false),
+        ];
+        for (value, want) in cases {
+            assert_eq!(is_host(value.as_bytes()), *want, "{value:?}");
         }
     }
 }

@@ -29,6 +29,14 @@ pub enum HeadError {
     /// a bad token, a bare LF).
     #[error("malformed request head")]
     Malformed,
+    /// A request target in a form its method does not take (RFC 9112 §3.2): authority-form
+    /// other than for CONNECT, `*` other than for OPTIONS.
+    #[error("invalid request target")]
+    Target,
+    /// An HTTP/1.1 request with neither a `Host` field nor an absolute-form target
+    /// (RFC 9112 §3.2).
+    #[error("HTTP/1.1 request without Host")]
+    MissingHost,
     /// The head passed `server.max_header_bytes` or `server.max_headers`.
     #[error("request head too large")]
     TooLarge,
@@ -53,7 +61,11 @@ impl HeadError {
             HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
             HeadError::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-            HeadError::Malformed | HeadError::ContentLength | HeadError::TransferEncoding => StatusCode::BAD_REQUEST,
+            HeadError::Malformed
+            | HeadError::Target
+            | HeadError::MissingHost
+            | HeadError::ContentLength
+            | HeadError::TransferEncoding => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -108,12 +120,19 @@ pub(crate) fn parse_request(
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed)?;
+    let form = TargetForm::of(&uri);
     let mut present = FramingFields::default();
+    // Noted with the framing fields, in the pass that takes them in.
+    let mut has_host = false;
     // The request's own map, empty unless the fields do not fit the list: built in place,
     // as a map assigned to it would drop the one it has (~60 instructions, even empty).
     let mut request = Request::new(());
     let mut listed = if fields.spans_mut().len() <= FieldMask::BITS {
-        if !fields.take_in(head, |_, name| present.note_sent(name)) {
+        let taken = fields.take_in(head, |_, name| {
+            present.note_sent(name);
+            has_host |= name.len() == 4 && token_is(name, b"host");
+        });
+        if !taken {
             return Err(HeadError::Malformed);
         }
         Some(fields)
@@ -122,6 +141,7 @@ pub(crate) fn parse_request(
         let (headers, noted) =
             fields_of(&head, fields.spans_mut(), ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
         (*request.headers_mut(), present) = (headers, noted);
+        has_host = request.headers().contains_key(header::HOST);
         None
     };
     let map = request.headers_mut();
@@ -129,6 +149,7 @@ pub(crate) fn parse_request(
         Some(fields) => request_framing(version, fields, present)?,
         None => request_framing(version, &*map, present)?,
     };
+    form.admits(&method, version, has_host)?;
     let view = RequestFields::new(listed.as_deref(), &*map);
     // Both asked of the noted fields first: most requests carry neither.
     let upgrade = version == Version::HTTP_11
@@ -231,6 +252,47 @@ fn lines_end_in_crlf(buf: &[u8], len: usize, spans: &[FieldSpan]) -> bool {
     // The byte two before a line's start: the CR of the line before it.
     let cr_before = |start: usize| start.checked_sub(2).and_then(|i| buf.get(i)) == Some(&b'\r');
     spans.iter().all(|span| cr_before(span.name().start)) && cr_before(len) && len.checked_sub(2).is_some_and(cr_before)
+}
+
+/// The form of a request target (RFC 9112 §3.2), as it parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetForm {
+    /// `/path?query`.
+    Origin,
+    /// `http://authority/path?query`: its authority stands in for `Host`.
+    Absolute,
+    /// `host:port`, for CONNECT.
+    Authority,
+    /// `*`, for a server-wide OPTIONS.
+    Asterisk,
+}
+
+impl TargetForm {
+    fn of(uri: &Uri) -> TargetForm {
+        match (uri.scheme(), uri.authority()) {
+            (Some(_), _) => TargetForm::Absolute,
+            (None, Some(_)) => TargetForm::Authority,
+            (None, None) if uri.path() == "*" => TargetForm::Asterisk,
+            (None, None) => TargetForm::Origin,
+        }
+    }
+
+    /// Whether `method` may take a target of this form, on a head with `Host` or not.
+    /// CONNECT is let through, whatever its target, to be answered `405` with the rest.
+    fn admits(self, method: &Method, version: Version, has_host: bool) -> Result<(), HeadError> {
+        if *method == Method::CONNECT {
+            return Ok(());
+        }
+        match self {
+            TargetForm::Authority => return Err(HeadError::Target),
+            TargetForm::Asterisk if *method != Method::OPTIONS => return Err(HeadError::Target),
+            TargetForm::Absolute | TargetForm::Origin | TargetForm::Asterisk => {}
+        }
+        if version == Version::HTTP_11 && !has_host && self != TargetForm::Absolute {
+            return Err(HeadError::MissingHost);
+        }
+        Ok(())
+    }
 }
 
 /// Why bytes did not read as one whole request.
@@ -546,51 +608,57 @@ mod tests {
         type Case = (&'static str, Result<(BodyState, bool), HeadError>);
         let cases: [Case; 18] = [
             ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok((Done, true))),
-            ("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", Ok((Length(5), true))),
-            ("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", Ok((Done, true))),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
                 Ok((Length(5), true)),
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
-                Err(HeadError::ContentLength),
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                Ok((Done, true)),
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
-                Err(HeadError::ContentLength),
-            ),
-            (
-                "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-                Err(HeadError::ContentLength),
-            ),
-            (
-                "POST / HTTP/1.1\r\nContent-Length: 000000000000000000005\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
                 Ok((Length(5), true)),
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 18446744073709551616\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
                 Err(HeadError::ContentLength),
             ),
             (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+                Err(HeadError::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+                Err(HeadError::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 000000000000000000005\r\n\r\n",
+                Ok((Length(5), true)),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551616\r\n\r\n",
+                Err(HeadError::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Ok((Chunked(Chunk::Size), true)),
             ),
             (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 Ok((Chunked(Chunk::Size), true)),
             ),
             // Both: chunked wins, and the connection is not trusted with another request.
             (
-                "POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Ok((Chunked(Chunk::Size), false)),
             ),
             (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
                 Err(HeadError::TransferEncoding),
             ),
             (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
                 Err(HeadError::TransferEncoding),
             ),
             (
@@ -600,7 +668,7 @@ mod tests {
             ("GET / HTTP/1.0\r\n\r\n", Ok((Done, false))),
             ("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Ok((Done, true))),
             (
-                "GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n",
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, close\r\n\r\n",
                 Ok((Done, false)),
             ),
         ];
@@ -650,6 +718,53 @@ mod tests {
         }
     }
 
+    /// RFC 9112 §3.2: the target's form must suit the method, and an HTTP/1.1 request
+    /// names its host, in `Host` or in an absolute-form target. CONNECT passes, to be
+    /// answered `405` later; userinfo and the Host value are the proxy's to judge.
+    #[test]
+    fn targets_and_host_are_required_as_rfc_9112_says() {
+        let cases: [(&str, Result<(), HeadError>); 17] = [
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok(())),
+            ("GET / HTTP/1.1\r\nhOsT: a\r\n\r\n", Ok(())),
+            ("GET / HTTP/1.1\r\n\r\n", Err(HeadError::MissingHost)),
+            (
+                "GET / HTTP/1.1\r\nX-Host: a\r\nHosts: a\r\n\r\n",
+                Err(HeadError::MissingHost),
+            ),
+            ("GET / HTTP/1.0\r\n\r\n", Ok(())),
+            ("GET http://a.example/x HTTP/1.1\r\n\r\n", Ok(())),
+            ("GET http://alice:secret@a.example/x HTTP/1.1\r\n\r\n", Ok(())),
+            ("GET echo HTTP/1.1\r\nHost: a\r\n\r\n", Err(HeadError::Target)),
+            ("GET echo HTTP/1.0\r\n\r\n", Err(HeadError::Target)),
+            (
+                "POST www.example.com:443 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                Err(HeadError::Target),
+            ),
+            ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", Err(HeadError::Target)),
+            ("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", Ok(())),
+            ("OPTIONS * HTTP/1.1\r\n\r\n", Err(HeadError::MissingHost)),
+            ("OPTIONS /x HTTP/1.1\r\nHost: a\r\n\r\n", Ok(())),
+            (
+                "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+                Ok(()),
+            ),
+            ("CONNECT example.com:443 HTTP/1.1\r\n\r\n", Ok(())),
+            ("CONNECT * HTTP/1.1\r\n\r\n", Ok(())),
+        ];
+        for (wire, want) in cases {
+            assert_eq!(parse(wire).map(|h| assert!(h.is_some(), "{wire:?}")), want, "{wire:?}");
+        }
+        assert_eq!(HeadError::MissingHost.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(HeadError::Target.status(), StatusCode::BAD_REQUEST);
+        // Past 128 fields the head is a map: `Host` is looked for there.
+        let fields: String = (0..130).map(|i| format!("X-F{i}: v\r\n")).collect();
+        for (host, want) in [("", Some(HeadError::MissingHost)), ("Host: a\r\n", None)] {
+            let wire = format!("GET / HTTP/1.1\r\n{fields}{host}\r\n");
+            let got = parse_request(&mut BytesMut::from(wire.as_str()), 64 * 1024, 300).err();
+            assert_eq!(got, want, "{host:?}");
+        }
+    }
+
     proptest::proptest! {
         /// A head that arrives in two pieces parses as it does whole: nothing is decided on
         /// a partial head.
@@ -680,11 +795,11 @@ mod tests {
 
     #[test]
     fn whole_requests_read_with_their_bodies() {
-        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
         assert_eq!(read_whole_request(chunked, 1024, 10), Ok((Method::POST, 5)));
-        let short = b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nhello";
+        let short = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nhello";
         assert_eq!(read_whole_request(short, 1024, 10), Err(WireError::Incomplete));
-        let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n";
+        let bad = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n";
         assert_eq!(
             read_whole_request(bad, 1024, 10),
             Err(WireError::Body(FramingError::ChunkEnd))
@@ -700,7 +815,7 @@ mod tests {
             matches!(parse_request(&mut small, 64, 100), Ok(None)),
             "partial, within the limit"
         );
-        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: a\r\n".repeat(5));
+        let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: a\r\n".repeat(4));
         assert_eq!(
             parse_request(&mut BytesMut::from(many.as_str()), 1024, 4).err(),
             Some(HeadError::TooLarge)
@@ -714,7 +829,9 @@ mod tests {
     fn fields_are_listed_or_mapped_and_framing_fields_dropped() -> Result<(), Box<dyn std::error::Error>> {
         for count in [3, 128, 129, 200] {
             let fields: String = (0..count).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
-            let wire = format!("POST / HTTP/1.1\r\n{fields}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
+            // Absolute-form, so that no `Host` is needed and the fields are the test's alone.
+            let wire =
+                format!("POST http://a/ HTTP/1.1\r\n{fields}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
             let head = parse_request(&mut BytesMut::from(wire.as_str()), 64 * 1024, 300)?.ok_or("incomplete")?;
             assert_eq!(head.fields.is_some(), count + 2 <= 128, "{count} fields");
             let f = head.fields();
@@ -736,7 +853,7 @@ mod tests {
         assert_eq!(head.request.uri(), "/v1/chat?x=1");
         assert_eq!(head.fields().get(&header::HOST), Some(&b"a"[..]));
         assert_eq!(&buf[..], b"{}GET");
-        let expect = parse("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");
+        let expect = parse("PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");
         assert!(expect?.ok_or("incomplete")?.expect_continue);
         Ok(())
     }
