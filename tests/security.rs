@@ -732,3 +732,35 @@ async fn an_endpoint_head_above_64_kib_in_one_write_fails_the_attempt() {
     assert!(!r.head.contains("x-big"), "the oversized head was relayed");
     assert!(seen.load(Ordering::SeqCst) >= 1, "the endpoint was never asked");
 }
+
+/// A chunked answer whose framing breaks in the same read as its first chunk: the head and
+/// that chunk still reach the client (each chunk is relayed as it is read), then the
+/// connection is cut without a last chunk, never ended cleanly. It used to be cut with
+/// nothing written: an empty reply.
+#[tokio::test]
+async fn a_body_that_breaks_in_its_first_read_relays_what_came_then_cuts() {
+    let (url, _) = raw_upstream(|mut s, _| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n")
+            .await;
+        let _ = s.flush().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    })
+    .await;
+    let proxy = Meridian::start(&one_region("", &url));
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: api\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(DEADLINE, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection was never cut: {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("hello"), "the chunk read before the failure: {got}");
+    assert!(!got.ends_with("0\r\n\r\n"), "a cut body must not end cleanly: {got}");
+}

@@ -522,7 +522,7 @@ where
     ) -> Poll<Result<(), ConnError>> {
         loop {
             let mut waiting = false;
-            while !out.finished && self.wbuf.len() - self.written < WRITE_BATCH {
+            while !out.finished && out.failed.is_none() && self.wbuf.len() - self.written < WRITE_BATCH {
                 match body.as_mut().poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                         Ok(data) => out.encode(&data, &mut self.wbuf)?,
@@ -533,18 +533,23 @@ where
                         }
                     },
                     Poll::Ready(None) => out.finish(&mut self.wbuf)?,
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(ConnError::Body(e))),
+                    // Each chunk is relayed as it is read (SPEC, "Streaming"): the head and
+                    // what came before the failure are written, then the connection is cut.
+                    Poll::Ready(Some(Err(e))) => out.failed = Some(e),
                     Poll::Pending => {
                         waiting = true;
                         break;
                     }
                 }
             }
-            if self.written == self.wbuf.len() && !out.finished {
+            if self.written == self.wbuf.len() && !out.finished && out.failed.is_none() {
                 return self.poll_wait(cx, feed);
             }
             if self.poll_write_buffered(cx)?.is_pending() {
                 return self.poll_wait(cx, feed);
+            }
+            if let Some(e) = out.failed.take() {
+                return Poll::Ready(Err(ConnError::Body(e)));
             }
             if out.finished {
                 return Poll::Ready(Ok(()));
@@ -640,6 +645,8 @@ struct Outgoing {
     takes_trailers: bool,
     /// The last chunk and the trailers are written.
     trailers_sent: bool,
+    /// The body failed: what was read before goes out first, then the connection is cut.
+    failed: Option<crate::forward::body::BodyError>,
 }
 
 impl Outgoing {
@@ -654,6 +661,7 @@ impl Outgoing {
             clean: true,
             takes_trailers,
             trailers_sent: false,
+            failed: None,
         }
     }
 
