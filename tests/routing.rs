@@ -97,7 +97,13 @@ async fn spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
         "GET",
         w.proxy.listen,
         "/v1/models",
-        &[("x-forwarded-for", ips::GB)],
+        &[
+            ("x-forwarded-for", ips::GB),
+            // Underscore spellings a CGI-style endpoint would read as the real fields.
+            ("x_forwarded_for", ips::GB),
+            ("X_Meridian_Country", "GB"),
+            ("x_real_ip", ips::GB),
+        ],
         Bytes::new(),
     )
     .await;
@@ -109,6 +115,9 @@ async fn spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
     );
     let seen = w.us.seen();
     let h = &seen[0].headers;
+    for alias in ["x_forwarded_for", "x_meridian_country", "x_real_ip"] {
+        assert!(h.get(alias).is_none(), "{alias} reached the endpoint: {h:?}");
+    }
     assert_eq!(
         h["x-forwarded-for"], "127.0.0.2",
         "the spoofed chain is replaced by the peer"

@@ -94,6 +94,25 @@ fn is_meridian(name: &[u8]) -> bool {
     name.get(..PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
+/// A name that, `_` read as `-`, is one Meridian sets or judges (`X_Forwarded_For`,
+/// `x_meridian_country`): CGI-style servers (WSGI, Rack, PHP) fold both spellings into one
+/// variable (`HTTP_X_FORWARDED_FOR`), so such a field could stand in for the real one
+/// behind Meridian's back. Removed with the `x-meridian-*` fields, as NGINX ignores names
+/// with underscores by default. Every such name starts with `x`: most names cost one test.
+fn is_alias(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 4] = [b"x-real-ip", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto"];
+    const PREFIX: &[u8] = b"x-meridian-";
+    let same = |sent: &[u8], lower: &[u8]| {
+        sent.iter()
+            .zip(lower)
+            .all(|(&n, &l)| n.to_ascii_lowercase() == l || (n == b'_' && l == b'-'))
+    };
+    matches!(name.first(), Some(b'x' | b'X'))
+        && name.contains(&b'_')
+        && (NAMES.iter().any(|n| n.len() == name.len() && same(name, n))
+            || name.len() >= PREFIX.len() && same(&name[..PREFIX.len()], PREFIX))
+}
+
 impl Present {
     /// Notes one name as sent (any case): its length picks the one name it can be, so most
     /// names cost a `match` and no comparison.
@@ -115,7 +134,7 @@ impl Present {
             19 if is(b"proxy-authorization") => self.hop_by_hop[PROXY_AUTHORIZATION_AT] = true,
             _ => {}
         }
-        self.meridian |= is_meridian(name);
+        self.meridian |= is_meridian(name) || is_alias(name);
     }
 
     /// Notes one (lowercase) name. One `match` on the name's text (lengths first, then one
@@ -142,7 +161,7 @@ impl Present {
             "x-forwarded-for" => present.forwarded_for = true,
             "x-forwarded-proto" => present.forwarded_proto = true,
             "x-request-id" => present.request_id = true,
-            other => present.meridian |= other.starts_with("x-meridian-"),
+            other => present.meridian |= other.starts_with("x-meridian-") || is_alias(other.as_bytes()),
         }
     }
 }
@@ -205,13 +224,13 @@ fn remove_hop_by_hop(
     }
 }
 
-/// Removes every `x-meridian-*` header (`spoofed`: [`scan`] found one), so none can be
-/// spoofed to an endpoint or a client.
+/// Removes every `x-meridian-*` header and every [`is_alias`] (`spoofed`: [`scan`] found
+/// one), so none can be spoofed to an endpoint or a client.
 fn remove_meridian_headers(headers: &mut HeaderMap, listed: Option<&mut HeadFields>, spoofed: bool) {
     if spoofed {
         let names: Vec<HeaderName> = headers
             .keys()
-            .filter(|k| k.as_str().starts_with("x-meridian-"))
+            .filter(|k| k.as_str().starts_with("x-meridian-") || is_alias(k.as_str().as_bytes()))
             .cloned()
             .collect();
         for name in names {
@@ -220,7 +239,7 @@ fn remove_meridian_headers(headers: &mut HeaderMap, listed: Option<&mut HeadFiel
         if let Some(listed) = listed {
             let mut dropped = FieldMask::default();
             for (i, name, _) in listed.fields() {
-                if is_meridian(name) {
+                if is_meridian(name) || is_alias(name) {
                     dropped.set(i);
                 }
             }
@@ -684,6 +703,42 @@ mod tests {
         assert_eq!(found.hop_by_hop, [false; HOP_BY_HOP.len()]);
         let none = scan(&headers(&[("Content-Type", "text/plain"), ("X-Meridian", "not ours")]));
         assert!(!none.meridian && !none.request_id && !none.upgrade);
+    }
+
+    #[test]
+    fn underscore_spellings_of_meridians_fields_are_aliases() {
+        let cases: &[(&str, bool)] = &[
+            ("X_Forwarded_For", true),
+            ("x-forwarded_for", true),
+            ("x_forwarded_proto", true),
+            ("X_Real_IP", true),
+            ("x_request_id", true),
+            ("x_meridian_country", true),
+            ("X-Meridian_Region", true),
+            // The real spellings are not aliases: they are handled as themselves.
+            ("x-forwarded-for", false),
+            ("x-meridian-country", false),
+            // Other names with underscores pass (NGINX would drop them too, but they stand
+            // in for nothing Meridian vouches for).
+            ("x_custom_trace", false),
+            ("x_forwarded_fo", false),
+            ("my_header", false),
+            ("content-type", false),
+        ];
+        for (name, alias) in cases {
+            assert_eq!(is_alias(name.as_bytes()), *alias, "{name}");
+        }
+        // Removed from a map and from listed fields alike.
+        let mut h = headers(&[
+            ("x_forwarded_for", "1.2.3.4"),
+            ("x_meridian_country", "FR"),
+            ("accept", "*/*"),
+        ]);
+        let present = scan(&h);
+        assert!(present.meridian);
+        remove_meridian_headers(&mut h, None, present.meridian);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
     }
 
     fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
