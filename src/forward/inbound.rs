@@ -80,8 +80,12 @@ pub(crate) fn is_host(v: &[u8]) -> bool {
             _ => return false,
         }
     } else {
-        // An IPv4 address is a reg-name too.
-        let mut i = 0;
+        // An IPv4 address is a reg-name too. The run of plain name bytes first, in a tight
+        // loop (this runs for every request); percent-encodings and the port after it.
+        let mut i = v
+            .iter()
+            .position(|&b| !matches!(REG_NAME[usize::from(b)], Byte::Name))
+            .unwrap_or(v.len());
         while let Some(&b) = v.get(i) {
             match REG_NAME[usize::from(b)] {
                 Byte::Name => i += 1,

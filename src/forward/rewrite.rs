@@ -107,10 +107,11 @@ fn is_alias(name: &[u8]) -> bool {
             .zip(lower)
             .all(|(&n, &l)| n.to_ascii_lowercase() == l || (n == b'_' && l == b'-'))
     };
+    // The comparisons fail at the first differing byte; the underscore is looked for last.
     matches!(name.first(), Some(b'x' | b'X'))
-        && name.contains(&b'_')
         && (NAMES.iter().any(|n| n.len() == name.len() && same(name, n))
             || name.len() >= PREFIX.len() && same(&name[..PREFIX.len()], PREFIX))
+        && name.contains(&b'_')
 }
 
 impl Present {
@@ -132,9 +133,10 @@ impl Present {
             17 if is(b"x-forwarded-proto") => self.forwarded_proto = true,
             18 if is(b"proxy-authenticate") => self.hop_by_hop[PROXY_AUTHENTICATE_AT] = true,
             19 if is(b"proxy-authorization") => self.hop_by_hop[PROXY_AUTHORIZATION_AT] = true,
-            _ => {}
+            // Only a name that is none of the above can be an alias of one.
+            _ => self.meridian |= is_alias(name),
         }
-        self.meridian |= is_meridian(name) || is_alias(name);
+        self.meridian |= is_meridian(name);
     }
 
     /// Notes one (lowercase) name. One `match` on the name's text (lengths first, then one
