@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, UnknownPolicy};
 use crate::geo::{GeoDb, GeoPoint, Locate, Located};
 use crate::route::{self, Decision, Refusal, RegionState, RequestFacts, RoutePlan, RouteTable};
 
@@ -690,11 +690,16 @@ pub fn failover_orders(table: &RouteTable) -> Vec<OrderGroup> {
     };
     let mut out: Vec<OrderGroup> = groups.into_iter().map(group).collect();
     let unlocated = table.unlocated_plan();
+    // Refused before any region is tried, as `route::plan` decides.
+    let order = match config.geoip.unknown {
+        UnknownPolicy::Refuse => "403 location_refused".to_string(),
+        UnknownPolicy::Default => order_text(table, &unlocated.candidates, unlocated.fallback),
+    };
     out.push(OrderGroup {
         countries: vec!["unlocated".into()],
         zone: None,
         sharded: unlocated.sharded,
-        order: order_text(table, &unlocated.candidates, unlocated.fallback),
+        order,
     });
     out
 }

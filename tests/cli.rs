@@ -97,6 +97,20 @@ fn check_rejects_a_corrupt_geoip_database() {
     );
 }
 
+/// With `geoip.unknown = "refuse"` unlocated clients are refused before any region, and the
+/// table says so, as `route` does.
+#[test]
+fn check_shows_refused_unlocated_clients() {
+    let sharded = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sharded.toml");
+    let (code, out, err) = meridian(&["check", "-c", sharded]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("  unlocated    403 location_refused\n"), "{out}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/meridian.toml");
+    let (code, out, err) = meridian(&["check", "-c", example]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("  unlocated    us-east > "), "{out}");
+}
+
 /// `meridian route ... | head -1`: the reader goes before the output is written.
 #[test]
 fn route_into_a_closed_pipe_ends_quietly() {
