@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use meridian::config::{Config, LogFormat};
+use meridian::config::{Config, LogFormat, Problem, Source};
 use meridian::geo::GeoDb;
 use meridian::route::RouteTable;
 
@@ -316,40 +316,105 @@ fn init_logging(format: LogFormat) {
 }
 
 fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
-    let config = Config::load(path).map_err(|e| {
-        eprint!("{e}");
-        ExitCode::FAILURE
-    })?;
-    let geo = GeoDb::load(config.geoip.chain(), None).map_err(|e| {
-        eprintln!("invalid config {}: geoip.database: {e}", path.display());
-        ExitCode::FAILURE
-    })?;
-    Ok((config, geo))
+    let (source, config) = read(path)?;
+    match GeoDb::load(config.geoip.chain(), None) {
+        Ok(geo) => Ok((config, geo)),
+        Err(e) => Err(fail(&source.error(geoip_problems(&config, &e)))),
+    }
+}
+
+/// The config file, read and validated.
+fn read(path: &std::path::Path) -> Result<(Source, Config), ExitCode> {
+    let source = Source::read(path).map_err(|e| fail(&e))?;
+    let config = source.config().map_err(|e| fail(&e))?;
+    Ok((source, config))
+}
+
+fn fail(e: &meridian::config::ConfigError) -> ExitCode {
+    eprint!("{e}");
+    ExitCode::FAILURE
+}
+
+/// Every database of the chain that does not open, with its key path. Loading stops at the
+/// first; each file is tried alone only once the chain has failed.
+fn geoip_problems(config: &Config, chain_error: &meridian::geo::GeoError) -> Vec<Problem> {
+    let chain = config.geoip.chain();
+    let key = |i: usize| match chain.databases.len() {
+        1 => "geoip.database".to_string(),
+        _ => format!("geoip.database[{i}]"),
+    };
+    let mut out: Vec<Problem> = chain
+        .databases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, db)| {
+            let alone = meridian::geo::Chain {
+                databases: std::slice::from_ref(db),
+                embedded_fallback: false,
+                ..chain
+            };
+            GeoDb::load(alone, None)
+                .err()
+                .map(|e| Problem::new(key(i), e.to_string()))
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(Problem::new("geoip.database", chain_error.to_string()));
+    }
+    out
+}
+
+/// Every certificate pair that does not load, with its key path.
+fn tls_problems(tls: &meridian::config::TlsConfig) -> Vec<Problem> {
+    let Err(e) = meridian::listen::tls::TlsReloader::new(tls) else {
+        return Vec::new();
+    };
+    let each: Vec<Problem> = meridian::listen::tls::problems(tls)
+        .into_iter()
+        .map(|(key, e)| Problem::new(key, e.to_string()))
+        .collect();
+    if each.is_empty() {
+        // Not a file: the TLS setup itself.
+        return vec![Problem::new("server.tls_listen", e.to_string())];
+    }
+    each
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let (config, geo) = match load(path) {
-        Ok(x) => x,
-        Err(code) => return code,
+    let source = match Source::read(path) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
     };
-    // Certificates are loaded exactly as `run` would, so a bad file fails here first.
-    if let Some(tls) = &config.server.tls {
-        if let Err(e) = meridian::listen::tls::TlsReloader::new(tls) {
-            eprintln!("invalid config {}: TLS certificates: {e}", path.display());
-            return ExitCode::FAILURE;
+    // Everything `run` loads is loaded here the same way, and every failure is collected so
+    // that one run names them all: the files a rejected config names are opened too.
+    let (config, mut problems) = match source.config_and_problems() {
+        Ok(x) => x,
+        Err(e) => return fail(&e),
+    };
+    let geo = match GeoDb::load(config.geoip.chain(), None) {
+        Ok(geo) => Some(geo),
+        Err(e) => {
+            problems.extend(geoip_problems(&config, &e));
+            None
         }
+    };
+    if let Some(tls) = &config.server.tls {
+        problems.extend(tls_problems(tls));
     }
+    let geo = match geo {
+        Some(geo) if problems.is_empty() => geo,
+        // The routing table is built from a valid config only.
+        _ => return fail(&source.error(problems)),
+    };
     let limits = meridian::admission::describe(&config.limit_rules, &config.limits);
     let table = RouteTable::new(std::sync::Arc::new(config));
     if let Err(crossings) = meridian::route::residency::verify(&table) {
-        eprintln!(
-            "invalid config {}: a residency-bound client could leave its zone",
-            path.display()
-        );
-        for line in &crossings.0 {
-            eprintln!("  {}: {line}", path.display());
-        }
-        return ExitCode::FAILURE;
+        let problems = crossings
+            .0
+            .into_iter()
+            .map(|line| Problem::new("", format!("a residency-bound client could leave its zone: {line}")))
+            .collect();
+        return fail(&source.error(problems));
     }
     let now = std::time::SystemTime::now();
     for r in &table.config.regions {

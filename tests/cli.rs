@@ -49,17 +49,38 @@ fn check_rejects_each_invalid_config_naming_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     // Each kind of problem is covered through `Config::parse` (src/config/validate.rs);
     // here, what the command adds: exit 1 and `file:line: key: message`.
-    let cases: [(&str, String, &str); 2] = [
+    let cases: [(&str, String, &str); 6] = [
         (
             "bad country code",
             GOOD.replace("[\"US\", \"CA\"]", "[\"US\", \"XQ\"]"),
             ":7: region[0].countries[1]: \"XQ\" is not an ISO 3166-1 alpha-2 country code",
         ),
         (
-            // The parser names the unknown key itself and its line.
             "unknown key",
             GOOD.replace("[geoip]", "[geoip]\ndefualt = 1"),
-            ":2: unknown field `defualt`",
+            ":2: geoip.defualt: unknown field `defualt`",
+        ),
+        (
+            "zero timeout",
+            format!("[server]\nconnect_timeout = \"0s\"\n\n{GOOD}"),
+            ":2: server.connect_timeout: must be greater than zero",
+        ),
+        (
+            "not a duration",
+            format!("[server]\n\nrequest_timeout = \"5 parsecs\"\n\n{GOOD}"),
+            ":3: server.request_timeout: invalid duration \"5 parsecs\"",
+        ),
+        (
+            "missing GeoIP database",
+            GOOD.replace("[geoip]", "[geoip]\ndatabase = \"nope.mmdb\""),
+            ":2: geoip.database: cannot read GeoIP database",
+        ),
+        (
+            "missing certificate",
+            format!(
+                "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"nope.pem\"\ntls_key = \"nope.key\"\n\n{GOOD}"
+            ),
+            ":3: server.tls_cert: cannot read",
         ),
     ];
     for (name, text, want) in cases {
@@ -75,6 +96,21 @@ fn check_rejects_each_invalid_config_naming_key_and_line() {
     let path = write(&dir, "two.toml", &text);
     let (_, _, err) = meridian(&["check", "-c", &path]);
     assert!(err.contains("2 problem(s)"), "{err}");
+    // A rejected config's files are opened too: their problems come in the same run.
+    let text =
+        format!("[server]\nconnect_timeout = \"0s\"\n\n{GOOD}").replace("[geoip]", "[geoip]\ndatabase = \"nope.mmdb\"");
+    let path = write(&dir, "files.toml", &text);
+    let (code, _, err) = meridian(&["check", "-c", &path]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(
+        err.contains(&format!("{path}:2: server.connect_timeout: must be greater than zero")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{path}:5: geoip.database: cannot read GeoIP database")),
+        "{err}"
+    );
     let (code, _, err) = meridian(&["check", "-c", "/nonexistent/meridian.toml"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read"), "{err}");

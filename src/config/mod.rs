@@ -3,6 +3,7 @@
 
 pub(crate) mod file;
 mod limits;
+mod locate;
 pub(crate) mod units;
 pub(crate) mod upstream;
 mod validate;

@@ -7,7 +7,7 @@ use super::Config;
 /// Two regions and a residency zone, shared with `tests/cli.rs`.
 const GOOD: &str = include_str!("../../tests/support/two_regions.toml");
 
-/// What, the edit of GOOD (from, to), key path, line (0: not judged), part of the message.
+/// What, the edit of GOOD (from, to), key path, line, part of the message.
 type Case = (
     &'static str,
     (&'static str, &'static str),
@@ -19,7 +19,7 @@ type Case = (
 #[test]
 fn each_problem_names_its_key_path_and_line() {
     assert!(Config::parse(GOOD, None).is_ok());
-    let cases: [Case; 10] = [
+    let cases: [Case; 21] = [
         (
             "duplicate region",
             ("name = \"uk-south\"", "name = \"us-east\""),
@@ -87,8 +87,94 @@ fn each_problem_names_its_key_path_and_line() {
             "health path without a slash",
             ("[geoip]", "[health]\npath = \"health\"\n\n[geoip]"),
             "health.path",
-            0,
+            2,
             "must start with '/'",
+        ),
+        (
+            "zero connect timeout",
+            ("[geoip]", "[server]\nconnect_timeout = \"0s\"\n\n[geoip]"),
+            "server.connect_timeout",
+            2,
+            "must be greater than zero",
+        ),
+        (
+            "zero probe interval",
+            ("[geoip]", "[health]\ninterval = \"0s\"\n\n[geoip]"),
+            "health.interval",
+            2,
+            "must be greater than zero",
+        ),
+        (
+            "zero probe timeout",
+            ("[geoip]", "[health]\ninterval = \"2s\"\ntimeout = \"0s\"\n\n[geoip]"),
+            "health.timeout",
+            3,
+            "must be greater than zero",
+        ),
+        (
+            "zero probe interval of a region",
+            (
+                "endpoints = [\"http://127.0.0.1:8002\"]",
+                "endpoints = [\"http://127.0.0.1:8002\"]\nhealth = { interval = \"0s\" }",
+            ),
+            "region[1].health.interval",
+            15,
+            "must be greater than zero",
+        ),
+        (
+            "not a duration",
+            ("[geoip]", "[server]\n\nrequest_timeout = \"5 parsecs\"\n\n[geoip]"),
+            "server.request_timeout",
+            3,
+            "invalid duration \"5 parsecs\"",
+        ),
+        (
+            "a duration as a number",
+            ("[geoip]", "[server]\n\nrequest_timeout = 5\n\n[geoip]"),
+            "server.request_timeout",
+            3,
+            "invalid type: integer `5`, expected a string",
+        ),
+        (
+            "not a size",
+            ("[geoip]", "[server]\n\nmax_request_body = \"10 MB big\"\n\n[geoip]"),
+            "server.max_request_body",
+            3,
+            "invalid size \"10 MB big\"",
+        ),
+        (
+            "unknown policy",
+            (
+                "default_region = \"us-east\"",
+                "default_region = \"us-east\"\nunknown = \"maybe\"",
+            ),
+            "geoip.unknown",
+            3,
+            "unknown variant `maybe`",
+        ),
+        (
+            "zone without regions",
+            ("regions = [\"uk-south\"]", ""),
+            "residency[0]",
+            16,
+            "missing field `regions`",
+        ),
+        (
+            "unknown key in a region",
+            ("name = \"us-east\"", "name = \"us-east\"\nfoo = 1"),
+            "region[0].foo",
+            6,
+            "unknown field `foo`",
+        ),
+        (
+            "misspelt key of an endpoint",
+            (
+                "[\"http://127.0.0.1:8002\"]",
+                "[{ url = \"http://127.0.0.1:8002\", wieght = 2 }]",
+            ),
+            "region[1].endpoints[0]",
+            14,
+            "",
         ),
     ];
     for (what, (from, to), key, line, message) in cases {
@@ -100,15 +186,13 @@ fn each_problem_names_its_key_path_and_line() {
         // The first problem is the cause; a duplicate name may bring consequences after it.
         let p = &err.problems[0];
         assert_eq!(p.key, key, "{what}: {err}");
-        if line > 0 {
-            assert_eq!(p.line, Some(line), "{what}: {err}");
-        }
+        assert_eq!(p.line, Some(line), "{what}: {err}");
         assert!(p.message.contains(message), "{what}: {err}");
     }
 }
 
-/// The parser itself refuses unknown keys; it names the key in its message and the
-/// line, not a key path.
+/// The parser itself refuses unknown keys: the message names the key, the key path and
+/// the line place it.
 #[test]
 fn an_unknown_key_is_named_with_its_line() {
     let err = match Config::parse(&GOOD.replace("[geoip]", "[geoip]\ndefualt = 1"), None) {
@@ -117,7 +201,7 @@ fn an_unknown_key_is_named_with_its_line() {
     };
     assert_eq!(err.problems.len(), 1, "{err}");
     let p = &err.problems[0];
-    assert_eq!((p.key.as_str(), p.line), ("", Some(2)), "{err}");
+    assert_eq!((p.key.as_str(), p.line), ("geoip.defualt", Some(2)), "{err}");
     assert!(p.message.starts_with("unknown field `defualt`"), "{err}");
 }
 

@@ -391,6 +391,17 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// A problem with `key`, found outside validation; [`Source::error`] places its line.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
+}
+
 /// Every problem found in one config file.
 #[derive(Debug, Clone)]
 pub struct ConfigError {
@@ -427,17 +438,7 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: Some(path.to_owned()),
-            problems: vec![Problem {
-                key: String::new(),
-                line: None,
-                message: format!("cannot read: {e}"),
-            }],
-        })?;
-        let mut config = Config::parse(&text, Some(path))?;
-        config.source = Some(path.to_owned());
-        Ok(config)
+        Source::read(path)?.config()
     }
 
     /// Parses and validates config text; `path` is used for messages and relative paths.
@@ -452,30 +453,15 @@ impl Config {
         path: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let base = path.and_then(Path::parent).unwrap_or(Path::new(""));
-        let fail = |problems| ConfigError {
+        let (config, mut problems) = validate(text, path, env)?;
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        place(text, &mut problems);
+        Err(ConfigError {
             file: path.map(Path::to_owned),
             problems,
-        };
-        let raw: FileConfig = toml::from_str(text).map_err(|e| {
-            fail(vec![Problem {
-                key: String::new(),
-                line: e.span().map(|s| line_of(text, &s)),
-                message: e.message().trim().to_string(),
-            }])
-        })?;
-        let mut v = Validator {
-            text,
-            base,
-            problems: Vec::new(),
-            homes: Vec::new(),
-            env,
-        };
-        let config = v.config(raw);
-        match config {
-            Some(c) if v.problems.is_empty() => Ok(c),
-            _ => Err(fail(v.problems)),
-        }
+        })
     }
 
     /// The index of the region called `name` in [`Config::regions`], if there is one.
@@ -494,6 +480,106 @@ const MAX_GEOIP_DATABASES: usize = 16;
 
 pub(super) fn line_of(text: &str, span: &Range<usize>) -> usize {
     text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+/// The config as far as it validates and every problem found in it; `Err` when the text
+/// is not a config file at all (TOML syntax, an unknown key, a value of the wrong type).
+fn validate(
+    text: &str,
+    path: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Vec<Problem>), ConfigError> {
+    let base = path.and_then(Path::parent).unwrap_or(Path::new(""));
+    let unreadable = |e: toml::de::Error, key: String| ConfigError {
+        file: path.map(Path::to_owned),
+        problems: vec![Problem {
+            key,
+            line: e.span().map(|s| line_of(text, &s)),
+            message: e.message().trim().to_string(),
+        }],
+    };
+    let document = toml::Deserializer::parse(text).map_err(|e| unreadable(e, String::new()))?;
+    let raw: FileConfig = serde_path_to_error::deserialize(document).map_err(|e| {
+        let key = super::locate::error_path(e.path());
+        unreadable(e.into_inner(), key)
+    })?;
+    let mut v = Validator {
+        text,
+        base,
+        problems: Vec::new(),
+        homes: Vec::new(),
+        env,
+    };
+    let config = v.config(raw);
+    Ok((config, v.problems))
+}
+
+/// Gives each problem found without a span the line its key path is written on. Only a
+/// rejected file pays for this second parse.
+fn place(text: &str, problems: &mut [Problem]) {
+    if problems.iter().all(|p| p.line.is_some() || p.key.is_empty()) {
+        return;
+    }
+    let Ok(doc) = toml::de::DeTable::parse(text) else {
+        return;
+    };
+    for p in problems.iter_mut().filter(|p| p.line.is_none()) {
+        p.line = super::locate::span_of(&doc, &p.key).map(|s| line_of(text, &s));
+    }
+}
+
+/// A config file as read from disk. Its text is kept so that problems found after
+/// validation (a GeoIP database or a certificate that cannot be opened) are reported with
+/// their line, like the rest.
+#[derive(Debug)]
+pub struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    /// Reads the file; a file that cannot be read is a problem of its own.
+    pub fn read(path: &Path) -> Result<Source, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Source {
+                path: path.to_owned(),
+                text,
+            }),
+            Err(e) => Err(ConfigError {
+                file: Some(path.to_owned()),
+                problems: vec![Problem {
+                    key: String::new(),
+                    line: None,
+                    message: format!("cannot read: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// Parses and validates the text.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::parse(&self.text, Some(&self.path))?;
+        config.source = Some(self.path.clone());
+        Ok(config)
+    }
+
+    /// The config as far as it validates, with every problem found: a rejected config can
+    /// still be looked at (`meridian check` opens the files it names, to report those
+    /// problems in the same run). `Err` when the text is not a config file at all.
+    pub fn config_and_problems(&self) -> Result<(Config, Vec<Problem>), ConfigError> {
+        let (mut config, problems) = validate(&self.text, Some(&self.path), &|var| std::env::var(var).ok())?;
+        config.source = Some(self.path.clone());
+        Ok((config, problems))
+    }
+
+    /// `problems` as this file's error, each without a line placed at the line of its key.
+    pub fn error(&self, mut problems: Vec<Problem>) -> ConfigError {
+        place(&self.text, &mut problems);
+        ConfigError {
+            file: Some(self.path.clone()),
+            problems,
+        }
+    }
 }
 
 struct Validator<'a> {
@@ -561,7 +647,8 @@ impl Validator<'_> {
         d
     }
 
-    fn config(&mut self, raw: FileConfig) -> Option<Config> {
+    /// The config as far as it validates: with problems it is only looked at, never used.
+    fn config(&mut self, raw: FileConfig) -> Config {
         let server = self.server(raw.server);
         let admin = self.admin(raw.admin);
         let regions = self.regions(raw.regions);
@@ -602,11 +689,11 @@ impl Validator<'_> {
         }
         let (limit_rules, limits, problems) = super::limits::validate(self.text, raw.limit_rules, raw.limits);
         self.problems.extend(problems);
-        Some(Config {
+        Config {
             source: None,
             server,
             admin,
-            geoip: geoip?,
+            geoip,
             health,
             outlier,
             retry,
@@ -621,7 +708,7 @@ impl Validator<'_> {
             upstream,
             limit_rules,
             limits,
-        })
+        }
     }
 
     fn tracing(&mut self, t: file::TracingFile) -> Option<TracingConfig> {
@@ -755,7 +842,7 @@ impl Validator<'_> {
         }
     }
 
-    fn geoip(&mut self, g: file::GeoipFile, names: &HashMap<String, usize>) -> Option<GeoipConfig> {
+    fn geoip(&mut self, g: file::GeoipFile, names: &HashMap<String, usize>) -> GeoipConfig {
         let trusted_raw = g.trusted_proxies.unwrap_or_else(|| {
             vec![
                 Spanned::new(0..0, "127.0.0.1/32".into()),
@@ -807,14 +894,15 @@ impl Validator<'_> {
         if max_accuracy_radius_km == 0 {
             self.problem("geoip.max_accuracy_radius_km", None, "must be at least 1");
         }
-        Some(GeoipConfig {
+        GeoipConfig {
             databases,
             embedded_fallback,
             max_accuracy_radius_km,
             trusted_proxies,
-            default_region: default_region?,
+            // Unknown only when a problem rejects the config.
+            default_region: default_region.unwrap_or(0),
             unknown: g.unknown.unwrap_or_default(),
-        })
+        }
     }
 
     fn geoip_databases(&mut self, database: Option<Spanned<file::GeoipDatabases>>) -> Vec<PathBuf> {
@@ -1694,7 +1782,7 @@ mod drain_tests {
                 Err("region[0].drain.until"),
             ),
             ("drain = { reason = \" \" }\n", Err("region[0].drain.reason")),
-            ("drain = { reason = \"x\", for = \"1h\" }\n", Err("")),
+            ("drain = { reason = \"x\", for = \"1h\" }\n", Err("region[0].drain.for")),
         ];
         for (line, want) in cases {
             let text = format!("{REGION}{line}");
@@ -1751,7 +1839,10 @@ mod tracing_tests {
                 "[tracing]\notlp_endpoint = \"otel:4318\"\n",
                 Err("tracing.otlp_endpoint"),
             ),
-            ("[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample = 1\n", Err("")),
+            (
+                "[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample = 1\n",
+                Err("tracing.sample"),
+            ),
         ];
         for (text, want) in cases {
             let result = Config::parse(&format!("{text}{REGION}"), None);

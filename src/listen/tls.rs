@@ -300,6 +300,39 @@ fn load(config: &TlsConfig, provider: &rustls::crypto::CryptoProvider) -> Result
     })
 }
 
+/// Every certificate and key pair that does not load, each with the key path of the file
+/// at fault (`server.tls_cert`, `server.certificate[1].key`): `meridian check` reports them
+/// all, where loading stops at the first.
+pub fn problems(config: &TlsConfig) -> Vec<(String, TlsError)> {
+    let provider = rustls::crypto::ring::default_provider();
+    let default = (
+        "server.tls_cert".to_string(),
+        "server.tls_key".to_string(),
+        &config.cert,
+        &config.key,
+    );
+    let sni = config.sni.iter().enumerate().map(|(i, c)| {
+        (
+            format!("server.certificate[{i}].cert"),
+            format!("server.certificate[{i}].key"),
+            &c.cert,
+            &c.key,
+        )
+    });
+    let mut out = Vec::new();
+    for (cert_key, key_key, cert, key) in std::iter::once(default).chain(sni) {
+        if let Err(e) = certified_key(cert, key, &provider) {
+            let at = match &e {
+                TlsError::Read { path, .. } if path == cert => cert_key,
+                TlsError::Read { .. } | TlsError::Key { .. } => key_key,
+                TlsError::NoCertificate { .. } | TlsError::Setup(_) => cert_key,
+            };
+            out.push((at, e));
+        }
+    }
+    out
+}
+
 /// Reads a PEM chain and its key and checks that they belong together.
 pub(crate) fn certified_key(
     cert: &Path,
