@@ -19,7 +19,7 @@ type Case = (
 #[test]
 fn each_problem_names_its_key_path_and_line() {
     assert!(Config::parse(GOOD, None).is_ok());
-    let cases: [Case; 21] = [
+    let cases: [Case; 23] = [
         (
             "duplicate region",
             ("name = \"uk-south\"", "name = \"us-east\""),
@@ -175,6 +175,20 @@ fn each_problem_names_its_key_path_and_line() {
             "region[1].endpoints[0]",
             14,
             "",
+        ),
+        (
+            "region named none",
+            ("name = \"uk-south\"", "name = \"none\""),
+            "region[1].name",
+            11,
+            "\"none\" is reserved",
+        ),
+        (
+            "region named fallback",
+            ("name = \"uk-south\"", "name = \"fallback\""),
+            "region[1].name",
+            11,
+            "\"fallback\" is reserved for the [fallback] endpoint",
         ),
     ];
     for (what, (from, to), key, line, message) in cases {

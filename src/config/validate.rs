@@ -475,6 +475,15 @@ impl Config {
     }
 }
 
+/// Region names that mean something else in metrics, logs and responses, and why.
+const RESERVED_REGION_NAMES: [(&str, &str); 2] = [
+    ("fallback", "for the [fallback] endpoint"),
+    (
+        "none",
+        "for requests answered before a region was chosen (the region label in metrics)",
+    ),
+];
+
 /// Every lookup may walk the whole chain: a handful of files is the intended use.
 const MAX_GEOIP_DATABASES: usize = 16;
 
@@ -1111,11 +1120,15 @@ impl Validator<'_> {
                     format!("{name:?} must be non-empty letters, digits, '-', '_' or '.'"),
                 );
             }
-            if name == "fallback" {
+            if let Some(why) = RESERVED_REGION_NAMES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, why)| why)
+            {
                 self.problem(
                     format!("{key}.name"),
                     Some(r.name.span()),
-                    "\"fallback\" is reserved for the [fallback] endpoint",
+                    format!("{name:?} is reserved {why}"),
                 );
             }
             if let Some(first) = seen.insert(name.clone(), i) {
