@@ -183,6 +183,19 @@ fn error_code(resp: &str) -> Option<String> {
     json["error"]["code"].as_str().map(str::to_string)
 }
 
+/// Sends each head on its own connection: each gets `400 bad_request` and the connection
+/// is closed.
+async fn refused_with_400(target: std::net::SocketAddr, heads: &[&[u8]]) {
+    for bytes in heads {
+        let name = String::from_utf8_lossy(bytes);
+        let resp = answer_then_close(target, bytes)
+            .await
+            .unwrap_or_else(|| panic!("{name:?}: the connection stayed open"));
+        assert_eq!(status_of(&resp), 400, "{name:?}: {resp}");
+        assert_eq!(error_code(&resp).as_deref(), Some("bad_request"), "{name:?}: {resp}");
+    }
+}
+
 /// A bare LF ends no line of a request head: `400 bad_request`, the connection closed, and
 /// nothing forwarded, as for obs-fold (docs/protocols.md, "Malformed requests").
 #[tokio::test]
@@ -194,14 +207,7 @@ async fn bare_lf_line_ends_are_refused() {
         b"GET /echo HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\n",
         b"GET /echo HTTP/1.0\nX-A: b\r\n\r\n",
     ];
-    for bytes in cases {
-        let name = String::from_utf8_lossy(bytes);
-        let resp = answer_then_close(proxy.listen, bytes)
-            .await
-            .unwrap_or_else(|| panic!("{name:?}: the connection stayed open"));
-        assert_eq!(status_of(&resp), 400, "{name:?}: {resp}");
-        assert_eq!(error_code(&resp).as_deref(), Some("bad_request"), "{name:?}: {resp}");
-    }
+    refused_with_400(proxy.listen, &cases).await;
     assert!(up.seen().is_empty(), "a bare-LF request was forwarded");
     // The same head with CRLFs is served.
     let resp = raw(
@@ -224,14 +230,7 @@ async fn http11_requests_need_a_valid_host() {
         b"GET /echo HTTP/1.1\r\nHost: user@evil.example\r\nConnection: close\r\n\r\n",
         b"GET /echo HTTP/1.1\r\nHost: a:b\r\nConnection: close\r\n\r\n",
     ];
-    for bytes in refused {
-        let name = String::from_utf8_lossy(bytes);
-        let resp = answer_then_close(proxy.listen, bytes)
-            .await
-            .unwrap_or_else(|| panic!("{name:?}: the connection stayed open"));
-        assert_eq!(status_of(&resp), 400, "{name:?}: {resp}");
-        assert_eq!(error_code(&resp).as_deref(), Some("bad_request"), "{name:?}: {resp}");
-    }
+    refused_with_400(proxy.listen, &refused).await;
     assert!(up.seen().is_empty(), "a request without a valid Host was forwarded");
     let served: [(&[u8], &str); 4] = [
         (b"GET /echo HTTP/1.0\r\n\r\n", ""),
@@ -281,14 +280,7 @@ async fn targets_in_the_wrong_form_or_with_userinfo_are_refused() {
         b"POST www.example.com:443 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         b"GET * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     ];
-    for bytes in refused {
-        let name = String::from_utf8_lossy(bytes);
-        let resp = answer_then_close(proxy.listen, bytes)
-            .await
-            .unwrap_or_else(|| panic!("{name:?}: the connection stayed open"));
-        assert_eq!(status_of(&resp), 400, "{name:?}: {resp}");
-        assert_eq!(error_code(&resp).as_deref(), Some("bad_request"), "{name:?}: {resp}");
-    }
+    refused_with_400(proxy.listen, &refused).await;
     let connect = raw(
         proxy.listen,
         b"CONNECT www.example.com:443 HTTP/1.1\r\nHost: www.example.com:443\r\nConnection: close\r\n\r\n",
