@@ -9,26 +9,32 @@ use std::process::{Command, Stdio};
 
 use support::chat;
 
-/// Kills the demo however the test ends.
-struct Demo(std::process::Child);
+/// Kills the demo however the test ends; on a failure, prints its log (the access log says
+/// how each request ended).
+struct Demo(std::process::Child, tempfile::NamedTempFile);
 
 impl Drop for Demo {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.1.path()).unwrap_or_default();
+            eprintln!("--- the demo's log ---\n{log}");
+        }
     }
 }
 
 #[tokio::test]
 async fn demo_routes_the_tour_and_streams_tokens_with_usage() {
+    let log = tempfile::NamedTempFile::new().expect("a temp file for the demo's log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().expect("the log file reopens"))
         .spawn()
         .expect("demo starts");
     let stdout = child.stdout.take().expect("stdout is piped");
-    let demo = Demo(child);
+    let demo = Demo(child, log);
     let proxy: SocketAddr = tokio::task::spawn_blocking(move || {
         BufReader::new(stdout).lines().map_while(Result::ok).find_map(|line| {
             let (_, rest) = line.split_once("the proxy on http://")?;
