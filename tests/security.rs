@@ -764,3 +764,31 @@ async fn a_body_that_breaks_in_its_first_read_relays_what_came_then_cuts() {
     assert!(got.contains("hello"), "the chunk read before the failure: {got}");
     assert!(!got.ends_with("0\r\n\r\n"), "a cut body must not end cleanly: {got}");
 }
+
+/// Answers Meridian cannot relay faithfully fail the attempt, as NGINX answers them 502: a
+/// status outside 100–599, and a transfer coding other than `chunked` last (relayed without
+/// `Transfer-Encoding`, a client would take the coded bytes for the content).
+#[tokio::test]
+async fn answers_with_an_unknown_coding_or_status_fail_the_attempt() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n\x1f\x8b\x08"[..],
+        &b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok"[..],
+    ] {
+        let (url, seen) = raw_upstream(move |mut s, _| async move {
+            let _ = s.write_all(answer).await;
+            let _ = s.flush().await;
+        })
+        .await;
+        let proxy = Meridian::start(&one_region("", &url));
+        // Not replayable (docs/routing.md, Retries): the failed attempt's own answer, `502`.
+        let r = raw(
+            proxy.listen,
+            b"POST /v1/files HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        .await;
+        let name = String::from_utf8_lossy(answer);
+        assert_eq!(r.status(), 502, "{name:?}: {}", r.head);
+        assert_eq!(code(&r.json()).as_deref(), Some("upstream_unreachable"), "{name:?}");
+        assert!(seen.load(Ordering::SeqCst) >= 1, "the endpoint was never asked");
+    }
+}

@@ -61,6 +61,10 @@ pub enum FramingError {
     /// `101` to a request that asked for no upgrade.
     #[error("unexpected 101 Switching Protocols")]
     UnexpectedSwitch,
+    /// A transfer coding other than `chunked` last: its bytes cannot be relayed re-framed
+    /// without the coding, and the client would take them as the content (NGINX answers 502).
+    #[error("unsupported transfer coding")]
+    TransferCoding,
     /// Content-Length values that disagree or do not parse.
     #[error("invalid content-length")]
     ContentLength,
@@ -150,8 +154,10 @@ pub(crate) fn framing<F: FieldValues + ?Sized>(
     }
     if present.transfer_encoding {
         if !chunked_last(headers) {
-            // Another coding last: only the close delimits it (RFC 9112 §6.3, rule 4).
-            return Ok((BodyState::Close, false));
+            // Another coding last (RFC 9112 §6.3, rule 4: delimited by the close): relayed
+            // with `Transfer-Encoding` gone, as a hop-by-hop field must be, the client would
+            // read gzip or the like as the content. Refused as an invalid answer.
+            return Err(FramingError::TransferCoding);
         }
         // Content-Length beside Transfer-Encoding is ignored, and the connection is not
         // trusted with another request (rule 3).
@@ -716,7 +722,11 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
             Err(_) => return Err(FramingError::Head),
         };
         let code = parsed.code.ok_or(FramingError::Head)?;
-        let status = StatusCode::from_u16(code).map_err(|_| FramingError::Head)?;
+        // RFC 9110 §15: status codes are 100–599; `http` takes up to 999.
+        let status = StatusCode::from_u16(code)
+            .ok()
+            .filter(|s| s.as_u16() <= 599)
+            .ok_or(FramingError::Head)?;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(FramingError::UnexpectedSwitch);
         }
@@ -1459,7 +1469,7 @@ mod tests {
                 ok,
                 h11,
                 &[("transfer-encoding", "chunked, gzip")],
-                Ok((Close, false)),
+                Err(FramingError::TransferCoding),
             ),
             // Both: Transfer-Encoding wins and the connection is not reused.
             (
@@ -1681,6 +1691,10 @@ mod tests {
         assert!(matches!(parse_head(&mut partial, &get), Ok(None)));
         let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
         assert_eq!(parse_head(&mut garbage, &get).err(), Some(FramingError::Head));
+        for code in ["600", "999"] {
+            let mut beyond = BytesMut::from(format!("HTTP/1.1 {code} Odd\r\ncontent-length: 0\r\n\r\n").as_bytes());
+            assert_eq!(parse_head(&mut beyond, &get).err(), Some(FramingError::Head), "{code}");
+        }
         let mut switch = BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..]);
         assert_eq!(
             parse_head(&mut switch, &get).err(),
