@@ -27,7 +27,7 @@ pub(crate) type Connector = HttpsConnector<CappedConnector<HttpConnector>>;
 /// The HTTP/2 connections of every endpoint one config speaks HTTP/2 to.
 pub(crate) struct Http2Pool {
     connector: Connector,
-    /// An endpoint's connection unused this long is let go (`upstream.idle_timeout`).
+    /// An endpoint's connection unused this long is let go (`server.idle_timeout`).
     idle_timeout: Duration,
     endpoints: Mutex<HashMap<(Scheme, Authority), Arc<Endpoint>>>,
 }
