@@ -710,27 +710,49 @@ async fn admin_listener_is_bounded() {
 /// retried, then `503` with no endpoint left).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endpoint_head_above_64_kib_in_one_write_fails_the_attempt() {
-    let (url, seen) = raw_upstream(|mut s, _| async move {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
-            "v".repeat(100_000)
-        );
-        let _ = s.write_all(head.as_bytes()).await;
-        let _ = s.flush().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+        "v".repeat(100_000)
+    );
+    let r = answer_to_a_post_when_the_endpoint_sends(head.into_bytes()).await;
+    assert!(!r.head.contains("x-big"), "the oversized head was relayed");
+}
+
+/// Sends a non-replayable POST through a proxy whose one endpoint answers `answer` and
+/// closes; asserts the attempt failed (docs/routing.md, Retries: the failed attempt's own
+/// answer, `502 upstream_unreachable`) and returns Meridian's answer.
+async fn answer_to_a_post_when_the_endpoint_sends(answer: Vec<u8>) -> Raw {
+    let answer = Arc::new(answer);
+    let name = String::from_utf8_lossy(&answer[..answer.len().min(60)]).to_string();
+    let (url, seen) = raw_upstream(move |mut s, _| {
+        let answer = answer.clone();
+        async move {
+            let _ = s.write_all(&answer).await;
+            let _ = s.flush().await;
+        }
     })
     .await;
     let proxy = Meridian::start(&one_region("", &url));
-    // Not replayable (docs/routing.md, Retries): the failed attempt's own answer, `502`.
     let r = raw(
         proxy.listen,
         b"POST /v1/files HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
     )
     .await;
-    assert_eq!(r.status(), 502, "{} {}", r.head, String::from_utf8_lossy(&r.body));
-    assert_eq!(code(&r.json()).as_deref(), Some("upstream_unreachable"), "{}", r.head);
-    assert!(!r.head.contains("x-big"), "the oversized head was relayed");
+    assert_eq!(
+        r.status(),
+        502,
+        "{name:?}: {} {}",
+        r.head,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        code(&r.json()).as_deref(),
+        Some("upstream_unreachable"),
+        "{name:?}: {}",
+        r.head
+    );
     assert!(seen.load(Ordering::SeqCst) >= 1, "the endpoint was never asked");
+    r
 }
 
 /// A chunked answer whose framing breaks in the same read as its first chunk: the head and
@@ -774,21 +796,6 @@ async fn answers_with_an_unknown_coding_or_status_fail_the_attempt() {
         &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n\x1f\x8b\x08"[..],
         &b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok"[..],
     ] {
-        let (url, seen) = raw_upstream(move |mut s, _| async move {
-            let _ = s.write_all(answer).await;
-            let _ = s.flush().await;
-        })
-        .await;
-        let proxy = Meridian::start(&one_region("", &url));
-        // Not replayable (docs/routing.md, Retries): the failed attempt's own answer, `502`.
-        let r = raw(
-            proxy.listen,
-            b"POST /v1/files HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-        )
-        .await;
-        let name = String::from_utf8_lossy(answer);
-        assert_eq!(r.status(), 502, "{name:?}: {}", r.head);
-        assert_eq!(code(&r.json()).as_deref(), Some("upstream_unreachable"), "{name:?}");
-        assert!(seen.load(Ordering::SeqCst) >= 1, "the endpoint was never asked");
+        answer_to_a_post_when_the_endpoint_sends(answer.to_vec()).await;
     }
 }
