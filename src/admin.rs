@@ -72,6 +72,19 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
 }
 
 fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminResponse {
+    // HEAD is answered wherever GET is (RFC 9110 §9.3.2), without the body: load balancers
+    // check health with it.
+    if req.method() == Method::HEAD {
+        let (mut parts, body) = req.into_parts();
+        parts.method = Method::GET;
+        let mut resp = handle(shared, peer, Request::from_parts(parts, body));
+        // The length GET's body would have (hyper sends no body for HEAD over HTTP/1.1, but
+        // over HTTP/2 it sends what it is given).
+        let length = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        resp.headers_mut().insert(header::CONTENT_LENGTH, length.into());
+        *resp.body_mut() = Full::new(Bytes::new());
+        return resp;
+    }
     let path = req.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method(), segments.as_slice()) {

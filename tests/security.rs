@@ -799,3 +799,34 @@ async fn answers_with_an_unknown_coding_or_status_fail_the_attempt() {
         answer_to_a_post_when_the_endpoint_sends(answer.to_vec()).await;
     }
 }
+
+/// HEAD is answered wherever GET is on the admin listener (load balancers check health with
+/// it): the same status, GET's length, no body.
+#[tokio::test]
+async fn admin_health_answers_head() {
+    let proxy = Meridian::start(&one_region("", "http://127.0.0.1:9"));
+    for path in ["/healthz", "/metrics"] {
+        let mut s = TcpStream::connect(proxy.admin).await.unwrap();
+        s.write_all(format!("HEAD {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
+            .await
+            .expect("the admin listener closes after the answer")
+            .unwrap();
+        let got = String::from_utf8_lossy(&got);
+        let (head, body) = got.split_once("\r\n\r\n").unwrap_or((&got, ""));
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {got}");
+        assert!(body.is_empty(), "{path}: a HEAD answer with a body: {got}");
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_string)
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        assert!(length.is_some_and(|n| n > 0), "{path}: GET's length: {head}");
+    }
+}
