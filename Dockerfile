@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # Meridian: multi-stage build, distroless runtime, numeric non-root user.
 # Build:  docker build -t meridian .
 # Run:    docker run -p 8080:8080 -p 9901:9901 -e MERIDIAN_ADMIN_TOKEN=secret meridian
@@ -10,24 +11,26 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 
-# Dependency cache: build every dependency against stub sources first. This layer is
-# rebuilt only when Cargo.toml or Cargo.lock change, not on every source edit.
-COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
-    && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/decision.rs \
-    && echo 'fn main() {}' > benches/rewrite.rs \
-    && cargo build --release --locked --bin meridian \
-    && rm -rf src benches target/release/.fingerprint/meridian-* target/release/deps/meridian-* target/release/deps/libmeridian-*
+# The shipped binary is the profile-guided build (scripts/optimized-build.sh; BENCHMARKS.md,
+# twenty-third part): built instrumented, trained on loopback traffic inside this step,
+# rebuilt with the profile, checked with the same traffic. llvm-profdata must come from
+# rustc's own LLVM: rustup's llvm-tools component.
+RUN rustup component add llvm-tools
 
+COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY geoip ./geoip
 COPY benches ./benches
-RUN cargo build --release --locked --bin meridian \
-    && install -D -m 0755 target/release/meridian /out/meridian
+COPY examples ./examples
+COPY scripts ./scripts
+# The cache mounts keep the registry and target/ from one build to the next, so a source
+# edit recompiles Meridian, not its dependencies (the profile-guided build recompiles them
+# whenever the profile changes, which is every build: that is the price of the profile).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    scripts/optimized-build.sh /out/meridian
 
-# Runtime: `ldd target/release/meridian` lists only glibc (libc, libm; symbols up to
+# Runtime: `ldd target/optimized/meridian` lists only glibc (libc, libm; symbols up to
 # GLIBC_2.34, bookworm has 2.36), libgcc_s and the loader; TLS roots are compiled in
 # (webpki-roots) and the GeoIP database is embedded. So
 # distroless/cc (glibc + libgcc, no shell, no package manager) is all it needs; the
