@@ -130,7 +130,9 @@ async fn join_all(mut set: tokio::task::JoinSet<Result<(), BoxError>>) -> Result
 struct Target {
     plain: SocketAddr,
     tls: SocketAddr,
-    tls_client: tokio_rustls::TlsConnector,
+    /// Offering only h2, or only http/1.1: Meridian prefers h2 when both are offered.
+    tls_h2: tokio_rustls::TlsConnector,
+    tls_h1: tokio_rustls::TlsConnector,
 }
 
 impl Target {
@@ -140,11 +142,20 @@ impl Target {
         Ok(stream)
     }
 
-    async fn tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BoxError> {
+    async fn tls(&self, h2: bool) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BoxError> {
         let stream = TcpStream::connect(self.tls).await?;
         stream.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::try_from("localhost")?;
-        Ok(self.tls_client.connect(name, stream).await?)
+        let (connector, alpn) = if h2 {
+            (&self.tls_h2, b"h2".as_slice())
+        } else {
+            (&self.tls_h1, b"http/1.1".as_slice())
+        };
+        let stream = connector.connect(name, stream).await?;
+        if stream.get_ref().1.alpn_protocol() != Some(alpn) {
+            return Err("Meridian did not agree to the one protocol offered".into());
+        }
+        Ok(stream)
     }
 }
 
@@ -171,23 +182,22 @@ async fn traffic(target: Arc<Target>, requests: usize) -> Result<(), BoxError> {
         set.spawn(async move { h2_run(target.tcp().await?, requests / 4, body).await });
     }
     join_all(std::mem::take(&mut set)).await?;
-    // HTTPS: keep-alive HTTP/1.1 and HTTP/2 (the client offers both; ALPN picks h2 on every
-    // other connection), then fresh handshakes with one request each.
+    // HTTPS: keep-alive HTTP/1.1 on most connections, HTTP/2 on every fourth, then fresh
+    // handshakes with one request each.
     for n in 0..CONNECTIONS {
         let (target, body) = (target.clone(), body.clone());
         set.spawn(async move {
-            let stream = target.tls().await?;
-            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                h2_run(stream, per_conn, body).await
+            if n % 4 == 0 {
+                h2_run(target.tls(true).await?, per_conn, body).await
             } else {
-                h1_run(stream, if n % 4 == 0 { Kind::Post } else { Kind::Get }, per_conn, body).await
+                let kind = if n % 4 == 1 { Kind::Post } else { Kind::Get };
+                h1_run(target.tls(false).await?, kind, per_conn, body).await
             }
         });
     }
     join_all(std::mem::take(&mut set)).await?;
     for _ in 0..(requests / 20).max(1) {
-        let stream = target.tls().await?;
-        h1_run(stream, Kind::Get, 1, body.clone()).await?;
+        h1_run(target.tls(false).await?, Kind::Get, 1, body.clone()).await?;
     }
     Ok(())
 }
@@ -287,16 +297,20 @@ fn main() -> Result<(), BoxError> {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = |alpn: &[u8]| -> Result<tokio_rustls::TlsConnector, BoxError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        client.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(client)))
+    };
     let target = Arc::new(Target {
         plain: SocketAddr::from(([127, 0, 0, 1], plain)),
         tls: SocketAddr::from(([127, 0, 0, 1], tls)),
-        tls_client: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        tls_h2: connector(b"h2")?,
+        tls_h1: connector(b"http/1.1")?,
     });
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
