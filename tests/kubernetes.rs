@@ -240,3 +240,103 @@ fn the_base_config_is_the_container_config() {
         "deploy/kubernetes/base/meridian.toml drifted from deploy/container/meridian.toml"
     );
 }
+
+/// Whether `.dockerignore`'s `patterns` leave `path` in the build context: the last pattern
+/// that matches the path or one of its parent directories wins (Docker's rule). Patterns
+/// are the forms the file uses: a path, `dir/`, or a `*` within one segment.
+fn in_context(patterns: &[(bool, String)], path: &str) -> bool {
+    fn glob(pattern: &str, name: &str) -> bool {
+        match pattern.split_once('*') {
+            None => pattern == name,
+            Some((head, tail)) => {
+                name.len() >= head.len() + tail.len() && name.starts_with(head) && name.ends_with(tail)
+            }
+        }
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    let mut included = true;
+    for (keep, pattern) in patterns {
+        let parts: Vec<&str> = pattern.trim_end_matches('/').split('/').collect();
+        let matches = parts.len() <= segments.len() && parts.iter().zip(&segments).all(|(p, s)| glob(p, s));
+        if matches {
+            included = *keep;
+        }
+    }
+    included
+}
+
+#[test]
+fn the_docker_build_context_holds_everything_the_build_reads() {
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    let patterns: Vec<(bool, String)> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| match l.strip_prefix('!') {
+            Some(kept) => (true, kept.to_string()),
+            None => (false, l.to_string()),
+        })
+        .collect();
+    assert!(
+        !in_context(&patterns, "tests/kubernetes.rs"),
+        "the context is an allow-list"
+    );
+    assert!(!in_context(&patterns, "benches/load/compare.sh"));
+
+    // What the build stage copies, every target the manifest declares (cargo refuses a
+    // manifest whose target file is missing), and the profile-guided build's tools.
+    let mut needed: Vec<String> = Vec::new();
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        needed.extend(words[..words.len() - 1].iter().map(|w| w.to_string()));
+    }
+    let manifest: toml::Table = std::fs::read_to_string(root().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    for bench in manifest["bench"].as_array().unwrap() {
+        needed.push(format!("benches/{}.rs", bench["name"].as_str().unwrap()));
+    }
+    let script = std::fs::read_to_string(root().join("scripts/optimized-build.sh")).unwrap();
+    for example in ["fast_upstream", "profile_load"] {
+        assert!(script.contains(&format!("--example {example}")));
+        needed.push(format!("examples/{example}.rs"));
+    }
+    needed.push("scripts/optimized-build.sh".into());
+    for path in &needed {
+        let full = root().join(path);
+        assert!(full.exists(), "{path} does not exist");
+        if full.is_dir() {
+            // A copied directory needs some of its files in the context, not all (benches/
+            // copies its sources, not the load scripts).
+            let files = files_under(&full);
+            assert!(
+                files.iter().any(|f| in_context(&patterns, f)),
+                ".dockerignore leaves all of {path}/ out of the build context"
+            );
+        } else {
+            assert!(
+                in_context(&patterns, path),
+                ".dockerignore leaves {path} out of the build context"
+            );
+        }
+    }
+}
+
+/// The files under `dir`, as paths relative to the repository root.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path.strip_prefix(root()).unwrap().to_string_lossy().into_owned());
+        }
+    }
+    files
+}
