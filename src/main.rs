@@ -95,6 +95,8 @@ const PURGE_DELAY_MS: std::os::raw::c_long = 100;
 /// How often an idle runtime thread forces mimalloc to purge what it freed (`collect_idle`).
 #[cfg(feature = "mimalloc")]
 const IDLE_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long an idle blocking thread waits for more work before it exits (see `serve`).
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[cfg(feature = "mimalloc")]
 fn tune_allocator() {
@@ -262,6 +264,13 @@ fn serve(workers: Option<usize>, fut: impl std::future::Future<Output = Result<(
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
+    // The file watcher's once-a-second read runs on a blocking thread; tokio keeps such a
+    // thread 10 s by default, so one always lived beside a single worker. While a process
+    // has a second thread, the kernel takes a reference on the file for every socket call
+    // (a shared fd table rules out `fdget`'s single-thread shortcut): `fdget` and `fput` went
+    // from 1.7 % to 1.2 % of a one-worker proxy's CPU under load once the thread left right
+    // after its work (BENCHMARKS.md, twenty-fourth part).
+    builder.thread_keep_alive(BLOCKING_KEEP_ALIVE);
     #[cfg(feature = "mimalloc")]
     builder.on_thread_park(collect_idle);
     if let Some(n) = workers.filter(|&n| n > 1) {

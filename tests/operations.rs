@@ -667,6 +667,26 @@ async fn a_changed_file_reloads_without_a_signal_and_listener_moves_wait_for_res
     assert_eq!(value(&s, "meridian_config_reloads_total", &[("result", "error")]), 0.0);
 }
 
+/// With one worker the process runs on one thread between the file watcher's polls: a
+/// second thread (tokio keeps an idle blocking thread 10 s by default) makes the kernel take
+/// a file reference on every socket call. The watcher still sees a change afterwards.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn one_worker_runs_on_one_thread_between_file_polls_and_still_sees_changes() {
+    let w = World::start().await;
+    let proxy = w.proxy(&w.config("eu-west", "worker_threads = 1\n", ""));
+    let tasks = format!("/proc/{}/task", proxy.pid());
+    let threads = || std::fs::read_dir(&tasks).map_or(0, |d| d.count());
+    // The reload proves the watcher's polls ran (each on a blocking thread); after them,
+    // with each poll's thread gone 50 ms later, most looks see one thread.
+    rewrite_config(&proxy, &w.config("us-east", "worker_threads = 1\n", ""));
+    eventually("DE routed by the new table", || async {
+        get_as(proxy.listen, ips::DE, "/v1/models").await.region() == Some("us-east")
+    })
+    .await;
+    eventually("one thread between polls", || async { threads() == 1 }).await;
+}
+
 // ---- shutdown ----
 
 #[tokio::test]
