@@ -58,5 +58,6 @@ mod reload;
 pub mod retry;
 pub mod route;
 pub mod runtime;
+mod socket;
 #[cfg(test)]
 mod test_fixtures;

@@ -24,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::socket::Socket;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{EndpointBody, RequestBody};
@@ -114,8 +116,8 @@ pub(crate) struct Conn {
 
 /// The socket under a connection: TCP, or TLS over TCP.
 pub(crate) enum EndpointIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Plain(Socket),
+    Tls(Box<tokio_rustls::client::TlsStream<Socket>>),
 }
 
 /// An endpoint's idle stack, resolved once per config (see [`Http1Pool::endpoint_of`]).
@@ -336,7 +338,7 @@ impl Http1Pool {
 }
 
 /// Connects to the endpoint's addresses in turn, as resolved (an IP needs no lookup).
-async fn tcp_connect(key: &PoolKey) -> io::Result<TcpStream> {
+async fn tcp_connect(key: &PoolKey) -> io::Result<Socket> {
     let mut last = None;
     for addr in tokio::net::lookup_host((key.host(), key.port())).await? {
         match connect_one(addr).await {
@@ -347,13 +349,14 @@ async fn tcp_connect(key: &PoolKey) -> io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the endpoint's host resolved to no address")))
 }
 
-async fn connect_one(addr: SocketAddr) -> io::Result<TcpStream> {
+async fn connect_one(addr: SocketAddr) -> io::Result<Socket> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     // A dead peer behind an idle pooled connection is found within minutes, not hours.
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
     socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
-    Ok(stream)
+    // Connected by tokio, then read and written by Meridian's own calls (`socket`).
+    Socket::new(stream)
 }
 
 /// Hands `conn` to hyper's client for one exchange that Meridian's own code does not make (a
