@@ -58,6 +58,5 @@ mod reload;
 pub mod retry;
 pub mod route;
 pub mod runtime;
-mod socket;
 #[cfg(test)]
 mod test_fixtures;

@@ -24,8 +24,6 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-
-use crate::socket::Socket;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{EndpointBody, RequestBody};
@@ -116,8 +114,8 @@ pub(crate) struct Conn {
 
 /// The socket under a connection: TCP, or TLS over TCP.
 pub(crate) enum EndpointIo {
-    Plain(Socket),
-    Tls(Box<tokio_rustls::client::TlsStream<Socket>>),
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// An endpoint's idle stack, resolved once per config (see [`Http1Pool::endpoint_of`]).
@@ -338,7 +336,7 @@ impl Http1Pool {
 }
 
 /// Connects to the endpoint's addresses in turn, as resolved (an IP needs no lookup).
-async fn tcp_connect(key: &PoolKey) -> io::Result<Socket> {
+async fn tcp_connect(key: &PoolKey) -> io::Result<TcpStream> {
     let mut last = None;
     for addr in tokio::net::lookup_host((key.host(), key.port())).await? {
         match connect_one(addr).await {
@@ -349,14 +347,13 @@ async fn tcp_connect(key: &PoolKey) -> io::Result<Socket> {
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the endpoint's host resolved to no address")))
 }
 
-async fn connect_one(addr: SocketAddr) -> io::Result<Socket> {
+async fn connect_one(addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     // A dead peer behind an idle pooled connection is found within minutes, not hours.
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
     socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
-    // Connected by tokio, then read and written by Meridian's own calls (`socket`).
-    Socket::new(stream)
+    Ok(stream)
 }
 
 /// Hands `conn` to hyper's client for one exchange that Meridian's own code does not make (a

@@ -39,9 +39,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::TcpListener;
-
-use crate::socket::{Listener, Socket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
@@ -262,13 +260,6 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let listener = match Listener::new(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "listener not registered with the runtime; not serving");
-            return;
-        }
-    };
     let builder = Arc::new(builder(&limits));
     let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -292,7 +283,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        let _ = stream.get_ref().set_nodelay(true);
+        let _ = stream.set_nodelay(true);
         let gauge = proxy.shared.metrics.open_connections.clone();
         let conn = Connection {
             proxy: proxy.clone(),
@@ -336,7 +327,12 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, stream: Socket, tcp_peer: SocketAddr, tls: Option<TlsAcceptor>) -> Result<(), HandshakeError> {
+    async fn run(
+        self,
+        stream: TcpStream,
+        tcp_peer: SocketAddr,
+        tls: Option<TlsAcceptor>,
+    ) -> Result<(), HandshakeError> {
         // Both preludes share the header read timeout: a client that dawdles before its
         // first request is cut off just like one that dawdles inside it.
         // Each stage is boxed: the connection's task then holds only the stage it is in,

@@ -778,7 +778,7 @@ mod tests {
     #[test]
     fn a_connection_future_stays_small() {
         type Args = (
-            super::super::idle::IdleIo<crate::socket::Socket>,
+            super::super::idle::IdleIo<tokio::net::TcpStream>,
             &'static [u8],
             Proxy,
             ConnInfo,
