@@ -242,7 +242,7 @@ fn main() -> ExitCode {
             };
             init_logging(loaded.log.format);
             serve(loaded.server.worker_threads, async move {
-                meridian::app::run(&config).await.map_err(|e| e.to_string())
+                meridian::app::run(&config).await.map_err(|e| start_failure(&config, e))
             })
         }
         Command::Demo { listen, admin, geoip } => {
@@ -330,6 +330,20 @@ fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
         Ok(geo) => Ok((config, geo)),
         Err(e) => Err(fail(&source.error(geoip_problems(&config, &e)))),
     }
+}
+
+/// Why `run` did not start. A GeoIP database that does not load is told as `check` tells
+/// it, with the config file's line and key (the file was read and validated just before).
+fn start_failure(path: &std::path::Path, e: meridian::app::StartError) -> String {
+    use meridian::app::StartError;
+    use meridian::runtime::SnapshotError;
+    if let StartError::Snapshot(SnapshotError::Geo(geo)) = &e
+        && let Ok(source) = Source::read(path)
+        && let Ok(config) = source.config()
+    {
+        return source.error(geoip_problems(&config, geo)).to_string();
+    }
+    e.to_string()
 }
 
 /// The config file, read and validated.

@@ -116,6 +116,24 @@ fn check_rejects_each_invalid_config_naming_key_and_line() {
     assert!(err.contains("cannot read"), "{err}");
 }
 
+/// `run` refuses to start on a database that does not load, and says where, as `check` does.
+#[test]
+fn run_names_the_line_and_key_of_a_geoip_database_that_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "corrupt.mmdb", "definitely not a database");
+    let path = write(
+        &dir,
+        "c.toml",
+        &GOOD.replace("[geoip]", "[geoip]\ndatabase = \"corrupt.mmdb\""),
+    );
+    let (code, _, err) = meridian(&["run", "-c", &path]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("{path}:2: geoip.database: GeoIP database")) && err.contains("not a valid MaxMind DB"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_rejects_a_corrupt_geoip_database() {
     let dir = tempfile::tempdir().unwrap();
