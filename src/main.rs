@@ -332,18 +332,24 @@ fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
     }
 }
 
-/// Why `run` did not start. A GeoIP database that does not load is told as `check` tells
-/// it, with the config file's line and key (the file was read and validated just before).
+/// Why `run` did not start. A GeoIP database or a certificate that does not load is told as
+/// `check` tells it, with the config file's line and key (the file was read and validated
+/// just before, so reading it again only finds the lines).
 fn start_failure(path: &std::path::Path, e: meridian::app::StartError) -> String {
     use meridian::app::StartError;
     use meridian::runtime::SnapshotError;
-    if let StartError::Snapshot(SnapshotError::Geo(geo)) = &e
-        && let Ok(source) = Source::read(path)
-        && let Ok(config) = source.config()
-    {
-        return source.error(geoip_problems(&config, geo)).to_string();
-    }
-    e.to_string()
+    let located = |problems: &dyn Fn(&Config) -> Vec<Problem>| {
+        let source = Source::read(path).ok()?;
+        let config = source.config().ok()?;
+        let problems = problems(&config);
+        (!problems.is_empty()).then(|| source.error(problems).to_string())
+    };
+    let told = match &e {
+        StartError::Snapshot(SnapshotError::Geo(geo)) => located(&|config| geoip_problems(config, geo)),
+        StartError::Tls(_) => located(&|config| config.server.tls.as_ref().map(tls_problems).unwrap_or_default()),
+        _ => None,
+    };
+    told.unwrap_or_else(|| e.to_string())
 }
 
 /// The config file, read and validated.

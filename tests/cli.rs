@@ -116,9 +116,10 @@ fn check_rejects_each_invalid_config_naming_key_and_line() {
     assert!(err.contains("cannot read"), "{err}");
 }
 
-/// `run` refuses to start on a database that does not load, and says where, as `check` does.
+/// `run` refuses to start on a GeoIP database or a certificate that does not load, and says
+/// where, as `check` does.
 #[test]
-fn run_names_the_line_and_key_of_a_geoip_database_that_does_not_load() {
+fn run_names_the_line_and_key_of_a_file_that_does_not_load() {
     let dir = tempfile::tempdir().unwrap();
     write(&dir, "corrupt.mmdb", "definitely not a database");
     let path = write(
@@ -130,6 +131,14 @@ fn run_names_the_line_and_key_of_a_geoip_database_that_does_not_load() {
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(&format!("{path}:2: geoip.database: GeoIP database")) && err.contains("not a valid MaxMind DB"),
+        "{err}"
+    );
+    let tls = "[server]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"none.pem\"\ntls_key = \"none.key\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n";
+    let path = write(&dir, "tls.toml", &format!("{tls}{GOOD}"));
+    let (code, _, err) = meridian(&["run", "-c", &path]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("{path}:4: server.tls_cert: cannot read")),
         "{err}"
     );
 }
