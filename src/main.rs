@@ -328,7 +328,7 @@ fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
     let (source, config) = read(path)?;
     match GeoDb::load(config.geoip.chain(), None) {
         Ok(geo) => Ok((config, geo)),
-        Err(e) => Err(fail(&source.error(geoip_problems(&config, &e)))),
+        Err(e) => Err(fail(&source.error(meridian::explain::geoip_problems(&config, &e)))),
     }
 }
 
@@ -345,8 +345,17 @@ fn start_failure(path: &std::path::Path, e: meridian::app::StartError) -> String
         (!problems.is_empty()).then(|| source.error(problems).to_string())
     };
     let told = match &e {
-        StartError::Snapshot(SnapshotError::Geo(geo)) => located(&|config| geoip_problems(config, geo)),
-        StartError::Tls(_) => located(&|config| config.server.tls.as_ref().map(tls_problems).unwrap_or_default()),
+        StartError::Snapshot(SnapshotError::Geo(geo)) => {
+            located(&|config| meridian::explain::geoip_problems(config, geo))
+        }
+        StartError::Tls(_) => located(&|config| {
+            config
+                .server
+                .tls
+                .as_ref()
+                .map(meridian::explain::tls_problems)
+                .unwrap_or_default()
+        }),
         _ => None,
     };
     told.unwrap_or_else(|| e.to_string())
@@ -364,51 +373,6 @@ fn fail(e: &meridian::config::ConfigError) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Every database of the chain that does not open, with its key path. Loading stops at the
-/// first; each file is tried alone only once the chain has failed.
-fn geoip_problems(config: &Config, chain_error: &meridian::geo::GeoError) -> Vec<Problem> {
-    let chain = config.geoip.chain();
-    let key = |i: usize| match chain.databases.len() {
-        1 => "geoip.database".to_string(),
-        _ => format!("geoip.database[{i}]"),
-    };
-    let mut out: Vec<Problem> = chain
-        .databases
-        .iter()
-        .enumerate()
-        .filter_map(|(i, db)| {
-            let alone = meridian::geo::Chain {
-                databases: std::slice::from_ref(db),
-                embedded_fallback: false,
-                ..chain
-            };
-            GeoDb::load(alone, None)
-                .err()
-                .map(|e| Problem::new(key(i), e.to_string()))
-        })
-        .collect();
-    if out.is_empty() {
-        out.push(Problem::new("geoip.database", chain_error.to_string()));
-    }
-    out
-}
-
-/// Every certificate pair that does not load, with its key path.
-fn tls_problems(tls: &meridian::config::TlsConfig) -> Vec<Problem> {
-    let Err(e) = meridian::listen::tls::TlsReloader::new(tls) else {
-        return Vec::new();
-    };
-    let each: Vec<Problem> = meridian::listen::tls::problems(tls)
-        .into_iter()
-        .map(|(key, e)| Problem::new(key, e.to_string()))
-        .collect();
-    if each.is_empty() {
-        // Not a file: the TLS setup itself.
-        return vec![Problem::new("server.tls_listen", e.to_string())];
-    }
-    each
-}
-
 fn check(path: &std::path::Path) -> ExitCode {
     let source = match Source::read(path) {
         Ok(s) => s,
@@ -423,12 +387,12 @@ fn check(path: &std::path::Path) -> ExitCode {
     let geo = match GeoDb::load(config.geoip.chain(), None) {
         Ok(geo) => Some(geo),
         Err(e) => {
-            problems.extend(geoip_problems(&config, &e));
+            problems.extend(meridian::explain::geoip_problems(&config, &e));
             None
         }
     };
     if let Some(tls) = &config.server.tls {
-        problems.extend(tls_problems(tls));
+        problems.extend(meridian::explain::tls_problems(tls));
     }
     let geo = match geo {
         Some(geo) if problems.is_empty() => geo,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Problem, Source};
 use crate::runtime::{Shared, Snapshot, SnapshotError};
 
 /// How often watched files are checked.
@@ -214,13 +214,33 @@ impl Reloader {
         // Reading, validating and (for a new GeoIP file) loading a database is blocking
         // work: keep it off the request workers.
         let reloaded = tokio::task::spawn_blocking(move || {
-            let config = Config::load(&path)?;
+            let source = Source::read(&path)?;
+            let config = source.config()?;
+            // A file the config names that does not load is told as `meridian check` tells
+            // it: the line and key that name it, then why.
+            let located =
+                |problems: Vec<Problem>| (!problems.is_empty()).then(|| ReloadError::Config(source.error(problems)));
             for hook in &hooks {
-                hook.vet(&config).map_err(ReloadError::Hook)?;
+                if let Err(e) = hook.vet(&config) {
+                    let tls = config.server.tls.as_ref().map(crate::explain::tls_problems);
+                    return Err(located(tls.unwrap_or_default()).unwrap_or(ReloadError::Hook(e)));
+                }
             }
             let restart_needed = restart_needed(&boot, &config);
             let previous = shared.snapshot();
-            let runtime = shared.build(config, Some(&previous))?;
+            let geo_problems = |e: &crate::geo::GeoError| {
+                // The config went into the failed build; the text is read again for the lines.
+                source
+                    .config()
+                    .map_or_else(|_| Vec::new(), |c| crate::explain::geoip_problems(&c, e))
+            };
+            let runtime = match shared.build(config, Some(&previous)) {
+                Ok(runtime) => runtime,
+                Err(SnapshotError::Geo(e)) => {
+                    return Err(located(geo_problems(&e)).unwrap_or(SnapshotError::Geo(e).into()));
+                }
+                Err(e) => return Err(e.into()),
+            };
             shared.install(runtime);
             Ok::<_, ReloadError>(Reloaded { restart_needed })
         })

@@ -588,13 +588,16 @@ async fn the_proxy_splits_the_us_and_reloads_each_database_file_in_place() {
     let metrics = call("GET", proxy.admin, "/metrics", &[], Bytes::new()).await.text();
     assert_eq!(build_time_gauge(&metrics, &v4_label), Some(BUILT + 7 * 86_400));
 
-    // A corrupt refresh is rejected and the database in force stays.
+    // A corrupt refresh is rejected, named by the config's line and key as `check` names it,
+    // and the database in force stays.
     replace(&v4, b"truncated download");
     eventually("the corrupt database is rejected", || async {
-        proxy
-            .logs()
-            .iter()
-            .any(|l| l.contains("config reload rejected") && l.contains("city-ipv4.mmdb"))
+        proxy.logs().iter().any(|l| {
+            l.contains("config reload rejected")
+                && l.contains("city-ipv4.mmdb")
+                && l.contains(".toml:")
+                && l.contains("geoip.database[0]: ")
+        })
     })
     .await;
     assert_eq!(
