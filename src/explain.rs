@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::config::{Config, Problem, UnknownPolicy};
+use crate::config::{Config, UnknownPolicy};
 use crate::geo::{GeoDb, GeoPoint, Locate, Located};
 use crate::route::{self, Decision, Refusal, RegionState, RequestFacts, RoutePlan, RouteTable};
 
@@ -711,50 +711,4 @@ fn order_text(table: &RouteTable, candidates: &[route::Candidate], fallback: boo
     }
     names.push("503");
     names.join(" > ")
-}
-
-/// Every database of the chain that does not open, with its key path, for `check`, `run`
-/// and a rejected reload. Loading stops at the first; each file is tried alone only once
-/// the chain has failed.
-pub fn geoip_problems(config: &Config, chain_error: &crate::geo::GeoError) -> Vec<Problem> {
-    let chain = config.geoip.chain();
-    let key = |i: usize| match chain.databases.len() {
-        1 => "geoip.database".to_string(),
-        _ => format!("geoip.database[{i}]"),
-    };
-    let mut out: Vec<Problem> = chain
-        .databases
-        .iter()
-        .enumerate()
-        .filter_map(|(i, db)| {
-            let alone = crate::geo::Chain {
-                databases: std::slice::from_ref(db),
-                embedded_fallback: false,
-                ..chain
-            };
-            GeoDb::load(alone, None)
-                .err()
-                .map(|e| Problem::new(key(i), e.to_string()))
-        })
-        .collect();
-    if out.is_empty() {
-        out.push(Problem::new("geoip.database", chain_error.to_string()));
-    }
-    out
-}
-
-/// Every certificate pair that does not load, with its key path (none when all load).
-pub fn tls_problems(tls: &crate::config::TlsConfig) -> Vec<Problem> {
-    let Err(e) = crate::listen::tls::TlsReloader::new(tls) else {
-        return Vec::new();
-    };
-    let each: Vec<Problem> = crate::listen::tls::problems(tls)
-        .into_iter()
-        .map(|(key, e)| Problem::new(key, e.to_string()))
-        .collect();
-    if each.is_empty() {
-        // Not a file: the TLS setup itself.
-        return vec![Problem::new("server.tls_listen", e.to_string())];
-    }
-    each
 }

@@ -328,7 +328,7 @@ fn load(path: &std::path::Path) -> Result<(Config, GeoDb), ExitCode> {
     let (source, config) = read(path)?;
     match GeoDb::load(config.geoip.chain(), None) {
         Ok(geo) => Ok((config, geo)),
-        Err(e) => Err(fail(&source.error(meridian::explain::geoip_problems(&config, &e)))),
+        Err(e) => Err(fail(&source.error(meridian::config::geoip_problems(&config, &e)))),
     }
 }
 
@@ -346,14 +346,14 @@ fn start_failure(path: &std::path::Path, e: meridian::app::StartError) -> String
     };
     let told = match &e {
         StartError::Snapshot(SnapshotError::Geo(geo)) => {
-            located(&|config| meridian::explain::geoip_problems(config, geo))
+            located(&|config| meridian::config::geoip_problems(config, geo))
         }
-        StartError::Tls(_) => located(&|config| {
+        StartError::Tls(tls_error) => located(&|config| {
             config
                 .server
                 .tls
                 .as_ref()
-                .map(meridian::explain::tls_problems)
+                .map(|tls| meridian::listen::tls::config_problems(tls, tls_error))
                 .unwrap_or_default()
         }),
         _ => None,
@@ -373,6 +373,14 @@ fn fail(e: &meridian::config::ConfigError) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Why the certificates do not load, by key; none when they load.
+fn tls_problems(tls: &meridian::config::TlsConfig) -> Vec<Problem> {
+    match meridian::listen::tls::TlsReloader::new(tls) {
+        Ok(_) => Vec::new(),
+        Err(e) => meridian::listen::tls::config_problems(tls, &e),
+    }
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
     let source = match Source::read(path) {
         Ok(s) => s,
@@ -387,12 +395,12 @@ fn check(path: &std::path::Path) -> ExitCode {
     let geo = match GeoDb::load(config.geoip.chain(), None) {
         Ok(geo) => Some(geo),
         Err(e) => {
-            problems.extend(meridian::explain::geoip_problems(&config, &e));
+            problems.extend(meridian::config::geoip_problems(&config, &e));
             None
         }
     };
     if let Some(tls) = &config.server.tls {
-        problems.extend(meridian::explain::tls_problems(tls));
+        problems.extend(tls_problems(tls));
     }
     let geo = match geo {
         Some(geo) if problems.is_empty() => geo,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigError, Problem, Source};
+use crate::config::{Config, ConfigError, Problem, Source, geoip_problems};
 use crate::runtime::{Shared, Snapshot, SnapshotError};
 
 /// How often watched files are checked.
@@ -58,8 +58,9 @@ pub(crate) trait ReloadHook: Send + Sync {
 
     /// Vets what a new config names before it is put in force (its certificates load): an
     /// error rejects the whole reload, so the config in force is always one a restart
-    /// would accept, never new routes beside the old certificates.
-    fn vet(&self, _config: &Config) -> Result<(), String> {
+    /// would accept, never new routes beside the old certificates. Each problem names the
+    /// key at fault; the reload's error adds its line.
+    fn vet(&self, _config: &Config) -> Result<(), Vec<Problem>> {
         Ok(())
     }
 
@@ -76,9 +77,6 @@ pub(crate) enum ReloadError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Snapshot(#[from] SnapshotError),
-    /// A hook's files for the new config are unusable (see [`ReloadHook::vet`]).
-    #[error("{0}")]
-    Hook(String),
     #[error("the reload task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -218,27 +216,18 @@ impl Reloader {
             let config = source.config()?;
             // A file the config names that does not load is told as `meridian check` tells
             // it: the line and key that name it, then why.
-            let located =
-                |problems: Vec<Problem>| (!problems.is_empty()).then(|| ReloadError::Config(source.error(problems)));
             for hook in &hooks {
-                if let Err(e) = hook.vet(&config) {
-                    let tls = config.server.tls.as_ref().map(crate::explain::tls_problems);
-                    return Err(located(tls.unwrap_or_default()).unwrap_or(ReloadError::Hook(e)));
-                }
+                hook.vet(&config).map_err(|problems| source.error(problems))?;
             }
             let restart_needed = restart_needed(&boot, &config);
             let previous = shared.snapshot();
-            let geo_problems = |e: &crate::geo::GeoError| {
-                // The config went into the failed build; the text is read again for the lines.
-                source
-                    .config()
-                    .map_or_else(|_| Vec::new(), |c| crate::explain::geoip_problems(&c, e))
-            };
             let runtime = match shared.build(config, Some(&previous)) {
                 Ok(runtime) => runtime,
-                Err(SnapshotError::Geo(e)) => {
-                    return Err(located(geo_problems(&e)).unwrap_or(SnapshotError::Geo(e).into()));
-                }
+                // The config went into the failed build: read again to find the file's line.
+                Err(SnapshotError::Geo(e)) => match source.config() {
+                    Ok(config) => return Err(source.error(geoip_problems(&config, &e)).into()),
+                    Err(_) => return Err(SnapshotError::Geo(e).into()),
+                },
                 Err(e) => return Err(e.into()),
             };
             shared.install(runtime);

@@ -116,48 +116,35 @@ fn check_rejects_each_invalid_config_naming_key_and_line() {
     assert!(err.contains("cannot read"), "{err}");
 }
 
-/// `run` refuses to start on a GeoIP database or a certificate that does not load, and says
-/// where, as `check` does.
+/// `check` and `run` refuse a GeoIP database or a certificate that does not load, and both
+/// say where: the config file's line and key, then why.
 #[test]
-fn run_names_the_line_and_key_of_a_file_that_does_not_load() {
+fn check_and_run_name_the_line_and_key_of_a_file_that_does_not_load() {
     let dir = tempfile::tempdir().unwrap();
     write(&dir, "corrupt.mmdb", "definitely not a database");
-    let path = write(
+    let geo = write(
         &dir,
         "c.toml",
         &GOOD.replace("[geoip]", "[geoip]\ndatabase = \"corrupt.mmdb\""),
     );
-    let (code, _, err) = meridian(&["run", "-c", &path]);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains(&format!("{path}:2: geoip.database: GeoIP database")) && err.contains("not a valid MaxMind DB"),
-        "{err}"
-    );
-    let tls = "[server]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"none.pem\"\ntls_key = \"none.key\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n";
-    let path = write(&dir, "tls.toml", &format!("{tls}{GOOD}"));
-    let (code, _, err) = meridian(&["run", "-c", &path]);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains(&format!("{path}:4: server.tls_cert: cannot read")),
-        "{err}"
-    );
-}
-
-#[test]
-fn check_rejects_a_corrupt_geoip_database() {
-    let dir = tempfile::tempdir().unwrap();
-    write(&dir, "corrupt.mmdb", "definitely not a database");
-    let path = write(
-        &dir,
-        "c.toml",
-        &GOOD.replace("[geoip]", "[geoip]\ndatabase = \"corrupt.mmdb\""),
-    );
-    let (code, _, err) = meridian(&["check", "-c", &path]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("corrupt.mmdb") && err.contains("not a valid MaxMind DB"),
-        "{err}"
-    );
+    let server = "[server]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"none.pem\"\ntls_key = \"none.key\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n";
+    let tls = write(&dir, "tls.toml", &format!("{server}{GOOD}"));
+    for command in ["check", "run"] {
+        let (code, _, err) = meridian(&[command, "-c", &geo]);
+        assert_eq!(code, 1, "{command}: {err}");
+        assert!(
+            err.contains(&format!("{geo}:2: geoip.database: GeoIP database"))
+                && err.contains("corrupt.mmdb")
+                && err.contains("not a valid MaxMind DB"),
+            "{command}: {err}"
+        );
+        let (code, _, err) = meridian(&[command, "-c", &tls]);
+        assert_eq!(code, 1, "{command}: {err}");
+        assert!(
+            err.contains(&format!("{tls}:4: server.tls_cert: cannot read")),
+            "{command}: {err}"
+        );
+    }
 }
 
 /// With `geoip.unknown = "refuse"` unlocated clients are refused before any region, and the

@@ -20,7 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsConfig;
+use crate::config::{Problem, TlsConfig};
 use crate::reload::{ReloadHook, Trigger};
 use crate::runtime::Snapshot;
 
@@ -232,11 +232,12 @@ impl ReloadHook for TlsReloader {
             .unwrap_or_default()
     }
 
-    fn vet(&self, config: &crate::config::Config) -> Result<(), String> {
+    fn vet(&self, config: &crate::config::Config) -> Result<(), Vec<Problem>> {
         match &config.server.tls {
-            Some(tls) => load(tls, &self.provider)
-                .map(drop)
-                .map_err(|e| format!("TLS certificates: {e}")),
+            Some(tls) => match load(tls, &self.provider) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(config_problems(tls, &e)),
+            },
             None => Ok(()),
         }
     }
@@ -298,6 +299,20 @@ fn load(config: &TlsConfig, provider: &rustls::crypto::CryptoProvider) -> Result
         by_name,
         expiries,
     })
+}
+
+/// Why `tls` does not load (`error`, loading's first failure), for `check`, `run` and a
+/// rejected reload: each pair that does not load with the key path of the file at fault, or
+/// the TLS setup itself under `server.tls_listen` when every file loads alone.
+pub fn config_problems(tls: &TlsConfig, error: &TlsError) -> Vec<Problem> {
+    let each: Vec<Problem> = problems(tls)
+        .into_iter()
+        .map(|(key, e)| Problem::new(key, e.to_string()))
+        .collect();
+    if each.is_empty() {
+        return vec![Problem::new("server.tls_listen", error.to_string())];
+    }
+    each
 }
 
 /// Every certificate and key pair that does not load, each with the key path of the file
