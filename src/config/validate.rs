@@ -1661,6 +1661,36 @@ impl Validator<'_> {
     }
 }
 
+/// Every database of the chain that does not open, with its key path, for `check`, `run`
+/// and a rejected reload. Loading stops at the first; each file is tried alone only once
+/// the chain has failed (`chain_error`).
+pub fn geoip_problems(config: &Config, chain_error: &crate::geo::GeoError) -> Vec<Problem> {
+    let chain = config.geoip.chain();
+    let key = |i: usize| match chain.databases.len() {
+        1 => "geoip.database".to_string(),
+        _ => format!("geoip.database[{i}]"),
+    };
+    let mut out: Vec<Problem> = chain
+        .databases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, db)| {
+            let alone = crate::geo::Chain {
+                databases: std::slice::from_ref(db),
+                embedded_fallback: false,
+                ..chain
+            };
+            crate::geo::GeoDb::load(alone, None)
+                .err()
+                .map(|e| Problem::new(key(i), e.to_string()))
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(Problem::new("geoip.database", chain_error.to_string()));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tls_tests {
     use super::*;
@@ -1872,34 +1902,4 @@ mod tracing_tests {
             }
         }
     }
-}
-
-/// Every database of the chain that does not open, with its key path, for `check`, `run`
-/// and a rejected reload. Loading stops at the first; each file is tried alone only once
-/// the chain has failed (`chain_error`).
-pub fn geoip_problems(config: &Config, chain_error: &crate::geo::GeoError) -> Vec<Problem> {
-    let chain = config.geoip.chain();
-    let key = |i: usize| match chain.databases.len() {
-        1 => "geoip.database".to_string(),
-        _ => format!("geoip.database[{i}]"),
-    };
-    let mut out: Vec<Problem> = chain
-        .databases
-        .iter()
-        .enumerate()
-        .filter_map(|(i, db)| {
-            let alone = crate::geo::Chain {
-                databases: std::slice::from_ref(db),
-                embedded_fallback: false,
-                ..chain
-            };
-            crate::geo::GeoDb::load(alone, None)
-                .err()
-                .map(|e| Problem::new(key(i), e.to_string()))
-        })
-        .collect();
-    if out.is_empty() {
-        out.push(Problem::new("geoip.database", chain_error.to_string()));
-    }
-    out
 }
