@@ -2,7 +2,7 @@
 //! that rules, residency and the endpoint will see (docs/security.md).
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Uri, Version};
+use http::{Method, Uri, Version};
 
 use crate::error::ProxyError;
 use crate::forward::head_fields::HeadFields;
@@ -14,18 +14,18 @@ use crate::path::{self, PathError};
 /// whether the head now carries a `Host` field (an HTTP/2 request may carry only
 /// `:authority`), so the forwarding need not look again.
 /// `listed`: the request's fields over its head's bytes, when its server kept them so.
-pub(crate) fn admit<B>(req: &mut Request<B>, listed: Option<&HeadFields>) -> Result<bool, ProxyError> {
-    if req.method() == Method::CONNECT {
+pub(crate) fn admit(req: &mut http::request::Parts, listed: Option<&HeadFields>) -> Result<bool, ProxyError> {
+    if req.method == Method::CONNECT {
         // A tunnel would bypass routing and residency altogether.
         return Err(ProxyError::MethodNotAllowed);
     }
     let (mut has_host, host_differs) = {
-        let mut hosts = RequestFields::new(listed, req.headers()).values(&header::HOST);
+        let mut hosts = RequestFields::new(listed, &req.headers).values(&header::HOST);
         let first_host = hosts.next();
         if hosts.next().is_some() {
             return Err(ProxyError::BadRequest("more than one Host header"));
         }
-        let authority = req.uri().authority();
+        let authority = req.uri.authority();
         // The field is judged only when it is the host: an absolute-form target's
         // authority replaces it (RFC 9112 §3.2.2), and `:authority` must match it.
         if authority.is_none() && first_host.is_some_and(|h| !is_host(h)) {
@@ -35,13 +35,13 @@ pub(crate) fn admit<B>(req: &mut Request<B>, listed: Option<&HeadFields>) -> Res
             authority.is_some_and(|a| first_host.is_some_and(|h| !h.eq_ignore_ascii_case(a.as_str().as_bytes())));
         (first_host.is_some(), differs)
     };
-    if let Some(authority) = req.uri().authority() {
+    if let Some(authority) = req.uri.authority() {
         // Userinfo above all: it would reach the endpoint as its `Host` (RFC 9110 §4.2.4
         // deprecates it in http(s) URIs; RFC 9113 §8.3.1 forbids it in `:authority`).
         if !is_host(authority.as_str().as_bytes()) {
             return Err(ProxyError::BadRequest("invalid authority in the request target"));
         }
-        match req.version() {
+        match req.version {
             // h2: `host`, when sent, must name what `:authority` names (RFC 9113 §8.3.1).
             Version::HTTP_2 | Version::HTTP_3 => {
                 if host_differs {
@@ -52,13 +52,13 @@ pub(crate) fn admit<B>(req: &mut Request<B>, listed: Option<&HeadFields>) -> Res
                 // In the map, which stands in for a listed `Host`.
                 let host = HeaderValue::from_str(authority.as_str())
                     .map_err(|_| ProxyError::BadRequest("the request target's authority is not a valid Host"))?;
-                req.headers_mut().insert(header::HOST, host);
+                req.headers.insert(header::HOST, host);
                 has_host = true;
             }
         }
     }
-    if let Some(uri) = normalised_uri(req.uri())? {
-        *req.uri_mut() = uri;
+    if let Some(uri) = normalised_uri(&req.uri)? {
+        req.uri = uri;
     }
     Ok(has_host)
 }
@@ -169,6 +169,7 @@ fn normalised_uri(uri: &Uri) -> Result<Option<Uri>, ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     fn req(method: &str, uri: &str, version: Version, hosts: &[&str]) -> Request<()> {
         let mut b = Request::builder().method(method).uri(uri).version(version);
@@ -294,14 +295,11 @@ mod tests {
             ),
         ];
         for (method, uri, version, hosts, want) in cases {
-            let mut r = req(method, uri, *version, hosts);
+            let (mut r, ()) = req(method, uri, *version, hosts).into_parts();
             let got = admit(&mut r, None).map(|has_host| {
-                let host = r.headers().get("host").map(|h| h.to_str().unwrap().to_string());
+                let host = r.headers.get("host").map(|h| h.to_str().unwrap().to_string());
                 assert_eq!(has_host, host.is_some(), "{method} {uri} {hosts:?}");
-                (
-                    r.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-                    host,
-                )
+                (r.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(), host)
             });
             let want = want.clone().map(|(p, h)| (p.to_string(), h.map(str::to_string)));
             assert_eq!(got, want, "{method} {uri}");

@@ -428,7 +428,10 @@ impl Connection {
                     tracing::debug!(%peer, limit = max_headers, "HTTP/2 request with too many header fields");
                     ProxyError::MalformedHead { status: 431 }.response(Duration::ZERO)
                 } else {
-                    let Ok(resp) = proxy.handle(info, Some(&memo), req.map(ClientBody::from), None).await;
+                    let (parts, body) = req.into_parts();
+                    let Ok(resp) = proxy
+                        .handle(info, Some(&memo), parts, ClientBody::from(body), None)
+                        .await;
                     resp
                 };
                 if head_request {
