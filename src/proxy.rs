@@ -354,9 +354,9 @@ impl Proxy {
 
     /// The I/O loop around the planner: plan, send, record the outcome, plan again.
     ///
-    /// An `async` block rather than an `async fn`: an `async fn` keeps each argument twice in
-    /// its state (as passed, and as the body's binding), which for the request's parts and
-    /// access record is 750 bytes more to allocate and copy per request (`-Zprint-type-sizes`).
+    /// The head is borrowed from the request's future, where it stays for the request's life
+    /// (`handle`). An `async` block rather than an `async fn`: an `async fn` keeps each
+    /// argument twice in its state (as passed, and as the body's binding).
     #[allow(clippy::too_many_arguments, clippy::manual_async_fn)] // why: the state size, above
     fn attempts(
         &self,
