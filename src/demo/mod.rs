@@ -3,6 +3,7 @@
 
 pub(crate) mod upstream;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -112,7 +113,7 @@ pub async fn run(listen: SocketAddr, admin: SocketAddr, geoip: &[PathBuf]) -> Re
     let running = crate::app::start(config).await?;
     let p = running.listen;
     let a = running.admin;
-    println!(
+    let tour = format!(
         r#"
 Meridian demo: six fake inference regions on loopback, the proxy on http://{p}, admin on http://{a}
 {regions}
@@ -169,6 +170,13 @@ Press Ctrl-C to stop.
         split = split_lines(p, geoip),
         split_ips = if geoip.is_empty() { "" } else { " 13.56.0.1 52.0.0.1" },
     );
+    // The tour is for whoever reads it; a reader that went away (`| head`, a closed
+    // terminal) is no reason to stop serving, and `println!` would panic on it.
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(tour.as_bytes()).and_then(|()| stdout.flush()) {
+        tracing::warn!(error = %e, "the demo tour could not be printed; still serving");
+    }
+    drop(stdout);
     let _ = tokio::signal::ctrl_c().await;
     running.shutdown().await;
     let _ = std::fs::remove_file(&config_path);
