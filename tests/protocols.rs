@@ -168,6 +168,43 @@ async fn grpc_trailers_pass_through_untouched() {
     assert_eq!(trailers["grpc-status"], "0");
 }
 
+/// A chunked request body's trailers reach the endpoint, over HTTP/1.1 (chunked again) and
+/// HTTP/2 (a trailing HEADERS frame), as gRPC-Web and other streaming clients send them.
+#[tokio::test]
+async fn request_trailers_reach_the_endpoint() {
+    let us = FakeUpstream::start("us-east").await.unwrap();
+    let uk = FakeUpstream::start("uk-south").await.unwrap();
+    let config = two_regions("", &us.url(), &uk.url(), "").replace(
+        "countries = [\"GB\"]\nendpoints",
+        "countries = [\"GB\"]\nprotocol = \"http2\"\nendpoints",
+    );
+    let proxy = Meridian::start(&config);
+    for (xff, upstream) in [(ips::US, &us), (ips::GB, &uk)] {
+        let mut conn = TcpStream::connect(proxy.listen).await.unwrap();
+        let head = format!(
+            "POST /v1/upload HTTP/1.1\r\nHost: edge\r\nX-Forwarded-For: {xff}\r\n\
+             Transfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n\
+             5\r\nhello\r\n0\r\nx-checksum: 5d41\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let seen = upstream.seen();
+        let seen = seen.last().expect("the endpoint saw the request");
+        assert_eq!(seen.body, Bytes::from_static(b"hello"));
+        let trailers = seen
+            .trailers
+            .as_ref()
+            .unwrap_or_else(|| panic!("no trailers at {xff}'s endpoint"));
+        assert_eq!(trailers["x-checksum"], "5d41");
+    }
+}
+
 #[tokio::test]
 async fn https_endpoints_are_verified_and_shown_a_client_certificate() {
     let server_ca = TestCa::new("endpoint CA");

@@ -409,7 +409,18 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Kept(k) => SizeHint::with_exact(k.data.as_ref().map_or(0, |b| b.len() as u64)),
+            // Trailers need chunked framing on HTTP/1.1: an exact length would make the
+            // client send `content-length` and drop them.
+            RequestBody::Kept(k) => {
+                let len = k.data.as_ref().map_or(0, |b| b.len() as u64);
+                if k.trailers.is_some() {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
+            }
             RequestBody::Streaming(s) => {
                 let mut hint = s.inner.size_hint();
                 let prefix = s.prefix.as_ref().map_or(0, |p| p.len() as u64);
@@ -836,6 +847,9 @@ mod kept_tests {
             body.replay().ok_or("not replayable")?,
         ] {
             assert_eq!(attempt.len_hint(), 5);
+            // Not exact: a length would frame the body without its trailers.
+            let hint = attempt.size_hint();
+            assert_eq!((hint.lower(), hint.exact()), (5, None));
             let collected = attempt.collect().await?;
             assert_eq!(collected.trailers().ok_or("no trailers")?["grpc-timeout"], "1S");
             assert_eq!(collected.to_bytes(), "hello");

@@ -69,6 +69,8 @@ pub struct Seen {
     pub authority: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The request body's trailers, when it ended with some.
+    pub trailers: Option<HeaderMap>,
 }
 
 struct State {
@@ -389,7 +391,13 @@ async fn handle(
         return Ok(full(StatusCode::OK, "text/plain; version=0.0.4", text));
     }
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let (body, trailers) = match body.collect().await {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            (collected.to_bytes(), trailers)
+        }
+        Err(_) => (Bytes::new(), None),
+    };
     state.requests.fetch_add(1, Ordering::AcqRel);
     lock(&state.seen).push(Seen {
         version: parts.version,
@@ -398,6 +406,7 @@ async fn handle(
         authority: parts.uri.authority().map(|a| a.to_string()),
         headers: parts.headers.clone(),
         body: body.clone(),
+        trailers,
     });
     let wants_stream = {
         let text = String::from_utf8_lossy(&body);
