@@ -218,13 +218,19 @@ async fn bare_lf_line_ends_are_refused() {
     assert_eq!(status_of(&resp), 200, "{resp}");
 }
 
-/// RFC 9112 §3.2: an HTTP/1.1 request names its host, in a valid `Host` or an
-/// absolute-form target; `400` otherwise, before any endpoint sees it. HTTP/1.0 needs none.
+/// RFC 9112 §3.2: an HTTP/1.1 request names its host, in a valid `Host` (a non-empty host,
+/// a port that exists) or an absolute-form target; `400` otherwise, before any endpoint
+/// sees it. HTTP/1.0 needs none.
 #[tokio::test]
 async fn http11_requests_need_a_valid_host() {
     let (up, proxy) = one_region("").await;
-    let refused: [&[u8]; 5] = [
+    let refused: [&[u8]; 9] = [
         b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+        // An empty host, with or without a port, names nothing (RFC 9110 §4.2.1).
+        b"GET /echo HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: :80\r\nConnection: close\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a:65536\r\nConnection: close\r\n\r\n",
+        b"GET http://a:99999/echo HTTP/1.1\r\nConnection: close\r\n\r\n",
         b"GET /echo HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
         b"GET /echo HTTP/1.1\r\nHost: a/b?c\r\nConnection: close\r\n\r\n",
         b"GET /echo HTTP/1.1\r\nHost: user@evil.example\r\nConnection: close\r\n\r\n",

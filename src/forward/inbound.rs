@@ -64,8 +64,9 @@ pub(crate) fn admit(req: &mut http::request::Parts, listed: Option<&HeadFields>)
 }
 
 /// Whether `v` is a `Host` value (RFC 9110 §7.2): `uri-host [":" port]`, the host a
-/// reg-name, an IPv4 address or a bracketed IP literal, the port digits; no userinfo, no
-/// whitespace, no `/`, `?`, `#` or `@`. One pass over the bytes (a few dozen, per request).
+/// non-empty reg-name, an IPv4 address or a bracketed IP literal, the port digits up to
+/// 65535; no userinfo, no whitespace, no `/`, `?`, `#` or `@`. One pass over the bytes (a
+/// few dozen, per request).
 pub(crate) fn is_host(v: &[u8]) -> bool {
     let port = if let Some(literal) = v.strip_prefix(b"[") {
         let Some(close) = memchr::memchr(b']', literal) else {
@@ -94,9 +95,15 @@ pub(crate) fn is_host(v: &[u8]) -> bool {
                 Byte::Percent | Byte::Other => return false,
             }
         }
+        // An `http(s)` URI's host is never empty (RFC 9110 §4.2.1: reject it), nor is
+        // what a `Host` stands in for: `Host:` and `Host: :80` are refused, as NGINX does.
+        if i == 0 {
+            return false;
+        }
         v.get(i + 1..).unwrap_or_default()
     };
-    port.iter().all(u8::is_ascii_digit)
+    // Digits, and a port that exists (an empty one means the scheme's default).
+    port.len() <= 5 && port.iter().all(u8::is_ascii_digit) && (port.len() < 5 || port <= b"65535".as_slice())
 }
 
 /// What a byte may be in a reg-name (RFC 3986 §3.2.2): unreserved or a sub-delim, the start
@@ -317,7 +324,15 @@ mod tests {
             ("a%2Db", true),
             ("a_b~c!$&'()*+,;=", true),
             ("a:", true),
-            ("", true),
+            ("a:65535", true),
+            ("a:00080", true),
+            ("", false),
+            (":80", false),
+            (":", false),
+            ("a:65536", false),
+            ("a:99999", false),
+            ("a:123456", false),
+            ("[::1]:70000", false),
             ("[::1]", true),
             ("[2001:db8::1]:443", true),
             ("[v1.fe80::a+en1]", true),
