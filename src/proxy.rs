@@ -28,6 +28,7 @@ use crate::forward::client_body::ClientBody;
 use crate::forward::endpoint_get::{to_endpoint, under_base};
 use crate::forward::h1::OwnRequest;
 use crate::forward::head_fields::HeadFields;
+use crate::forward::inbound::ClientHead;
 use crate::forward::limit::{EndpointSlot, Full};
 use crate::forward::pool::PooledEndpoint;
 use crate::forward::request_fields::RequestFields;
@@ -132,8 +133,9 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every problem becomes a response. `memo`: the
-    /// connection's last GeoIP lookup, when the listener keeps one; `listed`: the request's
-    /// fields over its head's bytes, when the server kept them so (its map holds the rest).
+    /// connection's last GeoIP lookup, when the listener keeps one; `head`: the request's
+    /// parts, and its fields over its head's bytes when the server kept them so (its map
+    /// holds the rest).
     ///
     /// An `async` block rather than an `async fn`, which would keep the request twice in
     /// its state.
@@ -142,15 +144,15 @@ impl Proxy {
         &self,
         conn: ConnInfo,
         memo: Option<&LocateMemo>,
-        mut parts: http::request::Parts,
+        mut head: Box<ClientHead>,
         body: ClientBody,
-        mut listed: Option<Box<HeadFields>>,
     ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
         async move {
+            let ClientHead { parts, listed } = &mut *head;
             let started = Instant::now();
             let rt = self.shared.snapshot();
             let config = &rt.config;
-            let (client, mut record) = self.locate(&rt, conn, memo, &parts, listed.as_deref());
+            let (client, mut record) = self.locate(&rt, conn, memo, parts, listed.as_ref());
 
             let uri_len = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
             if uri_len > config.server.max_uri_bytes {
@@ -158,7 +160,7 @@ impl Proxy {
                 return Ok(self.refuse(ProxyError::UriTooLong { limit }, record, started));
             }
             // Method, Host and the normalised path: what rules, residency and the endpoint see.
-            let has_host = match crate::forward::inbound::admit(&mut parts, listed.as_deref()) {
+            let has_host = match crate::forward::inbound::admit(parts, listed.as_ref()) {
                 Ok(has_host) => has_host,
                 Err(err) => return Ok(self.refuse(err, record, started)),
             };
@@ -167,7 +169,7 @@ impl Proxy {
             let plan = match self.route(
                 &rt,
                 client.located,
-                (&parts, listed.as_deref()),
+                (&*parts, listed.as_ref()),
                 &mut record,
                 &mut nearest,
             ) {
@@ -175,7 +177,7 @@ impl Proxy {
                 Err(err) => return Ok(self.refuse(err, record, started)),
             };
             let (added, client_upgrade) =
-                prepare_head((&mut parts, listed.as_deref_mut()), has_host, &client.fwd, &mut record);
+                prepare_head((&mut *parts, listed.as_mut()), has_host, &client.fwd, &mut record);
             let (body, overflow) = match read_body(config, body).await {
                 Ok(read) => read,
                 Err(err) => return Ok(self.refuse(err, record, started)),
@@ -183,24 +185,24 @@ impl Proxy {
             record.bytes_in = body.len_hint();
             // Model-aware routing: candidates filtered to the regions serving the body's model.
             let mut plan = plan;
-            if let Err(err) = filter_by_model(rt.as_ref(), &mut plan, &parts, &body) {
+            if let Err(err) = filter_by_model(rt.as_ref(), &mut plan, parts, &body) {
                 return Ok(self.refuse(err, record, started));
             }
             // Admission control: a limited request is answered here and reaches no endpoint.
             let sent_fields = SentFields {
-                client: RequestFields::new(listed.as_deref(), &parts.headers),
+                client: RequestFields::new(listed.as_ref(), &parts.headers),
                 added: Some(&added),
             };
-            let admitted = match self.admit(&rt, record.client_ip, &parts, sent_fields, &body).await {
+            let admitted = match self.admit(&rt, record.client_ip, parts, sent_fields, &body).await {
                 Ok(admitted) => admitted,
                 Err(limited) => return Ok(self.rate_limited(limited, record, started)),
             };
             self.budget.record_request();
 
             // Not boxed apart: both servers box this whole future per request already. The
-            // head stays where it is, in this future's state: moved into the attempt loop's, its
-            // parts and added fields were copied six times (callgrind: ~250 instructions).
-            let head = (&mut parts, listed.as_deref(), &added);
+            // head stays in its block and the added fields in this future's state: moved into
+            // the attempt loop's, they were copied six times (callgrind: ~250 instructions).
+            let head = (&mut *parts, listed.as_ref(), &added);
             let Ok(r) = self.attempts(&rt, &plan, head, body, overflow, record, started).await;
             // Most answers are neither limited nor an upgrade: not moved through either (nor
             // through a closure: each move of a `Response` is a 352-byte copy).

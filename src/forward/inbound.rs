@@ -9,6 +9,40 @@ use crate::forward::head_fields::HeadFields;
 use crate::forward::request_fields::RequestFields;
 use crate::path::{self, PathError};
 
+/// A client's request head, in one heap block from the server that read it to the end of
+/// the request: its parts, and its fields still listed over the head's bytes.
+///
+/// One block, moved as a pointer: held by value, the parts (224 bytes) were copied six
+/// times on their way from the parser into the request's future, each copy into memory
+/// the connection had not touched since its last request (callgrind's cache model: ~20
+/// L1d write misses a request at 50 connections).
+#[derive(Debug)]
+pub(crate) struct ClientHead {
+    pub(crate) parts: http::request::Parts,
+    /// `None` when the fields are all in the parts' map: a head of more fields than a list
+    /// marks, or an HTTP/2 request.
+    pub(crate) listed: Option<HeadFields>,
+}
+
+impl ClientHead {
+    /// A block for the HTTP/1.1 parser to fill in place: empty parts and an empty list.
+    pub(crate) fn for_parser() -> Box<ClientHead> {
+        // Written into the block: `Box::new` built the 700 bytes on the stack and copied them.
+        Box::write(
+            Box::new_uninit(),
+            ClientHead {
+                parts: http::Request::new(()).into_parts().0,
+                listed: Some(HeadFields::new()),
+            },
+        )
+    }
+
+    /// The head of a request whose fields are all in its map (HTTP/2).
+    pub(crate) fn mapped(parts: http::request::Parts) -> Box<ClientHead> {
+        Box::write(Box::new_uninit(), ClientHead { parts, listed: None })
+    }
+}
+
 /// Admits a request head, rewriting it in place: the path normalised (original query kept),
 /// and for HTTP/1.1 an absolute-form authority made the `Host` (RFC 9112 §3.2.2). `Ok`:
 /// whether the head now carries a `Host` field (an HTTP/2 request may carry only

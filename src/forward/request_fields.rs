@@ -295,8 +295,8 @@ mod tests {
 
                 let mut head =
                     crate::listen::h1::head::parse_request(&mut (*wire).into(), 4096, 64)?.ok_or("incomplete")?;
-                let mut request_map = std::mem::take(head.request.headers_mut());
-                let mut listed = head.fields.take().ok_or("not listed")?;
+                let mut request_map = std::mem::take(&mut head.request.parts.headers);
+                let mut listed = head.request.listed.take().ok_or("not listed")?;
                 let (id, added) = rewrite_request((&mut request_map, Some(&mut listed)), &fwd, upgrade);
                 let fields = RequestFields::new(Some(&listed), &request_map);
                 let case = format!("{} trusted {trusted} upgrade {upgrade}", wire.escape_ascii());

@@ -49,6 +49,7 @@ use crate::config::ServerConfig;
 use crate::error::ProxyError;
 use crate::forward::body::ResponseBody;
 use crate::forward::client_body::ClientBody;
+use crate::forward::inbound::ClientHead;
 use crate::geo::LocateMemo;
 use crate::proxy::{ConnInfo, Proxy};
 pub use idle::{ActiveRequest, Activity, IdleIo, Timeouts};
@@ -430,7 +431,7 @@ impl Connection {
                 } else {
                     let (parts, body) = req.into_parts();
                     let Ok(resp) = proxy
-                        .handle(info, Some(&memo), parts, ClientBody::from(body), None)
+                        .handle(info, Some(&memo), ClientHead::mapped(parts), ClientBody::from(body))
                         .await;
                     resp
                 };

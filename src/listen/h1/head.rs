@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap};
-use http::{Method, Request, StatusCode, Uri, Version};
+use http::{Method, StatusCode, Uri, Version};
 
 use crate::forward::endpoint_fields::{EndpointFields, shadowed};
 use crate::forward::h1::{
@@ -15,6 +15,7 @@ use crate::forward::h1::{
     field_spans, fields_of, has_token, has_token_in, parse_decimal, token_is,
 };
 use crate::forward::head_fields::{FieldMask, HeadFields};
+use crate::forward::inbound::ClientHead;
 use crate::forward::request_fields::RequestFields;
 
 /// The longest request target accepted at all (hyper's limit); `server.max_uri_bytes` is
@@ -73,11 +74,10 @@ impl HeadError {
 /// A parsed request head: the request (its body still to read) and how to read the body.
 #[derive(Debug)]
 pub(crate) struct RequestHead {
-    /// The request; its map is empty when its fields are `fields`.
-    pub(crate) request: Request<()>,
-    /// The request's fields over its head's bytes (`forward::request_fields`); `None` for a
-    /// head of more fields than a list marks (they are in the request's map then).
-    pub(crate) fields: Option<Box<HeadFields>>,
+    /// The request's parts and its fields over its head's bytes
+    /// (`forward::request_fields`); its map is empty when the fields are listed, and holds
+    /// them for a head of more fields than a list marks.
+    pub(crate) request: Box<ClientHead>,
     /// `Length(n)`, `Chunked` or `Done` (a request body is never delimited by the close).
     pub(crate) body: BodyState,
     /// The client allows another request on this connection.
@@ -94,7 +94,7 @@ impl RequestHead {
     /// The request's fields, listed or in its map.
     #[cfg(test)]
     pub(crate) fn fields(&self) -> RequestFields<'_> {
-        RequestFields::new(self.fields.as_deref(), self.request.headers())
+        RequestFields::new(self.request.listed.as_ref(), &self.request.parts.headers)
     }
 }
 
@@ -105,10 +105,11 @@ pub(crate) fn parse_request(
     max_head: usize,
     max_headers: usize,
 ) -> Result<Option<RequestHead>, HeadError> {
-    // Filled by `locate` where they will live: the spans are 400 bytes inline.
-    // The block is allocated first and the value written into it: `Box::new` built it on
-    // the stack and copied all 456 bytes, most of them the spans' empty inline room.
-    let mut fields = Box::write(Box::new_uninit(), HeadFields::new());
+    // Filled where they will live, the parts and the fields (their spans by `locate`) in
+    // the block that carries them to the end of the request.
+    let mut request = ClientHead::for_parser();
+    let ClientHead { parts, listed } = &mut *request;
+    let fields = listed.get_or_insert_with(HeadFields::new);
     let Some(Located {
         len,
         method,
@@ -124,10 +125,8 @@ pub(crate) fn parse_request(
     let mut present = FramingFields::default();
     // Noted with the framing fields, in the pass that takes them in.
     let mut has_host = false;
-    // The request's own map, empty unless the fields do not fit the list: built in place,
-    // as a map assigned to it would drop the one it has (~60 instructions, even empty).
-    let mut request = Request::new(());
-    let mut listed = if fields.spans_mut().len() <= FieldMask::BITS {
+    // The parts' own map stays empty unless the fields do not fit the list.
+    if fields.spans_mut().len() <= FieldMask::BITS {
         let taken = fields.take_in(head, |_, name| {
             present.note_sent(name);
             has_host |= name.len() == 4 && token_is(name, b"host");
@@ -135,22 +134,21 @@ pub(crate) fn parse_request(
         if !taken {
             return Err(HeadError::Malformed);
         }
-        Some(fields)
     } else {
         // More fields than a list marks (a configuration allowing over 128): a map.
         let (headers, noted) =
             fields_of(&head, fields.spans_mut(), ADDED_REQUEST_FIELDS).ok_or(HeadError::Malformed)?;
-        (*request.headers_mut(), present) = (headers, noted);
-        has_host = request.headers().contains_key(header::HOST);
-        None
-    };
-    let map = request.headers_mut();
-    let framing = match listed.as_deref() {
+        (parts.headers, present) = (headers, noted);
+        has_host = parts.headers.contains_key(header::HOST);
+        *listed = None;
+    }
+    let map = &mut parts.headers;
+    let framing = match listed.as_ref() {
         Some(fields) => request_framing(version, fields, present)?,
         None => request_framing(version, &*map, present)?,
     };
     form.admits(&method, version, has_host)?;
-    let view = RequestFields::new(listed.as_deref(), &*map);
+    let view = RequestFields::new(listed.as_ref(), &*map);
     // Both asked of the noted fields first: most requests carry neither.
     let upgrade = version == Version::HTTP_11
         && present.upgrade
@@ -159,16 +157,15 @@ pub(crate) fn parse_request(
     let takes_trailers = present.te && view.values(&header::TE).any(|v| has_token_in(v, b"trailers"));
     if framing.drop_content_length {
         map.remove(header::CONTENT_LENGTH);
-        if let Some(fields) = listed.as_deref_mut() {
+        if let Some(fields) = listed.as_mut() {
             fields.drop_named("content-length");
         }
     }
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
     Ok(Some(RequestHead {
         request,
-        fields: listed,
         body: framing.body,
         keep_alive: framing.keep_alive,
         expect_continue: framing.expect_continue,
@@ -320,7 +317,7 @@ pub fn read_whole_request(wire: &[u8], max_head: usize, max_headers: usize) -> R
     loop {
         match decode(&mut state, &mut buf)? {
             Step::Frame(frame) => len += frame.data_ref().map_or(0, |d| d.len() as u64),
-            Step::End => return Ok((head.request.method().clone(), len)),
+            Step::End => return Ok((head.request.parts.method.clone(), len)),
             Step::NeedMore => return Err(WireError::Incomplete),
         }
     }
@@ -833,7 +830,7 @@ mod tests {
             let wire =
                 format!("POST http://a/ HTTP/1.1\r\n{fields}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
             let head = parse_request(&mut BytesMut::from(wire.as_str()), 64 * 1024, 300)?.ok_or("incomplete")?;
-            assert_eq!(head.fields.is_some(), count + 2 <= 128, "{count} fields");
+            assert_eq!(head.request.listed.is_some(), count + 2 <= 128, "{count} fields");
             let f = head.fields();
             assert_eq!(f.len(), count + 1, "{count} fields");
             assert_eq!(f.get(&header::CONTENT_LENGTH), None, "{count} fields");
@@ -849,8 +846,8 @@ mod tests {
     fn the_head_is_taken_off_the_buffer_and_the_rest_left() -> Result<(), Box<dyn std::error::Error>> {
         let mut buf = BytesMut::from("\r\nPOST /v1/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}GET");
         let head = parse_request(&mut buf, 1024, 10)?.ok_or("incomplete")?;
-        assert_eq!(head.request.method(), Method::POST);
-        assert_eq!(head.request.uri(), "/v1/chat?x=1");
+        assert_eq!(head.request.parts.method, Method::POST);
+        assert_eq!(head.request.parts.uri, "/v1/chat?x=1");
         assert_eq!(head.fields().get(&header::HOST), Some(&b"a"[..]));
         assert_eq!(&buf[..], b"{}GET");
         let expect = parse("PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n");

@@ -163,23 +163,21 @@ pub(super) async fn serve<I>(
             // The handler's block first (see `Slot`).
             let slot = Slot::take();
             let RequestHead {
-                request,
-                fields,
+                mut request,
                 body,
                 keep_alive,
                 expect_continue,
                 upgrade,
                 takes_trailers,
             } = head;
-            let version = request.version();
-            let head_request = request.method() == Method::HEAD;
-            let (mut parts, ()) = request.into_parts();
+            let version = request.parts.version;
+            let head_request = request.parts.method == Method::HEAD;
             // Trailers are sent to a chunked response only when the client said it takes them
             // (`takes_trailers`).
             let mut upgrade_tx = None;
             if upgrade {
                 let (tx, rx) = oneshot::channel();
-                parts.extensions.insert(upgrade::OnClientUpgrade::new(rx));
+                request.parts.extensions.insert(upgrade::OnClientUpgrade::new(rx));
                 upgrade_tx = Some(tx);
             }
             let (body, mut feed) = conn.request_body(body, expect_continue);
@@ -190,7 +188,7 @@ pub(super) async fn serve<I>(
             }
             // On the heap: the request's state (~4 KiB) is only needed while it runs, not for
             // the connection's life. Built in place, in a block an earlier request freed.
-            let mut handler = slot.pin(proxy.handle(info, Some(&memo), parts, body, fields));
+            let mut handler = slot.pin(proxy.handle(info, Some(&memo), request, body));
             // The answer is moved once, out of the handler, and read in place after that:
             // returned through `Poll` and taken apart with `into_parts`, its 352 bytes were
             // copied four times (callgrind: ~250 instructions a request).
