@@ -144,11 +144,11 @@ impl Proxy {
         &self,
         conn: ConnInfo,
         memo: Option<&LocateMemo>,
-        mut head: Box<ClientHead>,
+        head: &mut ClientHead,
         body: ClientBody,
     ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
         async move {
-            let ClientHead { parts, listed } = &mut *head;
+            let ClientHead { parts, listed } = head;
             let started = Instant::now();
             let rt = self.shared.snapshot();
             let config = &rt.config;

@@ -9,13 +9,14 @@ use crate::forward::head_fields::HeadFields;
 use crate::forward::request_fields::RequestFields;
 use crate::path::{self, PathError};
 
-/// A client's request head, in one heap block from the server that read it to the end of
-/// the request: its parts, and its fields still listed over the head's bytes.
+/// A client's request head as the proxy reads and rewrites it: its parts, and its fields
+/// still listed over the head's bytes.
 ///
-/// One block, moved as a pointer: held by value, the parts (224 bytes) were copied six
-/// times on their way from the parser into the request's future, each copy into memory
-/// the connection had not touched since its last request (callgrind's cache model: ~20
-/// L1d write misses a request at 50 connections).
+/// HTTP/1.1's parser fills one in a heap block that stays put until the request ends, and
+/// the request borrows it: held by value, the parts (224 bytes) were copied six times on
+/// their way from the parser into the request's future, each copy into memory the
+/// connection had not touched since its last request (callgrind's cache model: ~20 L1d
+/// write misses a request at 50 connections). HTTP/2 keeps it in the stream's block.
 #[derive(Debug)]
 pub(crate) struct ClientHead {
     pub(crate) parts: http::request::Parts,
@@ -35,11 +36,6 @@ impl ClientHead {
                 listed: Some(HeadFields::new()),
             },
         )
-    }
-
-    /// The head of a request whose fields are all in its map (HTTP/2).
-    pub(crate) fn mapped(parts: http::request::Parts) -> Box<ClientHead> {
-        Box::write(Box::new_uninit(), ClientHead { parts, listed: None })
     }
 }
 

@@ -430,9 +430,9 @@ impl Connection {
                     ProxyError::MalformedHead { status: 431 }.response(Duration::ZERO)
                 } else {
                     let (parts, body) = req.into_parts();
-                    let Ok(resp) = proxy
-                        .handle(info, Some(&memo), ClientHead::mapped(parts), ClientBody::from(body))
-                        .await;
+                    // In the stream's block, where the rest of its state is.
+                    let mut head = ClientHead { parts, listed: None };
+                    let Ok(resp) = proxy.handle(info, Some(&memo), &mut head, ClientBody::from(body)).await;
                     resp
                 };
                 if head_request {

@@ -188,7 +188,7 @@ pub(super) async fn serve<I>(
             }
             // On the heap: the request's state (~4 KiB) is only needed while it runs, not for
             // the connection's life. Built in place, in a block an earlier request freed.
-            let mut handler = slot.pin(proxy.handle(info, Some(&memo), request, body));
+            let mut handler = slot.pin(proxy.handle(info, Some(&memo), &mut request, body));
             // The answer is moved once, out of the handler, and read in place after that:
             // returned through `Poll` and taken apart with `into_parts`, its 352 bytes were
             // copied four times (callgrind: ~250 instructions a request).
