@@ -202,8 +202,17 @@ async fn traffic(target: Arc<Target>, requests: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `N` distinct free loopback ports: the sockets are held until all are picked (one at a
+/// time, the kernel may hand the same port out twice).
+fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        *port = listener.local_addr()?.port();
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 /// The benchmark's region map (benches/load/meridian.toml) on the given ports, written out
@@ -252,9 +261,17 @@ fn signal(child: &Child, signal: libc::c_int) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn wait_until_serving(target: &Target) -> Result<(), BoxError> {
+/// Polls until Meridian answers through the upstream; an error at once when either
+/// process has exited (a port taken between its pick and the bind, say).
+async fn wait_until_serving(target: &Target, meridian: &mut Child, upstream: &mut Child) -> Result<(), BoxError> {
     let start = Instant::now();
     loop {
+        if let Some(status) = meridian.try_wait()? {
+            return Err(format!("Meridian exited at start ({status})").into());
+        }
+        if let Some(status) = upstream.try_wait()? {
+            return Err(format!("the upstream exited at start ({status})").into());
+        }
         let attempt = async { h1_run(target.tcp().await?, Kind::Get, 1, Bytes::new()).await };
         match attempt.await {
             Ok(()) => return Ok(()),
@@ -264,6 +281,10 @@ async fn wait_until_serving(target: &Target) -> Result<(), BoxError> {
     }
 }
 
+/// Tries to start on other ports when a start fails: free ports are picked before the
+/// processes bind them, and on a busy machine another process may take one in between.
+const START_ATTEMPTS: usize = 3;
+
 fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     let binary = PathBuf::from(args.next().ok_or("usage: profile_load MERIDIAN_BINARY [REQUESTS]")?);
@@ -272,29 +293,6 @@ fn main() -> Result<(), BoxError> {
     let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
     std::fs::write(dir.path().join("cert.pem"), cert.pem())?;
     std::fs::write(dir.path().join("key.pem"), signing_key.serialize_pem())?;
-
-    let (plain, tls, admin, up) = (free_port()?, free_port()?, free_port()?, free_port()?);
-    let upstream_bin = std::env::current_exe()?.with_file_name("fast_upstream");
-    let _upstream = Reaped(
-        Command::new(&upstream_bin)
-            .arg(format!("127.0.0.1:{up}"))
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("{}: {e}", upstream_bin.display()))?,
-    );
-    let config_path = dir.path().join("meridian.toml");
-    std::fs::write(&config_path, config(dir.path(), plain, tls, admin, up, false))?;
-    let log = std::fs::File::create(dir.path().join("meridian.log"))?;
-    let mut meridian = Reaped(
-        Command::new(&binary)
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("{}: {e}", binary.display()))?,
-    );
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone())?;
@@ -307,17 +305,50 @@ fn main() -> Result<(), BoxError> {
         client.alpn_protocols = vec![alpn.to_vec()];
         Ok(tokio_rustls::TlsConnector::from(Arc::new(client)))
     };
-    let target = Arc::new(Target {
-        plain: SocketAddr::from(([127, 0, 0, 1], plain)),
-        tls: SocketAddr::from(([127, 0, 0, 1], tls)),
-        tls_h2: connector(b"h2")?,
-        tls_h1: connector(b"http/1.1")?,
-    });
-
     let log_text = || std::fs::read_to_string(dir.path().join("meridian.log")).unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let upstream_bin = std::env::current_exe()?.with_file_name("fast_upstream");
+    let config_path = dir.path().join("meridian.toml");
+
+    let mut attempt = 1;
+    let ([plain, tls, admin, up], _upstream, mut meridian, target) = loop {
+        let ports @ [plain, tls, admin, up] = free_ports()?;
+        let mut upstream = Reaped(
+            Command::new(&upstream_bin)
+                .arg(format!("127.0.0.1:{up}"))
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{}: {e}", upstream_bin.display()))?,
+        );
+        std::fs::write(&config_path, config(dir.path(), plain, tls, admin, up, false))?;
+        let log = std::fs::File::create(dir.path().join("meridian.log"))?;
+        let mut meridian = Reaped(
+            Command::new(&binary)
+                .arg("run")
+                .arg("--config")
+                .arg(&config_path)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("{}: {e}", binary.display()))?,
+        );
+        let target = Arc::new(Target {
+            plain: SocketAddr::from(([127, 0, 0, 1], plain)),
+            tls: SocketAddr::from(([127, 0, 0, 1], tls)),
+            tls_h2: connector(b"h2")?,
+            tls_h1: connector(b"http/1.1")?,
+        });
+        match runtime.block_on(wait_until_serving(&target, &mut meridian.0, &mut upstream.0)) {
+            Ok(()) => break (ports, upstream, meridian, target),
+            Err(e) if attempt < START_ATTEMPTS => {
+                eprintln!("profile_load: {e}; starting again on other ports\n{}", log_text());
+                attempt += 1;
+            }
+            Err(e) => return Err(format!("{e}\nMeridian's log:\n{}", log_text()).into()),
+        }
+    };
+
     let outcome = runtime.block_on(async {
-        wait_until_serving(&target).await?;
         let start = Instant::now();
         traffic(target.clone(), requests).await?;
         // The same with the access log on, as most deployments run, once the reload is in
