@@ -207,6 +207,8 @@ pub(super) async fn serve<I>(
             })
             .await;
             drop(handler);
+            // The head's bytes share the read buffer's memory: not kept for a long stream.
+            drop(request);
             if let Err(e) = answered {
                 break 'exchange Err(e);
             }
