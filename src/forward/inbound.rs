@@ -12,8 +12,8 @@ use crate::path::{self, PathError};
 /// A client's request head as the proxy reads and rewrites it: its parts, and its fields
 /// still listed over the head's bytes.
 ///
-/// HTTP/1.1's parser fills one in a heap block that stays put until the request ends, and
-/// the request borrows it: held by value, the parts (224 bytes) were copied six times on
+/// HTTP/1.1's parser fills one in a heap block that stays put until the request's handler
+/// is done, and the handler borrows it: held by value, the parts (224 bytes) were copied six times on
 /// their way from the parser into the request's future, each copy into memory the
 /// connection had not touched since its last request (callgrind's cache model: ~20 L1d
 /// write misses a request at 50 connections). HTTP/2 keeps it in the stream's block.
