@@ -48,6 +48,11 @@ impl Trigger {
     }
 }
 
+/// What a hook's `vet` made of the config it accepted (TLS: the loaded certificates). It is
+/// handed back to `reloaded` when that config goes into force, so what was vetted is what
+/// is installed: loading the files again could find them changed in between.
+pub(crate) type Prepared = Box<dyn std::any::Any + Send>;
+
 /// Something reloaded alongside the config but not held in it, e.g. TLS certificates:
 /// their files are watched too, and the hook runs after every reload attempt.
 pub(crate) trait ReloadHook: Send + Sync {
@@ -60,13 +65,15 @@ pub(crate) trait ReloadHook: Send + Sync {
     /// error rejects the whole reload, so the config in force is always one a restart
     /// would accept, never new routes beside the old certificates. Each problem names the
     /// key at fault; the reload's error adds its line.
-    fn vet(&self, _config: &Config) -> Result<(), Vec<Problem>> {
-        Ok(())
+    fn vet(&self, _config: &Config) -> Result<Option<Prepared>, Vec<Problem>> {
+        Ok(None)
     }
 
     /// Runs after every reload attempt with the runtime now in force: the new one, or the
     /// old one when the config was rejected (files it names may still have changed).
-    fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger);
+    /// `prepared`: what `vet` returned for the config just put in force; `None` after a
+    /// rejected reload.
+    fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger, prepared: Option<Prepared>);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +164,12 @@ impl Reloader {
     }
 
     async fn reload_locked(&self, trigger: Trigger, before: Fingerprints) -> Result<Reloaded, ReloadError> {
-        let result = self.reload_config().await;
+        // One list for the whole attempt: each hook gets back what it vetted.
+        let hooks: Vec<_> = lock(&self.hooks).clone();
+        let (result, mut prepared) = match self.reload_config(hooks.clone()).await {
+            Ok((done, prepared)) => (Ok(done), prepared),
+            Err(e) => (Err(e), Vec::new()),
+        };
         let metrics = &self.shared.metrics;
         match &result {
             Ok(done) => {
@@ -187,9 +199,8 @@ impl Reloader {
             }
         }
         let runtime = self.shared.snapshot();
-        let hooks: Vec<_> = lock(&self.hooks).clone();
-        for hook in hooks {
-            hook.reloaded(&runtime, trigger);
+        for (at, hook) in hooks.iter().enumerate() {
+            hook.reloaded(&runtime, trigger, prepared.get_mut(at).and_then(Option::take));
         }
         // The new runtime may name other files (a new certificate path): those are
         // fingerprinted now, the rest keep their value from before the reload.
@@ -204,11 +215,14 @@ impl Reloader {
         result
     }
 
-    async fn reload_config(&self) -> Result<Reloaded, ReloadError> {
+    /// Reads, vets and installs the config; with what each of `hooks` prepared for it.
+    async fn reload_config(
+        &self,
+        hooks: Vec<Arc<dyn ReloadHook>>,
+    ) -> Result<(Reloaded, Vec<Option<Prepared>>), ReloadError> {
         let path = self.path.clone().ok_or(ReloadError::NoSource)?;
         let shared = self.shared.clone();
         let boot = self.boot.clone();
-        let hooks: Vec<_> = lock(&self.hooks).clone();
         // Reading, validating and (for a new GeoIP file) loading a database is blocking
         // work: keep it off the request workers.
         let reloaded = tokio::task::spawn_blocking(move || {
@@ -216,9 +230,10 @@ impl Reloader {
             let config = source.config()?;
             // A file the config names that does not load is told as `meridian check` tells
             // it: the line and key that name it, then why.
-            for hook in &hooks {
-                hook.vet(&config).map_err(|problems| source.error(problems))?;
-            }
+            let prepared = hooks
+                .iter()
+                .map(|hook| hook.vet(&config).map_err(|problems| source.error(problems)))
+                .collect::<Result<Vec<_>, _>>()?;
             let restart_needed = restart_needed(&boot, &config);
             let previous = shared.snapshot();
             let runtime = match shared.build(config, Some(&previous)) {
@@ -231,7 +246,7 @@ impl Reloader {
                 Err(e) => return Err(e.into()),
             };
             shared.install(runtime);
-            Ok::<_, ReloadError>(Reloaded { restart_needed })
+            Ok::<_, ReloadError>((Reloaded { restart_needed }, prepared))
         })
         .await??;
         // On the runtime: a new exporter is a task. A collector client that cannot be built
@@ -428,7 +443,7 @@ endpoints = ["http://127.0.0.1:9"]
             vec![self.file.clone()]
         }
 
-        fn reloaded(&self, _runtime: &Arc<Snapshot>, trigger: Trigger) {
+        fn reloaded(&self, _runtime: &Arc<Snapshot>, trigger: Trigger, _prepared: Option<Prepared>) {
             lock(&self.calls).push(trigger);
         }
     }

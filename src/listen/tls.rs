@@ -21,7 +21,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Problem, TlsConfig};
-use crate::reload::{ReloadHook, Trigger};
+use crate::reload::{Prepared, ReloadHook, Trigger};
 use crate::runtime::Snapshot;
 
 /// ALPN protocols offered to clients, in preference order.
@@ -156,9 +156,14 @@ impl TlsReloader {
     /// touched: moving it needs a restart.
     pub fn update(&self, config: &TlsConfig) -> Result<(), TlsError> {
         let set = load(config, &self.provider)?;
+        self.install(config, set);
+        Ok(())
+    }
+
+    /// Puts `set`, loaded from `config`'s files, in force.
+    fn install(&self, config: &TlsConfig, set: CertSet) {
         *lock(&self.files) = config.clone();
         self.current.store(Arc::new(set));
-        Ok(())
     }
 
     /// Counts hook-driven reloads by result into `counter`.
@@ -232,24 +237,33 @@ impl ReloadHook for TlsReloader {
             .unwrap_or_default()
     }
 
-    fn vet(&self, config: &crate::config::Config) -> Result<(), Vec<Problem>> {
+    fn vet(&self, config: &crate::config::Config) -> Result<Option<Prepared>, Vec<Problem>> {
         match &config.server.tls {
+            // The loaded set is what `reloaded` installs if this config goes into force.
             Some(tls) => match load(tls, &self.provider) {
-                Ok(_) => Ok(()),
+                Ok(set) => Ok(Some(Box::new(set))),
                 Err(e) => Err(config_problems(tls, &e)),
             },
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 
-    fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger) {
+    fn reloaded(&self, runtime: &Arc<Snapshot>, trigger: Trigger, prepared: Option<Prepared>) {
         // Without `tls_listen` now the listener still runs until a restart: keep its set.
         let Some(config) = runtime.config.server.tls.as_ref() else {
             return;
         };
-        // Certificate files are a few KiB: reading them inline is cheaper than a hop to
-        // the blocking pool.
-        let result = self.update(config);
+        // The set vetted with the config now in force, not the files read again: one that
+        // broke since would leave the new config beside the old certificates. Without one
+        // (a rejected config, whose files may still have changed), the files are read;
+        // certificate files are a few KiB, cheaper inline than a hop to the blocking pool.
+        let result = match prepared.and_then(|p| p.downcast::<CertSet>().ok()) {
+            Some(set) => {
+                self.install(config, *set);
+                Ok(())
+            }
+            None => self.update(config),
+        };
         self.republish();
         if let Some(counter) = self.reloads.get() {
             let label = if result.is_ok() { "success" } else { "error" };
@@ -450,6 +464,41 @@ mod tests {
 
         reloader.reload()?;
         assert!(!Arc::ptr_eq(&before, &reloader.current.load_full()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_reload_installs_the_certificates_it_vetted() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (old_cert, old_key) = write_pair(dir.path(), "old", &["localhost"])?;
+        let (cert, key) = write_pair(dir.path(), "new", &["localhost"])?;
+        let reloader = TlsReloader::new(&TlsConfig {
+            listen: "127.0.0.1:0".parse()?,
+            cert: old_cert,
+            key: old_key,
+            sni: Vec::new(),
+        })?;
+        let server = format!(
+            "[server]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+        let config = crate::test_fixtures::world_config(&server);
+        let vetted = reloader.vet(&config).map_err(|p| format!("{p:?}"))?;
+        let new_leaf = CertificateDer::pem_file_iter(&cert)?.next().ok_or("no certificate")??;
+
+        // The new files break between the vetting and the install: the vetted set goes in.
+        std::fs::write(&cert, "not a certificate")?;
+        let runtime = crate::runtime::Shared::new(config)?.snapshot();
+        reloader.reloaded(&runtime, Trigger::Request, vetted);
+        assert_eq!(reloader.current.load().default.cert[0], new_leaf);
+        assert_eq!(reloader.files().cert, cert, "the new files are the ones watched");
+
+        // Nothing vetted (a rejected config): the files are read again, and a broken one
+        // changes nothing.
+        let before = reloader.current.load_full();
+        reloader.reloaded(&runtime, Trigger::Request, None);
+        assert!(Arc::ptr_eq(&before, &reloader.current.load_full()));
         Ok(())
     }
 }
