@@ -5,7 +5,7 @@
 #   apt-get install -y wrk nginx haproxy nghttp2-client
 #
 # Usage: benches/load/compare.sh [all|throughput|h2c|syscalls|tls|burst|sse|streams|idle|mem|scale]...
-#   (throughput runs h2c after it when h2load is installed)
+#   (throughput runs h2c after it when h2load is installed, unless H2C=0)
 # Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
 #   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
 #   MEM_SECONDS=60, SSE_PROBES=200, NO_BUILD=1 (reuse target/release), OUT=results dir,
@@ -238,7 +238,7 @@ run_wrk() {
         -H "X-Forwarded-For: $XFF" "${WRK_EXTRA[@]}" "$url")
     t1=$(cpu_ticks "${PID[$name]}")
     u1=$(cpu_ticks "${PID[$name]}" user)
-    echo "$out" >"$RUN/wrk-$tag-$name-$conns.txt"
+    echo "$out" >"$RUN/wrk-$tag-$name-$conns-${round:-1}.txt"
     sleep 1.2 # the upstream reports its accept count once a second
     c1=$(upstream_accepted)
     rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
@@ -355,7 +355,7 @@ throughput() {
     done
     for p in "${proxies[@]}"; do stop_proxy "$p"; done
     summarise throughput
-    if have h2load; then h2c; fi
+    if [ "${H2C:-1}" = 1 ] && have h2load; then h2c; fi
 }
 
 # h2c with prior knowledge (Meridian's listener speaks it; NGINX's on H2C_NGINX_PORT), 50
