@@ -4,7 +4,7 @@
 # Installs nothing. Needs wrk; uses nginx, haproxy and h2load when they are on PATH.
 #   apt-get install -y wrk nginx haproxy nghttp2-client
 #
-# Usage: benches/load/compare.sh [all|throughput|h2c|syscalls|tls|burst|sse|streams|idle|mem|scale]...
+# Usage: benches/load/compare.sh [all|throughput|h2c|syscalls|sched|tls|burst|sse|streams|idle|mem|scale]...
 #   (throughput runs h2c after it when h2load is installed, unless H2C=0)
 # Knobs (environment): DURATION=10 (s per wrk run), ROUNDS=3, CONNS="50 256", WARMUP=2,
 #   PROXIES="meridian nginx haproxy", PROXY_CPU=0, LOAD_CPU=1, IDLE_CONNS=10000,
@@ -441,6 +441,46 @@ syscalls() {
     done
 }
 
+# What the latency tail is made of: for each proxy, one wrk run at the last of CONNS with
+# the percentiles past p99, while perf records the scheduler's switches on PROXY_CPU;
+# offcpu.py then tells the proxy's stretches off its CPU: waits (nothing ready for it) and
+# preemptions (and by whom). Not part of `all`: it needs perf and the sched tracepoints.
+sched() {
+    have perf || die "sched: perf is not installed (apt-get install -y linux-perf)"
+    local proxies=() p c url pids worker
+    read -r -a proxies <<<"$(available_proxies)"
+    c=${CONNS##* }
+    cat >"$RUN/percentiles.lua" <<'LUA'
+done = function(summary, latency, requests)
+  local out = ""
+  for _, p in ipairs({50, 90, 99, 99.5, 99.9}) do
+    out = out .. string.format("p%s %.2f ms  ", p, latency:percentile(p) / 1000)
+  end
+  io.write(out .. string.format("max %.2f ms\n", latency.max / 1000))
+end
+LUA
+    log "sched: ${proxies[*]} at $c connections, ${DURATION} s runs; scheduler switches on CPU $PROXY_CPU"
+    for p in "${proxies[@]}"; do
+        start_proxy "$p" 1
+        url="http://127.0.0.1:${PORT[$p]}$PATH_UNDER_TEST"
+        taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$c" -d"${WARMUP}s" -H "X-Forwarded-For: $XFF" "$url" >/dev/null
+        taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$c" -d"${DURATION}s" -s "$RUN/percentiles.lua" \
+            -H "X-Forwarded-For: $XFF" "$url" >"$RUN/sched-wrk-$p.txt" &
+        local wrk_pid=$!
+        # Inside the run only: what follows its end is idle time, not a tail.
+        sleep 0.5
+        perf record -q -e sched:sched_switch -C "$PROXY_CPU" -o "$RUN/sched-$p.data" -- sleep $((DURATION - 1)) >/dev/null 2>&1 || true
+        wait "$wrk_pid" || true
+        # The thread that serves: NGINX's worker (a child), Meridian's one runtime thread.
+        pids=$(pids_of "${PID[$p]}")
+        worker=$(echo "$pids" | tail -1)
+        perf script -i "$RUN/sched-$p.data" -F time,event,trace 2>/dev/null >"$RUN/sched-$p.txt" || true
+        echo "== $p: $(tail -1 "$RUN/sched-wrk-$p.txt")"
+        python3 "$LOAD/offcpu.py" "$RUN/sched-$p.txt" "$worker" 5
+        stop_proxy "$p"
+    done
+}
+
 # Keep-alive HTTPS requests per CPU-second, and full handshakes per CPU-second (every
 # request on a new connection: `Connection: close`; wrk does not resume sessions and NGINX
 # has tickets and its session cache off), for Meridian and NGINX.
@@ -696,7 +736,7 @@ main() {
     log "results in $OUT; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     for phase in "${phases[@]}"; do
         case $phase in
-        throughput | h2c | syscalls | tls | burst | sse | streams | idle | mem | scale) "$phase" ;;
+        throughput | h2c | syscalls | sched | tls | burst | sse | streams | idle | mem | scale) "$phase" ;;
         *) die "unknown phase $phase" ;;
         esac
     done
