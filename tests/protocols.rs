@@ -743,6 +743,46 @@ async fn http2_requests_with_too_many_header_fields_get_431() {
     assert_eq!(up.requests(), 1);
 }
 
+/// `server.max_header_bytes` holds over HTTP/2 as HTTP/1.1 counts a head: a head within it
+/// is served though HTTP/2's own count (32 bytes more a field) is over it, and one beyond it
+/// gets the same JSON 431 as over HTTP/1.1 (not the h2 crate's empty one).
+#[tokio::test]
+async fn http2_heads_are_held_to_the_header_bytes_limit_as_http1_counts_them() {
+    let (up, proxy) = one_region("max_header_bytes = \"8KiB\"\n").await;
+    // 90 fields of 66 bytes (fewer than the endpoint's 100): 6,300 bytes as HTTP/1.1 lines,
+    // 8,820 as HTTP/2 counts them.
+    let fields: Vec<_> = (0..90).map(|i| (format!("x-f{i:03}"), "v".repeat(60))).collect();
+    let ok = h2c_call(proxy.listen, h2_request("GET", proxy.listen, "/v1/models", &fields))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(up.requests(), 1);
+
+    let big = [("x-big".to_string(), "b".repeat(9000))];
+    let refused = h2c_call(proxy.listen, h2_request("GET", proxy.listen, "/v1/models", &big))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 431, "{}", refused.text());
+    assert_eq!(refused.header("content-type"), Some("application/json"));
+    assert_eq!(refused.json()["error"]["code"], "bad_request");
+    assert_eq!(up.requests(), 1, "a refused request reached the endpoint");
+
+    // HTTP/1.1 refuses the same head with the same answer.
+    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
+    s.write_all(format!("GET /v1/models HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n", big[0].1).as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(body).unwrap(), refused.json());
+}
+
 /// Answers to HEAD carry no content over HTTP/2, Meridian's own as an endpoint's, and the
 /// same fields as over HTTP/1.1 (an endpoint's length; none for Meridian's own).
 #[tokio::test]

@@ -100,10 +100,21 @@ pub fn builder(limits: &Limits) -> Builders {
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_header_list_size(header_list_cap(limits.max_header_bytes, limits.max_headers))
         .max_pending_accept_reset_streams(50)
         .max_local_error_reset_streams(100);
     Builders { http2 }
+}
+
+/// The header list size HTTP/2 advertises and enforces (`SETTINGS_MAX_HEADER_LIST_SIZE`):
+/// `server.max_header_bytes` plus what HTTP/2 counts beyond HTTP/1.1 for a head of
+/// `server.max_headers` fields (32 bytes a field, RFC 7541 §4.1, where a head line adds
+/// four, and the pseudo-header fields). Every head HTTP/1.1 accepts fits; Meridian then
+/// holds each request to HTTP/1.1's count itself ([`head_too_large`]) and answers JSON,
+/// where the h2 crate's own 431 above this size has no body.
+fn header_list_cap(max_header_bytes: usize, max_headers: usize) -> u32 {
+    let slack = max_headers.saturating_add(5).saturating_mul(32);
+    u32::try_from(max_header_bytes.saturating_add(slack)).unwrap_or(u32::MAX)
 }
 
 /// The HTTP/2 client preface (RFC 9113 §3.4): a connection that opens with it speaks h2c
@@ -412,6 +423,7 @@ impl Connection {
         });
         let send_timeout = timeouts.send;
         let max_headers = self.limits.max_headers;
+        let max_header_bytes = self.limits.max_header_bytes;
         // The streams of one connection come from one client: its last lookup is kept.
         let memo = Arc::new(LocateMemo::default());
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -427,6 +439,9 @@ impl Connection {
                 let mut resp = if too_many_fields(&req, max_headers) {
                     // As HTTP/1.1 refuses such a head: never routed, never forwarded.
                     tracing::debug!(%peer, limit = max_headers, "HTTP/2 request with too many header fields");
+                    ProxyError::MalformedHead { status: 431 }.response(Duration::ZERO)
+                } else if head_too_large(&req, max_header_bytes) {
+                    tracing::debug!(%peer, limit = max_header_bytes, "HTTP/2 request head too large");
                     ProxyError::MalformedHead { status: 431 }.response(Duration::ZERO)
                 } else {
                     let (parts, body) = req.into_parts();
@@ -480,6 +495,30 @@ fn too_many_fields<B>(req: &http::Request<B>, max_headers: usize) -> bool {
         fields += 1;
     }
     fields > max_headers
+}
+
+/// Whether an HTTP/2 request's head is larger than `server.max_header_bytes` as HTTP/1.1
+/// counts it: the request line, a `name: value` line for each field (`:authority` as the
+/// Host line when there is none, cookie crumbs as the one `cookie` line they are joined
+/// into, RFC 9113 §8.2.3) and the blank line. HTTP/2's own count of the list is larger by
+/// 28 bytes a field, so the two versions accept the same heads.
+fn head_too_large<B>(req: &http::Request<B>, max_header_bytes: usize) -> bool {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    // "GET /path HTTP/1.1\r\n" and the final "\r\n".
+    let mut size = req.method().as_str().len() + 1 + target + 11 + 2;
+    let headers = req.headers();
+    for (name, value) in headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    // A crumb joined in costs "; " rather than a line of its own.
+    let crumbs = headers.get_all(header::COOKIE).iter().count();
+    size -= crumbs.saturating_sub(1) * ("cookie".len() + 4 - 2);
+    if let Some(authority) = req.uri().authority() {
+        if !headers.contains_key(header::HOST) {
+            size += "host".len() + authority.as_str().len() + 4;
+        }
+    }
+    size > max_header_bytes
 }
 
 /// A HEAD answer carries no content (RFC 9110 §9.3.2), and hyper's HTTP/2 server sends
@@ -560,6 +599,82 @@ mod tests {
         for (authority, fields, want) in cases {
             let req = h2_request(*authority, fields)?;
             assert_eq!(too_many_fields(&req, 4), *want, "{authority} {fields:?}");
+        }
+        Ok(())
+    }
+
+    /// The head HTTP/1.1 would carry for `req`, written out.
+    fn as_http1(req: &http::Request<()>) -> String {
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut head = format!("{} {target} HTTP/1.1\r\n", req.method());
+        if let Some(a) = req
+            .uri()
+            .authority()
+            .filter(|_| !req.headers().contains_key(header::HOST))
+        {
+            head += &format!("host: {a}\r\n");
+        }
+        let crumbs: Vec<_> = req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|v| v.to_str())
+            .collect();
+        if !crumbs.is_empty() {
+            head += &format!("cookie: {}\r\n", crumbs.join("; "));
+        }
+        for (name, value) in req.headers().iter().filter(|(n, _)| **n != header::COOKIE) {
+            head += &format!("{name}: {}\r\n", value.to_str().unwrap_or_default());
+        }
+        head + "\r\n"
+    }
+
+    #[test]
+    fn http2_heads_are_sized_as_http1_would_write_them() -> TestResult {
+        let cases: &[(bool, &[(&str, usize)])] = &[
+            (true, &[]),
+            (false, &[("x-a", 3)]),
+            (true, &[("x-a", 4)]),
+            (true, &[("host", 1), ("x-a", 3)]),
+            (true, &[("cookie", 6), ("x-a", 2)]),
+            (false, &[("cookie", 1)]),
+        ];
+        for (authority, fields) in cases {
+            let req = h2_request(*authority, fields)?;
+            let size = as_http1(&req).len();
+            assert!(!head_too_large(&req, size), "{authority} {fields:?}: {size} bytes fit");
+            assert!(head_too_large(&req, size - 1), "{authority} {fields:?}: one byte over");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn http2_admits_every_head_http1_admits() -> TestResult {
+        // The most fields, the shortest: where HTTP/2's count outgrows HTTP/1.1's most.
+        for (limit, max_headers) in [(8192, 100), (65536, 100), (16384, 1000)] {
+            let mut req = h2_request(true, &[("a", max_headers - 2)])?;
+            let fill = limit - as_http1(&req).len() - "b: \r\n".len();
+            req.headers_mut().insert("b", HeaderValue::from_str(&"x".repeat(fill))?);
+            assert!(!head_too_large(&req, limit) && head_too_large(&req, limit - 1));
+            // RFC 7541 §4.1: each field, pseudo-header fields included, counts 32 more.
+            let uri = req.uri();
+            let pseudo = [
+                (":method", req.method().as_str().len()),
+                (":scheme", uri.scheme_str().map_or(0, str::len)),
+                (":authority", uri.authority().map_or(0, |a| a.as_str().len())),
+                (":path", uri.path_and_query().map_or(1, |p| p.as_str().len())),
+            ];
+            let list: usize = pseudo.iter().map(|(n, v)| n.len() + v + 32).sum::<usize>()
+                + req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| n.as_str().len() + v.len() + 32)
+                    .sum::<usize>();
+            let cap = header_list_cap(limit, max_headers) as usize;
+            assert!(
+                list <= cap,
+                "{limit} / {max_headers}: a {list}-byte list over the {cap} advertised"
+            );
         }
         Ok(())
     }
