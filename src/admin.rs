@@ -102,6 +102,8 @@ fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> AdminRes
         }
         (&Method::GET, ["status"]) => json_response(StatusCode::OK, &status(shared)),
         (&Method::POST, ["regions", name, action @ ("drain" | "undrain")]) => {
+            // A client may escape any character of a path segment (`us%2Deast`).
+            let name = &*percent_encoding::percent_decode_str(name).decode_utf8_lossy();
             let token_id = match authorize(shared, &req) {
                 Ok(id) => id,
                 Err(resp) => return *resp,
@@ -218,10 +220,9 @@ impl DrainQuery {
             duration: Ok(None),
             reason: None,
         };
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value);
-            match key {
+        // `+` and percent escapes decoded as a form's query is (a reason with spaces).
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
                 "for" => {
                     q.duration = match humantime::parse_duration(&value) {
                         Ok(d) if !d.is_zero() && d <= MAX_DRAIN => Ok(Some(d)),
@@ -238,31 +239,6 @@ impl DrainQuery {
         }
         q
     }
-}
-
-/// Decodes `%XX` and `+` in a query value; invalid escapes are kept as written.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(b) => {
-                    out.push(b);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Serialize)]
@@ -438,7 +414,7 @@ mod tests {
     fn drain_query_table() {
         let m = Duration::from_secs(600);
         type Want = Result<Option<Duration>, ()>;
-        let cases: [(Option<&str>, Want, Option<&str>); 8] = [
+        let cases: [(Option<&str>, Want, Option<&str>); 10] = [
             (None, Ok(None), None),
             (Some("for=10m"), Ok(Some(m)), None),
             (Some("reason=zone%20drill&for=10m"), Ok(Some(m)), Some("zone drill")),
@@ -447,14 +423,15 @@ mod tests {
             (Some("for=0s"), Err(()), None),
             (Some("for=18000000000000000000s"), Err(()), None),
             (Some("for=367d"), Err(()), None),
+            // Invalid escapes are kept as written.
+            (Some("reason=100%"), Ok(None), Some("100%")),
+            (Some("reason=%zz"), Ok(None), Some("%zz")),
         ];
         for (query, duration, reason) in cases {
             let q = DrainQuery::parse(query);
             assert_eq!(q.duration.map_err(|_| ()), duration, "{query:?}");
             assert_eq!(q.reason.as_deref(), reason, "{query:?}");
         }
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
     }
 
     #[test]

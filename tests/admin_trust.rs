@@ -106,6 +106,28 @@ async fn mutating_admin_calls_need_the_exact_token() {
         get_as(proxy.listen, ips::US, "/v1/models").await.region(),
         Some("us-west")
     );
+
+    // A region's name may come percent-encoded, as some clients escape path segments.
+    let r = call(
+        "POST",
+        proxy.admin,
+        "/regions/us%2Deast/undrain?reason=drill+over",
+        &[("authorization", &bearer)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(region_state(&proxy, "us-east").await, "healthy");
+    let r = call(
+        "POST",
+        proxy.admin,
+        "/regions/no%2Dwhere/drain",
+        &[("authorization", &bearer)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("no-where"), "the decoded name: {}", r.text());
 }
 
 #[tokio::test]
