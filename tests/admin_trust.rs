@@ -92,14 +92,8 @@ async fn mutating_admin_calls_need_the_exact_token() {
         Some("us-east")
     );
 
-    let r = call(
-        "POST",
-        proxy.admin,
-        "/regions/us-east/drain",
-        &[("authorization", &bearer)],
-        Bytes::new(),
-    )
-    .await;
+    let post = |path: &'static str| call_with_token(proxy.admin, path, &bearer);
+    let r = post("/regions/us-east/drain").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(region_state(&proxy, "us-east").await, "drained");
     assert_eq!(
@@ -108,26 +102,17 @@ async fn mutating_admin_calls_need_the_exact_token() {
     );
 
     // A region's name may come percent-encoded, as some clients escape path segments.
-    let r = call(
-        "POST",
-        proxy.admin,
-        "/regions/us%2Deast/undrain?reason=drill+over",
-        &[("authorization", &bearer)],
-        Bytes::new(),
-    )
-    .await;
+    let r = post("/regions/us%2Deast/undrain?reason=drill+over").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(region_state(&proxy, "us-east").await, "healthy");
-    let r = call(
-        "POST",
-        proxy.admin,
-        "/regions/no%2Dwhere/drain",
-        &[("authorization", &bearer)],
-        Bytes::new(),
-    )
-    .await;
+    let r = post("/regions/no%2Dwhere/drain").await;
     assert_eq!(r.status, 404);
     assert!(r.text().contains("no-where"), "the decoded name: {}", r.text());
+}
+
+/// A `POST` to the admin API with `bearer` as its `Authorization`.
+async fn call_with_token(admin: std::net::SocketAddr, path: &str, bearer: &str) -> Reply {
+    call("POST", admin, path, &[("authorization", bearer)], Bytes::new()).await
 }
 
 #[tokio::test]

@@ -717,20 +717,35 @@ async fn http2_requests_with_too_many_header_fields_get_431() {
     assert_eq!(ok.status, 200, "authority + 9 fields are 10");
     assert_eq!(up.requests(), 1);
 
-    let refused = h2c_call(proxy.listen, h2_request("GET", proxy.listen, "/v1/models", &fields(10)))
+    let refused = h2_refusal(proxy.listen, &fields(10)).await;
+    assert_eq!(up.requests(), 1, "a refused request reached the endpoint");
+
+    // The same answer HTTP/1.1 gives for Host and 10 more fields.
+    let head: String = fields(10).iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let http1 = http1_refusal(
+        proxy.listen,
+        &format!("GET /v1/models HTTP/1.1\r\nhost: a\r\n{head}\r\n"),
+    )
+    .await;
+    assert_eq!(http1, refused.json());
+    assert_eq!(up.requests(), 1);
+}
+
+/// Sends a GET with `fields` over h2c; it must get Meridian's JSON `431`.
+async fn h2_refusal(listen: SocketAddr, fields: &[(String, String)]) -> Reply {
+    let refused = h2c_call(listen, h2_request("GET", listen, "/v1/models", fields))
         .await
         .unwrap();
     assert_eq!(refused.status, 431, "{}", refused.text());
     assert_eq!(refused.header("content-type"), Some("application/json"));
     assert_eq!(refused.json()["error"]["code"], "bad_request");
-    assert_eq!(up.requests(), 1, "a refused request reached the endpoint");
+    refused
+}
 
-    // The same answer HTTP/1.1 gives for Host and 10 more fields.
-    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
-    let head: String = fields(10).iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    s.write_all(format!("GET /v1/models HTTP/1.1\r\nhost: a\r\n{head}\r\n").as_bytes())
-        .await
-        .unwrap();
+/// Sends `head` over HTTP/1.1 and returns the JSON body of the `431` it must get.
+async fn http1_refusal(listen: SocketAddr, head: &str) -> serde_json::Value {
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
         .await
@@ -739,8 +754,7 @@ async fn http2_requests_with_too_many_header_fields_get_431() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    assert_eq!(serde_json::from_str::<serde_json::Value>(body).unwrap(), refused.json());
-    assert_eq!(up.requests(), 1);
+    serde_json::from_str(body).unwrap()
 }
 
 /// `server.max_header_bytes` holds over HTTP/2 as HTTP/1.1 counts a head: a head within it
@@ -759,28 +773,12 @@ async fn http2_heads_are_held_to_the_header_bytes_limit_as_http1_counts_them() {
     assert_eq!(up.requests(), 1);
 
     let big = [("x-big".to_string(), "b".repeat(9000))];
-    let refused = h2c_call(proxy.listen, h2_request("GET", proxy.listen, "/v1/models", &big))
-        .await
-        .unwrap();
-    assert_eq!(refused.status, 431, "{}", refused.text());
-    assert_eq!(refused.header("content-type"), Some("application/json"));
-    assert_eq!(refused.json()["error"]["code"], "bad_request");
+    let refused = h2_refusal(proxy.listen, &big).await;
     assert_eq!(up.requests(), 1, "a refused request reached the endpoint");
 
     // HTTP/1.1 refuses the same head with the same answer.
-    let mut s = TcpStream::connect(proxy.listen).await.unwrap();
-    s.write_all(format!("GET /v1/models HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n", big[0].1).as_bytes())
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    assert_eq!(serde_json::from_str::<serde_json::Value>(body).unwrap(), refused.json());
+    let head = format!("GET /v1/models HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n", big[0].1);
+    assert_eq!(http1_refusal(proxy.listen, &head).await, refused.json());
 }
 
 /// Answers to HEAD carry no content over HTTP/2, Meridian's own as an endpoint's, and the
