@@ -178,9 +178,14 @@ impl Proxy {
             };
             let (added, client_upgrade) =
                 prepare_head((&mut *parts, listed.as_mut()), has_host, &client.fwd, &mut record);
-            let (body, overflow) = match read_body(config, body).await {
-                Ok(read) => read,
-                Err(err) => return Ok(self.refuse(err, record, started)),
+            // Most requests have no body: no reading future is built for them.
+            let (body, overflow) = if hyper::body::Body::is_end_stream(&body) {
+                (RequestBody::Empty, None)
+            } else {
+                match read_body(config, body).await {
+                    Ok(read) => read,
+                    Err(err) => return Ok(self.refuse(err, record, started)),
+                }
             };
             record.bytes_in = body.len_hint();
             // Model-aware routing: candidates filtered to the regions serving the body's model.
@@ -189,13 +194,18 @@ impl Proxy {
                 return Ok(self.refuse(err, record, started));
             }
             // Admission control: a limited request is answered here and reaches no endpoint.
-            let sent_fields = SentFields {
-                client: RequestFields::new(listed.as_ref(), &parts.headers),
-                added: Some(&added),
-            };
-            let admitted = match self.admit(&rt, record.client_ip, parts, sent_fields, &body).await {
-                Ok(admitted) => admitted,
-                Err(limited) => return Ok(self.rate_limited(limited, record, started)),
+            // Without `[[limit]]` rules no admission future is built.
+            let admitted = if rt.admission.is_empty() {
+                None
+            } else {
+                let sent_fields = SentFields {
+                    client: RequestFields::new(listed.as_ref(), &parts.headers),
+                    added: Some(&added),
+                };
+                match self.admit(&rt, record.client_ip, parts, sent_fields, &body).await {
+                    Ok(admitted) => admitted,
+                    Err(limited) => return Ok(self.rate_limited(limited, record, started)),
+                }
             };
             self.budget.record_request();
 
@@ -229,9 +239,6 @@ impl Proxy {
         headers: SentFields<'_>,
         body: &RequestBody,
     ) -> Result<Option<Admitted>, Limited> {
-        if rt.admission.is_empty() {
-            return Ok(None);
-        }
         let model = if rt.admission.needs_model {
             // The same in-place read model routing uses: no copy of the body.
             body.kept().and_then(crate::route::models::request_model)
@@ -438,8 +445,12 @@ impl Proxy {
     /// Sends one attempt (`step`: its target, why it goes there, how many came before) and
     /// observes what came back: an answer to relay, the client's own fault, or a failure the
     /// planner weighs for the next attempt.
-    #[allow(clippy::too_many_arguments)]
-    async fn try_target(
+    ///
+    /// An `async` block rather than an `async fn` (as `forward` and the exchange below it):
+    /// an `async fn` keeps each argument twice in its state and copies it from one to the
+    /// other when it starts.
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)] // why: the state size, above
+    fn try_target(
         &self,
         rt: &Arc<Snapshot>,
         (target, reason, tried): (Target, Option<FailoverReason>, usize),
@@ -448,30 +459,32 @@ impl Proxy {
         record: &mut AccessRecord,
         policy: &Policy<'_>,
         overflow: Option<&AtomicBool>,
-    ) -> Outcome {
-        let span = self.start_attempt_span(record, tried, &mut parts.headers);
-        let head = HeadView { parts, listed, added };
-        let outcome = self.forward(rt, target, head, body).await;
-        let sent = self.sent(rt, target, reason, record, tried);
-        self.observe_attempt(rt, &sent, &outcome, span, record);
-        match outcome {
-            Ok((mut resp, timing, inflight)) => {
-                self.observe_answer(rt, &sent, &mut resp, timing);
-                let gateway = matches!(resp.status().as_u16(), 502..=504);
-                if gateway && attempt::may_retry(Failure::GatewayStatus, tried + 1, policy) {
-                    let error = ProxyError::UpstreamUnreachable {
-                        region: sent.region.to_string(),
-                        reason: GATEWAY_ERROR,
-                    };
-                    return Outcome::Failed(Failure::GatewayStatus, error);
+    ) -> impl Future<Output = Outcome> {
+        async move {
+            let span = self.start_attempt_span(record, tried, &mut parts.headers);
+            let head = HeadView { parts, listed, added };
+            let outcome = self.forward(rt, target, head, body).await;
+            let sent = self.sent(rt, target, reason, record, tried);
+            self.observe_attempt(rt, &sent, &outcome, span, record);
+            match outcome {
+                Ok((mut resp, timing, inflight)) => {
+                    self.observe_answer(rt, &sent, &mut resp, timing);
+                    let gateway = matches!(resp.status().as_u16(), 502..=504);
+                    if gateway && attempt::may_retry(Failure::GatewayStatus, tried + 1, policy) {
+                        let error = ProxyError::UpstreamUnreachable {
+                            region: sent.region.to_string(),
+                            reason: GATEWAY_ERROR,
+                        };
+                        return Outcome::Failed(Failure::GatewayStatus, error);
+                    }
+                    Outcome::Answer(resp, timing, inflight, sent)
                 }
-                Outcome::Answer(resp, timing, inflight, sent)
-            }
-            Err(e) => {
-                self.observe_error(rt, sent.health.as_deref(), &e);
-                match client_fault(rt, &e, overflow) {
-                    Some(fault) => Outcome::ClientFault(fault),
-                    None => Outcome::Failed(Failure::Error(e.retry_class()), failed(&sent, &e, record)),
+                Err(e) => {
+                    self.observe_error(rt, sent.health.as_deref(), &e);
+                    match client_fault(rt, &e, overflow) {
+                        Some(fault) => Outcome::ClientFault(fault),
+                        None => Outcome::Failed(Failure::Error(e.retry_class()), failed(&sent, &e, record)),
+                    }
                 }
             }
         }
@@ -683,59 +696,62 @@ impl Proxy {
 
     /// Sends one attempt; returns the response head, its time to first byte and the
     /// in-flight guard that lives as long as the response body.
-    async fn forward(
+    #[allow(clippy::manual_async_fn)] // why: the state size (`try_target`)
+    fn forward(
         &self,
         rt: &Snapshot,
         target: Target,
         head: HeadView<'_>,
         body: RequestBody,
-    ) -> Result<(Response<EndpointBody>, HeadTiming, Option<InFlight>), UpstreamError> {
-        let upstream = upstream_of(rt, target)?;
-        let timeout = rt.config.server.request_timeout;
-        let request = match own_request(rt, target, &upstream, head, &body)? {
-            Some((via, own)) => AttemptRequest::Own(via, own),
-            None => AttemptRequest::Built(Box::new(endpoint_request(rt, target, &upstream, head, body)?)),
-        };
-        let inflight = match target {
-            Target::Endpoint { region, endpoint } => Some(rt.regions[region].endpoints[endpoint].health.start()),
-            Target::Fallback => None,
-        };
-        let sent = Instant::now();
-        let resp = match request {
-            AttemptRequest::Own(via, own) => {
-                // Clamped as tokio's own `timeout` does: a huge configured timeout must not
-                // overflow the deadline.
-                let deadline = sent + timeout.min(FAR_FUTURE);
-                upstream.pools.send_own(via, own, deadline).await
+    ) -> impl Future<Output = Result<(Response<EndpointBody>, HeadTiming, Option<InFlight>), UpstreamError>> {
+        async move {
+            let upstream = upstream_of(rt, target)?;
+            let timeout = rt.config.server.request_timeout;
+            let request = match own_request(rt, target, &upstream, head, &body)? {
+                Some((via, own)) => AttemptRequest::Own(via, own),
+                None => AttemptRequest::Built(Box::new(endpoint_request(rt, target, &upstream, head, body)?)),
+            };
+            let inflight = match target {
+                Target::Endpoint { region, endpoint } => Some(rt.regions[region].endpoints[endpoint].health.start()),
+                Target::Fallback => None,
+            };
+            let sent = Instant::now();
+            let resp = match request {
+                AttemptRequest::Own(via, own) => {
+                    // Clamped as tokio's own `timeout` does: a huge configured timeout must not
+                    // overflow the deadline.
+                    let deadline = sent + timeout.min(FAR_FUTURE);
+                    upstream.pools.send_own(via, own, deadline).await
+                }
+                // Boxed: hyper's paths would size the hot path's future (and its copies) too.
+                AttemptRequest::Built(req) => {
+                    Box::pin(
+                        upstream
+                            .pools
+                            .send_via(upstream.pooled, *req, upstream.protocol, timeout),
+                    )
+                    .await
+                }
+            };
+            if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
+                let ok = resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
+                let result = if ok { "ok" } else { "error" };
+                self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
+                // The client's own broken body says nothing about the fallback.
+                let client_side = resp.as_ref().is_err_and(|e| {
+                    matches!(
+                        e.kind(),
+                        UpstreamErrorKind::ClientBody | UpstreamErrorKind::ClientStalled
+                    )
+                });
+                if !client_side {
+                    f.breaker.record(ok);
+                }
             }
-            // Boxed: hyper's paths would size the hot path's future (and its copies) too.
-            AttemptRequest::Built(req) => {
-                Box::pin(
-                    upstream
-                        .pools
-                        .send_via(upstream.pooled, *req, upstream.protocol, timeout),
-                )
-                .await
-            }
-        };
-        if let (Target::Fallback, Some(f)) = (target, rt.fallback.as_ref()) {
-            let ok = resp.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
-            let result = if ok { "ok" } else { "error" };
-            self.shared.metrics.fallback_requests.with_label_values(&[result]).inc();
-            // The client's own broken body says nothing about the fallback.
-            let client_side = resp.as_ref().is_err_and(|e| {
-                matches!(
-                    e.kind(),
-                    UpstreamErrorKind::ClientBody | UpstreamErrorKind::ClientStalled
-                )
-            });
-            if !client_side {
-                f.breaker.record(ok);
-            }
+            let resp = resp?;
+            let head = Instant::now();
+            Ok((resp, HeadTiming::new(sent, head), inflight))
         }
-        let resp = resp?;
-        let head = Instant::now();
-        Ok((resp, HeadTiming::new(sent, head), inflight))
     }
 
     fn observe_response(

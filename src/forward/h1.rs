@@ -1047,40 +1047,46 @@ impl HeadDeadline {
 /// One request on `conn`: the head (with the body behind it when small), then the response
 /// head, which is due by `deadline` (`None`: the caller keeps its own). The body is read
 /// later through the returned [`H1Body`], which gives the connection back when it ends.
-pub(crate) async fn exchange(
+///
+/// An `async` block rather than an `async fn`, which would keep the request twice in its
+/// state and copy it from one to the other when it starts.
+#[allow(clippy::manual_async_fn)] // why: the state size, above
+pub(crate) fn exchange(
     mut conn: Box<Conn>,
     req: OwnRequest<'_>,
     host: &str,
     deadline: Option<std::time::Instant>,
-) -> Result<Response<H1Body>, UpstreamError> {
-    let mut timer = std::mem::take(&mut conn.head_deadline);
-    let head = {
-        let mut answer = std::pin::pin!(send_and_read_head(&mut conn, &req, host));
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(head) = answer.as_mut().poll(cx) {
-                return Poll::Ready(head);
-            }
-            match deadline {
-                Some(due) => timer
-                    .poll_due(due.into(), cx)
-                    .map(|()| Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout))),
-                None => Poll::Pending,
-            }
-        })
-        .await?
-    };
-    conn.head_deadline = timer;
-    let (parts, ()) = head.response.into_parts();
-    let mut body = H1Body {
-        conn: Some(conn),
-        state: head.body,
-        keep_alive: head.keep_alive,
-        fields: Some(head.fields),
-    };
-    if body.state == BodyState::Done {
-        body.finish();
+) -> impl Future<Output = Result<Response<H1Body>, UpstreamError>> + Send {
+    async move {
+        let mut timer = std::mem::take(&mut conn.head_deadline);
+        let head = {
+            let mut answer = std::pin::pin!(send_and_read_head(&mut conn, &req, host));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(head) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(head);
+                }
+                match deadline {
+                    Some(due) => timer
+                        .poll_due(due.into(), cx)
+                        .map(|()| Err(UpstreamError::bare(UpstreamErrorKind::HeadTimeout))),
+                    None => Poll::Pending,
+                }
+            })
+            .await?
+        };
+        conn.head_deadline = timer;
+        let (parts, ()) = head.response.into_parts();
+        let mut body = H1Body {
+            conn: Some(conn),
+            state: head.body,
+            keep_alive: head.keep_alive,
+            fields: Some(head.fields),
+        };
+        if body.state == BodyState::Done {
+            body.finish();
+        }
+        Ok(Response::from_parts(parts, body))
     }
-    Ok(Response::from_parts(parts, body))
 }
 
 /// Writes the request and reads the response head.

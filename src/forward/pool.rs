@@ -251,15 +251,19 @@ impl Http1Pool {
         self.exchange(&via.0, req, Some(deadline))
     }
 
-    async fn exchange(
+    /// Not an `async fn` either: that would keep `req` twice (see `send_own`).
+    #[allow(clippy::manual_async_fn)] // why: the state size, above
+    fn exchange(
         &self,
         endpoint: &Arc<Endpoint>,
         req: OwnRequest<'_>,
         deadline: Option<std::time::Instant>,
-    ) -> Result<Response<EndpointBody>, UpstreamError> {
-        let conn = self.conn_to(endpoint, deadline).await?;
-        let resp = h1::exchange(conn, req, endpoint.key.authority.as_str(), deadline).await?;
-        Ok(resp.map(EndpointBody::Own))
+    ) -> impl Future<Output = Result<Response<EndpointBody>, UpstreamError>> + Send {
+        async move {
+            let conn = self.conn_to(endpoint, deadline).await?;
+            let resp = h1::exchange(conn, req, endpoint.key.authority.as_str(), deadline).await?;
+            Ok(resp.map(EndpointBody::Own))
+        }
     }
 
     /// An idle connection to `endpoint`, or a new one, opened by `deadline` if one is given
