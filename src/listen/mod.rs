@@ -110,7 +110,7 @@ pub fn builder(limits: &Limits) -> Builders {
 /// `server.max_header_bytes` plus what HTTP/2 counts beyond HTTP/1.1 for a head of
 /// `server.max_headers` fields (32 bytes a field, RFC 7541 §4.1, where a head line adds
 /// four, and the pseudo-header fields). Every head HTTP/1.1 accepts fits; Meridian then
-/// holds each request to HTTP/1.1's count itself ([`head_too_large`]) and answers JSON,
+/// holds each request to HTTP/1.1's count itself ([`Http1Head`]) and answers JSON,
 /// where the h2 crate's own 431 above this size has no body.
 fn header_list_cap(max_header_bytes: usize, max_headers: usize) -> u32 {
     let slack = max_headers.saturating_add(5).saturating_mul(32);
@@ -436,12 +436,10 @@ impl Connection {
             // request and its ~4 KiB of state.
             Recycled::pin_in_place(|| async move {
                 let head_request = req.method() == http::Method::HEAD;
-                let mut resp = if too_many_fields(&req, max_headers) {
+                let head = Http1Head::of(&req);
+                let mut resp = if head.fields > max_headers || head.bytes > max_header_bytes {
                     // As HTTP/1.1 refuses such a head: never routed, never forwarded.
-                    tracing::debug!(%peer, limit = max_headers, "HTTP/2 request with too many header fields");
-                    ProxyError::MalformedHead { status: 431 }.response(Duration::ZERO)
-                } else if head_too_large(&req, max_header_bytes) {
-                    tracing::debug!(%peer, limit = max_header_bytes, "HTTP/2 request head too large");
+                    tracing::debug!(%peer, ?head, max_headers, max_header_bytes, "HTTP/2 request head too large");
                     ProxyError::MalformedHead { status: 431 }.response(Duration::ZERO)
                 } else {
                     let (parts, body) = req.into_parts();
@@ -478,47 +476,40 @@ impl Connection {
     }
 }
 
-/// Whether an HTTP/2 request carries more header fields than `server.max_headers`, counted
-/// as HTTP/1.1 counts its head's lines: `:authority` stands for the Host field when there is
-/// none, and cookie crumbs (RFC 9113 §8.2.3) are the one `cookie` line they would be joined
-/// into. hyper enforces only the header list's size in bytes.
-fn too_many_fields<B>(req: &http::Request<B>, max_headers: usize) -> bool {
-    let headers = req.headers();
-    let mut fields = headers.len();
-    if fields < max_headers {
-        // The adjustments below add at most one.
-        return false;
-    }
-    let crumbs = headers.get_all(header::COOKIE).iter().count();
-    fields -= crumbs.saturating_sub(1);
-    if req.uri().authority().is_some() && !headers.contains_key(header::HOST) {
-        fields += 1;
-    }
-    fields > max_headers
+/// An HTTP/2 request's head as HTTP/1.1 would write it, so `server.max_headers` and
+/// `server.max_header_bytes` hold over both versions alike (hyper enforces only HTTP/2's own
+/// list size, which counts 28 bytes more a field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Http1Head {
+    /// Field lines: `:authority` stands for the Host line when there is none, and cookie
+    /// crumbs (RFC 9113 §8.2.3) are the one `cookie` line they would be joined into.
+    fields: usize,
+    /// Bytes: the request line, each field line as `name: value` and CRLF (a joined crumb
+    /// costs "; " instead), and the blank line.
+    bytes: usize,
 }
 
-/// Whether an HTTP/2 request's head is larger than `server.max_header_bytes` as HTTP/1.1
-/// counts it: the request line, a `name: value` line for each field (`:authority` as the
-/// Host line when there is none, cookie crumbs as the one `cookie` line they are joined
-/// into, RFC 9113 §8.2.3) and the blank line. HTTP/2's own count of the list is larger by
-/// 28 bytes a field, so the two versions accept the same heads.
-fn head_too_large<B>(req: &http::Request<B>, max_header_bytes: usize) -> bool {
-    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
-    // "GET /path HTTP/1.1\r\n" and the final "\r\n".
-    let mut size = req.method().as_str().len() + 1 + target + 11 + 2;
-    let headers = req.headers();
-    for (name, value) in headers {
-        size += name.as_str().len() + value.len() + 4;
-    }
-    // A crumb joined in costs "; " rather than a line of its own.
-    let crumbs = headers.get_all(header::COOKIE).iter().count();
-    size -= crumbs.saturating_sub(1) * ("cookie".len() + 4 - 2);
-    if let Some(authority) = req.uri().authority() {
-        if !headers.contains_key(header::HOST) {
-            size += "host".len() + authority.as_str().len() + 4;
+impl Http1Head {
+    fn of<B>(req: &http::Request<B>) -> Http1Head {
+        let headers = req.headers();
+        let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+        // "GET /path HTTP/1.1\r\n" and the final "\r\n".
+        let mut bytes = req.method().as_str().len() + 1 + target + 11 + 2;
+        for (name, value) in headers {
+            bytes += name.as_str().len() + value.len() + 4;
         }
+        let mut fields = headers.len();
+        let joined = headers.get_all(header::COOKIE).iter().count().saturating_sub(1);
+        fields -= joined;
+        bytes -= joined * ("cookie".len() + 4 - 2);
+        if let Some(authority) = req.uri().authority() {
+            if !headers.contains_key(header::HOST) {
+                fields += 1;
+                bytes += "host".len() + authority.as_str().len() + 4;
+            }
+        }
+        Http1Head { fields, bytes }
     }
-    size > max_header_bytes
 }
 
 /// A HEAD answer carries no content (RFC 9110 §9.3.2), and hyper's HTTP/2 server sends
@@ -598,7 +589,7 @@ mod tests {
         ];
         for (authority, fields, want) in cases {
             let req = h2_request(*authority, fields)?;
-            assert_eq!(too_many_fields(&req, 4), *want, "{authority} {fields:?}");
+            assert_eq!(Http1Head::of(&req).fields > 4, *want, "{authority} {fields:?}");
         }
         Ok(())
     }
@@ -642,8 +633,7 @@ mod tests {
         for (authority, fields) in cases {
             let req = h2_request(*authority, fields)?;
             let size = as_http1(&req).len();
-            assert!(!head_too_large(&req, size), "{authority} {fields:?}: {size} bytes fit");
-            assert!(head_too_large(&req, size - 1), "{authority} {fields:?}: one byte over");
+            assert_eq!(Http1Head::of(&req).bytes, size, "{authority} {fields:?}");
         }
         Ok(())
     }
@@ -655,7 +645,7 @@ mod tests {
             let mut req = h2_request(true, &[("a", max_headers - 2)])?;
             let fill = limit - as_http1(&req).len() - "b: \r\n".len();
             req.headers_mut().insert("b", HeaderValue::from_str(&"x".repeat(fill))?);
-            assert!(!head_too_large(&req, limit) && head_too_large(&req, limit - 1));
+            assert_eq!(Http1Head::of(&req).bytes, limit);
             // RFC 7541 §4.1: each field, pseudo-header fields included, counts 32 more.
             let uri = req.uri();
             let pseudo = [
